@@ -1,0 +1,218 @@
+"""Experiment files: `experiments/*.toml` read into frozen dataclasses.
+
+An experiment file states only what differs from the defaults below. Unknown keys are an error that
+names the key and the allowed ones; `--set section.key=value` overrides any value, typed by the
+declared field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnnopt.errors import UsageError
+
+DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "digits.toml"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # digits | cifar10 | imagefolder
+    root: str = ""  # folder of the dataset files (cifar10, imagefolder); unused for digits
+    val_fraction: float = 0.15  # of the labelled pool, stratified; ignored where a val/ folder exists
+    test_fraction: float = 0.15  # ignored where the dataset has an official test split
+    image_size: int = 0  # side in pixels after resize + centre crop; 0 = the dataset's native size
+    seed: int = 0  # the split's seed: same seed, same split on every machine
+    download: bool = False  # cifar10 only: fetch the archive if root lacks it (never in tests)
+    subset: int = 0  # keep a stratified sample of this many training images; 0 = all
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter with its default, and the fixed training settings."""
+
+    # Schedule and optimisation.
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05  # peak learning rate (onecycle) or initial one (the others)
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only; needs momentum > 0
+    weight_decay: float = 5e-4  # L2 for sgd/adam, decoupled for adamw
+    lr_schedule: str = "onecycle"  # none | step | cosine | onecycle
+    step_size: int = 5  # step schedule: epochs between decays
+    gamma: float = 0.1  # step schedule: decay factor
+    label_smoothing: float = 0.0
+    seed: int = 0  # weights, batch order and augmentation
+    # Architecture: the lesson's CNN is blocks=2, convs_per_block=1.
+    blocks: int = 2
+    convs_per_block: int = 1  # 2-3 gives a VGG-style net
+    channels: int = 32  # output channels of the first block
+    growth: float = 2.0  # channel multiplier from one block to the next
+    kernel_size: int = 3
+    padding_mode: str = "zeros"  # zeros | reflect | replicate | circular
+    batch_norm: bool = True  # BatchNorm2d after each conv, before the activation and dropout
+    pool: str = "max"  # max | avg
+    activation: str = "relu"  # relu | leaky_relu | gelu | silu | elu
+    dropout: float = 0.1  # Dropout2d after each block
+    head_width: int = 128  # hidden units of each head layer
+    head_layers: int = 1  # hidden layers in the MLP head; 0 = a linear classifier
+    head_batch_norm: bool = False  # BatchNorm1d in the head
+    head_dropout: float = 0.3
+    init: str = "default"  # default (PyTorch's) | kaiming | xavier
+    # Augmentation; each is off at 0 / false.
+    flip: bool = False  # horizontal flip (wrong for digits, right for photos)
+    crop_padding: int = 0  # random crop after padding by this many pixels
+    crop_padding_mode: str = "reflect"  # constant | reflect | replicate
+    affine_degrees: float = 0.0
+    affine_translate: float = 0.0  # fraction of the side
+    affine_scale: float = 0.0  # scale drawn from [1 - s, 1 + s]
+    jitter_brightness: float = 0.0
+    jitter_contrast: float = 0.0
+    jitter_saturation: float = 0.0
+    randaugment_ops: int = 0  # RandAugment ops per image; 0 = off
+    randaugment_magnitude: int = 9
+    # Fixed settings, not hyperparameters.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: bool = True  # 1.7x faster on this CPU for the lesson's CNN
+    bf16: bool = False  # CPU bf16 autocast; off until its accuracy is checked for your model
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    strategy: str = "bayes"  # grid | random | bayes | gp
+    trials: int = 20
+    concurrency: int = 0  # trials at once; 0 = one per CPU (or per GPU share)
+    scheduler: str = "fifo"  # fifo | asha
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractional shares a GPU: 0.25 puts four trials on one
+    seed: int = 0  # the sampler's seed
+    time_budget: float = 0.0  # minutes; 0 = no limit
+    grace_period: int = 1  # asha: epochs every trial gets before it can be stopped
+    reduction_factor: int = 3  # asha: keep the top 1/factor at each rung
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str = "digits"  # the MLflow experiment
+    metric: str = "val_accuracy"  # selects epochs within a trial and trials within a study
+    mode: str = "max"  # max | min
+    search_space: str = "lesson"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    path: str = ""  # the file it was read from (not a key in the file)
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "search": SearchConfig}
+METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> Experiment:
+    """Read an experiment file and apply `--set section.key=value` overrides.
+
+    Args:
+        path: the TOML file; None means `experiments/digits.toml`.
+        overrides: strings like `train.lr=0.01` or `name=foo`.
+    Returns:
+        The validated, frozen Experiment.
+    """
+    path = Path(path) if path else DEFAULT_EXPERIMENT
+    if not path.is_file():
+        raise UsageError(f"experiment file {path} not found: pass --experiment with a path such as experiments/digits.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"experiment file {path} is not valid TOML: {exc}") from None
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return _build(raw, str(path))
+
+
+def _build(raw: dict[str, Any], path: str) -> Experiment:
+    top_fields = {f.name for f in dataclasses.fields(Experiment)} - {"path"}
+    _reject_unknown(raw, top_fields, "the experiment's top level")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise UsageError(f"[{key}] must be a table of settings, got {value!r}")
+            values[key] = make_section(SECTIONS[key], value, f"[{key}]")
+        else:
+            values[key] = _coerce(value, str, key)
+    experiment = Experiment(**values, path=path)
+    if experiment.mode not in ("max", "min"):
+        raise UsageError(f"mode must be 'max' or 'min', got {experiment.mode!r}")
+    if experiment.metric not in METRICS:
+        raise UsageError(f"metric {experiment.metric!r} is not recorded; choose one of {', '.join(METRICS)}")
+    return experiment
+
+
+def make_section(cls: type, values: dict[str, Any], where: str):
+    """Build one section dataclass from a dict, typing each value by its declared field."""
+    hints = typing.get_type_hints(cls)
+    _reject_unknown(values, set(hints), where)
+    return cls(**{key: _coerce(value, hints[key], f"{where} {key}") for key, value in values.items()})
+
+
+def field_types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def _reject_unknown(values: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in values:
+        if key not in allowed:
+            raise UsageError(f"unknown key {key!r} in {where}; allowed keys: {', '.join(sorted(allowed))}")
+
+
+def _coerce(value: Any, kind: Any, name: str) -> Any:
+    """Check a TOML value (or a --set string) against the declared type and convert it."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    if isinstance(value, str) and kind is not str:
+        value = _parse_string(value, kind, name)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise UsageError(f"{name} must be {kind.__name__}, got {value!r}")
+
+
+def _parse_string(text: str, kind: Any, name: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise UsageError(f"{name} must be {kind.__name__}, got {text!r}") from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise UsageError(f"--set {item!r} is not of the form section.key=value (e.g. --set train.lr=0.01)")
+    section, dot, name = key.strip().rpartition(".")
+    if not dot:
+        raw[name] = value.strip()
+        return
+    if section not in SECTIONS:
+        raise UsageError(f"--set {item!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+    raw.setdefault(section, {})[name] = value.strip()

@@ -1,0 +1,112 @@
+"""The lesson's CNN, built from hyperparameters.
+
+conv blocks [Conv2d -> BatchNorm2d -> activation] x convs_per_block -> pool -> Dropout2d,
+then flatten and an MLP head. blocks=2, convs_per_block=1 is the lesson's CNN; two or three convs
+per block give a VGG-style net.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnopt.config import TrainConfig
+from cnnopt.errors import UsageError
+
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
+POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+INITS = ("default", "kaiming", "xavier")
+
+
+def block_channels(config: TrainConfig) -> list[int]:
+    """Output channels of each conv block: channels, then growing by `growth` per block."""
+    return [max(1, int(round(config.channels * config.growth**i))) for i in range(config.blocks)]
+
+
+def feature_sizes(config: TrainConfig, image_size: int) -> list[int]:
+    """Side of the feature map after each block; raises UsageError where it would vanish."""
+    sizes, side = [], image_size
+    k = config.kernel_size
+    for index in range(config.blocks):
+        for _ in range(config.convs_per_block):
+            side = side + 2 * (k // 2) - k + 1  # 'same' padding for odd kernels
+        side //= 2  # 2x2 pooling, floor
+        if side < 1:
+            raise UsageError(f"conv block {index + 1} of {config.blocks} would shrink the {image_size}x{image_size} "
+                             f"input below 1x1; use fewer train.blocks or a larger data.image_size")
+        sizes.append(side)
+    return sizes
+
+
+class CNN(nn.Module):
+    """Conv blocks, a flatten and an MLP head; `num_parameters` is logged with every run."""
+
+    def __init__(self, config: TrainConfig, in_channels: int, image_size: int, num_classes: int):
+        super().__init__()
+        _check_choices(config)
+        sizes = feature_sizes(config, image_size)
+        layers, previous = [], in_channels
+        for out in block_channels(config):
+            for _ in range(config.convs_per_block):
+                layers += [nn.Conv2d(previous, out, config.kernel_size, padding=config.kernel_size // 2,
+                                     padding_mode=config.padding_mode, bias=not config.batch_norm)]
+                if config.batch_norm:
+                    layers.append(nn.BatchNorm2d(out))
+                layers.append(ACTIVATIONS[config.activation]())
+                previous = out
+            layers.append(POOLS[config.pool](2))
+            if config.dropout > 0:
+                layers.append(nn.Dropout2d(config.dropout))
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        head, width = [], previous * sizes[-1] ** 2  # the flatten size, computed
+        for _ in range(config.head_layers):
+            head.append(nn.Linear(width, config.head_width))
+            if config.head_batch_norm:
+                head.append(nn.BatchNorm1d(config.head_width))
+            head.append(ACTIVATIONS[config.activation]())
+            if config.head_dropout > 0:
+                head.append(nn.Dropout(config.head_dropout))
+            width = config.head_width
+        head.append(nn.Linear(width, num_classes))
+        self.head = nn.Sequential(*head)
+        initialize(self, config.init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.flatten(self.features(x)))  # (N, C, H, W) -> (N, num_classes)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: TrainConfig, preprocessing: dict) -> CNN:
+    """Build the CNN for a dataset described by `ImageData.preprocessing()`."""
+    return CNN(config, preprocessing["channels"], preprocessing["image_size"], len(preprocessing["class_names"]))
+
+
+def initialize(model: nn.Module, scheme: str) -> None:
+    """Apply a weight-init scheme to every conv and linear layer; 'default' keeps PyTorch's."""
+    if scheme == "default":
+        return
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if scheme == "kaiming":
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def _check_choices(config: TrainConfig) -> None:
+    choices = {"activation": ACTIVATIONS, "pool": POOLS, "padding_mode": PADDING_MODES, "init": INITS}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise UsageError(f"train.{name} = {getattr(config, name)!r} is not one of {', '.join(allowed)}")
+    for name in ("blocks", "convs_per_block", "channels", "kernel_size"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"train.{name} must be at least 1, got {getattr(config, name)}")
+    if config.head_layers < 0 or config.head_width < 1 or config.growth <= 0:
+        raise UsageError("train.head_layers must be >= 0, train.head_width >= 1 and train.growth > 0")
