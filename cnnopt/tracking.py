@@ -97,3 +97,122 @@ def log_experiment_file(client: MlflowClient, run_id: str, experiment: Experimen
 
 
 FINISHED, FAILED, KILLED = (RunStatus.to_string(s) for s in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
+
+
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second")
+STUDY_TAG, TRIAL_TAG = "cnnopt.study", "trial_id"
+
+
+class StudyRecorder:
+    """One parent run per study and one nested child run per trial, written from the driver only.
+
+    Resuming a study reopens its parent run (found by the study tag), and a trial that is rerun
+    replaces its unfinished child run, so nothing is logged twice.
+    """
+
+    def __init__(self, experiment: Experiment, study: str, *, tags: dict, params: dict, artifacts: list[str]):
+        self.experiment, self.study = experiment, study
+        self.tags, self.params, self.artifacts = tags, params, artifacts
+        self.parent_run_id: str | None = None
+        self.children: dict[str, str] = {}  # trial_id -> child run id
+        self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
+        self.best: float | None = None
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self):  # Ray pickles the callback that holds this; a client does not travel
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = make_client()
+        return self._client
+
+    def open(self) -> str:
+        """Create the parent run, or reopen it when the study is resumed."""
+        found = self._find(f"tags.`{STUDY_TAG}` = '{self.study}' and tags.`cnnopt.kind` = 'study'")
+        if found:
+            self.parent_run_id = found[0].info.run_id
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+            for child in self._find(f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"):
+                trial_id = child.data.tags.get(TRIAL_TAG, "")
+                self.children[trial_id] = child.info.run_id
+                self.numbers[trial_id] = int(child.data.tags.get("trial_number", 0))
+            best = [r.data.metrics.get(f"best_{self.experiment.metric}") for r in found]
+            self.best = best[0]
+            return self.parent_run_id
+        self.parent_run_id = start_run(self.client, self.experiment, self.study,
+                                       tags={**self.tags, STUDY_TAG: self.study, "cnnopt.kind": "study"})
+        log(self.client, self.parent_run_id, params=self.params)
+        log_experiment_file(self.client, self.parent_run_id, self.experiment)
+        for path in self.artifacts:
+            self.client.log_artifact(self.parent_run_id, path, artifact_path="search_space")
+        return self.parent_run_id
+
+    def number(self, trial_id: str) -> int:
+        """The trial's number: kept across a resume, else the next free one."""
+        if trial_id not in self.numbers:
+            self.numbers[trial_id] = max(self.numbers.values(), default=0) + 1
+        return self.numbers[trial_id]
+
+    def start_trial(self, trial_id: str, params: dict, searched: list[str]) -> str:
+        """A RUNNING child run for the trial; an earlier unfinished attempt of it is deleted."""
+        number = self.number(trial_id)
+        previous = self.children.get(trial_id)
+        if previous is not None:
+            self.client.delete_run(previous)
+        run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
+                           parent_run_id=self.parent_run_id,
+                           tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
+                                 "status": "running", "searched": ",".join(searched), "cnnopt.kind": "trial"})
+        log(self.client, run_id, params=params)
+        self.children[trial_id] = run_id
+        return run_id
+
+    def log_epoch(self, trial_id: str, epoch: int, result: dict) -> None:
+        metrics = {key: result[key] for key in EPOCH_METRICS if key in result}
+        log(self.client, self.children[trial_id], metrics=metrics, step=epoch)
+
+    def end_trial(self, trial_id: str, status: str, best: dict, *, checkpoint: str | None = None,
+                  error: str | None = None) -> None:
+        """Close a trial's run: status completed | pruned | diverged | failed, its best epoch, checkpoint."""
+        run_id = self.children.get(trial_id)
+        if run_id is None:
+            return
+        number = self.number(trial_id)
+        tags = {"status": status, "pruned": str(status == "pruned").lower()}
+        if error:
+            tags["error"] = error[-5000:]
+        if checkpoint:
+            tags["checkpoint"] = checkpoint
+            self.client.log_artifact(run_id, checkpoint, artifact_path="checkpoint")
+        log(self.client, run_id, metrics=best_metrics(best), tags=tags)
+        end_run(self.client, run_id, FAILED if status in ("failed", "diverged") else FINISHED)
+        value = best.get(self.experiment.metric)
+        if status != "failed" and value is not None and not math.isnan(value):
+            better = self.best is None or (value > self.best if self.experiment.mode == "max" else value < self.best)
+            if better:
+                self.best = value
+        if self.best is not None:
+            log(self.client, self.parent_run_id, metrics={f"best_{self.experiment.metric}": self.best}, step=number)
+
+    def trial_runs(self) -> list:
+        """The study's child runs, oldest first."""
+        return self._find(f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
+
+    def kill_unfinished(self) -> None:
+        """End any child left running (a trial cut short by an interrupt) as KILLED."""
+        for run_id in self.children.values():
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                log(self.client, run_id, tags={"status": "interrupted"})
+                end_run(self.client, run_id, KILLED)
+
+    def close(self, status: str, summary: dict | None = None) -> None:
+        """End the parent run as FINISHED or KILLED, with the study's summary as tags."""
+        if summary:
+            log(self.client, self.parent_run_id, tags=summary)
+        end_run(self.client, self.parent_run_id, status)
+
+    def _find(self, filter_string: str):
+        return self.client.search_runs([experiment_id(self.client, self.experiment.name)], filter_string,
+                                       order_by=["attributes.start_time ASC"], max_results=10000)

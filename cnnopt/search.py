@@ -1,0 +1,105 @@
+"""`python -m cnnopt.search`: run a hyperparameter study on Ray Tune and record every trial in MLflow.
+
+Defaults come from the experiment's [search] table; each flag below overrides one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import search_spaces
+from cnnopt import tracking
+from cnnopt.cli import add_experiment_args, quiet_libraries, run
+from cnnopt.config import load_experiment
+from cnnopt.searchers import STRATEGIES
+from cnnopt.study import SCHEDULERS, StudyOptions, default_study_name, run_study
+
+FLAG_TO_SETTING = {"strategy": "strategy", "trials": "trials", "concurrency": "concurrency",
+                   "scheduler": "scheduler", "cpus_per_trial": "cpus_per_trial",
+                   "gpus_per_trial": "gpus_per_trial", "seed": "seed", "time_budget": "time_budget"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cnnopt.search", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_experiment_args(parser)
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="grid: every combination of the space's grid values in order; random: independent "
+                             "draws; bayes: Optuna TPE (multivariate); gp: Optuna Gaussian process")
+    parser.add_argument("--trials", type=int, metavar="N", help="number of trials (grid: the first N points)")
+    parser.add_argument("--concurrency", type=int, metavar="K",
+                        help="trials at once (default: as many as the CPUs / GPU shares hold)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help="fifo runs every trial to the end; asha stops "
+                        "bad trials early at epoch rungs")
+    parser.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs reserved per trial (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, metavar="G",
+                        help="GPUs per trial; fractional shares a GPU (0.25 puts four trials on one)")
+    parser.add_argument("--address", metavar="RAY_ADDRESS",
+                        help="attach to a Ray cluster ('auto' or 'ray://host:10001'); default: start a local one")
+    parser.add_argument("--name", metavar="STUDY", help="study name (default: <experiment>-<strategy>-<time>); "
+                        "needed with --resume")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted study --name STUDY")
+    parser.add_argument("--seed", type=int, metavar="S", help="the sampler's seed")
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this long")
+    parser.add_argument("--no-promote", action="store_true",
+                        help="skip promoting the best trial (test evaluation, export, registry)")
+    parser.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
+    return parser
+
+
+def list_spaces() -> None:
+    for name in search_spaces.names():
+        space = search_spaces.get(name)
+        print(f"{name}: {space.description.strip().splitlines()[0]}")
+        print(f"    {', '.join(space.names)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    if args.list_spaces:
+        list_spaces()
+        return 0
+    if args.resume and not args.name:
+        parser.error("--resume needs --name STUDY (the name printed when the study started)")
+    overrides = list(args.overrides) + [f"search.{setting}={getattr(args, flag)}"
+                                        for flag, setting in FLAG_TO_SETTING.items() if getattr(args, flag) is not None]
+    experiment = load_experiment(args.experiment, overrides)
+    options = StudyOptions(name=args.name or default_study_name(experiment), address=args.address, resume=args.resume)
+    search = experiment.search
+    print(f"study {options.name}: {search.strategy} over search space '{experiment.search_space}', "
+          f"{search.trials} trials, scheduler {search.scheduler}, {experiment.train.epochs} epochs each"
+          + (" (resuming)" if args.resume else ""), flush=True)
+
+    outcome = run_study(experiment, options)
+    print_summary(experiment, outcome)
+    if outcome.interrupted:
+        print(f"\nThe study was interrupted. Resume it with:\n  python -m cnnopt.search "
+              f"{'--experiment ' + args.experiment + ' ' if args.experiment else ''}--resume --name {outcome.name}")
+        return 130
+    return 0
+
+
+def print_summary(experiment, outcome) -> None:
+    counts = outcome.counts
+    print(f"\n{outcome.name}: {counts.get('completed', 0)} finished, {counts.get('failed', 0)} failed, "
+          f"{counts.get('pruned', 0)} pruned, {counts.get('diverged', 0)} diverged"
+          + (f", {counts.get('interrupted', 0)} interrupted" if counts.get("interrupted") else "")
+          + f" in {outcome.wall_seconds:.0f}s")
+    best = outcome.best
+    if best:
+        metrics = best["metrics"]
+        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("val_accuracy", "val_loss", "train_accuracy")
+                          if k in metrics and not math.isnan(metrics[k]))
+        print(f"best trial {best['trial_number']} (epoch {int(metrics.get('epoch', 0))}): {shown}")
+        print("  " + "  ".join(f"{k}={v}" for k, v in best["params"].items()))
+        print(f"  MLflow run {best['run_id']}")
+    else:
+        print("no trial completed")
+    print(f"Browse the study: {tracking.ui_command()}")
+
+
+if __name__ == "__main__":
+    run(main)

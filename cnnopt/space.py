@@ -1,0 +1,137 @@
+"""Search spaces declared once as plain data; every strategy derives its space from that declaration.
+
+A space is a list of parameters, each named after a `[train]` field:
+    Float("lr", 1e-3, 0.3, log=True)
+    Int("blocks", 1, 3)
+    Choice("optimizer", ("sgd", "adam"))
+    Float("momentum", 0.8, 0.99, when={"optimizer": ("sgd",)})   # sampled only for sgd
+Grid values default to the ends and middle of a range (geometric middle on a log scale) and to every
+choice; `grid=(...)` states them explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cnnopt.config import TrainConfig, field_types
+from cnnopt.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    when: dict[str, tuple] = field(default_factory=dict, kw_only=True)  # sampled only if these hold
+    grid: tuple = field(default=(), kw_only=True)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return all(values.get(name) in allowed for name, allowed in self.when.items())
+
+
+@dataclass(frozen=True)
+class Float(Param):
+    low: float = 0.0
+    high: float = 1.0
+    log: bool = field(default=False, kw_only=True)
+
+    def suggest(self, trial) -> float:
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def grid_values(self) -> tuple:
+        middle = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        return self.grid or (self.low, middle, self.high)
+
+
+@dataclass(frozen=True)
+class Int(Param):
+    low: int = 0
+    high: int = 1
+    log: bool = field(default=False, kw_only=True)
+
+    def suggest(self, trial) -> int:
+        return trial.suggest_int(self.name, self.low, self.high, log=self.log)
+
+    def grid_values(self) -> tuple:
+        return self.grid or tuple(sorted({self.low, (self.low + self.high) // 2, self.high}))
+
+
+@dataclass(frozen=True)
+class Choice(Param):
+    choices: tuple = ()
+
+    def suggest(self, trial) -> Any:
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def grid_values(self) -> tuple:
+        return self.grid or self.choices
+
+
+@dataclass(frozen=True)
+class Space:
+    """A named search space: its parameters in sampling order, and the module's docstring."""
+
+    name: str
+    params: tuple[Param, ...]
+    description: str = ""
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def sample(self, trial) -> dict[str, Any]:
+        """Define-by-run sampling for Optuna: conditional parameters only where their condition holds."""
+        values: dict[str, Any] = {}
+        for param in self.params:
+            if param.active(values):
+                values[param.name] = param.suggest(trial)
+        return values
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every combination of grid values in a fixed order, conditions applied, duplicates removed."""
+        points: list[dict[str, Any]] = [{}]
+        for param in self.params:
+            points = [{**point, param.name: value} if param.active(point) else point
+                      for point in points for value in (param.grid_values() if param.active(point) else (None,))]
+        unique, seen = [], set()
+        for point in points:
+            key = tuple(sorted(point.items()))
+            if key not in seen:
+                seen.add(key)
+                unique.append(point)
+        # The first-declared parameter varies fastest, so `--trials N` on a grid spreads over it.
+        def order(point):
+            return tuple(p.grid_values().index(point[p.name]) if p.name in point else -1 for p in reversed(self.params))
+        return sorted(unique, key=order)
+
+    def apply(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+        """The training config of one trial: the experiment's [train] values with the sampled ones on top."""
+        unknown = set(values) - set(self.names)
+        if unknown:
+            raise UsageError(f"values {sorted(unknown)} are not in search space {self.name!r}")
+        types = field_types(TrainConfig)
+        return dataclasses.replace(base, **{k: types[k](v) for k, v in values.items()})
+
+
+def validate(space: Space) -> None:
+    """Every parameter names a [train] field, conditions refer to earlier parameters, ranges are sane."""
+    types = field_types(TrainConfig)
+    seen: set[str] = set()
+    for param in space.params:
+        if param.name not in types:
+            raise UsageError(f"search space {space.name!r}: {param.name!r} is not a [train] field")
+        if param.name in seen:
+            raise UsageError(f"search space {space.name!r} declares {param.name!r} twice")
+        for name in param.when:
+            if name not in seen:
+                raise UsageError(f"search space {space.name!r}: {param.name!r} depends on {name!r}, "
+                                 "which must be declared before it")
+        if isinstance(param, (Float, Int)) and not (param.low < param.high and (param.low > 0 or not param.log)):
+            raise UsageError(f"search space {space.name!r}: {param.name!r} needs low < high (and low > 0 on a log scale)")
+        if isinstance(param, Choice) and not param.choices:
+            raise UsageError(f"search space {space.name!r}: {param.name!r} has no choices")
+        seen.add(param.name)

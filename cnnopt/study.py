@@ -1,0 +1,203 @@
+"""A study: many trials of one search space on Ray Tune, every trial recorded in MLflow.
+
+experiment + search space -> searcher (strategy) + scheduler -> Tuner over the trainable, with the
+driver-side MLflow callback. Resuming restores the Tuner (and so the sampler's history) from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+import search_spaces
+from cnnopt import tracking
+from cnnopt.config import Experiment, SearchConfig
+from cnnopt.data import load_data
+from cnnopt.errors import UsageError
+from cnnopt.model import build_model
+from cnnopt.searchers import SAMPLER_NAMES, STRATEGIES, make_searcher
+from cnnopt.study_callback import StudyCallback
+from cnnopt.trainable import best_key, run_trial
+
+SCHEDULERS = ("fifo", "asha")
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    name: str  # the study: Ray's experiment folder and the MLflow parent run's name
+    address: str | None = None  # an existing Ray cluster ('auto', 'ray://host:10001'); None starts a local one
+    resume: bool = False
+    storage: str = ""  # Ray results folder; default ./ray_results
+
+
+@dataclass
+class StudyOutcome:
+    name: str
+    parent_run_id: str
+    counts: dict  # status -> number of trials
+    best: dict | None  # best trial: run_id, trial_number, params, metrics, checkpoint
+    wall_seconds: float
+    interrupted: bool
+    storage_path: str
+
+
+def default_study_name(experiment: Experiment) -> str:
+    return f"{experiment.name}-{experiment.search.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_search(search: SearchConfig) -> None:
+    if search.strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {search.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if search.scheduler not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {search.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if search.trials < 1 or search.cpus_per_trial <= 0 or search.gpus_per_trial < 0 or search.concurrency < 0:
+        raise UsageError("trials must be >= 1, cpus per trial > 0, gpus per trial >= 0 and concurrency >= 0")
+    if search.gpus_per_trial > 1 and search.gpus_per_trial != int(search.gpus_per_trial):
+        raise UsageError("--gpus-per-trial above 1 must be a whole number of GPUs")
+
+
+def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
+    """Run (or resume) a study and return what happened.
+
+    Args:
+        experiment: the experiment, with its [search] settings already merged with the CLI's.
+        options: the study's name, Ray address, resume flag and results folder.
+    Returns:
+        StudyOutcome with trial counts by status and the best trial by the validation metric.
+    """
+    search = experiment.search
+    check_search(search)
+    space = search_spaces.get(experiment.search_space)
+    storage = Path(options.storage or os.environ.get("CNNOPT_RESULTS", "ray_results")).resolve()
+    study_path = storage / options.name
+    if options.resume and not (study_path / "tuner.pkl").exists():
+        raise UsageError(f"no study named {options.name!r} to resume in {storage}; check --name "
+                         f"(studies there: {', '.join(sorted(p.name for p in storage.glob('*'))) or 'none'})")
+    if not options.resume and study_path.exists():
+        raise UsageError(f"a study named {options.name!r} already exists in {storage}; "
+                         "add --resume to continue it or pick another --name")
+    data = load_data(experiment.data)
+    build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
+
+    own_ray = _start_ray(options.address)
+    started = time.perf_counter()
+    recorder = tracking.StudyRecorder(
+        experiment, options.name,
+        tags={"strategy": search.strategy, "sampler": SAMPLER_NAMES[search.strategy],
+              "search_space": space.name, "experiment": experiment.path, "scheduler": search.scheduler},
+        params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
+                "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
+                **tracking.data_params(experiment.data)},
+        artifacts=[search_spaces.source_path(space.name)])
+    callback = StudyCallback(recorder, metric=experiment.metric, mode=experiment.mode,
+                             epochs=experiment.train.epochs, searched=space.names,
+                             hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    status, counts, best, interrupted = tracking.KILLED, {}, None, True
+    try:
+        tuner = _make_tuner(experiment, space, data, options, storage, callback)
+        tuner.fit()
+        status = tracking.FINISHED
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        unfinished = [t for t in callback.trials.values() if t.status not in ("TERMINATED", "ERROR")]
+        interrupted = status != tracking.FINISHED or bool(unfinished)
+        if recorder.parent_run_id:
+            recorder.kill_unfinished()
+            counts, best = summarize(recorder, experiment)
+            recorder.close(tracking.KILLED if interrupted else tracking.FINISHED,
+                           {f"{name}_trials": counts.get(name, 0) for name in ("completed", "failed", "pruned",
+                                                                                "diverged", "interrupted")})
+        if own_ray:
+            ray.shutdown()
+    return StudyOutcome(options.name, recorder.parent_run_id, counts, best, time.perf_counter() - started,
+                        interrupted, str(study_path))
+
+
+def _start_ray(address: str | None) -> bool:
+    """Attach to a cluster, reuse a running instance, or start a local one; True if we started it."""
+    if ray.is_initialized():
+        return False
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"cannot reach the Ray cluster at {address!r}: {exc}; check --address") from None
+        return True
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, storage: Path,
+                callback: StudyCallback) -> tune.Tuner:
+    search = experiment.search
+    resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=experiment, space=space, data=data),
+                                    resources)
+    if options.resume:
+        # Unfinished trials restart from scratch: a checkpoint holds best-epoch weights, not optimizer state.
+        tuner = tune.Tuner.restore(str(storage / options.name), trainable, resume_unfinished=True,
+                                   _resume_config=tune.ResumeConfig(unfinished=tune.ResumeConfig.ResumeType.RESTART))
+        # The restored Tuner carries the callback pickled when the study began; use this session's.
+        tuner._local_tuner.get_run_config().callbacks = [callback]
+        return tuner
+    metric = best_key(experiment.metric)
+    searcher = make_searcher(search.strategy, space, metric=metric, mode=experiment.mode, seed=search.seed,
+                             trials=search.trials, max_epochs=experiment.train.epochs)
+    if search.scheduler == "asha":
+        # Rungs compare the current epoch's metric; the searcher compares best-epoch values.
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=experiment.metric, mode=experiment.mode,
+                                  max_t=experiment.train.epochs, grace_period=search.grace_period,
+                                  reduction_factor=search.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    trials = min(search.trials, len(space.grid())) if search.strategy == "grid" else search.trials
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+                                    max_concurrent_trials=concurrency(search), reuse_actors=True,
+                                    time_budget_s=search.time_budget * 60 or None),
+        run_config=tune.RunConfig(name=options.name, storage_path=str(storage), callbacks=[callback], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  # Trials checkpoint only on a new best epoch, so the latest is the best.
+                                  checkpoint_config=tune.CheckpointConfig()),
+    )
+
+
+def concurrency(search: SearchConfig) -> int:
+    """Trials at once: as asked, or as many as the cluster's CPUs (or GPU shares) hold."""
+    if search.concurrency:
+        return search.concurrency
+    available = ray.cluster_resources()
+    slots = int(available.get("CPU", 1) // search.cpus_per_trial)
+    if search.gpus_per_trial:
+        slots = min(slots, int(available.get("GPU", 0) // search.gpus_per_trial))
+    return max(1, slots)
+
+
+def summarize(recorder: tracking.StudyRecorder, experiment: Experiment) -> tuple[dict, dict | None]:
+    """Trial counts by status and the best trial, read back from MLflow (so resumed studies count all)."""
+    runs = recorder.trial_runs()
+    counts: dict[str, int] = {}
+    for run in runs:
+        status = run.data.tags.get("status", "running")
+        counts[status] = counts.get(status, 0) + 1
+    key = f"best_{experiment.metric}"
+    scored = [r for r in runs if r.data.tags.get("status") == "completed" and key in r.data.metrics]
+    if not scored:
+        return counts, None
+    pick = max if experiment.mode == "max" else min
+    run = pick(scored, key=lambda r: r.data.metrics[key])
+    best = {"run_id": run.info.run_id, "trial_number": int(run.data.tags.get("trial_number", 0)),
+            "params": {name: run.data.params.get(name) for name in run.data.tags.get("searched", "").split(",") if name},
+            "metrics": {k[len("best_"):]: v for k, v in run.data.metrics.items() if k.startswith("best_")},
+            "checkpoint": run.data.tags.get("checkpoint")}
+    return counts, best

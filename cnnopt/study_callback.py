@@ -1,0 +1,94 @@
+"""Driver-side Ray Tune callback: hands every trial event to MLflow and prints one line per trial.
+
+Ray's own MLflowLoggerCallback logs the whole flattened result as metrics one call at a time and
+does not nest runs; `setup_mlflow` inside trials races on the store. This callback runs in the
+driver, so only the driver needs to reach the tracking store.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from ray import tune
+
+from cnnopt.checkpoint import FILENAME
+from cnnopt.tracking import EPOCH_METRICS, StudyRecorder
+
+STATUSES = ("completed", "pruned", "diverged", "failed")
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+class StudyCallback(tune.Callback):
+    def __init__(self, recorder: StudyRecorder, *, metric: str, mode: str, epochs: int, searched: list[str],
+                 hyperparameters):
+        self.recorder = recorder
+        self.metric, self.mode, self.epochs = metric, mode, epochs
+        self.searched = searched
+        self.hyperparameters = hyperparameters  # config dict -> every hyperparameter of the trial, as params
+        self.outcomes: dict[str, str] = {}
+        self.best_epoch: dict[str, dict] = {}
+        self.started: dict[str, float] = {}
+        self.trials: dict = {}  # trial_id -> Ray's live Trial, to see after fit() which never finished
+
+    def setup(self, **info) -> None:
+        self.recorder.open()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.started[trial.trial_id] = time.perf_counter()
+        self.trials[trial.trial_id] = trial
+        self.best_epoch.pop(trial.trial_id, None)
+        searched = [name for name in self.searched if name in trial.config]  # conditions may drop some
+        self.recorder.start_trial(trial.trial_id, self.hyperparameters(trial.config), searched)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        epoch = int(result.get("training_iteration", 0))
+        self.recorder.log_epoch(trial.trial_id, epoch, result)
+        if result.get("best_epoch") == result.get("epoch"):
+            self.best_epoch[trial.trial_id] = {key: result[key] for key in EPOCH_METRICS if key in result}
+            self.best_epoch[trial.trial_id]["epoch"] = epoch
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        if result.get("diverged"):
+            status = "diverged"
+        elif result.get("training_iteration", 0) < self.epochs:
+            status = "pruned"
+        else:
+            status = "completed"
+        self._end(trial, status)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._end(trial, "failed", error=_error_text(trial))
+
+    def _end(self, trial, status: str, error: str | None = None) -> None:
+        self.outcomes[trial.trial_id] = status
+        best = self.best_epoch.get(trial.trial_id, {})
+        checkpoint = None
+        if trial.checkpoint is not None and status != "failed":
+            path = Path(trial.checkpoint.path) / FILENAME
+            checkpoint = str(path) if path.is_file() else None
+        self.recorder.end_trial(trial.trial_id, status, best, checkpoint=checkpoint, error=error)
+        value = best.get(self.metric, math.nan)
+        shown = " ".join(f"{name}={format_value(trial.config[name])}" for name in self.searched if name in trial.config)
+        seconds = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
+        line = f"trial {self.recorder.number(trial.trial_id):3d}  {status:9s}  {self.metric} {value:.4f}  {shown}  ({seconds:.1f}s)"
+        if error:
+            line += f"\n    error: {error.strip().splitlines()[-1]}"
+        print(line, flush=True)
+
+
+def _error_text(trial) -> str:
+    """The trial's error as Ray recorded it (its error file), or a placeholder."""
+    for attr in ("error_file", "pickled_error_file"):
+        path = getattr(trial, attr, None)
+        if path and Path(path).is_file() and not str(path).endswith(".pkl"):
+            return Path(path).read_text(errors="replace")
+    return str(getattr(trial, "error_msg", None) or "trial failed; see the Ray logs")
+

@@ -1,0 +1,57 @@
+"""The Ray Tune trainable: a thin adapter around `cnnopt.objective.train`.
+
+This is the only module that calls Ray's reporting API (`tune.report`, renamed three times across
+Ray releases). It reports after every epoch, with a checkpoint whenever the epoch is the best so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from cnnopt.checkpoint import FILENAME, save_checkpoint
+from cnnopt.config import Experiment
+from cnnopt.data import ImageData
+from cnnopt.objective import train
+from cnnopt.space import Space
+
+
+def best_key(metric: str) -> str:
+    """The result key holding the best value of `metric` so far: what trials are compared on."""
+    return f"best_{metric}"
+
+
+def run_trial(config: dict, *, experiment: Experiment, space: Space, data: ImageData) -> None:
+    """Train the trial's configuration; `data` arrives once per node through Ray's object store."""
+    train_config = space.apply(experiment.train, config)
+    if train_config.device == "auto":  # use the GPU only when Ray assigned this trial one
+        train_config = dataclasses.replace(train_config, device="cuda" if ray.get_gpu_ids() else "cpu")
+    folder = Path(tempfile.mkdtemp(prefix="cnnopt-ckpt-"))
+    improved = {"epoch": 0}
+    best: dict = {}
+
+    def on_improve(epoch: int, state_dict: dict) -> None:
+        save_checkpoint(folder / FILENAME, state_dict, train_config, data.preprocessing(), epoch, {})
+        improved["epoch"] = epoch
+
+    def report(epoch: int, metrics: dict) -> None:
+        if improved["epoch"] == epoch:
+            best.update(metrics)
+        result = {**metrics, "epoch": epoch, best_key(experiment.metric): best.get(experiment.metric, float("nan")),
+                  "best_epoch": improved["epoch"]}
+        if improved["epoch"] == epoch:
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+        else:
+            tune.report(result)
+
+    try:
+        train(train_config, data, report, metric=experiment.metric, mode=experiment.mode, on_improve=on_improve)
+    finally:
+        for leftover in folder.glob("*"):
+            leftover.unlink()
+        os.rmdir(folder)

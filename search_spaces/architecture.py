@@ -1,0 +1,33 @@
+"""Which CNN design works best: depth, width, kernel, pooling, activation, head and augmentation strength.
+
+Scientific: blocks, convs_per_block (1 = the lesson's CNN, 2-3 = VGG-style), channels, growth,
+kernel_size, pool, activation, head_width, RandAugment strength.
+Nuisance: lr (every design is judged at a learning rate that suits it).
+Fixed: optimizer, schedule, batch size, epochs and the light augmentation of the experiment's [train].
+
+Ranges: sized for 32x32 inputs such as CIFAR-10. blocks 2-4 takes a 32x32 image down to 8x8..2x2
+(5 blocks would leave 1x1); on 8x8 digits use data.image_size >= 16. Widths 16-64 in the first
+block with growth 1.5-2 reach the 32-64-128 VGG net that beats the lesson's CNN by ~13 points of
+test accuracy on a 5,000-image CIFAR-10 sample, and go past it. RandAugment magnitude is searched
+only when RandAugment is on.
+"""
+
+from cnnopt.space import Choice, Float, Int, Space
+
+SPACE = Space(
+    name="architecture",
+    description=__doc__,
+    params=(
+        Int("blocks", 2, 4),
+        Int("convs_per_block", 1, 3),
+        Choice("channels", (16, 32, 64)),
+        Choice("growth", (1.5, 2.0)),
+        Choice("kernel_size", (3, 5)),
+        Choice("pool", ("max", "avg")),
+        Choice("activation", ("relu", "leaky_relu", "gelu", "silu")),
+        Choice("head_width", (64, 128, 256, 512), grid=(128, 512)),
+        Int("randaugment_ops", 0, 2, grid=(0, 2)),
+        Int("randaugment_magnitude", 3, 15, when={"randaugment_ops": (1, 2)}, grid=(9,)),
+        Float("lr", 0.01, 0.3, log=True, grid=(0.05,)),
+    ),
+)
