@@ -23,6 +23,7 @@ def quiet_libraries() -> None:
     """Keep library chatter (database migrations, deprecations we handle) out of the user's way."""
     for name in ("alembic", "mlflow", "optuna", "ray", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its resume hint names Ray's API; we print ours
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -109,7 +109,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         unfinished = [t for t in callback.trials.values() if t.status not in ("TERMINATED", "ERROR")]
-        interrupted = status != tracking.FINISHED or bool(unfinished)
+        interrupted = status != tracking.FINISHED or callback.interrupted or bool(unfinished)
         if recorder.parent_run_id:
             recorder.kill_unfinished()
             counts, best = summarize(recorder, experiment)
@@ -139,6 +139,7 @@ def _start_ray(address: str | None) -> bool:
 def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, storage: Path,
                 callback: StudyCallback) -> tune.Tuner:
     search = experiment.search
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's new console output ignores verbose=0; we print our own
     resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=experiment, space=space, data=data),
                                     resources)

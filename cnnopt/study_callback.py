@@ -8,6 +8,8 @@ driver, so only the driver needs to reach the tracking store.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -35,10 +37,25 @@ class StudyCallback(tune.Callback):
         self.outcomes: dict[str, str] = {}
         self.best_epoch: dict[str, dict] = {}
         self.started: dict[str, float] = {}
+        self.interrupted = False
         self.trials: dict = {}  # trial_id -> Ray's live Trial, to see after fit() which never finished
 
     def setup(self, **info) -> None:
         self.recorder.open()
+        self._watch_interrupts()
+
+    def _watch_interrupts(self) -> None:
+        """Note a Ctrl-C (or the SIGTERM turned into one) on top of Ray's handler, which stops the study cleanly."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            self.interrupted = True
+            if callable(ray_handler):
+                ray_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, handler)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.started[trial.trial_id] = time.perf_counter()
@@ -49,7 +66,7 @@ class StudyCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         epoch = int(result.get("training_iteration", 0))
-        self.recorder.log_epoch(trial.trial_id, epoch, result)
+        self.recorder.log_epoch(trial.trial_id, epoch, result, node=result.get("node_id") if epoch == 1 else None)
         if result.get("best_epoch") == result.get("epoch"):
             self.best_epoch[trial.trial_id] = {key: result[key] for key in EPOCH_METRICS if key in result}
             self.best_epoch[trial.trial_id]["epoch"] = epoch

@@ -169,9 +169,9 @@ class StudyRecorder:
         self.children[trial_id] = run_id
         return run_id
 
-    def log_epoch(self, trial_id: str, epoch: int, result: dict) -> None:
+    def log_epoch(self, trial_id: str, epoch: int, result: dict, node: str | None = None) -> None:
         metrics = {key: result[key] for key in EPOCH_METRICS if key in result}
-        log(self.client, self.children[trial_id], metrics=metrics, step=epoch)
+        log(self.client, self.children[trial_id], metrics=metrics, step=epoch, tags={"node_id": node} if node else None)
 
     def end_trial(self, trial_id: str, status: str, best: dict, *, checkpoint: str | None = None,
                   error: str | None = None) -> None:

@@ -31,6 +31,7 @@ def run_trial(config: dict, *, experiment: Experiment, space: Space, data: Image
     train_config = space.apply(experiment.train, config)
     if train_config.device == "auto":  # use the GPU only when Ray assigned this trial one
         train_config = dataclasses.replace(train_config, device="cuda" if ray.get_gpu_ids() else "cpu")
+    node = ray.get_runtime_context().get_node_id()  # which machine of a cluster ran the trial
     folder = Path(tempfile.mkdtemp(prefix="cnnopt-ckpt-"))
     improved = {"epoch": 0}
     best: dict = {}
@@ -43,7 +44,7 @@ def run_trial(config: dict, *, experiment: Experiment, space: Space, data: Image
         if improved["epoch"] == epoch:
             best.update(metrics)
         result = {**metrics, "epoch": epoch, best_key(experiment.metric): best.get(experiment.metric, float("nan")),
-                  "best_epoch": improved["epoch"]}
+                  "best_epoch": improved["epoch"], "node_id": node}
         if improved["epoch"] == epoch:
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)))
         else:

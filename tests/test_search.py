@@ -1,0 +1,218 @@
+"""Studies end to end: real Ray, real Optuna samplers, a real MLflow store; tiny data, 2 epochs, 3-4 trials."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+import search_spaces
+from cnnopt import search
+from cnnopt.analysis import best_so_far, load_trials
+from cnnopt.config import TrainConfig, load_experiment
+from cnnopt.model import build_model
+from cnnopt.searchers import STRATEGIES, PruneAwareOptunaSearch, make_searcher
+from cnnopt.study import StudyOptions, run_study
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", "train.epochs=2", "--no-promote"]
+
+
+def study_runs(uri: str, study: str):
+    """(parent run, child runs) of a study in the store."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("digits")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`cnnopt.study` = '{study}'", max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("cnnopt.kind") == "study"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return client, parents[0], children
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_strategy_runs_a_study_recorded_in_mlflow(strategy, ray_session, mlflow_store, capsys):
+    code = search.main(["--strategy", strategy, "--trials", "3", "--name", f"s-{strategy}", "--seed", "1", *TINY])
+    assert code == 0
+    client, parent, children = study_runs(mlflow_store, f"s-{strategy}")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["strategy"] == strategy and parent.data.tags["search_space"] == "lesson"
+    assert {"experiment", "search_space"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert len(children) == 3
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["status"] == "completed" and child.data.tags["pruned"] == "false"
+        assert float(child.data.params["lr"]) > 0 and child.data.params["optimizer"] in ("sgd", "adam", "adamw")
+        assert not any(key.startswith("config") for key in child.data.params)
+        assert not {"batch_size", "optimizer", "dropout"} & set(child.data.metrics), "params are never metrics"
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == [1, 2]
+        assert "best_val_accuracy" in child.data.metrics
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
+    steps = client.get_metric_history(parent.info.run_id, "best_val_accuracy")
+    assert len(steps) == 3
+    output = capsys.readouterr().out
+    assert output.count("completed  val_accuracy") == 3 and "mlflow ui --backend-store-uri" in output
+
+
+def test_grid_walks_the_grid_in_order(ray_session, mlflow_store):
+    search.main(["--strategy", "grid", "--trials", "3", "--name", "g", "--concurrency", "1", *TINY])
+    trials = load_trials("digits", "g")
+    expected = search_spaces.get("lesson").grid()[:3]
+    assert trials["lr"].tolist() == [point["lr"] for point in expected]
+    assert trials["batch_size"].tolist() == [point["batch_size"] for point in expected]
+    assert trials["batch_size"].dtype.kind == "i" and trials["batch_norm"].dtype == bool
+    curve = best_so_far(trials)
+    assert curve["best_so_far"].is_monotonic_increasing
+
+
+def test_failing_trial_is_recorded_and_the_study_goes_on(ray_session, mlflow_store):
+    # The architecture grid varies blocks first: 2, 3, then 4, which cannot fit an 8x8 digit.
+    experiment = load_experiment(None, ["search_space=architecture", "train.epochs=1", "search.strategy=grid",
+                                        "search.trials=3", "search.concurrency=1"])
+    outcome = run_study(experiment, StudyOptions(name="fails"))
+    assert outcome.counts == {"completed": 2, "failed": 1}
+    _, parent, children = study_runs(mlflow_store, "fails")
+    failed = [c for c in children if c.data.tags["status"] == "failed"]
+    assert failed[0].info.status == "FAILED" and "conv block 4" in failed[0].data.tags["error"]
+    assert parent.info.status == "FINISHED"
+
+
+def test_asha_prunes_and_the_sampler_is_told_pruned(ray_session, mlflow_store):
+    experiment = load_experiment(None, ["train.epochs=4", "search.strategy=random", "search.trials=6",
+                                        "search.concurrency=1", "search.scheduler=asha", "search.seed=3",
+                                        "search.reduction_factor=2"])
+    outcome = run_study(experiment, StudyOptions(name="asha"))
+    assert outcome.counts.get("pruned", 0) >= 1
+    _, _, children = study_runs(mlflow_store, "asha")
+    pruned = [c for c in children if c.data.tags["pruned"] == "true"]
+    assert pruned and all(c.info.status == "FINISHED" for c in pruned)
+    state_file = max(Path(outcome.storage_path).glob("searcher-state-*.pkl"))
+    with open(state_file, "rb") as handle:
+        study = pickle.load(handle)["_ot_study"]
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.PRUNED) == len(pruned)
+    assert states.count(TrialState.COMPLETE) == outcome.counts["completed"]
+
+
+def test_prune_aware_search_tells_optuna_the_truth():
+    space = search_spaces.get("lesson")
+    searcher = make_searcher("bayes", space, metric="best_val_accuracy", mode="max", seed=0, trials=4, max_epochs=5)
+    for trial_id in ("done", "stopped", "errored", "diverged"):
+        searcher.suggest(trial_id)
+        searcher.on_trial_result(trial_id, {"best_val_accuracy": 0.5, "training_iteration": 1})
+    searcher.on_trial_complete("done", {"best_val_accuracy": 0.9, "training_iteration": 5})
+    searcher.on_trial_complete("stopped", {"best_val_accuracy": 0.5, "training_iteration": 1})
+    searcher.on_trial_complete("errored", {"best_val_accuracy": 0.5, "training_iteration": 1}, error=True)
+    searcher.on_trial_complete("diverged", {"best_val_accuracy": 0.5, "training_iteration": 5, "diverged": 1.0})
+    assert [t.state for t in searcher.study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                                        TrialState.FAIL]
+    assert searcher.study.trials[0].value == 0.9
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("space_name", search_spaces.names())
+def test_every_space_samples_under_every_strategy(space_name, strategy):
+    space = search_spaces.get(space_name)
+    assert space.description.strip(), "each space's docstring says what the study is for"
+    searcher = make_searcher(strategy, space, metric="best_val_accuracy", mode="max", seed=0, trials=5, max_epochs=2)
+    for index in range(5):
+        config = searcher.suggest(f"t{index}")
+        assert set(config) <= set(space.names) and "lr" in config
+        train_config = space.apply(TrainConfig(), config)
+        model = build_model(train_config, {"channels": 3, "image_size": 32, "class_names": list("abcdefghij")})
+        assert model.num_parameters > 0
+        searcher.on_trial_complete(f"t{index}", {"best_val_accuracy": 0.1 * index, "training_iteration": 2})
+
+
+def test_conditional_parameter_only_when_its_condition_holds():
+    space = search_spaces.get("lesson")
+    for point in space.grid():
+        assert ("momentum" in point) == (point["optimizer"] == "sgd")
+
+
+def run_cli(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnnopt.search", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    args = ["--strategy", "bayes", "--trials", "4", "--concurrency", "1", "--name", "resumable",
+            "--set", "train.epochs=3", "--no-promote"]
+    first = run_cli(args, tmp_path, env)
+    lines = []
+    for line in first.stdout:  # stop it once the first trial has finished
+        lines.append(line)
+        if line.startswith("trial   1"):
+            first.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + first.communicate(timeout=120)[0]
+    assert first.returncode == 130, output
+    assert "--resume --name resumable" in output
+    client, parent, children = study_runs(mlflow_store, "resumable")
+    assert parent.info.status == "KILLED"
+    done_before = {c.data.tags["trial_id"] for c in children if c.data.tags["status"] == "completed"}
+    assert 1 <= len(done_before) < 4
+    assert not [c for c in children if c.info.status == "RUNNING"]
+
+    second = run_cli([*args, "--resume"], tmp_path, env)
+    output = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, output
+    client, parent_after, children = study_runs(mlflow_store, "resumable")
+    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
+    trial_ids = [c.data.tags["trial_id"] for c in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 4, "each trial logged once"
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert done_before <= set(trial_ids)
+    for trial_id in done_before:  # finished trials were not rerun: their output lines are absent
+        number = next(c.data.tags["trial_number"] for c in children if c.data.tags["trial_id"] == trial_id)
+        assert f"trial {int(number):3d}" not in output
+
+
+CLUSTER_SCRIPT = textwrap.dedent("""
+    import subprocess, sys
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    code = subprocess.call([sys.executable, "-m", "cnnopt.search", "--address", cluster.address, "--strategy",
+                            "random", "--trials", "4", "--concurrency", "2", "--name", "cluster",
+                            "--set", "train.epochs=2", "--no-promote"])
+    cluster.shutdown()
+    sys.exit(code)
+""")
+
+
+@pytest.mark.slow
+def test_two_node_cluster_runs_trials_on_both_nodes(mlflow_store, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    _, _, children = study_runs(mlflow_store, "cluster")
+    assert len(children) == 4 and all(c.data.tags["status"] == "completed" for c in children)
+    assert len({c.data.tags["node_id"] for c in children}) == 2
+
+
+def test_bad_search_input_is_one_clear_line(tmp_path):
+    for args, expected in ((["--set", "search_space=nope"], "unknown search space"),
+                           (["--resume", "--name", "missing"], "no study named 'missing'")):
+        done = subprocess.run([sys.executable, "-m", "cnnopt.search", *args, "--no-promote"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_list_spaces(capsys):
+    assert search.main(["--list-spaces"]) == 0
+    output = capsys.readouterr().out
+    assert all(name in output for name in search_spaces.names())
