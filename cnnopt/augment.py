@@ -17,6 +17,8 @@ from torchvision.transforms import v2
 
 from cnnopt.config import TrainConfig
 
+CROP_PADDING_MODES = ("constant", "reflect", "replicate")
+
 
 class Normalize:
     """uint8 `(N, C, H, W)` -> float, standardised with the train split's statistics."""

@@ -105,9 +105,6 @@ def _split(parts: dict, cfg: DataConfig) -> dict[str, tuple[torch.Tensor, torch.
     """Carve the missing splits out of the labelled pool, stratified and seeded."""
     rng = np.random.default_rng(cfg.seed)
     pool_x, pool_y = parts["pool"]
-    if cfg.subset and cfg.subset < len(pool_y):
-        keep = _stratified_take(pool_y.numpy(), cfg.subset / len(pool_y), rng)
-        pool_x, pool_y = pool_x[keep], pool_y[keep]
     out = {}
     remaining = np.arange(len(pool_y))
     for name, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
@@ -118,6 +115,9 @@ def _split(parts: dict, cfg: DataConfig) -> dict[str, tuple[torch.Tensor, torch.
         chosen = remaining[take]
         out[name] = (pool_x[chosen], pool_y[chosen])
         remaining = np.setdiff1d(remaining, chosen)
+    if cfg.subset and cfg.subset < len(remaining):
+        # After val and test are carved, so every subset size is measured on the same val and test images.
+        remaining = remaining[_stratified_take(pool_y[remaining].numpy(), cfg.subset / len(remaining), rng)]
     out["train"] = (pool_x[remaining], pool_y[remaining])
     return out
 

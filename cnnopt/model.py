@@ -42,6 +42,8 @@ def feature_sizes(config: TrainConfig, image_size: int) -> list[int]:
 class CNN(nn.Module):
     """Conv blocks, a flatten and an MLP head; `num_parameters` is logged with every run."""
 
+    __jit_unused_properties__ = ["num_parameters"]  # TorchScript must not compile it
+
     def __init__(self, config: TrainConfig, in_channels: int, image_size: int, num_classes: int):
         super().__init__()
         _check_choices(config)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnopt.augment import BatchAugment, Normalize
+from cnnopt.augment import CROP_PADDING_MODES, BatchAugment, Normalize
 from cnnopt.config import TrainConfig
 from cnnopt.data import ImageData
 from cnnopt.errors import UsageError
@@ -68,7 +68,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
     Returns:
         TrainResult with status 'completed' or 'diverged' and the best epoch's weights.
     """
-    _check(config)
+    check_config(config, data.image_size)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -111,11 +111,12 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             seen += len(y)
         train_loss = loss_sum.item() / seen  # one device sync per epoch, not per batch
         train_seconds = time.perf_counter() - start
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at, read before a per-epoch step
         if config.lr_schedule in ("step", "cosine"):
             schedule.step()
         val_loss, val_accuracy = evaluate(model, val_x, val_y, normalize, memory_format, amp)
         metrics = {"train_loss": train_loss, "train_accuracy": correct.item() / seen, "val_loss": val_loss,
-                   "val_accuracy": val_accuracy, "lr": optimizer.param_groups[0]["lr"],
+                   "val_accuracy": val_accuracy, "lr": lr,
                    "epoch_seconds": time.perf_counter() - start, "images_per_second": seen / train_seconds}
         result.epochs_run = epoch
         diverged = not math.isfinite(train_loss) or not math.isfinite(val_loss)
@@ -188,10 +189,17 @@ def _batch_starts(count: int, batch_size: int) -> list[int]:
     return starts
 
 
-def _check(config: TrainConfig) -> None:
+def check_config(config: TrainConfig, image_size: int) -> None:
+    """Reject settings that cannot train, before anything is recorded."""
     if config.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if config.lr_schedule not in SCHEDULES:
         raise UsageError(f"train.lr_schedule = {config.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
     if config.epochs < 1 or config.batch_size < 2 or config.lr <= 0:
         raise UsageError("train.epochs must be >= 1, train.batch_size >= 2 and train.lr > 0")
+    if config.crop_padding > 0 and config.crop_padding_mode not in CROP_PADDING_MODES:
+        raise UsageError(f"train.crop_padding_mode = {config.crop_padding_mode!r} is not one of "
+                         f"{', '.join(CROP_PADDING_MODES)}")
+    if config.crop_padding_mode == "reflect" and config.crop_padding >= image_size:
+        raise UsageError(f"train.crop_padding = {config.crop_padding} must be below the {image_size}-pixel image side "
+                         "for reflect padding; lower it or set train.crop_padding_mode=replicate")

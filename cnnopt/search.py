@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import search_spaces
 from cnnopt import tracking
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
 from cnnopt.config import load_experiment
+from cnnopt.errors import UsageError
+from cnnopt.promote import print_promotion, promote
 from cnnopt.searchers import STRATEGIES
 from cnnopt.study import SCHEDULERS, StudyOptions, default_study_name, run_study
 
@@ -79,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nThe study was interrupted. Resume it with:\n  python -m cnnopt.search "
               f"{'--experiment ' + args.experiment + ' ' if args.experiment else ''}--resume --name {outcome.name}")
         return 130
+    if args.no_promote or outcome.best is None:
+        return 0
+    print(f"\npromoting the best trial (trial {outcome.best['trial_number']})...", flush=True)
+    try:
+        print_promotion(promote(experiment, study=outcome.name), experiment)
+    except UsageError as exc:  # the study itself is recorded; say what failed and how to retry
+        print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --study {outcome.name}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -86,6 +86,8 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
                          "add --resume to continue it or pick another --name")
     data = load_data(experiment.data)
     build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
+    # Trials get no test split at all: hyperparameters are selected on validation only.
+    data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
 
     own_ray = _start_ray(options.address)
     started = time.perf_counter()

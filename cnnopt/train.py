@@ -13,7 +13,7 @@ from cnnopt.cli import add_experiment_args, quiet_libraries, run
 from cnnopt.config import load_experiment
 from cnnopt.data import load_data
 from cnnopt.model import build_model
-from cnnopt.objective import train
+from cnnopt.objective import check_config, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     config = experiment.train
     data = load_data(experiment.data)
     model = build_model(config, data.preprocessing())  # rejects an impossible architecture before any run exists
+    check_config(config, data.image_size)
     print(f"{experiment.name}: {len(data.train_y)} train / {len(data.val_y)} val images, "
           f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes, "
           f"{model.num_parameters:,} parameters")
@@ -47,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         result = train(config, data, report, metric=experiment.metric, mode=experiment.mode)
-    except BaseException:
+    except KeyboardInterrupt:
         tracking.end_run(client, run_id, tracking.KILLED)
+        raise
+    except BaseException:
+        tracking.end_run(client, run_id, tracking.FAILED)
         raise
     if result.state_dict is not None:
         with tempfile.TemporaryDirectory() as folder:

@@ -1,0 +1,106 @@
+"""Export a Predictor to TorchScript (`model.pt`) and torch.export (`model.pt2`), verified in a fresh process.
+
+The fresh process imports only torch, as a deployment would, and both files' probabilities must match
+the eager Predictor within `TOLERANCE`; otherwise the export is refused with the difference shown.
+`model.pt` takes images of any size. `model.pt2` takes any batch size at the training resolution
+only (a dynamic height/width through the resize exports but fails for other aspect ratios at run
+time), so its callers resize first: `cnnopt.predict` does, and `input_spec.json` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from cnnopt.errors import UsageError
+from cnnopt.predictor import Predictor
+
+TOLERANCE = 1e-5
+CLASS_NAMES_FILE = "class_names.json"
+INPUT_SPEC_FILE = "input_spec.json"  # also inside model.pt2: its fixed image size
+
+VERIFY = r"""
+import json, sys
+import torch
+script_path, program_path, inputs_path, out_path = sys.argv[1:5]
+images = torch.load(inputs_path, weights_only=True)
+scripted = torch.jit.load(script_path)
+extra = {"class_names.json": ""}
+program = torch.export.load(program_path, extra_files=extra).module()
+with torch.no_grad():
+    result = {"pt": scripted(images), "pt2": program(images)}
+torch.save(result, out_path)
+print(json.dumps({"cnnopt_imported": any(m.startswith("cnnopt") for m in sys.modules),
+                  "class_names_pt": list(scripted.class_names), "class_names_pt2": json.loads(extra["class_names.json"])}))
+"""
+
+
+def export(predictor: Predictor, folder: str | Path, sample: torch.Tensor) -> dict:
+    """Write model.pt and model.pt2 into `folder` and verify them on `sample` in a fresh process.
+
+    Args:
+        predictor: the eager Predictor, in eval mode.
+        folder: where the files go.
+        sample: uint8 images `(N, C, S, S)` at the training resolution (test images).
+    Returns:
+        {'model.pt': path, 'model.pt2': path, 'max_difference': {'pt': d, 'pt2': d}}.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    predictor = predictor.eval()
+    script_path, program_path = folder / "model.pt", folder / "model.pt2"
+    with warnings.catch_warnings():  # torch >= 2.11 warns that TorchScript is deprecated; it still works
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(predictor), str(script_path))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(predictor, (sample[:2],), dynamic_shapes={"images": {0: batch}})
+    spec = json.dumps(input_spec(predictor), indent=2)
+    torch.export.save(program, str(program_path),
+                      extra_files={CLASS_NAMES_FILE: json.dumps(predictor.class_names), INPUT_SPEC_FILE: spec})
+    (folder / CLASS_NAMES_FILE).write_text(json.dumps(predictor.class_names))
+    (folder / INPUT_SPEC_FILE).write_text(spec)
+    differences = verify(predictor, script_path, program_path, sample)
+    return {"model.pt": str(script_path), "model.pt2": str(program_path), "max_difference": differences}
+
+
+def input_spec(predictor: Predictor) -> dict:
+    return {"input": "uint8 tensor (N, C, H, W), values 0-255; C = 1 (gray), 3 (RGB) or 4 (RGBA)",
+            "model.pt": "any H and W: resized (shorter side) and centre-cropped inside the model",
+            "model.pt2": f"H = W = {predictor.image_size} only: resize and centre-crop before calling "
+                         "(torchvision.transforms.v2.functional resize then center_crop)",
+            "image_size": predictor.image_size, "channels_trained": predictor.channels,
+            "output": f"float32 probabilities (N, {len(predictor.class_names)}), columns in class_names order",
+            "class_names": predictor.class_names}
+
+
+def verify(predictor: Predictor, script_path: Path, program_path: Path, sample: torch.Tensor) -> dict:
+    """Reload both files in a process that imports only torch and compare with the eager Predictor."""
+    with torch.no_grad():
+        expected = predictor(sample)
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs, outputs = Path(scratch) / "inputs.pt", Path(scratch) / "outputs.pt"
+        torch.save(sample, inputs)
+        done = subprocess.run([sys.executable, "-c", VERIFY, str(script_path), str(program_path), str(inputs),
+                               str(outputs)], capture_output=True, text=True, cwd=scratch)
+        if done.returncode != 0:
+            raise UsageError(f"the exported model failed to load in a fresh torch process: "
+                             f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        results = torch.load(outputs, weights_only=True)
+    if report["cnnopt_imported"]:
+        raise UsageError("the exported model needed cnnopt to load; it must need torch only")
+    differences = {kind: float((results[kind] - expected).abs().max()) for kind in ("pt", "pt2")}
+    for kind, difference in differences.items():
+        if not difference <= TOLERANCE:
+            raise UsageError(f"refusing the export: model.{kind} differs from the eager model by {difference:.3g} "
+                             f"(tolerance {TOLERANCE})")
+    if report["class_names_pt"] != predictor.class_names or report["class_names_pt2"] != predictor.class_names:
+        raise UsageError("refusing the export: the class names did not survive the round trip")
+    return differences

@@ -1,0 +1,134 @@
+"""`python -m cnnopt.predict MODEL IMAGE_OR_FOLDER... [--top-k K]`: classify image files with an exported model.
+
+MODEL is a `model.pt` (TorchScript) or `model.pt2` (torch.export) file, or a registered model URI such
+as `models:/digits@champion`. Only torch is needed to run the model; images of any size and mode
+are read with PIL and handed over as uint8 tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnopt.cli import quiet_libraries, run
+from cnnopt.data import IMAGE_EXTENSIONS, resize_center_crop
+from cnnopt.errors import UsageError
+from cnnopt.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
+
+
+class LoadedModel:
+    """A TorchScript or torch.export model behind one call: uint8 (1, C, H, W) -> probabilities."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_file():
+            raise UsageError(f"model file {path} not found; pass a model.pt, a model.pt2 or models:/NAME@champion")
+        if not zipfile.is_zipfile(path):
+            raise UsageError(f"{path} is not a model.pt or model.pt2 file (not a torch archive)")
+        try:
+            if path.suffix == ".pt2":
+                extra = {CLASS_NAMES_FILE: "", INPUT_SPEC_FILE: ""}
+                self.module = torch.export.load(str(path), extra_files=extra).module()
+                self.class_names = json.loads(extra[CLASS_NAMES_FILE])
+                self.fixed_size = int(json.loads(extra[INPUT_SPEC_FILE])["image_size"])
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.module = torch.jit.load(str(path))
+                self.class_names = list(self.module.class_names)
+                self.fixed_size = None
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"{path} is not a model cnnopt exported ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'unreadable'})") from None
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.fixed_size is not None:  # model.pt2 is exported at the training resolution: resize first
+            image = resize_center_crop(image, self.fixed_size)
+        return self.module(image)[0]
+
+
+def resolve_model(spec: str, scratch: Path) -> Path:
+    """A model file path, downloading a registered model (`models:/NAME@ALIAS`) first."""
+    if not spec.startswith("models:/"):
+        return Path(spec)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cnnopt import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(scratch)))
+    except MlflowException as exc:
+        raise UsageError(f"cannot load {spec} from {tracking.tracking_uri()}: {exc.message.splitlines()[0]}") from None
+    found = sorted(local.rglob("model.pt"))
+    if not found:
+        raise UsageError(f"{spec} holds no model.pt; promote a study with python -m cnnopt.promote")
+    return found[0]
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """uint8 (1, C, H, W) with C = 1 (gray), 3 (RGB) or 4 (RGBA), as the Predictor expects."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("L", "RGB", "RGBA"):
+                has_alpha = image.mode in ("LA", "PA") or "transparency" in image.info
+                image = image.convert("RGBA" if has_alpha else ("L" if image.mode in ("1", "I", "I;16", "F") else "RGB"))
+            array = np.asarray(image, dtype=np.uint8).copy()
+    except Exception as exc:
+        raise UsageError(f"cannot read image {path}: {exc}") from None
+    tensor = torch.from_numpy(array)
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    return tensor.unsqueeze(0)
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    paths = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UsageError(f"image {path} not found")
+    if not paths:
+        raise UsageError(f"no images found in {', '.join(inputs)}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cnnopt.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", metavar="MODEL", help="model.pt, model.pt2 or models:/NAME@ALIAS")
+    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+")
+    parser.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to show per image (default 3)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    paths = image_paths(args.images)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = LoadedModel(resolve_model(args.model, Path(scratch)))
+        k = max(1, min(args.top_k, len(model.class_names)))
+        for path in paths:
+            probabilities = model(read_image(path))
+            top = torch.topk(probabilities, k)
+            shown = "  ".join(f"{model.class_names[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+            print(f"{path}: {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,58 @@
+"""The deployable model: the trained CNN wrapped with its eval preprocessing and a softmax.
+
+Input: uint8 images `(N, C, H, W)` of any size with 1 (gray), 3 (RGB) or 4 (RGBA) channels.
+Output: class probabilities `(N, num_classes)`. The preprocessing repeats the training data path
+exactly: alpha composited on white, grayscale by ITU-R 601 luma (as PIL's convert('L')), shorter
+side resized to the training resolution (bilinear, antialiased, rounded to 8 bits), centre crop,
+normalisation with the train split's statistics.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Predictor(nn.Module):
+    def __init__(self, model: nn.Module, preprocessing: dict):
+        super().__init__()
+        self.model = model.eval()
+        self.image_size: int = int(preprocessing["image_size"])
+        self.channels: int = int(preprocessing["channels"])
+        self.class_names: List[str] = [str(name) for name in preprocessing["class_names"]]
+        self.register_buffer("mean", torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()  # (N, C, H, W), 0..255
+        if x.shape[1] == 4:  # RGBA: composite on white, as training did
+            alpha = x[:, 3:4] / 255
+            x = x[:, :3] * alpha + 255 * (1 - alpha)
+        if self.channels == 1 and x.shape[1] == 3:
+            x = (x * self.luma).sum(dim=1, keepdim=True).round()
+        elif self.channels == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = self._resize_center_crop(x)
+        x = (x / 255 - self.mean) / self.std
+        return torch.softmax(self.model(x), dim=1)
+
+    def _resize_center_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's resize([size]) + center_crop([size, size]) on 8-bit values."""
+        size = self.image_size
+        height, width = x.shape[-2], x.shape[-1]
+        if height != size or width != size:
+            if height <= width:
+                new_height, new_width = size, int(size * width / height)
+            else:
+                new_height, new_width = int(size * height / width), size
+            if new_height != height or new_width != width:
+                x = F.interpolate(x, size=[new_height, new_width], mode="bilinear", align_corners=False, antialias=True)
+                x = x.round().clamp(0, 255)
+            top = int(round((new_height - size) / 2.0))
+            left = int(round((new_width - size) / 2.0))
+            x = x[:, :, top:top + size, left:left + size]
+        return x

@@ -1,0 +1,186 @@
+"""Experiment files: every file in experiments/ loads; unknown keys and wrong types are rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from cnnopt.config import DEFAULT_EXPERIMENT, DataConfig, Experiment, SearchConfig, TrainConfig, load_experiment
+from cnnopt.errors import UsageError
+
+EXPERIMENT_FILES = sorted((Path(__file__).resolve().parent.parent / "experiments").glob("*.toml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "experiment.toml"
+    path.write_text(text)
+    return path
+
+
+def test_both_experiment_files_exist():
+    assert {path.stem for path in EXPERIMENT_FILES} >= {"digits", "cifar10"}
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=lambda p: p.stem)
+def test_experiment_file_loads(path):
+    experiment = load_experiment(path)
+    assert isinstance(experiment, Experiment)
+    assert experiment.path == str(path)
+    assert experiment.name == path.stem
+    assert experiment.data.dataset == path.stem
+    assert isinstance(experiment.train, TrainConfig) and isinstance(experiment.search, SearchConfig)
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# python -m cnnopt."), "an experiment file starts with the command that runs it"
+
+
+def test_cifar10_file_values_are_typed():
+    experiment = load_experiment(DEFAULT_EXPERIMENT.parent / "cifar10.toml")
+    assert experiment.train.flip is True
+    assert experiment.train.crop_padding == 4
+    assert experiment.search.gpus_per_trial == 0.25 and isinstance(experiment.search.gpus_per_trial, float)
+    assert experiment.data.image_size == 32
+
+
+def test_default_is_digits():
+    experiment = load_experiment()
+    assert experiment.path == str(DEFAULT_EXPERIMENT)
+    assert experiment.data.dataset == "digits"
+
+
+def test_file_states_only_differences_from_defaults(tmp_path):
+    experiment = load_experiment(write(tmp_path, 'name = "tiny"\n[train]\nlr = 1\n'))
+    assert experiment.train.lr == 1.0 and isinstance(experiment.train.lr, float)  # a TOML int is a valid float
+    assert experiment.train == dataclasses.replace(TrainConfig(), lr=1.0)
+    assert experiment.data == DataConfig() and experiment.search == SearchConfig()
+
+
+def test_config_is_frozen():
+    experiment = load_experiment()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        experiment.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_unknown_top_level_key_names_key_and_allowed(tmp_path):
+    with pytest.raises(UsageError) as caught:
+        load_experiment(write(tmp_path, 'nmae = "typo"\n'))
+    message = str(caught.value)
+    assert "'nmae'" in message
+    for allowed in ("name", "metric", "mode", "search_space", "data", "train", "search"):
+        assert allowed in message
+    assert "path" not in message.split("allowed keys:")[1].split(", ")
+
+
+@pytest.mark.parametrize("section,cls", [("data", DataConfig), ("train", TrainConfig), ("search", SearchConfig)])
+def test_unknown_section_key_names_key_and_allowed(tmp_path, section, cls):
+    with pytest.raises(UsageError) as caught:
+        load_experiment(write(tmp_path, f"[{section}]\nlearning_rate = 0.1\n"))
+    message = str(caught.value)
+    assert "'learning_rate'" in message and f"[{section}]" in message
+    allowed = message.split("allowed keys:")[1]
+    assert {name.strip() for name in allowed.split(",")} == {f.name for f in dataclasses.fields(cls)}
+
+
+def test_unknown_key_via_set_is_rejected():
+    with pytest.raises(UsageError, match=r"unknown key 'lrr' in \[train\].*allowed keys:.*\blr\b"):
+        load_experiment(None, ["train.lrr=0.1"])
+
+
+def test_unknown_section_via_set_is_rejected():
+    with pytest.raises(UsageError, match=r"unknown section 'trian'.*data, train, search"):
+        load_experiment(None, ["trian.lr=0.1"])
+
+
+def test_set_without_equals_is_rejected():
+    with pytest.raises(UsageError, match="section.key=value"):
+        load_experiment(None, ["train.lr"])
+
+
+@pytest.mark.parametrize("override,attribute,expected", [
+    ("train.epochs=3", ("train", "epochs"), 3),
+    ("train.lr=1e-3", ("train", "lr"), 0.001),
+    ("train.lr=2", ("train", "lr"), 2.0),
+    ("train.flip=true", ("train", "flip"), True),
+    ("train.flip=False", ("train", "flip"), False),
+    ("train.nesterov=0", ("train", "nesterov"), False),
+    ("train.batch_norm=yes", ("train", "batch_norm"), True),
+    ("train.optimizer=adamw", ("train", "optimizer"), "adamw"),
+    ("data.root= /some/folder ", ("data", "root"), "/some/folder"),
+    ("data.image_size=16", ("data", "image_size"), 16),
+    ("search.gpus_per_trial=0.5", ("search", "gpus_per_trial"), 0.5),
+    ("name=other", (None, "name"), "other"),
+    ("mode=min", (None, "mode"), "min"),
+])
+def test_set_is_typed_by_the_field(override, attribute, expected):
+    experiment = load_experiment(None, [override])
+    section, name = attribute
+    value = getattr(getattr(experiment, section) if section else experiment, name)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_later_set_wins_and_overrides_the_file():
+    experiment = load_experiment(None, ["train.lr=0.1", "train.lr=0.2", "train.crop_padding=0"])
+    assert experiment.train.lr == 0.2
+    assert experiment.train.crop_padding == 0  # digits.toml says 1
+
+
+@pytest.mark.parametrize("override,expected_type", [
+    ("train.epochs=2.5", "int"),
+    ("train.epochs=ten", "int"),
+    ("train.epochs=true", "int"),
+    ("train.lr=fast", "float"),
+    ("train.flip=maybe", "bool"),
+    ("data.seed=", "int"),
+])
+def test_set_with_wrong_type_is_rejected(override, expected_type):
+    key, _, value = override.partition("=")
+    with pytest.raises(UsageError) as caught:
+        load_experiment(None, [override])
+    message = str(caught.value)
+    assert key.split(".")[1] in message and f"must be {expected_type}" in message and repr(value) in message
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("[train]\nepochs = 2.5\n", "epochs must be int"),
+    ("[train]\nlr = \"fast\"\n", "lr must be float"),
+    ("[train]\nflip = 1\n", "flip must be bool"),
+    ("[train]\nepochs = true\n", "epochs must be int"),
+    ("[data]\nroot = 3\n", "root must be str"),
+    ("name = 3\n", "name must be str"),
+    ("train = 3\n", "[train] must be a table"),
+])
+def test_file_with_wrong_type_is_rejected(tmp_path, text, fragment):
+    with pytest.raises(UsageError) as caught:
+        load_experiment(write(tmp_path, text))
+    assert fragment in str(caught.value)
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(UsageError, match="mode must be 'max' or 'min'.*'best'"):
+        load_experiment(None, ["mode=best"])
+
+
+def test_bad_metric_is_rejected_with_the_choices():
+    with pytest.raises(UsageError) as caught:
+        load_experiment(None, ["metric=accuracy"])
+    message = str(caught.value)
+    assert "'accuracy'" in message
+    for metric in ("val_accuracy", "val_loss", "train_accuracy", "train_loss"):
+        assert metric in message
+
+
+@pytest.mark.parametrize("metric", ["val_accuracy", "val_loss", "train_accuracy", "train_loss"])
+def test_every_recorded_metric_is_accepted(metric):
+    assert load_experiment(None, [f"metric={metric}"]).metric == metric
+
+
+def test_missing_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        load_experiment(tmp_path / "nope.toml")
+
+
+def test_invalid_toml_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not valid TOML"):
+        load_experiment(write(tmp_path, "[train\nlr = 0.1\n"))

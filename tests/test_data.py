@@ -1,0 +1,331 @@
+"""Datasets: digits, a CIFAR-10 batch folder and image folders, written here in their real formats."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnopt.config import DataConfig
+from cnnopt.data import channel_stats, load_data, resize_center_crop
+from cnnopt.errors import UsageError
+
+CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def rows(x: torch.Tensor) -> Counter:
+    """Each image's bytes, counted: equal Counters mean the same images, duplicates included."""
+    return Counter(image.numpy().tobytes() for image in x)
+
+
+# ----- digits -----
+
+
+def test_digits_shape_dtype_and_classes(digits_data):
+    data = digits_data
+    for x, y in ((data.train_x, data.train_y), (data.val_x, data.val_y), (data.test_x, data.test_y)):
+        assert x.dtype == torch.uint8 and x.shape[1:] == (1, 8, 8)
+        assert y.dtype == torch.int64 and len(y) == len(x)
+    assert data.num_classes == 10 and data.class_names == [str(d) for d in range(10)]
+    assert data.channels == 1 and data.image_size == 8
+    assert int(data.train_x.max()) == 255 and int(data.train_x.min()) == 0  # 0..16 scaled to the full byte range
+    assert set(data.train_y.tolist()) == set(range(10))
+
+
+def test_digits_split_sizes_are_stratified(digits_data):
+    data = digits_data
+    total = len(data.train_y) + len(data.val_y) + len(data.test_y)
+    assert total == 1797
+    pool = torch.cat([data.train_y, data.val_y, data.test_y]).bincount(minlength=10)
+    for y, fraction in ((data.test_y, 0.15), (data.val_y, 0.15), (data.train_y, 0.70)):
+        assert abs(len(y) - fraction * total) <= 10
+        per_class = y.bincount(minlength=10)
+        assert ((per_class - fraction * pool).abs() <= 1.5).all(), per_class  # every class in proportion
+
+
+def test_digits_splits_partition_the_dataset(digits_data):
+    from sklearn.datasets import load_digits
+
+    original = torch.from_numpy(np.round(load_digits().images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    data = digits_data
+    # The three splits together hold every image exactly as often as the dataset does: none shared, none lost.
+    assert rows(data.train_x) + rows(data.val_x) + rows(data.test_x) == rows(original)
+    # And no val or test image appears in train (the few exact duplicate scans of the dataset aside).
+    duplicated = {key for key, count in rows(original).items() if count > 1}
+    train_keys = set(rows(data.train_x)) - duplicated
+    assert not train_keys & set(rows(data.val_x)) and not train_keys & set(rows(data.test_x))
+
+
+def test_split_is_determined_by_the_seed(digits_data):
+    same = load_data(DataConfig(seed=0))
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(same, name), getattr(digits_data, name))
+    other = load_data(DataConfig(seed=1))
+    assert len(other.val_y) == len(digits_data.val_y)
+    assert rows(other.val_x) != rows(digits_data.val_x)
+    assert rows(other.test_x) != rows(digits_data.test_x)
+
+
+def test_mean_std_are_of_the_train_split_only(digits_data):
+    data = digits_data
+    pixels = data.train_x.double() / 255
+    assert data.mean == pytest.approx([pixels.mean().item()], rel=1e-9)
+    assert data.std == pytest.approx([pixels.std().item()], rel=1e-9)
+    everything = torch.cat([data.train_x, data.val_x, data.test_x]).double() / 255
+    assert data.mean[0] != everything.mean().item()
+
+
+def test_digits_image_size_resizes_every_split():
+    data = load_data(DataConfig(image_size=16))
+    assert data.train_x.shape[1:] == data.val_x.shape[1:] == data.test_x.shape[1:] == (1, 16, 16)
+    assert data.train_x.dtype == torch.uint8 and data.preprocessing()["image_size"] == 16
+
+
+def test_subset_keeps_a_stratified_sample_of_training_images(digits_data):
+    data = load_data(DataConfig(subset=200))
+    assert abs(len(data.train_y) - 200) <= 10
+    assert (data.train_y.bincount(minlength=10) >= 15).all()
+    assert rows(data.train_x) <= rows(digits_data.train_x)  # a sample of the same train split
+    # val and test are the ones without a subset, so studies at different subset sizes compare fairly
+    assert torch.equal(data.val_x, digits_data.val_x) and torch.equal(data.test_x, digits_data.test_x)
+    pixels = data.train_x.double() / 255
+    assert data.mean == pytest.approx([pixels.mean().item()])
+
+
+def test_unknown_dataset_is_rejected():
+    with pytest.raises(UsageError, match="unknown dataset 'mnist'.*digits, cifar10, imagefolder"):
+        load_data(DataConfig(dataset="mnist"))
+
+
+@pytest.mark.parametrize("val,test", [(0.5, 0.5), (1.0, 0.0), (-0.1, 0.1)])
+def test_bad_fractions_are_rejected(val, test):
+    with pytest.raises(UsageError, match="val_fraction"):
+        load_data(DataConfig(val_fraction=val, test_fraction=test))
+
+
+def test_channel_stats_clamps_a_constant_channel():
+    mean, std = channel_stats(torch.full((2, 3, 4, 4), 51, dtype=torch.uint8))
+    assert mean == pytest.approx([0.2] * 3) and min(std) > 0
+
+
+def test_resize_center_crop_makes_a_square():
+    x = torch.zeros(2, 3, 10, 20, dtype=torch.uint8)
+    x[..., 5:15] = 255  # the centre square of the wide image
+    out = resize_center_crop(x, 6)
+    assert out.shape == (2, 3, 6, 6) and out.dtype == torch.uint8
+    assert (out[..., 1:5] == 255).all() and out.float().mean() > 200  # antialiasing softens only the edge columns
+
+
+# ----- CIFAR-10, written in the real python-pickle format -----
+
+
+def write_cifar(root: Path, batches: int = 2, per_batch: int = 30, test: int = 20) -> Path:
+    """A cifar-10-batches-py folder; pixel 0 of each image holds a marker (1 train, 2 test), pixels 1-2 its id."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(count: int, marker: int, first_id: int, label: bytes) -> dict:
+        data = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
+        ids = np.arange(first_id, first_id + count)
+        data[:, 0], data[:, 1], data[:, 2] = marker, ids // 256, ids % 256
+        labels = [int(i % 10) for i in range(count)]
+        return {b"batch_label": label, b"labels": labels, b"data": data,
+                b"filenames": [f"image_{i}.png".encode() for i in ids]}
+
+    for index in range(1, batches + 1):
+        with open(folder / f"data_batch_{index}", "wb") as handle:
+            pickle.dump(batch(per_batch, 1, index * 1000, b"training batch"), handle, protocol=2)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump(batch(test, 2, 0, b"testing batch 1 of 1"), handle, protocol=2)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"num_cases_per_batch": per_batch, b"label_names": [n.encode() for n in CIFAR_NAMES],
+                     b"num_vis": 3072}, handle, protocol=2)
+    return folder
+
+
+@pytest.mark.parametrize("point_at", ["parent", "folder"])
+def test_cifar10_batches_load_with_the_official_test_split(tmp_path, point_at):
+    folder = write_cifar(tmp_path)
+    root = tmp_path if point_at == "parent" else folder
+    data = load_data(DataConfig(dataset="cifar10", root=str(root), val_fraction=0.2, test_fraction=0.4))
+    assert data.class_names == CIFAR_NAMES
+    assert data.channels == 3 and data.image_size == 32 and data.train_x.dtype == torch.uint8
+    # The official test batch is the test split, whole and in order; test_fraction does not apply.
+    with open(folder / "test_batch", "rb") as handle:
+        official = pickle.load(handle, encoding="bytes")
+    assert torch.equal(data.test_x, torch.from_numpy(official[b"data"].reshape(-1, 3, 32, 32)))
+    assert data.test_y.tolist() == official[b"labels"]
+    # val is carved from the 60 training images, stratified: 6 per class, 20% of each -> 1.
+    assert len(data.val_y) == 10 and sorted(data.val_y.tolist()) == list(range(10))
+    assert len(data.train_y) == 50
+    assert (data.train_x[:, 0, 0, 0] == 1).all() and (data.val_x[:, 0, 0, 0] == 1).all()
+    ids = [tuple(image[0, 0, 1:3].tolist()) for image in torch.cat([data.train_x, data.val_x])]
+    assert len(set(ids)) == 60  # disjoint and complete
+    # A label stays with its image: image id i was written with label i % 10.
+    for image, label in zip(data.train_x, data.train_y):
+        assert (int(image[0, 0, 1]) * 256 + int(image[0, 0, 2])) % 10 == int(label)
+    pixels = data.train_x.transpose(0, 1).reshape(3, -1).double() / 255
+    assert data.mean == pytest.approx(pixels.mean(dim=1).tolist())
+
+
+def test_cifar10_missing_folder_names_it(tmp_path):
+    root = tmp_path / "nowhere"
+    with pytest.raises(UsageError) as caught:
+        load_data(DataConfig(dataset="cifar10", root=str(root)))
+    message = str(caught.value)
+    assert str(root / "cifar-10-batches-py") in message and "data.root" in message
+
+
+def test_cifar10_without_batches_is_rejected(tmp_path):
+    folder = write_cifar(tmp_path)
+    for path in folder.glob("data_batch_*"):
+        path.unlink()
+    with pytest.raises(UsageError, match="data_batch_"):
+        load_data(DataConfig(dataset="cifar10", root=str(tmp_path)))
+
+
+def test_cifar10_corrupt_batch_names_the_file(tmp_path):
+    folder = write_cifar(tmp_path)
+    (folder / "data_batch_2").write_bytes(b"not a pickle")
+    with pytest.raises(UsageError, match="data_batch_2"):
+        load_data(DataConfig(dataset="cifar10", root=str(tmp_path)))
+
+
+# ----- image folders, written with PIL -----
+
+
+def save(path: Path, mode: str, size: tuple[int, int], value: int = 128) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "P":
+        image = Image.new("RGB", size, (value, 0, 255 - value)).convert("P", palette=Image.Palette.ADAPTIVE)
+    elif mode == "RGBA":
+        image = Image.new("RGBA", size, (value, value, value, 0))  # fully transparent
+    elif mode == "L":
+        image = Image.new("L", size, value)
+    else:
+        image = Image.new(mode, size, (value,) * len(mode))
+    image.save(path)
+
+
+def write_flat_folder(root: Path, modes=("L", "RGB", "RGBA", "P"), per_class: int = 6) -> Path:
+    sizes = [(12, 12), (20, 14), (9, 17), (40, 40)]
+    for name in ("cat", "dog"):
+        for index in range(per_class):
+            save(root / name / f"{index}.png", modes[index % len(modes)], sizes[index % len(sizes)], 40 * index)
+    return root
+
+
+def test_flat_image_folder_mixed_sizes_and_modes(tmp_path):
+    root = write_flat_folder(tmp_path / "pets", per_class=8)
+    (root / "cat" / "notes.txt").write_text("not an image, ignored")
+    data = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=10, val_fraction=0.25,
+                                test_fraction=0.25))
+    assert data.class_names == ["cat", "dog"]
+    assert data.channels == 3  # one RGB image makes the set RGB
+    for x in (data.train_x, data.val_x, data.test_x):
+        assert x.shape[1:] == (3, 10, 10) and x.dtype == torch.uint8
+    assert len(data.train_y) + len(data.val_y) + len(data.test_y) == 16
+    assert data.val_y.bincount().tolist() == [2, 2] and data.test_y.bincount().tolist() == [2, 2]
+    every = torch.cat([data.train_x, data.val_x, data.test_x])
+    assert (every == 255).all(dim=(1, 2, 3)).sum() == 4  # the transparent RGBA images, flattened on white
+
+
+def test_image_folder_default_size_is_64(tmp_path):
+    root = write_flat_folder(tmp_path / "pets")
+    data = load_data(DataConfig(dataset="imagefolder", root=str(root)))
+    assert data.train_x.shape[1:] == (3, 64, 64)
+
+
+def test_grayscale_image_folder_has_one_channel(tmp_path):
+    root = write_flat_folder(tmp_path / "pets", modes=("L",))
+    data = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8))
+    assert data.channels == 1 and data.train_x.shape[1:] == (1, 8, 8)
+
+
+def write_presplit(root: Path, val_name: str = "val", with_test: bool = True) -> dict[str, int]:
+    """train/, val/ (or valid/), test/ of two classes; each split has its own pixel value."""
+    values = {"train": 20, val_name: 150}
+    if with_test:
+        values["test"] = 250
+    counts = {"train": 6, val_name: 3, "test": 2}
+    for split, value in values.items():
+        for name in ("a", "b"):
+            for index in range(counts[split]):
+                save(root / split / name / f"{index}.png", "L", (6 + index, 8), value)
+    return values
+
+
+@pytest.mark.parametrize("val_name", ["val", "valid"])
+def test_presplit_image_folder_keeps_its_splits(tmp_path, val_name):
+    values = write_presplit(tmp_path / "set", val_name)
+    data = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "set"), image_size=4))
+    assert data.class_names == ["a", "b"]
+    assert len(data.train_y) == 12 and len(data.val_y) == 6 and len(data.test_y) == 4
+    assert (data.train_x == values["train"]).all()
+    assert (data.val_x == values[val_name]).all()
+    assert (data.test_x == values["test"]).all()
+    assert data.mean == pytest.approx([20 / 255])  # train pixels only; val and test are much brighter
+
+
+def test_presplit_without_test_carves_test_from_train(tmp_path):
+    write_presplit(tmp_path / "set", with_test=False)
+    data = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "set"), image_size=4, test_fraction=0.34))
+    assert len(data.val_y) == 6 and (data.val_x == 150).all()
+    assert len(data.test_y) == 4 and (data.test_x == 20).all() and len(data.train_y) == 8
+
+
+def test_corrupt_image_is_reported_with_its_path(tmp_path):
+    root = write_flat_folder(tmp_path / "pets")
+    bad = root / "dog" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(UsageError) as caught:
+        load_data(DataConfig(dataset="imagefolder", root=str(root)))
+    assert str(bad) in str(caught.value) and "cannot read image" in str(caught.value)
+
+
+def test_truncated_image_is_reported_with_its_path(tmp_path):
+    root = write_flat_folder(tmp_path / "pets")
+    source = root / "cat" / "3.png"
+    truncated = root / "cat" / "truncated.png"
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noisy.save(source)
+    truncated.write_bytes(source.read_bytes()[:2000])
+    with pytest.raises(UsageError) as caught:
+        load_data(DataConfig(dataset="imagefolder", root=str(root)))
+    assert str(truncated) in str(caught.value)
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    root = write_flat_folder(tmp_path / "pets")
+    (root / "bird").mkdir()
+    with pytest.raises(UsageError) as caught:
+        load_data(DataConfig(dataset="imagefolder", root=str(root)))
+    assert str(root / "bird") in str(caught.value) and "no images" in str(caught.value)
+
+
+def test_one_class_is_an_error(tmp_path):
+    save(tmp_path / "only" / "a" / "0.png", "L", (4, 4))
+    with pytest.raises(UsageError, match="at least two"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "only")))
+
+
+@pytest.mark.parametrize("root", ["", "missing"])
+def test_missing_image_folder_is_an_error(tmp_path, root):
+    with pytest.raises(UsageError, match="image folder .* not found.*data.root"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / root) if root else ""))
+
+
+def test_image_folder_subset(tmp_path):
+    root = write_flat_folder(tmp_path / "pets", modes=("L",), per_class=20)
+    config = DataConfig(dataset="imagefolder", root=str(root), image_size=4, val_fraction=0.2, test_fraction=0.2)
+    full = load_data(config)
+    small = load_data(dataclasses.replace(config, subset=10))
+    assert len(full.train_y) == 24 and len(small.train_y) == 10
+    assert small.train_y.bincount().tolist() == [5, 5]

@@ -1,0 +1,136 @@
+"""The CNN: every registered choice builds and trains a step; sizes are computed, not assumed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from cnnopt.config import TrainConfig
+from cnnopt.errors import UsageError
+from cnnopt.model import ACTIVATIONS, CNN, INITS, PADDING_MODES, POOLS, block_channels, build_model, feature_sizes
+
+TINY = TrainConfig(channels=4, head_width=8, dropout=0.1, head_dropout=0.1)  # the deliberately tiny variant
+
+
+def step(config: TrainConfig, channels: int = 3, side: int = 8, classes: int = 5) -> CNN:
+    """Build the model, run one forward and backward pass in train mode, return it."""
+    torch.manual_seed(0)
+    model = CNN(config, channels, side, classes)
+    x = torch.randn(4, channels, side, side)
+    logits = model(x)
+    assert logits.shape == (4, classes)
+    nn.functional.cross_entropy(logits, torch.arange(4) % classes).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+    return model
+
+
+VARIANTS = ([{"activation": name} for name in ACTIVATIONS] + [{"pool": name} for name in POOLS]
+            + [{"padding_mode": name} for name in PADDING_MODES] + [{"init": name} for name in INITS]
+            + [{"batch_norm": False}, {"batch_norm": True}]
+            + [{"convs_per_block": n} for n in (1, 2, 3)]
+            + [{"head_layers": n, "head_batch_norm": bn} for n in (0, 1, 2) for bn in (False, True)]
+            + [{"kernel_size": 5}, {"kernel_size": 2}, {"growth": 1.5, "blocks": 3}, {"dropout": 0.0, "head_dropout": 0.0}])
+
+
+@pytest.mark.parametrize("settings", VARIANTS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_every_variant_trains_a_step(settings):
+    config = dataclasses.replace(TINY, **settings)
+    model = step(config)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 8, 8)).shape == (1, 5)  # eval mode takes a single image, even with BatchNorm
+
+
+def test_the_lessons_cnn_structure():
+    model = CNN(TrainConfig(), 1, 8, 10)
+    kinds = [type(layer) for layer in model.features]
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Dropout2d] * 2
+    convs = [layer for layer in model.features if isinstance(layer, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64] and all(c.bias is None for c in convs)  # BN makes a bias redundant
+    linears = [layer for layer in model.head if isinstance(layer, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(64 * 2 * 2, 128), (128, 10)]
+
+
+def test_options_change_the_layers():
+    config = dataclasses.replace(TINY, activation="gelu", pool="avg", padding_mode="reflect", batch_norm=False,
+                                 convs_per_block=2, head_layers=2, head_batch_norm=True, dropout=0.0)
+    model = CNN(config, 3, 8, 5)
+    kinds = [type(layer) for layer in model.features]
+    assert kinds == [nn.Conv2d, nn.GELU, nn.Conv2d, nn.GELU, nn.AvgPool2d] * 2
+    assert all(c.padding_mode == "reflect" and c.bias is not None for c in model.features if isinstance(c, nn.Conv2d))
+    assert sum(isinstance(layer, nn.BatchNorm1d) for layer in model.head) == 2
+    assert sum(isinstance(layer, nn.Linear) for layer in model.head) == 3
+
+
+@pytest.mark.parametrize("side", [4, 8, 9, 16, 31, 32])
+def test_flatten_size_is_computed_for_any_image_size(side):
+    config = dataclasses.replace(TINY, blocks=2)
+    model = step(config, channels=1, side=side)
+    first = next(layer for layer in model.head if isinstance(layer, nn.Linear))
+    assert first.in_features == block_channels(config)[-1] * (side // 4) ** 2
+
+
+def test_feature_sizes_follow_same_padding_and_pooling():
+    assert feature_sizes(TrainConfig(blocks=3), 32) == [16, 8, 4]
+    assert feature_sizes(TrainConfig(blocks=2, kernel_size=2), 9) == [5, 3]  # an even kernel grows the side by one
+
+
+@pytest.mark.parametrize("blocks,side,block", [(4, 8, 4), (3, 4, 3), (1, 1, 1)])
+def test_a_vanishing_feature_map_names_the_block(blocks, side, block):
+    with pytest.raises(UsageError) as caught:
+        CNN(dataclasses.replace(TINY, blocks=blocks), 1, side, 10)
+    message = str(caught.value)
+    assert f"conv block {block} of {blocks}" in message and f"{side}x{side}" in message
+    assert "train.blocks" in message and "data.image_size" in message
+
+
+@pytest.mark.parametrize("name,value", [("activation", "tanh"), ("pool", "min"), ("padding_mode", "mirror"),
+                                        ("init", "orthogonal")])
+def test_unknown_choice_is_a_usage_error(name, value):
+    with pytest.raises(UsageError, match=f"train.{name} = '{value}' is not one of"):
+        CNN(dataclasses.replace(TINY, **{name: value}), 1, 8, 10)
+
+
+@pytest.mark.parametrize("name", ["blocks", "convs_per_block", "channels", "kernel_size"])
+def test_sizes_below_one_are_rejected(name):
+    with pytest.raises(UsageError, match=f"train.{name} must be at least 1"):
+        CNN(dataclasses.replace(TINY, **{name: 0}), 1, 8, 10)
+
+
+def test_num_parameters_counts_every_weight():
+    config = dataclasses.replace(TINY, blocks=1, channels=2, batch_norm=True, head_layers=1, head_width=3)
+    model = CNN(config, 1, 4, 5)
+    conv = 2 * 1 * 3 * 3  # no bias under BatchNorm
+    batch_norm = 2 + 2
+    head = (2 * 2 * 2) * 3 + 3 + 3 * 5 + 5
+    assert model.num_parameters == conv + batch_norm + head == sum(p.numel() for p in model.parameters())
+
+
+def test_channels_grow_per_block():
+    assert block_channels(TrainConfig(blocks=3, channels=16, growth=2.0)) == [16, 32, 64]
+    assert block_channels(TrainConfig(blocks=3, channels=10, growth=1.5)) == [10, 15, 22]
+
+
+@pytest.mark.parametrize("scheme", ["kaiming", "xavier"])
+def test_init_changes_weights_and_zeros_biases(scheme):
+    config = dataclasses.replace(TINY, batch_norm=False)
+    torch.manual_seed(0)
+    default = CNN(config, 1, 8, 10)
+    torch.manual_seed(0)
+    initialised = CNN(dataclasses.replace(config, init=scheme), 1, 8, 10)
+    for (name, before), after in zip(default.named_parameters(), initialised.parameters()):
+        if name.endswith("bias"):
+            assert (after == 0).all(), name
+        else:
+            assert not torch.equal(before, after), name
+
+
+def test_build_model_reads_the_preprocessing():
+    model = build_model(TINY, {"channels": 3, "image_size": 16, "class_names": list("abc"), "mean": [0] * 3,
+                               "std": [1] * 3})
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)

@@ -1,0 +1,157 @@
+"""The training objective on the real digits data: it learns, reports, diverges loudly and repeats itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from cnnopt.config import TrainConfig, load_experiment
+from cnnopt.errors import UsageError
+from cnnopt.objective import OPTIMIZERS, SCHEDULES, TrainResult, is_better, train
+
+REPORTED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second")
+DIGITS = dataclasses.replace(load_experiment().train, device="cpu")  # the default experiment's settings
+QUICK = dataclasses.replace(DIGITS, epochs=1)  # for checks that only need it to run (~0.1 s an epoch)
+
+
+def run(config: TrainConfig, data, **kwargs) -> tuple[TrainResult, list[tuple[int, dict]]]:
+    reports: list[tuple[int, dict]] = []
+    result = train(config, data, lambda epoch, metrics: reports.append((epoch, dict(metrics))), **kwargs)
+    return result, reports
+
+
+def test_a_short_digits_run_learns(digits_data):
+    result, reports = run(dataclasses.replace(DIGITS, epochs=6), digits_data)
+    assert result.status == "completed" and result.epochs_run == 6
+    assert result.best_metrics["val_accuracy"] > 0.9  # chance is 0.1
+    assert reports[-1][1]["train_loss"] < reports[0][1]["train_loss"]
+    assert result.best_epoch == 1 + max(range(6), key=lambda i: (reports[i][1]["val_accuracy"], -i))
+    assert result.best_metrics == reports[result.best_epoch - 1][1]
+    assert result.history == [metrics for _, metrics in reports]
+    assert result.num_parameters > 0 and result.state_dict is not None
+    assert all(tensor.device.type == "cpu" for tensor in result.state_dict.values())
+
+
+def test_report_gets_every_metric_every_epoch(digits_data):
+    result, reports = run(dataclasses.replace(QUICK, epochs=3), digits_data)
+    assert [epoch for epoch, _ in reports] == [1, 2, 3]
+    for _, metrics in reports:
+        assert set(metrics) == set(REPORTED)  # no 'diverged' key on a healthy epoch
+        assert all(isinstance(value, float) and math.isfinite(value) for value in metrics.values())
+        assert 0 <= metrics["train_accuracy"] <= 1 and 0 <= metrics["val_accuracy"] <= 1
+        assert metrics["epoch_seconds"] > 0 and metrics["images_per_second"] > 0
+    assert len(result.history) == 3
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_trains(digits_data, optimizer):
+    lr = 0.05 if optimizer == "sgd" else 0.003
+    result, reports = run(dataclasses.replace(QUICK, epochs=2, optimizer=optimizer, lr=lr), digits_data)
+    assert result.status == "completed" and len(reports) == 2
+    assert result.best_metrics["val_accuracy"] > 0.6  # chance is 0.1
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_lr_schedule_trains(digits_data, schedule):
+    config = dataclasses.replace(QUICK, epochs=2, lr_schedule=schedule, step_size=1, gamma=0.5)
+    result, reports = run(config, digits_data)
+    assert result.status == "completed" and len(reports) == 2
+    lrs = [metrics["lr"] for _, metrics in reports]  # the rate each epoch trained at (its last batch, for onecycle)
+    if schedule in ("none", "step", "cosine"):
+        assert lrs[0] == config.lr
+    if schedule == "none":
+        assert lrs[1] == config.lr
+    elif schedule == "step":
+        assert lrs[1] == pytest.approx(config.lr * 0.5)
+    else:
+        assert lrs[1] < lrs[0] <= config.lr
+
+
+def test_a_diverging_lr_is_stopped_and_reported(digits_data):
+    config = dataclasses.replace(QUICK, epochs=5, lr=1e6, lr_schedule="none", batch_norm=False)
+    result, reports = run(config, digits_data)
+    assert result.status == "diverged"
+    assert result.epochs_run == len(reports) < 5  # stopped at the epoch that diverged
+    epoch, metrics = reports[-1]
+    assert metrics["diverged"] == 1.0
+    assert not math.isfinite(metrics["train_loss"]) or not math.isfinite(metrics["val_loss"])
+    assert result.best_epoch < epoch  # a diverged epoch is never the best
+
+
+def test_same_seed_same_metrics(digits_data):
+    config = dataclasses.replace(QUICK, epochs=2, crop_padding=1, flip=True, dropout=0.2)
+    first, _ = run(config, digits_data)
+    second, _ = run(config, digits_data)
+    strip = lambda history: [{k: v for k, v in m.items() if k not in ("epoch_seconds", "images_per_second")}
+                             for m in history]
+    assert strip(first.history) == strip(second.history)
+    for name, tensor in first.state_dict.items():
+        assert torch.equal(tensor, second.state_dict[name]), name
+    other, _ = run(dataclasses.replace(config, seed=1), digits_data)
+    assert strip(other.history) != strip(first.history)
+
+
+def test_bf16_runs_on_the_cpu(digits_data):
+    result, reports = run(dataclasses.replace(QUICK, epochs=2, bf16=True, device="cpu"), digits_data)
+    assert result.status == "completed"
+    assert all(math.isfinite(metrics["val_loss"]) for _, metrics in reports)
+    assert result.best_metrics["val_accuracy"] > 0.3
+    assert all(tensor.dtype != torch.bfloat16 for tensor in result.state_dict.values())  # weights stay fp32
+
+
+def test_the_test_split_is_never_read(digits_data):
+    blind = dataclasses.replace(digits_data, test_x=torch.empty(0), test_y=torch.empty(0))
+    result, _ = run(dataclasses.replace(QUICK, epochs=2), blind)
+    reference, _ = run(dataclasses.replace(QUICK, epochs=2), digits_data)
+    assert result.best_metrics["val_accuracy"] == reference.best_metrics["val_accuracy"]
+
+
+def test_metric_and_mode_choose_the_best_epoch(digits_data):
+    result, reports = run(dataclasses.replace(QUICK, epochs=3), digits_data, metric="val_loss", mode="min")
+    losses = [metrics["val_loss"] for _, metrics in reports]
+    assert result.best_epoch == 1 + losses.index(min(losses))
+
+
+def test_on_improve_is_called_before_the_report(digits_data):
+    events = []
+    train(dataclasses.replace(QUICK, epochs=2), digits_data, lambda epoch, _: events.append(("report", epoch)),
+          on_improve=lambda epoch, state: events.append(("improve", epoch, isinstance(state, dict))))
+    assert events[0] == ("improve", 1, True) and events[1] == ("report", 1)
+
+
+def test_augmentation_and_every_option_together(digits_data):
+    config = dataclasses.replace(QUICK, epochs=1, flip=True, crop_padding=1, affine_degrees=10.0,
+                                 jitter_brightness=0.2, randaugment_ops=1, label_smoothing=0.1,
+                                 head_batch_norm=True, channels_last=False, batch_size=100)
+    result, _ = run(config, digits_data)
+    assert result.status == "completed"
+
+
+@pytest.mark.parametrize("settings,fragment", [
+    ({"optimizer": "rmsprop"}, "train.optimizer"),
+    ({"lr_schedule": "linear"}, "train.lr_schedule"),
+    ({"epochs": 0}, "train.epochs"),
+    ({"batch_size": 1}, "train.batch_size"),
+    ({"lr": 0.0}, "train.lr"),
+    ({"crop_padding": 1, "crop_padding_mode": "zeros"}, "train.crop_padding_mode"),
+    ({"crop_padding": 8, "crop_padding_mode": "reflect"}, "train.crop_padding"),
+])
+def test_bad_settings_are_usage_errors(digits_data, settings, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        train(dataclasses.replace(QUICK, **settings), digits_data)
+
+
+def test_unavailable_cuda_is_a_usage_error(digits_data):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        train(dataclasses.replace(QUICK, device="cuda"), digits_data)
+
+
+def test_is_better():
+    assert is_better(0.5, None, "max") and not is_better(float("nan"), None, "max")
+    assert is_better(0.6, 0.5, "max") and not is_better(0.6, 0.5, "min")
+    assert not is_better(float("nan"), 0.5, "max") and not is_better(float("nan"), 0.5, "min")

@@ -1,0 +1,157 @@
+"""Promotion: one test evaluation, verified exports, the registry's champion alias, and the predict command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from cnnopt import promote as promote_module
+from cnnopt import search, tracking
+from cnnopt.config import TrainConfig, load_experiment
+from cnnopt.errors import UsageError
+from cnnopt.export import export, verify
+from cnnopt.model import build_model
+from cnnopt.objective import train
+from cnnopt.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def trained(digits_data):
+    """A digits model trained for 3 epochs, and its Predictor."""
+    config = TrainConfig(epochs=3)
+    result = train(config, digits_data)
+    model = build_model(config, digits_data.preprocessing())
+    model.load_state_dict(result.state_dict)
+    return model.eval(), Predictor(model, digits_data.preprocessing()).eval()
+
+
+def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypatch, capsys):
+    calls = []
+    real = promote_module.evaluate_test
+    monkeypatch.setattr(promote_module, "evaluate_test", lambda *a: calls.append(1) or real(*a))
+    assert search.main(["--strategy", "random", "--trials", "2", "--name", "p", "--set", "train.epochs=2"]) == 0
+    assert len(calls) == 1, "the test split is evaluated once, for the promoted trial only"
+    client = MlflowClient(tracking_uri=mlflow_store)
+    experiment_id = client.get_experiment_by_name("digits").experiment_id
+    trials = client.search_runs([experiment_id], "tags.`cnnopt.kind` = 'trial'")
+    best = max(trials, key=lambda r: r.data.metrics["best_val_accuracy"])
+    assert "test_accuracy" in best.data.metrics and "test_accuracy_class_3" in best.data.metrics
+    assert [r for r in trials if "test_accuracy" in r.data.metrics] == [best] or len(trials) == 1
+    artifacts = {a.path for a in client.list_artifacts(best.info.run_id, "exported")}
+    assert {f"exported/{n}" for n in ("model.pt", "model.pt2", "class_names.json", "input_spec.json",
+                                       "model_card.md")} <= artifacts
+    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(best.info.run_id)}
+    champion = client.get_model_version_by_alias("digits", "champion")
+    assert champion.run_id == best.info.run_id
+    parent = client.get_run(best.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["promoted_run_id"] == best.info.run_id
+    assert parent.data.metrics["promoted_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
+    output = capsys.readouterr().out
+    assert "alias 'champion' now points to it" in output
+
+
+def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_path):
+    _, predictor = trained
+    files = export(predictor, tmp_path, digits_data.test_x[:64])
+    assert max(files["max_difference"].values()) <= 1e-5
+    broken = Predictor(build_model(TrainConfig(epochs=3), digits_data.preprocessing()), digits_data.preprocessing())
+    with pytest.raises(UsageError, match="refusing the export"):
+        verify(broken.eval(), tmp_path / "model.pt", tmp_path / "model.pt2", digits_data.test_x[:64])
+
+
+def test_predictor_takes_other_sizes_and_modes(trained, digits_data):
+    model, predictor = trained
+    x = digits_data.test_x[:8]
+    with torch.no_grad():
+        direct = torch.softmax(model((x.float() / 255 - predictor.mean) / predictor.std), 1)
+        assert torch.allclose(predictor(x), direct, atol=1e-6)
+        rgb = x.expand(-1, 3, -1, -1)  # gray digits as RGB: converted back to gray exactly
+        assert torch.allclose(predictor(rgb), direct, atol=1e-5)
+        rgba = torch.cat([rgb, torch.full_like(x, 255)], 1)  # opaque alpha changes nothing
+        assert torch.allclose(predictor(rgba), direct, atol=1e-5)
+        for size in ((16, 16), (20, 31), (40, 12)):
+            big = torch.nn.functional.interpolate(x.float(), size=size).round().to(torch.uint8)
+            probabilities = predictor(big)
+            assert probabilities.shape == (8, 10)
+            assert torch.allclose(probabilities.sum(1), torch.ones(8), atol=1e-5)
+
+
+def test_champion_moves_only_on_better_or_equal_test_accuracy(trained, digits_data, mlflow_store, tmp_path):
+    _, predictor = trained
+    export(predictor, tmp_path / "model", digits_data.test_x[:16])
+    experiment = load_experiment(None, ["name=champions"])
+    client = tracking.make_client()
+    run_id = tracking.start_run(client, experiment, "r")
+    first = promote_module.register(experiment, run_id, tmp_path / "model", 0.90)
+    worse = promote_module.register(experiment, run_id, tmp_path / "model", 0.80)
+    equal = promote_module.register(experiment, run_id, tmp_path / "model", 0.90)
+    assert first == ("1", True, None)
+    assert worse == ("2", False, "1")
+    assert equal == ("3", True, "1")
+    assert str(client.get_model_version_by_alias("champions", "champion").version) == "3"
+
+
+def write_digits(data, folder, count=6):
+    folder.mkdir()
+    paths = []
+    for i in range(count):
+        path = folder / f"digit{i}.png"
+        Image.fromarray(data.test_x[i, 0].numpy()).save(path)
+        paths.append(path)
+    return paths
+
+
+def run_predict(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cnnopt.predict", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_predict_prints_the_models_top_classes(trained, digits_data, tmp_path):
+    _, predictor = trained
+    export(predictor, tmp_path / "model", digits_data.test_x[:16])
+    paths = write_digits(digits_data, tmp_path / "images")
+    with torch.no_grad():
+        expected = predictor(digits_data.test_x[:6]).argmax(1).tolist()
+    for model_file in ("model.pt", "model.pt2"):
+        done = run_predict(tmp_path / "model" / model_file, tmp_path / "images", "--top-k", "2")
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.strip().splitlines()
+        assert len(lines) == 6
+        predicted = [int(line.split(": ")[1].split()[0]) for line in lines]
+        assert predicted == expected
+        assert all(len(line.split(": ")[1].split()) == 4 for line in lines)  # two classes, two probabilities
+
+
+def test_predict_from_the_registry(trained, digits_data, mlflow_store, tmp_path):
+    _, predictor = trained
+    export(predictor, tmp_path / "model", digits_data.test_x[:16])
+    experiment = load_experiment(None, ["name=registry"])
+    client = tracking.make_client()
+    promote_module.register(experiment, tracking.start_run(client, experiment, "r"), tmp_path / "model", 0.9)
+    paths = write_digits(digits_data, tmp_path / "images", count=2)
+    done = run_predict("models:/registry@champion", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 2
+
+
+def test_predict_bad_inputs_are_one_clear_line(trained, digits_data, tmp_path):
+    _, predictor = trained
+    export(predictor, tmp_path / "model", digits_data.test_x[:16])
+    image = write_digits(digits_data, tmp_path / "images", count=1)[0]
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00not a model at all")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt")
+    (tmp_path / "broken.png").write_bytes(b"PNG? no")
+    cases = [((tmp_path / "corrupt.pt", image), "not a model.pt"),
+             ((tmp_path / "state.pt", image), "is not a model cnnopt exported"),
+             ((tmp_path / "model" / "model.pt", tmp_path / "broken.png"), "cannot read image"),
+             ((tmp_path / "model" / "model.pt", tmp_path / "missing.png"), "not found")]
+    for args, message in cases:
+        done = run_predict(*args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

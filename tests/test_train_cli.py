@@ -1,0 +1,150 @@
+"""`python -m cnnopt.train`: one MLflow run that holds everything needed to reproduce it; errors for people."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from cnnopt import train as train_cli
+from cnnopt.checkpoint import load_checkpoint
+from cnnopt.cli import run
+from cnnopt.config import DEFAULT_EXPERIMENT, TrainConfig, load_experiment
+
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second")
+FAST = ["--set", "train.epochs=2", "--set", "train.device=cpu"]
+
+
+def only_run(uri: str, experiment: str = "digits"):
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def write_image_folder(root: Path, classes=("circle", "square"), per_class: int = 8) -> Path:
+    for label, name in enumerate(classes):
+        for index in range(per_class):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (10 + index, 10), 60 + 120 * label + index).save(root / name / f"{index}.png")
+    return root
+
+
+def test_train_records_one_reproducible_run(mlflow_store, tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        run(train_cli.main, FAST + ["--run-name", "smoke"])
+    assert caught.value.code == 0
+    assert "completed: 2 epochs" in capsys.readouterr().out
+    client, found = only_run(mlflow_store)
+    assert found.info.status == "FINISHED" and found.info.run_name == "smoke"
+    assert found.data.tags["status"] == "completed" and found.data.tags["cnnopt.kind"] == "train"
+
+    # Every hyperparameter as a param under its declared name, as the experiment set it.
+    params = found.data.params
+    experiment = load_experiment(DEFAULT_EXPERIMENT, ["train.epochs=2", "train.device=cpu"])
+    for field in dataclasses.fields(TrainConfig):
+        assert params[field.name] == str(getattr(experiment.train, field.name)), field.name
+    assert params["lr"] == "0.05" and params["batch_size"] == "64" and params["crop_padding"] == "1"
+    assert params["data.dataset"] == "digits" and params["metric"] == "val_accuracy" and params["mode"] == "max"
+
+    # Per-epoch metrics at step = epoch.
+    for key in EPOCH_METRICS:
+        history = client.get_metric_history(found.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+    val_accuracy = [m.value for m in sorted(client.get_metric_history(found.info.run_id, "val_accuracy"),
+                                            key=lambda m: m.step)]
+    metrics = found.data.metrics
+    assert metrics["best_val_accuracy"] == max(val_accuracy)
+    assert metrics["best_epoch"] == 1 + val_accuracy.index(max(val_accuracy))
+    assert {f"best_{key}" for key in EPOCH_METRICS} <= set(metrics)
+    assert metrics["num_parameters"] > 1000
+
+    # The experiment file and a checkpoint that rebuilds the best epoch's model.
+    artifacts = {item.path for folder in ("experiment", "checkpoint")
+                 for item in client.list_artifacts(found.info.run_id, folder)}
+    assert artifacts == {"experiment/digits.toml", "checkpoint/checkpoint.pt"}
+    stored = client.download_artifacts(found.info.run_id, "experiment/digits.toml", str(tmp_path))
+    assert Path(stored).read_text() == DEFAULT_EXPERIMENT.read_text()
+    path = client.download_artifacts(found.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path))
+    model, checkpoint = load_checkpoint(path)
+    assert model.num_parameters == metrics["num_parameters"]
+    assert checkpoint["epoch"] == metrics["best_epoch"] and checkpoint["config"] == experiment.train
+    assert checkpoint["metrics"]["val_accuracy"] == metrics["best_val_accuracy"]
+    assert checkpoint["preprocessing"]["class_names"] == [str(d) for d in range(10)]
+    assert not model.training
+    with torch.no_grad():
+        assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_a_diverged_run_fails_and_says_so(mlflow_store, capsys):
+    with pytest.raises(SystemExit) as caught:
+        run(train_cli.main, FAST + ["--set", "train.lr=1e6", "--set", "train.lr_schedule=none",
+                                    "--set", "train.batch_norm=false"])
+    assert caught.value.code == 1
+    assert "lower train.lr" in capsys.readouterr().out
+    client, found = only_run(mlflow_store)
+    assert found.info.status == "FAILED" and found.data.tags["status"] == "diverged"
+    assert found.data.metrics["diverged"] == 1.0
+
+
+def test_image_folder_end_to_end(mlflow_store, tmp_path):
+    root = write_image_folder(tmp_path / "shapes")
+    code = train_cli.main(FAST + ["--set", "name=shapes", "--set", "data.dataset=imagefolder",
+                                  "--set", f"data.root={root}", "--set", "data.image_size=8",
+                                  "--set", "train.batch_size=4", "--set", "data.val_fraction=0.25"])
+    assert code == 0
+    client, found = only_run(mlflow_store, "shapes")
+    assert found.info.status == "FINISHED"
+    assert found.data.params["data.dataset"] == "imagefolder" and found.data.params["data.root"] == str(root)
+    path = client.download_artifacts(found.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path))
+    model, checkpoint = load_checkpoint(path)
+    assert checkpoint["preprocessing"]["class_names"] == ["circle", "square"]
+    assert checkpoint["preprocessing"]["channels"] == 1 and checkpoint["preprocessing"]["image_size"] == 8
+
+
+def empty_class_folder(tmp_path: Path) -> str:
+    root = write_image_folder(tmp_path / "pets", per_class=2)
+    (root / "empty").mkdir()
+    return str(root)
+
+
+BAD_INPUTS = {
+    "unknown dataset": (lambda tmp: ["--set", "data.dataset=mnist"], "unknown dataset 'mnist'"),
+    "missing cifar root": (lambda tmp: ["--set", "data.dataset=cifar10", "--set", f"data.root={tmp / 'none'}"],
+                           "cifar-10-batches-py"),
+    "missing image root": (lambda tmp: ["--set", "data.dataset=imagefolder", "--set", f"data.root={tmp / 'none'}"],
+                           "image folder"),
+    "empty class folder": (lambda tmp: ["--set", "data.dataset=imagefolder", "--set",
+                                        f"data.root={empty_class_folder(tmp)}"], "empty holds no images"),
+    "unknown --set key": (lambda tmp: ["--set", "train.learning_rate=0.1"], "unknown key 'learning_rate'"),
+    "wrong-typed --set value": (lambda tmp: ["--set", "train.epochs=many"], "epochs must be int"),
+    "impossible architecture": (lambda tmp: ["--set", "train.blocks=4"], "conv block 4 of 4"),
+    "missing experiment file": (lambda tmp: ["--experiment", str(tmp / "none.toml")], "none.toml not found"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_code_2(mlflow_store, tmp_path, capsys, name):
+    make_args, fragment = BAD_INPUTS[name]
+    with pytest.raises(SystemExit) as caught:
+        run(train_cli.main, make_args(tmp_path))
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert fragment in err
+    assert not (tmp_path / "mlflow.db").exists()  # rejected before any MLflow run exists
+
+
+def test_module_rejects_bad_input_without_a_traceback(mlflow_store, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "cnnopt.train", "--set", "train.blocks=4"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: conv block 4 of 4") and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr + done.stdout
