@@ -73,7 +73,7 @@ class CNN(nn.Module):
             width = config.head_width
         head.append(nn.Linear(width, num_classes))
         self.head = nn.Sequential(*head)
-        initialize(self, config.init)
+        initialize(self, config.init, config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.flatten(self.features(x)))  # (N, C, H, W) -> (N, num_classes)
@@ -88,14 +88,16 @@ def build_model(config: TrainConfig, preprocessing: dict) -> CNN:
     return CNN(config, preprocessing["channels"], preprocessing["image_size"], len(preprocessing["class_names"]))
 
 
-def initialize(model: nn.Module, scheme: str) -> None:
+def initialize(model: nn.Module, scheme: str, activation: str = "relu") -> None:
     """Apply a weight-init scheme to every conv and linear layer; 'default' keeps PyTorch's."""
+    # Kaiming's gain: leaky_relu has its own; gelu, silu and elu are close enough to relu's.
+    nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"
     if scheme == "default":
         return
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if scheme == "kaiming":
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.kaiming_normal_(module.weight, nonlinearity=nonlinearity)
             else:
                 nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -112,3 +114,6 @@ def _check_choices(config: TrainConfig) -> None:
             raise UsageError(f"train.{name} must be at least 1, got {getattr(config, name)}")
     if config.head_layers < 0 or config.head_width < 1 or config.growth <= 0:
         raise UsageError("train.head_layers must be >= 0, train.head_width >= 1 and train.growth > 0")
+    for name in ("dropout", "head_dropout"):
+        if not 0 <= getattr(config, name) < 1:
+            raise UsageError(f"train.{name} must be in [0, 1), got {getattr(config, name)}")
