@@ -90,6 +90,12 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
 
     own_ray = _start_ray(options.address)
+    try:
+        check_resources(search)
+    except UsageError:
+        if own_ray:
+            ray.shutdown()
+        raise
     started = time.perf_counter()
     recorder = tracking.StudyRecorder(
         experiment, options.name,
@@ -173,6 +179,17 @@ def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, stor
                                   # Trials checkpoint only on a new best epoch, so the latest is the best.
                                   checkpoint_config=tune.CheckpointConfig()),
     )
+
+
+def check_resources(search: SearchConfig) -> None:
+    """A trial that asks for more than the cluster has would wait forever: say so now."""
+    available = ray.cluster_resources()
+    if search.gpus_per_trial > available.get("GPU", 0):
+        raise UsageError(f"each trial asks for {search.gpus_per_trial:g} GPU but the Ray cluster has "
+                         f"{available.get('GPU', 0):g}; pass --gpus-per-trial 0 to train on the CPU")
+    if search.cpus_per_trial > available.get("CPU", 0):
+        raise UsageError(f"each trial asks for {search.cpus_per_trial:g} CPUs but the Ray cluster has "
+                         f"{available.get('CPU', 0):g}; lower --cpus-per-trial")
 
 
 def concurrency(search: SearchConfig) -> int:

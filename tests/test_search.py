@@ -18,6 +18,7 @@ import search_spaces
 from cnnopt import search
 from cnnopt.analysis import best_so_far, load_trials
 from cnnopt.config import TrainConfig, load_experiment
+from cnnopt.errors import UsageError
 from cnnopt.model import build_model
 from cnnopt.searchers import STRATEGIES, PruneAwareOptunaSearch, make_searcher
 from cnnopt.study import StudyOptions, run_study
@@ -210,6 +211,14 @@ def test_bad_search_input_is_one_clear_line(tmp_path):
                               capture_output=True, text=True, timeout=120,
                               env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
         assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_asking_for_a_missing_gpu_is_an_error_not_a_hang(ray_session, mlflow_store):
+    if ray_session.cluster_resources().get("GPU"):
+        pytest.skip("reason: this Ray instance has a GPU")
+    experiment = load_experiment(None, ["search.gpus_per_trial=0.25", "search.trials=1"])
+    with pytest.raises(UsageError, match="--gpus-per-trial 0"):
+        run_study(experiment, StudyOptions(name="no-gpu"))
 
 
 def test_list_spaces(capsys):
