@@ -13,7 +13,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from cnnopt.config import TrainConfig
 
@@ -38,8 +37,11 @@ class BatchAugment:
         self.config = config
         self.normalize = normalize
         self.generator = torch.Generator(device=normalize.mean.device).manual_seed(seed)
-        self.randaugment = (v2.RandAugment(num_ops=config.randaugment_ops, magnitude=config.randaugment_magnitude)
-                            if config.randaugment_ops > 0 else None)
+        self.randaugment = None
+        if config.randaugment_ops > 0:
+            from torchvision.transforms import v2  # only when used: importing it costs ~1.5 s per Ray worker
+
+            self.randaugment = v2.RandAugment(num_ops=config.randaugment_ops, magnitude=config.randaugment_magnitude)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from cnnopt.config import DataConfig
 from cnnopt.errors import UsageError
@@ -90,6 +89,8 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the shorter side to `size` (antialiased) and centre-crop to `size` x `size`."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
+    from torchvision.transforms.v2 import functional as TF  # here, not at import: ~1.5 s of every Ray worker's start
+
     x = TF.resize(x, [size], antialias=True)
     return TF.center_crop(x, [size, size])
 

@@ -38,8 +38,18 @@ def make_client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
+_experiment_ids: dict[tuple[str, str], str] = {}
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of the MLflow experiment `name`, created if missing."""
+    """The id of the MLflow experiment `name`, created if missing (looked up once per store)."""
+    key = (client.tracking_uri, name)
+    if key not in _experiment_ids:
+        _experiment_ids[key] = _find_or_create_experiment(client, name)
+    return _experiment_ids[key]
+
+
+def _find_or_create_experiment(client: MlflowClient, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
@@ -59,15 +69,22 @@ def data_params(config: DataConfig) -> dict[str, str]:
 
 
 def log(client: MlflowClient, run_id: str, *, params: dict | None = None, metrics: dict | None = None,
-        step: int = 0, tags: dict | None = None) -> None:
-    """One batched write of params, metrics (at `step`) and tags."""
+        step: int = 0, tags: dict | None = None, wait: bool = True) -> None:
+    """One batched write of params, metrics (at `step`) and tags; `wait=False` queues it (see `flush`)."""
     now = int(time.time() * 1000)
     metric_list = [Metric(key, float(value), now, step) for key, value in (metrics or {}).items()]
     param_list = [Param(key, str(value)[:6000]) for key, value in (params or {}).items()]
     tag_list = [RunTag(key, str(value)) for key, value in (tags or {}).items()]
     for first in range(0, max(len(metric_list), len(param_list), len(tag_list), 1), 100):
         client.log_batch(run_id, metrics=metric_list[first:first + 100], params=param_list[first:first + 100],
-                         tags=tag_list[first:first + 100])
+                         tags=tag_list[first:first + 100], synchronous=wait)
+
+
+def flush() -> None:
+    """Wait until every queued write has reached the store."""
+    import mlflow
+
+    mlflow.flush_async_logging()
 
 
 def best_metrics(metrics: dict) -> dict[str, float]:
@@ -116,6 +133,7 @@ class StudyRecorder:
         self.parent_run_id: str | None = None
         self.children: dict[str, str] = {}  # trial_id -> child run id
         self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
+        self.closed: set[str] = set()  # child runs this session ended
         self.best: float | None = None
         self._client: MlflowClient | None = None
 
@@ -171,7 +189,9 @@ class StudyRecorder:
 
     def log_epoch(self, trial_id: str, epoch: int, result: dict, node: str | None = None) -> None:
         metrics = {key: result[key] for key in EPOCH_METRICS if key in result}
-        log(self.client, self.children[trial_id], metrics=metrics, step=epoch, tags={"node_id": node} if node else None)
+        # Queued, not awaited: Ray holds the trial inside tune.report until the driver's callbacks return.
+        log(self.client, self.children[trial_id], metrics=metrics, step=epoch, tags={"node_id": node} if node else None,
+            wait=False)
 
     def end_trial(self, trial_id: str, status: str, best: dict, *, checkpoint: str | None = None,
                   error: str | None = None) -> None:
@@ -188,13 +208,15 @@ class StudyRecorder:
             self.client.log_artifact(run_id, checkpoint, artifact_path="checkpoint")
         log(self.client, run_id, metrics=best_metrics(best), tags=tags)
         end_run(self.client, run_id, FAILED if status in ("failed", "diverged") else FINISHED)
+        self.closed.add(run_id)
         value = best.get(self.experiment.metric)
         if status != "failed" and value is not None and not math.isnan(value):
             better = self.best is None or (value > self.best if self.experiment.mode == "max" else value < self.best)
             if better:
                 self.best = value
-        if self.best is not None:
-            log(self.client, self.parent_run_id, metrics={f"best_{self.experiment.metric}": self.best}, step=number)
+        if self.best is not None:  # one point per trial: the best-so-far curve
+            log(self.client, self.parent_run_id, metrics={f"best_{self.experiment.metric}": self.best}, step=number,
+                wait=False)
 
     def trial_runs(self) -> list:
         """The study's child runs, oldest first."""
@@ -202,8 +224,9 @@ class StudyRecorder:
 
     def kill_unfinished(self) -> None:
         """End any child left running (a trial cut short by an interrupt) as KILLED."""
+        flush()
         for run_id in self.children.values():
-            if self.client.get_run(run_id).info.status == "RUNNING":
+            if run_id not in self.closed and self.client.get_run(run_id).info.status == "RUNNING":
                 log(self.client, run_id, tags={"status": "interrupted"})
                 end_run(self.client, run_id, KILLED)
 

@@ -24,7 +24,7 @@ def test_fractional_gpu_trials_share_one_gpu(mlflow_store):
     import ray
 
     ray.shutdown()  # this test needs a Ray instance that sees the GPU
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
         experiment = load_experiment(None, ["train.epochs=2", "search.strategy=random", "search.trials=4",
                                             "search.gpus_per_trial=0.25", "search.cpus_per_trial=1"])

@@ -1,0 +1,226 @@
+"""`python -m cnnopt.lr_finder`: the learning-rate range test (Leslie Smith, as fastai runs it).
+
+A fresh model trains for a few hundred mini-batches while the learning rate grows exponentially
+from `start_lr` to `end_lr`. The loss is smoothed, and the suggestion is the learning rate where the
+smoothed loss falls fastest against log(lr). The sweep stops once the loss runs away, and the
+suggestion is taken only from the points before the lowest loss, so the climb at the end (and the
+noisy first steps) never decide it. Only the train split is read; like `objective.train`, this
+module knows nothing of Ray or MLflow until `main` records the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnnopt import tracking
+from cnnopt.augment import BatchAugment, Normalize
+from cnnopt.cli import add_experiment_args, quiet_libraries, run
+from cnnopt.config import TrainConfig, load_experiment
+from cnnopt.data import ImageData, load_data
+from cnnopt.errors import UsageError
+from cnnopt.model import build_model
+from cnnopt.objective import make_optimizer, resolve_device
+
+SKIP_START_FRACTION = 0.1  # the first tenth of the sweep is noise around the initial loss (fastai skips 10 of 100)
+
+
+@dataclass
+class LRFinderResult:
+    lrs: list[float]  # the learning rate of every step taken, up to the stop
+    losses: list[float]  # the smoothed (bias-corrected moving average) training loss after each step
+    raw_losses: list[float]  # the mini-batch losses themselves
+    suggested_lr: float  # steepest descent of the smoothed loss against log(lr)
+    min_loss_lr: float  # where the smoothed loss was lowest; fastai's "lr_min" is a tenth of it
+    diverged: bool  # the sweep stopped early because the loss ran away (or became NaN/inf)
+    start_lr: float
+    end_lr: float
+    steps: int  # asked for; len(lrs) is how many ran
+
+
+def find_lr(config: TrainConfig, data: ImageData, *, start_lr: float = 1e-6, end_lr: float = 10.0,
+            steps: int = 200, smoothing: float = 0.05, diverge_factor: float = 4.0) -> LRFinderResult:
+    """Sweep the learning rate exponentially over `steps` mini-batches and suggest one.
+
+    Args:
+        config: the model, optimizer, augmentation and seed to test; its `lr` and schedule are ignored.
+        data: the splits; only train is read.
+        start_lr, end_lr: the range swept, exponentially, first step to last.
+        steps: mini-batches to train, cycling over the train set (reshuffled on every pass).
+        smoothing: weight of the newest loss in the moving average (fastai's 1 - beta).
+        diverge_factor: stop once the smoothed loss exceeds this multiple of the best so far.
+    Returns:
+        LRFinderResult with the swept learning rates, the smoothed losses and the suggestion.
+    """
+    _check(start_lr, end_lr, steps, smoothing, diverge_factor, len(data.train_y))
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = build_model(config, data.preprocessing()).to(device, memory_format=memory_format)
+    augment = BatchAugment(config, Normalize(data.mean, data.std, device), seed=config.seed)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    optimizer = make_optimizer(config, model.parameters())
+    amp = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                         enabled=device.type == "cuda" or config.bf16)  # the precision `train` would use
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    order_generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    growth = (end_lr / start_lr) ** (1 / max(1, steps - 1))
+
+    model.train()
+    lrs, losses, raw_losses = [], [], []
+    average, best, diverged = 0.0, math.inf, False
+    batches = _batches(len(train_y), config.batch_size, order_generator)
+    for step in range(steps):
+        lr = start_lr * growth**step
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = next(batches).to(device)
+        x = augment(train_x[index]).contiguous(memory_format=memory_format)  # (B, C, H, W)
+        with amp:
+            loss = F.cross_entropy(model(x), train_y[index], label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        value = loss.item()  # one sync per step: the stop rule needs the value now
+        if not math.isfinite(value):
+            diverged = True
+            break
+        average = (1 - smoothing) * average + smoothing * value
+        smoothed = average / (1 - (1 - smoothing) ** (step + 1))  # bias correction for the zero start
+        lrs.append(lr)
+        losses.append(smoothed)
+        raw_losses.append(value)
+        best = min(best, smoothed)
+        if smoothed > diverge_factor * best:
+            diverged = True
+            break
+    if not lrs:
+        raise UsageError(f"the loss was NaN or inf from the first step at lr {start_lr:g}; lower --start-lr")
+    skip_start = max(2, int(steps * SKIP_START_FRACTION))
+    return LRFinderResult(lrs, losses, raw_losses, suggest_lr(lrs, losses, skip_start, diverge_factor),
+                          lrs[int(np.argmin(losses))], diverged, start_lr, end_lr, steps)
+
+
+def suggest_lr(lrs: list[float], losses: list[float], skip_start: int, diverge_factor: float = 4.0) -> float:
+    """The learning rate of steepest descent of `losses` against log(lr).
+
+    Only points from `skip_start` to the lowest loss count, and the lowest loss is sought only before
+    the loss first exceeds `diverge_factor` times its best so far: nothing after divergence decides.
+    """
+    values = np.asarray(losses, dtype=float)
+    runaway = np.flatnonzero(values > diverge_factor * np.minimum.accumulate(values))
+    end = int(runaway[0]) if len(runaway) else len(values)  # (find_lr stops there; other callers may not)
+    lowest = int(np.argmin(values[:end]))
+    if lowest == 0:
+        return lrs[0]  # the loss never fell: the range starts too high
+    first = skip_start if lowest - skip_start >= 2 else 0  # a short sweep keeps its early points
+    slopes = np.gradient(values, np.log(np.asarray(lrs, dtype=float)))
+    return lrs[first + int(np.argmin(slopes[first:lowest + 1]))]
+
+
+def plot(result: LRFinderResult, path: str | Path) -> Path:
+    """Save the smoothed loss against the learning rate (log axis), with the suggestion marked, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(figure)  # Agg, without pyplot's global state or a display
+    axes = figure.add_subplot()
+    axes.plot(result.lrs, result.raw_losses, color="0.8", linewidth=0.8, label="mini-batch loss")
+    axes.plot(result.lrs, result.losses, color="C0", label="smoothed loss")
+    suggested = result.lrs.index(result.suggested_lr)
+    axes.plot([result.suggested_lr], [result.losses[suggested]], "o", color="C3", markersize=8,
+              label=f"suggested lr {result.suggested_lr:.2e}")
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    top = max(result.losses[0], result.losses[suggested]) * 1.5  # the runaway tail would flatten the useful part
+    axes.set_ylim(top=top)
+    stop = "stopped early: loss diverged" if result.diverged else "full sweep"
+    axes.set_title(f"learning-rate range test: {len(result.lrs)} of {result.steps} steps, {stop}")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def _batches(count: int, batch_size: int, generator: torch.Generator):
+    """Index tensors of full mini-batches over `count` images, reshuffled on every pass, forever."""
+    size = min(batch_size, count)
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for first in range(0, count - size + 1, size):
+            yield order[first:first + size]
+
+
+def _check(start_lr: float, end_lr: float, steps: int, smoothing: float, diverge_factor: float, count: int) -> None:
+    if not 0 < start_lr < end_lr:
+        raise UsageError(f"the learning-rate range must satisfy 0 < start_lr < end_lr, got {start_lr:g} to {end_lr:g}")
+    if steps < 10:
+        raise UsageError(f"steps must be at least 10 to trace a loss curve, got {steps}; a few hundred is typical")
+    if not 0 < smoothing <= 1 or diverge_factor <= 1:
+        raise UsageError("smoothing must be in (0, 1] and diverge_factor greater than 1")
+    if count < 2:
+        raise UsageError(f"the train split holds {count} image(s); BatchNorm needs at least 2 per batch")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cnnopt.lr_finder", description=__doc__.split("\n")[0])
+    add_experiment_args(parser)
+    parser.add_argument("--steps", type=int, default=200, help="mini-batches in the sweep (default: 200)")
+    parser.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate (default: 1e-6)")
+    parser.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default: 10)")
+    parser.add_argument("--output", default="lr_finder.png", help="where to save the plot (default: lr_finder.png)")
+    parser.add_argument("--run-name", help="MLflow run name (default: <experiment>-lr-finder)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+
+    experiment = load_experiment(args.experiment, args.overrides)
+    config = experiment.train
+    data = load_data(experiment.data)
+    print(f"{experiment.name}: {len(data.train_y)} train images, {config.optimizer} optimizer, batch {config.batch_size}; "
+          f"sweeping lr {args.start_lr:g} to {args.end_lr:g} over {args.steps} steps")
+    _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0, len(data.train_y))  # before any run exists
+
+    client = tracking.make_client()
+    run_id = tracking.start_run(client, experiment, args.run_name or f"{experiment.name}-lr-finder",
+                                tags={"cnnopt.kind": "lr_finder"})
+    tracking.log(client, run_id, params={**tracking.hyperparameters(config), **tracking.data_params(experiment.data),
+                                         "steps": args.steps, "start_lr": args.start_lr, "end_lr": args.end_lr})
+    tracking.log_experiment_file(client, run_id, experiment)
+    try:
+        result = find_lr(config, data, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+        path = plot(result, args.output)
+    except BaseException:
+        tracking.end_run(client, run_id, tracking.KILLED)
+        raise
+    client.log_artifact(run_id, str(path))
+    tracking.log(client, run_id, metrics={"suggested_lr": result.suggested_lr, "min_loss_lr": result.min_loss_lr,
+                                          "steps_run": len(result.lrs), "diverged": float(result.diverged)})
+    tracking.end_run(client, run_id, tracking.FINISHED)
+
+    stop = (f"stopped at step {len(result.lrs)} of {args.steps}: the loss diverged at lr {result.lrs[-1]:.2e}"
+            if result.diverged else f"ran all {args.steps} steps without diverging")
+    print(f"suggested lr {result.suggested_lr:.2e} (steepest descent of the smoothed loss); "
+          f"lowest loss at lr {result.min_loss_lr:.2e}; {stop}")
+    if result.suggested_lr == result.lrs[0]:
+        print("the suggestion sits at the start of the range: lower --start-lr and run again")
+    elif not result.diverged:
+        print("the loss never ran away: raise --end-lr (or --steps) to see where it diverges")
+    print(f"try: --set train.lr={result.suggested_lr:.3g}; plot saved to {path}")
+    print(f"MLflow run {run_id} in experiment '{experiment.name}'; browse with: {tracking.ui_command()}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

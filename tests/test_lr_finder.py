@@ -1,0 +1,77 @@
+"""The learning-rate range test: a sane suggestion, divergence caught, and the CLI's plot and MLflow run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cnnopt.config import load_experiment
+from cnnopt.errors import UsageError
+from cnnopt.lr_finder import find_lr, main, suggest_lr
+
+STEPS = 60  # enough to sweep 1e-6..10 and see the loss run away on digits, well under a second
+
+
+@pytest.fixture(scope="module")
+def digits_config():
+    return load_experiment(None).train
+
+
+def test_suggestion_inside_the_range_and_losses_finite(digits_config, digits_data):
+    result = find_lr(digits_config, digits_data, steps=STEPS)
+
+    assert result.start_lr <= result.suggested_lr <= result.end_lr
+    assert result.suggested_lr in result.lrs
+    assert 0 < len(result.lrs) == len(result.losses) == len(result.raw_losses) <= STEPS
+    assert result.lrs[0] == pytest.approx(result.start_lr)
+    assert all(later > earlier for earlier, later in zip(result.lrs, result.lrs[1:]))
+    assert all(math.isfinite(value) for value in result.losses + result.raw_losses)
+    if not result.diverged:
+        assert len(result.lrs) == STEPS
+
+
+def test_the_runaway_loss_at_high_learning_rates_stops_the_sweep(digits_config, digits_data):
+    result = find_lr(digits_config, digits_data, steps=STEPS, end_lr=10.0)
+
+    assert result.diverged and len(result.lrs) < STEPS
+    assert result.losses[-1] > 4.0 * min(result.losses)
+    assert result.suggested_lr <= result.min_loss_lr < result.lrs[-1]  # chosen before the climb, never in it
+
+
+def test_suggestion_ignores_the_noisy_start_and_everything_after_the_lowest_loss():
+    lrs = np.logspace(-6, 1, 100)
+    log_lr = np.log10(lrs)
+    losses = 2.3 - 1.5 / (1 + np.exp(-3 * (log_lr + 2)))  # falls fastest at lr 1e-2
+    losses[:3] = [3.5, 2.6, 2.3]  # a steep but meaningless fall in the first steps
+    losses[log_lr > -0.5] += 20 * (log_lr[log_lr > -0.5] + 0.5)  # the climb after the lowest loss
+    losses[-3:] = [2.0, 0.5, 0.4]  # a steeper fall than the real one, inside the runaway region
+
+    suggested = suggest_lr(list(lrs), list(losses), skip_start=10)
+
+    assert 10**-2.5 < suggested < 10**-1.5
+
+
+def test_an_inverted_range_is_a_usage_error(digits_config, digits_data):
+    with pytest.raises(UsageError, match="start_lr < end_lr"):
+        find_lr(digits_config, digits_data, start_lr=1.0, end_lr=0.1, steps=STEPS)
+
+
+def test_cli_saves_the_plot_and_logs_one_run(mlflow_store, capsys):
+    assert main(["--steps", str(STEPS), "--output", "plots/lr.png"]) == 0
+
+    png = Path("plots/lr.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    client = MlflowClient(tracking_uri=mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["cnnopt.kind"] == "lr_finder"
+    assert run.data.params["steps"] == str(STEPS) and run.data.params["batch_size"] == "64"
+    assert 1e-6 <= run.data.metrics["suggested_lr"] <= 10.0
+    assert "lr.png" in [artifact.path for artifact in client.list_artifacts(run.info.run_id)]
+    assert "suggested lr" in capsys.readouterr().out
