@@ -125,6 +125,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         signal.signal(signal.SIGTERM, previous_sigterm)
         unfinished = [t for t in callback.trials.values() if t.status not in ("TERMINATED", "ERROR")]
         interrupted = status != tracking.FINISHED or callback.interrupted or bool(unfinished)
+        callback.drain()
         if recorder.parent_run_id:
             recorder.kill_unfinished()
             counts, best = summarize(recorder, experiment)

@@ -16,7 +16,7 @@ from pathlib import Path
 from ray import tune
 
 from cnnopt.checkpoint import FILENAME
-from cnnopt.tracking import EPOCH_METRICS, StudyRecorder
+from cnnopt.tracking import EPOCH_METRICS, BackgroundWriter, StudyRecorder
 
 STATUSES = ("completed", "pruned", "diverged", "failed")
 
@@ -39,10 +39,20 @@ class StudyCallback(tune.Callback):
         self.started: dict[str, float] = {}
         self.interrupted = False
         self.trials: dict = {}  # trial_id -> Ray's live Trial, to see after fit() which never finished
+        self.writer: BackgroundWriter | None = None
+
+    def __getstate__(self):  # Ray pickles the Tuner with its callbacks; a thread does not travel
+        return {**self.__dict__, "writer": None, "trials": {}}
 
     def setup(self, **info) -> None:
         self.recorder.open()
+        self.writer = BackgroundWriter()
         self._watch_interrupts()
+
+    def drain(self) -> None:
+        """Wait until every MLflow write this callback submitted is in the store."""
+        if self.writer is not None:
+            self.writer.drain()
 
     def _watch_interrupts(self) -> None:
         """Note a Ctrl-C (or the SIGTERM turned into one) on top of Ray's handler, which stops the study cleanly."""
@@ -62,11 +72,13 @@ class StudyCallback(tune.Callback):
         self.trials[trial.trial_id] = trial
         self.best_epoch.pop(trial.trial_id, None)
         searched = [name for name in self.searched if name in trial.config]  # conditions may drop some
-        self.recorder.start_trial(trial.trial_id, self.hyperparameters(trial.config), searched)
+        self.recorder.number(trial.trial_id)  # assigned here, in start order, before the write is queued
+        self.writer.submit(self.recorder.start_trial, trial.trial_id, self.hyperparameters(trial.config), searched)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         epoch = int(result.get("training_iteration", 0))
-        self.recorder.log_epoch(trial.trial_id, epoch, result, node=result.get("node_id") if epoch == 1 else None)
+        self.writer.submit(self.recorder.log_epoch, trial.trial_id, epoch, dict(result),
+                           node=result.get("node_id") if epoch == 1 else None)
         if result.get("best_epoch") == result.get("epoch"):
             self.best_epoch[trial.trial_id] = {key: result[key] for key in EPOCH_METRICS if key in result}
             self.best_epoch[trial.trial_id]["epoch"] = epoch
@@ -91,7 +103,8 @@ class StudyCallback(tune.Callback):
         if trial.checkpoint is not None and status != "failed":
             path = Path(trial.checkpoint.path) / FILENAME
             checkpoint = str(path) if path.is_file() else None
-        self.recorder.end_trial(trial.trial_id, status, best, checkpoint=checkpoint, error=error)
+        self.writer.submit(self.recorder.end_trial, trial.trial_id, status, dict(best), checkpoint=checkpoint,
+                           error=error)
         value = best.get(self.metric, math.nan)
         shown = " ".join(f"{name}={format_value(trial.config[name])}" for name in self.searched if name in trial.config)
         seconds = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
