@@ -26,7 +26,7 @@ from cnnopt.config import TrainConfig, load_experiment
 from cnnopt.data import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.model import build_model
-from cnnopt.objective import make_optimizer, resolve_device
+from cnnopt.objective import check_config, make_optimizer, resolve_device
 
 SKIP_START_FRACTION = 0.1  # the first tenth of the sweep is noise around the initial loss (fastai skips 10 of 100)
 
@@ -59,6 +59,7 @@ def find_lr(config: TrainConfig, data: ImageData, *, start_lr: float = 1e-6, end
         LRFinderResult with the swept learning rates, the smoothed losses and the suggestion.
     """
     _check(start_lr, end_lr, steps, smoothing, diverge_factor, len(data.train_y))
+    check_config(config, data.image_size)  # make_optimizer alone would take any unknown name for adamw
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{experiment.name}: {len(data.train_y)} train images, {config.optimizer} optimizer, batch {config.batch_size}; "
           f"sweeping lr {args.start_lr:g} to {args.end_lr:g} over {args.steps} steps")
     _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0, len(data.train_y))  # before any run exists
+    check_config(config, data.image_size)
 
     client = tracking.make_client()
     run_id = tracking.start_run(client, experiment, args.run_name or f"{experiment.name}-lr-finder",

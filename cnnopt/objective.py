@@ -159,7 +159,9 @@ def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
