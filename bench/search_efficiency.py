@@ -42,6 +42,7 @@ from cnnopt.config import load_experiment
 from cnnopt.data import load_data
 from cnnopt.searchers import STRATEGIES, GridSearcher, PruneAwareOptunaSearch
 from cnnopt.study import StudyOptions, run_study
+from _machine import cpu_description  # bench/ is on sys.path when a script runs
 
 WASTED_BELOW = 0.5  # a trial whose best val accuracy is below this taught us little but what to avoid
 
@@ -105,14 +106,7 @@ def cell(values: list[float], fmt: str) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {os.cpu_count()} cores ({usable} usable); python {platform.python_version()}, "
+    return (f"{cpu_description()}; python {platform.python_version()}, "
             f"torch {torch.__version__}, ray {ray.__version__}, optuna {optuna.__version__}, "
             f"mlflow {mlflow.__version__}")
 

@@ -53,6 +53,7 @@ from cnnopt.objective import train
 from cnnopt.searchers import PruneAwareOptunaSearch
 from cnnopt.study import StudyOptions, run_study
 from cnnopt.study_callback import StudyCallback
+from _machine import cpu_description  # bench/ is on sys.path when a script runs
 
 GOAL_SECONDS = 0.3  # the goal per trial; Ray's own floor with reuse_actors is ~0.27 s here (DESIGN.md)
 
@@ -185,14 +186,7 @@ def _worker_threads() -> int:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {os.cpu_count()} cores ({usable} usable); python {platform.python_version()}, "
+    return (f"{cpu_description()}; python {platform.python_version()}, "
             f"torch {torch.__version__}, ray {ray.__version__}, optuna {optuna.__version__}, "
             f"mlflow {mlflow.__version__}")
 

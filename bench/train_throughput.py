@@ -41,6 +41,7 @@ from cnnopt.config import TrainConfig, load_experiment, make_section
 from cnnopt.data import ImageData, channel_stats, load_data
 from cnnopt.model import build_model
 from cnnopt.objective import make_optimizer, make_schedule, resolve_device, train
+from _machine import cpu_description  # bench/ is on sys.path when a script runs
 
 DATASETS = ("digits", "cifar-synthetic")
 # The lesson's CNN on CIFAR-sized images with the CIFAR augmentation of experiments/cifar10.toml
@@ -206,15 +207,8 @@ def _children_seconds() -> float:
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"{cpu}, {os.cpu_count()} cores ({usable} usable){gpu}; torch {torch.__version__} "
+    return (f"{cpu_description()}{gpu}; torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), torchvision {torchvision.__version__}, "
             f"python {platform.python_version()}; device {device}")
 

@@ -18,7 +18,6 @@ from ray import tune
 from cnnopt.checkpoint import FILENAME
 from cnnopt.tracking import EPOCH_METRICS, BackgroundWriter, StudyRecorder
 
-STATUSES = ("completed", "pruned", "diverged", "failed")
 
 
 def format_value(value) -> str:
