@@ -26,7 +26,6 @@ def quiet_libraries() -> None:
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its resume hint names Ray's API; we print ours
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is an experimental feature")  # Optuna's TPE group=True
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")  # MLflow pyfunc
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 

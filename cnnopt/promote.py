@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +148,7 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
 def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy: float):
     """Log the pyfunc model to the run, register it, and move `champion` if it is at least as good."""
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # MLflow asks for type hints; the input is a plain array
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_MODEL),
                                        artifacts={name: str(model_dir / name) for name in
                                                   ("model.pt", "model.pt2", "model_card.md", "input_spec.json")

@@ -16,7 +16,7 @@ class TorchScriptClassifier(PythonModel):
         self.model = torch.jit.load(context.artifacts["model.pt"])
         self.class_names = list(self.model.class_names)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         images = torch.as_tensor(np.asarray(model_input, dtype=np.uint8))
         with torch.no_grad():
             return self.model(images).numpy()

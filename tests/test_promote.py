@@ -138,6 +138,12 @@ def test_predict_from_the_registry(trained, digits_data, mlflow_store, tmp_path)
     done = run_predict("models:/registry@champion", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().splitlines()) == 2
+    import mlflow  # the registered pyfunc model serves the same probabilities as the Predictor
+
+    mlflow.set_tracking_uri(mlflow_store)
+    served = mlflow.pyfunc.load_model("models:/registry@champion").predict(digits_data.test_x[:4].numpy())
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(served), predictor(digits_data.test_x[:4]), atol=1e-5)
 
 
 def test_predict_bad_inputs_are_one_clear_line(trained, digits_data, tmp_path):
