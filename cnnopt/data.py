@@ -239,12 +239,22 @@ def _decode(path: Path, channels: int, size: int, Image) -> torch.Tensor:
             image.load()
             if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
                 image = _flatten_alpha(image.convert("RGBA"), Image)
+            if image.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit or float gray: scale to 8 bits, not clip
+                image = Image.fromarray(to_uint8(np.asarray(image)))
             image = image.convert("L" if channels == 1 else "RGB")
             array = np.asarray(image, dtype=np.uint8).copy()
     except Exception as exc:
         raise UsageError(f"cannot read image {path}: {exc}; remove or replace the file") from None
     x = torch.from_numpy(array).unsqueeze(0) if channels == 1 else torch.from_numpy(array).permute(2, 0, 1)
     return resize_center_crop(x.unsqueeze(0), size)[0]
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Gray pixels of a wider type (16-bit, 32-bit, float) scaled into 0..255."""
+    if array.dtype == np.uint8:
+        return array
+    top = 255.0 if array.max(initial=0) <= 255 else (65535.0 if array.max() <= 65535 else float(array.max()))
+    return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
 def _flatten_alpha(image, Image):

@@ -2,8 +2,8 @@
 
 The fresh process imports only torch, as a deployment would, and both files' probabilities must match
 the eager Predictor within `TOLERANCE`; otherwise the export is refused with the difference shown.
-`model.pt` takes images of any size. `model.pt2` takes any batch size at the training resolution
-only (a dynamic height/width through the resize exports but fails for other aspect ratios at run
+`model.pt` takes images of any size and channel count. `model.pt2` takes any batch size at the
+training resolution and channel count only (a dynamic height/width through the resize exports but fails for other aspect ratios at run
 time), so its callers resize first: `cnnopt.predict` does, and `input_spec.json` says so.
 """
 
@@ -73,8 +73,8 @@ def export(predictor: Predictor, folder: str | Path, sample: torch.Tensor) -> di
 def input_spec(predictor: Predictor) -> dict:
     return {"input": "uint8 tensor (N, C, H, W), values 0-255; C = 1 (gray), 3 (RGB) or 4 (RGBA)",
             "model.pt": "any H and W: resized (shorter side) and centre-cropped inside the model",
-            "model.pt2": f"H = W = {predictor.image_size} only: resize and centre-crop before calling "
-                         "(torchvision.transforms.v2.functional resize then center_crop)",
+            "model.pt2": f"H = W = {predictor.image_size} and C = {predictor.channels} only: convert channels, "
+                         "resize and centre-crop before calling (cnnopt.predict does)",
             "image_size": predictor.image_size, "channels_trained": predictor.channels,
             "output": f"float32 probabilities (N, {len(predictor.class_names)}), columns in class_names order",
             "class_names": predictor.class_names}

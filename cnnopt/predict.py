@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from cnnopt.cli import quiet_libraries, run
-from cnnopt.data import IMAGE_EXTENSIONS, resize_center_crop
+from cnnopt.data import IMAGE_EXTENSIONS, resize_center_crop, to_uint8
 from cnnopt.errors import UsageError
 from cnnopt.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
+from cnnopt.predictor import match_channels
 
 
 class LoadedModel:
@@ -37,7 +38,9 @@ class LoadedModel:
                 extra = {CLASS_NAMES_FILE: "", INPUT_SPEC_FILE: ""}
                 self.module = torch.export.load(str(path), extra_files=extra).module()
                 self.class_names = json.loads(extra[CLASS_NAMES_FILE])
-                self.fixed_size = int(json.loads(extra[INPUT_SPEC_FILE])["image_size"])
+                spec = json.loads(extra[INPUT_SPEC_FILE])
+                self.fixed_size = int(spec["image_size"])
+                self.channels = int(spec["channels_trained"])
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -52,9 +55,14 @@ class LoadedModel:
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if self.fixed_size is not None:  # model.pt2 is exported at the training resolution: resize first
+        if self.fixed_size is not None:  # model.pt2 is exported at the training size and channels: convert first
+            image = match_channels(image.float(), self.channels).round().to(torch.uint8)
             image = resize_center_crop(image, self.fixed_size)
-        return self.module(image)[0]
+        try:
+            return self.module(image)[0]
+        except Exception as exc:
+            raise UsageError(f"{self.path} cannot take a {tuple(image.shape[1:])} image: "
+                             f"{str(exc).strip().splitlines()[0]}") from None
 
 
 def resolve_model(spec: str, scratch: Path) -> Path:
@@ -84,6 +92,8 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit or float gray: scale to 8 bits, not clip
+                image = Image.fromarray(to_uint8(np.asarray(image)))
             if image.mode not in ("L", "RGB", "RGBA"):
                 has_alpha = image.mode in ("LA", "PA") or "transparency" in image.info
                 image = image.convert("RGBA" if has_alpha else ("L" if image.mode in ("1", "I", "I;16", "F") else "RGB"))

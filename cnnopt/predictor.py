@@ -16,6 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Float images with 1, 3 or 4 channels -> `channels` channels, as the training data path converts."""
+    if x.shape[1] == 4:  # RGBA: composite on white
+        alpha = x[:, 3:4] / 255
+        x = x[:, :3] * alpha + 255 * (1 - alpha)
+    if channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma, as PIL's convert('L')
+        x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).round()
+    elif channels == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x
+
+
 class Predictor(nn.Module):
     def __init__(self, model: nn.Module, preprocessing: dict):
         super().__init__()
@@ -25,17 +37,9 @@ class Predictor(nn.Module):
         self.class_names: List[str] = [str(name) for name in preprocessing["class_names"]]
         self.register_buffer("mean", torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()  # (N, C, H, W), 0..255
-        if x.shape[1] == 4:  # RGBA: composite on white, as training did
-            alpha = x[:, 3:4] / 255
-            x = x[:, :3] * alpha + 255 * (1 - alpha)
-        if self.channels == 1 and x.shape[1] == 3:
-            x = (x * self.luma).sum(dim=1, keepdim=True).round()
-        elif self.channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
+        x = match_channels(images.float(), self.channels)  # (N, C, H, W), 0..255
         x = self._resize_center_crop(x)
         x = (x / 255 - self.mean) / self.std
         return torch.softmax(self.model(x), dim=1)

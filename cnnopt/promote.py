@@ -108,7 +108,10 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
 def promote(experiment: Experiment, *, study: str | None = None, run_id: str | None = None) -> Promotion:
     """Evaluate, export, log and register the best trial (or the run `run_id`)."""
     client = tracking.make_client()
-    run = client.get_run(run_id) if run_id else best_trial_run(client, experiment, study)
+    try:
+        run = client.get_run(run_id) if run_id else best_trial_run(client, experiment, study)
+    except MlflowException:
+        raise UsageError(f"no MLflow run {run_id!r} in {tracking.tracking_uri()}; check --run-id") from None
     run_id = run.info.run_id
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -119,9 +122,16 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         model, checkpoint = load_checkpoint(checkpoint_path)
         data = load_data(experiment.data)
         trained = checkpoint["preprocessing"]
-        if trained["class_names"] != data.class_names or trained["image_size"] != data.image_size:
-            raise UsageError(f"run {run_id} was trained on other data ({trained['image_size']}px, "
-                             f"{len(trained['class_names'])} classes) than experiment {experiment.name!r} loads")
+        # Same classes, size, channels and train-split statistics, or the "test" split may hold images the
+        # trial trained or was selected on (another data.seed, fraction or subset gives other statistics).
+        same = (trained["class_names"] == data.class_names and trained["image_size"] == data.image_size
+                and trained["channels"] == data.channels
+                and torch.allclose(torch.tensor(trained["mean"]), torch.tensor(data.mean), atol=1e-6)
+                and torch.allclose(torch.tensor(trained["std"]), torch.tensor(data.std), atol=1e-6))
+        if not same:
+            raise UsageError(f"run {run_id} was trained on other data or another split than experiment "
+                             f"{experiment.name!r} loads now; promote with the experiment file and --set values "
+                             "the study ran with")
         if len(data.test_y) == 0:
             raise UsageError("the test split is empty; set data.test_fraction above 0")
         result = evaluate_test(model, data)  # the one use of the test split
@@ -148,13 +158,18 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
 def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy: float):
     """Log the pyfunc model to the run, register it, and move `champion` if it is at least as good."""
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    with mlflow.start_run(run_id=run_id):
+    client = tracking.make_client()
+    status = client.get_run(run_id).info.status
+    try:
+        mlflow.start_run(run_id=run_id)
         info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_MODEL),
                                        artifacts={name: str(model_dir / name) for name in
                                                   ("model.pt", "model.pt2", "model_card.md", "input_spec.json")
                                                   if (model_dir / name).exists()},
                                        pip_requirements=["torch", "numpy", "mlflow"])
-    client = tracking.make_client()
+    finally:  # reopening the trial's run must not change how it ended
+        mlflow.end_run()
+        client.set_terminated(run_id, status=status if status != "RUNNING" else tracking.FINISHED)
     version = mlflow.register_model(info.model_uri, experiment.name,
                                     tags={"test_accuracy": f"{test_accuracy:.6f}", "run_id": run_id}).version
     try:

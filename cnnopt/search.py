@@ -16,7 +16,7 @@ from cnnopt.config import load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
 from cnnopt.searchers import STRATEGIES
-from cnnopt.study import SCHEDULERS, StudyOptions, default_study_name, run_study
+from cnnopt.study import SCHEDULERS, StudyOptions, default_study_name, load_settings, run_study
 
 FLAG_TO_SETTING = {"strategy": "strategy", "trials": "trials", "concurrency": "concurrency",
                    "scheduler": "scheduler", "cpus_per_trial": "cpus_per_trial",
@@ -69,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --name STUDY (the name printed when the study started)")
     overrides = list(args.overrides) + [f"search.{setting}={getattr(args, flag)}"
                                         for flag, setting in FLAG_TO_SETTING.items() if getattr(args, flag) is not None]
-    experiment = load_experiment(args.experiment, overrides)
+    if args.resume:
+        if overrides or args.experiment:
+            parser.error("--resume continues a study with the settings it started with; drop --experiment, --set "
+                         "and the study flags")
+        experiment = load_settings(args.name)
+    else:
+        experiment = load_experiment(args.experiment, overrides)
     options = StudyOptions(name=args.name or default_study_name(experiment), address=args.address, resume=args.resume)
     search = experiment.search
     print(f"study {options.name}: {search.strategy} over search space '{experiment.search_space}', "
@@ -79,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     outcome = run_study(experiment, options)
     print_summary(experiment, outcome)
     if outcome.interrupted:
-        print(f"\nThe study was interrupted. Resume it with:\n  python -m cnnopt.search "
-              f"{'--experiment ' + args.experiment + ' ' if args.experiment else ''}--resume --name {outcome.name}")
+        print(f"\nThe study was interrupted. Resume it (with the settings it started with) by:\n"
+              f"  python -m cnnopt.search --resume --name {outcome.name}")
         return 130
     if args.no_promote or outcome.best is None:
         return 0
     print(f"\npromoting the best trial (trial {outcome.best['trial_number']})...", flush=True)
     try:
-        print_promotion(promote(experiment, study=outcome.name), experiment)
+        print_promotion(promote(experiment, run_id=outcome.best["run_id"]), experiment)
     except UsageError as exc:  # the study itself is recorded; say what failed and how to retry
         print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --study {outcome.name}",
               file=sys.stderr)

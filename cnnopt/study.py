@@ -7,6 +7,7 @@ driver-side MLflow callback. Resuming restores the Tuner (and so the sampler's h
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -21,10 +22,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import search_spaces
 from cnnopt import tracking
-from cnnopt.config import Experiment, SearchConfig
+from cnnopt.config import SECTIONS, Experiment, SearchConfig, make_section
 from cnnopt.data import load_data
 from cnnopt.errors import UsageError
 from cnnopt.model import build_model
+from cnnopt.objective import check_config
 from cnnopt.searchers import SAMPLER_NAMES, STRATEGIES, make_searcher
 from cnnopt.study_callback import StudyCallback
 from cnnopt.trainable import best_key, run_trial
@@ -55,6 +57,29 @@ def default_study_name(experiment: Experiment) -> str:
     return f"{experiment.name}-{experiment.search.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+SETTINGS_FILE = "cnnopt_experiment.json"
+
+
+def save_settings(experiment: Experiment, study_path: Path) -> None:
+    """Keep the study's effective settings (file + every override) beside Ray's state, for --resume."""
+    study_path.mkdir(parents=True, exist_ok=True)
+    (study_path / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(experiment), indent=2))
+
+
+def load_settings(name: str, storage: str = "") -> Experiment:
+    """The settings a study started with, so a resumed study trains and splits exactly as before."""
+    path = results_folder(storage) / name / SETTINGS_FILE
+    if not path.is_file():
+        raise UsageError(f"no study named {name!r} to resume in {path.parent.parent}; check --name")
+    raw = json.loads(path.read_text())
+    sections = {key: make_section(cls, raw.pop(key), f"[{key}]") for key, cls in SECTIONS.items()}
+    return Experiment(**raw, **sections)
+
+
+def results_folder(storage: str = "") -> Path:
+    return Path(storage or os.environ.get("CNNOPT_RESULTS", "ray_results")).resolve()
+
+
 def check_search(search: SearchConfig) -> None:
     if search.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {search.strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -62,6 +87,8 @@ def check_search(search: SearchConfig) -> None:
         raise UsageError(f"unknown scheduler {search.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if search.trials < 1 or search.cpus_per_trial <= 0 or search.gpus_per_trial < 0 or search.concurrency < 0:
         raise UsageError("trials must be >= 1, cpus per trial > 0, gpus per trial >= 0 and concurrency >= 0")
+    if search.grace_period < 1 or search.reduction_factor < 2 or search.time_budget < 0:
+        raise UsageError("search.grace_period must be >= 1, search.reduction_factor >= 2 and --time-budget >= 0")
     if search.gpus_per_trial > 1 and search.gpus_per_trial != int(search.gpus_per_trial):
         raise UsageError("--gpus-per-trial above 1 must be a whole number of GPUs")
 
@@ -77,8 +104,10 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     """
     search = experiment.search
     check_search(search)
+    if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
+        raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs})")
     space = search_spaces.get(experiment.search_space)
-    storage = Path(options.storage or os.environ.get("CNNOPT_RESULTS", "ray_results")).resolve()
+    storage = results_folder(options.storage)
     study_path = storage / options.name
     if options.resume and not (study_path / "tuner.pkl").exists():
         raise UsageError(f"no study named {options.name!r} to resume in {storage}; check --name "
@@ -88,9 +117,15 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
                          "add --resume to continue it or pick another --name")
     data = load_data(experiment.data)
     build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
+    check_config(space.apply(experiment.train, space.grid()[0]), data.image_size)  # so do bad [train] values
     # Trials get no test split at all: hyperparameters are selected on validation only.
     data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
 
+    if not options.resume and tracking.StudyRecorder.exists(experiment, options.name):
+        raise UsageError(f"MLflow experiment {experiment.name!r} already holds a study named {options.name!r}; "
+                         "pick another --name (or --resume it from the folder where it ran)")
+    if not options.resume:
+        save_settings(experiment, study_path)
     own_ray = _start_ray(options.address)
     try:
         check_resources(search)

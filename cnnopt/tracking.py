@@ -142,6 +142,14 @@ class StudyRecorder:
             self._client = make_client()
         return self._client
 
+    @staticmethod
+    def exists(experiment: Experiment, study: str) -> bool:
+        """Whether the MLflow experiment already holds a study of this name."""
+        client = make_client()
+        found = client.get_experiment_by_name(experiment.name)
+        return found is not None and bool(client.search_runs(
+            [found.experiment_id], f"tags.`{STUDY_TAG}` = '{study}' and tags.`cnnopt.kind` = 'study'", max_results=1))
+
     def open(self) -> str:
         """Create the parent run, or reopen it when the study is resumed."""
         found = self._find(f"tags.`{STUDY_TAG}` = '{self.study}' and tags.`cnnopt.kind` = 'study'")
@@ -205,7 +213,7 @@ class StudyRecorder:
         end_run(self.client, run_id, FAILED if status in ("failed", "diverged") else FINISHED)
         self.closed.add(run_id)
         value = best.get(self.experiment.metric)
-        if status != "failed" and value is not None and not math.isnan(value):
+        if status == "completed" and value is not None and not math.isnan(value):  # what promotion can pick
             better = self.best is None or (value > self.best if self.experiment.mode == "max" else value < self.best)
             if better:
                 self.best = value

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -126,6 +127,22 @@ def test_predict_prints_the_models_top_classes(trained, digits_data, tmp_path):
         predicted = [int(line.split(": ")[1].split()[0]) for line in lines]
         assert predicted == expected
         assert all(len(line.split(": ")[1].split()) == 4 for line in lines)  # two classes, two probabilities
+        # An RGB copy of a gray digit goes through both files (model.pt2 is fixed to 1 channel: predict converts).
+        rgb = tmp_path / "rgb.png"
+        Image.open(paths[0]).convert("RGB").save(rgb)
+        done = run_predict(tmp_path / "model" / model_file, rgb)
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout.split(": ")[1].split()[0]) == expected[0]
+
+
+def test_sixteen_bit_gray_images_are_scaled_not_clipped(tmp_path):
+    from cnnopt.predict import read_image
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0..63000
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    pixels = read_image(tmp_path / "deep.png")
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1, 1, 8, 8)
+    assert pixels.max() == 245 and pixels.min() == 0 and len(pixels.unique()) > 50
 
 
 def test_predict_from_the_registry(trained, digits_data, mlflow_store, tmp_path):

@@ -166,7 +166,7 @@ def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
     assert 1 <= len(done_before) < 6
     assert not [c for c in children if c.info.status == "RUNNING"]
 
-    second = run_cli([*args, "--resume"], tmp_path, env)
+    second = run_cli(["--resume", "--name", "resumable", "--no-promote"], tmp_path, env)  # its saved settings
     output = second.communicate(timeout=300)[0]
     assert second.returncode == 0, output
     client, parent_after, children = study_runs(mlflow_store, "resumable")
@@ -220,6 +220,13 @@ def test_asking_for_a_missing_gpu_is_an_error_not_a_hang(ray_session, mlflow_sto
     experiment = load_experiment(None, ["search.gpus_per_trial=0.25", "search.trials=1"])
     with pytest.raises(UsageError, match="--gpus-per-trial 0"):
         run_study(experiment, StudyOptions(name="no-gpu"))
+
+
+def test_a_study_name_is_not_reused(ray_session, mlflow_store):
+    experiment = load_experiment(None, ["train.epochs=1", "search.trials=1", "search.strategy=random"])
+    run_study(experiment, StudyOptions(name="once", storage="first"))
+    with pytest.raises(UsageError, match="already holds a study named 'once'"):
+        run_study(experiment, StudyOptions(name="once", storage="second"))
 
 
 def test_list_spaces(capsys):
