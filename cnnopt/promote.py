@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 import torch.nn.functional as F
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from cnnopt import tracking
 from cnnopt.augment import Normalize
@@ -31,6 +34,9 @@ from cnnopt.export import export
 from cnnopt.predictor import Predictor
 
 ALIAS = "champion"
+# uint8 images (N, C, H, W) of any size -> float32 probabilities (N, num_classes); stated, not inferred.
+SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
 SERVING_MODEL = Path(__file__).with_name("serving_model.py")
 
 
@@ -166,7 +172,8 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
                                        artifacts={name: str(model_dir / name) for name in
                                                   ("model.pt", "model.pt2", "model_card.md", "input_spec.json")
                                                   if (model_dir / name).exists()},
-                                       pip_requirements=["torch", "numpy", "mlflow"])
+                                       pip_requirements=["torch", "numpy", "mlflow"], signature=SIGNATURE,
+                                       input_example=_blank_example(model_dir))
     finally:  # reopening the trial's run must not change how it ended
         mlflow.end_run()
         client.set_terminated(run_id, status=status if status != "RUNNING" else tracking.FINISHED)
@@ -182,6 +189,13 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     if moved:
         client.set_registered_model_alias(experiment.name, ALIAS, version)
     return str(version), moved, previous
+
+
+def _blank_example(model_dir: Path) -> np.ndarray:
+    """A blank image at the trained size: MLflow's input example (no test image leaves the split)."""
+    spec_path = model_dir / "input_spec.json"
+    spec = json.loads(spec_path.read_text()) if spec_path.exists() else {"channels_trained": 3, "image_size": 32}
+    return np.zeros((1, spec["channels_trained"], spec["image_size"], spec["image_size"]), dtype=np.uint8)
 
 
 def model_card(experiment: Experiment, run, checkpoint: dict, result: dict) -> str:
