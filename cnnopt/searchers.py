@@ -68,6 +68,12 @@ class PruneAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # A trial suggested after Ray's last save of this searcher comes back on resume unknown to it
+        # (it is restarted from Ray's experiment state): the sampler skips it rather than crash.
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return

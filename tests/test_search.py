@@ -116,6 +116,10 @@ def test_prune_aware_search_tells_optuna_the_truth():
     assert [t.state for t in searcher.study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                                                         TrialState.FAIL]
     assert searcher.study.trials[0].value == 0.9
+    # A trial Ray restores on resume that this searcher never suggested (it was saved before) is skipped.
+    searcher.on_trial_result("unknown", {"best_val_accuracy": 0.5, "training_iteration": 1})
+    searcher.on_trial_complete("unknown", {"best_val_accuracy": 0.5, "training_iteration": 5})
+    assert len(searcher.study.trials) == 4
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
