@@ -18,9 +18,9 @@ from cnnopt.promote import print_promotion, promote
 from cnnopt.searchers import STRATEGIES
 from cnnopt.study import SCHEDULERS, StudyOptions, default_study_name, load_settings, run_study
 
-FLAG_TO_SETTING = {"strategy": "strategy", "trials": "trials", "concurrency": "concurrency",
-                   "scheduler": "scheduler", "cpus_per_trial": "cpus_per_trial",
-                   "gpus_per_trial": "gpus_per_trial", "seed": "seed", "time_budget": "time_budget"}
+# Flags that override the experiment's [search] table, each named like its setting.
+SEARCH_FLAGS = ("strategy", "trials", "concurrency", "scheduler", "cpus_per_trial", "gpus_per_trial", "seed",
+                "time_budget")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.resume and not args.name:
         parser.error("--resume needs --name STUDY (the name printed when the study started)")
-    overrides = list(args.overrides) + [f"search.{setting}={getattr(args, flag)}"
-                                        for flag, setting in FLAG_TO_SETTING.items() if getattr(args, flag) is not None]
+    overrides = list(args.overrides) + [f"search.{flag}={getattr(args, flag)}"
+                                        for flag in SEARCH_FLAGS if getattr(args, flag) is not None]
     if args.resume:
         if overrides or args.experiment:
             parser.error("--resume continues a study with the settings it started with; drop --experiment, --set "

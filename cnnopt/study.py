@@ -142,7 +142,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
                 **tracking.data_params(experiment.data)},
         artifacts=[search_spaces.source_path(space.name)])
-    callback = StudyCallback(recorder, metric=experiment.metric, mode=experiment.mode,
+    callback = StudyCallback(recorder, metric=experiment.metric,
                              epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))

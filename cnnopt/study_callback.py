@@ -27,13 +27,12 @@ def format_value(value) -> str:
 
 
 class StudyCallback(tune.Callback):
-    def __init__(self, recorder: StudyRecorder, *, metric: str, mode: str, epochs: int, searched: list[str],
+    def __init__(self, recorder: StudyRecorder, *, metric: str, epochs: int, searched: list[str],
                  hyperparameters):
         self.recorder = recorder
-        self.metric, self.mode, self.epochs = metric, mode, epochs
+        self.metric, self.epochs = metric, epochs
         self.searched = searched
         self.hyperparameters = hyperparameters  # config dict -> every hyperparameter of the trial, as params
-        self.outcomes: dict[str, str] = {}
         self.best_epoch: dict[str, dict] = {}
         self.started: dict[str, float] = {}
         self.interrupted = False
@@ -96,7 +95,6 @@ class StudyCallback(tune.Callback):
         self._end(trial, "failed", error=_error_text(trial))
 
     def _end(self, trial, status: str, error: str | None = None) -> None:
-        self.outcomes[trial.trial_id] = status
         best = self.best_epoch.get(trial.trial_id, {})
         checkpoint = None
         if trial.checkpoint is not None and status != "failed":
