@@ -46,7 +46,7 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
     for field, kind in field_types(TrainConfig).items():
         column = f"params.{field}"
         if column in runs:
-            table[field] = runs[column].map(lambda text, kind=kind: _typed(text, kind))
+            table[field] = runs[column].map(lambda text, kind=kind: tracking.param_value(text, kind))
     for column in runs.columns:  # best_* as logged; the last epoch's values as last_*
         if column.startswith("metrics."):
             name = column[len("metrics."):]
@@ -62,10 +62,3 @@ def best_so_far(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: s
     return pd.DataFrame({"trial": ordered["trial"].to_numpy(), metric: values.to_numpy(),
                          "best_so_far": running.ffill().to_numpy()})
 
-
-def _typed(text, kind):
-    if text is None or (isinstance(text, float) and pd.isna(text)):
-        return None
-    if kind is bool:
-        return text == "True"
-    return kind(text)

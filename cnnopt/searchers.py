@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
+from collections.abc import Sequence
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from cnnopt.config import TrainConfig, field_types
 from cnnopt.errors import UsageError
-from cnnopt.space import Space
+from cnnopt.space import Float, Int, Space
+from cnnopt.tracking import PastTrial
 
 STRATEGIES = ("grid", "random", "bayes", "gp")
 SAMPLER_NAMES = {"grid": "GridSearcher", "random": "RandomSampler", "bayes": "TPESampler(multivariate)",
@@ -68,14 +72,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        # A trial suggested after Ray's last save of this searcher comes back on resume unknown to it
-        # (it is restarted from Ray's experiment state): the sampler skips it rather than crash.
-        if trial_id in self._ot_trials:
-            super().on_trial_result(trial_id, result)
-
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials:
             return
         ot_trial = self._ot_trials[trial_id]
         value = None if result is None else result.get(self.metric)
@@ -93,12 +91,21 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
 
 def make_searcher(strategy: str, space: Space, *, metric: str, mode: str, seed: int, trials: int,
-                  max_epochs: int) -> Searcher:
-    """The Ray searcher for a strategy; `metric` is the result key trials are compared on."""
+                  max_epochs: int, past: Sequence[PastTrial] = ()) -> Searcher:
+    """The Ray searcher for a strategy; `metric` is the result key trials are compared on.
+
+    `past` is what a resumed study has already recorded: its finished trials are not run again and
+    the sampler learns from them; its interrupted trials are run first, with their hyperparameters.
+    """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    done = [trial for trial in past if trial.done]
     if strategy == "grid":
-        return GridSearcher(space.grid()[:trials], metric=metric, mode=mode)
+        finished = {_key(trial.params) for trial in done}
+        return GridSearcher([point for point in space.grid()[:trials] if _key(point) not in finished],
+                            metric=metric, mode=mode)
+    # A resumed sampler draws from a new seed: the original one would repeat the draws already made.
+    seed = seed + 7919 * len(past)
     if strategy == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     elif strategy == "bayes":
@@ -111,4 +118,39 @@ def make_searcher(strategy: str, space: Space, *, metric: str, mode: str, seed: 
         sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(10, max(4, trials // 4)),
                                             warn_independent_sampling=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return PruneAwareOptunaSearch(space=space.sample, sampler=sampler, metric=metric, mode=mode, max_epochs=max_epochs)
+    reruns = [trial.params for trial in past if not trial.done]
+    searcher = PruneAwareOptunaSearch(space=space.sample, sampler=sampler, metric=metric, mode=mode,
+                                      max_epochs=max_epochs, points_to_evaluate=reruns or None)
+    for trial in done:
+        tell_past(searcher.study, space, trial)
+    return searcher
+
+
+def tell_past(study: optuna.Study, space: Space, trial: PastTrial) -> None:
+    """Give the sampler a trial recorded before a resume, as it was told the first time."""
+    distributions = {param.name: _distribution(param) for param in space.params if param.name in trial.params}
+    if trial.status == "completed" and trial.value is not None and not math.isnan(trial.value):
+        state, value = TrialState.COMPLETE, trial.value
+    elif trial.status == "pruned":
+        state, value = TrialState.PRUNED, None
+    else:
+        state, value = TrialState.FAIL, None
+    try:
+        study.add_trial(optuna.trial.create_trial(params=trial.params, distributions=distributions, value=value,
+                                                  state=state, intermediate_values=trial.curve))
+    except ValueError as exc:  # the space module changed since: the sampler cannot use this trial
+        print(f"warning: the sampler skips trial {trial.number} of the record: {exc}", file=sys.stderr)
+
+
+def _distribution(param) -> optuna.distributions.BaseDistribution:
+    if isinstance(param, Float):
+        return optuna.distributions.FloatDistribution(param.low, param.high, log=param.log)
+    if isinstance(param, Int):
+        return optuna.distributions.IntDistribution(param.low, param.high, log=param.log)
+    return optuna.distributions.CategoricalDistribution(list(param.choices))
+
+
+def _key(values: dict) -> tuple:
+    """Hyperparameters compared as their [train] types print them (a grid's 0 is the record's 0.0)."""
+    types = field_types(TrainConfig)
+    return tuple(sorted((name, str(types[name](value))) for name, value in values.items()))

@@ -1,7 +1,8 @@
 """A study: many trials of one search space on Ray Tune, every trial recorded in MLflow.
 
 experiment + search space -> searcher (strategy) + scheduler -> Tuner over the trainable, with the
-driver-side MLflow callback. Resuming restores the Tuner (and so the sampler's history) from disk.
+driver-side MLflow callback. A study's MLflow record is its state: resuming reads the trials back from
+it, tells the sampler the finished ones, reruns the interrupted ones and runs the rest.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     space = search_spaces.get(experiment.search_space)
     storage = results_folder(options.storage)
     study_path = storage / options.name
-    if options.resume and not (study_path / "tuner.pkl").exists():
+    if options.resume and not (study_path / SETTINGS_FILE).is_file():
         raise UsageError(f"no study named {options.name!r} to resume in {storage}; check --name "
                          f"(studies there: {', '.join(sorted(p.name for p in storage.glob('*'))) or 'none'})")
     if not options.resume and study_path.exists():
@@ -148,13 +149,24 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     status, counts, best, interrupted = tracking.KILLED, {}, None, True
     try:
-        tuner = _make_tuner(experiment, space, data, options, storage, callback)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the driver trains nothing; GP's suggestions must not fight the trials for cores
-        try:
-            tuner.fit()
-        finally:
-            torch.set_num_threads(threads)
+        # The study's MLflow record is what a resume continues from: Ray's own snapshot can miss a
+        # trial that ended while the study was stopping, and it restarts interrupted trials under new ids.
+        recorder.open(resume=options.resume)
+        done = [trial for trial in recorder.past if trial.done]
+        planned = min(search.trials, len(space.grid())) if search.strategy == "grid" else search.trials
+        if options.resume:
+            reruns = len(recorder.past) - len(done)
+            print(f"resuming: {len(done)} of {planned} trials recorded, {reruns} interrupted to rerun, "
+                  f"{max(0, planned - len(done) - reruns)} new", flush=True)
+        if planned > len(done):
+            tuner = _make_tuner(experiment, space, data, options, storage, callback, recorder.past,
+                                planned - len(done))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the driver trains nothing; GP's suggestions must not fight the trials for cores
+            try:
+                tuner.fit()
+            finally:
+                torch.set_num_threads(threads)
         status = tracking.FINISHED
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
@@ -189,7 +201,8 @@ def _start_ray(address: str | None) -> bool:
 
 
 def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, storage: Path,
-                callback: StudyCallback) -> tune.Tuner:
+                callback: StudyCallback, past: list[tracking.PastTrial], trials: int) -> tune.Tuner:
+    """A Tuner for `trials` more trials; on resume its searcher starts from the study's `past` trials."""
     search = experiment.search
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's new console output ignores verbose=0; we print our own
     # Ray's CSV and TensorBoard result files duplicate what MLflow records (~0.016 s per trial); the
@@ -198,16 +211,9 @@ def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, stor
     resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=experiment, space=space, data=data),
                                     resources)
-    if options.resume:
-        # Unfinished trials restart from scratch: a checkpoint holds best-epoch weights, not optimizer state.
-        tuner = tune.Tuner.restore(str(storage / options.name), trainable, resume_unfinished=True,
-                                   _resume_config=tune.ResumeConfig(unfinished=tune.ResumeConfig.ResumeType.RESTART))
-        # The restored Tuner carries the callback pickled when the study began; use this session's.
-        tuner._local_tuner.get_run_config().callbacks = [callback, JsonLoggerCallback()]
-        return tuner
     metric = best_key(experiment.metric)
     searcher = make_searcher(search.strategy, space, metric=metric, mode=experiment.mode, seed=search.seed,
-                             trials=search.trials, max_epochs=experiment.train.epochs)
+                             trials=search.trials, max_epochs=experiment.train.epochs, past=past)
     if search.scheduler == "asha":
         # Rungs compare the current epoch's metric; the searcher compares best-epoch values.
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=experiment.metric, mode=experiment.mode,
@@ -215,7 +221,6 @@ def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, stor
                                   reduction_factor=search.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    trials = min(search.trials, len(space.grid())) if search.strategy == "grid" else search.trials
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,

@@ -42,8 +42,7 @@ class StudyCallback(tune.Callback):
     def __getstate__(self):  # Ray pickles the Tuner with its callbacks; a thread does not travel
         return {**self.__dict__, "writer": None, "trials": {}}
 
-    def setup(self, **info) -> None:
-        self.recorder.open()
+    def setup(self, **info) -> None:  # the study has opened the recorder
         self.writer = BackgroundWriter()
         self._watch_interrupts()
 
@@ -70,8 +69,10 @@ class StudyCallback(tune.Callback):
         self.trials[trial.trial_id] = trial
         self.best_epoch.pop(trial.trial_id, None)
         searched = [name for name in self.searched if name in trial.config]  # conditions may drop some
-        self.recorder.number(trial.trial_id)  # assigned here, in start order, before the write is queued
-        self.writer.submit(self.recorder.start_trial, trial.trial_id, self.hyperparameters(trial.config), searched)
+        params = self.hyperparameters(trial.config)
+        # Numbered here, in start order, before the write is queued; a rerun keeps its old number.
+        self.recorder.number(trial.trial_id, {name: params[name] for name in searched})
+        self.writer.submit(self.recorder.start_trial, trial.trial_id, params, searched)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         epoch = int(result.get("training_iteration", 0))

@@ -13,12 +13,14 @@ import queue
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from cnnopt.config import DataConfig, Experiment, TrainConfig
+from cnnopt.config import DataConfig, Experiment, TrainConfig, field_types
+from cnnopt.errors import UsageError
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -116,6 +118,36 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr
 STUDY_TAG, TRIAL_TAG = "cnnopt.study", "trial_id"
 
 
+def param_value(text: str | None, kind: type):
+    """An MLflow param (a string) as its declared type: bool, int, float or str."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return None
+    if kind is bool:
+        return text == "True"
+    return kind(text)
+
+
+@dataclass(frozen=True)
+class PastTrial:
+    """A trial as the study's MLflow record holds it; what a resumed study starts from."""
+
+    number: int
+    trial_id: str
+    run_id: str
+    status: str  # completed | pruned | diverged | failed | interrupted
+    params: dict  # the searched hyperparameters, typed
+    value: float | None  # best_<metric>
+    curve: dict[int, float]  # pruned trials: epoch -> best metric so far
+
+    @property
+    def done(self) -> bool:
+        """Counted against the study's trials: anything but an interrupted trial, which is rerun."""
+        return self.status != "interrupted"
+
+    def logged_params(self) -> dict[str, str]:
+        return {name: str(value) for name, value in self.params.items()}
+
+
 class StudyRecorder:
     """One parent run per study and one nested child run per trial, written from the driver only.
 
@@ -130,6 +162,9 @@ class StudyRecorder:
         self.children: dict[str, str] = {}  # trial_id -> child run id
         self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
         self.closed: set[str] = set()  # child runs this session ended
+        self.past: list[PastTrial] = []  # trials recorded before this session (on resume)
+        self.replaced: dict[str, str] = {}  # trial_id of a rerun -> the interrupted run it replaces
+        self.deleted: set[str] = set()
         self.best: float | None = None
         self._client: MlflowClient | None = None
 
@@ -150,18 +185,22 @@ class StudyRecorder:
         return found is not None and bool(client.search_runs(
             [found.experiment_id], f"tags.`{STUDY_TAG}` = '{study}' and tags.`cnnopt.kind` = 'study'", max_results=1))
 
-    def open(self) -> str:
-        """Create the parent run, or reopen it when the study is resumed."""
+    def open(self, resume: bool = False) -> str:
+        """Create the parent run, or reopen it and read back its trials when the study is resumed."""
         found = self._find(f"tags.`{STUDY_TAG}` = '{self.study}' and tags.`cnnopt.kind` = 'study'")
+        if resume and not found:
+            raise UsageError(f"the MLflow store {tracking_uri()} holds no study named {self.study!r}; "
+                             "set MLFLOW_TRACKING_URI to the store the study ran with")
         if found:
             self.parent_run_id = found[0].info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
-            for child in self._find(f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"):
+            for child in self.trial_runs():
                 trial_id = child.data.tags.get(TRIAL_TAG, "")
                 self.children[trial_id] = child.info.run_id
                 self.numbers[trial_id] = int(child.data.tags.get("trial_number", 0))
-            best = [r.data.metrics.get(f"best_{self.experiment.metric}") for r in found]
-            self.best = best[0]
+                self.past.append(self._past_trial(child))
+            self.past.sort(key=lambda past: past.number)
+            self.best = found[0].data.metrics.get(f"best_{self.experiment.metric}")
             return self.parent_run_id
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
                                        tags={**self.tags, STUDY_TAG: self.study, "cnnopt.kind": "study"})
@@ -171,18 +210,48 @@ class StudyRecorder:
             self.client.log_artifact(self.parent_run_id, path, artifact_path="search_space")
         return self.parent_run_id
 
-    def number(self, trial_id: str) -> int:
-        """The trial's number: kept across a resume, else the next free one."""
+    def _past_trial(self, run) -> PastTrial:
+        tags, metric = run.data.tags, self.experiment.metric
+        status = tags.get("status", "running")
+        if status == "running" or run.info.status == "RUNNING":  # its process died without ending the run
+            status = "interrupted"
+        types = field_types(TrainConfig)
+        params = {name: param_value(run.data.params.get(name), types[name])
+                  for name in tags.get("searched", "").split(",") if name in types}
+        curve: dict[int, float] = {}
+        if status == "pruned":  # the sampler ranks a pruned trial by its best-so-far value at each epoch
+            best = None
+            for point in sorted(self.client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step):
+                better = best is None or (point.value > best if self.experiment.mode == "max" else point.value < best)
+                best = point.value if better else best
+                curve[point.step] = best
+        return PastTrial(number=int(tags.get("trial_number", 0)), trial_id=tags.get(TRIAL_TAG, ""),
+                         run_id=run.info.run_id, status=status, params=params,
+                         value=run.data.metrics.get(f"best_{metric}"), curve=curve)
+
+    def number(self, trial_id: str, params: dict[str, str] | None = None) -> int:
+        """The trial's number: kept across a resume, else the next free one.
+
+        A new trial with the hyperparameters (`params`, as logged) of a trial that an interrupt cut
+        short is its rerun: it takes that trial's number, and its run replaces the unfinished one.
+        """
         if trial_id not in self.numbers:
-            self.numbers[trial_id] = max(self.numbers.values(), default=0) + 1
+            rerun = next((past for past in self.past if past.status == "interrupted" and past.run_id not in self.replaced
+                          and params is not None and past.logged_params() == params), None)
+            if rerun is not None:
+                self.replaced[trial_id] = rerun.run_id
+                self.numbers[trial_id] = rerun.number
+            else:
+                self.numbers[trial_id] = max(self.numbers.values(), default=0) + 1
         return self.numbers[trial_id]
 
     def start_trial(self, trial_id: str, params: dict, searched: list[str]) -> str:
         """A RUNNING child run for the trial; an earlier unfinished attempt of it is deleted."""
         number = self.number(trial_id)
-        previous = self.children.get(trial_id)
-        if previous is not None:
-            self.client.delete_run(previous)
+        for previous in (self.children.get(trial_id), self.replaced.get(trial_id)):
+            if previous is not None and previous not in self.deleted:
+                self.client.delete_run(previous)  # the unfinished attempt this run replaces
+                self.deleted.add(previous)
         run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
                            parent_run_id=self.parent_run_id,
                            tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
@@ -227,7 +296,9 @@ class StudyRecorder:
     def kill_unfinished(self) -> None:
         """End any child left running (a trial cut short by an interrupt) as KILLED."""
         for run_id in self.children.values():
-            if run_id not in self.closed and self.client.get_run(run_id).info.status == "RUNNING":
+            if run_id in self.closed or run_id in self.deleted:
+                continue
+            if self.client.get_run(run_id).info.status == "RUNNING":
                 log(self.client, run_id, tags={"status": "interrupted"})
                 end_run(self.client, run_id, KILLED)
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from cnnopt.errors import UsageError
 from cnnopt.model import build_model
 from cnnopt.searchers import STRATEGIES, PruneAwareOptunaSearch, make_searcher
 from cnnopt.study import StudyOptions, run_study
+from cnnopt.tracking import PastTrial
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "train.epochs=2", "--no-promote"]
@@ -116,10 +118,39 @@ def test_prune_aware_search_tells_optuna_the_truth():
     assert [t.state for t in searcher.study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                                                         TrialState.FAIL]
     assert searcher.study.trials[0].value == 0.9
-    # A trial Ray restores on resume that this searcher never suggested (it was saved before) is skipped.
-    searcher.on_trial_result("unknown", {"best_val_accuracy": 0.5, "training_iteration": 1})
-    searcher.on_trial_complete("unknown", {"best_val_accuracy": 0.5, "training_iteration": 5})
-    assert len(searcher.study.trials) == 4
+
+
+def past_trials(space, statuses: list[str]) -> list[PastTrial]:
+    """A study's record as a resume reads it back from MLflow: one trial per status, in order."""
+    points = space.grid()
+    return [PastTrial(number=i + 1, trial_id=f"old{i}", run_id=f"run{i}", status=status, params=points[i * 5],
+                      value=0.5 + 0.1 * i if status == "completed" else None,
+                      curve={1: 0.3} if status == "pruned" else {}) for i, status in enumerate(statuses)]
+
+
+@pytest.mark.parametrize("strategy", ["random", "bayes", "gp"])
+def test_resumed_sampler_learns_the_record_and_reruns_interrupted_trials_first(strategy):
+    space = search_spaces.get("lesson")
+    past = past_trials(space, ["completed", "pruned", "failed", "interrupted", "completed"])
+    searcher = make_searcher(strategy, space, metric="best_val_accuracy", mode="max", seed=0, trials=8,
+                             max_epochs=2, past=past)
+    told = [t for t in searcher.study.trials if t.state != TrialState.WAITING]
+    assert [t.state for t in told] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.params for t in told] == [p.params for p in past if p.status != "interrupted"]
+    assert told[0].value == 0.5 and told[1].intermediate_values == {1: 0.3}
+    assert searcher.suggest("rerun") == past[3].params, "the interrupted trial runs again, as it was"
+    fresh = make_searcher(strategy, space, metric="best_val_accuracy", mode="max", seed=0, trials=8, max_epochs=2)
+    assert searcher.suggest("new") != fresh.suggest("first"), "a resumed sampler does not redraw the first draws"
+
+
+def test_resumed_grid_skips_finished_points_and_keeps_the_order():
+    space = search_spaces.get("lesson")
+    past = past_trials(space, ["completed", "interrupted", "failed"])
+    searcher = make_searcher("grid", space, metric="best_val_accuracy", mode="max", seed=0, trials=12,
+                             max_epochs=2, past=past)
+    finished = [past[0].params, past[2].params]
+    assert searcher.points == [point for point in space.grid()[:12] if point not in finished]
+    assert past[1].params in searcher.points
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -148,29 +179,44 @@ def run_cli(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def running_trial(client: MlflowClient, study: str):
+    """A trial after the first that is mid-training (one epoch logged), or None."""
+    experiment = client.get_experiment_by_name("digits")
+    if experiment is None:
+        return None
+    for run in client.search_runs([experiment.experiment_id],
+                                  f"tags.`cnnopt.study` = '{study}' and tags.status = 'running'"):
+        if int(run.data.tags["trial_number"]) >= 2 and client.get_metric_history(run.info.run_id, "val_accuracy"):
+            return run
+    return None
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known race, issue 3 left open: after SIGTERM Ray can start one more "
-                   "trial after its final state snapshot, and the resumed study then sometimes waits forever")
 def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
-    # Enough work after the first trial that the signal lands mid-study however fast the machine is.
-    args = ["--strategy", "bayes", "--trials", "6", "--concurrency", "1", "--name", "resumable",
-            "--set", "train.epochs=6", "--no-promote"]
+    # 12 epochs: a trial runs for a second or more after its first epoch, so the signal lands inside it.
+    args = ["--strategy", "bayes", "--trials", "4", "--concurrency", "1", "--name", "resumable",
+            "--set", "train.epochs=12", "--no-promote"]
     first = run_cli(args, tmp_path, env)
-    lines = []
-    for line in first.stdout:  # stop it once the first trial has finished
-        lines.append(line)
-        if line.startswith("trial   1"):
-            first.send_signal(signal.SIGTERM)
-            break
-    output = "".join(lines) + first.communicate(timeout=120)[0]
+    client = MlflowClient(tracking_uri=mlflow_store)
+    deadline = time.monotonic() + 300
+    while (cut := running_trial(client, "resumable")) is None and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cut is not None, "no trial was caught mid-training"
+    first.send_signal(signal.SIGTERM)
+    output = first.communicate(timeout=120)[0]
     assert first.returncode == 130, output
     assert "--resume --name resumable" in output
-    client, parent, children = study_runs(mlflow_store, "resumable")
+    _, parent, children = study_runs(mlflow_store, "resumable")
     assert parent.info.status == "KILLED"
-    done_before = {c.data.tags["trial_id"] for c in children if c.data.tags["status"] == "completed"}
-    assert 1 <= len(done_before) < 6
     assert not [c for c in children if c.info.status == "RUNNING"]
+    by_status = {}
+    for child in children:
+        by_status.setdefault(child.data.tags["status"], []).append(child)
+    interrupted = {c.info.run_id: c for c in by_status.pop("interrupted")}
+    assert cut.info.run_id in interrupted and interrupted[cut.info.run_id].info.status == "KILLED"
+    done_before = {c.data.tags["trial_id"]: c for c in by_status.pop("completed")}
+    assert 1 <= len(done_before) < 4 and not by_status
 
     second = run_cli(["--resume", "--name", "resumable", "--no-promote"], tmp_path, env)  # its saved settings
     try:
@@ -180,15 +226,22 @@ def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
         second.communicate()
         raise
     assert second.returncode == 0, output
-    client, parent_after, children = study_runs(mlflow_store, "resumable")
+    assert f"resuming: {len(done_before)} of 4 trials recorded, {len(interrupted)} interrupted to rerun" in output
+    _, parent_after, children = study_runs(mlflow_store, "resumable")
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
     trial_ids = [c.data.tags["trial_id"] for c in children]
-    assert len(trial_ids) == len(set(trial_ids)) == 6, "each trial logged once"
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert done_before <= set(trial_ids)
-    for trial_id in done_before:  # finished trials were not rerun: their output lines are absent
-        number = next(c.data.tags["trial_number"] for c in children if c.data.tags["trial_id"] == trial_id)
-        assert f"trial {int(number):3d}" not in output
+    assert len(trial_ids) == len(set(trial_ids)) == 4, "each trial logged once"
+    assert all(c.info.status == "FINISHED" and c.data.tags["status"] == "completed" for c in children)
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == [1, 2, 3, 4]
+    for trial_id, before in done_before.items():  # finished trials were neither rerun nor logged again
+        assert trial_id in trial_ids
+        assert f"trial {int(before.data.tags['trial_number']):3d}" not in output
+    for run_id, before in interrupted.items():  # an interrupted trial reran, as itself, in its place
+        assert client.get_run(run_id).info.lifecycle_stage == "deleted"
+        rerun = next(c for c in children if c.data.tags["trial_number"] == before.data.tags["trial_number"])
+        searched = before.data.tags["searched"].split(",")
+        assert {k: rerun.data.params[k] for k in searched} == {k: before.data.params[k] for k in searched}
+    assert len(client.get_metric_history(parent.info.run_id, "best_val_accuracy")) >= 4
 
 
 CLUSTER_SCRIPT = textwrap.dedent("""
