@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.no_promote or outcome.best is None:
         return 0
+    if outcome.previously_finished and not outcome.new_trials:
+        print(f"\nThe study had already finished and nothing new ran, so nothing is promoted; to promote its "
+              f"best trial:\n"
+              f"  python -m cnnopt.promote --study {outcome.name}")
+        return 0
     print(f"\npromoting the best trial (trial {outcome.best['trial_number']})...", flush=True)
     try:
         print_promotion(promote(experiment, run_id=outcome.best["run_id"]), experiment)
@@ -105,6 +110,7 @@ def print_summary(experiment, outcome) -> None:
     print(f"\n{outcome.name}: {counts.get('completed', 0)} finished, {counts.get('failed', 0)} failed, "
           f"{counts.get('pruned', 0)} pruned, {counts.get('diverged', 0)} diverged"
           + (f", {counts.get('interrupted', 0)} interrupted" if counts.get("interrupted") else "")
+          + (f", {counts.get('abandoned', 0)} abandoned" if counts.get("abandoned") else "")
           + f" in {outcome.wall_seconds:.0f}s")
     best = outcome.best
     if best:

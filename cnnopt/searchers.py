@@ -105,7 +105,7 @@ def make_searcher(strategy: str, space: Space, *, metric: str, mode: str, seed: 
         return GridSearcher([point for point in space.grid()[:trials] if _key(point) not in finished],
                             metric=metric, mode=mode)
     # A resumed sampler draws from a new seed: the original one would repeat the draws already made.
-    seed = seed + 7919 * len(past)
+    seed = (seed + 7919 * len(past)) % 2**32
     if strategy == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     elif strategy == "bayes":
@@ -118,12 +118,19 @@ def make_searcher(strategy: str, space: Space, *, metric: str, mode: str, seed: 
         sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(10, max(4, trials // 4)),
                                             warn_independent_sampling=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    reruns = [trial.params for trial in past if not trial.done]
+    reruns = [trial.params for trial in past if trial.status == "interrupted"]
     searcher = PruneAwareOptunaSearch(space=space.sample, sampler=sampler, metric=metric, mode=mode,
                                       max_epochs=max_epochs, points_to_evaluate=reruns or None)
     for trial in done:
         tell_past(searcher.study, space, trial)
     return searcher
+
+
+def rerun_problem(strategy: str, space: Space, params: dict) -> str | None:
+    """Why an interrupted trial cannot run again as it was (the space module changed since), or None."""
+    if strategy == "grid":
+        return None if _key(params) in {_key(point) for point in space.grid()} else "no longer a point of the grid"
+    return space.mismatch(params)
 
 
 def tell_past(study: optuna.Study, space: Space, trial: PastTrial) -> None:
@@ -153,4 +160,4 @@ def _distribution(param) -> optuna.distributions.BaseDistribution:
 def _key(values: dict) -> tuple:
     """Hyperparameters compared as their [train] types print them (a grid's 0 is the record's 0.0)."""
     types = field_types(TrainConfig)
-    return tuple(sorted((name, str(types[name](value))) for name, value in values.items()))
+    return tuple(sorted((name, str(value if value is None else types[name](value))) for name, value in values.items()))

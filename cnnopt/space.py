@@ -29,6 +29,9 @@ class Param:
     def active(self, values: dict[str, Any]) -> bool:
         return all(values.get(name) in allowed for name, allowed in self.when.items())
 
+    def contains(self, value: Any) -> bool:
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Float(Param):
@@ -38,6 +41,9 @@ class Float(Param):
 
     def suggest(self, trial) -> float:
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
     def grid_values(self) -> tuple:
         middle = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
@@ -53,6 +59,9 @@ class Int(Param):
     def suggest(self, trial) -> int:
         return trial.suggest_int(self.name, self.low, self.high, log=self.log)
 
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+
     def grid_values(self) -> tuple:
         return self.grid or tuple(sorted({self.low, (self.low + self.high) // 2, self.high}))
 
@@ -63,6 +72,9 @@ class Choice(Param):
 
     def suggest(self, trial) -> Any:
         return trial.suggest_categorical(self.name, list(self.choices))
+
+    def contains(self, value: Any) -> bool:
+        return value in self.choices
 
     def grid_values(self) -> tuple:
         return self.grid or self.choices
@@ -90,6 +102,22 @@ class Space:
             if param.active(values):
                 values[param.name] = param.suggest(trial)
         return values
+
+    def mismatch(self, values: dict[str, Any]) -> str | None:
+        """Why `values` is not a point this space can sample (None if it is): what a resume checks
+        before rerunning a trial recorded under an older version of the space module."""
+        unknown = sorted(set(values) - set(self.names))
+        if unknown:
+            return f"{', '.join(unknown)} no longer in search space {self.name!r}"
+        for param in self.params:
+            if not param.active(values):
+                if param.name in values:
+                    return f"{param.name} is set though its condition {param.when} does not hold"
+            elif param.name not in values:
+                return f"{param.name} is missing"
+            elif not param.contains(values[param.name]):
+                return f"{param.name}={values[param.name]!r} is outside search space {self.name!r}"
+        return None
 
     def grid(self) -> list[dict[str, Any]]:
         """Every combination of grid values in a fixed order, conditions applied, duplicates removed."""

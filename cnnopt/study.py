@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from cnnopt.data import load_data
 from cnnopt.errors import UsageError
 from cnnopt.model import build_model
 from cnnopt.objective import check_config
-from cnnopt.searchers import SAMPLER_NAMES, STRATEGIES, make_searcher
+from cnnopt.searchers import SAMPLER_NAMES, STRATEGIES, make_searcher, rerun_problem
 from cnnopt.study_callback import StudyCallback
 from cnnopt.trainable import best_key, run_trial
 
@@ -52,6 +53,8 @@ class StudyOutcome:
     wall_seconds: float
     interrupted: bool
     storage_path: str
+    new_trials: int = 0  # trials started by this run of the command
+    previously_finished: bool = False  # a resumed study had already ended normally
 
 
 def default_study_name(experiment: Experiment) -> str:
@@ -125,8 +128,6 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     if not options.resume and tracking.StudyRecorder.exists(experiment, options.name):
         raise UsageError(f"MLflow experiment {experiment.name!r} already holds a study named {options.name!r}; "
                          "pick another --name (or --resume it from the folder where it ran)")
-    if not options.resume:
-        save_settings(experiment, study_path)
     own_ray = _start_ray(options.address)
     try:
         check_resources(search)
@@ -152,10 +153,17 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         # The study's MLflow record is what a resume continues from: Ray's own snapshot can miss a
         # trial that ended while the study was stopping, and it restarts interrupted trials under new ids.
         recorder.open(resume=options.resume)
+        if not options.resume:
+            save_settings(experiment, study_path)  # only now: a study is resumable once its parent run exists
+        for past in list(recorder.past):
+            problem = past.status == "interrupted" and rerun_problem(search.strategy, space, past.params)
+            if problem:
+                print(f"warning: trial {past.number} is not rerun: {problem}", file=sys.stderr)
+                recorder.abandon(past, problem)
         done = [trial for trial in recorder.past if trial.done]
         planned = min(search.trials, len(space.grid())) if search.strategy == "grid" else search.trials
         if options.resume:
-            reruns = len(recorder.past) - len(done)
+            reruns = min(sum(trial.status == "interrupted" for trial in recorder.past), max(0, planned - len(done)))
             print(f"resuming: {len(done)} of {planned} trials recorded, {reruns} interrupted to rerun, "
                   f"{max(0, planned - len(done) - reruns)} new", flush=True)
         if planned > len(done):
@@ -178,11 +186,11 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
             counts, best = summarize(recorder, experiment)
             recorder.close(tracking.KILLED if interrupted else tracking.FINISHED,
                            {f"{name}_trials": counts.get(name, 0) for name in ("completed", "failed", "pruned",
-                                                                                "diverged", "interrupted")})
+                                                                                "diverged", "interrupted", "abandoned")})
         if own_ray:
             ray.shutdown()
     return StudyOutcome(options.name, recorder.parent_run_id, counts, best, time.perf_counter() - started,
-                        interrupted, str(study_path))
+                        interrupted, str(study_path), len(callback.trials), recorder.was_finished)
 
 
 def _start_ray(address: str | None) -> bool:

@@ -134,15 +134,15 @@ class PastTrial:
     number: int
     trial_id: str
     run_id: str
-    status: str  # completed | pruned | diverged | failed | interrupted
+    status: str  # completed | pruned | diverged | failed | interrupted | abandoned
     params: dict  # the searched hyperparameters, typed
     value: float | None  # best_<metric>
     curve: dict[int, float]  # pruned trials: epoch -> best metric so far
 
     @property
     def done(self) -> bool:
-        """Counted against the study's trials: anything but an interrupted trial, which is rerun."""
-        return self.status != "interrupted"
+        """Counted against the study's trials: a trial that ran to an end (not one cut short)."""
+        return self.status not in ("interrupted", "abandoned")
 
     def logged_params(self) -> dict[str, str]:
         return {name: str(value) for name, value in self.params.items()}
@@ -165,6 +165,7 @@ class StudyRecorder:
         self.past: list[PastTrial] = []  # trials recorded before this session (on resume)
         self.replaced: dict[str, str] = {}  # trial_id of a rerun -> the interrupted run it replaces
         self.deleted: set[str] = set()
+        self.was_finished = False  # a resumed study had ended normally before
         self.best: float | None = None
         self._client: MlflowClient | None = None
 
@@ -193,14 +194,17 @@ class StudyRecorder:
                              "set MLFLOW_TRACKING_URI to the store the study ran with")
         if found:
             self.parent_run_id = found[0].info.run_id
-            self.client.update_run(self.parent_run_id, status="RUNNING")
             for child in self.trial_runs():
                 trial_id = child.data.tags.get(TRIAL_TAG, "")
                 self.children[trial_id] = child.info.run_id
                 self.numbers[trial_id] = int(child.data.tags.get("trial_number", 0))
                 self.past.append(self._past_trial(child))
             self.past.sort(key=lambda past: past.number)
-            self.best = found[0].data.metrics.get(f"best_{self.experiment.metric}")
+            self.was_finished = found[0].info.status == FINISHED
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+            for past in self.past:  # the best-so-far curve goes on from the best recorded trial
+                if past.status == "completed" and past.value is not None:
+                    self._note_best(past.value)
             return self.parent_run_id
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
                                        tags={**self.tags, STUDY_TAG: self.study, "cnnopt.kind": "study"})
@@ -236,8 +240,8 @@ class StudyRecorder:
         short is its rerun: it takes that trial's number, and its run replaces the unfinished one.
         """
         if trial_id not in self.numbers:
-            rerun = next((past for past in self.past if past.status == "interrupted" and past.run_id not in self.replaced
-                          and params is not None and past.logged_params() == params), None)
+            rerun = next((past for past in self.past if past.status == "interrupted" and params is not None
+                          and past.run_id not in self.replaced.values() and past.logged_params() == params), None)
             if rerun is not None:
                 self.replaced[trial_id] = rerun.run_id
                 self.numbers[trial_id] = rerun.number
@@ -282,12 +286,22 @@ class StudyRecorder:
         end_run(self.client, run_id, FAILED if status in ("failed", "diverged") else FINISHED)
         self.closed.add(run_id)
         value = best.get(self.experiment.metric)
-        if status == "completed" and value is not None and not math.isnan(value):  # what promotion can pick
-            better = self.best is None or (value > self.best if self.experiment.mode == "max" else value < self.best)
-            if better:
-                self.best = value
+        if status == "completed" and value is not None:  # what promotion can pick
+            self._note_best(value)
         if self.best is not None:  # one point per trial: the best-so-far curve
             log(self.client, self.parent_run_id, metrics={f"best_{self.experiment.metric}": self.best}, step=number)
+
+    def _note_best(self, value: float) -> None:
+        if math.isnan(value):
+            return
+        if self.best is None or (value > self.best if self.experiment.mode == "max" else value < self.best):
+            self.best = value
+
+    def abandon(self, past: PastTrial, reason: str) -> None:
+        """An interrupted trial that cannot be rerun (the space changed): tagged, never queued again."""
+        log(self.client, past.run_id, tags={"status": "abandoned", "error": f"not rerun on resume: {reason}"})
+        end_run(self.client, past.run_id, KILLED)  # it may still be RUNNING if its driver was killed
+        self.past[self.past.index(past)] = dataclasses.replace(past, status="abandoned")
 
     def trial_runs(self) -> list:
         """The study's child runs, oldest first."""
@@ -295,8 +309,9 @@ class StudyRecorder:
 
     def kill_unfinished(self) -> None:
         """End any child left running (a trial cut short by an interrupt) as KILLED."""
+        ended = {past.run_id for past in self.past if past.status != "interrupted"}  # in an earlier session
         for run_id in self.children.values():
-            if run_id in self.closed or run_id in self.deleted:
+            if run_id in self.closed or run_id in self.deleted or run_id in ended:
                 continue
             if self.client.get_run(run_id).info.status == "RUNNING":
                 log(self.client, run_id, tags={"status": "interrupted"})

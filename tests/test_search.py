@@ -22,7 +22,8 @@ from cnnopt.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.model import build_model
 from cnnopt.searchers import STRATEGIES, PruneAwareOptunaSearch, make_searcher
-from cnnopt.study import StudyOptions, run_study
+from cnnopt import tracking
+from cnnopt.study import StudyOptions, results_folder, run_study, save_settings
 from cnnopt.tracking import PastTrial
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,16 +132,18 @@ def past_trials(space, statuses: list[str]) -> list[PastTrial]:
 @pytest.mark.parametrize("strategy", ["random", "bayes", "gp"])
 def test_resumed_sampler_learns_the_record_and_reruns_interrupted_trials_first(strategy):
     space = search_spaces.get("lesson")
-    past = past_trials(space, ["completed", "pruned", "failed", "interrupted", "completed"])
+    past = past_trials(space, ["completed", "pruned", "failed", "interrupted", "abandoned", "completed"])
     searcher = make_searcher(strategy, space, metric="best_val_accuracy", mode="max", seed=0, trials=8,
                              max_epochs=2, past=past)
     told = [t for t in searcher.study.trials if t.state != TrialState.WAITING]
     assert [t.state for t in told] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]
-    assert [t.params for t in told] == [p.params for p in past if p.status != "interrupted"]
+    assert [t.params for t in told] == [p.params for p in past if p.done]
     assert told[0].value == 0.5 and told[1].intermediate_values == {1: 0.3}
     assert searcher.suggest("rerun") == past[3].params, "the interrupted trial runs again, as it was"
+    assert searcher.suggest("next") != past[4].params, "an abandoned trial is not rerun"
     fresh = make_searcher(strategy, space, metric="best_val_accuracy", mode="max", seed=0, trials=8, max_epochs=2)
-    assert searcher.suggest("new") != fresh.suggest("first"), "a resumed sampler does not redraw the first draws"
+    fresh.suggest("first")
+    assert searcher.suggest("new") != fresh.suggest("second"), "a resumed sampler does not redraw the first draws"
 
 
 def test_resumed_grid_skips_finished_points_and_keeps_the_order():
@@ -151,6 +154,34 @@ def test_resumed_grid_skips_finished_points_and_keeps_the_order():
     finished = [past[0].params, past[2].params]
     assert searcher.points == [point for point in space.grid()[:12] if point not in finished]
     assert past[1].params in searcher.points
+
+
+def test_a_point_the_space_no_longer_holds_is_named():
+    space = search_spaces.get("lesson")
+    point = next(p for p in space.grid() if p["optimizer"] == "sgd")
+    assert space.mismatch(point) is None
+    assert "rmsprop" in space.mismatch({**point, "optimizer": "rmsprop"})
+    assert "momentum is set" in space.mismatch({**point, "optimizer": "adam"})
+    assert "no longer in search space" in space.mismatch({**point, "width": 3})
+    assert "outside" in space.mismatch({**point, "lr": 5.0})
+    assert "lr is missing" in space.mismatch({k: v for k, v in point.items() if k != "lr"})
+
+
+def test_resume_abandons_an_interrupted_trial_the_space_no_longer_holds(ray_session, mlflow_store, capsys):
+    experiment = load_experiment(None, ["train.epochs=1", "search.trials=2", "search.strategy=random",
+                                        "search.concurrency=1"])
+    space = search_spaces.get("lesson")
+    point = {**space.grid()[0], "optimizer": "rmsprop"}  # as if an older space module had offered rmsprop
+    record = tracking.StudyRecorder(experiment, "changed", tags={}, params={}, artifacts=[])
+    record.open()
+    record.start_trial("old", tracking.hyperparameters(space.apply(experiment.train, point)), list(point))
+    save_settings(experiment, results_folder() / "changed")  # the driver was killed mid-trial
+    outcome = run_study(experiment, StudyOptions(name="changed", resume=True))
+    assert outcome.counts == {"abandoned": 1, "completed": 2} and not outcome.interrupted
+    assert "trial 1 is not rerun: optimizer='rmsprop' is outside" in capsys.readouterr().err
+    _, parent, children = study_runs(mlflow_store, "changed")
+    assert parent.info.status == "FINISHED" and not [c for c in children if c.info.status == "RUNNING"]
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -244,6 +275,37 @@ def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
     assert len(client.get_metric_history(parent.info.run_id, "best_val_accuracy")) >= 4
 
 
+@pytest.mark.slow
+def test_a_study_whose_driver_was_killed_resumes_from_its_record(ray_session, mlflow_store, tmp_path):
+    """SIGKILL leaves no chance to clean up: the parent and the cut-short trial stay RUNNING in MLflow.
+    The drivers attach to the session's Ray instance, which outlives them."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    address = ["--address", ray_session.get_runtime_context().gcs_address]
+    first = run_cli(["--strategy", "gp", "--trials", "3", "--concurrency", "1", "--name", "killed",
+                     "--set", "train.epochs=12", "--no-promote", *address], tmp_path, env)
+    client = MlflowClient(tracking_uri=mlflow_store)
+    deadline = time.monotonic() + 300
+    while (cut := running_trial(client, "killed")) is None and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cut is not None, "no trial was caught mid-training"
+    first.kill()
+    first.communicate(timeout=60)
+    _, parent, children = study_runs(mlflow_store, "killed")
+    assert parent.info.status == "RUNNING" and client.get_run(cut.info.run_id).info.status == "RUNNING"
+    completed = {c.data.tags["trial_id"] for c in children if c.data.tags["status"] == "completed"}
+
+    second = run_cli(["--resume", "--name", "killed", "--no-promote", *address], tmp_path, env)
+    output = second.communicate(timeout=240)[0]
+    assert second.returncode == 0, output
+    _, parent_after, children = study_runs(mlflow_store, "killed")
+    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert completed <= {c.data.tags["trial_id"] for c in children}
+    assert client.get_run(cut.info.run_id).info.lifecycle_stage == "deleted"
+    rerun = next(c for c in children if c.data.tags["trial_number"] == cut.data.tags["trial_number"])
+    assert rerun.data.params["lr"] == cut.data.params["lr"]
+
+
 CLUSTER_SCRIPT = textwrap.dedent("""
     import subprocess, sys
     from ray.cluster_utils import Cluster
@@ -291,6 +353,28 @@ def test_a_study_name_is_not_reused(ray_session, mlflow_store):
     run_study(experiment, StudyOptions(name="once", storage="first"))
     with pytest.raises(UsageError, match="already holds a study named 'once'"):
         run_study(experiment, StudyOptions(name="once", storage="second"))
+
+
+def test_time_budget_ends_the_study_and_a_resume_continues_it(ray_session, mlflow_store):
+    experiment = load_experiment(None, ["train.epochs=3", "search.trials=200", "search.strategy=random",
+                                        "search.concurrency=1", "search.time_budget=0.1"])  # 6 seconds
+    started = time.monotonic()
+    outcome = run_study(experiment, StudyOptions(name="budget"))
+    assert time.monotonic() - started < 60
+    assert not outcome.interrupted and outcome.best is not None, "a budget ends a study normally"
+    _, parent, children = study_runs(mlflow_store, "budget")
+    assert parent.info.status == "FINISHED" and 1 <= len(children) < 200
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    before = {c.data.tags["trial_id"]: c.data.tags["status"] for c in children}
+
+    again = run_study(experiment, StudyOptions(name="budget", resume=True))
+    _, parent_after, children = study_runs(mlflow_store, "budget")
+    assert parent_after.info.run_id == parent.info.run_id and not again.interrupted
+    numbers = sorted(int(c.data.tags["trial_number"]) for c in children)
+    assert numbers == list(range(1, len(children) + 1)) and len(children) > len(before)
+    after = {c.data.tags["trial_id"] for c in children}
+    assert {t for t, status in before.items() if status != "interrupted"} <= after
+    assert not {t for t, status in before.items() if status == "interrupted"} & after, "cut-short runs replaced"
 
 
 def test_list_spaces(capsys):

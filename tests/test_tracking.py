@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+import search_spaces
 from cnnopt import tracking
+from cnnopt.config import TrainConfig
 from cnnopt.config import load_experiment
 from cnnopt.errors import UsageError
 
@@ -34,6 +36,7 @@ def test_a_resume_reads_back_finished_and_cut_short_trials(mlflow_store):
     assert second.past[0].curve == {1: 0.4, 2: 0.7} and second.past[0].value == 0.7
     assert second.number("new", PARAMS) == 3, "a finished trial's hyperparameters are not a rerun"
     assert second.number("rerun", other) == 2, "the cut-short trial's rerun takes its number"
+    assert second.number("same-draw", other) == 4, "a later draw of the same point is a new trial"
     second.start_trial("rerun", other, list(other))
     old = first.children["t2"]
     assert second.client.get_run(old).info.lifecycle_stage == "deleted"
@@ -45,3 +48,48 @@ def test_a_resume_reads_back_finished_and_cut_short_trials(mlflow_store):
 def test_resume_of_a_study_the_store_lacks_says_which_store(mlflow_store):
     with pytest.raises(UsageError, match="MLFLOW_TRACKING_URI"):
         recorder("missing").open(resume=True)
+
+
+def test_a_rerun_is_recognised_from_the_params_as_logged(mlflow_store):
+    """Ray's config of a rerun, printed as MLflow params, equals the record read back (bool, int, float,
+    str and a conditional parameter)."""
+    space = search_spaces.get("lesson")
+    point = next(p for p in space.grid() if p["optimizer"] == "sgd" and p["batch_norm"] is False)
+    logged = tracking.hyperparameters(space.apply(TrainConfig(), point))
+    first = recorder()
+    first.open()
+    first.start_trial("t1", logged, list(point))
+    second = recorder()
+    second.open(resume=True)
+    assert second.past[0].params == point and second.past[0].status == "interrupted"
+    assert second.number("rerun", {name: logged[name] for name in point}) == 1
+
+
+def test_the_best_so_far_goes_on_from_the_record(mlflow_store):
+    first = recorder()
+    first.open()
+    for trial_id, value in (("a", 0.9), ("b", 0.8)):
+        first.start_trial(trial_id, PARAMS, list(PARAMS))
+        first.end_trial(trial_id, "completed", {"val_accuracy": value})
+    first.close(tracking.KILLED)
+    second = recorder()
+    second.open(resume=True)
+    assert second.best == 0.9, "the best completed trial, not the last point logged"
+    second.start_trial("c", PARAMS, list(PARAMS))
+    second.end_trial("c", "completed", {"val_accuracy": 0.85})
+    history = second.client.get_metric_history(second.parent_run_id, "best_val_accuracy")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0.9, 0.9, 0.9]
+
+
+def test_an_abandoned_trial_is_neither_done_nor_rerun(mlflow_store):
+    first = recorder()
+    first.open()
+    first.start_trial("t1", PARAMS, list(PARAMS))
+    second = recorder()
+    second.open(resume=True)
+    second.abandon(second.past[0], "optimizer='rmsprop' is outside search space 'lesson'")
+    assert second.number("new", PARAMS) == 2, "no longer matched as a rerun"
+    third = recorder()
+    third.open(resume=True)
+    assert third.past[0].status == "abandoned" and not third.past[0].done
+    assert "rmsprop" in third.client.get_run(third.past[0].run_id).data.tags["error"]
