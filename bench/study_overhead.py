@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nwhere the study's time goes (median over rounds; the first six unindented lines add up to the study's "
           "wall time):")
     rows = [
-        ("run_study until Tuner.fit() begins: data, model check, searcher, Tuner (data put in the object store)",
+        ("run_study until Tuner.fit() begins: data, model check, MLflow parent run, searcher, Tuner (data put in the object store)",
          med(lambda r: r["prepare"]), False),
-        ("Tuner.fit() until the first trial starts: MLflow parent run, worker process start (imports torch)",
+        ("Tuner.fit() until the first trial starts: worker process start (imports torch)",
          med(lambda r: r["head"]), False),
         ("trials, from Ray's start to complete event: plain train() time of the same configs",
          med(lambda r: sum(r["plain_trials"])), True),
