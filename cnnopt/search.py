@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.no_promote or outcome.best is None:
         return 0
-    if outcome.previously_finished and not outcome.new_trials:
-        print(f"\nThe study had already finished and nothing new ran, so nothing is promoted; to promote its "
-              f"best trial:\n"
-              f"  python -m cnnopt.promote --study {outcome.name}")
+    if outcome.best.get("promoted"):  # a resumed study whose best trial is still the one promoted before
+        print(f"\nThe best trial (trial {outcome.best['trial_number']}) was promoted already; its test split is "
+              f"not evaluated again. To redo it: python -m cnnopt.promote --run-id {outcome.best['run_id']}")
         return 0
     print(f"\npromoting the best trial (trial {outcome.best['trial_number']})...", flush=True)
     try:

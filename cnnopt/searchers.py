@@ -126,10 +126,11 @@ def make_searcher(strategy: str, space: Space, *, metric: str, mode: str, seed: 
     return searcher
 
 
-def rerun_problem(strategy: str, space: Space, params: dict) -> str | None:
+def rerun_problem(strategy: str, space: Space, params: dict, trials: int) -> str | None:
     """Why an interrupted trial cannot run again as it was (the space module changed since), or None."""
     if strategy == "grid":
-        return None if _key(params) in {_key(point) for point in space.grid()} else "no longer a point of the grid"
+        planned = {_key(point) for point in space.grid()[:trials]}
+        return None if _key(params) in planned else f"no longer among the first {trials} points of the grid"
     return space.mismatch(params)
 
 

@@ -29,7 +29,7 @@ from cnnopt.data import load_data
 from cnnopt.errors import UsageError
 from cnnopt.model import build_model
 from cnnopt.objective import check_config
-from cnnopt.searchers import SAMPLER_NAMES, STRATEGIES, make_searcher, rerun_problem
+from cnnopt.searchers import SAMPLER_NAMES, STRATEGIES, GridSearcher, make_searcher, rerun_problem
 from cnnopt.study_callback import StudyCallback
 from cnnopt.trainable import best_key, run_trial
 
@@ -53,8 +53,6 @@ class StudyOutcome:
     wall_seconds: float
     interrupted: bool
     storage_path: str
-    new_trials: int = 0  # trials started by this run of the command
-    previously_finished: bool = False  # a resumed study had already ended normally
 
 
 def default_study_name(experiment: Experiment) -> str:
@@ -156,7 +154,9 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         if not options.resume:
             save_settings(experiment, study_path)  # only now: a study is resumable once its parent run exists
         for past in list(recorder.past):
-            problem = past.status == "interrupted" and rerun_problem(search.strategy, space, past.params)
+            if past.status != "interrupted":
+                continue
+            problem = rerun_problem(search.strategy, space, past.params, search.trials)
             if problem:
                 print(f"warning: trial {past.number} is not rerun: {problem}", file=sys.stderr)
                 recorder.abandon(past, problem)
@@ -190,7 +190,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         if own_ray:
             ray.shutdown()
     return StudyOutcome(options.name, recorder.parent_run_id, counts, best, time.perf_counter() - started,
-                        interrupted, str(study_path), len(callback.trials), recorder.was_finished)
+                        interrupted, str(study_path))
 
 
 def _start_ray(address: str | None) -> bool:
@@ -222,6 +222,8 @@ def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, stor
     metric = best_key(experiment.metric)
     searcher = make_searcher(search.strategy, space, metric=metric, mode=experiment.mode, seed=search.seed,
                              trials=search.trials, max_epochs=experiment.train.epochs, past=past)
+    if isinstance(searcher, GridSearcher):  # an edited space can leave fewer unfinished points than that
+        trials = min(trials, len(searcher.points))
     if search.scheduler == "asha":
         # Rungs compare the current epoch's metric; the searcher compares best-epoch values.
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=experiment.metric, mode=experiment.mode,
@@ -280,5 +282,5 @@ def summarize(recorder: tracking.StudyRecorder, experiment: Experiment) -> tuple
     best = {"run_id": run.info.run_id, "trial_number": int(run.data.tags.get("trial_number", 0)),
             "params": {name: run.data.params.get(name) for name in run.data.tags.get("searched", "").split(",") if name},
             "metrics": {k[len("best_"):]: v for k, v in run.data.metrics.items() if k.startswith("best_")},
-            "checkpoint": run.data.tags.get("checkpoint")}
+            "checkpoint": run.data.tags.get("checkpoint"), "promoted": run.data.tags.get("promoted") == "true"}
     return counts, best

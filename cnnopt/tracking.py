@@ -165,8 +165,8 @@ class StudyRecorder:
         self.past: list[PastTrial] = []  # trials recorded before this session (on resume)
         self.replaced: dict[str, str] = {}  # trial_id of a rerun -> the interrupted run it replaces
         self.deleted: set[str] = set()
-        self.was_finished = False  # a resumed study had ended normally before
         self.best: float | None = None
+        self.top: tuple[int, float] | None = None  # (highest step, value) of the parent's best-so-far metric
         self._client: MlflowClient | None = None
 
     def __getstate__(self):  # Ray pickles the callback that holds this; a client does not travel
@@ -200,11 +200,13 @@ class StudyRecorder:
                 self.numbers[trial_id] = int(child.data.tags.get("trial_number", 0))
                 self.past.append(self._past_trial(child))
             self.past.sort(key=lambda past: past.number)
-            self.was_finished = found[0].info.status == FINISHED
             self.client.update_run(self.parent_run_id, status="RUNNING")
             for past in self.past:  # the best-so-far curve goes on from the best recorded trial
                 if past.status == "completed" and past.value is not None:
                     self._note_best(past.value)
+            shown = found[0].data.metrics.get(f"best_{self.experiment.metric}")  # the value at its highest step
+            if shown is not None and self.past:
+                self.top = (max(past.number for past in self.past), shown)
             return self.parent_run_id
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
                                        tags={**self.tags, STUDY_TAG: self.study, "cnnopt.kind": "study"})
@@ -226,6 +228,8 @@ class StudyRecorder:
         if status == "pruned":  # the sampler ranks a pruned trial by its best-so-far value at each epoch
             best = None
             for point in sorted(self.client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step):
+                if math.isnan(point.value):
+                    continue
                 better = best is None or (point.value > best if self.experiment.mode == "max" else point.value < best)
                 best = point.value if better else best
                 curve[point.step] = best
@@ -289,7 +293,12 @@ class StudyRecorder:
         if status == "completed" and value is not None:  # what promotion can pick
             self._note_best(value)
         if self.best is not None:  # one point per trial: the best-so-far curve
-            log(self.client, self.parent_run_id, metrics={f"best_{self.experiment.metric}": self.best}, step=number)
+            self._log_best(number)
+
+    def _log_best(self, step: int) -> None:
+        log(self.client, self.parent_run_id, metrics={f"best_{self.experiment.metric}": self.best}, step=step)
+        if self.top is None or step >= self.top[0]:
+            self.top = (step, self.best)
 
     def _note_best(self, value: float) -> None:
         if math.isnan(value):
@@ -321,6 +330,10 @@ class StudyRecorder:
         """End the parent run as FINISHED or KILLED, with the study's summary as tags."""
         if summary:
             log(self.client, self.parent_run_id, tags=summary)
+        # MLflow shows a metric's value at its highest step; a rerun (old number) or a trial that ended
+        # after a higher-numbered one logged its best-so-far below that step, so bring the top up to date.
+        if self.best is not None and self.top is not None and self.top[1] != self.best:
+            self._log_best(self.top[0])
         end_run(self.client, self.parent_run_id, status)
 
     def _find(self, filter_string: str):

@@ -55,6 +55,10 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert parent.data.metrics["promoted_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
     output = capsys.readouterr().out
     assert "alias 'champion' now points to it" in output
+    # Resuming the finished study runs nothing new: its best trial is not evaluated on test again.
+    assert search.main(["--resume", "--name", "p"]) == 0
+    assert len(calls) == 1 and "was promoted already" in capsys.readouterr().out
+    assert len(client.search_model_versions("name='digits'")) == 1
 
 
 def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_path):

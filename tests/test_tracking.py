@@ -93,3 +93,23 @@ def test_an_abandoned_trial_is_neither_done_nor_rerun(mlflow_store):
     third.open(resume=True)
     assert third.past[0].status == "abandoned" and not third.past[0].done
     assert "rmsprop" in third.client.get_run(third.past[0].run_id).data.tags["error"]
+
+
+def test_the_parent_shows_the_best_even_when_a_rerun_logs_below_the_top_step(mlflow_store):
+    other = {**PARAMS, "lr": "0.1"}
+    first = recorder()
+    first.open()
+    first.number("a", other)
+    first.start_trial("a", other, list(other))  # trial 1, cut short
+    first.number("b", PARAMS)
+    first.start_trial("b", PARAMS, list(PARAMS))
+    first.end_trial("b", "completed", {"val_accuracy": 0.8})  # trial 2
+    first.kill_unfinished()
+    first.close(tracking.KILLED)
+    second = recorder()
+    second.open(resume=True)
+    assert second.number("rerun", other) == 1
+    second.start_trial("rerun", other, list(other))
+    second.end_trial("rerun", "completed", {"val_accuracy": 0.95})  # logged at step 1, below step 2
+    second.close(tracking.FINISHED)
+    assert second.client.get_run(second.parent_run_id).data.metrics["best_val_accuracy"] == 0.95
