@@ -8,6 +8,7 @@ declared field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -111,6 +112,13 @@ class Experiment:
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "search": SearchConfig}
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    """Whether `value` beats `best` under `mode` ('max' or 'min'); NaN never does."""
+    if best is None:
+        return not math.isnan(value)
+    return value > best if mode == "max" else value < best
 
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> Experiment:

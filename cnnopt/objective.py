@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnopt.augment import CROP_PADDING_MODES, BatchAugment, Normalize
-from cnnopt.config import TrainConfig
+from cnnopt.config import TrainConfig, is_better
 from cnnopt.data import ImageData
 from cnnopt.errors import UsageError
 from cnnopt.model import build_model
@@ -45,12 +45,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device = {name!r} but no CUDA GPU is visible; use train.device=auto or cpu")
     return torch.device(name)
-
-
-def is_better(value: float, best: float | None, mode: str) -> bool:
-    if best is None:
-        return not math.isnan(value)
-    return value > best if mode == "max" else value < best
 
 
 def train(config: TrainConfig, data: ImageData, report: Report | None = None, *, metric: str = "val_accuracy",

@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from cnnopt.config import DataConfig, Experiment, TrainConfig, field_types
+from cnnopt.config import DataConfig, Experiment, TrainConfig, field_types, is_better
 from cnnopt.errors import UsageError
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -228,11 +228,10 @@ class StudyRecorder:
         if status == "pruned":  # the sampler ranks a pruned trial by its best-so-far value at each epoch
             best = None
             for point in sorted(self.client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step):
-                if math.isnan(point.value):
-                    continue
-                better = best is None or (point.value > best if self.experiment.mode == "max" else point.value < best)
-                best = point.value if better else best
-                curve[point.step] = best
+                if is_better(point.value, best, self.experiment.mode):
+                    best = point.value
+                if best is not None:
+                    curve[point.step] = best
         return PastTrial(number=int(tags.get("trial_number", 0)), trial_id=tags.get(TRIAL_TAG, ""),
                          run_id=run.info.run_id, status=status, params=params,
                          value=run.data.metrics.get(f"best_{metric}"), curve=curve)
@@ -254,12 +253,12 @@ class StudyRecorder:
         return self.numbers[trial_id]
 
     def start_trial(self, trial_id: str, params: dict, searched: list[str]) -> str:
-        """A RUNNING child run for the trial; an earlier unfinished attempt of it is deleted."""
+        """A RUNNING child run for the trial; a rerun's cut-short run is deleted."""
         number = self.number(trial_id)
-        for previous in (self.children.get(trial_id), self.replaced.get(trial_id)):
-            if previous is not None and previous not in self.deleted:
-                self.client.delete_run(previous)  # the unfinished attempt this run replaces
-                self.deleted.add(previous)
+        previous = self.replaced.get(trial_id)
+        if previous is not None:
+            self.client.delete_run(previous)  # the cut-short attempt this rerun replaces
+            self.deleted.add(previous)
         run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
                            parent_run_id=self.parent_run_id,
                            tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
@@ -301,9 +300,7 @@ class StudyRecorder:
             self.top = (step, self.best)
 
     def _note_best(self, value: float) -> None:
-        if math.isnan(value):
-            return
-        if self.best is None or (value > self.best if self.experiment.mode == "max" else value < self.best):
+        if is_better(value, self.best, self.experiment.mode):
             self.best = value
 
     def abandon(self, past: PastTrial, reason: str) -> None:
