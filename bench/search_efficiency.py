@@ -38,10 +38,10 @@ import torch
 import search_spaces
 from cnnopt.analysis import best_so_far, load_trials
 from cnnopt.cli import quiet_libraries
-from cnnopt.config import load_experiment
-from cnnopt.data import load_data
-from cnnopt.searchers import STRATEGIES, GridSearcher, PruneAwareOptunaSearch
-from cnnopt.study import StudyOptions, run_study
+from cnnopt.experiment.config import load_experiment
+from cnnopt.data.datasets import load_data
+from cnnopt.study.strategies import STRATEGIES, GridSearcher, PruneAwareOptunaSearch
+from cnnopt.study.runner import StudyOptions, run_study
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
 
 WASTED_BELOW = 0.5  # a trial whose best val accuracy is below this taught us little but what to avoid

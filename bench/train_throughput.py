@@ -37,10 +37,10 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from cnnopt.cli import run
-from cnnopt.config import TrainConfig, load_experiment, make_section
-from cnnopt.data import ImageData, channel_stats, load_data
-from cnnopt.model import build_model
-from cnnopt.objective import make_optimizer, make_schedule, resolve_device, train
+from cnnopt.experiment.config import TrainConfig, load_experiment, make_section
+from cnnopt.data.datasets import ImageData, channel_stats, load_data
+from cnnopt.training.model import build_model
+from cnnopt.training.objective import make_optimizer, make_schedule, resolve_device, train
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
 
 DATASETS = ("digits", "cifar-synthetic")

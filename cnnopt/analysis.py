@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 
 from cnnopt import tracking
-from cnnopt.config import Experiment, TrainConfig, field_types
+from cnnopt.experiment.config import Experiment, TrainConfig, field_types
 from cnnopt.errors import UsageError
 
 

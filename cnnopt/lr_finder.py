@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from cnnopt import tracking
-from cnnopt.augment import BatchAugment, Normalize
+from cnnopt.data.augment import BatchAugment, Normalize
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
-from cnnopt.config import TrainConfig, load_experiment
-from cnnopt.data import ImageData, load_data
+from cnnopt.experiment.config import TrainConfig, load_experiment
+from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
-from cnnopt.model import build_model
-from cnnopt.objective import check_config, make_optimizer, resolve_device
+from cnnopt.training.model import build_model
+from cnnopt.training.objective import check_config, make_optimizer, resolve_device
 
 SKIP_START_FRACTION = 0.1  # the first tenth of the sweep is noise around the initial loss (fastai skips 10 of 100)
 

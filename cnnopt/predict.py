@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from cnnopt.cli import quiet_libraries, run
-from cnnopt.data import IMAGE_EXTENSIONS, resize_center_crop, to_uint8
+from cnnopt.data.datasets import IMAGE_EXTENSIONS, resize_center_crop, to_uint8
 from cnnopt.errors import UsageError
-from cnnopt.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
-from cnnopt.predictor import match_channels
+from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
+from cnnopt.deploy.predictor import match_channels
 
 
 class LoadedModel:

@@ -24,20 +24,20 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from cnnopt import tracking
-from cnnopt.augment import Normalize
-from cnnopt.checkpoint import FILENAME, load_checkpoint
+from cnnopt.data.augment import Normalize
+from cnnopt.training.checkpoint import FILENAME, load_checkpoint
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
-from cnnopt.config import Experiment, load_experiment
-from cnnopt.data import ImageData, load_data
+from cnnopt.experiment.config import Experiment, load_experiment
+from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
-from cnnopt.export import export
-from cnnopt.predictor import Predictor
+from cnnopt.deploy.export import export
+from cnnopt.deploy.predictor import Predictor
 
 ALIAS = "champion"
 # uint8 images (N, C, H, W) of any size -> float32 probabilities (N, num_classes); stated, not inferred.
 SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
                            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
-SERVING_MODEL = Path(__file__).with_name("serving_model.py")
+SERVING_MODEL = Path(__file__).parent / "deploy" / "serving_model.py"
 
 
 @dataclass

@@ -12,11 +12,11 @@ import sys
 import search_spaces
 from cnnopt import tracking
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
-from cnnopt.config import load_experiment
+from cnnopt.experiment.config import load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
-from cnnopt.searchers import STRATEGIES
-from cnnopt.study import SCHEDULERS, StudyOptions, default_study_name, load_settings, run_study
+from cnnopt.study.strategies import STRATEGIES
+from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, load_settings, run_study
 
 # Flags that override the experiment's [search] table, each named like its setting.
 SEARCH_FLAGS = ("strategy", "trials", "concurrency", "scheduler", "cpus_per_trial", "gpus_per_trial", "seed",

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 from cnnopt import tracking
-from cnnopt.checkpoint import FILENAME, save_checkpoint
+from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
-from cnnopt.config import load_experiment
-from cnnopt.data import load_data
-from cnnopt.model import build_model
-from cnnopt.objective import check_config, train
+from cnnopt.experiment.config import load_experiment
+from cnnopt.data.datasets import load_data
+from cnnopt.training.model import build_model
+from cnnopt.training.objective import check_config, train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 
 from cnnopt.errors import UsageError
-from cnnopt.space import Space
+from cnnopt.experiment.space import Space
 
 
 def names() -> list[str]:

@@ -12,7 +12,7 @@ test accuracy on a 5,000-image CIFAR-10 sample, and go past it. RandAugment magn
 only when RandAugment is on.
 """
 
-from cnnopt.space import Choice, Float, Int, Space
+from cnnopt.experiment.space import Choice, Float, Int, Space
 
 SPACE = Space(
     name="architecture",

@@ -12,7 +12,7 @@ below and above that the net either barely moves in 10 epochs or diverges. batch
 usual 5e-4. Dropout above 0.5 only slows a net this small.
 """
 
-from cnnopt.space import Choice, Float, Space
+from cnnopt.experiment.space import Choice, Float, Space
 
 SPACE = Space(
     name="lesson",

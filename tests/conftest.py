@@ -32,7 +32,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def digits_data():
     """The real digits data, loaded once."""
-    from cnnopt.config import DataConfig
-    from cnnopt.data import load_data
+    from cnnopt.experiment.config import DataConfig
+    from cnnopt.data.datasets import load_data
 
     return load_data(DataConfig())

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from cnnopt.augment import BatchAugment, Normalize
-from cnnopt.config import TrainConfig
+from cnnopt.data.augment import BatchAugment, Normalize
+from cnnopt.experiment.config import TrainConfig
 
 OFF = TrainConfig()  # every augmentation is off by default
 AUGMENTATIONS = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnopt.config import DEFAULT_EXPERIMENT, DataConfig, Experiment, SearchConfig, TrainConfig, load_experiment
+from cnnopt.experiment.config import DEFAULT_EXPERIMENT, DataConfig, Experiment, SearchConfig, TrainConfig, load_experiment
 from cnnopt.errors import UsageError
 
 EXPERIMENT_FILES = sorted((Path(__file__).resolve().parent.parent / "experiments").glob("*.toml"))

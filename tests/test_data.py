@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnopt.config import DataConfig
-from cnnopt.data import channel_stats, load_data, resize_center_crop
+from cnnopt.experiment.config import DataConfig
+from cnnopt.data.datasets import channel_stats, load_data, resize_center_crop
 from cnnopt.errors import UsageError
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from test_data import write_cifar
 
 from cnnopt import search
-from cnnopt.config import load_experiment
+from cnnopt.experiment.config import load_experiment
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parent.parent / "experiments").glob("*.toml"))
 

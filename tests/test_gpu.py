@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnnopt.config import TrainConfig, load_experiment
-from cnnopt.objective import train
-from cnnopt.study import StudyOptions, run_study
+from cnnopt.experiment.config import TrainConfig, load_experiment
+from cnnopt.training.objective import train
+from cnnopt.study.runner import StudyOptions, run_study
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu: needs a CUDA GPU")]

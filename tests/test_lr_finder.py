@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cnnopt.config import load_experiment
+from cnnopt.experiment.config import load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.lr_finder import find_lr, main, suggest_lr
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from cnnopt.config import TrainConfig
+from cnnopt.experiment.config import TrainConfig
 from cnnopt.errors import UsageError
-from cnnopt.model import ACTIVATIONS, CNN, INITS, PADDING_MODES, POOLS, block_channels, build_model, feature_sizes
+from cnnopt.training.model import ACTIVATIONS, CNN, INITS, PADDING_MODES, POOLS, block_channels, build_model, feature_sizes
 
 TINY = TrainConfig(channels=4, head_width=8, dropout=0.1, head_dropout=0.1)  # the deliberately tiny variant
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from cnnopt.config import TrainConfig, load_experiment
+from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
-from cnnopt.objective import OPTIMIZERS, SCHEDULES, TrainResult, is_better, train
+from cnnopt.training.objective import OPTIMIZERS, SCHEDULES, TrainResult, is_better, train
 
 REPORTED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second")
 DIGITS = dataclasses.replace(load_experiment().train, device="cpu")  # the default experiment's settings

@@ -14,12 +14,12 @@ from PIL import Image
 
 from cnnopt import promote as promote_module
 from cnnopt import search, tracking
-from cnnopt.config import TrainConfig, load_experiment
+from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
-from cnnopt.export import export, verify
-from cnnopt.model import build_model
-from cnnopt.objective import train
-from cnnopt.predictor import Predictor
+from cnnopt.deploy.export import export, verify
+from cnnopt.training.model import build_model
+from cnnopt.training.objective import train
+from cnnopt.deploy.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,12 @@ from optuna.trial import TrialState
 import search_spaces
 from cnnopt import search
 from cnnopt.analysis import best_so_far, load_trials
-from cnnopt.config import TrainConfig, load_experiment
+from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
-from cnnopt.model import build_model
-from cnnopt.searchers import STRATEGIES, PruneAwareOptunaSearch, make_searcher
+from cnnopt.training.model import build_model
+from cnnopt.study.strategies import STRATEGIES, PruneAwareOptunaSearch, make_searcher
 from cnnopt import tracking
-from cnnopt.study import StudyOptions, results_folder, run_study, save_settings
+from cnnopt.study.runner import StudyOptions, results_folder, run_study, save_settings
 from cnnopt.tracking import PastTrial
 
 ROOT = Path(__file__).resolve().parent.parent

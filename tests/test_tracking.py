@@ -6,8 +6,8 @@ import pytest
 
 import search_spaces
 from cnnopt import tracking
-from cnnopt.config import TrainConfig
-from cnnopt.config import load_experiment
+from cnnopt.experiment.config import TrainConfig
+from cnnopt.experiment.config import load_experiment
 from cnnopt.errors import UsageError
 
 PARAMS = {"lr": "0.01", "batch_size": "64", "optimizer": "sgd", "momentum": "0.9"}

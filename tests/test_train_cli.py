@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cnnopt import train as train_cli
-from cnnopt.checkpoint import load_checkpoint
+from cnnopt.training.checkpoint import load_checkpoint
 from cnnopt.cli import run
-from cnnopt.config import DEFAULT_EXPERIMENT, TrainConfig, load_experiment
+from cnnopt.experiment.config import DEFAULT_EXPERIMENT, TrainConfig, load_experiment
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second")
 FAST = ["--set", "train.epochs=2", "--set", "train.device=cpu"]

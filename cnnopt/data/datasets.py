@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnopt.config import DataConfig
+from cnnopt.experiment.config import DataConfig
 from cnnopt.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cnnopt.errors import UsageError
-from cnnopt.predictor import Predictor
+from cnnopt.deploy.predictor import Predictor
 
 TOLERANCE = 1e-5
 CLASS_NAMES_FILE = "class_names.json"

@@ -19,9 +19,9 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from cnnopt.config import TrainConfig, field_types
+from cnnopt.experiment.config import TrainConfig, field_types
 from cnnopt.errors import UsageError
-from cnnopt.space import Float, Int, Space
+from cnnopt.experiment.space import Float, Int, Space
 from cnnopt.tracking import PastTrial
 
 STRATEGIES = ("grid", "random", "bayes", "gp")

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnnopt.config import TrainConfig, field_types
+from cnnopt.experiment.config import TrainConfig, field_types
 from cnnopt.errors import UsageError
 
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnopt.augment import CROP_PADDING_MODES, BatchAugment, Normalize
-from cnnopt.config import TrainConfig, is_better
-from cnnopt.data import ImageData
+from cnnopt.data.augment import CROP_PADDING_MODES, BatchAugment, Normalize
+from cnnopt.experiment.config import TrainConfig, is_better
+from cnnopt.data.datasets import ImageData
 from cnnopt.errors import UsageError
-from cnnopt.model import build_model
+from cnnopt.training.model import build_model
 
 Report = Callable[[int, dict], None]
 OPTIMIZERS = ("sgd", "adam", "adamw")

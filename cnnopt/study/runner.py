@@ -24,14 +24,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import search_spaces
 from cnnopt import tracking
-from cnnopt.config import SECTIONS, Experiment, SearchConfig, make_section
-from cnnopt.data import load_data
+from cnnopt.experiment.config import SECTIONS, Experiment, SearchConfig, make_section
+from cnnopt.data.datasets import load_data
 from cnnopt.errors import UsageError
-from cnnopt.model import build_model
-from cnnopt.objective import check_config
-from cnnopt.searchers import SAMPLER_NAMES, STRATEGIES, GridSearcher, make_searcher, rerun_problem
-from cnnopt.study_callback import StudyCallback
-from cnnopt.trainable import best_key, run_trial
+from cnnopt.training.model import build_model
+from cnnopt.training.objective import check_config
+from cnnopt.study.strategies import SAMPLER_NAMES, STRATEGIES, GridSearcher, make_searcher, rerun_problem
+from cnnopt.study.callback import StudyCallback
+from cnnopt.study.trainable import best_key, run_trial
 
 SCHEDULERS = ("fifo", "asha")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from cnnopt.config import DataConfig, Experiment, TrainConfig, field_types, is_better
+from cnnopt.experiment.config import DataConfig, Experiment, TrainConfig, field_types, is_better
 from cnnopt.errors import UsageError
 
 PARENT_TAG = "mlflow.parentRunId"

@@ -14,11 +14,11 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from cnnopt.checkpoint import FILENAME, save_checkpoint
-from cnnopt.config import Experiment
-from cnnopt.data import ImageData
-from cnnopt.objective import train
-from cnnopt.space import Space
+from cnnopt.training.checkpoint import FILENAME, save_checkpoint
+from cnnopt.experiment.config import Experiment
+from cnnopt.data.datasets import ImageData
+from cnnopt.training.objective import train
+from cnnopt.experiment.space import Space
 
 
 def best_key(metric: str) -> str:

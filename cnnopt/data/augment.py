@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cnnopt.config import TrainConfig
+from cnnopt.experiment.config import TrainConfig
 
 CROP_PADDING_MODES = ("constant", "reflect", "replicate")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray import tune
 
-from cnnopt.checkpoint import FILENAME
+from cnnopt.training.checkpoint import FILENAME
 from cnnopt.tracking import EPOCH_METRICS, BackgroundWriter, StudyRecorder
 
 

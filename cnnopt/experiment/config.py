@@ -18,7 +18,7 @@ from typing import Any
 
 from cnnopt.errors import UsageError
 
-DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "digits.toml"
+DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "digits.toml"
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from cnnopt.config import TrainConfig, make_section
+from cnnopt.experiment.config import TrainConfig, make_section
 from cnnopt.errors import UsageError
-from cnnopt.model import CNN, build_model
+from cnnopt.training.model import CNN, build_model
 
 FORMAT = "cnnopt-checkpoint-1"
 FILENAME = "checkpoint.pt"

@@ -1,0 +1,1 @@
+"""Experiments: the experiment file (`config`) and the search-space declaration types (`space`)."""

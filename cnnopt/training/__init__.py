@@ -1,0 +1,1 @@
+"""Training: the CNN (`model`), the training objective (`objective`) and its checkpoints (`checkpoint`)."""
