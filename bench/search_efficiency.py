@@ -40,7 +40,7 @@ from cnnopt.analysis import best_so_far, load_trials
 from cnnopt.cli import quiet_libraries
 from cnnopt.experiment.config import load_experiment
 from cnnopt.data.datasets import load_data
-from cnnopt.study.strategies import STRATEGIES, GridSearcher, PruneAwareOptunaSearch
+from cnnopt.study.strategies import STRATEGIES, GridSearcher, OptunaSearcher
 from cnnopt.study.runner import StudyOptions, run_study
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
 
@@ -70,7 +70,7 @@ def run_one(strategy: str, seed: int, args, storage: Path) -> dict:
         f"search.concurrency={args.concurrency}", "search.scheduler=fifo", f"search.seed={seed}"])
     name = f"efficiency-{strategy}-seed{seed}"
     suggest_seconds: list[float] = []
-    undo = [timed_suggestions(cls, suggest_seconds) for cls in (GridSearcher, PruneAwareOptunaSearch)]
+    undo = [timed_suggestions(cls, suggest_seconds) for cls in (GridSearcher, OptunaSearcher)]
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the study's one line per trial
             outcome = run_study(experiment, StudyOptions(name=name, storage=str(storage)))

@@ -50,9 +50,10 @@ from cnnopt.cli import quiet_libraries
 from cnnopt.experiment.config import TrainConfig, field_types, load_experiment
 from cnnopt.data.datasets import load_data
 from cnnopt.training.objective import train
-from cnnopt.study.strategies import PruneAwareOptunaSearch
+from cnnopt.study.strategies import OptunaSearcher
 from cnnopt.study.runner import StudyOptions, run_study
 from cnnopt.study.callback import StudyCallback
+from cnnopt.tracking.recorder import StudyRecorder
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
 
 GOAL_SECONDS = 0.3  # the goal per trial; Ray's own floor with reuse_actors is ~0.27 s here (DESIGN.md)
@@ -115,10 +116,10 @@ def probe_study() -> Probe:
 
     probe = Probe()
     for name in MLFLOW_CALLS:
-        probe.time(tracking.StudyRecorder, name, f"mlflow.{name}")
+        probe.time(StudyRecorder, name, f"mlflow.{name}")
     probe.time(cnnopt.study.runner, "summarize", "mlflow.summarize")  # reads every child run back
-    probe.time(PruneAwareOptunaSearch, "suggest", "searcher")
-    probe.time(PruneAwareOptunaSearch, "on_trial_complete", "searcher")
+    probe.time(OptunaSearcher, "suggest", "searcher")
+    probe.time(OptunaSearcher, "on_trial_complete", "searcher")
     for name in ("on_trial_start", "on_trial_result", "on_trial_complete"):
         probe.time(LoggerCallback, name, "ray auto loggers (CSV, JSON, TensorBoard)")
     probe.time(TuneController, "checkpoint", "ray experiment-state snapshots")

@@ -1,9 +1,10 @@
 """A study's trials as a tidy pandas DataFrame, read back from MLflow.
 
-    from cnnopt.analysis import load_trials, best_so_far
+    from cnnopt.analysis import load_trials, best_so_far, best_trial
     trials = load_trials("digits")            # the latest study of the MLflow experiment 'digits'
     trials.sort_values("best_val_accuracy", ascending=False).head()
     best_so_far(trials)                       # the best value after each trial
+    best_trial(trials)                        # the row the study promotes (ties: the lowest trial number)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import mlflow
 import pandas as pd
 
 from cnnopt import tracking
+from cnnopt import trials as trial_status
 from cnnopt.experiment.config import Experiment, TrainConfig, field_types
 from cnnopt.errors import UsageError
 
@@ -57,8 +59,14 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
 def best_so_far(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max") -> pd.DataFrame:
     """The best `metric` among completed trials after each trial, in trial order."""
     ordered = trials.sort_values("trial")
-    values = ordered[metric].where(ordered["status"] == "completed")
+    values = ordered[metric].where(ordered["status"] == trial_status.COMPLETED)
     running = values.cummax() if mode == "max" else values.cummin()
     return pd.DataFrame({"trial": ordered["trial"].to_numpy(), metric: values.to_numpy(),
                          "best_so_far": running.ffill().to_numpy()})
 
+
+def best_trial(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max") -> pd.Series | None:
+    """The study's best trial as a row: the one the study promotes (`cnnopt.trials.best`)."""
+    rows = [row for _, row in trials.iterrows()]
+    return trial_status.best(rows, mode=mode, value=lambda row: row.get(metric), number=lambda row: int(row["trial"]),
+                             status=lambda row: row["status"])

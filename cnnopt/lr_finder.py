@@ -17,16 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cnnopt import tracking
-from cnnopt.data.augment import BatchAugment, Normalize
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
-from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
-from cnnopt.training.model import build_model
-from cnnopt.training.objective import check_config, make_optimizer, resolve_device
+from cnnopt.experiment.config import TrainConfig, load_experiment
+from cnnopt.tracking.runs import standalone_run
+from cnnopt.training.objective import check_config, set_up
 
 SKIP_START_FRACTION = 0.1  # the first tenth of the sweep is noise around the initial loss (fastai skips 10 of 100)
 
@@ -59,36 +57,18 @@ def find_lr(config: TrainConfig, data: ImageData, *, start_lr: float = 1e-6, end
         LRFinderResult with the swept learning rates, the smoothed losses and the suggestion.
     """
     _check(start_lr, end_lr, steps, smoothing, diverge_factor, len(data.train_y))
-    check_config(config, data.image_size)  # make_optimizer alone would take any unknown name for adamw
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = build_model(config, data.preprocessing()).to(device, memory_format=memory_format)
-    augment = BatchAugment(config, Normalize(data.mean, data.std, device), seed=config.seed)
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    optimizer = make_optimizer(config, model.parameters())
-    amp = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                         enabled=device.type == "cuda" or config.bf16)  # the precision `train` would use
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    order_generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    setup = set_up(config, data)  # the model, augmentation, optimiser and precision `train` would use
     growth = (end_lr / start_lr) ** (1 / max(1, steps - 1))
 
-    model.train()
+    setup.model.train()
     lrs, losses, raw_losses = [], [], []
     average, best, diverged = 0.0, math.inf, False
-    batches = _batches(len(train_y), config.batch_size, order_generator)
+    batches = _batches(len(setup.train_y), config.batch_size, setup.order_generator)
     for step in range(steps):
         lr = start_lr * growth**step
-        for group in optimizer.param_groups:
+        for group in setup.optimizer.param_groups:
             group["lr"] = lr
-        index = next(batches).to(device)
-        x = augment(train_x[index]).contiguous(memory_format=memory_format)  # (B, C, H, W)
-        with amp:
-            loss = F.cross_entropy(model(x), train_y[index], label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss = setup.step(next(batches).to(setup.device))[0]
         value = loss.item()  # one sync per step: the stop rule needs the value now
         if not math.isfinite(value):
             diverged = True
@@ -194,22 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0, len(data.train_y))  # before any run exists
     check_config(config, data.image_size)
 
-    client = tracking.make_client()
-    run_id = tracking.start_run(client, experiment, args.run_name or f"{experiment.name}-lr-finder",
-                                tags={"cnnopt.kind": "lr_finder"})
-    tracking.log(client, run_id, params={**tracking.hyperparameters(config), **tracking.data_params(experiment.data),
-                                         "steps": args.steps, "start_lr": args.start_lr, "end_lr": args.end_lr})
-    tracking.log_experiment_file(client, run_id, experiment)
-    try:
+    with standalone_run(experiment, args.run_name or f"{experiment.name}-lr-finder", "lr_finder",
+                        params={"steps": args.steps, "start_lr": args.start_lr, "end_lr": args.end_lr}) as record:
         result = find_lr(config, data, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
         path = plot(result, args.output)
-    except BaseException:
-        tracking.end_run(client, run_id, tracking.KILLED)
-        raise
-    client.log_artifact(run_id, str(path))
-    tracking.log(client, run_id, metrics={"suggested_lr": result.suggested_lr, "min_loss_lr": result.min_loss_lr,
-                                          "steps_run": len(result.lrs), "diverged": float(result.diverged)})
-    tracking.end_run(client, run_id, tracking.FINISHED)
+        record.log_artifact(path)
+        record.log(metrics={"suggested_lr": result.suggested_lr, "min_loss_lr": result.min_loss_lr,
+                            "steps_run": len(result.lrs), "diverged": float(result.diverged)})
+        record.end()
 
     stop = (f"stopped at step {len(result.lrs)} of {args.steps}: the loss diverged at lr {result.lrs[-1]:.2e}"
             if result.diverged else f"ran all {args.steps} steps without diverging")
@@ -220,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not result.diverged:
         print("the loss never ran away: raise --end-lr (or --steps) to see where it diverges")
     print(f"try: --set train.lr={result.suggested_lr:.3g}; plot saved to {path}")
-    print(f"MLflow run {run_id} in experiment '{experiment.name}'; browse with: {tracking.ui_command()}")
+    print(f"MLflow run {record.run_id} in experiment '{experiment.name}'; browse with: {tracking.ui_command()}")
     return 0
 
 

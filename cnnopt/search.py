@@ -10,13 +10,14 @@ import math
 import sys
 
 import search_spaces
-from cnnopt import tracking
+from cnnopt import tracking, trials
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
+from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, run_study
 from cnnopt.study.strategies import STRATEGIES
-from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, load_settings, run_study
+from cnnopt.tracking import studies
 
 # Flags that override the experiment's [search] table, each named like its setting.
 SEARCH_FLAGS = ("strategy", "trials", "concurrency", "scheduler", "cpus_per_trial", "gpus_per_trial", "seed",
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides or args.experiment:
             parser.error("--resume continues a study with the settings it started with; drop --experiment, --set "
                          "and the study flags")
-        experiment = load_settings(args.name)
+        experiment = studies.load_settings(tracking.make_client(), args.name)
     else:
         experiment = load_experiment(args.experiment, overrides)
     options = StudyOptions(name=args.name or default_study_name(experiment), address=args.address, resume=args.resume)
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     outcome = run_study(experiment, options)
     print_summary(experiment, outcome)
     if outcome.interrupted:
-        print(f"\nThe study was interrupted. Resume it (with the settings it started with) by:\n"
+        print(f"\nThe study was interrupted. Resume it (with the settings it started with, from any machine that "
+              f"reaches the tracking store) by:\n"
               f"  python -m cnnopt.search --resume --name {outcome.name}")
         return 130
     if args.no_promote or outcome.best is None:
@@ -106,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(experiment, outcome) -> None:
     counts = outcome.counts
-    print(f"\n{outcome.name}: {counts.get('completed', 0)} finished, {counts.get('failed', 0)} failed, "
-          f"{counts.get('pruned', 0)} pruned, {counts.get('diverged', 0)} diverged"
-          + (f", {counts.get('interrupted', 0)} interrupted" if counts.get("interrupted") else "")
-          + (f", {counts.get('abandoned', 0)} abandoned" if counts.get("abandoned") else "")
+    shown = [f"{counts.get(trials.COMPLETED, 0)} finished"] + [
+        f"{counts.get(status, 0)} {status}" for status in (trials.FAILED, trials.PRUNED, trials.DIVERGED)] + [
+        f"{counts[status]} {status}" for status in (trials.INTERRUPTED, trials.ABANDONED) if counts.get(status)]
+    print(f"\n{outcome.name}: {', '.join(shown)}"
           + f" in {outcome.wall_seconds:.0f}s")
     best = outcome.best
     if best:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from cnnopt import tracking
+from cnnopt import trials as trial_status
+from cnnopt.tracking import runs as tracking_runs
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
@@ -32,44 +34,33 @@ def main(argv: list[str] | None = None) -> int:
           f"{data.channels}x{data.image_size}x{data.image_size}, {data.num_classes} classes, "
           f"{model.num_parameters:,} parameters")
 
-    client = tracking.make_client()
-    run_id = tracking.start_run(client, experiment, args.run_name or f"{experiment.name}-train",
-                                tags={"cnnopt.kind": "train"})
-    tracking.log(client, run_id, params={**tracking.hyperparameters(config), **tracking.data_params(experiment.data),
-                                         "metric": experiment.metric, "mode": experiment.mode},
-                 metrics={"num_parameters": model.num_parameters})
-    tracking.log_experiment_file(client, run_id, experiment)
-
-    def report(epoch: int, metrics: dict) -> None:
-        tracking.log(client, run_id, metrics=metrics, step=epoch)
-        print(f"epoch {epoch:3d}  train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-              f"val_accuracy {metrics['val_accuracy']:.4f}  {metrics['images_per_second']:,.0f} img/s")
-
     started = time.perf_counter()
-    try:
+    with tracking_runs.standalone_run(experiment, args.run_name or f"{experiment.name}-train", "train",
+                                      params={"metric": experiment.metric, "mode": experiment.mode},
+                                      metrics={"num_parameters": model.num_parameters}) as record:
+
+        def report(epoch: int, metrics: dict) -> None:
+            record.log(metrics=metrics, step=epoch)
+            print(f"epoch {epoch:3d}  train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+                  f"val_accuracy {metrics['val_accuracy']:.4f}  {metrics['images_per_second']:,.0f} img/s")
+
         result = train(config, data, report, metric=experiment.metric, mode=experiment.mode)
-    except KeyboardInterrupt:
-        tracking.end_run(client, run_id, tracking.KILLED)
-        raise
-    except BaseException:
-        tracking.end_run(client, run_id, tracking.FAILED)
-        raise
-    if result.state_dict is not None:
-        with tempfile.TemporaryDirectory() as folder:
-            path = save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
-                                   result.best_epoch, result.best_metrics)
-            client.log_artifact(run_id, str(path), artifact_path="checkpoint")
-    tracking.log(client, run_id, metrics={**tracking.best_metrics(result.best_metrics), "best_epoch": result.best_epoch},
-                 tags={"status": result.status})
-    tracking.end_run(client, run_id, tracking.FINISHED if result.status == "completed" else tracking.FAILED)
+        if result.state_dict is not None:
+            with tempfile.TemporaryDirectory() as folder:
+                path = save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
+                                       result.best_epoch, result.best_metrics)
+                record.log_artifact(path, "checkpoint")
+        record.log_best(result.best_metrics, best_epoch=result.best_epoch)
+        record.log(tags={"status": result.status})
+        record.end(trial_status.run_status(result.status))
 
     best = result.best_metrics.get(experiment.metric, float("nan"))
     print(f"\n{result.status}: {result.epochs_run} epochs in {time.perf_counter() - started:.1f}s; "
           f"best epoch {result.best_epoch}: {experiment.metric} {best:.4f}")
-    if result.status == "diverged":
+    if result.status == trial_status.DIVERGED:
         print("training diverged (loss became NaN or inf): lower train.lr")
-    print(f"MLflow run {run_id} in experiment '{experiment.name}'; browse with: {tracking.ui_command()}")
-    return 0 if result.status == "completed" else 1
+    print(f"MLflow run {record.run_id} in experiment '{experiment.name}'; browse with: {tracking.ui_command()}")
+    return 0 if result.status == trial_status.COMPLETED else 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cnnopt import promote as promote_module
+from cnnopt.deploy import promotion as promote_module
+from cnnopt.tracking import registry
 from cnnopt import search, tracking
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
@@ -41,7 +42,8 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     client = MlflowClient(tracking_uri=mlflow_store)
     experiment_id = client.get_experiment_by_name("digits").experiment_id
     trials = client.search_runs([experiment_id], "tags.`cnnopt.kind` = 'trial'")
-    best = max(trials, key=lambda r: r.data.metrics["best_val_accuracy"])
+    # the best by val accuracy; on a tie, the lowest trial number
+    best = min(trials, key=lambda r: (-r.data.metrics["best_val_accuracy"], int(r.data.tags["trial_number"])))
     assert "test_accuracy" in best.data.metrics and "test_accuracy_class_3" in best.data.metrics
     assert [r for r in trials if "test_accuracy" in r.data.metrics] == [best] or len(trials) == 1
     artifacts = {a.path for a in client.list_artifacts(best.info.run_id, "exported")}
@@ -93,9 +95,9 @@ def test_champion_moves_only_on_better_or_equal_test_accuracy(trained, digits_da
     experiment = load_experiment(None, ["name=champions"])
     client = tracking.make_client()
     run_id = tracking.start_run(client, experiment, "r")
-    first = promote_module.register(experiment, run_id, tmp_path / "model", 0.90)
-    worse = promote_module.register(experiment, run_id, tmp_path / "model", 0.80)
-    equal = promote_module.register(experiment, run_id, tmp_path / "model", 0.90)
+    first = registry.register(experiment, run_id, tmp_path / "model", 0.90)
+    worse = registry.register(experiment, run_id, tmp_path / "model", 0.80)
+    equal = registry.register(experiment, run_id, tmp_path / "model", 0.90)
     assert first == ("1", True, None)
     assert worse == ("2", False, "1")
     assert equal == ("3", True, "1")
@@ -154,7 +156,7 @@ def test_predict_from_the_registry(trained, digits_data, mlflow_store, tmp_path)
     export(predictor, tmp_path / "model", digits_data.test_x[:16])
     experiment = load_experiment(None, ["name=registry"])
     client = tracking.make_client()
-    promote_module.register(experiment, tracking.start_run(client, experiment, "r"), tmp_path / "model", 0.9)
+    registry.register(experiment, tracking.start_run(client, experiment, "r"), tmp_path / "model", 0.9)
     paths = write_digits(digits_data, tmp_path / "images", count=2)
     done = run_predict("models:/registry@champion", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})
     assert done.returncode == 0, done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,17 +18,23 @@ from optuna.trial import TrialState
 
 import search_spaces
 from cnnopt import search
-from cnnopt.analysis import best_so_far, load_trials
+from cnnopt.analysis import best_so_far, best_trial, load_trials
+from cnnopt.deploy.promotion import best_trial_run
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.training.model import build_model
-from cnnopt.study.strategies import STRATEGIES, PruneAwareOptunaSearch, make_searcher
 from cnnopt import tracking
-from cnnopt.study.runner import StudyOptions, results_folder, run_study, save_settings
-from cnnopt.tracking import PastTrial
+from cnnopt.study.runner import StudyOptions, results_folder, run_study, summarize
+from cnnopt.study.strategies import STRATEGIES
+from cnnopt.tracking import studies
+from cnnopt.tracking.recorder import PastTrial, StudyRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "train.epochs=2", "--no-promote"]
+
+
+def make_searcher(strategy: str, space, **settings):
+    return STRATEGIES[strategy].searcher(space, **settings)
 
 
 def study_runs(uri: str, study: str):
@@ -100,7 +107,7 @@ def test_asha_prunes_and_the_sampler_is_told_pruned(ray_session, mlflow_store):
     assert pruned and all(c.info.status == "FINISHED" for c in pruned)
     state_file = max(Path(outcome.storage_path).glob("searcher-state-*.pkl"))
     with open(state_file, "rb") as handle:
-        study = pickle.load(handle)["_ot_study"]
+        study = pickle.load(handle)["study"]  # OptunaSearcher.save: its own attributes
     states = [t.state for t in study.trials]
     assert states.count(TrialState.PRUNED) == len(pruned)
     assert states.count(TrialState.COMPLETE) == outcome.counts["completed"]
@@ -161,14 +168,13 @@ def test_a_resumed_grid_reruns_the_cut_short_point_and_walks_on(ray_session, mlf
                                         "search.concurrency=1"])
     space = search_spaces.get("lesson")
     points = space.grid()[:4]
-    record = tracking.StudyRecorder(experiment, "grid-resume", tags={}, params={}, artifacts=[])
+    record = StudyRecorder(experiment, "grid-resume", tags={}, params={}, artifacts=[])
     record.open()
     for trial_id, point in (("done", points[0]), ("cut", points[1])):
         record.start_trial(trial_id, tracking.hyperparameters(space.apply(experiment.train, point)), list(point))
     record.end_trial("done", "completed", {"val_accuracy": 0.5})
     record.kill_unfinished()  # as a Ctrl-C leaves it
     record.close(tracking.KILLED)
-    save_settings(experiment, results_folder() / "grid-resume")
     outcome = run_study(experiment, StudyOptions(name="grid-resume", resume=True))
     assert "resuming: 1 of 4 trials recorded, 1 interrupted to rerun, 2 new" in capsys.readouterr().out
     assert outcome.counts == {"completed": 4} and not outcome.interrupted
@@ -194,10 +200,10 @@ def test_resume_abandons_an_interrupted_trial_the_space_no_longer_holds(ray_sess
                                         "search.concurrency=1"])
     space = search_spaces.get("lesson")
     point = {**space.grid()[0], "optimizer": "rmsprop"}  # as if an older space module had offered rmsprop
-    record = tracking.StudyRecorder(experiment, "changed", tags={}, params={}, artifacts=[])
+    record = StudyRecorder(experiment, "changed", tags={}, params={}, artifacts=[])
     record.open()
     record.start_trial("old", tracking.hyperparameters(space.apply(experiment.train, point)), list(point))
-    save_settings(experiment, results_folder() / "changed")  # the driver was killed mid-trial
+    # the driver was killed mid-trial: the parent and the trial's run stay RUNNING
     outcome = run_study(experiment, StudyOptions(name="changed", resume=True))
     assert outcome.counts == {"abandoned": 1, "completed": 2} and not outcome.interrupted
     assert "trial 1 is not rerun: optimizer='rmsprop' is outside" in capsys.readouterr().err
@@ -379,12 +385,12 @@ def test_a_study_name_is_not_reused(ray_session, mlflow_store):
         run_study(experiment, StudyOptions(name="once", storage="second"))
 
 
-def test_time_budget_ends_the_study_and_a_resume_continues_it(ray_session, mlflow_store):
+def test_time_budget_ends_the_study_and_a_resume_continues_it(ray_session, mlflow_store, capsys):
     experiment = load_experiment(None, ["train.epochs=3", "search.trials=200", "search.strategy=random",
-                                        "search.concurrency=1", "search.time_budget=0.1"])  # 6 seconds
+                                        "search.concurrency=1", "search.time_budget=0.25"])  # 15 seconds
     started = time.monotonic()
     outcome = run_study(experiment, StudyOptions(name="budget"))
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 90
     assert not outcome.interrupted and outcome.best is not None, "a budget ends a study normally"
     _, parent, children = study_runs(mlflow_store, "budget")
     assert parent.info.status == "FINISHED" and 1 <= len(children) < 200
@@ -393,9 +399,13 @@ def test_time_budget_ends_the_study_and_a_resume_continues_it(ray_session, mlflo
     cut_short = {c.data.tags["trial_number"]: c.data.params["lr"] for c in children
                  if c.data.tags["status"] == "interrupted"}
 
-    again = run_study(experiment, StudyOptions(name="budget", resume=True))
+    # The MLflow record is the study's state: Ray's results folder is only a cache, and the settings come
+    # from the parent run, so the CLI resumes the study with that folder gone.
+    shutil.rmtree(outcome.storage_path)
+    assert search.main(["--resume", "--name", "budget", "--no-promote"]) == 0
+    assert "resuming:" in capsys.readouterr().out
     _, parent_after, children = study_runs(mlflow_store, "budget")
-    assert parent_after.info.run_id == parent.info.run_id and not again.interrupted
+    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
     numbers = sorted(int(c.data.tags["trial_number"]) for c in children)
     assert numbers == list(range(1, len(children) + 1)) and len(children) > len(before)
     after = {c.data.tags["trial_id"] for c in children}
@@ -403,6 +413,46 @@ def test_time_budget_ends_the_study_and_a_resume_continues_it(ray_session, mlflo
     assert not {t for t, status in before.items() if status == "interrupted"} & after, "cut-short runs replaced"
     for number, lr in cut_short.items():  # (if the budget ended mid-trial) it reran as itself
         assert next(c for c in children if c.data.tags["trial_number"] == number).data.params["lr"] == lr
+
+
+def test_search_and_promote_pick_the_same_trial_on_a_tie(mlflow_store):
+    """Ties are common (digits' val accuracy moves in steps of 1/269): the lowest trial number wins, in
+    the study's summary, in `cnnopt.promote --study` and in the analysis frame alike."""
+    experiment = load_experiment(None, ["train.epochs=1"])
+    space = search_spaces.get("lesson")
+    record = StudyRecorder(experiment, "tie", tags={}, params={}, artifacts=[])
+    record.open()
+    for trial_id, point, value in (("a", 0, 0.5), ("b", 1, 0.9), ("c", 2, 0.9), ("d", 3, 0.9)):
+        params = tracking.hyperparameters(space.apply(experiment.train, space.grid()[point]))
+        record.start_trial(trial_id, params, list(space.grid()[point]))
+        record.end_trial(trial_id, "completed", {"val_accuracy": value})
+    record.end_trial("e", "completed", {"val_accuracy": 1.0})  # never started: nothing recorded
+    record.close(tracking.FINISHED)
+    _, best = summarize(record, experiment)
+    promoted = best_trial_run(tracking.make_client(), experiment, "tie")
+    assert best["trial_number"] == 2 and promoted.info.run_id == best["run_id"]
+    assert best_trial(load_trials("digits", "tie"))["run_id"] == best["run_id"]
+    minimum = load_experiment(None, ["metric=val_loss", "mode=min"])
+    record = StudyRecorder(minimum, "tie-min", tags={}, params={}, artifacts=[])
+    record.open()
+    for trial_id, point, value, status in (("a", 0, 0.1, "pruned"), ("b", 1, 0.3, "completed"),
+                                           ("c", 2, 0.3, "completed")):
+        record.start_trial(trial_id, tracking.hyperparameters(space.apply(minimum.train, space.grid()[point])),
+                           list(space.grid()[point]))
+        record.end_trial(trial_id, status, {"val_loss": value})
+    record.close(tracking.FINISHED)
+    assert best_trial_run(tracking.make_client(), minimum, "tie-min").data.tags["trial_number"] == "2", \
+        "a pruned trial's truncated value never wins"
+
+
+def test_a_study_records_its_settings_and_resumes_from_them(mlflow_store):
+    experiment = load_experiment(None, ["train.epochs=1", "train.lr=0.02", "search.strategy=grid"])
+    StudyRecorder(experiment, "settled", tags={}, params={}, artifacts=[]).open()
+    client = tracking.make_client()
+    assert studies.load_settings(client, "settled") == experiment
+    assert experiment.command_line().endswith("--set train.epochs=1 --set train.lr=0.02 --set search.strategy=grid")
+    with pytest.raises(UsageError, match="no study named 'other'"):
+        studies.load_settings(client, "other")
 
 
 def test_list_spaces(capsys):

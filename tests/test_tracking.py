@@ -6,6 +6,7 @@ import pytest
 
 import search_spaces
 from cnnopt import tracking
+from cnnopt.tracking.recorder import StudyRecorder
 from cnnopt.experiment.config import TrainConfig
 from cnnopt.experiment.config import load_experiment
 from cnnopt.errors import UsageError
@@ -13,8 +14,8 @@ from cnnopt.errors import UsageError
 PARAMS = {"lr": "0.01", "batch_size": "64", "optimizer": "sgd", "momentum": "0.9"}
 
 
-def recorder(study: str = "s") -> tracking.StudyRecorder:
-    return tracking.StudyRecorder(load_experiment(None), study, tags={}, params={}, artifacts=[])
+def recorder(study: str = "s") -> StudyRecorder:
+    return StudyRecorder(load_experiment(None), study, tags={}, params={}, artifacts=[])
 
 
 def test_a_resume_reads_back_finished_and_cut_short_trials(mlflow_store):

@@ -108,6 +108,24 @@ class Experiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     path: str = ""  # the file it was read from (not a key in the file)
+    overrides: tuple[str, ...] = ()  # the --set values applied on top of the file (not a key in the file)
+
+    def command_line(self, command: str = "python -m cnnopt.search") -> str:
+        """The command that rebuilds these settings: the file and every override."""
+        parts = [command] + ([f"--experiment {self.path}"] if self.path else [])
+        return " ".join(parts + [f"--set {item}" for item in self.overrides])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every resolved setting as plain JSON-able data (what a study records to resume from)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Experiment":
+        """The inverse of `to_dict`, with every section checked like an experiment file."""
+        raw = dict(raw)
+        sections = {key: make_section(section, raw.pop(key), f"[{key}]") for key, section in SECTIONS.items()}
+        _reject_unknown(raw, {f.name for f in dataclasses.fields(cls)} - set(SECTIONS), "the recorded settings")
+        return cls(**{**raw, "overrides": tuple(raw.get("overrides", ()))}, **sections)
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "search": SearchConfig}
@@ -139,11 +157,11 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
         raise UsageError(f"experiment file {path} is not valid TOML: {exc}") from None
     for item in overrides or []:
         _apply_override(raw, item)
-    return _build(raw, str(path))
+    return _build(raw, str(path), tuple(overrides or ()))
 
 
-def _build(raw: dict[str, Any], path: str) -> Experiment:
-    top_fields = {f.name for f in dataclasses.fields(Experiment)} - {"path"}
+def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = ()) -> Experiment:
+    top_fields = {f.name for f in dataclasses.fields(Experiment)} - {"path", "overrides"}
     _reject_unknown(raw, top_fields, "the experiment's top level")
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -153,7 +171,7 @@ def _build(raw: dict[str, Any], path: str) -> Experiment:
             values[key] = make_section(SECTIONS[key], value, f"[{key}]")
         else:
             values[key] = _coerce(value, str, key)
-    experiment = Experiment(**values, path=path)
+    experiment = Experiment(**values, path=path, overrides=overrides)
     if experiment.mode not in ("max", "min"):
         raise UsageError(f"mode must be 'max' or 'min', got {experiment.mode!r}")
     if experiment.metric not in METRICS:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from ray import tune
 
+from cnnopt import trials as trial_status
+from cnnopt.tracking.recorder import StudyRecorder
+from cnnopt.tracking.store import EPOCH_METRICS
+from cnnopt.tracking.writer import BackgroundWriter
 from cnnopt.training.checkpoint import FILENAME
-from cnnopt.tracking import EPOCH_METRICS, BackgroundWriter, StudyRecorder
-
 
 
 def format_value(value) -> str:
@@ -45,6 +47,10 @@ class StudyCallback(tune.Callback):
     def setup(self, **info) -> None:  # the study has opened the recorder
         self.writer = BackgroundWriter()
         self._watch_interrupts()
+
+    def unfinished(self) -> bool:
+        """Whether a trial that Ray started never ended (the study was stopped while it ran)."""
+        return any(trial.status not in ("TERMINATED", "ERROR") for trial in self.trials.values())
 
     def drain(self) -> None:
         """Wait until every MLflow write this callback submitted is in the store."""
@@ -83,22 +89,15 @@ class StudyCallback(tune.Callback):
             self.best_epoch[trial.trial_id]["epoch"] = epoch
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        result = trial.last_result or {}
-        if result.get("diverged"):
-            status = "diverged"
-        elif result.get("training_iteration", 0) < self.epochs:
-            status = "pruned"
-        else:
-            status = "completed"
-        self._end(trial, status)
+        self._end(trial, trial_status.status_of(trial.last_result or {}, self.epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._end(trial, "failed", error=_error_text(trial))
+        self._end(trial, trial_status.FAILED, error=_error_text(trial))
 
     def _end(self, trial, status: str, error: str | None = None) -> None:
         best = self.best_epoch.get(trial.trial_id, {})
         checkpoint = None
-        if trial.checkpoint is not None and status != "failed":
+        if trial.checkpoint is not None and status != trial_status.FAILED:
             path = Path(trial.checkpoint.path) / FILENAME
             checkpoint = str(path) if path.is_file() else None
         self.writer.submit(self.recorder.end_trial, trial.trial_id, status, dict(best), checkpoint=checkpoint,

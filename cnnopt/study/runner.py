@@ -1,14 +1,14 @@
 """A study: many trials of one search space on Ray Tune, every trial recorded in MLflow.
 
-experiment + search space -> searcher (strategy) + scheduler -> Tuner over the trainable, with the
+experiment + search space -> strategy (searcher) + scheduler -> Tuner over the trainable, with the
 driver-side MLflow callback. A study's MLflow record is its state: resuming reads the trials back from
-it, tells the sampler the finished ones, reruns the interrupted ones and runs the rest.
+it, tells the sampler the ended ones, reruns the interrupted ones and runs the rest. Ray's results
+folder is a cache of the running study, not needed to resume it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -24,14 +24,18 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import search_spaces
 from cnnopt import tracking
-from cnnopt.experiment.config import SECTIONS, Experiment, SearchConfig, make_section
-from cnnopt.data.datasets import load_data
+from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
+from cnnopt.experiment.config import Experiment, SearchConfig
+from cnnopt.experiment.space import Space
+from cnnopt import trials
+from cnnopt.study.callback import StudyCallback
+from cnnopt.study.strategies import STRATEGIES
+from cnnopt.study.trainable import best_key, run_trial
+from cnnopt.tracking import studies
+from cnnopt.tracking.recorder import PastTrial, StudyRecorder
 from cnnopt.training.model import build_model
 from cnnopt.training.objective import check_config
-from cnnopt.study.strategies import SAMPLER_NAMES, STRATEGIES, GridSearcher, make_searcher, rerun_problem
-from cnnopt.study.callback import StudyCallback
-from cnnopt.study.trainable import best_key, run_trial
 
 SCHEDULERS = ("fifo", "asha")
 
@@ -59,27 +63,48 @@ def default_study_name(experiment: Experiment) -> str:
     return f"{experiment.name}-{experiment.search.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-SETTINGS_FILE = "cnnopt_experiment.json"
-
-
-def save_settings(experiment: Experiment, study_path: Path) -> None:
-    """Keep the study's effective settings (file + every override) beside Ray's state, for --resume."""
-    study_path.mkdir(parents=True, exist_ok=True)
-    (study_path / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(experiment), indent=2))
-
-
-def load_settings(name: str, storage: str = "") -> Experiment:
-    """The settings a study started with, so a resumed study trains and splits exactly as before."""
-    path = results_folder(storage) / name / SETTINGS_FILE
-    if not path.is_file():
-        raise UsageError(f"no study named {name!r} to resume in {path.parent.parent}; check --name")
-    raw = json.loads(path.read_text())
-    sections = {key: make_section(cls, raw.pop(key), f"[{key}]") for key, cls in SECTIONS.items()}
-    return Experiment(**raw, **sections)
-
-
 def results_folder(storage: str = "") -> Path:
     return Path(storage or os.environ.get("CNNOPT_RESULTS", "ray_results")).resolve()
+
+
+def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
+    """Run (or resume) a study and return what happened.
+
+    Args:
+        experiment: the experiment, with its [search] settings already merged with the CLI's.
+        options: the study's name, Ray address, resume flag and results folder.
+    Returns:
+        StudyOutcome with trial counts by status and the best trial by the validation metric.
+    """
+    space, data = prepare(experiment, options)
+    own_ray = _start_ray(options.address)
+    try:
+        check_resources(experiment.search)
+        return _run(experiment, space, data, options)
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
+def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, ImageData]:
+    """Check everything that can be checked before Ray starts or anything is recorded; load the data."""
+    search = experiment.search
+    check_search(search)
+    if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
+        raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs})")
+    space = search_spaces.get(experiment.search_space)
+    storage = results_folder(options.storage)
+    if not options.resume and (storage / options.name).exists():
+        raise UsageError(f"a study named {options.name!r} already exists in {storage}; "
+                         "add --resume to continue it or pick another --name")
+    data = load_data(experiment.data)
+    build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
+    check_config(space.apply(experiment.train, space.grid()[0]), data.image_size)  # so do bad [train] values
+    if not options.resume and StudyRecorder.exists(experiment, options.name):
+        raise UsageError(f"MLflow experiment {experiment.name!r} already holds a study named {options.name!r}; "
+                         "pick another --name (or --resume it)")
+    # Trials get no test split at all: hyperparameters are selected on validation only.
+    return space, dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
 
 
 def check_search(search: SearchConfig) -> None:
@@ -95,102 +120,79 @@ def check_search(search: SearchConfig) -> None:
         raise UsageError("--gpus-per-trial above 1 must be a whole number of GPUs")
 
 
-def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
-    """Run (or resume) a study and return what happened.
-
-    Args:
-        experiment: the experiment, with its [search] settings already merged with the CLI's.
-        options: the study's name, Ray address, resume flag and results folder.
-    Returns:
-        StudyOutcome with trial counts by status and the best trial by the validation metric.
-    """
-    search = experiment.search
-    check_search(search)
-    if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
-        raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs})")
-    space = search_spaces.get(experiment.search_space)
-    storage = results_folder(options.storage)
-    study_path = storage / options.name
-    if options.resume and not (study_path / SETTINGS_FILE).is_file():
-        raise UsageError(f"no study named {options.name!r} to resume in {storage}; check --name "
-                         f"(studies there: {', '.join(sorted(p.name for p in storage.glob('*'))) or 'none'})")
-    if not options.resume and study_path.exists():
-        raise UsageError(f"a study named {options.name!r} already exists in {storage}; "
-                         "add --resume to continue it or pick another --name")
-    data = load_data(experiment.data)
-    build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
-    check_config(space.apply(experiment.train, space.grid()[0]), data.image_size)  # so do bad [train] values
-    # Trials get no test split at all: hyperparameters are selected on validation only.
-    data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
-
-    if not options.resume and tracking.StudyRecorder.exists(experiment, options.name):
-        raise UsageError(f"MLflow experiment {experiment.name!r} already holds a study named {options.name!r}; "
-                         "pick another --name (or --resume it from the folder where it ran)")
-    own_ray = _start_ray(options.address)
-    try:
-        check_resources(search)
-    except UsageError:
-        if own_ray:
-            ray.shutdown()
-        raise
+def _run(experiment: Experiment, space: Space, data: ImageData, options: StudyOptions) -> StudyOutcome:
+    """Open the study's record, run the trials it still needs, and close the record however that ended."""
     started = time.perf_counter()
-    recorder = tracking.StudyRecorder(
-        experiment, options.name,
-        tags={"strategy": search.strategy, "sampler": SAMPLER_NAMES[search.strategy],
+    recorder = _recorder(experiment, space, options.name)
+    callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
+                             hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    finished, counts, best = False, {}, None
+    try:
+        recorder.open(resume=options.resume)
+        remaining = plan_trials(experiment, space, recorder, options.resume)
+        if remaining:
+            _fit(_make_tuner(experiment, space, data, options, callback, recorder.past, remaining))
+        finished = True
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        interrupted = not finished or callback.interrupted or callback.unfinished()
+        callback.drain()
+        if recorder.parent_run_id:
+            counts, best = close_record(recorder, experiment, interrupted)
+    return StudyOutcome(options.name, recorder.parent_run_id, counts, best, time.perf_counter() - started,
+                        interrupted, str(results_folder(options.storage) / options.name))
+
+
+def _recorder(experiment: Experiment, space: Space, name: str) -> StudyRecorder:
+    search = experiment.search
+    return StudyRecorder(
+        experiment, name,
+        tags={"strategy": search.strategy, "sampler": STRATEGIES[search.strategy].sampler,
               "search_space": space.name, "experiment": experiment.path, "scheduler": search.scheduler},
         params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
                 **tracking.data_params(experiment.data)},
         artifacts=[search_spaces.source_path(space.name)])
-    callback = StudyCallback(recorder, metric=experiment.metric,
-                             epochs=experiment.train.epochs, searched=space.names,
-                             hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
-    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-    status, counts, best, interrupted = tracking.KILLED, {}, None, True
+
+
+def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, resume: bool) -> int:
+    """How many trials are left to run; on resume, an interrupted trial the space no longer holds is abandoned."""
+    search = experiment.search
+    strategy = STRATEGIES[search.strategy]
+    for past in list(recorder.past):
+        if past.status != trials.INTERRUPTED:
+            continue
+        problem = strategy.rerun_problem(space, past.params, search.trials)
+        if problem:
+            print(f"warning: trial {past.number} is not rerun: {problem}", file=sys.stderr)
+            recorder.abandon(past, problem)
+    done = sum(trial.done for trial in recorder.past)
+    planned = strategy.planned(space, search.trials)
+    if resume:
+        interrupted = sum(trial.status == trials.INTERRUPTED for trial in recorder.past)
+        reruns = min(interrupted, max(0, planned - done))
+        print(f"resuming: {done} of {planned} trials recorded, {reruns} interrupted to rerun, "
+              f"{max(0, planned - done - reruns)} new", flush=True)
+    return max(0, planned - done)
+
+
+def _fit(tuner: tune.Tuner) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the driver trains nothing; GP's suggestions must not fight the trials for cores
     try:
-        # The study's MLflow record is what a resume continues from: Ray's own snapshot can miss a
-        # trial that ended while the study was stopping, and it restarts interrupted trials under new ids.
-        recorder.open(resume=options.resume)
-        if not options.resume:
-            save_settings(experiment, study_path)  # only now: a study is resumable once its parent run exists
-        for past in list(recorder.past):
-            if past.status != "interrupted":
-                continue
-            problem = rerun_problem(search.strategy, space, past.params, search.trials)
-            if problem:
-                print(f"warning: trial {past.number} is not rerun: {problem}", file=sys.stderr)
-                recorder.abandon(past, problem)
-        done = [trial for trial in recorder.past if trial.done]
-        planned = min(search.trials, len(space.grid())) if search.strategy == "grid" else search.trials
-        if options.resume:
-            reruns = min(sum(trial.status == "interrupted" for trial in recorder.past), max(0, planned - len(done)))
-            print(f"resuming: {len(done)} of {planned} trials recorded, {reruns} interrupted to rerun, "
-                  f"{max(0, planned - len(done) - reruns)} new", flush=True)
-        if planned > len(done):
-            tuner = _make_tuner(experiment, space, data, options, storage, callback, recorder.past,
-                                planned - len(done))
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # the driver trains nothing; GP's suggestions must not fight the trials for cores
-            try:
-                tuner.fit()
-            finally:
-                torch.set_num_threads(threads)
-        status = tracking.FINISHED
+        tuner.fit()
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-        unfinished = [t for t in callback.trials.values() if t.status not in ("TERMINATED", "ERROR")]
-        interrupted = status != tracking.FINISHED or callback.interrupted or bool(unfinished)
-        callback.drain()
-        if recorder.parent_run_id:
-            recorder.kill_unfinished()
-            counts, best = summarize(recorder, experiment)
-            recorder.close(tracking.KILLED if interrupted else tracking.FINISHED,
-                           {f"{name}_trials": counts.get(name, 0) for name in ("completed", "failed", "pruned",
-                                                                                "diverged", "interrupted", "abandoned")})
-        if own_ray:
-            ray.shutdown()
-    return StudyOutcome(options.name, recorder.parent_run_id, counts, best, time.perf_counter() - started,
-                        interrupted, str(study_path))
+        torch.set_num_threads(threads)
+
+
+def close_record(recorder: StudyRecorder, experiment: Experiment, interrupted: bool) -> tuple[dict, dict | None]:
+    """End cut-short trials and the parent run; return trial counts by status and the best trial."""
+    recorder.kill_unfinished()
+    counts, best = summarize(recorder, experiment)
+    recorder.close(tracking.KILLED if interrupted else tracking.FINISHED,
+                   {f"{status}_trials": counts.get(status, 0) for status in trials.STATUSES})
+    return counts, best
 
 
 def _start_ray(address: str | None) -> bool:
@@ -208,8 +210,8 @@ def _start_ray(address: str | None) -> bool:
     return True
 
 
-def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, storage: Path,
-                callback: StudyCallback, past: list[tracking.PastTrial], trials: int) -> tune.Tuner:
+def _make_tuner(experiment: Experiment, space: Space, data: ImageData, options: StudyOptions,
+                callback: StudyCallback, past: list[PastTrial], trials: int) -> tune.Tuner:
     """A Tuner for `trials` more trials; on resume its searcher starts from the study's `past` trials."""
     search = experiment.search
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's new console output ignores verbose=0; we print our own
@@ -219,11 +221,11 @@ def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, stor
     resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=experiment, space=space, data=data),
                                     resources)
-    metric = best_key(experiment.metric)
-    searcher = make_searcher(search.strategy, space, metric=metric, mode=experiment.mode, seed=search.seed,
-                             trials=search.trials, max_epochs=experiment.train.epochs, past=past)
-    if isinstance(searcher, GridSearcher):  # an edited space can leave fewer unfinished points than that
-        trials = min(trials, len(searcher.points))
+    searcher = STRATEGIES[search.strategy].searcher(space, metric=best_key(experiment.metric), mode=experiment.mode,
+                                                     seed=search.seed, trials=search.trials,
+                                                     max_epochs=experiment.train.epochs, past=past)
+    if searcher.capacity is not None:  # an edited space can leave fewer unfinished grid points than that
+        trials = min(trials, searcher.capacity)
     if search.scheduler == "asha":
         # Rungs compare the current epoch's metric; the searcher compares best-epoch values.
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=experiment.metric, mode=experiment.mode,
@@ -236,7 +238,7 @@ def _make_tuner(experiment: Experiment, space, data, options: StudyOptions, stor
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                     max_concurrent_trials=concurrency(search), reuse_actors=True,
                                     time_budget_s=search.time_budget * 60 or None),
-        run_config=tune.RunConfig(name=options.name, storage_path=str(storage), verbose=0,
+        run_config=tune.RunConfig(name=options.name, storage_path=str(results_folder(options.storage)), verbose=0,
                                   callbacks=[callback, JsonLoggerCallback()],
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   # Trials checkpoint only on a new best epoch, so the latest is the best.
@@ -266,20 +268,17 @@ def concurrency(search: SearchConfig) -> int:
     return max(1, slots)
 
 
-def summarize(recorder: tracking.StudyRecorder, experiment: Experiment) -> tuple[dict, dict | None]:
+def summarize(recorder: StudyRecorder, experiment: Experiment) -> tuple[dict, dict | None]:
     """Trial counts by status and the best trial, read back from MLflow (so resumed studies count all)."""
     runs = recorder.trial_runs()
     counts: dict[str, int] = {}
     for run in runs:
-        status = run.data.tags.get("status", "running")
+        status = run.data.tags.get("status", trials.RUNNING)
         counts[status] = counts.get(status, 0) + 1
-    key = f"best_{experiment.metric}"
-    scored = [r for r in runs if r.data.tags.get("status") == "completed" and key in r.data.metrics]
-    if not scored:
+    run = studies.best_trial_run(runs, experiment.metric, experiment.mode)
+    if run is None:
         return counts, None
-    pick = max if experiment.mode == "max" else min
-    run = pick(scored, key=lambda r: r.data.metrics[key])
-    best = {"run_id": run.info.run_id, "trial_number": int(run.data.tags.get("trial_number", 0)),
+    best = {"run_id": run.info.run_id, "trial_number": studies.trial_number(run),
             "params": {name: run.data.params.get(name) for name in run.data.tags.get("searched", "").split(",") if name},
             "metrics": {k[len("best_"):]: v for k, v in run.data.metrics.items() if k.startswith("best_")},
             "checkpoint": run.data.tags.get("checkpoint"), "promoted": run.data.tags.get("promoted") == "true"}

@@ -1,10 +1,12 @@
-"""Strategies: one Ray Tune searcher per strategy, all derived from the one search-space declaration.
+"""Strategies: a small registry of objects, each making the Ray Tune searcher of one strategy.
 
 grid   - every combination of the space's grid values in a fixed order (`GridSearcher`).
 random - Optuna's RandomSampler: each parameter drawn independently from its distribution.
 bayes  - Optuna's TPESampler (multivariate).
 gp     - Optuna's GPSampler.
-The three Optuna strategies run through Ray's OptunaSearch, with the fix below for pruned trials.
+The three Optuna strategies run through `OptunaSearcher`, cnnopt's own Ray searcher over Optuna's
+public ask-and-tell API: every trial is told as it ended (COMPLETE, PRUNED or FAIL), and a resumed
+study replays its MLflow record into the sampler with `Study.add_trial`.
 """
 
 from __future__ import annotations
@@ -12,29 +14,40 @@ from __future__ import annotations
 import math
 import pickle
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 from cnnopt.experiment.config import TrainConfig, field_types
-from cnnopt.errors import UsageError
-from cnnopt.experiment.space import Float, Int, Space
-from cnnopt.tracking import PastTrial
-
-STRATEGIES = ("grid", "random", "bayes", "gp")
-SAMPLER_NAMES = {"grid": "GridSearcher", "random": "RandomSampler", "bayes": "TPESampler(multivariate)",
-                 "gp": "GPSampler"}
+from cnnopt.experiment.space import Float, Int, Param, Space
+from cnnopt import trials as trial_status
+from cnnopt.tracking.recorder import PastTrial
 
 
-class GridSearcher(Searcher):
+class PickledSearcher(Searcher):
+    """Ray checkpoints a searcher with save/restore; ours keep all their state in plain attributes."""
+
+    capacity: int | None = None  # the most trials this searcher can hand out (None: no limit)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__.copy(), handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))
+
+
+class GridSearcher(PickledSearcher):
     """Hands out a fixed list of configurations in order, then says it is finished."""
 
     def __init__(self, points: list[dict], metric: str, mode: str):
         super().__init__(metric=metric, mode=mode)
         self.points = points
+        self.capacity = len(points)
         self.position = 0
         self.assigned: dict[str, dict] = {}
 
@@ -50,112 +63,139 @@ class GridSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(self.__dict__.copy(), handle)
 
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            self.__dict__.update(pickle.load(handle))
+class OptunaSearcher(PickledSearcher):
+    """A Ray Tune searcher that asks an Optuna sampler for each trial and tells it how the trial ended.
 
-
-class PruneAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the truth about how a trial ended.
-
-    Ray's wrapper tells every trial that has a result as COMPLETE, so a trial that ASHA stopped at
-    epoch 1 teaches TPE/GP its truncated score as if it were final, and an errored trial that had
-    reported once counts as complete too. Here: stopped before the last epoch -> PRUNED (Optuna keeps
-    its intermediate values), error or divergence -> FAIL, else COMPLETE with the best-epoch value.
+    Stopped before the last epoch -> PRUNED (Optuna keeps its intermediate values), error or
+    divergence -> FAIL, else COMPLETE with the best-epoch value (`trials.status_of`, then `optuna_state`).
     """
 
-    def __init__(self, *args, max_epochs: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_epochs = max_epochs
+    def __init__(self, space: Space, sampler: optuna.samplers.BaseSampler, *, metric: str, mode: str,
+                 max_epochs: int, reruns: Sequence[dict] = ()):
+        super().__init__(metric=metric, mode=mode)
+        self.space, self.max_epochs = space, max_epochs
+        self.study = optuna.create_study(sampler=sampler, direction="maximize" if mode == "max" else "minimize")
+        for params in reruns:  # asked first, with exactly these values
+            self.study.enqueue_trial(params)
+        self.live: dict[str, optuna.trial.Trial] = {}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        trial = self.study.ask()
+        self.live[trial_id] = trial
+        return self.space.sample(trial)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        trial, value = self.live.get(trial_id), result.get(self.metric)
+        step = result.get("training_iteration")
+        if trial is not None and value is not None and not math.isnan(value) and step is not None:
+            trial.report(value, step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
+        trial = self.live.pop(trial_id, None)
+        if trial is None:  # told already, or never asked by this searcher
             return
-        ot_trial = self._ot_trials[trial_id]
+        status = trial_status.status_of(result, self.max_epochs, error=error)
         value = None if result is None else result.get(self.metric)
-        if error or result is None or result.get("diverged") or value is None or math.isnan(value):
-            self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
-        elif result.get("training_iteration", 0) < self.max_epochs:
-            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
-        else:
-            self._ot_study.tell(ot_trial, value, state=TrialState.COMPLETE)
-        self._completed_trials.add(trial_id)
+        state = optuna_state(status, value)
+        self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
 
-    @property
-    def study(self) -> optuna.Study:
-        return self._ot_study
-
-
-def make_searcher(strategy: str, space: Space, *, metric: str, mode: str, seed: int, trials: int,
-                  max_epochs: int, past: Sequence[PastTrial] = ()) -> Searcher:
-    """The Ray searcher for a strategy; `metric` is the result key trials are compared on.
-
-    `past` is what a resumed study has already recorded: its finished trials are not run again and
-    the sampler learns from them; its interrupted trials are run first, with their hyperparameters.
-    """
-    if strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    done = [trial for trial in past if trial.done]
-    if strategy == "grid":
-        finished = {_key(trial.params) for trial in done}
-        return GridSearcher([point for point in space.grid()[:trials] if _key(point) not in finished],
-                            metric=metric, mode=mode)
-    # A resumed sampler draws from a new seed: the original one would repeat the draws already made.
-    seed = (seed + 7919 * len(past)) % 2**32
-    if strategy == "random":
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    elif strategy == "bayes":
-        # Explore with random start-up trials (a quarter of the budget, 4-10), then exploit.
-        startup = min(10, max(4, trials // 4))
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
-                                             warn_independent_sampling=False)
-    else:
-        # Conditional parameters fall back to independent random sampling under GP (Optuna's design).
-        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(10, max(4, trials // 4)),
-                                            warn_independent_sampling=False)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    reruns = [trial.params for trial in past if trial.status == "interrupted"]
-    searcher = PruneAwareOptunaSearch(space=space.sample, sampler=sampler, metric=metric, mode=mode,
-                                      max_epochs=max_epochs, points_to_evaluate=reruns or None)
-    for trial in done:
-        tell_past(searcher.study, space, trial)
-    return searcher
+    def replay(self, past: PastTrial) -> None:
+        """Give the sampler a trial recorded before a resume, as it was told the first time."""
+        distributions = {param.name: distribution(param) for param in self.space.params if param.name in past.params}
+        state = optuna_state(past.status, past.value)
+        try:
+            self.study.add_trial(optuna.trial.create_trial(
+                params=past.params, distributions=distributions, state=state, intermediate_values=past.curve,
+                value=past.value if state == TrialState.COMPLETE else None))
+        except ValueError as exc:  # the space module changed since: the sampler cannot use this trial
+            print(f"warning: the sampler skips trial {past.number} of the record: {exc}", file=sys.stderr)
 
 
-def rerun_problem(strategy: str, space: Space, params: dict, trials: int) -> str | None:
-    """Why an interrupted trial cannot run again as it was (the space module changed since), or None."""
-    if strategy == "grid":
-        planned = {_key(point) for point in space.grid()[:trials]}
-        return None if _key(params) in planned else f"no longer among the first {trials} points of the grid"
-    return space.mismatch(params)
+def optuna_state(status: str, value: float | None) -> TrialState:
+    """What a sampler is told of a trial: COMPLETE with its value, PRUNED (ranked by its intermediate
+    values), or FAIL (failed, diverged, or no value to rank it by)."""
+    if status == trial_status.COMPLETED and value is not None and not math.isnan(value):
+        return TrialState.COMPLETE
+    if status == trial_status.PRUNED:
+        return TrialState.PRUNED
+    return TrialState.FAIL
 
 
-def tell_past(study: optuna.Study, space: Space, trial: PastTrial) -> None:
-    """Give the sampler a trial recorded before a resume, as it was told the first time."""
-    distributions = {param.name: _distribution(param) for param in space.params if param.name in trial.params}
-    if trial.status == "completed" and trial.value is not None and not math.isnan(trial.value):
-        state, value = TrialState.COMPLETE, trial.value
-    elif trial.status == "pruned":
-        state, value = TrialState.PRUNED, None
-    else:
-        state, value = TrialState.FAIL, None
-    try:
-        study.add_trial(optuna.trial.create_trial(params=trial.params, distributions=distributions, value=value,
-                                                  state=state, intermediate_values=trial.curve))
-    except ValueError as exc:  # the space module changed since: the sampler cannot use this trial
-        print(f"warning: the sampler skips trial {trial.number} of the record: {exc}", file=sys.stderr)
-
-
-def _distribution(param) -> optuna.distributions.BaseDistribution:
+def distribution(param: Param) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution a declared parameter is sampled from."""
     if isinstance(param, Float):
         return optuna.distributions.FloatDistribution(param.low, param.high, log=param.log)
     if isinstance(param, Int):
         return optuna.distributions.IntDistribution(param.low, param.high, log=param.log)
     return optuna.distributions.CategoricalDistribution(list(param.choices))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Walks the space's grid in order; `trials` runs its first points."""
+
+    name: str = "grid"
+    sampler: str = "GridSearcher"
+
+    def searcher(self, space: Space, *, metric: str, mode: str, seed: int, trials: int, max_epochs: int,
+                 past: Sequence[PastTrial] = ()) -> GridSearcher:
+        finished = {_key(trial.params) for trial in past if trial_status.is_ended(trial.status)}
+        return GridSearcher([point for point in space.grid()[:trials] if _key(point) not in finished],
+                            metric=metric, mode=mode)
+
+    def planned(self, space: Space, trials: int) -> int:
+        return min(trials, len(space.grid()))
+
+    def rerun_problem(self, space: Space, params: dict, trials: int) -> str | None:
+        planned = {_key(point) for point in space.grid()[:trials]}
+        return None if _key(params) in planned else f"no longer among the first {trials} points of the grid"
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """An Optuna sampler: `make(seed, trials)` builds it for a study of `trials` trials."""
+
+    name: str
+    sampler: str
+    make: Callable[[int, int], optuna.samplers.BaseSampler]
+
+    def searcher(self, space: Space, *, metric: str, mode: str, seed: int, trials: int, max_epochs: int,
+                 past: Sequence[PastTrial] = ()) -> OptunaSearcher:
+        """The searcher; `past` is the record of a resumed study: the sampler learns its ended trials,
+        and its interrupted ones are asked first, with their hyperparameters."""
+        # A resumed sampler draws from a new seed: the original one would repeat the draws already made.
+        seed = (seed + 7919 * len(past)) % 2**32
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        searcher = OptunaSearcher(space, self.make(seed, trials), metric=metric, mode=mode, max_epochs=max_epochs,
+                                  reruns=[trial.params for trial in past if trial.status == trial_status.INTERRUPTED])
+        for trial in past:
+            if trial_status.is_ended(trial.status):
+                searcher.replay(trial)
+        return searcher
+
+    def planned(self, space: Space, trials: int) -> int:
+        return trials
+
+    def rerun_problem(self, space: Space, params: dict, trials: int) -> str | None:
+        return space.mismatch(params)
+
+
+def _startup(trials: int) -> int:
+    """Random start-up trials before a model-based sampler exploits: a quarter of the budget, 4-10."""
+    return min(10, max(4, trials // 4))
+
+
+# Conditional parameters fall back to independent random sampling under TPE's groups and under GP
+# (Optuna's design); the warning about it is expected, so it is off.
+STRATEGIES = {strategy.name: strategy for strategy in (
+    Grid(),
+    Sampled("random", "RandomSampler", lambda seed, trials: optuna.samplers.RandomSampler(seed=seed)),
+    Sampled("bayes", "TPESampler(multivariate)", lambda seed, trials: optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, n_startup_trials=_startup(trials), warn_independent_sampling=False)),
+    Sampled("gp", "GPSampler", lambda seed, trials: optuna.samplers.GPSampler(
+        seed=seed, n_startup_trials=_startup(trials), warn_independent_sampling=False)),
+)}
 
 
 def _key(values: dict) -> tuple:

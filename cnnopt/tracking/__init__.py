@@ -1,3 +1,14 @@
-"""MLflow lives here: the only package that writes to the tracking store."""
+"""MLflow lives here: the only package that writes to the tracking store.
 
-from cnnopt.tracking.store import *  # noqa: F401,F403
+store     - where the store is, experiments, runs, batched writes (the helpers everything else uses)
+recorder  - a study's record as it is written: parent run, child run per trial (`StudyRecorder`)
+writer    - the driver's background thread that performs a study's writes in order
+studies   - a study read back: parent, trials, the best trial, the settings a resume starts from
+runs      - one standalone run (`cnnopt.train`, `cnnopt.lr_finder`)
+registry  - promotion's records: test metrics, exported files, the registered model and its alias
+"""
+
+from cnnopt.tracking.store import (EPOCH_METRICS, FAILED, FINISHED, KILLED, KIND_TAG, PARENT_TAG, STUDY_TAG,  # noqa: F401
+                                   TRIAL_TAG, best_metrics, data_params, end_run, experiment_id, hyperparameters,
+                                   log, log_experiment_file, make_client, param_value, start_run, tracking_uri,
+                                   ui_command)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnopt import trials
 from cnnopt.data.augment import CROP_PADDING_MODES, BatchAugment, Normalize
 from cnnopt.experiment.config import TrainConfig, is_better
 from cnnopt.data.datasets import ImageData
@@ -29,7 +30,7 @@ EVAL_BATCH = 1024
 
 @dataclass
 class TrainResult:
-    status: str  # completed | diverged
+    status: str  # trials.COMPLETED | trials.DIVERGED
     best_epoch: int  # 0 when no epoch finished
     best_metrics: dict
     epochs_run: int
@@ -47,6 +48,52 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass
+class Setup:
+    """Everything one configuration trains with, built once by `set_up`: shared by `train` and the LR finder."""
+
+    config: TrainConfig
+    device: torch.device
+    memory_format: torch.memory_format
+    model: nn.Module
+    normalize: Normalize
+    augment: BatchAugment
+    optimizer: torch.optim.Optimizer
+    amp: torch.autocast  # fp16 on CUDA, bf16 on the CPU only when asked for
+    scaler: torch.amp.GradScaler
+    order_generator: torch.Generator  # batch order, seeded
+    train_x: torch.Tensor  # (N, C, H, W) uint8, on the device
+    train_y: torch.Tensor
+
+    def step(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step on the train images at `index`; returns (loss, logits, labels)."""
+        x = self.augment(self.train_x[index]).contiguous(memory_format=self.memory_format)  # (B, C, H, W)
+        y = self.train_y[index]
+        with self.amp:
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, logits, y
+
+
+def set_up(config: TrainConfig, data: ImageData) -> Setup:
+    """Check the configuration, seed, and build the model, augmentation and optimiser on the device."""
+    check_config(config, data.image_size)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = build_model(config, data.preprocessing()).to(device, memory_format=memory_format)
+    normalize = Normalize(data.mean, data.std, device)
+    return Setup(config, device, memory_format, model, normalize, BatchAugment(config, normalize, seed=config.seed),
+                 make_optimizer(config, model.parameters()), _autocast(config, device),
+                 torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
+                 torch.Generator(device="cpu").manual_seed(config.seed),
+                 data.train_x.to(device), data.train_y.to(device))
+
+
 def train(config: TrainConfig, data: ImageData, report: Report | None = None, *, metric: str = "val_accuracy",
           mode: str = "max", on_improve: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train one configuration and keep its best epoch by `metric`.
@@ -62,42 +109,23 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
     Returns:
         TrainResult with status 'completed' or 'diverged' and the best epoch's weights.
     """
-    check_config(config, data.image_size)
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = build_model(config, data.preprocessing()).to(device, memory_format=memory_format)
-    normalize = Normalize(data.mean, data.std, device)
-    augment = BatchAugment(config, normalize, seed=config.seed)
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    setup = set_up(config, data)
+    model, device, memory_format = setup.model, setup.device, setup.memory_format
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
-    batches = _batch_starts(len(train_y), config.batch_size)
-    optimizer = make_optimizer(config, model.parameters())
-    schedule = make_schedule(config, optimizer, len(batches))
-    amp = _autocast(config, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    order_generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    batches = _batch_starts(len(setup.train_y), config.batch_size)
+    schedule = make_schedule(config, setup.optimizer, len(batches))
 
-    result = TrainResult("completed", 0, {}, 0, model.num_parameters)
+    result = TrainResult(trials.COMPLETED, 0, {}, 0, model.num_parameters)
     best = None
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
-        order = torch.randperm(len(train_y), generator=order_generator).to(device)
+        order = torch.randperm(len(setup.train_y), generator=setup.order_generator).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for first in batches:
-            index = order[first:first + config.batch_size]
-            x = augment(train_x[index]).contiguous(memory_format=memory_format)
-            y = train_y[index]
-            with amp:
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits, y = setup.step(order[first:first + config.batch_size])
             if config.lr_schedule == "onecycle":
                 schedule.step()
             loss_sum += loss.detach() * len(y)
@@ -105,10 +133,10 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             seen += len(y)
         train_loss = loss_sum.item() / seen  # one device sync per epoch, not per batch
         train_seconds = time.perf_counter() - start
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at, read before a per-epoch step
+        lr = setup.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at, read before a per-epoch step
         if config.lr_schedule in ("step", "cosine"):
             schedule.step()
-        val_loss, val_accuracy = evaluate(model, val_x, val_y, normalize, memory_format, amp)
+        val_loss, val_accuracy = evaluate(model, val_x, val_y, setup.normalize, memory_format, setup.amp)
         metrics = {"train_loss": train_loss, "train_accuracy": correct.item() / seen, "val_loss": val_loss,
                    "val_accuracy": val_accuracy, "lr": lr,
                    "epoch_seconds": time.perf_counter() - start, "images_per_second": seen / train_seconds}
@@ -116,7 +144,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         diverged = not math.isfinite(train_loss) or not math.isfinite(val_loss)
         if diverged:
             metrics["diverged"] = 1.0
-            result.status = "diverged"
+            result.status = trials.DIVERGED
         elif is_better(metrics[metric], best, mode):
             best = metrics[metric]
             result.best_epoch, result.best_metrics = epoch, dict(metrics)

@@ -1,0 +1,166 @@
+"""Promotion: a trial's best-epoch checkpoint evaluated once on the test split, exported and registered.
+
+The best trial by the experiment's validation metric is loaded from its best-epoch checkpoint
+(`torch.load(..., weights_only=True)`), evaluated once on the test split (used for nothing else),
+wrapped in a Predictor, exported to model.pt and model.pt2 (verified in a fresh torch-only process),
+logged to the trial's MLflow run and registered under the experiment's name. The alias `champion`
+moves to the new version only when its test accuracy is at least the current champion's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from mlflow.exceptions import MlflowException
+
+from cnnopt import tracking
+from cnnopt.data.augment import Normalize
+from cnnopt.data.datasets import ImageData, load_data
+from cnnopt.deploy.export import export
+from cnnopt.deploy.predictor import Predictor
+from cnnopt.errors import UsageError
+from cnnopt.experiment.config import Experiment
+from cnnopt.tracking import registry, studies
+from cnnopt.training.checkpoint import FILENAME, load_checkpoint
+
+
+@dataclass
+class Promotion:
+    run_id: str
+    test_accuracy: float
+    test_loss: float
+    per_class_accuracy: dict
+    model_version: str
+    champion: bool  # the alias moved to this version
+    previous_champion: str | None
+    files: dict
+
+
+def best_trial_run(client, experiment: Experiment, study: str | None):
+    """The study's best completed trial by the validation metric (the latest study when None); on a tie,
+    the lowest trial number, as the study itself picks (`cnnopt.trials.best`)."""
+    parent = studies.find_parent(client, study, experiment.name)
+    if parent is None:
+        if study is None:
+            raise UsageError(f"the MLflow experiment {experiment.name!r} has no study to promote; "
+                             "run python -m cnnopt.search first, or pass --run-id")
+        raise UsageError(f"the MLflow experiment {experiment.name!r} holds no study named {study!r}; check --study")
+    run = studies.best_trial_run(studies.trial_runs(client, parent), experiment.metric, experiment.mode)
+    if run is None:
+        raise UsageError(f"study {parent.data.tags[tracking.STUDY_TAG]!r} has no completed trial to promote")
+    return run
+
+
+@torch.no_grad()
+def evaluate_test(model, data: ImageData) -> dict:
+    """Loss, accuracy, per-class accuracy and the confusion matrix on the test split."""
+    normalize = Normalize(data.mean, data.std, torch.device("cpu"))
+    logits = torch.cat([model(normalize(data.test_x[i:i + 1024])) for i in range(0, len(data.test_y), 1024)])
+    predictions = logits.argmax(1)
+    confusion = torch.zeros(data.num_classes, data.num_classes, dtype=torch.long)
+    confusion.index_put_((data.test_y, predictions), torch.ones_like(predictions), accumulate=True)
+    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
+    return {"test_loss": F.cross_entropy(logits, data.test_y).item(),
+            "test_accuracy": (predictions == data.test_y).double().mean().item(),
+            "per_class": {name: per_class[i].item() for i, name in enumerate(data.class_names)},
+            "confusion": confusion}
+
+
+def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.5 * len(class_names) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(confusion.numpy(), cmap="Blues")
+    axes.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axes.set_yticks(range(len(class_names)), class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for (row, col), count in zip(torch.cartesian_prod(torch.arange(len(class_names)), torch.arange(len(class_names))).tolist(),
+                                 confusion.flatten().tolist()):
+        if count:
+            axes.text(col, row, str(count), ha="center", va="center", fontsize=8)
+    axes.set_title("test split confusion matrix")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def promote(experiment: Experiment, *, study: str | None = None, run_id: str | None = None) -> Promotion:
+    """Evaluate, export, log and register the best trial (or the run `run_id`)."""
+    client = tracking.make_client()
+    try:
+        run = client.get_run(run_id) if run_id else best_trial_run(client, experiment, study)
+    except MlflowException:
+        raise UsageError(f"no MLflow run {run_id!r} in {tracking.tracking_uri()}; check --run-id") from None
+    parent = run.data.tags.get(tracking.PARENT_TAG)
+    settings = (studies.settings_of(client, parent) if parent else None) or experiment
+    run_id = run.info.run_id
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        try:
+            checkpoint_path = client.download_artifacts(run_id, f"checkpoint/{FILENAME}", str(scratch))
+        except MlflowException:
+            raise UsageError(f"run {run_id} has no checkpoint artifact to promote") from None
+        model, checkpoint = load_checkpoint(checkpoint_path)
+        data = load_data(experiment.data)
+        trained = checkpoint["preprocessing"]
+        # Same classes, size, channels and train-split statistics, or the "test" split may hold images the
+        # trial trained or was selected on (another data.seed, fraction or subset gives other statistics).
+        same = (trained["class_names"] == data.class_names and trained["image_size"] == data.image_size
+                and trained["channels"] == data.channels
+                and torch.allclose(torch.tensor(trained["mean"]), torch.tensor(data.mean), atol=1e-6)
+                and torch.allclose(torch.tensor(trained["std"]), torch.tensor(data.std), atol=1e-6))
+        if not same:
+            raise UsageError(f"run {run_id} was trained on other data or another split than experiment "
+                             f"{experiment.name!r} loads now; promote with the experiment file and --set values "
+                             "the study ran with")
+        if len(data.test_y) == 0:
+            raise UsageError("the test split is empty; set data.test_fraction above 0")
+        result = evaluate_test(model, data)  # the one use of the test split
+        predictor = Predictor(model, trained)
+        model_dir = scratch / "model"
+        files = export(predictor, model_dir, data.test_x[:256])
+        plot_confusion(result["confusion"], data.class_names, scratch / "confusion_matrix.png")
+        (model_dir / "model_card.md").write_text(model_card(experiment, settings, run, checkpoint, result))
+        metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
+                   **{f"test_accuracy_class_{name}": value for name, value in result["per_class"].items()}}
+        version, moved, previous = registry.record_promotion(experiment, run, metrics,
+                                                             scratch / "confusion_matrix.png", model_dir)
+    return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], version, moved,
+                     previous, files)
+
+
+def model_card(experiment: Experiment, settings: Experiment, run, checkpoint: dict, result: dict) -> str:
+    """The model card: data, selection, metrics, hyperparameters, and the command that reproduces the run
+    (from the study's recorded `settings`: its experiment file and every override)."""
+    params = run.data.params
+    metrics = run.data.metrics
+    searched = [n for n in run.data.tags.get("searched", "").split(",") if n]
+    study = run.data.tags.get(tracking.STUDY_TAG, "")
+    lines = [f"# {experiment.name}: {run.info.run_name}", "",
+             f"Dataset: {experiment.data.dataset} ({checkpoint['preprocessing']['image_size']}px, "
+             f"{checkpoint['preprocessing']['channels']} channel(s), classes {checkpoint['preprocessing']['class_names']})",
+             f"Selected on: {experiment.metric} ({experiment.mode}) of the validation split; best epoch "
+             f"{checkpoint.get('epoch')}", "",
+             "## Metrics",
+             f"- validation {experiment.metric}: {metrics.get('best_' + experiment.metric, float('nan')):.4f}",
+             f"- test accuracy: {result['test_accuracy']:.4f} (test split used once, here)",
+             f"- test loss: {result['test_loss']:.4f}", "",
+             "## Hyperparameters"]
+    lines += [f"- {name} = {params.get(name)}" + (" (searched)" if name in searched else "")
+              for name in sorted(n for n in params if "." not in n)]
+    command = "python -m cnnopt.search" if study else "python -m cnnopt.train"
+    lines += ["", "## Reproduce", settings.command_line(command),
+              "", "## Use", "model.pt: torch.jit.load('model.pt')(uint8 images (N, C, H, W)) -> probabilities",
+              f"model.pt2: torch.export.load('model.pt2').module() on images resized to "
+              f"{checkpoint['preprocessing']['image_size']}x{checkpoint['preprocessing']['image_size']}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,79 @@
+"""Promotion's records: the test metrics and exported files on the trial's run, the registered model,
+its `champion` alias, and the summary on the study's parent run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from cnnopt.experiment.config import Experiment
+from cnnopt.tracking.store import FINISHED, PARENT_TAG, log, make_client, tracking_uri
+
+ALIAS = "champion"
+# uint8 images (N, C, H, W) of any size -> float32 probabilities (N, num_classes); stated, not inferred.
+SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
+SERVING_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "serving_model.py"
+
+
+def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: Path, model_dir: Path):
+    """Log a promoted trial's test metrics and files, register its model, and summarise on the parent run.
+
+    Returns:
+        (model version, whether the alias moved to it, the previous champion's version or None).
+    """
+    client = make_client()
+    run_id = run.info.run_id
+    log(client, run_id, metrics=metrics, tags={"promoted": "true"})
+    client.log_artifact(run_id, str(confusion_png))
+    client.log_artifacts(run_id, str(model_dir), artifact_path="exported")
+    version, moved, previous = register(experiment, run_id, model_dir, metrics["test_accuracy"])
+    parent = run.data.tags.get(PARENT_TAG)
+    if parent:
+        log(client, parent, metrics={"promoted_test_accuracy": metrics["test_accuracy"]},
+            tags={"promoted_run_id": run_id, "promoted_trial": run.data.tags.get("trial_number", ""),
+                  "model_version": version})
+    return version, moved, previous
+
+
+def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy: float):
+    """Log the pyfunc model to the run, register it, and move `champion` if it is at least as good."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = make_client()
+    status = client.get_run(run_id).info.status
+    try:
+        mlflow.start_run(run_id=run_id)
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_MODEL),
+                                       artifacts={name: str(model_dir / name) for name in
+                                                  ("model.pt", "model.pt2", "model_card.md", "input_spec.json")
+                                                  if (model_dir / name).exists()},
+                                       pip_requirements=["torch", "numpy", "mlflow"], signature=SIGNATURE,
+                                       input_example=_blank_example(model_dir))
+    finally:  # reopening the trial's run must not change how it ended
+        mlflow.end_run()
+        client.set_terminated(run_id, status=status if status != "RUNNING" else FINISHED)
+    version = mlflow.register_model(info.model_uri, experiment.name,
+                                    tags={"test_accuracy": f"{test_accuracy:.6f}", "run_id": run_id}).version
+    try:
+        current = client.get_model_version_by_alias(experiment.name, ALIAS)
+    except MlflowException:
+        current = None
+    previous = None if current is None else str(current.version)
+    current_accuracy = None if current is None else float(current.tags.get("test_accuracy", "-1"))
+    moved = current_accuracy is None or test_accuracy >= current_accuracy
+    if moved:
+        client.set_registered_model_alias(experiment.name, ALIAS, version)
+    return str(version), moved, previous
+
+
+def _blank_example(model_dir: Path) -> np.ndarray:
+    """A blank image at the trained size: MLflow's input example (no test image leaves the split)."""
+    spec_path = model_dir / "input_spec.json"
+    spec = json.loads(spec_path.read_text()) if spec_path.exists() else {"channels_trained": 3, "image_size": 32}
+    return np.zeros((1, spec["channels_trained"], spec["image_size"], spec["image_size"]), dtype=np.uint8)

@@ -1,0 +1,86 @@
+"""Reading a study back from the tracking store: its parent run, its trials, its best trial, its settings.
+
+A study's MLflow record is its state: `--resume`, promotion, analysis and the report all read it from
+here, so a study can be continued or promoted from any machine that reaches the tracking store.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cnnopt.errors import UsageError
+from cnnopt.experiment.config import Experiment
+from cnnopt import trials
+from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, experiment_id, tracking_uri
+
+SETTINGS_ARTIFACT = "settings/experiment.json"  # on the parent run: every resolved setting of the study
+
+
+def find_parent(client: MlflowClient, study: str | None, experiment_name: str | None = None):
+    """The parent run of study `study` (the latest study when None), or None when there is none.
+
+    Args:
+        study: the study name; None means the most recently started study.
+        experiment_name: the MLflow experiment to look in; None looks in every experiment of the store.
+    """
+    ids = ([experiment_id(client, experiment_name)] if experiment_name
+           else [e.experiment_id for e in client.search_experiments()])
+    if not ids:
+        return None
+    query = f"tags.`{KIND_TAG}` = 'study'" + (f" and tags.`{STUDY_TAG}` = '{study}'" if study else "")
+    found = client.search_runs(ids, query, order_by=["attributes.start_time DESC"], max_results=2)
+    if study is not None and len(found) > 1 and experiment_name is None:
+        where = ", ".join(sorted({client.get_experiment(r.info.experiment_id).name for r in found}))
+        raise UsageError(f"several MLflow experiments ({where}) hold a study named {study!r}; "
+                         "give the experiment it belongs to")
+    return found[0] if found else None
+
+
+def trial_runs(client: MlflowClient, parent) -> list:
+    """The study's trial runs (child runs of `parent`), oldest first."""
+    return client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=10000)
+
+
+def trial_number(run) -> int:
+    return int(run.data.tags.get("trial_number", 0))
+
+
+def best_trial_run(runs: list, metric: str, mode: str):
+    """The best completed trial run by `best_<metric>` (`trials.best`: ties go to the lowest trial number)."""
+    key = f"best_{metric}"
+    return trials.best(runs, mode=mode, value=lambda run: run.data.metrics.get(key), number=trial_number,
+                       status=lambda run: run.data.tags.get("status", trials.RUNNING))
+
+
+def log_settings(client: MlflowClient, run_id: str, experiment: Experiment) -> None:
+    """Record the study's resolved settings (the file and every override) on its parent run."""
+    client.log_text(run_id, json.dumps(experiment.to_dict(), indent=2), SETTINGS_ARTIFACT)
+
+
+def load_settings(client: MlflowClient, study: str) -> Experiment:
+    """The settings a study started with, from its parent run: a resumed study trains and splits as before."""
+    parent = find_parent(client, study)
+    if parent is None:
+        raise UsageError(f"the MLflow store {tracking_uri()} holds no study named {study!r}; check --name, "
+                         "or set MLFLOW_TRACKING_URI to the store the study ran with")
+    settings = settings_of(client, parent.info.run_id)
+    if settings is None:
+        raise UsageError(f"study {study!r} recorded no settings ({SETTINGS_ARTIFACT} on its parent run "
+                         f"{parent.info.run_id}); it cannot be resumed")
+    return settings
+
+
+def settings_of(client: MlflowClient, parent_run_id: str) -> Experiment | None:
+    """The settings recorded on a study's parent run, or None if it holds none."""
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            path = client.download_artifacts(parent_run_id, SETTINGS_ARTIFACT, scratch)
+        except (MlflowException, OSError):
+            return None
+        return Experiment.from_dict(json.loads(Path(path).read_text()))

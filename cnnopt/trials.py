@@ -1,0 +1,71 @@
+"""What a trial's status is and which trial is best: the one definition of each.
+
+The study's callback and its searcher decide a status from the trial's last result; MLflow keeps it as
+the run's `status` tag; promotion, analysis and the report read it back and pick the best trial with
+`best` (ties go to the lowest trial number: the configuration the study found first).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, TypeVar
+
+COMPLETED = "completed"  # ran every epoch
+PRUNED = "pruned"  # the scheduler stopped it before its last epoch
+DIVERGED = "diverged"  # its loss became NaN or infinite
+FAILED = "failed"  # it raised
+INTERRUPTED = "interrupted"  # the study stopped while it ran (Ctrl-C, SIGTERM, time budget, killed driver)
+ABANDONED = "abandoned"  # interrupted, and the search space changed before the resume could rerun it
+RUNNING = "running"  # started, not ended yet
+ENDED = (COMPLETED, PRUNED, DIVERGED, FAILED)  # ran to an end: counted against the study's trials
+STATUSES = (*ENDED, INTERRUPTED, ABANDONED)
+
+T = TypeVar("T")
+
+
+def status_of(result: dict | None, epochs: int, *, error: bool = False) -> str:
+    """How a trial ended, from its last reported result.
+
+    Args:
+        result: the last result the trial reported (None if it reported none).
+        epochs: the epochs a trial runs when nothing stops it.
+        error: the trial raised.
+    Returns:
+        failed, diverged, pruned (stopped before `epochs`) or completed.
+    """
+    if error or result is None:
+        return FAILED
+    if result.get("diverged"):
+        return DIVERGED
+    if result.get("training_iteration", 0) < epochs:
+        return PRUNED
+    return COMPLETED
+
+
+def is_ended(status: str) -> bool:
+    """Whether a recorded trial ran to an end (and so is neither rerun nor run again on resume)."""
+    return status in ENDED
+
+
+def run_status(status: str) -> str:
+    """The MLflow run status a trial of this status ends with."""
+    if status in (FAILED, DIVERGED):
+        return "FAILED"
+    if status in (INTERRUPTED, ABANDONED):
+        return "KILLED"
+    return "FINISHED"
+
+
+def best(trials: Iterable[T], *, mode: str, value: Callable[[T], float | None],
+         number: Callable[[T], int], status: Callable[[T], str]) -> T | None:
+    """The best completed trial by `value` under `mode`; on a tie the lowest trial number wins.
+
+    Only completed trials count: a pruned trial's value is that of a truncated run. Returns None when
+    no completed trial has a value.
+    """
+    def rank(trial: T) -> tuple[float, int]:
+        score = value(trial)
+        return (-score if mode == "max" else score, number(trial))
+
+    scored = [t for t in trials if status(t) == COMPLETED and value(t) is not None and not math.isnan(value(t))]
+    return min(scored, key=rank, default=None)
