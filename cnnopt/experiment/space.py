@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import optuna
+
 from cnnopt.experiment.config import TrainConfig, field_types
 from cnnopt.errors import UsageError
 
@@ -32,6 +34,10 @@ class Param:
     def contains(self, value: Any) -> bool:
         raise NotImplementedError
 
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The Optuna distribution `suggest` samples from (what a sampler is told a recorded trial used)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Float(Param):
@@ -41,6 +47,9 @@ class Float(Param):
 
     def suggest(self, trial) -> float:
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
 
     def contains(self, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
@@ -59,6 +68,9 @@ class Int(Param):
     def suggest(self, trial) -> int:
         return trial.suggest_int(self.name, self.low, self.high, log=self.log)
 
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        return optuna.distributions.IntDistribution(self.low, self.high, log=self.log)
+
     def contains(self, value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
 
@@ -72,6 +84,9 @@ class Choice(Param):
 
     def suggest(self, trial) -> Any:
         return trial.suggest_categorical(self.name, list(self.choices))
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        return optuna.distributions.CategoricalDistribution(list(self.choices))
 
     def contains(self, value: Any) -> bool:
         return value in self.choices

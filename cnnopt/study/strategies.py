@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from cnnopt.experiment.config import TrainConfig, field_types
-from cnnopt.experiment.space import Float, Int, Param, Space
+from cnnopt.experiment.space import Space
 from cnnopt import trials as trial_status
 from cnnopt.tracking.recorder import PastTrial
 
@@ -102,7 +102,7 @@ class OptunaSearcher(PickledSearcher):
 
     def replay(self, past: PastTrial) -> None:
         """Give the sampler a trial recorded before a resume, as it was told the first time."""
-        distributions = {param.name: distribution(param) for param in self.space.params if param.name in past.params}
+        distributions = {param.name: param.distribution() for param in self.space.params if param.name in past.params}
         state = optuna_state(past.status, past.value)
         try:
             self.study.add_trial(optuna.trial.create_trial(
@@ -120,15 +120,6 @@ def optuna_state(status: str, value: float | None) -> TrialState:
     if status == trial_status.PRUNED:
         return TrialState.PRUNED
     return TrialState.FAIL
-
-
-def distribution(param: Param) -> optuna.distributions.BaseDistribution:
-    """The Optuna distribution a declared parameter is sampled from."""
-    if isinstance(param, Float):
-        return optuna.distributions.FloatDistribution(param.low, param.high, log=param.log)
-    if isinstance(param, Int):
-        return optuna.distributions.IntDistribution(param.low, param.high, log=param.log)
-    return optuna.distributions.CategoricalDistribution(list(param.choices))
 
 
 @dataclass(frozen=True)
