@@ -29,7 +29,7 @@ import search_spaces
 from cnnopt import tracking
 from cnnopt.analysis import load_trials
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
-from cnnopt.config import Experiment, load_experiment
+from cnnopt.config import Experiment, is_better, load_experiment
 from cnnopt.edges import find_edges
 from cnnopt.errors import UsageError
 from cnnopt.space import Float, Int, Param, Space
@@ -54,7 +54,7 @@ class Report:
     importance_trials: int  # the completed trials the importances rest on
     importance_note: str  # why importance was skipped, or what it leaves out
     edges: list[str]  # one line per hyperparameter whose best trials sit at an edge of the space
-    out_dir: Path  # the local folder holding report.md and the PNGs
+    out_dir: Path  # the local folder holding report.md and the PNGs (log_report removes one it made)
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # trials the Optuna study could not take, and why
     artifact_dir: str | None = None  # the parent run's `report/` artifact URI, once logged
@@ -396,7 +396,7 @@ def _best_so_far(curve: dict[int, float], mode: str) -> dict[int, float]:
     """Per-epoch values as the best so far, as the sampler was told them for a pruned trial."""
     best, out = None, {}
     for step, value in sorted(curve.items()):
-        if not math.isnan(value) and (best is None or (value > best if mode == "max" else value < best)):
+        if is_better(value, best, mode):
             best = value
         if best is not None:
             out[step] = best
