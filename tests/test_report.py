@@ -1,0 +1,222 @@
+"""The study report and the edges of the space: real MLflow, real Optuna; one small real study on Ray."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+import search_spaces
+from cnnopt import report as report_module
+from cnnopt import search, tracking
+from cnnopt.config import load_experiment
+from cnnopt.edges import find_edges
+from cnnopt.report import build_report, log_report
+from cnnopt.space import Choice, Float, Int, Space
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = {"history.png", "importance.png", "parallel_coordinate.png", "learning_curves.png"}
+
+
+# --- edges of the space: find_edges on hand-made trials ------------------------------------------
+
+SPACE = Space(name="edges", params=(
+    Float("lr", 1e-4, 0.5, log=True),
+    Float("dropout", 0.0, 0.5),
+    Int("blocks", 2, 4),
+    Choice("channels", (8, 16, 32, 64)),
+    Choice("optimizer", ("sgd", "adam")),
+    Choice("batch_norm", (True, False)),
+    Float("momentum", 0.8, 0.99, when={"optimizer": ("sgd",)}),
+))
+MIDDLE = {"lr": 0.01, "dropout": 0.25, "blocks": 3, "channels": 16, "optimizer": "adam", "batch_norm": True,
+          "momentum": 0.9}
+
+
+def trials_frame(best: list[dict], metric_values=(0.9, 0.8, 0.7), rest: int = 4) -> pd.DataFrame:
+    """Completed trials: `best` (overrides of MIDDLE) score metric_values; `rest` middling ones score lower."""
+    rows = [{**MIDDLE, **overrides, "best_val_accuracy": value} for overrides, value in zip(best, metric_values)]
+    rows += [{**MIDDLE, "lr": 0.003 * (i + 1), "best_val_accuracy": 0.5 - 0.01 * i} for i in range(rest)]
+    rows.append({**MIDDLE, "lr": 0.5, "best_val_accuracy": None})  # a failed trial at the bound counts for nothing
+    frame = pd.DataFrame(rows)
+    frame["status"] = ["completed"] * (len(rows) - 1) + ["failed"]
+    frame["trial"] = range(1, len(rows) + 1)
+    return frame
+
+
+@pytest.mark.parametrize("best, expected", [
+    ([{"lr": 0.45}, {"lr": 0.3}, {"lr": 0.48}],
+     "lr: the best 3 trials sit at the upper bound 0.5 (0.3-0.48, log scale); try 0.0001-5"),
+    ([{"lr": 1e-4}, {"lr": 1.5e-4}, {"lr": 1.2e-4}],
+     "lr: the best 3 trials sit at the lower bound 0.0001 (0.0001-0.00015, log scale); try 1e-05-0.5"),
+    ([{"dropout": 0.5}, {"dropout": 0.48}, {"dropout": 0.46}],
+     "dropout: the best 3 trials sit at the upper bound 0.5 (0.46-0.5); try 0-0.75"),
+    ([{"dropout": 0.0}, {"dropout": 0.01}, {"dropout": 0.02}],
+     "dropout: the best 3 trials sit at the lower bound 0 (0-0.02); it cannot widen past 0: consider fixing dropout=0"),
+    ([{"blocks": 4}] * 3, "blocks: the best 3 trials sit at the upper bound 4 (all 4); try 2-5"),
+    ([{"channels": 64}] * 3, "channels: the best 3 trials sit on the largest choice 64; try choices (8, 16, 32, 64, 128)"),
+    ([{"channels": 8}] * 3, "channels: the best 3 trials sit on the smallest choice 8; try choices (4, 8, 16, 32, 64)"),
+    ([{"optimizer": "sgd", "momentum": 0.99}] * 3,
+     "momentum: the best 3 trials sit at the upper bound 0.99 (all 0.99); try 0.8-0.995"),
+])
+def test_best_trials_at_a_bound_are_named_with_a_wider_range(best, expected):
+    assert find_edges(trials_frame(best), SPACE, "val_accuracy", "max") == [expected]
+
+
+@pytest.mark.parametrize("best", [
+    [{}, {}, {}],  # all in the middle
+    [{"lr": 0.45}, {"lr": 0.3}, {"lr": 0.01}],  # two of three at the bound is not all of them
+    [{"lr": 0.45}, {"lr": 1e-4}, {"lr": 0.48}],  # both ends
+    [{"optimizer": "sgd"}] * 3,  # an unordered choice has no end
+    [{"batch_norm": False}] * 3,  # nor has a boolean
+    [{"optimizer": "sgd", "momentum": 0.99}, {"optimizer": "sgd", "momentum": 0.99}, {"momentum": 0.99}],  # unsampled
+])
+def test_no_edge_when_the_best_trials_do_not_all_sit_at_one_end(best):
+    assert find_edges(trials_frame(best), SPACE, "val_accuracy", "max") == []
+
+
+def test_edges_rank_by_the_mode_and_judge_the_top_trials_only():
+    frame = trials_frame([{"lr": 0.45}, {"lr": 0.3}, {"lr": 0.48}])
+    assert find_edges(frame, SPACE, "val_accuracy", "min") == []  # the worst trials are now the best
+    assert find_edges(frame, SPACE, "val_accuracy", "max", top=4) == []  # the 4th best is mid-range
+    assert find_edges(frame, SPACE, "val_accuracy", "max", top=1) == [
+        "lr: the best trial sits at the upper bound 0.5 (0.45, log scale); try 0.0001-5"]
+    assert find_edges(frame[frame["status"] == "failed"], SPACE, "val_accuracy", "max") == []
+
+
+# --- the report of a recorded study --------------------------------------------------------------
+
+def record_study(name: str, points: list[tuple[str, dict, float | None]]):
+    """A study's MLflow record as the study writes it: (status, overrides of MIDDLE, value) per trial.
+
+    Each trial logs two epochs; a completed trial's second epoch reaches `value`.
+    """
+    experiment = load_experiment(None, ["train.epochs=2"])
+    space = search_spaces.get("lesson")
+    recorder = tracking.StudyRecorder(experiment, name, tags={"search_space": "lesson", "strategy": "random"},
+                                      params={"metric": "val_accuracy", "mode": "max", "search_space": "lesson"},
+                                      artifacts=[])
+    recorder.open()
+    for index, (status, overrides, value) in enumerate(points):
+        point = {"lr": 0.01, "batch_size": 64, "dropout": 0.25, "optimizer": "adam", "weight_decay": 1e-4,
+                 "batch_norm": True, "channels": 16, **overrides}
+        trial_id = f"t{index}"
+        recorder.start_trial(trial_id, tracking.hyperparameters(space.apply(experiment.train, point)), list(point))
+        epochs = 1 if status == "pruned" else 2
+        for epoch in range(1, epochs + 1):
+            shown = (value or 0.1) * epoch / epochs
+            recorder.log_epoch(trial_id, epoch, {"val_accuracy": shown, "train_accuracy": shown * 0.9, "val_loss": 1 - shown})
+        best = {} if value is None else {"val_accuracy": value, "val_loss": 1 - value, "epoch": epochs}
+        recorder.end_trial(trial_id, status, best, error="boom" if status == "failed" else None)
+    recorder.close(tracking.FINISHED)
+    return experiment, recorder.parent_run_id
+
+
+def lr_at_the_top(count: int = 10) -> list[tuple[str, dict, float | None]]:
+    """Trials whose value rises with lr (log scale) and with dropout a little, so lr=0.5 is best."""
+    points = []
+    for i in range(count):
+        lr = 0.5 * 10 ** (-0.15 * i)  # 0.5, 0.35, 0.25 (the top 10% of the log range), 0.18, ...
+        dropout = [0.1, 0.3, 0.2, 0.4, 0.15][i % 5]
+        points.append(("completed", {"lr": lr, "dropout": dropout, "channels": (16, 32)[i % 2],
+                                     "optimizer": ("adam", "adamw")[i % 2], "batch_norm": i % 3 != 0},
+                       round(0.95 - 0.06 * i + 0.02 * dropout, 4)))
+    return points + [("pruned", {"lr": 0.001}, 0.2), ("failed", {"lr": 0.3, "batch_size": 128}, None)]
+
+
+def artifacts(client: MlflowClient, run_id: str, path: str = "report") -> set[str]:
+    return {Path(a.path).name for a in client.list_artifacts(run_id, path)}
+
+
+def test_a_study_with_its_best_trials_at_a_bound_gets_a_report_with_the_edge(mlflow_store, tmp_path):
+    experiment, parent_id = record_study("edge", lr_at_the_top())
+    client = MlflowClient(tracking_uri=mlflow_store)
+    tracking.log(client, parent_id, tags={"edge_dropout": "from an older report"})
+
+    report = log_report(experiment, "edge", out_dir=tmp_path / "out")
+
+    assert report.counts == {"completed": 10, "pruned": 1, "failed": 1}
+    assert report.best["trial"] == 1 and report.best["value"] == pytest.approx(0.952)
+    assert report.edges == ["lr: the best 3 trials sit at the upper bound 0.5 (0.251-0.5, log scale); try 0.0001-5"]
+    assert FIGURES | {"report.md", "slice_lr.png", "slice_optimizer.png"} <= artifacts(client, parent_id)
+    assert "slice_momentum.png" not in artifacts(client, parent_id), "no trial sampled momentum (all adam)"
+    run = client.get_run(parent_id)
+    assert run.data.tags["edge_lr"] == report.edges[0]
+    assert "edge_dropout" not in run.data.tags, "a stale edge of an earlier report is removed"
+    importance = {k: v for k, v in run.data.metrics.items() if k.startswith("importance_") and k != "importance_trials"}
+    assert set(importance) == {f"importance_{name}" for name in report.importances}
+    assert math.isclose(sum(importance.values()), 1.0, abs_tol=1e-6)
+    assert max(report.importances, key=report.importances.get) == "lr", "lr alone sets the value"
+    assert run.data.metrics["importance_trials"] == 10
+    assert [m.step for m in client.get_metric_history(parent_id, "importance_lr")] == [10]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert report.edges[0] in text and "fANOVA over the 10 completed trials" in text
+    assert report.artifact_dir.endswith("/report") and "edge: " + report.edges[0] in report.summary_lines
+
+
+def test_optuna_numbers_are_the_study_numbers_and_a_point_outside_the_space_is_noted(mlflow_store, tmp_path):
+    points = lr_at_the_top(6)
+    points[5] = ("completed", {"lr": 0.9}, 0.5)  # as if an older space module allowed lr up to 1
+    record_study("old", points)
+    report = build_report("digits", "old", tmp_path)
+    assert len(report.notes) == 1 and report.notes[0].startswith("trial 6 is left out")
+    assert "## Left out" in (tmp_path / "report.md").read_text()
+    assert {p.name for p in report.figures} >= FIGURES and (tmp_path / "history.png").stat().st_size > 10_000
+    trials = report_module.load_trials("digits", "old")
+    study, _ = report_module.optuna_study(trials, search_spaces.get("lesson"), {}, {}, "val_accuracy", "max")
+    complete = {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
+    assert complete == dict(zip(trials["trial"][:5], trials["best_val_accuracy"][:5])), "Optuna numbers = trial numbers"
+    assert [t.number for t in study.trials if t.state.name == "PRUNED"] == [7]
+    assert all("momentum" not in t.params for t in study.trials), "conditions hold where the record has no searched tag"
+
+
+def test_importance_is_skipped_with_a_note_on_too_few_trials(mlflow_store, tmp_path):
+    experiment, parent_id = record_study("few", lr_at_the_top(3))
+    report = log_report(experiment, "few", out_dir=tmp_path)
+    assert report.importances == {} and "3 completed trials, fewer than the 5" in report.importance_note
+    assert "importance.png" not in {p.name for p in report.figures}
+    client = MlflowClient(tracking_uri=mlflow_store)
+    assert not [k for k in client.get_run(parent_id).data.metrics if k.startswith("importance_")]
+    assert report.edges, "edges are judged on the 3 completed trials all the same"
+
+
+# --- a real study on Ray --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_report_of_a_real_study(ray_session, mlflow_store, tmp_path):
+    code = search.main(["--strategy", "random", "--trials", "6", "--name", "real", "--seed", "1",
+                        "--set", "train.epochs=2", "--no-promote"])
+    assert code == 0
+    report = log_report("digits", "real", out_dir=tmp_path)
+    assert report.counts == {"completed": 6}
+    client = MlflowClient(tracking_uri=mlflow_store)
+    assert FIGURES | {"report.md"} <= artifacts(client, report.parent_run_id)
+    metrics = client.get_run(report.parent_run_id).data.metrics
+    assert metrics["importance_trials"] == 6
+    assert math.isclose(sum(v for k, v in metrics.items() if k.startswith("importance_") and k != "importance_trials"),
+                        1.0, abs_tol=1e-6)
+    assert report.best["value"] == max(report_module.load_trials("digits", "real")["best_val_accuracy"])
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+def test_cli_names_an_unknown_study_in_one_line_and_exits_2(mlflow_store, tmp_path):
+    record_study("known", lr_at_the_top(2))
+    result = subprocess.run([sys.executable, "-m", "cnnopt.report", "--experiment", str(ROOT / "experiments/digits.toml"),
+                             "--study", "nope"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "'nope'" in result.stderr and "known" in result.stderr
+
+
+def test_cli_prints_the_summary_and_where_it_was_logged(mlflow_store, capsys):
+    record_study("shown", lr_at_the_top(6))
+    assert report_module.main(["--experiment", str(ROOT / "experiments/digits.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "study shown: 8 trials (6 completed, 1 failed, 1 pruned)" in out
+    assert "importance (fANOVA, 6 completed trials): lr" in out and "edge: lr:" in out
+    assert "report logged to the study's parent run" in out
