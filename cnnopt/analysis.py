@@ -65,8 +65,17 @@ def best_so_far(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: s
                          "best_so_far": running.ffill().to_numpy()})
 
 
+def top_trials(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max",
+               count: int | None = None) -> pd.DataFrame:
+    """The completed trials, best first (`cnnopt.trials.ranked`: ties go to the lowest trial number)."""
+    if trials.empty or metric not in trials:
+        return trials[:0]
+    order = trial_status.ranked(trials.index, mode=mode, value=lambda i: trials.at[i, metric],
+                                number=lambda i: int(trials.at[i, "trial"]), status=lambda i: trials.at[i, "status"])
+    return trials.loc[order[:count]]
+
+
 def best_trial(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max") -> pd.Series | None:
-    """The study's best trial as a row: the one the study promotes (`cnnopt.trials.best`)."""
-    rows = [row for _, row in trials.iterrows()]
-    return trial_status.best(rows, mode=mode, value=lambda row: row.get(metric), number=lambda row: int(row["trial"]),
-                             status=lambda row: row["status"])
+    """The study's best trial as a row: the one the study promotes."""
+    top = top_trials(trials, metric, mode, 1)
+    return None if top.empty else top.iloc[0]

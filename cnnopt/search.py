@@ -13,6 +13,7 @@ import search_spaces
 from cnnopt import tracking, trials
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
+from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
 from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, run_study
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study --name STUDY")
     parser.add_argument("--seed", type=int, metavar="S", help="the sampler's seed")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this long")
+    parser.add_argument("--no-report", action="store_true",
+                        help="skip the study report (figures, importance, edges of the space) on the parent run")
     parser.add_argument("--no-promote", action="store_true",
                         help="skip promoting the best trial (test evaluation, export, registry)")
     parser.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     outcome = run_study(experiment, options)
     print_summary(experiment, outcome)
+    if not outcome.interrupted and not args.no_report:
+        report_study(experiment, outcome.name)
     if outcome.interrupted:
         print(f"\nThe study was interrupted. Resume it (with the settings it started with, from any machine that "
               f"reaches the tracking store) by:\n"
@@ -104,6 +109,21 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def report_study(experiment, name: str) -> None:
+    """Log the study's report to its parent run and print its edges; a report that fails only warns."""
+    try:
+        report = log_report(experiment, name)
+    except Exception as exc:  # the study is recorded whatever happens here; say how to retry
+        print(f"warning: the study report failed ({type(exc).__name__}: {exc}); retry with python -m cnnopt.report "
+              f"--study {name}", file=sys.stderr)
+        return
+    print(f"report: {len(report.figures)} figures and report.md on the study's parent run (report/)"
+          + (f"; importance {', '.join(f'{k} {v:.2f}' for k, v in list(report.importances.items())[:3])}"
+             if report.importances else ""))
+    for line in report.edges:
+        print(f"edge of the space: {line}")
 
 
 def print_summary(experiment, outcome) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, TypeVar
 
+from cnnopt.experiment.config import is_better
+
 COMPLETED = "completed"  # ran every epoch
 PRUNED = "pruned"  # the scheduler stopped it before its last epoch
 DIVERGED = "diverged"  # its loss became NaN or infinite
@@ -56,16 +58,45 @@ def run_status(status: str) -> str:
     return "FINISHED"
 
 
-def best(trials: Iterable[T], *, mode: str, value: Callable[[T], float | None],
-         number: Callable[[T], int], status: Callable[[T], str]) -> T | None:
-    """The best completed trial by `value` under `mode`; on a tie the lowest trial number wins.
+def sampler_state(status: str, value: float | None):
+    """What a sampler is told of a trial (an Optuna TrialState): COMPLETE with its value, PRUNED (ranked
+    by its intermediate values), or FAIL (failed, diverged, or no value to rank it by)."""
+    from optuna.trial import TrialState  # here, so the training objective's workers need not import Optuna
 
-    Only completed trials count: a pruned trial's value is that of a truncated run. Returns None when
-    no completed trial has a value.
+    if status == COMPLETED and value is not None and not math.isnan(value):
+        return TrialState.COMPLETE
+    if status == PRUNED:
+        return TrialState.PRUNED
+    return TrialState.FAIL
+
+
+def best_so_far(values: dict[int, float], mode: str) -> dict[int, float]:
+    """Per-epoch values as the best so far at each epoch: how a pruned trial's curve is told to a sampler."""
+    best, curve = None, {}
+    for step, value in sorted(values.items()):
+        if is_better(value, best, mode):
+            best = value
+        if best is not None:
+            curve[step] = best
+    return curve
+
+
+def ranked(trials: Iterable[T], *, mode: str, value: Callable[[T], float | None],
+           number: Callable[[T], int], status: Callable[[T], str]) -> list[T]:
+    """Completed trials with a value, best first: by `value` under `mode`, then by the lower trial number.
+
+    Only completed trials count: a pruned trial's value is that of a truncated run.
     """
     def rank(trial: T) -> tuple[float, int]:
         score = value(trial)
         return (-score if mode == "max" else score, number(trial))
 
-    scored = [t for t in trials if status(t) == COMPLETED and value(t) is not None and not math.isnan(value(t))]
-    return min(scored, key=rank, default=None)
+    return sorted((t for t in trials if status(t) == COMPLETED and value(t) is not None and not math.isnan(value(t))),
+                  key=rank)
+
+
+def best(trials: Iterable[T], *, mode: str, value: Callable[[T], float | None],
+         number: Callable[[T], int], status: Callable[[T], str]) -> T | None:
+    """The best completed trial (`ranked`'s first: on a tie, the lowest trial number), or None."""
+    order = ranked(trials, mode=mode, value=value, number=number, status=status)
+    return order[0] if order else None

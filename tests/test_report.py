@@ -12,12 +12,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import search_spaces
-from cnnopt import report as report_module
+from cnnopt import report as report_cli
 from cnnopt import search, tracking
-from cnnopt.config import load_experiment
-from cnnopt.edges import find_edges
-from cnnopt.report import build_report, log_report
-from cnnopt.space import Choice, Float, Int, Space
+from cnnopt.analysis import load_trials
+from cnnopt.experiment.config import load_experiment
+from cnnopt.insight import report as report_module
+from cnnopt.insight.edges import find_edges
+from cnnopt.insight.report import build_report, log_report
+from cnnopt.tracking.recorder import StudyRecorder
+from cnnopt.experiment.space import Choice, Float, Int, Space
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {"history.png", "importance.png", "parallel_coordinate.png", "learning_curves.png"}
@@ -98,7 +101,7 @@ def record_study(name: str, points: list[tuple[str, dict, float | None]]):
     """
     experiment = load_experiment(None, ["train.epochs=2"])
     space = search_spaces.get("lesson")
-    recorder = tracking.StudyRecorder(experiment, name, tags={"search_space": "lesson", "strategy": "random"},
+    recorder = StudyRecorder(experiment, name, tags={"search_space": "lesson", "strategy": "random"},
                                       params={"metric": "val_accuracy", "mode": "max", "search_space": "lesson"},
                                       artifacts=[])
     recorder.open()
@@ -167,7 +170,7 @@ def test_optuna_numbers_are_the_study_numbers_and_a_point_outside_the_space_is_n
     assert len(report.notes) == 1 and report.notes[0].startswith("trial 6 is left out")
     assert "## Left out" in (tmp_path / "report.md").read_text()
     assert {p.name for p in report.figures} >= FIGURES and (tmp_path / "history.png").stat().st_size > 10_000
-    trials = report_module.load_trials("digits", "old")
+    trials = load_trials("digits", "old")
     study, _ = report_module.optuna_study(trials, search_spaces.get("lesson"), {}, {}, "val_accuracy", "max")
     complete = {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
     assert complete == dict(zip(trials["trial"][:5], trials["best_val_accuracy"][:5])), "Optuna numbers = trial numbers"
@@ -188,19 +191,20 @@ def test_importance_is_skipped_with_a_note_on_too_few_trials(mlflow_store, tmp_p
 # --- a real study on Ray --------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_report_of_a_real_study(ray_session, mlflow_store, tmp_path):
+def test_a_study_ends_with_its_report(ray_session, mlflow_store, tmp_path, capsys):
     code = search.main(["--strategy", "random", "--trials", "6", "--name", "real", "--seed", "1",
                         "--set", "train.epochs=2", "--no-promote"])
     assert code == 0
-    report = log_report("digits", "real", out_dir=tmp_path)
-    assert report.counts == {"completed": 6}
+    assert "figures and report.md on the study's parent run" in capsys.readouterr().out
     client = MlflowClient(tracking_uri=mlflow_store)
-    assert FIGURES | {"report.md"} <= artifacts(client, report.parent_run_id)
+    report = build_report("digits", "real", out_dir=tmp_path)
+    assert report.counts == {"completed": 6}
+    assert FIGURES | {"report.md"} <= artifacts(client, report.parent_run_id), "the study logged it at its end"
     metrics = client.get_run(report.parent_run_id).data.metrics
     assert metrics["importance_trials"] == 6
     assert math.isclose(sum(v for k, v in metrics.items() if k.startswith("importance_") and k != "importance_trials"),
                         1.0, abs_tol=1e-6)
-    assert report.best["value"] == max(report_module.load_trials("digits", "real")["best_val_accuracy"])
+    assert report.best["value"] == max(load_trials("digits", "real")["best_val_accuracy"])
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -215,7 +219,7 @@ def test_cli_names_an_unknown_study_in_one_line_and_exits_2(mlflow_store, tmp_pa
 
 def test_cli_prints_the_summary_and_where_it_was_logged(mlflow_store, capsys):
     record_study("shown", lr_at_the_top(6))
-    assert report_module.main(["--experiment", str(ROOT / "experiments/digits.toml")]) == 0
+    assert report_cli.main(["--experiment", str(ROOT / "experiments/digits.toml")]) == 0
     out = capsys.readouterr().out
     assert "study shown: 8 trials (6 completed, 1 failed, 1 pruned)" in out
     assert "importance (fANOVA, 6 completed trials): lr" in out and "edge: lr:" in out

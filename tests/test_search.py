@@ -30,7 +30,7 @@ from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import PastTrial, StudyRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--set", "train.epochs=2", "--no-promote"]
+TINY = ["--set", "train.epochs=2", "--no-promote", "--no-report"]  # tests/test_report.py covers the report
 
 
 def make_searcher(strategy: str, space, **settings):
@@ -255,7 +255,7 @@ def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     # 12 epochs: a trial runs for a second or more after its first epoch, so the signal lands inside it.
     args = ["--strategy", "bayes", "--trials", "4", "--concurrency", "1", "--name", "resumable",
-            "--set", "train.epochs=12", "--no-promote"]
+            "--set", "train.epochs=12", "--no-promote", "--no-report"]
     first = run_cli(args, tmp_path, env)
     client = MlflowClient(tracking_uri=mlflow_store)
     deadline = time.monotonic() + 300
@@ -277,7 +277,7 @@ def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
     done_before = {c.data.tags["trial_id"]: c for c in by_status.pop("completed")}
     assert 1 <= len(done_before) < 4 and not by_status
 
-    second = run_cli(["--resume", "--name", "resumable", "--no-promote"], tmp_path, env)  # its saved settings
+    second = run_cli(["--resume", "--name", "resumable", "--no-promote", "--no-report"], tmp_path, env)  # its saved settings
     try:
         output = second.communicate(timeout=240)[0]
     except subprocess.TimeoutExpired:
@@ -312,7 +312,7 @@ def test_a_study_whose_driver_was_killed_resumes_from_its_record(ray_session, ml
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     address = ["--address", ray_session.get_runtime_context().gcs_address]
     first = run_cli(["--strategy", "gp", "--trials", "3", "--concurrency", "1", "--name", "killed",
-                     "--set", "train.epochs=12", "--no-promote", *address], tmp_path, env)
+                     "--set", "train.epochs=12", "--no-promote", "--no-report", *address], tmp_path, env)
     client = MlflowClient(tracking_uri=mlflow_store)
     deadline = time.monotonic() + 300
     while (cut := running_trial(client, "killed")) is None and first.poll() is None and time.monotonic() < deadline:
@@ -324,7 +324,7 @@ def test_a_study_whose_driver_was_killed_resumes_from_its_record(ray_session, ml
     assert parent.info.status == "RUNNING" and client.get_run(cut.info.run_id).info.status == "RUNNING"
     completed = {c.data.tags["trial_id"] for c in children if c.data.tags["status"] == "completed"}
 
-    second = run_cli(["--resume", "--name", "killed", "--no-promote", *address], tmp_path, env)
+    second = run_cli(["--resume", "--name", "killed", "--no-promote", "--no-report", *address], tmp_path, env)
     output = second.communicate(timeout=240)[0]
     assert second.returncode == 0, output
     _, parent_after, children = study_runs(mlflow_store, "killed")
@@ -344,7 +344,7 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     cluster.wait_for_nodes()
     code = subprocess.call([sys.executable, "-m", "cnnopt.search", "--address", cluster.address, "--strategy",
                             "random", "--trials", "4", "--concurrency", "2", "--name", "cluster",
-                            "--set", "train.epochs=2", "--no-promote"])
+                            "--set", "train.epochs=2", "--no-promote", "--no-report"])
     cluster.shutdown()
     sys.exit(code)
 """)
@@ -402,7 +402,7 @@ def test_time_budget_ends_the_study_and_a_resume_continues_it(ray_session, mlflo
     # The MLflow record is the study's state: Ray's results folder is only a cache, and the settings come
     # from the parent run, so the CLI resumes the study with that folder gone.
     shutil.rmtree(outcome.storage_path)
-    assert search.main(["--resume", "--name", "budget", "--no-promote"]) == 0
+    assert search.main(["--resume", "--name", "budget", "--no-promote", "--no-report"]) == 0
     assert "resuming:" in capsys.readouterr().out
     _, parent_after, children = study_runs(mlflow_store, "budget")
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"

@@ -68,7 +68,7 @@ class OptunaSearcher(PickledSearcher):
     """A Ray Tune searcher that asks an Optuna sampler for each trial and tells it how the trial ended.
 
     Stopped before the last epoch -> PRUNED (Optuna keeps its intermediate values), error or
-    divergence -> FAIL, else COMPLETE with the best-epoch value (`trials.status_of`, then `optuna_state`).
+    divergence -> FAIL, else COMPLETE with the best-epoch value (`trials.status_of`, then `trials.sampler_state`).
     """
 
     def __init__(self, space: Space, sampler: optuna.samplers.BaseSampler, *, metric: str, mode: str,
@@ -97,29 +97,19 @@ class OptunaSearcher(PickledSearcher):
             return
         status = trial_status.status_of(result, self.max_epochs, error=error)
         value = None if result is None else result.get(self.metric)
-        state = optuna_state(status, value)
+        state = trial_status.sampler_state(status, value)
         self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
 
     def replay(self, past: PastTrial) -> None:
         """Give the sampler a trial recorded before a resume, as it was told the first time."""
         distributions = {param.name: param.distribution() for param in self.space.params if param.name in past.params}
-        state = optuna_state(past.status, past.value)
+        state = trial_status.sampler_state(past.status, past.value)
         try:
             self.study.add_trial(optuna.trial.create_trial(
                 params=past.params, distributions=distributions, state=state, intermediate_values=past.curve,
                 value=past.value if state == TrialState.COMPLETE else None))
         except ValueError as exc:  # the space module changed since: the sampler cannot use this trial
             print(f"warning: the sampler skips trial {past.number} of the record: {exc}", file=sys.stderr)
-
-
-def optuna_state(status: str, value: float | None) -> TrialState:
-    """What a sampler is told of a trial: COMPLETE with its value, PRUNED (ranked by its intermediate
-    values), or FAIL (failed, diverged, or no value to rank it by)."""
-    if status == trial_status.COMPLETED and value is not None and not math.isnan(value):
-        return TrialState.COMPLETE
-    if status == trial_status.PRUNED:
-        return TrialState.PRUNED
-    return TrialState.FAIL
 
 
 @dataclass(frozen=True)

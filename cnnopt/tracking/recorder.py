@@ -112,12 +112,8 @@ class StudyRecorder:
                   for name in tags.get("searched", "").split(",") if name in types}
         curve: dict[int, float] = {}
         if status == trials.PRUNED:  # the sampler ranks a pruned trial by its best-so-far value at each epoch
-            best = None
-            for point in sorted(self.client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step):
-                if is_better(point.value, best, self.experiment.mode):
-                    best = point.value
-                if best is not None:
-                    curve[point.step] = best
+            history = self.client.get_metric_history(run.info.run_id, metric)
+            curve = trials.best_so_far({point.step: point.value for point in history}, self.experiment.mode)
         return PastTrial(number=int(tags.get("trial_number", 0)), trial_id=tags.get(TRIAL_TAG, ""),
                          run_id=run.info.run_id, status=status, params=params,
                          value=run.data.metrics.get(f"best_{metric}"), curve=curve)

@@ -41,6 +41,12 @@ def find_parent(client: MlflowClient, study: str | None, experiment_name: str | 
     return found[0] if found else None
 
 
+def find_parents(client: MlflowClient, experiment_name: str, count: int) -> list:
+    """The latest `count` studies' parent runs in the MLflow experiment, newest first."""
+    return client.search_runs([experiment_id(client, experiment_name)], f"tags.`{KIND_TAG}` = 'study'",
+                              order_by=["attributes.start_time DESC"], max_results=count)
+
+
 def trial_runs(client: MlflowClient, parent) -> list:
     """The study's trial runs (child runs of `parent`), oldest first."""
     return client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",

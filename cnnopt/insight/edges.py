@@ -15,7 +15,8 @@ import numbers
 
 import pandas as pd
 
-from cnnopt.space import Choice, Float, Int, Param, Space
+from cnnopt.analysis import top_trials
+from cnnopt.experiment.space import Choice, Float, Int, Param, Space
 
 MARGIN = 0.1  # "at a bound": within this share of the range's width (log width on a log scale)
 TOP = 3  # the best trials judged; all of them must sit at the same bound
@@ -38,9 +39,7 @@ def find_edges(trials: pd.DataFrame, space: Space, metric: str, mode: str, *, to
         Lines like "lr: the best 3 trials sit at the upper bound 0.5 (...); try 0.0001-5", in the
         space's order; empty when no best trial sits at an edge (or no trial completed).
     """
-    column = f"best_{metric}"
-    completed = trials[(trials["status"] == "completed") & trials[column].notna()] if column in trials else trials[:0]
-    best = completed.sort_values(column, ascending=(mode == "min")).head(max(1, top))
+    best = top_trials(trials, f"best_{metric}", mode, max(1, top))
     if best.empty:
         return []
     lines = []

@@ -1,0 +1,367 @@
+"""The study report: what a study teaches, built from its MLflow record and logged to its parent run.
+
+The recorded trials become an in-memory Optuna study, so Optuna draws the figures: optimization
+history (pruned and failed trials marked), fANOVA hyperparameter importance, parallel coordinates and
+one slice plot per hyperparameter; plus the learning curves of the best trials and `report.md`, a
+text summary with the edges of the space (`cnnopt.edges`). Everything goes to the parent run under
+`report/` (PNGs show inline in the MLflow UI), with metrics `importance_<name>` and tags `edge_<name>`.
+Because it reads only the record, it works for finished, resumed and old studies alike.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+import search_spaces
+from cnnopt import tracking, trials as trial_status
+from cnnopt.analysis import best_trial as best_row, load_trials, top_trials
+from cnnopt.errors import UsageError
+from cnnopt.experiment.config import Experiment
+from cnnopt.experiment.space import Space
+from cnnopt.insight.edges import find_edges
+from cnnopt.tracking import reports, studies
+
+MIN_IMPORTANCE_TRIALS = 5  # fANOVA's forest on fewer completed trials ranks noise
+TOP_CURVES = 5  # learning curves of this many best trials: more lines are unreadable
+
+
+@dataclass
+class Report:
+    """What `build_report` found; `log_report` also sets where it went in MLflow."""
+
+    experiment: str
+    study: str
+    parent_run_id: str
+    metric: str
+    mode: str
+    counts: dict[str, int]  # status -> number of trials
+    best: dict | None  # trial, value, params, run_id of the best completed trial
+    importances: dict[str, float]  # hyperparameter -> fANOVA importance (sums to 1); empty when skipped
+    importance_trials: int  # the completed trials the importances rest on
+    importance_note: str  # why importance was skipped, or what it leaves out
+    edges: list[str]  # one line per hyperparameter whose best trials sit at an edge of the space
+    out_dir: Path  # the local folder holding report.md and the PNGs (log_report removes one it made)
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # trials the Optuna study could not take, and why
+    artifact_dir: str | None = None  # the parent run's `report/` artifact URI, once logged
+
+    @property
+    def summary_lines(self) -> list[str]:
+        """The report in a few lines, for a terminal."""
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines = [f"study {self.study}: {sum(self.counts.values())} trials ({counts or 'none'})"]
+        if self.best:
+            lines.append(f"best: trial {self.best['trial']}, {self.metric} {self.best['value']:.4f}")
+        if self.importances:
+            ranked = ", ".join(f"{name} {value:.2f}" for name, value in self.importances.items())
+            lines.append(f"importance (fANOVA, {self.importance_trials} completed trials): {ranked}")
+        else:
+            lines.append(f"importance: {self.importance_note}")
+        lines += [f"edge: {line}" for line in self.edges] or ["edges: none (the best trials sit inside every range)"]
+        return lines
+
+
+def find_parent_run(client: MlflowClient, experiment: str, study: str | None):
+    """The study's parent run (the latest study when `study` is None); a UsageError names what is missing."""
+    if client.get_experiment_by_name(experiment) is None:
+        raise UsageError(f"no MLflow experiment named {experiment!r} in {tracking.tracking_uri()}; "
+                         "check --experiment or MLFLOW_TRACKING_URI")
+    parent = studies.find_parent(client, study, experiment)
+    if parent is not None:
+        return parent
+    if study is None:
+        raise UsageError(f"the MLflow experiment {experiment!r} holds no study yet; run python -m cnnopt.search")
+    latest = studies.find_parents(client, experiment, 10)
+    names = ", ".join(p.data.tags.get(tracking.STUDY_TAG, "?") for p in latest) or "none"
+    raise UsageError(f"no study named {study!r} in MLflow experiment {experiment!r} (latest studies: {names}); "
+                     "check --study")
+
+
+def build_report(experiment: str | Experiment, study: str | None = None, out_dir: str | Path | None = None) -> Report:
+    """Read a study's MLflow record and write its figures and `report.md` into `out_dir`.
+
+    Args:
+        experiment: the MLflow experiment name, or an Experiment (its name; its metric and mode
+            where the record predates logging them).
+        study: the study name; None means the most recently started study.
+        out_dir: the folder for the files (created); None makes a temporary one.
+    Returns:
+        The Report (nothing is written to MLflow: `log_report` does that).
+    """
+    name = experiment.name if isinstance(experiment, Experiment) else experiment
+    client = tracking.make_client()
+    parent = find_parent_run(client, name, study)
+    study = parent.data.tags[tracking.STUDY_TAG]
+    recorded = parent.data.params
+    metric = recorded.get("metric") or (experiment.metric if isinstance(experiment, Experiment) else "val_accuracy")
+    mode = recorded.get("mode") or (experiment.mode if isinstance(experiment, Experiment) else "max")
+    space = search_spaces.get(parent.data.tags.get("search_space") or recorded.get("search_space", ""))
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="cnnopt-report-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    trials = load_trials(name, study)
+    searched = {run.info.run_id: [n for n in run.data.tags.get("searched", "").split(",") if n]
+                for run in studies.trial_runs(client, parent)}
+    curves = {row.run_id: history(client, row.run_id, metric) for row in trials.itertuples()
+              if row.status == trial_status.PRUNED}
+    optuna_trials, notes = optuna_study(trials, space, searched, curves, metric, mode)
+    counts = trials["status"].value_counts().to_dict() if not trials.empty else {}
+    best = best_trial(trials, metric, mode, searched)
+    importances, used, note = importance(optuna_trials)
+    report = Report(name, study, parent.info.run_id, metric, mode, {k: int(v) for k, v in counts.items()}, best,
+                    importances, used, note, find_edges(trials, space, metric, mode), out, notes=notes)
+
+    report.figures = draw_figures(optuna_trials, trials, space, client, metric, mode, out,
+                                  with_importance=bool(importances))
+    (out / "report.md").write_text(markdown(report, space))
+    return report
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """A run's per-epoch values of `key`: epoch -> value."""
+    return {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)}
+
+
+def optuna_study(trials: pd.DataFrame, space: Space, searched: dict[str, list[str]], curves: dict[str, dict],
+                 metric: str, mode: str) -> tuple[optuna.Study, list[str]]:
+    """The recorded trials as an in-memory Optuna study: COMPLETE with best_<metric>, PRUNED with its
+    per-epoch best-so-far values, FAIL for failed and diverged; plus a note per trial left out."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    rows = {int(row.trial): row for row in trials.itertuples()}
+    notes = []
+    # Optuna numbers trials 0, 1, ... as they are added; a FAIL placeholder for every number the record
+    # has no finished trial for (0, gaps, interrupted ones) keeps Optuna's numbers equal to the study's,
+    # so the figures and report.md name the same trials. FAIL trials appear in none of the plots.
+    for number in range(max(rows, default=-1) + 1):
+        row = rows.get(number)
+        status = row.status if row is not None else None
+        if not trial_status.is_ended(status):
+            study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+            continue
+        names = searched.get(row.run_id)  # the record says what was sampled; else the space's conditions do
+        params: dict = {}
+        for param in space.params:
+            if hasattr(row, param.name) and (param.name in names if names else param.active(params)):
+                params[param.name] = _python(getattr(row, param.name))
+        value = getattr(row, f"best_{metric}", math.nan)
+        value = None if pd.isna(value) else float(value)
+        state = trial_status.sampler_state(status, value)  # told as the study's sampler was told it
+        curve = trial_status.best_so_far(curves.get(row.run_id, {}), mode) if state == TrialState.PRUNED else {}
+        try:
+            trial = optuna.trial.create_trial(params=params, value=value if state == TrialState.COMPLETE else None,
+                                              state=state, intermediate_values=curve,
+                                              distributions={p.name: p.distribution() for p in space.params
+                                                             if p.name in params})
+        except ValueError as exc:  # the space module changed since the study: this point is not in it
+            notes.append(f"trial {number} is left out of the Optuna figures: {exc}")
+            trial = optuna.trial.create_trial(state=TrialState.FAIL)
+        study.add_trial(trial)
+    return study, notes
+
+
+def importance(study: optuna.Study) -> tuple[dict[str, float], int, str]:
+    """fANOVA importances (seeded), the completed trials they rest on, and a note saying what they leave out."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    shared = optuna.search_space.intersection_search_space(completed)
+    conditional = sorted({name for trial in completed for name in trial.params} - set(shared))
+    if len(completed) < MIN_IMPORTANCE_TRIALS:
+        return {}, len(completed), (f"skipped: {len(completed)} completed trials, fewer than the "
+                                    f"{MIN_IMPORTANCE_TRIALS} it needs")
+    if len(shared) < 2:
+        return {}, len(completed), "skipped: fewer than two hyperparameters were sampled in every completed trial"
+    if len({trial.value for trial in completed}) == 1:
+        return {}, len(completed), "skipped: every completed trial scored the same"
+    values = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    note = (f"{', '.join(conditional)} left out: conditional, not set in every trial" if conditional else "")
+    return {name: float(value) for name, value in values.items()}, len(completed), note
+
+
+def best_trial(trials: pd.DataFrame, metric: str, mode: str, searched: dict[str, list[str]]) -> dict | None:
+    """The best completed trial (the one the study promotes): its number, value, searched hyperparameters, run."""
+    row = best_row(trials, f"best_{metric}", mode)
+    if row is None:
+        return None
+    names = searched.get(row["run_id"], [])
+    return {"trial": int(row["trial"]), "value": float(row[f"best_{metric}"]), "run_id": row["run_id"],
+            "params": {name: _python(row[name]) for name in names if name in row}}
+
+
+def draw_figures(study: optuna.Study, trials: pd.DataFrame, space: Space, client: MlflowClient, metric: str,
+                 mode: str, out: Path, *, with_importance: bool) -> list[Path]:
+    """Optuna's figures of the study, the best trials' learning curves; one PNG each, in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []  # every figure below plots completed trials
+    figures = []
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    varied = [p.name for p in space.params if len({repr(t.params[p.name]) for t in completed if p.name in t.params}) > 1]
+    # Optuna's plots switch matplotlib to its ggplot style; rc_context keeps that out of later figures.
+    with plt.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        axes = optuna_plots.plot_optimization_history(study, target_name=metric)
+        mark_unfinished(axes, trials, metric)
+        figures.append(_save(axes, out / "history.png", (9, 5)))
+        if with_importance:
+            axes = optuna_plots.plot_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target_name=metric)
+            axes.set_title(f"Hyperparameter importance for {metric}\n(fANOVA over {len(completed)} completed trials)",
+                           loc="left")  # replaces Optuna's title, which sits on the left
+            figures.append(_save(axes, out / "importance.png", (8, 5)))
+        # Parallel coordinates over unconditional parameters only: one unset in a trial drops the trial.
+        shown = [p.name for p in space.params if not p.when and p.name in varied]
+        axes = optuna_plots.plot_parallel_coordinate(study, params=shown, target_name=metric)
+        _recolour(axes)
+        figures.append(_save(axes, out / "parallel_coordinate.png", (max(8, 1.4 * len(shown) + 2), 5)))
+        for name in varied:  # a parameter that took one value in every completed trial has nothing to show
+            axes = optuna_plots.plot_slice(study, params=[name], target_name=metric)
+            axes.set_title(f"{metric} against {name}")
+            _recolour(axes)
+            figures.append(_save(axes, out / f"slice_{name}.png", (6, 4.5)))
+    figures.append(plot_learning_curves(client, trials, metric, mode, out / "learning_curves.png"))
+    return figures
+
+
+def mark_unfinished(axes, trials: pd.DataFrame, metric: str) -> None:
+    """Add pruned and failed trials to Optuna's history plot, which draws completed trials only."""
+    pruned = trials[trials["status"] == trial_status.PRUNED]
+    column = f"best_{metric}"
+    if not pruned.empty and column in pruned:
+        axes.scatter(pruned["trial"], pruned[column], marker="v", color="grey", zorder=3,
+                     label="pruned (best epoch before it was stopped)")
+    failed = trials[trials["status"].isin([trial_status.FAILED, trial_status.DIVERGED])]
+    if not failed.empty:  # no value to plot: a mark on the x axis at the trial's number
+        axes.scatter(failed["trial"], [0.02] * len(failed), marker="x", color="black", zorder=3,
+                     transform=axes.get_xaxis_transform(), label="failed or diverged")
+    axes.legend(loc="best")
+
+
+def plot_learning_curves(client: MlflowClient, trials: pd.DataFrame, metric: str, mode: str, path: Path,
+                         top: int = TOP_CURVES) -> Path:
+    """The `top` best completed trials' metric per epoch (solid) and its train counterpart (dashed)."""
+    import matplotlib.pyplot as plt
+
+    column = f"best_{metric}"
+    best = top_trials(trials, column, mode, top)
+    train_metric = metric.replace("val_", "train_", 1)
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for index, row in enumerate(best.itertuples()):
+        colour = f"C{index}"
+        curve = history(client, row.run_id, metric)
+        axes.plot(list(curve), list(curve.values()), marker="o", color=colour,
+                  label=f"trial {row.trial} ({metric} {getattr(row, column):.4f})")
+        if train_metric != metric:
+            train = history(client, row.run_id, train_metric)
+            axes.plot(list(train), list(train.values()), linestyle="--", color=colour, alpha=0.6)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(metric)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_title(f"Learning curves of the best {len(best)} trials" +
+                   (f" (dashed: {train_metric})" if train_metric != metric else ""))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    return _save(axes, path, (8, 5))
+
+
+def _recolour(axes) -> None:
+    """Optuna colours lines and points with 'Blues', whose low end is white: invisible. Use viridis."""
+    for collection in axes.collections:
+        if collection.get_array() is not None:  # the coloured ones; their colour bar follows
+            collection.set_cmap("viridis")
+
+
+def _save(axes, path: Path, size: tuple[float, float]) -> Path:
+    """Save the figure holding `axes` (one Axes or Optuna's array of them) and free it."""
+    import matplotlib.pyplot as plt
+
+    figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+    figure.set_size_inches(*size)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def markdown(report: Report, space: Space) -> str:
+    """report.md: the summary, the importances with what they mean, the edges and the figures."""
+    lines = [f"# Study report: {report.study}", "",
+             f"MLflow experiment `{report.experiment}`, search space `{space.name}`, metric `{report.metric}` "
+             f"({report.mode}), parent run `{report.parent_run_id}`.", "", "## Trials", ""]
+    lines += [f"- {status}: {n}" for status, n in sorted(report.counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    if report.best:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in report.best["params"].items())
+        lines += ["", f"Best: trial {report.best['trial']}, {report.metric} = {report.best['value']:.4f} ({shown}); "
+                      f"run `{report.best['run_id']}`."]
+    lines += ["", "## Hyperparameter importance", ""]
+    if report.importances:
+        lines += [f"fANOVA over the {report.importance_trials} completed trials: how much of the variance of "
+                  f"{report.metric} across the searched ranges each hyperparameter explains on its own (its main "
+                  "effect), estimated from a random forest fitted to those trials and scaled to sum to 1. It says "
+                  "what mattered within these ranges, not which value is best (the slice plots show that); with "
+                  "few trials, small differences are noise.",
+                  "", "| hyperparameter | importance |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in report.importances.items()]
+        if report.importance_note:
+            lines += ["", report.importance_note + "."]
+    else:
+        lines.append(report.importance_note + ".")
+    lines += ["", "## Edges of the space", ""]
+    lines += [f"- {line}" for line in report.edges] or [
+        "None: the best trials do not crowd against any bound of a numeric range or end of an ordered choice."]
+    if report.notes:
+        lines += ["", "## Left out", ""] + [f"- {note}" for note in report.notes]
+    lines += ["", "## Figures", ""] + [f"![{path.stem}]({path.name})" for path in report.figures]
+    return "\n".join(lines) + "\n"
+
+
+def log_report(experiment: str | Experiment, study_name: str | None = None, out_dir: str | Path | None = None) -> Report:
+    """Build the study's report and log it to the study's parent run.
+
+    Artifacts go under `report/`; metrics `importance_<name>` (at step = the completed trials they
+    rest on) and `importance_trials`; tags `edge_<name>` (stale ones from an earlier report removed).
+
+    Args:
+        experiment: the MLflow experiment name, or an Experiment.
+        study_name: the study; None means the most recently started one.
+        out_dir: where to keep the files; None builds them in a temporary folder, removed afterwards.
+    Returns:
+        The Report, with `artifact_dir` set to the parent run's `report/` artifact URI.
+    """
+    report = build_report(experiment, study_name, out_dir)
+    try:
+        metrics = {f"importance_{name}": value for name, value in report.importances.items()}
+        if metrics:
+            metrics["importance_trials"] = report.importance_trials
+        report.artifact_dir = reports.log_report(
+            report.parent_run_id, [report.out_dir / "report.md", *report.figures],  # only what the report wrote
+            metrics=metrics, step=report.importance_trials,
+            tags={f"edge_{line.split(':', 1)[0]}": line for line in report.edges}, replace_prefix="edge_")
+    finally:
+        if out_dir is None:
+            shutil.rmtree(report.out_dir, ignore_errors=True)
+    return report
+
+
+def _python(value):
+    """A pandas/numpy scalar as the plain Python value Optuna's distributions compare against."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
