@@ -24,6 +24,9 @@ def quiet_libraries() -> None:
     for name in ("alembic", "mlflow", "optuna", "ray", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its resume hint names Ray's API; we print ours
+    # Ray reads trial results back after fit() for its ResultGrid, which cnnopt does not use (MLflow is the
+    # record); a trial cut short before its first result makes it warn about files that never existed.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is an experimental feature")  # Optuna's TPE group=True
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

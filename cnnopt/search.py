@@ -88,14 +88,32 @@ def main(argv: list[str] | None = None) -> int:
 
     outcome = run_study(experiment, options)
     print_summary(experiment, outcome)
-    if not outcome.interrupted and not args.no_report:
-        report_study(experiment, outcome.name)
     if outcome.interrupted:
         print(f"\nThe study was interrupted. Resume it (with the settings it started with, from any machine that "
-              f"reaches the tracking store) by:\n"
-              f"  python -m cnnopt.search --resume --name {outcome.name}")
+              f"reaches the tracking store) by:\n  {resume_command(outcome.name)}")
         return 130
-    if args.no_promote or outcome.best is None:
+    if experiment.search.time_budget and not any(outcome.counts.get(status) for status in trials.ENDED):
+        print(f"error: the time budget ({experiment.search.time_budget:g} min) ended before any trial finished; "
+              "it counts Ray's start-up and each trial's first epochs: give --time-budget more minutes",
+              file=sys.stderr)
+        return 2
+    try:
+        return finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote)
+    except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
+        print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
+              f"  {resume_command(outcome.name)}", file=sys.stderr)
+        return 130
+
+
+def resume_command(name: str) -> str:
+    return f"python -m cnnopt.search --resume --name {name}"
+
+
+def finish(experiment, outcome, *, report: bool, promotion: bool) -> int:
+    """What follows the trials: the study report, then the promotion of the best trial."""
+    if report:
+        report_study(experiment, outcome.name)
+    if not promotion or outcome.best is None:
         return 0
     if outcome.best.get("promoted"):  # a resumed study whose best trial is still the one promoted before
         print(f"\nThe best trial (trial {outcome.best['trial_number']}) was promoted already; its test split is "

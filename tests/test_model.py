@@ -98,7 +98,7 @@ def test_unknown_choice_is_a_usage_error(name, value):
 
 @pytest.mark.parametrize("name", ["blocks", "convs_per_block", "channels", "kernel_size"])
 def test_sizes_below_one_are_rejected(name):
-    with pytest.raises(UsageError, match=f"train.{name} must be at least 1"):
+    with pytest.raises(UsageError, match=f"train.{name} = 0 is not allowed: it must be >= 1"):
         CNN(dataclasses.replace(TINY, **{name: 0}), 1, 8, 10)
 
 

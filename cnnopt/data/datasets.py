@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnopt.experiment.config import DataConfig
+from cnnopt.experiment.config import DataConfig, check_section
 from cnnopt.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -65,8 +65,7 @@ def load_data(cfg: DataConfig) -> ImageData:
     """
     if cfg.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {cfg.dataset!r}; set data.dataset to one of {', '.join(DATASETS)}")
-    if not 0 <= cfg.val_fraction < 1 or not 0 <= cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
-        raise UsageError("data.val_fraction and data.test_fraction must each be in [0, 1) and sum to less than 1")
+    check_section("data", cfg)
     if cfg.dataset == "digits":
         x, y, names = _load_digits()
         parts = {"pool": (x, y)}

@@ -125,7 +125,9 @@ class Experiment:
         raw = dict(raw)
         sections = {key: make_section(section, raw.pop(key), f"[{key}]") for key, section in SECTIONS.items()}
         _reject_unknown(raw, {f.name for f in dataclasses.fields(cls)} - set(SECTIONS), "the recorded settings")
-        return cls(**{**raw, "overrides": tuple(raw.get("overrides", ()))}, **sections)
+        experiment = cls(**{**raw, "overrides": tuple(raw.get("overrides", ()))}, **sections)
+        check_ranges(experiment)
+        return experiment
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "search": SearchConfig}
@@ -176,7 +178,66 @@ def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = ()) -> E
         raise UsageError(f"mode must be 'max' or 'min', got {experiment.mode!r}")
     if experiment.metric not in METRICS:
         raise UsageError(f"metric {experiment.metric!r} is not recorded; choose one of {', '.join(METRICS)}")
+    check_ranges(experiment)
     return experiment
+
+
+def _at_least(low):
+    return (lambda value: value >= low), f">= {low}"
+
+
+def _fraction(value) -> bool:
+    return 0 <= value < 1
+
+
+# Every numeric setting's allowed values, checked one setting at a time wherever an experiment is built
+# (a file, --set, a study's recorded settings), so a message names the one value that is wrong.
+RANGES: dict[str, tuple[Any, str]] = {
+    "data.val_fraction": (_fraction, "in [0, 1)"),
+    "data.test_fraction": (_fraction, "in [0, 1)"),
+    "data.image_size": (lambda v: v == 0 or v >= 4, "0 (the dataset's native size) or at least 4 pixels"),
+    "data.subset": (lambda v: v >= 0, ">= 0 (0 keeps every training image)"),
+    "train.epochs": _at_least(1), "train.batch_size": (lambda v: v >= 2, ">= 2 (BatchNorm needs two images)"),
+    "train.lr": (lambda v: v > 0, "> 0"), "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.weight_decay": _at_least(0), "train.step_size": _at_least(1), "train.gamma": (lambda v: v > 0, "> 0"),
+    "train.label_smoothing": (_fraction, "in [0, 1)"),
+    "train.blocks": _at_least(1), "train.convs_per_block": _at_least(1), "train.channels": _at_least(1),
+    "train.growth": (lambda v: v > 0, "> 0"), "train.kernel_size": _at_least(1),
+    "train.dropout": (_fraction, "in [0, 1)"), "train.head_dropout": (_fraction, "in [0, 1)"),
+    "train.head_width": _at_least(1), "train.head_layers": _at_least(0), "train.crop_padding": _at_least(0),
+    "train.affine_degrees": (lambda v: 0 <= v <= 180, "in [0, 180]"), "train.affine_translate": (_fraction, "in [0, 1)"),
+    "train.affine_scale": (_fraction, "in [0, 1)"), "train.jitter_brightness": _at_least(0),
+    "train.jitter_contrast": _at_least(0), "train.jitter_saturation": _at_least(0),
+    "train.randaugment_ops": _at_least(0), "train.randaugment_magnitude": (lambda v: 0 <= v <= 30, "in [0, 30]"),
+    "search.trials": _at_least(1), "search.concurrency": (lambda v: v >= 0, ">= 0 (0 fills the cluster)"),
+    "search.cpus_per_trial": (lambda v: v > 0, "> 0"),
+    "search.gpus_per_trial": (lambda v: 0 <= v <= 1 or v == int(v), "a share in [0, 1] or a whole number of GPUs"),
+    "search.time_budget": (lambda v: v >= 0, ">= 0 minutes (0: no limit)"), "search.grace_period": _at_least(1),
+    "search.reduction_factor": _at_least(2),
+}
+
+
+def check_ranges(experiment: Experiment) -> None:
+    """Reject the first setting outside its allowed values, naming it, its value and what is allowed."""
+    for section in SECTIONS:
+        check_section(section, getattr(experiment, section))
+
+
+def check_section(section: str, values) -> None:
+    """`check_ranges` for one section (`data`, `train` or `search`): also what the code that takes a
+    section directly (the objective, the model, the data loader) checks first."""
+    for key, (allowed, description) in RANGES.items():
+        if key.startswith(f"{section}."):
+            value = getattr(values, key.split(".", 1)[1])
+            if not allowed(value):
+                raise UsageError(f"{key} = {value!r} is not allowed: it must be {description}; "
+                                 f"fix it in the experiment file or with --set {key}=...")
+    if section != "data":
+        return
+    data = values
+    if data.val_fraction + data.test_fraction >= 1:
+        raise UsageError(f"data.val_fraction ({data.val_fraction:g}) + data.test_fraction ({data.test_fraction:g}) "
+                         "leave no training images; make their sum less than 1")
 
 
 def make_section(cls: type, values: dict[str, Any], where: str):

@@ -8,10 +8,14 @@ folder is a cache of the running study, not needed to resume it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,21 +83,47 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     space, data = prepare(experiment, options)
     own_ray = _start_ray(options.address)
     try:
-        check_resources(experiment.search)
+        check_resources(experiment)
         return _run(experiment, space, data, options)
     finally:
         if own_ray:
-            ray.shutdown()
+            with interrupts_held():  # a Ctrl-C repeated while Ray stops must not lose the study's summary
+                ray.shutdown()
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Ignore Ctrl-C for a short step that must finish (closing the record, stopping Ray)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, ImageData]:
     """Check everything that can be checked before Ray starts or anything is recorded; load the data."""
     search = experiment.search
+    check_study_name(options.name)
     check_search(search)
     if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
-        raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs})")
+        raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs}); "
+                         "lower it or raise train.epochs")
+    if experiment.train.device.startswith("cuda") and not search.gpus_per_trial:
+        raise UsageError(f"train.device = {experiment.train.device!r} but trials are given no GPU; set "
+                         "train.device=auto (the GPU whenever Ray gives a trial one), or --gpus-per-trial")
     space = search_spaces.get(experiment.search_space)
+    for item in experiment.overrides:  # a --set of a searched hyperparameter would silently do nothing
+        key = item.partition("=")[0].strip()
+        if key.startswith("train.") and key[len("train."):] in space.names:
+            print(f"warning: --set {item} has no effect: search space {space.name!r} searches "
+                  f"{key[len('train.'):]} (its range is in search_spaces/{space.name}.py)", file=sys.stderr)
     storage = results_folder(options.storage)
+    tracking.check_writable(storage, "the results folder", "set CNNOPT_RESULTS to a writable folder")
+    tracking.make_client()  # the tracking store is checked here, before Ray starts or data loads
     if not options.resume and (storage / options.name).exists():
         raise UsageError(f"a study named {options.name!r} already exists in {storage}; "
                          "add --resume to continue it or pick another --name")
@@ -107,17 +137,22 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
     return space, dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
 
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: str) -> None:
+    """A study's name becomes a folder of the results folder and an MLflow filter value: keep it plain."""
+    if not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise UsageError(f"study name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (no path "
+                         "separators or '..'), up to 128 characters; pick another --name")
+
+
 def check_search(search: SearchConfig) -> None:
+    """The [search] choices (ranges are checked with the rest of the experiment, `config.check_ranges`)."""
     if search.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {search.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if search.scheduler not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {search.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if search.trials < 1 or search.cpus_per_trial <= 0 or search.gpus_per_trial < 0 or search.concurrency < 0:
-        raise UsageError("trials must be >= 1, cpus per trial > 0, gpus per trial >= 0 and concurrency >= 0")
-    if search.grace_period < 1 or search.reduction_factor < 2 or search.time_budget < 0:
-        raise UsageError("search.grace_period must be >= 1, search.reduction_factor >= 2 and --time-budget >= 0")
-    if search.gpus_per_trial > 1 and search.gpus_per_trial != int(search.gpus_per_trial):
-        raise UsageError("--gpus-per-trial above 1 must be a whole number of GPUs")
 
 
 def _run(experiment: Experiment, space: Space, data: ImageData, options: StudyOptions) -> StudyOutcome:
@@ -126,6 +161,7 @@ def _run(experiment: Experiment, space: Space, data: ImageData, options: StudyOp
     recorder = _recorder(experiment, space, options.name)
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
+    previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     finished, counts, best = False, {}, None
     try:
@@ -134,12 +170,16 @@ def _run(experiment: Experiment, space: Space, data: ImageData, options: StudyOp
         if remaining:
             _fit(_make_tuner(experiment, space, data, options, callback, recorder.past, remaining))
         finished = True
+    except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once; the record is still closed below
+        pass
     finally:
+        signal.signal(signal.SIGINT, previous_sigint)
         signal.signal(signal.SIGTERM, previous_sigterm)
-        interrupted = not finished or callback.interrupted or callback.unfinished()
-        callback.drain()
-        if recorder.parent_run_id:
-            counts, best = close_record(recorder, experiment, interrupted)
+        with interrupts_held():  # closing the record takes a moment: let nothing cut it short
+            interrupted = not finished or callback.interrupted or callback.unfinished()
+            callback.drain()
+            if recorder.parent_run_id:
+                counts, best = close_record(recorder, experiment, interrupted)
     return StudyOutcome(options.name, recorder.parent_run_id, counts, best, time.perf_counter() - started,
                         interrupted, str(results_folder(options.storage) / options.name))
 
@@ -200,6 +240,7 @@ def _start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -208,6 +249,18 @@ def _start_ray(address: str | None) -> bool:
     # address='local' always starts a new instance, never joins another process's Ray on this machine.
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """An address with no cluster behind it would make ray.init retry for minutes: knock first."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return  # 'auto' finds a local cluster or fails at once; Ray names a malformed address itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UsageError(f"cannot reach the Ray cluster at {address!r}: nothing answers on {host}:{port} "
+                         f"({exc.strerror or exc}); start it (ray start --head) or fix --address") from None
 
 
 def _make_tuner(experiment: Experiment, space: Space, data: ImageData, options: StudyOptions,
@@ -246,9 +299,9 @@ def _make_tuner(experiment: Experiment, space: Space, data: ImageData, options: 
     )
 
 
-def check_resources(search: SearchConfig) -> None:
+def check_resources(experiment: Experiment) -> None:
     """A trial that asks for more than the cluster has would wait forever: say so now."""
-    available = ray.cluster_resources()
+    search, available = experiment.search, ray.cluster_resources()
     if search.gpus_per_trial > available.get("GPU", 0):
         raise UsageError(f"each trial asks for {search.gpus_per_trial:g} GPU but the Ray cluster has "
                          f"{available.get('GPU', 0):g}; pass --gpus-per-trial 0 to train on the CPU")

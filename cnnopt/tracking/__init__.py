@@ -9,6 +9,6 @@ registry  - promotion's records: test metrics, exported files, the registered mo
 """
 
 from cnnopt.tracking.store import (EPOCH_METRICS, FAILED, FINISHED, KILLED, KIND_TAG, PARENT_TAG, STUDY_TAG,  # noqa: F401
-                                   TRIAL_TAG, best_metrics, data_params, end_run, experiment_id, hyperparameters,
+                                   TRIAL_TAG, best_metrics, check_writable, data_params, end_run, experiment_id, hyperparameters,
                                    log, log_experiment_file, make_client, param_value, start_run, tracking_uri,
                                    ui_command)

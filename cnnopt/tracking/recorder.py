@@ -138,8 +138,9 @@ class StudyRecorder:
         """A RUNNING child run for the trial; a rerun's cut-short run is deleted."""
         number = self.number(trial_id)
         previous = self.replaced.get(trial_id)
-        if previous is not None:
-            self.client.delete_run(previous)  # the cut-short attempt this rerun replaces
+        if previous is not None:  # the cut-short attempt this rerun replaces: ended (a killed driver left it
+            end_run(self.client, previous, trials.run_status(trials.INTERRUPTED))  # RUNNING), then deleted
+            self.client.delete_run(previous)
             self.deleted.add(previous)
         run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
                            parent_run_id=self.parent_run_id,

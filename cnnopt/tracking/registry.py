@@ -30,10 +30,11 @@ def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: 
     """
     client = make_client()
     run_id = run.info.run_id
-    log(client, run_id, metrics=metrics, tags={"promoted": "true"})
+    log(client, run_id, metrics=metrics)
     client.log_artifact(run_id, str(confusion_png))
     client.log_artifacts(run_id, str(model_dir), artifact_path="exported")
     version, moved, previous = register(experiment, run_id, model_dir, metrics["test_accuracy"])
+    log(client, run_id, tags={"promoted": "true"})  # last: a promotion cut short is redone by a resume
     parent = run.data.tags.get(PARENT_TAG)
     if parent:
         log(client, parent, metrics={"promoted_test_accuracy": metrics["test_accuracy"]},

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from cnnopt.errors import UsageError
 from cnnopt.experiment.config import DataConfig, Experiment, TrainConfig
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -35,7 +38,47 @@ def ui_command() -> str:
 
 
 def make_client() -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri())
+    """A client of the tracking store, checked once per store to fail in seconds (not after MLflow's
+    retries) where it cannot be written or reached."""
+    uri = tracking_uri()
+    if uri not in _checked_stores:
+        check_store(uri)
+        _checked_stores.add(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+_checked_stores: set[str] = set()
+
+
+def check_store(uri: str, timeout: float = 5.0) -> None:
+    """Raise a UsageError naming the store if a local one cannot be written or a server does not answer."""
+    fix = "set MLFLOW_TRACKING_URI to a writable sqlite:///PATH/mlflow.db or a reachable http:// server"
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):])
+        check_writable(database.parent, f"the MLflow store {uri}", fix)
+        if database.exists():
+            try:
+                with open(database, "ab"):
+                    pass
+            except OSError as exc:
+                raise UsageError(f"the MLflow store {uri} cannot be written ({exc.strerror or exc}); {fix}") from None
+        check_writable(Path("mlruns").resolve(), "the MLflow artifact folder", "run from a writable folder")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"the MLflow tracking server {uri} does not answer ({getattr(exc, 'reason', exc)}); "
+                             "start it or fix MLFLOW_TRACKING_URI") from None
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Create `folder` if needed and write a scratch file in it (as root, permission bits say nothing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{what} cannot be written ({exc.strerror or exc}: {folder}); {fix}") from None
 
 
 _experiment_ids: dict[tuple[str, str], str] = {}

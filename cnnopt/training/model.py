@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnopt.experiment.config import TrainConfig
+from cnnopt.experiment.config import TrainConfig, check_section
 from cnnopt.errors import UsageError
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
@@ -105,15 +105,8 @@ def initialize(model: nn.Module, scheme: str, activation: str = "relu") -> None:
 
 
 def _check_choices(config: TrainConfig) -> None:
+    check_section("train", config)
     choices = {"activation": ACTIVATIONS, "pool": POOLS, "padding_mode": PADDING_MODES, "init": INITS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise UsageError(f"train.{name} = {getattr(config, name)!r} is not one of {', '.join(allowed)}")
-    for name in ("blocks", "convs_per_block", "channels", "kernel_size"):
-        if getattr(config, name) < 1:
-            raise UsageError(f"train.{name} must be at least 1, got {getattr(config, name)}")
-    if config.head_layers < 0 or config.head_width < 1 or config.growth <= 0:
-        raise UsageError("train.head_layers must be >= 0, train.head_width >= 1 and train.growth > 0")
-    for name in ("dropout", "head_dropout"):
-        if not 0 <= getattr(config, name) < 1:
-            raise UsageError(f"train.{name} must be in [0, 1), got {getattr(config, name)}")

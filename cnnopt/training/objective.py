@@ -17,7 +17,7 @@ from torch import nn
 
 from cnnopt import trials
 from cnnopt.data.augment import CROP_PADDING_MODES, BatchAugment, Normalize
-from cnnopt.experiment.config import TrainConfig, is_better
+from cnnopt.experiment.config import TrainConfig, check_section, is_better
 from cnnopt.data.datasets import ImageData
 from cnnopt.errors import UsageError
 from cnnopt.training.model import build_model
@@ -215,14 +215,11 @@ def _batch_starts(count: int, batch_size: int) -> list[int]:
 
 def check_config(config: TrainConfig, image_size: int) -> None:
     """Reject settings that cannot train, before anything is recorded."""
+    check_section("train", config)
     if config.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if config.lr_schedule not in SCHEDULES:
         raise UsageError(f"train.lr_schedule = {config.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if config.epochs < 1 or config.batch_size < 2 or config.lr <= 0:
-        raise UsageError("train.epochs must be >= 1, train.batch_size >= 2 and train.lr > 0")
-    if not 0 <= config.label_smoothing < 1 or config.momentum < 0 or config.weight_decay < 0:
-        raise UsageError("train.label_smoothing must be in [0, 1), train.momentum and train.weight_decay >= 0")
     if config.crop_padding > 0 and config.crop_padding_mode not in CROP_PADDING_MODES:
         raise UsageError(f"train.crop_padding_mode = {config.crop_padding_mode!r} is not one of "
                          f"{', '.join(CROP_PADDING_MODES)}")

@@ -1,0 +1,121 @@
+"""Faults as a user meets them: the real command in a subprocess, real signals, stores that cannot be
+written. Each checks the exit code, the one-line message, that no traceback leaks, and the MLflow record."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+RAY_NOTICE = "Token authentication is enabled"  # Ray's own line when it starts; authentication stays on
+
+
+def search(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **env}
+    return subprocess.run([sys.executable, "-m", "cnnopt.search", "--no-promote", "--no-report", *args], cwd=cwd,
+                          env=environment, capture_output=True, text=True, timeout=180)
+
+
+def error_line(stderr: str) -> str:
+    """stderr must be one `error:` line (besides Ray's start-up notice and our warnings)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith((RAY_NOTICE, "warning:"))]
+    assert "Traceback" not in stderr and len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def runs(cwd: Path) -> list:
+    if not (cwd / "mlflow.db").exists():
+        return []
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("args,env,expected", [
+    (["--set", "data.image_size=-5"], {}, "data.image_size = -5 is not allowed: it must be 0"),
+    (["--set", "data.subset=-1"], {}, "data.subset = -1 is not allowed"),
+    (["--set", "data.val_fraction=0.6", "--set", "data.test_fraction=0.5"], {}, "leave no training images"),
+    (["--set", "search.reduction_factor=1"], {}, "search.reduction_factor = 1 is not allowed"),
+    (["--name", "../outside"], {}, "study name '../outside' is not allowed"),
+    (["--name", "a/b"], {}, "study name 'a/b' is not allowed"),
+    (["--set", "train.device=cuda"], {}, "train.device = 'cuda' but trials are given no GPU"),
+    (["--address", "127.0.0.1:9"], {}, "cannot reach the Ray cluster at '127.0.0.1:9'"),
+    (["--address", "ray://127.0.0.1:9"], {}, "cannot reach the Ray cluster at 'ray://127.0.0.1:9'"),
+    ([], {"MLFLOW_TRACKING_URI": "sqlite:///{cwd}/a_file/mlflow.db"}, "the MLflow store sqlite:///"),
+    ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "the MLflow tracking server http://127.0.0.1:9 does not answer"),
+    ([], {"CNNOPT_RESULTS": "{cwd}/a_file/results"}, "the results folder cannot be written"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_recorded(tmp_path, args, env, expected):
+    (tmp_path / "a_file").write_text("a plain file: nothing can be created under it, not even by root")
+    started = time.monotonic()
+    done = search(args, tmp_path, **{key: value.format(cwd=tmp_path) for key, value in env.items()})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in error_line(done.stderr)
+    assert time.monotonic() - started < 60, "within seconds, not after retries"
+    assert not runs(tmp_path), "nothing is recorded for a study that never started"
+
+
+def test_a_searched_hyperparameter_set_on_the_command_line_is_a_warning(tmp_path):
+    done = search(["--set", "train.lr=1000", "--address", "127.0.0.1:9"], tmp_path)
+    assert "warning: --set train.lr=1000 has no effect: search space 'lesson' searches lr" in done.stderr
+
+
+def test_a_time_budget_shorter_than_start_up_says_so(tmp_path):
+    done = search(["--time-budget", "0.001", "--name", "short"], tmp_path)
+    assert done.returncode == 2
+    assert "the time budget (0.001 min) ended before any trial finished" in error_line(done.stderr)
+    assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
+
+
+def interrupt_when(process: subprocess.Popen, marker: str, signals: int = 1) -> tuple[str, str]:
+    """Read the study's output until `marker`, send `signals` Ctrl-Cs, and return (stdout, stderr)."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            break
+    for _ in range(signals):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+    out, err = process.communicate(timeout=180)
+    return "".join(seen) + out, err
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return subprocess.Popen([sys.executable, "-m", "cnnopt.search", "--no-report", *args], cwd=cwd, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_promotion_stops_it_and_a_resume_promotes(tmp_path):
+    study = start(["--strategy", "random", "--trials", "2", "--set", "train.epochs=1", "--name", "p"], tmp_path)
+    out, err = interrupt_when(study, "promoting the best trial")
+    assert study.returncode == 130 and "Traceback" not in err, out + err
+    assert "--resume --name p" in err and "promoted run" not in out
+    assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
+    assert not [r for r in runs(tmp_path) if r.data.tags.get("promoted") == "true"], "the cut promotion is redone"
+    resumed = subprocess.run([sys.executable, "-m", "cnnopt.search", "--resume", "--name", "p", "--no-report"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                             env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming: 2 of 2 trials recorded, 0 interrupted to rerun, 0 new" in resumed.stdout
+    assert "promoted run" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_leaves_a_consistent_record(tmp_path):
+    study = start(["--strategy", "random", "--trials", "3", "--concurrency", "1", "--set", "train.epochs=30",
+                   "--name", "twice", "--no-promote"], tmp_path)
+    out, err = interrupt_when(study, "trial   1  ", signals=2)  # during trial 2, a 30-epoch one
+    assert study.returncode == 130 and "Traceback" not in err, out + err
+    assert "twice: " in out and "--resume --name twice" in out, "the summary and the resume hint"
+    recorded = runs(tmp_path)
+    assert not [r for r in recorded if r.info.status == "RUNNING"], "nothing RUNNING that is not running"
+    parent = next(r for r in recorded if r.data.tags.get("cnnopt.kind") == "study")
+    assert parent.info.status == "KILLED"
