@@ -31,6 +31,11 @@ class DataConfig:
     seed: int = 0  # the split's seed: same seed, same split on every machine
     download: bool = False  # cifar10 only: fetch the archive if root lacks it (never in tests)
     subset: int = 0  # keep a stratified sample of this many training images; 0 = all
+    # imagefolder only: decoding photos is the slow part of a study's start, so it is done once.
+    cache: bool = True  # keep decoded images on disk, keyed by the files: a second study or a resume starts in seconds
+    cache_dir: str = ""  # where; "" = $CNNOPT_CACHE, else ~/.cache/cnnopt. Delete the folder to clear it
+    memory_limit_mb: float = 0.0  # a larger train split streams from the cache; 0 = 1/4 of RAM (trials copy it)
+    decode_workers: int = 0  # processes decoding a folder; 0 = one per usable core, 1 = none (in this process)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
     model = build_model(config, data.preprocessing()).to(device, memory_format=memory_format)
     normalize = Normalize(data.mean, data.std, device)
     augment = BatchAugment(config, normalize, seed=config.seed)
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    # A streamed train split stays memory-mapped on the host; each batch is gathered and moved alone.
+    train_x, train_y = (data.train_x if data.streamed else data.train_x.to(device)), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
     batches = _batch_starts(len(train_y), config.batch_size)
     optimizer = make_optimizer(config, model.parameters())
@@ -83,13 +84,14 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
-        order = torch.randperm(len(train_y), generator=order_generator).to(device)
+        order = torch.randperm(len(train_y), generator=order_generator)
+        order = order if data.streamed else order.to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for first in batches:
-            index = order[first:first + config.batch_size]
-            x = augment(train_x[index]).contiguous(memory_format=memory_format)
+            images, index = _gather(train_x, order[first:first + config.batch_size], data.streamed, device)
+            x = augment(images).contiguous(memory_format=memory_format)
             y = train_y[index]
             with amp:
                 logits = model(x)
@@ -175,6 +177,14 @@ def _autocast(config: TrainConfig, device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+
+
+def _gather(train_x: torch.Tensor, index: torch.Tensor, streamed: bool, device: torch.device):
+    """A batch of uint8 images on the device, and its index there."""
+    if not streamed:
+        return train_x[index], index
+    index = index.sort().values  # in file order: neighbouring images share pages of the memory-mapped file
+    return train_x[index].to(device), index.to(device)
 
 
 def _batch_starts(count: int, batch_size: int) -> list[int]:
