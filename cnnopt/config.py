@@ -35,7 +35,7 @@ class DataConfig:
     cache: bool = True  # keep decoded images on disk, keyed by the files: a second study or a resume starts in seconds
     cache_dir: str = ""  # where; "" = $CNNOPT_CACHE, else ~/.cache/cnnopt. Delete the folder to clear it
     memory_limit_mb: float = 0.0  # a larger train split streams from the cache; 0 = 1/4 of RAM (trials copy it)
-    decode_workers: int = 0  # processes decoding a folder; 0 = one per usable core, 1 = none (in this process)
+    decode_workers: int = 0  # threads decoding a folder (libjpeg and torch release the GIL); 0 = one per usable core
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,20 @@
 
 Photos are decoded far larger than a CNN trains on, so two things make a folder of them fast:
 libjpeg's DCT scaling (Pillow's `Image.draft`) decodes a JPEG at 1/2, 1/4 or 1/8 of its size
-directly, and the files are spread over worker processes. The resize to the training side stays
-the tensor op the exported Predictor uses (`resize_center_crop`), so only the draft step moves
-pixels, by a measured bound (see DRAFT_MARGIN).
+directly, and the files are spread over threads. Threads, not processes: libjpeg (in Pillow) and
+torch's resize release the GIL, which leaves it held for a small share of each image, and a thread
+starts at once, while a spawned worker process imports torch and the driver's main module (Ray,
+MLflow) first, which took 8 s for 2 workers on the 2-core CI machine, longer than decoding 300
+photos. The resize to the training side stays the tensor op the exported Predictor uses
+(`resize_center_crop`), so only the draft step moves pixels, by a measured bound (see DRAFT_MARGIN).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,7 +35,6 @@ DECODE_VERSION = 2
 # margin of 1 drafts further and differs by up to ~2.4 at 64 px.
 DRAFT_MARGIN = 2
 CHUNK = 32  # images per task: big enough that a task's overhead vanishes, small for even load balance
-PARALLEL_MIN_IMAGES = 256  # fewer decode faster here than the ~1-3 s a pool of fresh torch workers takes to start
 PROGRESS_SECONDS = 5.0  # a progress line this often, so only folders that take longer show one
 
 
@@ -130,8 +131,7 @@ def decode_files(paths: Sequence[Path], size: int, *, workers: int,
     Args:
         paths: the files, in the order their images take in the result.
         size: the side of every decoded image.
-        workers: processes to decode with; 1 decodes in this process, as do folders under
-            PARALLEL_MIN_IMAGES images.
+        workers: threads to decode with; 1 decodes in the calling thread.
         allocate: makes the `(N, C, size, size)` uint8 result, e.g. a memory-mapped file, so a folder
             larger than memory is written straight to disk.
         label: names the folder in progress lines.
@@ -139,12 +139,9 @@ def decode_files(paths: Sequence[Path], size: int, *, workers: int,
         What `allocate` made, filled: image i is the decoded `paths[i]`.
     """
     chunks = [list(paths[first:first + CHUNK]) for first in range(0, len(paths), CHUNK)]
-    pool = None
-    if workers > 1 and len(paths) >= PARALLEL_MIN_IMAGES:
-        # spawn, not fork: the driver may already run threads (torch's, Ray's), and a forked child
-        # can deadlock on a lock one of them held.
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker)
+    pool = ThreadPoolExecutor(workers) if workers > 1 and len(chunks) > 1 else None
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each decoding thread resizes alone: N threads x N torch threads would oversubscribe
     try:
         modes = [mode for chunk in _in_order(pool, _modes, [(chunk,) for chunk in chunks], workers) for mode in chunk]
         channels = 1 if all(mode in GRAYSCALE_MODES for mode in modes) else 3
@@ -157,6 +154,7 @@ def decode_files(paths: Sequence[Path], size: int, *, workers: int,
             progress.update(first)
         progress.finish()
     finally:
+        torch.set_num_threads(torch_threads)
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return out
@@ -167,13 +165,13 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _in_order(pool: ProcessPoolExecutor | None, function, tasks: list[tuple], workers: int):
+def _in_order(pool: ThreadPoolExecutor | None, function, tasks: list[tuple], workers: int):
     """Yield function(*task) for each task in order, at most 2 tasks per worker in flight (bounded memory)."""
     if pool is None:
         for task in tasks:
             yield function(*task)
         return
-    pending: dict[int, object] = {}
+    pending = {}
     submitted = 0
     for index in range(len(tasks)):
         while submitted < len(tasks) and submitted < index + 2 * workers:
@@ -188,11 +186,6 @@ def _modes(paths: list[Path]) -> list[str]:
 
 def _decode_chunk(paths: list[Path], channels: int, size: int) -> np.ndarray:
     return np.stack([decode_image(path, channels, size) for path in paths])
-
-
-def _init_worker() -> None:
-    """One torch thread per worker process: the processes already fill the cores."""
-    torch.set_num_threads(1)
 
 
 def _flatten_alpha(image, Image):

@@ -99,12 +99,10 @@ def test_drafted_decode_gives_the_target_side_for_any_jpeg_size(tmp_path):
             assert decode.decode_image(path, 3, size).shape == (3, size, size), path.name
 
 
-@pytest.mark.slow
 def test_parallel_decode_equals_serial_and_shows_progress(tmp_path, monkeypatch, capsys):
     root = write_photos(tmp_path / "photos", per_class=8)
     paths = sorted(root.rglob("*.jpg"))
     serial = decode.decode_files(paths, 32, workers=1)
-    monkeypatch.setattr(decode, "PARALLEL_MIN_IMAGES", 0)
     monkeypatch.setattr(decode, "PROGRESS_SECONDS", 0.0)
     monkeypatch.setattr(decode, "CHUNK", 4)
     parallel = decode.decode_files(paths, 32, workers=2, label="photos")
@@ -113,12 +111,11 @@ def test_parallel_decode_equals_serial_and_shows_progress(tmp_path, monkeypatch,
     assert "decoding photos:" in err and "img/s" in err and "decoded photos: 16 images" in err
 
 
-@pytest.mark.slow
-def test_a_corrupt_file_is_reported_from_a_worker_process(tmp_path, monkeypatch):
+def test_a_corrupt_file_is_reported_from_a_decoding_thread(tmp_path, monkeypatch):
     root = write_photos(tmp_path / "photos")
     bad = root / "china" / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    monkeypatch.setattr(decode, "PARALLEL_MIN_IMAGES", 0)
+    monkeypatch.setattr(decode, "CHUNK", 4)
     with pytest.raises(UsageError, match=f"cannot read image {bad}"):
         load_data(DataConfig(dataset="imagefolder", root=str(root), decode_workers=2))
 
