@@ -2,9 +2,10 @@
 
 Every dataset takes the same path as an image file: 8-bit pixels `(N, C, H, W)`, resized and
 centre-cropped to `image_size` by the same tensor op the exported Predictor uses, so training and
-serving see identical pixels. Image folders are decoded in parallel (`cnnopt.decode`) and kept in a
-cache (`cnnopt.data_cache`); a train split larger than `data.memory_limit_mb` stays memory-mapped
-from the cache and is read a batch at a time.
+serving see the same pixels (JPEGs of an image folder within about a gray level: they are decoded
+at reduced scale). Image folders are decoded on threads (`cnnopt.decode`) and kept in a cache
+(`cnnopt.data_cache`); a train split larger than `data.memory_limit_mb` stays memory-mapped from
+the cache and is read a batch at a time.
 """
 
 from __future__ import annotations

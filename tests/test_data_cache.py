@@ -253,6 +253,16 @@ def test_a_streamed_train_split_trains(tmp_path):
     assert np.isfinite(result.best_metrics["train_loss"]) and result.best_metrics["val_accuracy"] > 0.5
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu: needs a CUDA GPU")
+def test_a_streamed_train_split_trains_on_the_gpu(tmp_path):
+    root = write_pngs(tmp_path / "set")
+    data = load_data(streamed_config(root))
+    config = TrainConfig(epochs=2, batch_size=8, flip=True, crop_padding=1, device="cuda")
+    result = train(config, data)  # batches gathered on the host, moved one at a time
+    assert data.train_x.device.type == "cpu" and result.status == "completed" and result.epochs_run == 2
+
+
 @pytest.mark.slow
 def test_a_study_on_a_folder_over_the_memory_limit(tmp_path, ray_session, mlflow_store):
     from mlflow.tracking import MlflowClient
