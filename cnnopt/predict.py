@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cnnopt.cli import quiet_libraries, run
-from cnnopt.data.datasets import IMAGE_EXTENSIONS, resize_center_crop, to_uint8
+from cnnopt.data.decode import IMAGE_EXTENSIONS, resize_center_crop, to_uint8
 from cnnopt.errors import UsageError
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
 from cnnopt.deploy.predictor import match_channels

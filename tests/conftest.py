@@ -9,6 +9,12 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def decoded_data_cache(tmp_path_factory):
+    """Decoded image folders are cached in a folder of the test session, never in the user's ~/.cache."""
+    os.environ["CNNOPT_CACHE"] = str(tmp_path_factory.mktemp("cnnopt-cache"))
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh SQLite MLflow store; the test runs in its own working directory."""

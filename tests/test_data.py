@@ -16,6 +16,13 @@ from cnnopt.experiment.config import DataConfig
 from cnnopt.data.datasets import channel_stats, load_data, resize_center_crop
 from cnnopt.errors import UsageError
 
+@pytest.fixture(autouse=True)
+def cache_folder(tmp_path, monkeypatch):
+    """Each test caches decoded image folders in its own folder, never in the user's."""
+    monkeypatch.setenv("CNNOPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

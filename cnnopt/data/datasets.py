@@ -2,23 +2,29 @@
 
 Every dataset takes the same path as an image file: 8-bit pixels `(N, C, H, W)`, resized and
 centre-cropped to `image_size` by the same tensor op the exported Predictor uses, so training and
-serving see identical pixels.
+serving see the same pixels (JPEGs of an image folder within about a gray level: they are decoded
+at reduced scale). Image folders are decoded on threads (`cnnopt.data.decode`) and kept in a cache
+(`cnnopt.data.cache`); a train split larger than `data.memory_limit_mb` stays memory-mapped from
+the cache and is read a batch at a time.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import pickle
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cnnopt.data import cache as data_cache
+from cnnopt.data.decode import IMAGE_EXTENSIONS, decode_files, default_workers, resize_center_crop, to_uint8  # noqa: F401
 from cnnopt.experiment.config import DataConfig, check_section
 from cnnopt.errors import UsageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
 DATASETS = ("digits", "cifar10", "imagefolder")
 IMAGEFOLDER_DEFAULT_SIZE = 64  # photos of any size are brought to this side unless image_size is set
 
@@ -36,6 +42,25 @@ class ImageData:
     class_names: list[str]
     mean: list[float]  # per channel, of train pixels scaled to [0, 1]
     std: list[float]
+    train_path: str = ""  # set when train_x is memory-mapped from this file (the split exceeded the memory limit)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether train_x is read from its file as it is indexed, rather than held in memory."""
+        return bool(self.train_path)
+
+    def __getstate__(self) -> dict:
+        # Ray sends the data to trials pickled: a streamed split goes as its path, and each trial
+        # process maps the file itself (so on a cluster every node needs the file at that path).
+        state = dict(self.__dict__)
+        if self.train_path:
+            state["train_x"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.train_path and self.train_x is None:
+            self.train_x = data_cache.open_images(self.train_path)
 
     @property
     def channels(self) -> int:
@@ -66,32 +91,42 @@ def load_data(cfg: DataConfig) -> ImageData:
     if cfg.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {cfg.dataset!r}; set data.dataset to one of {', '.join(DATASETS)}")
     check_section("data", cfg)
+    entry = None
     if cfg.dataset == "digits":
         x, y, names = _load_digits()
         parts = {"pool": (x, y)}
     elif cfg.dataset == "cifar10":
         parts, names = _load_cifar10(cfg)
     else:
-        parts, names = _load_imagefolder(cfg)
+        parts, names, entry = _load_imagefolder(cfg)
     size = cfg.image_size or (IMAGEFOLDER_DEFAULT_SIZE if cfg.dataset == "imagefolder" else 0)
-    splits = _split(parts, cfg)
+    plan = _plan_splits({name: y for name, (_, y) in parts.items()}, cfg)
+    train_path = _streamed_train_path(cfg, entry, plan, parts)
+    # An image folder's parts are views of one decoded array (or of the cache file): each split gets
+    # its own copy, so it holds only its own images in memory.
+    own = cfg.dataset == "imagefolder"
+    splits = {}
+    for name, (part, rows) in plan.items():
+        x, y = parts[part]
+        x = data_cache.open_images(train_path) if name == "train" and train_path else _take(x, rows, own)
+        splits[name] = (x, _take(y, rows, False))
     if size:
         splits = {name: (resize_center_crop(x, size), y) for name, (x, y) in splits.items()}
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
     if len(train_x) == 0 or len(val_x) == 0:
         raise UsageError(f"the {cfg.dataset} data left an empty train or val split; add images or change data.val_fraction")
-    mean, std = channel_stats(train_x)
-    return ImageData(train_x, train_y, val_x, val_y, test_x, test_y, names, mean, std)
+    mean, std = streamed_channel_stats(train_x) if train_path else channel_stats(train_x)
+    return ImageData(train_x, train_y, val_x, val_y, test_x, test_y, names, mean, std, train_path)
 
 
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to `size` (antialiased) and centre-crop to `size` x `size`."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    from torchvision.transforms.v2 import functional as TF  # here, not at import: ~1.5 s of every Ray worker's start
-
-    x = TF.resize(x, [size], antialias=True)
-    return TF.center_crop(x, [size, size])
+def memory_limit_bytes(cfg: DataConfig) -> int:
+    """data.memory_limit_mb in bytes; 0 means a quarter of physical memory (no limit where that is unknown)."""
+    if cfg.memory_limit_mb > 0:
+        return int(cfg.memory_limit_mb * 2**20)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -101,25 +136,66 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
     return flat.mean(dim=1).tolist(), std.tolist()
 
 
-def _split(parts: dict, cfg: DataConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Carve the missing splits out of the labelled pool, stratified and seeded."""
+def streamed_channel_stats(x: torch.Tensor, rows: int = 256) -> tuple[list[float], list[float]]:
+    """`channel_stats` of a split too large to hold as doubles: exact integer sums, a chunk of rows at a time."""
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    sums, squares = [0] * x.shape[1], [0] * x.shape[1]
+    for first in range(0, x.shape[0], rows):
+        chunk = x[first:first + rows].transpose(0, 1).reshape(x.shape[1], -1).long()  # (C, pixels)
+        sums = [total + int(value) for total, value in zip(sums, chunk.sum(dim=1))]
+        squares = [total + int(value) for total, value in zip(squares, (chunk * chunk).sum(dim=1))]
+    mean = [total / count / 255 for total in sums]
+    # In Python's integers, exactly; one rounding at the end.
+    variance = [(square * count - total * total) / (count * max(1, count - 1)) / 255**2
+                for total, square in zip(sums, squares)]
+    return mean, [max(math.sqrt(v), 1e-3) for v in variance]
+
+
+def _plan_splits(labels: dict[str, torch.Tensor], cfg: DataConfig) -> dict[str, tuple[str, np.ndarray | None]]:
+    """Which rows of which part make each split: (part, sorted rows), rows None = the whole part.
+
+    The missing splits are carved out of the labelled pool, stratified and seeded, from the labels
+    alone, so the split is the same whether the images are in memory, cached or streamed.
+    """
     rng = np.random.default_rng(cfg.seed)
-    pool_x, pool_y = parts["pool"]
+    pool_y = labels["pool"].numpy()
     out = {}
     remaining = np.arange(len(pool_y))
+    carved = False
     for name, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
-        if name in parts:
-            out[name] = parts[name]
+        if name in labels:
+            out[name] = (name, None)
             continue
-        take = _stratified_take(pool_y[remaining].numpy(), fraction / (1 - _taken(out, parts, cfg)), rng)
+        take = _stratified_take(pool_y[remaining], fraction / (1 - _taken(out, labels, cfg)), rng)
         chosen = remaining[take]
-        out[name] = (pool_x[chosen], pool_y[chosen])
+        out[name] = ("pool", chosen)
         remaining = np.setdiff1d(remaining, chosen)
+        carved = True
     if cfg.subset and cfg.subset < len(remaining):
         # After val and test are carved, so every subset size is measured on the same val and test images.
-        remaining = remaining[_stratified_take(pool_y[remaining].numpy(), cfg.subset / len(remaining), rng)]
-    out["train"] = (pool_x[remaining], pool_y[remaining])
+        remaining = remaining[_stratified_take(pool_y[remaining], cfg.subset / len(remaining), rng)]
+        carved = True
+    out["train"] = ("pool", remaining if carved else None)
     return out
+
+
+def _take(x: torch.Tensor, rows: np.ndarray | None, own: bool) -> torch.Tensor:
+    """x's rows (a copy), or all of x: itself, or a copy when `own`."""
+    if rows is not None:
+        return x[torch.from_numpy(rows)]
+    return x.clone() if own else x
+
+
+def _streamed_train_path(cfg: DataConfig, entry, plan: dict, parts: dict) -> str:
+    """The cached train split's file when it exceeds the memory limit, else ''."""
+    part, rows = plan["train"]
+    x = parts[part][0]
+    count = len(x) if rows is None else len(rows)
+    limit = memory_limit_bytes(cfg)
+    if entry is None or not limit or count * math.prod(x.shape[1:]) <= limit:
+        return ""
+    first = entry.index["parts"][part][0]
+    return str(data_cache.train_split(entry, first + (np.arange(count) if rows is None else rows)))
 
 
 def _taken(out: dict, parts: dict, cfg: DataConfig) -> float:
@@ -181,7 +257,7 @@ def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(batch["labels"], dtype=torch.long)
 
 
-def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str]]:
+def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entry | None]:
     root = Path(cfg.root)
     if not cfg.root or not root.is_dir():
         raise UsageError(f"image folder {cfg.root!r} not found: set data.root to a folder of class folders "
@@ -194,16 +270,36 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str]]:
     split_dirs = {name: path for name, path in split_dirs.items() if path.is_dir()}
     names = _class_names(split_dirs["pool"])
     files = {name: _list_images(path, names) for name, path in split_dirs.items()}
-    from PIL import Image
-
-    every = [path for listed in files.values() for path, _ in listed]
-    channels = 1 if all(_mode(path, Image) in GRAYSCALE_MODES for path in every) else 3
+    paths = [path for listed in files.values() for path, _ in listed]
+    labels = torch.tensor([label for listed in files.values() for _, label in listed], dtype=torch.long)
+    bounds, first = {}, 0
+    for name, listed in files.items():  # the pool first, so its rows in the cache start at 0
+        bounds[name] = [first, first + len(listed)]
+        first += len(listed)
     size = cfg.image_size or IMAGEFOLDER_DEFAULT_SIZE
-    parts = {}
-    for name, listed in files.items():
-        x = torch.stack([_decode(path, channels, size, Image) for path, _ in listed])
-        parts[name] = (x, torch.tensor([label for _, label in listed], dtype=torch.long))
-    return parts, names
+    decode = partial(decode_files, paths, size, workers=cfg.decode_workers or default_workers(), label=str(root))
+    entry = None
+    if cfg.cache:
+        cache = data_cache.cache_folder(cfg.cache_dir)
+        key = data_cache.folder_key(root, paths, size)
+        index = {"root": str(root.resolve()), "image_size": size, "class_names": names, "parts": bounds,
+                 "labels": labels.tolist(), "paths": [str(path.relative_to(root)) for path in paths]}
+        entry = data_cache.load(cache, key) or data_cache.store(cache, key, decode, index, len(paths) * 3 * size**2)
+        images = torch.from_numpy(entry.images)
+    else:
+        images = torch.from_numpy(decode(allocate=partial(_allocate_in_memory, cfg)))
+    parts = {name: (images[start:end], labels[start:end]) for name, (start, end) in bounds.items()}
+    return parts, names, entry
+
+
+def _allocate_in_memory(cfg: DataConfig, shape: tuple[int, ...]) -> np.ndarray:
+    """The decoded images' array, refused before decoding when it would exceed the memory limit."""
+    needed, limit = math.prod(shape), memory_limit_bytes(cfg)
+    if limit and needed > limit:
+        raise UsageError(f"the decoded images of {cfg.root} take {needed / 2**20:,.0f} MB, more than the "
+                         f"{limit / 2**20:,.0f} MB memory limit, and data.cache=false; set data.cache=true so the "
+                         "train split streams from disk, or raise data.memory_limit_mb")
+    return np.empty(shape, np.uint8)
 
 
 def _class_names(folder: Path) -> list[str]:
@@ -222,41 +318,3 @@ def _list_images(folder: Path, names: list[str]) -> list[tuple[Path, int]]:
             raise UsageError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove it")
         listed += [(path, label) for path in images]
     return listed
-
-
-def _mode(path: Path, Image) -> str:
-    try:
-        with Image.open(path) as image:
-            return image.mode
-    except Exception as exc:
-        raise UsageError(f"cannot read image {path}: {exc}; remove or replace the file") from None
-
-
-def _decode(path: Path, channels: int, size: int, Image) -> torch.Tensor:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-                image = _flatten_alpha(image.convert("RGBA"), Image)
-            if image.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit or float gray: scale to 8 bits, not clip
-                image = Image.fromarray(to_uint8(np.asarray(image)))
-            image = image.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(image, dtype=np.uint8).copy()
-    except Exception as exc:
-        raise UsageError(f"cannot read image {path}: {exc}; remove or replace the file") from None
-    x = torch.from_numpy(array).unsqueeze(0) if channels == 1 else torch.from_numpy(array).permute(2, 0, 1)
-    return resize_center_crop(x.unsqueeze(0), size)[0]
-
-
-def to_uint8(array: np.ndarray) -> np.ndarray:
-    """Gray pixels of a wider type (16-bit, 32-bit, float) scaled into 0..255."""
-    if array.dtype == np.uint8:
-        return array
-    top = 255.0 if array.max(initial=0) <= 255 else (65535.0 if array.max() <= 65535 else float(array.max()))
-    return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
-
-
-def _flatten_alpha(image, Image):
-    """Composite a transparent image on white, as a viewer shows it."""
-    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, image)

@@ -31,6 +31,11 @@ class DataConfig:
     seed: int = 0  # the split's seed: same seed, same split on every machine
     download: bool = False  # cifar10 only: fetch the archive if root lacks it (never in tests)
     subset: int = 0  # keep a stratified sample of this many training images; 0 = all
+    # imagefolder only: decoding photos is the slow part of a study's start, so it is done once.
+    cache: bool = True  # keep decoded images on disk, keyed by the files: a second study or a resume starts in seconds
+    cache_dir: str = ""  # where; "" = $CNNOPT_CACHE, else ~/.cache/cnnopt. Delete the folder to clear it
+    memory_limit_mb: float = 0.0  # a larger train split streams from the cache; 0 = 1/4 of RAM (trials copy it)
+    decode_workers: int = 0  # threads decoding a folder (libjpeg and torch release the GIL); 0 = one per usable core
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.test_fraction": (_fraction, "in [0, 1)"),
     "data.image_size": (lambda v: v == 0 or v >= 4, "0 (the dataset's native size) or at least 4 pixels"),
     "data.subset": (lambda v: v >= 0, ">= 0 (0 keeps every training image)"),
+    "data.memory_limit_mb": (lambda v: v >= 0, ">= 0 (0: a quarter of the machine's memory)"),
+    "data.decode_workers": (lambda v: v >= 0, ">= 0 (0: one per core)"),
     "train.epochs": _at_least(1), "train.batch_size": (lambda v: v >= 2, ">= 2 (BatchNorm needs two images)"),
     "train.lr": (lambda v: v > 0, "> 0"), "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.weight_decay": _at_least(0), "train.step_size": _at_least(1), "train.gamma": (lambda v: v > 0, "> 0"),

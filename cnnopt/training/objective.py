@@ -62,12 +62,14 @@ class Setup:
     amp: torch.autocast  # fp16 on CUDA, bf16 on the CPU only when asked for
     scaler: torch.amp.GradScaler
     order_generator: torch.Generator  # batch order, seeded
-    train_x: torch.Tensor  # (N, C, H, W) uint8, on the device
+    train_x: torch.Tensor  # (N, C, H, W) uint8, on the device; memory-mapped on the host when streamed
     train_y: torch.Tensor
+    streamed: bool  # the train split is larger than the memory limit: gathered a batch at a time
 
     def step(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step on the train images at `index`; returns (loss, logits, labels)."""
-        x = self.augment(self.train_x[index]).contiguous(memory_format=self.memory_format)  # (B, C, H, W)
+        images, index = _gather(self.train_x, index, self.streamed, self.device)
+        x = self.augment(images).contiguous(memory_format=self.memory_format)  # (B, C, H, W)
         y = self.train_y[index]
         with self.amp:
             logits = self.model(x)
@@ -91,7 +93,8 @@ def set_up(config: TrainConfig, data: ImageData) -> Setup:
                  make_optimizer(config, model.parameters()), _autocast(config, device),
                  torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
                  torch.Generator(device="cpu").manual_seed(config.seed),
-                 data.train_x.to(device), data.train_y.to(device))
+                 # A streamed train split stays memory-mapped on the host; each batch is gathered and moved alone.
+                 data.train_x if data.streamed else data.train_x.to(device), data.train_y.to(device), data.streamed)
 
 
 def train(config: TrainConfig, data: ImageData, report: Report | None = None, *, metric: str = "val_accuracy",
@@ -120,7 +123,8 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
-        order = torch.randperm(len(setup.train_y), generator=setup.order_generator).to(device)
+        order = torch.randperm(len(setup.train_y), generator=setup.order_generator)
+        order = order if data.streamed else order.to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
@@ -203,6 +207,14 @@ def _autocast(config: TrainConfig, device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+
+
+def _gather(train_x: torch.Tensor, index: torch.Tensor, streamed: bool, device: torch.device):
+    """A batch of uint8 images on the device, and its index there."""
+    if not streamed:
+        return train_x[index], index
+    index = index.cpu().sort().values  # in file order: neighbouring images share pages of the memory-mapped file
+    return train_x[index].to(device), index.to(device)
 
 
 def _batch_starts(count: int, batch_size: int) -> list[int]:

@@ -1,0 +1,161 @@
+"""A cache of decoded image folders, so a second study or a resume on the same folder starts in seconds.
+
+Layout, one entry per folder state: `<cache>/<key>/images.npy` (uint8 `(N, C, S, S)`, every image of
+the folder in listing order, memory-mappable), `<key>/index.json` (class names, labels, relative
+paths, which rows are which part), and `<key>/train-<hash>.npy`, a train split written out once for
+streaming when it exceeds the memory limit. `<key>` hashes the folder's absolute path, each file's
+relative path, size and mtime, the image side and the decoder's version, so a changed, added or
+removed file (or another `data.image_size`) is another entry. Entries are written into a `.tmp-*`
+folder and renamed into place, so a killed process leaves no half entry, only a `.tmp-*` folder that
+is never read. Deleting the cache folder clears it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cnnopt.data.decode import DECODE_VERSION
+from cnnopt.errors import UsageError
+
+CACHE_ENV = "CNNOPT_CACHE"
+COPY_ROWS = 1024  # images per step when writing a train split: bounded memory, large sequential writes
+
+
+@dataclass
+class Entry:
+    folder: Path
+    images: np.ndarray  # (N, C, S, S) uint8, memory-mapped copy-on-write: reads come from the file
+    index: dict  # class_names, labels, paths, parts {name: [first row, end row]}
+
+
+def cache_folder(setting: str) -> Path:
+    """data.cache_dir, else $CNNOPT_CACHE, else ~/.cache/cnnopt."""
+    return Path(setting or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cnnopt").expanduser()
+
+
+def folder_key(root: Path, files: list[Path], size: int) -> str:
+    """A hash of what the decoded images depend on: the files (path, size, mtime) and the decoding.
+
+    Args:
+        root: the image folder; files are keyed by their path relative to it.
+        files: every image file, in the order they are decoded.
+        size: the side the images are decoded to.
+    Returns:
+        24 hex digits naming the entry.
+    """
+    digest = hashlib.sha256(json.dumps([DECODE_VERSION, size, str(root.resolve())]).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"\n{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
+def load(cache: Path, key: str) -> Entry | None:
+    """The entry for `key`, or None when there is none (or it is unreadable, and so removed)."""
+    folder = cache / key
+    if not folder.is_dir():
+        return None
+    try:
+        index = json.loads((folder / "index.json").read_text())
+        images = np.load(folder / "images.npy", mmap_mode="c")
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(index["labels"]):
+            raise ValueError("the images do not match the index")
+    except (OSError, ValueError, KeyError) as exc:  # a disk error or a hand edit: decode again rather than fail
+        print(f"warning: ignoring the damaged cache entry {folder} ({exc}); decoding again", file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return Entry(folder, images, index)
+
+
+def store(cache: Path, key: str, decode: Callable[[Callable], np.ndarray], index: dict, max_bytes: int) -> Entry:
+    """Decode straight into a new entry's file, then rename the entry into place.
+
+    Args:
+        cache: the cache folder.
+        key: from `folder_key`.
+        decode: called with an `allocate(shape)` that makes the memory-mapped images file; fills it.
+        index: what `Entry.index` holds (JSON-serialisable).
+        max_bytes: the most the images can take, checked against the free disk space first.
+    Returns:
+        The entry, read back from its final place.
+    """
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the decoded-image cache {cache} ({exc}); set data.cache_dir (or "
+                         f"${CACHE_ENV}) to a writable folder, or data.cache=false") from None
+    _check_space(cache, max_bytes)
+    temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache))
+    try:
+        path = temporary / "images.npy"
+        images = decode(allocate=lambda shape: np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape))
+        images.flush()
+        del images
+        (temporary / "index.json").write_text(json.dumps(index))
+        try:
+            temporary.rename(cache / key)
+        except OSError:
+            if not (cache / key / "index.json").is_file():  # not a concurrent study that stored it first
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return load(cache, key)
+
+
+def train_split(entry: Entry, rows: np.ndarray) -> Path:
+    """The images at `rows` written once as their own memory-mappable file in the entry.
+
+    A split is a scattered, seeded sample of the folder; written out contiguously, a training run can
+    read it as one tensor over a file, page by page.
+
+    Args:
+        entry: the cache entry holding the images.
+        rows: sorted row numbers of the entry's images.
+    Returns:
+        The file's path; the same rows give the same file.
+    """
+    path = entry.folder / f"train-{hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:16]}.npy"
+    if path.is_file():
+        return path
+    shape = (len(rows), *entry.images.shape[1:])
+    _check_space(entry.folder, int(np.prod(shape)))
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+        for first in range(0, len(rows), COPY_ROWS):
+            out[first:first + COPY_ROWS] = entry.images[rows[first:first + COPY_ROWS]]
+        out.flush()
+        del out
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def open_images(path: str | Path) -> torch.Tensor:
+    """A uint8 `.npy` file as a tensor over the file (copy-on-write: reads page in, nothing is written back)."""
+    try:
+        array = np.load(path, mmap_mode="c")
+    except FileNotFoundError:
+        raise UsageError(f"the streamed train split {path} is missing: on a Ray cluster, put data.cache_dir on "
+                         "storage every node reaches at the same path, or copy the cache folder to each node") from None
+    return torch.from_numpy(array)
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    """Fail before writing: a memory-mapped write to a full disk kills the process (SIGBUS)."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise UsageError(f"the decoded images need {needed / 2**20:,.0f} MB in {folder} but {free / 2**20:,.0f} MB "
+                         "are free; free space there or set data.cache_dir to another disk")

@@ -1,0 +1,218 @@
+"""Image files decoded into uint8 arrays `(N, C, S, S)`: in parallel, and JPEGs at reduced scale.
+
+Photos are decoded far larger than a CNN trains on, so two things make a folder of them fast:
+libjpeg's DCT scaling (Pillow's `Image.draft`) decodes a JPEG at 1/2, 1/4 or 1/8 of its size
+directly, and the files are spread over threads. Threads, not processes: libjpeg (in Pillow) and
+torch's resize release the GIL, which leaves it held for a small share of each image, and a thread
+starts at once, while a spawned worker process imports torch and the driver's main module (Ray,
+MLflow) first, which took 8 s for 2 workers on the 2-core CI machine, longer than decoding 300
+photos. The resize to the training side stays the tensor op the exported Predictor uses
+(`resize_center_crop`), so only the draft step moves pixels, by a measured bound (see DRAFT_MARGIN).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from cnnopt.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+# Part of the decoded-data cache's key: bump it whenever a change here changes the pixels produced.
+# 1 = full-scale decode (before the cache existed); 2 = JPEG draft at DRAFT_MARGIN x the target side.
+DECODE_VERSION = 2
+# JPEGs are drafted (libjpeg's DCT scaling to 1/2, 1/4 or 1/8) to at least 2x the target side, and
+# the antialiased resize does the rest. On photos that differs from the full-scale decode by a mean
+# of ~0.5 gray levels per pixel (worst image ~0.8, tests/test_data_cache.py bounds it at 1.0); a
+# margin of 1 drafts further and differs by up to ~2.4 at 64 px.
+DRAFT_MARGIN = 2
+CHUNK = 32  # images per task: big enough that a task's overhead vanishes, small for even load balance
+PROGRESS_SECONDS = 5.0  # a progress line this often, so only folders that take longer show one
+
+
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size` (antialiased) and centre-crop to `size` x `size`."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    from torchvision.transforms.v2 import functional as TF  # here, not at import: ~1.5 s of every Ray worker's start
+
+    x = TF.resize(x, [size], antialias=True)
+    return TF.center_crop(x, [size, size])
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Gray pixels of a wider type (16-bit, 32-bit, float) scaled into 0..255."""
+    if array.dtype == np.uint8:
+        return array
+    top = 255.0 if array.max(initial=0) <= 255 else (65535.0 if array.max() <= 65535 else float(array.max()))
+    return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def image_mode(path: Path) -> str:
+    """The file's Pillow mode, read from its header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except Exception as exc:
+        raise UsageError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+
+
+def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) -> np.ndarray:
+    """Decode one image file to uint8 `(channels, size, size)`.
+
+    Args:
+        path: the image file; transparent images are composited on white, wide gray scaled to 8 bits.
+        channels: 1 (gray) or 3 (RGB).
+        size: the side after resizing the shorter side and centre-cropping.
+        draft: decode JPEGs at reduced scale (DRAFT_MARGIN); False is the full-scale decode of
+            DECODE_VERSION 1, kept as the reference the draft is measured against.
+    Returns:
+        The image as a C-contiguous uint8 array.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            full_size = image.size  # (width, height) before any draft
+            # Only JPEGs implement draft (None elsewhere); it returns the full image's box in drafted pixels.
+            drafted = image.draft(image.mode, (size * DRAFT_MARGIN, size * DRAFT_MARGIN)) if draft else None
+            image.load()
+            if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+                image = _flatten_alpha(image.convert("RGBA"), Image)
+            if image.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit or float gray: scale to 8 bits, not clip
+                image = Image.fromarray(to_uint8(np.asarray(image)))
+            image = image.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(image, dtype=np.uint8).copy()
+    except Exception as exc:
+        raise UsageError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+    x = torch.from_numpy(array).unsqueeze(0) if channels == 1 else torch.from_numpy(array).permute(2, 0, 1)
+    if drafted is not None and drafted[1][2] < full_size[0]:
+        return _resize_drafted(x.unsqueeze(0), full_size, drafted[1], size)[0].contiguous().numpy()
+    return resize_center_crop(x.unsqueeze(0), size)[0].contiguous().numpy()
+
+
+def _resize_drafted(x: torch.Tensor, full_size: tuple[int, int], box: tuple, size: int) -> torch.Tensor:
+    """`resize_center_crop` of the full image, computed from its drafted copy `x` (1, C, h, w).
+
+    A drafted pixel covers k x k full pixels, but the drafted side is rounded up (a 812 px side at 1/8
+    is 102 px, not 101.5), so resizing it to a size would stretch the image by up to half a drafted
+    pixel and move the crop. Scaling by the full image's exact factors instead keeps every output
+    pixel where the full-scale resize puts it (mean difference ~0.5 levels instead of ~3-6).
+    """
+    width, height = full_size
+    if width <= height:  # torchvision's rule for resize([size]): the long side is truncated
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    # Drafted px -> output px; a hair over, so that flooring the output size never loses a row to rounding.
+    factors = tuple(full / drafted * new / full * (1 + 1e-9)
+                    for full, drafted, new in ((height, box[3], new_height), (width, box[2], new_width)))
+    x = torch.nn.functional.interpolate(x, scale_factor=factors, mode="bilinear", antialias=True,
+                                        align_corners=False, recompute_scale_factor=False)
+    top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
+
+
+def decode_files(paths: Sequence[Path], size: int, *, workers: int,
+                 allocate: Callable[[tuple[int, ...]], np.ndarray] = lambda shape: np.empty(shape, np.uint8),
+                 label: str = "") -> np.ndarray:
+    """Decode image files into one uint8 array, gray if every file is gray, else RGB.
+
+    Args:
+        paths: the files, in the order their images take in the result.
+        size: the side of every decoded image.
+        workers: threads to decode with; 1 decodes in the calling thread.
+        allocate: makes the `(N, C, size, size)` uint8 result, e.g. a memory-mapped file, so a folder
+            larger than memory is written straight to disk.
+        label: names the folder in progress lines.
+    Returns:
+        What `allocate` made, filled: image i is the decoded `paths[i]`.
+    """
+    chunks = [list(paths[first:first + CHUNK]) for first in range(0, len(paths), CHUNK)]
+    pool = ThreadPoolExecutor(workers) if workers > 1 and len(chunks) > 1 else None
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each decoding thread resizes alone: N threads x N torch threads would oversubscribe
+    try:
+        modes = [mode for chunk in _in_order(pool, _modes, [(chunk,) for chunk in chunks], workers) for mode in chunk]
+        channels = 1 if all(mode in GRAYSCALE_MODES for mode in modes) else 3
+        out = allocate((len(paths), channels, size, size))
+        progress = _Progress(len(paths), label)
+        first = 0
+        for images in _in_order(pool, _decode_chunk, [(chunk, channels, size) for chunk in chunks], workers):
+            out[first:first + len(images)] = images
+            first += len(images)
+            progress.update(first)
+        progress.finish()
+    finally:
+        torch.set_num_threads(torch_threads)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return out
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _in_order(pool: ThreadPoolExecutor | None, function, tasks: list[tuple], workers: int):
+    """Yield function(*task) for each task in order, at most 2 tasks per worker in flight (bounded memory)."""
+    if pool is None:
+        for task in tasks:
+            yield function(*task)
+        return
+    pending = {}
+    submitted = 0
+    for index in range(len(tasks)):
+        while submitted < len(tasks) and submitted < index + 2 * workers:
+            pending[submitted] = pool.submit(function, *tasks[submitted])
+            submitted += 1
+        yield pending.pop(index).result()
+
+
+def _modes(paths: list[Path]) -> list[str]:
+    return [image_mode(path) for path in paths]
+
+
+def _decode_chunk(paths: list[Path], channels: int, size: int) -> np.ndarray:
+    return np.stack([decode_image(path, channels, size) for path in paths])
+
+
+def _flatten_alpha(image, Image):
+    """Composite a transparent image on white, as a viewer shows it."""
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image)
+
+
+class _Progress:
+    """A line on stderr every PROGRESS_SECONDS while decoding, and one at the end if any was shown."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label = total, label
+        self.start = self.last = time.perf_counter()
+        self.shown = False
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_SECONDS or done >= self.total:
+            return
+        rate = done / (now - self.start)
+        print(f"decoding {self.label}: {done:,}/{self.total:,} images, {rate:,.0f} img/s, "
+              f"~{(self.total - done) / rate:.0f} s left", file=sys.stderr, flush=True)
+        self.last, self.shown = now, True
+
+    def finish(self) -> None:
+        if self.shown:
+            seconds = time.perf_counter() - self.start
+            print(f"decoded {self.label}: {self.total:,} images in {seconds:.0f} s "
+                  f"({self.total / seconds:,.0f} img/s)", file=sys.stderr, flush=True)

@@ -1,0 +1,281 @@
+"""Image folders at scale: drafted and parallel decoding, the decoded-data cache, streamed train splits."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnopt.data import datasets as data_module
+from cnnopt.data import decode
+from cnnopt.experiment.config import DataConfig, TrainConfig
+from cnnopt.data.datasets import load_data
+from cnnopt.errors import UsageError
+from cnnopt.training.objective import train
+
+SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+
+
+@pytest.fixture(autouse=True)
+def cache_folder(tmp_path, monkeypatch):
+    """Each test caches in its own folder, never in the user's."""
+    monkeypatch.setenv("CNNOPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def write_photos(root: Path, per_class: int = 6, scale: float = 2.5, seed: int = 0) -> Path:
+    """root/<photo>/<n>.jpg: crops of scikit-learn's two photographs, upscaled to ~500-1600 px, some gray."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    for name, pixels in zip(("china", "flower"), load_sample_images().images):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            height, width = rng.integers(200, 420), rng.integers(200, 620)
+            top, left = rng.integers(0, 427 - height), rng.integers(0, 640 - width)
+            crop = Image.fromarray(pixels[top:top + height, left:left + width])
+            crop = crop.resize((int(width * scale), int(height * scale)), Image.Resampling.BICUBIC)
+            (crop.convert("L") if index % 3 == 0 else crop).save(root / name / f"{index:03d}.jpg", quality=90)
+    return root
+
+
+def write_pngs(root: Path, per_class: int = 20, side: int = 12) -> Path:
+    """root/<class>/<n>.png: small noisy RGB images, fast to decode."""
+    rng = np.random.default_rng(1)
+    for label, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 120, (side, side, 3), dtype=np.uint8) + 120 * label
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{index:02d}.png")
+    return root
+
+
+def same_data(one, other) -> bool:
+    return all(torch.equal(getattr(one, name), getattr(other, name)) for name in SPLITS) and \
+        one.class_names == other.class_names
+
+
+def mapped_file(x: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds x's data, from /proc/self/maps (None: anonymous memory)."""
+    address = x.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(value, 16) for value in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) >= 6 and fields[5].startswith("/") else None
+    return None
+
+
+# ----- decoding -----
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_drafted_jpeg_decode_is_within_one_gray_level_of_the_full_decode(tmp_path, size):
+    root = write_photos(tmp_path / "photos")
+    for path in sorted(root.rglob("*.jpg")):
+        for channels in (1, 3):
+            drafted = decode.decode_image(path, channels, size).astype(int)
+            full = decode.decode_image(path, channels, size, draft=False).astype(int)
+            assert drafted.shape == full.shape == (channels, size, size)
+            # Measured on these photos: mean 0.1-0.8 levels per image, a single pixel at most ~10.
+            assert np.abs(drafted - full).mean() <= 1.0, path
+            assert np.abs(drafted - full).max() <= 24, path
+
+
+def test_drafted_decode_gives_the_target_side_for_any_jpeg_size(tmp_path):
+    rng = np.random.default_rng(0)
+    for width, height in rng.integers(60, 700, (40, 2)):  # drafted sides round up: 1/2, 1/4, 1/8 of odd sizes
+        path = tmp_path / f"{width}x{height}.jpg"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        for size in (8, 16, 32):
+            assert decode.decode_image(path, 3, size).shape == (3, size, size), path.name
+
+
+def test_parallel_decode_equals_serial_and_shows_progress(tmp_path, monkeypatch, capsys):
+    root = write_photos(tmp_path / "photos", per_class=8)
+    paths = sorted(root.rglob("*.jpg"))
+    serial = decode.decode_files(paths, 32, workers=1)
+    monkeypatch.setattr(decode, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(decode, "CHUNK", 4)
+    parallel = decode.decode_files(paths, 32, workers=2, label="photos")
+    assert parallel.shape == (16, 3, 32, 32) and np.array_equal(parallel, serial)
+    err = capsys.readouterr().err
+    assert "decoding photos:" in err and "img/s" in err and "decoded photos: 16 images" in err
+
+
+def test_a_corrupt_file_is_reported_from_a_decoding_thread(tmp_path, monkeypatch):
+    root = write_photos(tmp_path / "photos")
+    bad = root / "china" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    monkeypatch.setattr(decode, "CHUNK", 4)
+    with pytest.raises(UsageError, match=f"cannot read image {bad}"):
+        load_data(DataConfig(dataset="imagefolder", root=str(root), decode_workers=2))
+
+
+# ----- the cache -----
+
+
+def test_cached_load_equals_uncached_and_does_not_decode(tmp_path, cache_folder, monkeypatch):
+    root = write_photos(tmp_path / "photos")
+    config = DataConfig(dataset="imagefolder", root=str(root), image_size=16, val_fraction=0.25, test_fraction=0.25)
+    uncached = load_data(dataclasses.replace(config, cache=False))
+    first = load_data(config)
+    entries = [p for p in cache_folder.iterdir()]
+    assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == {"images.npy", "index.json"}
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cached folder was decoded again")
+
+    monkeypatch.setattr(data_module, "decode_files", no_decoding)
+    second = load_data(config)
+    # Same images in the same splits, in the same order: the cache never changes the split.
+    assert same_data(uncached, first) and same_data(first, second)
+    assert first.mean == uncached.mean == second.mean and first.std == second.std
+    assert not second.streamed and mapped_file(second.train_x) is None  # copied out of the cache file
+    other_seed = load_data(dataclasses.replace(config, seed=1))
+    assert not torch.equal(other_seed.val_x, second.val_x)  # the split is still the seed's
+
+
+@pytest.mark.parametrize("change", ["modified", "added", "removed"])
+def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, cache_folder, change):
+    root = write_pngs(tmp_path / "set")
+    config = DataConfig(dataset="imagefolder", root=str(root), image_size=8)
+    before = load_data(config)
+    target = root / "a" / "03.png"
+    if change == "modified":
+        Image.new("RGB", (12, 12), (255, 0, 0)).save(target)
+        os.utime(target, ns=(1, 1))  # a new mtime even on a coarse-grained file system
+    elif change == "added":
+        Image.new("RGB", (12, 12), (255, 0, 0)).save(root / "a" / "99.png")
+    else:
+        target.unlink()
+    after = load_data(config)
+    assert len(list(cache_folder.iterdir())) == 2
+    assert same_data(after, load_data(dataclasses.replace(config, cache=False)))
+    every = torch.cat([after.train_x, after.val_x, after.test_x])
+    red = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)
+    assert int((every == red).all(dim=(1, 2, 3)).sum()) == (0 if change == "removed" else 1)
+    total = sum(len(getattr(after, name)) for name in ("train_y", "val_y", "test_y"))
+    assert total == 40 + {"modified": 0, "added": 1, "removed": -1}[change]
+    assert not same_data(before, after)
+
+
+def test_another_image_size_is_another_entry(tmp_path, cache_folder):
+    root = write_pngs(tmp_path / "set")
+    small = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8))
+    large = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=10))
+    assert small.image_size == 8 and large.image_size == 10 and len(list(cache_folder.iterdir())) == 2
+
+
+def test_an_interrupted_decode_leaves_no_entry(tmp_path, cache_folder, monkeypatch):
+    root = write_pngs(tmp_path / "set")
+    config = DataConfig(dataset="imagefolder", root=str(root), image_size=8)
+    real = data_module.decode_files
+
+    def interrupted(*args, allocate, **kwargs):
+        allocate((40, 3, 8, 8))[:5] = 7  # half written, then the process is stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_module, "decode_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_data(config)
+    assert list(cache_folder.iterdir()) == []
+    monkeypatch.setattr(data_module, "decode_files", real)
+    assert same_data(load_data(config), load_data(dataclasses.replace(config, cache=False)))
+
+
+def test_a_damaged_entry_is_decoded_again(tmp_path, cache_folder, capsys):
+    root = write_pngs(tmp_path / "set")
+    config = DataConfig(dataset="imagefolder", root=str(root), image_size=8)
+    expected = load_data(config)
+    entry = next(cache_folder.iterdir())
+    (entry / "index.json").write_text("{ truncated")
+    assert same_data(load_data(config), expected)
+    assert "damaged cache entry" in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_folder_names_the_setting(tmp_path):
+    root = write_pngs(tmp_path / "set")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(UsageError, match="data.cache_dir"):
+        load_data(DataConfig(dataset="imagefolder", root=str(root), cache_dir=str(blocker / "cache")))
+
+
+# ----- data bigger than the memory limit -----
+
+
+def streamed_config(root: Path, **changes) -> DataConfig:
+    # 40 images of 3x8x8 = 192 bytes; about 28 go to train (5.4 KB), over a limit of ~1 KB.
+    settings = {"dataset": "imagefolder", "root": str(root), "image_size": 8, "memory_limit_mb": 0.001}
+    return DataConfig(**{**settings, **changes})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_train_split_over_the_memory_limit_is_memory_mapped(tmp_path):
+    root = write_pngs(tmp_path / "set")
+    streamed = load_data(streamed_config(root))
+    in_memory = load_data(streamed_config(root, memory_limit_mb=0))
+    assert streamed.streamed and not in_memory.streamed
+    assert mapped_file(streamed.train_x) == streamed.train_path and Path(streamed.train_path).is_file()
+    assert mapped_file(streamed.val_x) is None  # val and test are small and stay in memory
+    assert same_data(streamed, in_memory)
+    assert streamed.mean == pytest.approx(in_memory.mean, abs=1e-9)
+    assert streamed.std == pytest.approx(in_memory.std, abs=1e-9)
+    # Sent to a Ray trial, the split travels as its path and is mapped again there.
+    sent = pickle.dumps(streamed)
+    assert len(sent) < streamed.train_x.numel()
+    received = pickle.loads(sent)
+    assert mapped_file(received.train_x) == streamed.train_path and same_data(received, streamed)
+
+
+def test_streaming_without_the_cache_is_refused(tmp_path):
+    root = write_pngs(tmp_path / "set")
+    with pytest.raises(UsageError, match="data.cache=false; set data.cache=true"):
+        load_data(streamed_config(root, cache=False))
+
+
+def test_a_streamed_train_split_trains(tmp_path):
+    root = write_pngs(tmp_path / "set")
+    data = load_data(streamed_config(root))
+    assert data.streamed
+    config = TrainConfig(epochs=2, batch_size=8, lr=0.05, flip=True, crop_padding=1, device="cpu")
+    result = train(config, data)
+    assert result.status == "completed" and result.epochs_run == 2
+    assert np.isfinite(result.best_metrics["train_loss"]) and result.best_metrics["val_accuracy"] > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu: needs a CUDA GPU")
+def test_a_streamed_train_split_trains_on_the_gpu(tmp_path):
+    root = write_pngs(tmp_path / "set")
+    data = load_data(streamed_config(root))
+    config = TrainConfig(epochs=2, batch_size=8, flip=True, crop_padding=1, device="cuda")
+    result = train(config, data)  # batches gathered on the host, moved one at a time
+    assert data.train_x.device.type == "cpu" and result.status == "completed" and result.epochs_run == 2
+
+
+@pytest.mark.slow
+def test_a_study_on_a_folder_over_the_memory_limit(tmp_path, ray_session, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    from cnnopt import search
+
+    root = write_pngs(tmp_path / "set")
+    code = search.main(["--strategy", "random", "--trials", "2", "--name", "streamed", "--no-promote",
+                        "--set", "name=streamed", "--set", "train.epochs=1", "--set", "train.batch_size=8",
+                        "--set", "data.dataset=imagefolder", "--set", f"data.root={root}",
+                        "--set", "data.image_size=8", "--set", "data.memory_limit_mb=0.001"])
+    assert code == 0
+    client = MlflowClient(tracking_uri=mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("streamed").experiment_id])
+    trials = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert len(trials) == 2 and all(run.data.tags["status"] == "completed" for run in trials)
