@@ -16,9 +16,11 @@ from cnnopt.experiment.config import load_experiment
 from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
+from cnnopt.study.confirmation import confirm
 from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, run_study
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import studies
+from cnnopt.tracking.recorder import record_choice
 
 # Flags that override the experiment's [search] table, each named like its setting.
 SEARCH_FLAGS = ("strategy", "trials", "concurrency", "scheduler", "cpus_per_trial", "gpus_per_trial", "seed",
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this long")
     parser.add_argument("--no-report", action="store_true",
                         help="skip the study report (figures, importance, edges of the space) on the parent run")
+    parser.add_argument("--no-confirm", action="store_true",
+                        help="promote the best trial as it is, without re-training the best configurations with "
+                             "new seeds first (search.confirm_top=0)")
     parser.add_argument("--no-promote", action="store_true",
                         help="skip promoting the best trial (test evaluation, export, registry)")
     parser.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --name STUDY (the name printed when the study started)")
     overrides = list(args.overrides) + [f"search.{flag}={getattr(args, flag)}"
                                         for flag in SEARCH_FLAGS if getattr(args, flag) is not None]
+    if args.no_confirm:
+        overrides.append("search.confirm_top=0")
     if args.resume:
         if overrides or args.experiment:
             parser.error("--resume continues a study with the settings it started with; drop --experiment, --set "
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        return finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote)
+        return finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
+                      address=args.address)
     except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
         print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
               f"  {resume_command(outcome.name)}", file=sys.stderr)
@@ -109,24 +117,52 @@ def resume_command(name: str) -> str:
     return f"python -m cnnopt.search --resume --name {name}"
 
 
-def finish(experiment, outcome, *, report: bool, promotion: bool) -> int:
-    """What follows the trials: the study report, then the promotion of the best trial."""
+def finish(experiment, outcome, *, report: bool, promotion: bool, address: str | None = None) -> int:
+    """What follows the trials: the study report, the confirmation of the best configurations, promotion."""
     if report:
         report_study(experiment, outcome.name)
     if not promotion or outcome.best is None:
         return 0
-    if outcome.best.get("promoted"):  # a resumed study whose best trial is still the one promoted before
-        print(f"\nThe best trial (trial {outcome.best['trial_number']}) was promoted already; its test split is "
-              f"not evaluated again. To redo it: python -m cnnopt.promote --run-id {outcome.best['run_id']}")
+    client = tracking.make_client()
+    promoted = client.get_run(outcome.parent_run_id).data.tags.get("promoted_run_id")
+    if promoted:  # a resumed study that promoted before: its test split is not evaluated again
+        print(f"\nThe study promoted run {promoted} already; its test split is not evaluated again. "
+              f"To redo it: python -m cnnopt.promote --run-id {promoted}")
         return 0
-    print(f"\npromoting the best trial (trial {outcome.best['trial_number']})...", flush=True)
+    run_id, what = outcome.best["run_id"], f"the best trial (trial {outcome.best['trial_number']})"
+    if experiment.search.confirm_top:
+        confirmation = confirm_best(experiment, outcome, address)
+        if confirmation is not None:
+            run_id, what = confirmation.promote_run_id, f"trial {confirmation.chosen.trial_number}'s configuration"
+    print(f"\npromoting {what}...", flush=True)
     try:
-        print_promotion(promote(experiment, run_id=outcome.best["run_id"]), experiment)
+        print_promotion(promote(experiment, run_id=run_id), experiment)
     except UsageError as exc:  # the study itself is recorded; say what failed and how to retry
-        print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --study {outcome.name}",
+        print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --run-id {run_id}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def confirm_best(experiment, outcome, address: str | None):
+    """Re-train the best configurations with new seeds, print mean ± std, record and return the choice."""
+    search, metric = experiment.search, experiment.metric
+    print(f"\nconfirming the {search.confirm_top} best configurations with {search.confirm_seeds} new seeds each "
+          f"(--no-confirm skips this)...", flush=True)
+    confirmation = confirm(experiment, outcome.name, address)
+    if confirmation is None:
+        return None
+    for candidate in confirmation.candidates:
+        mark = "  <- chosen" if candidate is confirmation.chosen else ""
+        print(f"  trial {candidate.trial_number:3d}: {metric} {candidate.mean:.4f} ± {candidate.std:.4f} over "
+              f"{len(candidate.values)} new seeds (the trial itself: {candidate.value:.4f}){mark}")
+    print(f"  promoting run {confirmation.promote_run_id}: {confirmation.reason}")
+    record_choice(outcome.parent_run_id,
+                  {**{f"confirm_mean_trial_{c.trial_number}": c.mean for c in confirmation.candidates},
+                   **{f"confirm_std_trial_{c.trial_number}": c.std for c in confirmation.candidates}},
+                  {"confirmed_trial": confirmation.chosen.trial_number, "confirmed_run_id": confirmation.promote_run_id,
+                   "confirmation": confirmation.reason})
+    return confirmation
 
 
 def report_study(experiment, name: str) -> None:

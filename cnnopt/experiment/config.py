@@ -101,6 +101,10 @@ class SearchConfig:
     time_budget: float = 0.0  # minutes; 0 = no limit
     grace_period: int = 1  # asha: epochs every trial gets before it can be stopped
     reduction_factor: int = 3  # asha: keep the top 1/factor at each rung
+    # Before promotion, the best of many noisy validation scores is partly luck: re-train the top
+    # configurations with new seeds and choose by the mean. 0 turns it off (--no-confirm).
+    confirm_top: int = 3  # configurations re-trained
+    confirm_seeds: int = 3  # new seeds (weights, batch order, augmentation) for each
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "search.gpus_per_trial": (lambda v: 0 <= v <= 1 or v == int(v), "a share in [0, 1] or a whole number of GPUs"),
     "search.time_budget": (lambda v: v >= 0, ">= 0 minutes (0: no limit)"), "search.grace_period": _at_least(1),
     "search.reduction_factor": _at_least(2),
+    "search.confirm_top": (lambda v: v >= 0, ">= 0 (0: no confirmation)"), "search.confirm_seeds": _at_least(1),
 }
 
 

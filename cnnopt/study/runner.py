@@ -81,7 +81,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         StudyOutcome with trial counts by status and the best trial by the validation metric.
     """
     space, data = prepare(experiment, options)
-    own_ray = _start_ray(options.address)
+    own_ray = start_ray(options.address)
     try:
         check_resources(experiment)
         return _run(experiment, space, data, options)
@@ -235,7 +235,7 @@ def close_record(recorder: StudyRecorder, experiment: Experiment, interrupted: b
     return counts, best
 
 
-def _start_ray(address: str | None) -> bool:
+def start_ray(address: str | None) -> bool:
     """Attach to a cluster, reuse a running instance, or start a local one; True if we started it."""
     if ray.is_initialized():
         return False

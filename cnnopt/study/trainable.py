@@ -15,7 +15,7 @@ import ray
 from ray import tune
 
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
-from cnnopt.experiment.config import Experiment
+from cnnopt.experiment.config import Experiment, TrainConfig
 from cnnopt.data.datasets import ImageData
 from cnnopt.training.objective import train
 from cnnopt.experiment.space import Space
@@ -26,11 +26,16 @@ def best_key(metric: str) -> str:
     return f"best_{metric}"
 
 
+def assigned_device(config: TrainConfig) -> TrainConfig:
+    """In a Ray worker: 'auto' means the GPU only when Ray assigned this task one."""
+    if config.device != "auto":
+        return config
+    return dataclasses.replace(config, device="cuda" if ray.get_gpu_ids() else "cpu")
+
+
 def run_trial(config: dict, *, experiment: Experiment, space: Space, data: ImageData) -> None:
     """Train the trial's configuration; `data` arrives once per node through Ray's object store."""
-    train_config = space.apply(experiment.train, config)
-    if train_config.device == "auto":  # use the GPU only when Ray assigned this trial one
-        train_config = dataclasses.replace(train_config, device="cuda" if ray.get_gpu_ids() else "cpu")
+    train_config = assigned_device(space.apply(experiment.train, config))
     node = ray.get_runtime_context().get_node_id()  # which machine of a cluster ran the trial
     folder = Path(tempfile.mkdtemp(prefix="cnnopt-ckpt-"))
     improved = {"epoch": 0}

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from mlflow.tracking import MlflowClient
 
 from cnnopt.errors import UsageError
-from cnnopt.experiment.config import Experiment, TrainConfig, field_types, is_better
+from cnnopt.experiment.config import Experiment, is_better
 from cnnopt import trials
 from cnnopt.tracking import studies
 from cnnopt.tracking.store import (EPOCH_METRICS, KIND_TAG, STUDY_TAG, TRIAL_TAG, best_metrics, end_run, log,
-                                   log_experiment_file, make_client, param_value, start_run, tracking_uri)
+                                   log_experiment_file, make_client, start_run, tracking_uri)
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,7 @@ class StudyRecorder:
         status = tags.get("status", trials.RUNNING)
         if status == trials.RUNNING or run.info.status == "RUNNING":  # its process died without ending the run
             status = trials.INTERRUPTED
-        types = field_types(TrainConfig)
-        params = {name: param_value(run.data.params.get(name), types[name])
-                  for name in tags.get("searched", "").split(",") if name in types}
+        params = studies.searched_params(run)
         curve: dict[int, float] = {}
         if status == trials.PRUNED:  # the sampler ranks a pruned trial by its best-so-far value at each epoch
             history = self.client.get_metric_history(run.info.run_id, metric)
@@ -215,3 +213,38 @@ class StudyRecorder:
         if self.best is not None and self.top is not None and self.top[1] != self.best:
             self._log_best(self.top[0])
         end_run(self.client, self.parent_run_id, status)
+
+
+def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, params: dict, result,
+                        checkpoint: str | None) -> str:
+    """One confirmation run: the configuration of `trial_run` re-trained with `seed`, a child of the study.
+
+    Args:
+        parent, trial_run: the study's parent run and the trial whose configuration was re-trained.
+        params: every hyperparameter of the run, as MLflow params.
+        result: the objective's TrainResult (status, best epoch's metrics, per-epoch history).
+        checkpoint: the best epoch's checkpoint file, logged as the run's `checkpoint/` artifact.
+    Returns:
+        The run id.
+    """
+    client = make_client()
+    number = trial_run.data.tags.get("trial_number", "0")
+    study = parent.data.tags.get(STUDY_TAG, "")
+    run_id = start_run(client, experiment, f"{study}-trial-{int(number):03d}-seed{seed}",
+                       parent_run_id=parent.info.run_id,
+                       tags={STUDY_TAG: study, KIND_TAG: studies.CONFIRMATION, "confirms_trial": number,
+                             "confirms_run_id": trial_run.info.run_id, "seed": seed, "status": result.status,
+                             "searched": trial_run.data.tags.get("searched", "")})
+    log(client, run_id, params=params)
+    for epoch, metrics in enumerate(result.history, start=1):
+        log(client, run_id, metrics={key: metrics[key] for key in EPOCH_METRICS if key in metrics}, step=epoch)
+    log(client, run_id, metrics={**best_metrics(result.best_metrics), "best_epoch": result.best_epoch})
+    if checkpoint:
+        client.log_artifact(run_id, checkpoint, artifact_path="checkpoint")
+    end_run(client, run_id, trials.run_status(result.status))
+    return run_id
+
+
+def record_choice(parent_run_id: str, summary: dict[str, float], tags: dict) -> None:
+    """The confirmation's outcome on the study's parent run: mean and std per configuration, the choice."""
+    log(make_client(), parent_run_id, metrics=summary, tags=tags)

@@ -14,11 +14,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnnopt.errors import UsageError
-from cnnopt.experiment.config import Experiment
+from cnnopt.experiment.config import Experiment, TrainConfig, field_types
 from cnnopt import trials
-from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, experiment_id, tracking_uri
+from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, experiment_id, param_value, tracking_uri
 
-SETTINGS_ARTIFACT = "settings/experiment.json"  # on the parent run: every resolved setting of the study
+SETTINGS_ARTIFACT = "settings/experiment.json"
+CONFIRMATION = "confirmation"  # the kind of a run that re-trains a best configuration with a new seed  # on the parent run: every resolved setting of the study
 
 
 def find_parent(client: MlflowClient, study: str | None, experiment_name: str | None = None):
@@ -48,9 +49,26 @@ def find_parents(client: MlflowClient, experiment_name: str, count: int) -> list
 
 
 def trial_runs(client: MlflowClient, parent) -> list:
-    """The study's trial runs (child runs of `parent`), oldest first."""
-    return client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+    """The study's trial runs (child runs of `parent` that are trials), oldest first."""
+    return child_runs(client, parent, "trial")
+
+
+def confirmation_runs(client: MlflowClient, parent) -> list:
+    """The runs that re-trained the study's best configurations with new seeds, oldest first."""
+    return child_runs(client, parent, CONFIRMATION)
+
+
+def child_runs(client: MlflowClient, parent, kind: str) -> list:
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and tags.`{KIND_TAG}` = '{kind}'",
                               order_by=["attributes.start_time ASC"], max_results=10000)
+
+
+def searched_params(run) -> dict:
+    """The hyperparameters the search drew for a trial run, typed as declared (bool, int, float, str)."""
+    types = field_types(TrainConfig)
+    return {name: param_value(run.data.params.get(name), types[name])
+            for name in run.data.tags.get("searched", "").split(",") if name in types}
 
 
 def trial_number(run) -> int:

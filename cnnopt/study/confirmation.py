@@ -1,0 +1,153 @@
+"""Confirmation before promotion: the study's best configurations re-trained with new seeds.
+
+The best of many noisy validation scores is partly luck (digits' val accuracy moves in steps of
+1/269). Before a study promotes, its top `search.confirm_top` configurations are trained again with
+`search.confirm_seeds` new seeds each (weights, batch order and augmentation), in parallel on Ray, each
+recorded as a child run of the study tagged as a confirmation of the trial it repeats. The
+configuration with the best mean over the new seeds is chosen (the original trial's score is left out
+of the mean: it was selected for being high). Among the chosen configuration's runs, the one with the
+best validation metric is promoted. The test split is not read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+import search_spaces
+from cnnopt import tracking, trials
+from cnnopt.data.datasets import ImageData, load_data
+from cnnopt.experiment.config import Experiment
+from cnnopt.study.runner import interrupts_held, start_ray
+from cnnopt.study.trainable import assigned_device
+from cnnopt.tracking import recorder, studies
+from cnnopt.training.checkpoint import FILENAME, save_checkpoint
+from cnnopt.training.objective import TrainResult, train
+
+
+@dataclass
+class Candidate:
+    """One of the best configurations and its runs with new seeds."""
+
+    trial_number: int
+    run_id: str  # the original trial's run
+    value: float  # the original trial's best validation metric
+    runs: dict[int, tuple[str, float]] = field(default_factory=dict)  # seed -> (run id, best metric)
+
+    @property
+    def values(self) -> list[float]:
+        return [value for _, value in self.runs.values()]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else float("nan")
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+
+@dataclass
+class Confirmation:
+    candidates: list[Candidate]  # in the study's order (best original score first)
+    chosen: Candidate
+    promote_run_id: str  # the chosen configuration's run with the best validation metric
+    reason: str
+
+
+def confirm(experiment: Experiment, study: str, address: str | None = None) -> Confirmation | None:
+    """Re-train the study's best configurations with new seeds and choose one by the mean.
+
+    Runs already recorded for a (trial, seed) are reused, so a resumed study does not repeat them.
+
+    Args:
+        experiment: the study's settings (its [search] confirm_top and confirm_seeds).
+        study: the study's name.
+        address: the Ray cluster to use when no Ray instance is running (None starts a local one).
+    Returns:
+        The Confirmation, or None when the study has no completed trial.
+    """
+    search, metric, mode = experiment.search, experiment.metric, experiment.mode
+    client = tracking.make_client()
+    parent = studies.find_parent(client, study, experiment.name)
+    top = trials.ranked(studies.trial_runs(client, parent), mode=mode,
+                        value=lambda run: run.data.metrics.get(f"best_{metric}"), number=studies.trial_number,
+                        status=lambda run: run.data.tags.get("status", trials.RUNNING))[:search.confirm_top]
+    if not top:
+        return None
+    candidates = {run.info.run_id: Candidate(studies.trial_number(run), run.info.run_id,
+                                             run.data.metrics[f"best_{metric}"]) for run in top}
+    for run in studies.confirmation_runs(client, parent):  # recorded before (a resumed study)
+        candidate = candidates.get(run.data.tags.get("confirms_run_id"))
+        if candidate is not None and f"best_{metric}" in run.data.metrics:
+            candidate.runs[int(run.data.tags["seed"])] = (run.info.run_id, run.data.metrics[f"best_{metric}"])
+    seeds = [experiment.train.seed + 1 + i for i in range(search.confirm_seeds)]  # never the trials' own seed
+    todo = [(run, seed) for run in top for seed in seeds if seed not in candidates[run.info.run_id].runs]
+    if todo:
+        _train_all(experiment, parent, todo, candidates, address)
+    return _choose(list(candidates.values()), mode)
+
+
+def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str, Candidate], address: str | None) -> None:
+    """Train every (trial run, seed) on Ray, as many at once as the cluster holds, recording each as it ends."""
+    search = experiment.search
+    space = search_spaces.get(experiment.search_space)
+    data = load_data(experiment.data)
+    data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])  # validation only
+    own_ray = start_ray(address)
+    try:
+        shared = ray.put(data)
+        task = ray.remote(num_cpus=search.cpus_per_trial, num_gpus=search.gpus_per_trial)(_train_seed)
+        pending = {}
+        for run, seed in todo:
+            config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(run)), seed=seed)
+            pending[task.remote(config, shared, experiment.metric, experiment.mode)] = (run, seed, config)
+        while pending:
+            [ready], _ = ray.wait(list(pending))
+            run, seed, config = pending.pop(ready)
+            result = ray.get(ready)
+            run_id = _record(experiment, parent, run, seed, config, data, result)
+            value = result.best_metrics.get(experiment.metric)
+            if result.status == trials.COMPLETED and value is not None:
+                candidates[run.info.run_id].runs[seed] = (run_id, value)
+            print(f"  confirm trial {studies.trial_number(run):3d} seed {seed}: {experiment.metric} "
+                  f"{value if value is not None else float('nan'):.4f}  ({result.status})", flush=True)
+    finally:
+        if own_ray:
+            with interrupts_held():
+                ray.shutdown()
+
+
+def _train_seed(config, data: ImageData, metric: str, mode: str) -> TrainResult:
+    """In a Ray worker: train one configuration with its seed (the GPU when Ray assigned one)."""
+    return train(assigned_device(config), data, metric=metric, mode=mode)
+
+
+def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageData, result: TrainResult) -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if result.state_dict is not None:
+            checkpoint = str(save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
+                                             result.best_epoch, result.best_metrics))
+        return recorder.record_confirmation(experiment, parent, run, seed, tracking.hyperparameters(config), result,
+                                            checkpoint)
+
+
+def _choose(candidates: list[Candidate], mode: str) -> Confirmation:
+    """The configuration with the best mean over its new seeds; ties go to the better original trial."""
+    scored = [c for c in candidates if c.values]
+    if not scored:  # every confirmation run failed or diverged: fall back on the study's best trial
+        best = candidates[0]
+        return Confirmation(candidates, best, best.run_id, "no confirmation run completed; the study's best trial")
+    chosen = trials.best(scored, mode=mode, value=lambda c: c.mean, number=lambda c: candidates.index(c),
+                         status=lambda c: trials.COMPLETED)
+    runs = [(chosen.run_id, chosen.value)] + list(chosen.runs.values())
+    pick = min if mode == "min" else max
+    run_id = pick(runs, key=lambda item: item[1])[0]  # first among equals: the original trial
+    return Confirmation(candidates, chosen, run_id,
+                        "best validation metric among the chosen configuration's runs (the original and its seeds)")

@@ -1,0 +1,60 @@
+"""Confirmation before promotion: the best configurations re-trained with new seeds, chosen by the mean."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cnnopt import search
+from cnnopt.deploy import promotion
+from cnnopt.experiment.config import load_experiment
+from cnnopt.study.confirmation import Candidate, _choose, confirm
+
+
+def test_the_choice_is_by_the_mean_of_the_new_seeds_not_the_lucky_trial():
+    lucky = Candidate(1, "lucky", 0.99, {1: ("l1", 0.90), 2: ("l2", 0.91)})
+    steady = Candidate(2, "steady", 0.97, {1: ("s1", 0.95), 2: ("s2", 0.96)})
+    choice = _choose([lucky, steady], "max")
+    assert choice.chosen is steady and choice.promote_run_id == "steady", "its own 0.97 beats its seeds' 0.96"
+    assert steady.mean == pytest.approx(0.955) and steady.std == pytest.approx(0.00707, abs=1e-4)
+    assert _choose([Candidate(1, "a", 0.2, {1: ("a1", 0.1)}), Candidate(2, "b", 0.3, {1: ("b1", 0.4)})],
+                   "min").promote_run_id == "a1", "val_loss: lower is better"
+    failed = _choose([Candidate(1, "a", 0.9), Candidate(2, "b", 0.8)], "max")
+    assert failed.promote_run_id == "a" and "no confirmation run completed" in failed.reason
+
+
+def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session, mlflow_store, monkeypatch, capsys):
+    tested = []
+    real = promotion.evaluate_test
+    monkeypatch.setattr(promotion, "evaluate_test", lambda *a: tested.append(1) or real(*a))
+    args = ["--strategy", "random", "--trials", "3", "--name", "c", "--set", "train.epochs=2", "--no-report",
+            "--set", "search.confirm_top=2", "--set", "search.confirm_seeds=2"]
+    assert search.main(args) == 0
+    output = capsys.readouterr().out
+    assert "confirming the 2 best configurations with 2 new seeds each" in output and "<- chosen" in output
+    assert "c: 3 finished" in output, "confirmation runs are not trials"
+    client = MlflowClient(tracking_uri=mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id], "tags.`cnnopt.study` = 'c'")
+    trials = [r for r in runs if r.data.tags["cnnopt.kind"] == "trial"]
+    confirmations = [r for r in runs if r.data.tags["cnnopt.kind"] == "confirmation"]
+    parent = next(r for r in runs if r.data.tags["cnnopt.kind"] == "study")
+    assert len(confirmations) == 4 and all(r.info.status == "FINISHED" for r in confirmations)
+    assert {r.data.tags["seed"] for r in confirmations} == {"1", "2"}, "new seeds, never the trials' seed 0"
+    by_trial: dict[str, list[float]] = {}
+    for run in confirmations:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
+        by_trial.setdefault(run.data.tags["confirms_trial"], []).append(run.data.metrics["best_val_accuracy"])
+    means = {number: sum(values) / len(values) for number, values in by_trial.items()}
+    chosen = parent.data.tags["confirmed_trial"]
+    assert means[chosen] == max(means.values()), "the configuration with the best mean is chosen"
+    assert parent.data.metrics[f"confirm_mean_trial_{chosen}"] == pytest.approx(means[chosen])
+    promoted = parent.data.tags["promoted_run_id"]
+    chosen_runs = [r for r in trials + confirmations if chosen in (r.data.tags.get("trial_number"),
+                                                                    r.data.tags.get("confirms_trial"))]
+    assert promoted == max(chosen_runs, key=lambda r: r.data.metrics["best_val_accuracy"]).info.run_id
+    assert len(tested) == 1, "the test split is read once, for the promoted model only"
+    experiment = load_experiment(None, ["train.epochs=2", "search.confirm_top=2", "search.confirm_seeds=2"])
+    again = confirm(experiment, "c")  # as a resumed study calls it: every run is recorded already
+    assert str(again.chosen.trial_number) == chosen
+    assert len(client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation'")) == 4
