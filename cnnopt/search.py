@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "bad trials early at epoch rungs")
     parser.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs reserved per trial (default 1)")
     parser.add_argument("--gpus-per-trial", type=float, metavar="G",
-                        help="GPUs per trial; fractional shares a GPU (0.25 puts four trials on one)")
+                        help="GPUs per trial: a share (0.25 puts four trials on one GPU), a whole number, 0 for "
+                             "the CPU; default -1 (auto): search.trials_per_gpu trials on each GPU the cluster "
+                             "has, the CPU where it has none")
     parser.add_argument("--address", metavar="RAY_ADDRESS",
                         help="attach to a Ray cluster ('auto' or 'ray://host:10001'); default: start a local one")
     parser.add_argument("--name", metavar="STUDY", help="study name (default: <experiment>-<strategy>-<time>); "
@@ -87,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         experiment = studies.load_settings(tracking.make_client(), args.name)
     else:
         experiment = load_experiment(args.experiment, overrides)
-    options = StudyOptions(name=args.name or default_study_name(experiment), address=args.address, resume=args.resume)
-    search = experiment.search
-    print(f"study {options.name}: {search.strategy} over search space '{experiment.search_space}', "
-          f"{search.trials} trials, scheduler {search.scheduler}, {experiment.train.epochs} epochs each"
-          + (" (resuming)" if args.resume else ""), flush=True)
+    name, search = args.name or default_study_name(experiment), experiment.search
+    header = (f"study {name}: {search.strategy} over search space '{experiment.search_space}', "
+              f"{search.trials} trials, scheduler {search.scheduler}, {experiment.train.epochs} epochs each"
+              + (" (resuming)" if args.resume else ""))  # printed once Ray is up, with where the trials run
+    options = StudyOptions(name=name, address=args.address, resume=args.resume, header=header)
 
     outcome = run_study(experiment, options)
     print_summary(experiment, outcome)

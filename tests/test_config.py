@@ -39,7 +39,7 @@ def test_cifar10_file_values_are_typed():
     experiment = load_experiment(DEFAULT_EXPERIMENT.parent / "cifar10.toml")
     assert experiment.train.flip is True
     assert experiment.train.crop_padding == 4
-    assert experiment.search.gpus_per_trial == 0.25 and isinstance(experiment.search.gpus_per_trial, float)
+    assert experiment.search.scheduler == "asha" and experiment.search.gpus_per_trial == -1, "GPUs where there are"
     assert experiment.data.image_size == 32
 
 

@@ -30,5 +30,29 @@ def test_fractional_gpu_trials_share_one_gpu(mlflow_store):
                                             "search.gpus_per_trial=0.25", "search.cpus_per_trial=1"])
         outcome = run_study(experiment, StudyOptions(name="gpu-share"))
         assert outcome.counts == {"completed": 4}
+        assert set(trials_devices("gpu-share")) == {"cuda"}, "a trial given a GPU trains on it"
     finally:
         ray.shutdown()
+
+
+def test_by_default_a_study_packs_its_trials_on_the_gpu(mlflow_store, capsys):
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        experiment = load_experiment(None, ["train.epochs=1", "search.strategy=random", "search.trials=2"])
+        assert experiment.search.gpus_per_trial == -1, "no flag: auto"
+        run_study(experiment, StudyOptions(name="gpu-auto", header="study gpu-auto"))
+        assert "study gpu-auto; trials on 1 GPU(s), 8 per GPU" in capsys.readouterr().out
+        assert set(trials_devices("gpu-auto")) == {"cuda"}
+    finally:
+        ray.shutdown()
+
+
+def trials_devices(study: str) -> list[str]:
+    from cnnopt.analysis import load_trials
+    from cnnopt.tracking import make_client
+
+    client = make_client()
+    return [client.get_run(run_id).data.tags["device"] for run_id in load_trials("digits", study)["run_id"]]

@@ -24,7 +24,7 @@ from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.training.model import build_model
 from cnnopt import tracking
-from cnnopt.study.runner import StudyOptions, results_folder, run_study, summarize
+from cnnopt.study.runner import StudyOptions, resolve_resources, results_folder, run_study, summarize
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import PastTrial, StudyRecorder
@@ -60,6 +60,7 @@ def test_each_strategy_runs_a_study_recorded_in_mlflow(strategy, ray_session, ml
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["status"] == "completed" and child.data.tags["pruned"] == "false"
+        assert child.data.tags["device"] == "cpu", "auto, on a cluster without GPUs: the CPU"
         assert float(child.data.params["lr"]) > 0 and child.data.params["optimizer"] in ("sgd", "adam", "adamw")
         assert not any(key.startswith("config") for key in child.data.params)
         assert not {"batch_size", "optimizer", "dropout"} & set(child.data.metrics), "params are never metrics"
@@ -368,6 +369,14 @@ def test_bad_search_input_is_one_clear_line(tmp_path):
                               capture_output=True, text=True, timeout=120,
                               env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
         assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_gpus_per_trial_auto_packs_trials_per_gpu_or_takes_the_cpu():
+    search = load_experiment(None, ["search.trials_per_gpu=4"]).search
+    assert resolve_resources(search, {"CPU": 16.0, "GPU": 2.0}).gpus_per_trial == 0.25
+    assert resolve_resources(search, {"CPU": 2.0}).gpus_per_trial == 0
+    explicit = load_experiment(None, ["search.gpus_per_trial=0.5"]).search
+    assert resolve_resources(explicit, {"CPU": 16.0, "GPU": 2.0}).gpus_per_trial == 0.5
 
 
 def test_asking_for_a_missing_gpu_is_an_error_not_a_hang(ray_session, mlflow_store):

@@ -83,7 +83,8 @@ class StudyCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         epoch = int(result.get("training_iteration", 0))
         self.writer.submit(self.recorder.log_epoch, trial.trial_id, epoch, dict(result),
-                           node=result.get("node_id") if epoch == 1 else None)
+                           where={"node_id": result.get("node_id"), "device": result.get("device")} if epoch == 1
+                           else None)
         if result.get("best_epoch") == result.get("epoch"):
             self.best_epoch[trial.trial_id] = {key: result[key] for key in EPOCH_METRICS if key in result}
             self.best_epoch[trial.trial_id]["epoch"] = epoch

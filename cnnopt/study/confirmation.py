@@ -23,7 +23,7 @@ import search_spaces
 from cnnopt import tracking, trials
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.experiment.config import Experiment
-from cnnopt.study.runner import interrupts_held, start_ray
+from cnnopt.study.runner import interrupts_held, resolve_resources, start_ray
 from cnnopt.study.trainable import assigned_device
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
@@ -101,6 +101,7 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
     data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])  # validation only
     own_ray = start_ray(address)
     try:
+        search = resolve_resources(search, ray.cluster_resources())
         shared = ray.put(data)
         task = ray.remote(num_cpus=search.cpus_per_trial, num_gpus=search.gpus_per_trial)(_train_seed)
         pending = {}

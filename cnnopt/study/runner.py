@@ -50,6 +50,7 @@ class StudyOptions:
     address: str | None = None  # an existing Ray cluster ('auto', 'ray://host:10001'); None starts a local one
     resume: bool = False
     storage: str = ""  # Ray results folder; default ./ray_results
+    header: str = ""  # the study's first line, completed with where its trials run once Ray is up
 
 
 @dataclass
@@ -83,8 +84,10 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     space, data = prepare(experiment, options)
     own_ray = start_ray(options.address)
     try:
-        check_resources(experiment)
-        return _run(experiment, space, data, options)
+        search = resolve_resources(experiment.search, ray.cluster_resources())
+        check_resources(experiment, search)
+        print(f"{options.header}; {placement(search)}" if options.header else placement(search), flush=True)
+        return _run(experiment, search, space, data, options)
     finally:
         if own_ray:
             with interrupts_held():  # a Ctrl-C repeated while Ray stops must not lose the study's summary
@@ -112,9 +115,9 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
     if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
         raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs}); "
                          "lower it or raise train.epochs")
-    if experiment.train.device.startswith("cuda") and not search.gpus_per_trial:
-        raise UsageError(f"train.device = {experiment.train.device!r} but trials are given no GPU; set "
-                         "train.device=auto (the GPU whenever Ray gives a trial one), or --gpus-per-trial")
+    if experiment.train.device.startswith("cuda") and search.gpus_per_trial == 0:
+        raise UsageError(f"train.device = {experiment.train.device!r} but --gpus-per-trial 0 gives trials no GPU; "
+                         "set train.device=auto (the GPU whenever Ray gives a trial one), or give trials a GPU")
     space = search_spaces.get(experiment.search_space)
     for item in experiment.overrides:  # a --set of a searched hyperparameter would silently do nothing
         key = item.partition("=")[0].strip()
@@ -155,10 +158,12 @@ def check_search(search: SearchConfig) -> None:
         raise UsageError(f"unknown scheduler {search.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
-def _run(experiment: Experiment, space: Space, data: ImageData, options: StudyOptions) -> StudyOutcome:
-    """Open the study's record, run the trials it still needs, and close the record however that ended."""
+def _run(experiment: Experiment, search: SearchConfig, space: Space, data: ImageData,
+         options: StudyOptions) -> StudyOutcome:
+    """Open the study's record, run the trials it still needs, and close the record however that ended.
+    `search` is the experiment's [search] with its resources resolved on this cluster."""
     started = time.perf_counter()
-    recorder = _recorder(experiment, space, options.name)
+    recorder = _recorder(experiment, search, space, options.name)
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
@@ -168,7 +173,8 @@ def _run(experiment: Experiment, space: Space, data: ImageData, options: StudyOp
         recorder.open(resume=options.resume)
         remaining = plan_trials(experiment, space, recorder, options.resume)
         if remaining:
-            _fit(_make_tuner(experiment, space, data, options, callback, recorder.past, remaining))
+            _fit(_make_tuner(dataclasses.replace(experiment, search=search), space, data, options, callback,
+                             recorder.past, remaining))
         finished = True
     except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once; the record is still closed below
         pass
@@ -184,8 +190,8 @@ def _run(experiment: Experiment, space: Space, data: ImageData, options: StudyOp
                         interrupted, str(results_folder(options.storage) / options.name))
 
 
-def _recorder(experiment: Experiment, space: Space, name: str) -> StudyRecorder:
-    search = experiment.search
+def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str) -> StudyRecorder:
+    """The study's record: its settings as asked (what a resume re-resolves), its params as resolved here."""
     return StudyRecorder(
         experiment, name,
         tags={"strategy": search.strategy, "sampler": STRATEGIES[search.strategy].sampler,
@@ -299,15 +305,38 @@ def _make_tuner(experiment: Experiment, space: Space, data: ImageData, options: 
     )
 
 
-def check_resources(experiment: Experiment) -> None:
+def resolve_resources(search: SearchConfig, available: dict) -> SearchConfig:
+    """[search] with gpus_per_trial resolved: auto (-1) packs trials_per_gpu trials on each GPU the
+    cluster has, or trains on the CPU where it has none; any other value stays as asked."""
+    if search.gpus_per_trial != -1:
+        return search
+    share = 1 / search.trials_per_gpu if available.get("GPU", 0) > 0 else 0.0
+    return dataclasses.replace(search, gpus_per_trial=share)
+
+
+def placement(search: SearchConfig) -> str:
+    """Where the trials run, in words: the second half of the study's first line."""
+    slots = concurrency(search)
+    if search.gpus_per_trial:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        per_gpu = f"{1 / search.gpus_per_trial:g} per GPU" if search.gpus_per_trial < 1 else \
+            f"{search.gpus_per_trial:g} GPUs each"
+        return f"trials on {gpus:g} GPU(s), {per_gpu}, {slots} at once"
+    return f"trials on the CPU, {slots} at once with {search.cpus_per_trial:g} CPU(s) each"
+
+
+def check_resources(experiment: Experiment, search: SearchConfig) -> None:
     """A trial that asks for more than the cluster has would wait forever: say so now."""
-    search, available = experiment.search, ray.cluster_resources()
+    available = ray.cluster_resources()
     if search.gpus_per_trial > available.get("GPU", 0):
         raise UsageError(f"each trial asks for {search.gpus_per_trial:g} GPU but the Ray cluster has "
                          f"{available.get('GPU', 0):g}; pass --gpus-per-trial 0 to train on the CPU")
     if search.cpus_per_trial > available.get("CPU", 0):
         raise UsageError(f"each trial asks for {search.cpus_per_trial:g} CPUs but the Ray cluster has "
                          f"{available.get('CPU', 0):g}; lower --cpus-per-trial")
+    if experiment.train.device.startswith("cuda") and not search.gpus_per_trial:
+        raise UsageError(f"train.device = {experiment.train.device!r} but the Ray cluster has no GPU for the "
+                         "trials; set train.device=auto to train on the CPU")
 
 
 def concurrency(search: SearchConfig) -> int:

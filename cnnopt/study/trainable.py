@@ -49,7 +49,7 @@ def run_trial(config: dict, *, experiment: Experiment, space: Space, data: Image
         if improved["epoch"] == epoch:
             best.update(metrics)
         result = {**metrics, "epoch": epoch, best_key(experiment.metric): best.get(experiment.metric, float("nan")),
-                  "best_epoch": improved["epoch"], "node_id": node}
+                  "best_epoch": improved["epoch"], "node_id": node, "device": train_config.device}
         if improved["epoch"] == epoch:
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)))
         else:

@@ -148,10 +148,12 @@ class StudyRecorder:
         self.children[trial_id] = run_id
         return run_id
 
-    def log_epoch(self, trial_id: str, epoch: int, result: dict, node: str | None = None) -> None:
+    def log_epoch(self, trial_id: str, epoch: int, result: dict, where: dict | None = None) -> None:
+        """One epoch's metrics; `where` (the node and device the trial ran on) as tags, with the first."""
         metrics = {key: result[key] for key in EPOCH_METRICS if key in result}
         # Synchronous on purpose: MLflow's async queue made ending the run wait ~1 s for it (measured).
-        log(self.client, self.children[trial_id], metrics=metrics, step=epoch, tags={"node_id": node} if node else None)
+        tags = {key: value for key, value in (where or {}).items() if value}
+        log(self.client, self.children[trial_id], metrics=metrics, step=epoch, tags=tags or None)
 
     def end_trial(self, trial_id: str, status: str, best: dict, *, checkpoint: str | None = None,
                   error: str | None = None) -> None:
