@@ -132,6 +132,7 @@ STUDY_LINES = [
     (r"  exported model\.pt and model\.pt2, verified in a fresh torch process \(max difference .*\)", "?"),
     (r"  registered \w+ version \d+; alias 'champion' .*", "?"),
     (r"  predict with: python -m cnnopt\.predict models:/\w+@champion IMAGE\.\.\.", "?"),
+    (r"The best trial \(trial \d+\) was promoted already; .*", "?"),  # a resume that found nothing better
 ]
 
 
