@@ -49,7 +49,10 @@ def quiet_libraries() -> None:
         _log_handler.close()
         _log_handler = None
     path = log_file()
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    # Checked now: the handler opens the file with its first record, where an error would reach the library.
+    writable = (path.parent.is_dir() and os.access(path.parent, os.W_OK)
+                and (not path.exists() or (path.is_file() and os.access(path, os.W_OK))))
+    if not writable:
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning)
