@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 from cnnopt.errors import UsageError
@@ -19,17 +20,53 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
                         help="override one experiment value, e.g. --set train.lr=0.01 (repeatable)")
 
 
+# Loggers that print to the console themselves; their records go to the log file instead: Ray's start-up and
+# token-authentication notices, MLflow's database set-up and registry messages, Optuna's, alembic's migrations.
+LIBRARY_LOGGERS = ("alembic", "mlflow", "optuna", "ray")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_log_handler: logging.Handler | None = None
+
+
+def log_file() -> Path:
+    """Where library messages go: CNNOPT_LOG when set, else cnnopt.log in the working directory."""
+    return Path(os.environ.get("CNNOPT_LOG") or "cnnopt.log").resolve()
+
+
 def quiet_libraries() -> None:
-    """Keep library chatter (database migrations, deprecations we handle) out of the user's way."""
-    for name in ("alembic", "mlflow", "optuna", "ray", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its resume hint names Ray's API; we print ours
-    # Ray reads trial results back after fit() for its ResultGrid, which cnnopt does not use (MLflow is the
-    # record); a trial cut short before its first result makes it warn about files that never existed.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*is an experimental feature")  # Optuna's TPE group=True
+    """Send library chatter to the log file (`log_file()`), so the console holds cnnopt's own lines only.
+
+    The file handler sits on the root logger; the libraries' own console handlers are removed and their records
+    propagate to it, at the levels the libraries chose (nothing is dropped). Python warnings (Optuna's
+    experimental features, deprecations) are logged there too. Where the file cannot be written, libraries
+    keep the console at WARNING and above. Calling it again (each CLI's main, tests) moves to the current file.
+    """
+    global _log_handler
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at" on every run's end
+    root = logging.getLogger()
+    if _log_handler is not None:
+        root.removeHandler(_log_handler)
+        _log_handler.close()
+        _log_handler = None
+    path = log_file()
+    # Checked now: the handler opens the file with its first record, where an error would reach the library.
+    writable = (path.parent.is_dir() and os.access(path.parent, os.W_OK)
+                and (not path.exists() or (path.is_file() and os.access(path, os.W_OK))))
+    if not writable:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return
+    _log_handler = logging.FileHandler(path, delay=True, encoding="utf-8")  # the file appears with its first line
+    _log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(_log_handler)
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)  # the library's console handler
+        logger.propagate = True  # ray.init(configure_logging=False) clears Ray's handlers; propagation stays
+    logging.captureWarnings(True)
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

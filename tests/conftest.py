@@ -1,8 +1,18 @@
-"""Shared fixtures: a temporary MLflow store per test, one local Ray instance per session, tiny data."""
+"""Shared fixtures: a temporary MLflow store per test, a real MLflow tracking server and one local Ray instance
+per session, tiny data, and what a study may print."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +52,120 @@ def digits_data():
     from cnnopt.data.datasets import load_data
 
     return load_data(DataConfig())
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    uri: str  # http://127.0.0.1:PORT, what MLFLOW_TRACKING_URI is set to
+    artifacts: Path  # the server's --artifacts-destination: where every artifact must land
+    log: Path  # the server's own output
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts served through it), as a team runs one.
+
+    Started once per session in a temporary folder on a free port, waited for (bounded), and stopped at the
+    end whatever happened; its output is in `log` (and in the failure message when it does not start).
+    """
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as probe:  # a free port; the server binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = folder / "server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'db'}",
+               "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # one worker: a 2-core CI machine
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    # No job runner (a huey consumer for server-side jobs cnnopt does not use): it slows the start, and the
+    # server then stops in ~3 s on SIGTERM instead of >10 s.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    with open(log, "w") as output:
+        # Its own session, so stopping it stops the worker processes it starts as well.
+        server = subprocess.Popen(command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while not _answers(f"{uri}/health"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start on {uri} (exit code {server.poll()}):\n"
+                            + log.read_text()[-3000:])
+            time.sleep(0.5)
+        yield TrackingServer(uri, folder / "artifacts", log)
+    finally:
+        _stop(server)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group we started, SIGKILL if it is still there after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# Every line a study may print on the console (stdout; stderr stays empty), in order; `*` repeats a line.
+STUDY_LINES = [
+    (r"study \S+: \w+ over search space '\w+', \d+ trials, scheduler \w+, \d+ epochs each( \(resuming\))?; "
+     r"trials on (the CPU, \d+ at once with [\d.]+ CPU\(s\) each|[\d.]+ GPU\(s\), .*)", ""),
+    (r"resuming: \d+ of \d+ trials recorded, \d+ interrupted to rerun, \d+ new", "?"),
+    (r"trial +\d+  \w+ +\w+ (\d\.\d{4}|nan)  .*  \(\d+\.\ds\)", "*"),
+    (r"", ""),
+    (r"\S+: \d+ finished, \d+ failed, \d+ pruned, \d+ diverged(, \d+ \w+)* in \d+s", ""),
+    (r"best trial \d+ \(epoch \d+\): val_accuracy \d\.\d{4} .*", ""),
+    (r"  \w+=\S+(  \w+=\S+)*", ""),
+    (r"  MLflow run [0-9a-f]{32}", ""),
+    (r"Browse the study: (mlflow ui --backend-store-uri sqlite:///mlflow\.db|http://127\.0\.0\.1:\d+)", ""),
+    (r"report: \d+ figures and report\.md on the study's parent run \(report/\).*", "?"),
+    (r"edge of the space: .*", "*"),
+    (r"", "?"),
+    (r"confirming the \d+ best configurations with \d+ new seeds each \(--no-confirm skips this\)\.\.\.", "?"),
+    (r"  confirm trial +\d+ seed \d+: val_accuracy (\d\.\d{4}|nan)  \(\w+\)", "*"),
+    (r"  trial +\d+: val_accuracy \d\.\d{4} ± \d\.\d{4} over \d+ new seeds \(the trial itself: \d\.\d{4}\)(  <- chosen)?", "*"),
+    (r"  promoting run [0-9a-f]{32}: .*", "?"),
+    (r"", "?"),
+    (r"promoting (the best trial \(trial \d+\)|trial \d+'s configuration)\.\.\.", "?"),
+    (r"promoted run [0-9a-f]{32}: test_accuracy \d\.\d{4}, test_loss \d+\.\d{4} \(test split evaluated once\)", "?"),
+    (r"  exported model\.pt and model\.pt2, verified in a fresh torch process \(max difference .*\)", "?"),
+    (r"  registered \w+ version \d+; alias 'champion' .*", "?"),
+    (r"  predict with: python -m cnnopt\.predict models:/\w+@champion IMAGE\.\.\.", "?"),
+    (r"", "?"),
+    (r"The study promoted run [0-9a-f]{32} already; .*", "?"),  # a resume that promoted before
+]
+
+
+def study_console_problems(stdout: str, stderr: str) -> list[str]:
+    """What a study printed beyond cnnopt's own lines (`STUDY_LINES`, in that order): [] when nothing."""
+    problems = [f"stderr: {line}" for line in stderr.splitlines()]
+    lines = stdout.splitlines()
+    at = 0
+    for pattern, repeat in STUDY_LINES:
+        count = 0
+        while at < len(lines) and re.fullmatch(pattern, lines[at]) and (repeat == "*" or count == 0):
+            at, count = at + 1, count + 1
+        if count == 0 and repeat == "":
+            problems.append(f"line {at + 1}: expected /{pattern}/, got {lines[at] if at < len(lines) else 'the end'!r}")
+            return problems
+    problems += [f"line {at + 1 + i}: not cnnopt's: {line!r}" for i, line in enumerate(lines[at:])]
+    return problems
+
+
+@pytest.fixture
+def study_console():
+    """study_console(stdout, stderr) -> the lines a study printed that are not cnnopt's own ([] when clean)."""
+    return study_console_problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -165,9 +166,9 @@ class StudyRecorder:
         tags = {"status": status, "pruned": str(status == trials.PRUNED).lower()}
         if error:
             tags["error"] = error[-5000:]
-        if checkpoint:
-            tags["checkpoint"] = checkpoint
+        if checkpoint:  # a file in Ray's results folder, on the driver's disk: the tag names the uploaded copy
             self.client.log_artifact(run_id, checkpoint, artifact_path="checkpoint")
+            tags["checkpoint"] = f"runs:/{run_id}/checkpoint/{Path(checkpoint).name}"
         log(self.client, run_id, metrics=best_metrics(best), tags=tags)
         end_run(self.client, run_id, trials.run_status(status))
         self.closed.add(run_id)

@@ -3,7 +3,10 @@ its `champion` alias, and the summary on the study's parent run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -59,8 +62,9 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     finally:  # reopening the trial's run must not change how it ended
         mlflow.end_run()
         client.set_terminated(run_id, status=status if status != "RUNNING" else FINISHED)
-    version = mlflow.register_model(info.model_uri, experiment.name,
-                                    tags={"test_accuracy": f"{test_accuracy:.6f}", "run_id": run_id}).version
+    with _printed_to_log():  # "Successfully registered model", "Created version": cnnopt's promotion line says so
+        version = mlflow.register_model(info.model_uri, experiment.name,
+                                        tags={"test_accuracy": f"{test_accuracy:.6f}", "run_id": run_id}).version
     try:
         current = client.get_model_version_by_alias(experiment.name, ALIAS)
     except MlflowException:
@@ -71,6 +75,20 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     if moved:
         client.set_registered_model_alias(experiment.name, ALIAS, version)
     return str(version), moved, previous
+
+
+@contextlib.contextmanager
+def _printed_to_log():
+    """What MLflow prints on stderr itself (not through logging) goes to its logger, line by line: into the
+    log file under the CLIs (`cnnopt.cli.quiet_libraries`), else wherever MLflow's log goes."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        for line in captured.getvalue().splitlines():
+            if line.strip():
+                logging.getLogger("mlflow").info(line)
 
 
 def _blank_example(model_dir: Path) -> np.ndarray:

@@ -29,7 +29,10 @@ def tracking_uri() -> str:
 
 
 def ui_command() -> str:
+    """How to browse the store: a tracking server's own address, or the `mlflow ui` command for a SQLite file."""
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return uri
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if path.parent == Path.cwd():
@@ -132,7 +135,8 @@ def best_metrics(metrics: dict) -> dict[str, float]:
 def start_run(client: MlflowClient, experiment: Experiment, run_name: str, *, parent_run_id: str | None = None,
               tags: dict | None = None) -> str:
     """Create a RUNNING run in the experiment's MLflow experiment and return its id."""
-    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    # Tag values as strings: SQLite takes an int, a tracking server's REST API refuses it (TypeError).
+    all_tags = {"mlflow.runName": run_name, **{key: str(value) for key, value in (tags or {}).items()}}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id(client, experiment.name), run_name=run_name, tags=all_tags)
