@@ -42,7 +42,8 @@ def study_runs(client: MlflowClient, study: str) -> tuple:
     experiment = client.get_experiment_by_name("digits")
     parent, = client.search_runs([experiment.experiment_id], f"tags.`cnnopt.study` = '{study}' and "
                                  "tags.`cnnopt.kind` = 'study'")
-    trials = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+    trials = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                "and tags.`cnnopt.kind` = 'trial'",
                                 run_view_type=ViewType.ALL, order_by=["attributes.start_time ASC"])
     return parent, trials
 
