@@ -123,7 +123,8 @@ def check_search(search: SearchConfig) -> None:
 def _run(experiment: Experiment, space: Space, data: ImageData, options: StudyOptions) -> StudyOutcome:
     """Open the study's record, run the trials it still needs, and close the record however that ended."""
     started = time.perf_counter()
-    recorder = _recorder(experiment, space, options.name)
+    recorder = _recorder(experiment, space, options.name,
+                         tracking.train_dataset(experiment.data, data.train_x, data.train_y))  # once, in the driver
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
@@ -144,7 +145,7 @@ def _run(experiment: Experiment, space: Space, data: ImageData, options: StudyOp
                         interrupted, str(results_folder(options.storage) / options.name))
 
 
-def _recorder(experiment: Experiment, space: Space, name: str) -> StudyRecorder:
+def _recorder(experiment: Experiment, space: Space, name: str, dataset) -> StudyRecorder:
     search = experiment.search
     return StudyRecorder(
         experiment, name,
@@ -153,7 +154,7 @@ def _recorder(experiment: Experiment, space: Space, name: str) -> StudyRecorder:
         params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
                 **tracking.data_params(experiment.data)},
-        artifacts=[search_spaces.source_path(space.name)])
+        artifacts=[search_spaces.source_path(space.name)], dataset=dataset)
 
 
 def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, resume: bool) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from mlflow.entities import DatasetInput
 from mlflow.tracking import MlflowClient
 
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, TrainConfig, field_types, is_better
 from cnnopt import trials
 from cnnopt.tracking import studies
+from cnnopt.tracking.provenance import log_dataset
 from cnnopt.tracking.store import (EPOCH_METRICS, KIND_TAG, STUDY_TAG, TRIAL_TAG, best_metrics, end_run, log,
                                    log_experiment_file, make_client, param_value, start_run, tracking_uri)
 
@@ -43,9 +45,11 @@ class StudyRecorder:
     replaces its unfinished child run, so nothing is logged twice.
     """
 
-    def __init__(self, experiment: Experiment, study: str, *, tags: dict, params: dict, artifacts: list[str]):
+    def __init__(self, experiment: Experiment, study: str, *, tags: dict, params: dict, artifacts: list[str],
+                 dataset: DatasetInput | None = None):
         self.experiment, self.study = experiment, study
         self.tags, self.params, self.artifacts = tags, params, artifacts
+        self.dataset = dataset  # the train split, logged as the dataset input of the parent and of every trial
         self.parent_run_id: str | None = None
         self.children: dict[str, str] = {}  # trial_id -> child run id
         self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
@@ -96,6 +100,7 @@ class StudyRecorder:
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
                                        tags={**self.tags, STUDY_TAG: self.study, KIND_TAG: "study"})
         log(self.client, self.parent_run_id, params=self.params)
+        log_dataset(self.client, self.parent_run_id, self.dataset)
         log_experiment_file(self.client, self.parent_run_id, self.experiment)
         studies.log_settings(self.client, self.parent_run_id, self.experiment)  # what --resume reads back
         for path in self.artifacts:
@@ -146,6 +151,7 @@ class StudyRecorder:
                            tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
                                  "status": trials.RUNNING, "searched": ",".join(searched), KIND_TAG: "trial"})
         log(self.client, run_id, params=params)
+        log_dataset(self.client, run_id, self.dataset)
         self.children[trial_id] = run_id
         return run_id
 

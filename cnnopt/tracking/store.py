@@ -16,6 +16,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from cnnopt.experiment.config import DataConfig, Experiment, TrainConfig
+from cnnopt.tracking.provenance import source_tags
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -88,8 +89,11 @@ def best_metrics(metrics: dict) -> dict[str, float]:
 
 def start_run(client: MlflowClient, experiment: Experiment, run_name: str, *, parent_run_id: str | None = None,
               tags: dict | None = None) -> str:
-    """Create a RUNNING run in the experiment's MLflow experiment and return its id."""
-    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    """Create a RUNNING run in the experiment's MLflow experiment and return its id.
+
+    Every run carries MLflow's source tags (the command, LOCAL, the git commit) and cnnopt's version.
+    """
+    all_tags = {"mlflow.runName": run_name, **source_tags(), **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id(client, experiment.name), run_name=run_name, tags=all_tags)
