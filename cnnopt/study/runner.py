@@ -77,7 +77,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         StudyOutcome with trial counts by status and the best trial by the validation metric.
     """
     space, data = prepare(experiment, options)
-    own_ray = _start_ray(options.address)
+    own_ray = start_ray(options.address)
     try:
         check_resources(experiment.search)
         return _run(experiment, space, data, options)
@@ -196,8 +196,11 @@ def close_record(recorder: StudyRecorder, experiment: Experiment, interrupted: b
     return counts, best
 
 
-def _start_ray(address: str | None) -> bool:
-    """Attach to a cluster, reuse a running instance, or start a local one; True if we started it."""
+def start_ray(address: str | None) -> bool:
+    """Attach to a cluster, reuse a running instance, or start a local one; True if we started it.
+
+    A caller that runs several studies (`cnnopt.compare`) starts Ray once with this, and each study reuses it.
+    """
     if ray.is_initialized():
         return False
     if address:
