@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     check_config(config, data.image_size)
 
     with standalone_run(experiment, args.run_name or f"{experiment.name}-lr-finder", "lr_finder",
-                        params={"steps": args.steps, "start_lr": args.start_lr, "end_lr": args.end_lr}) as record:
+                        params={"steps": args.steps, "start_lr": args.start_lr, "end_lr": args.end_lr},
+                        dataset=tracking.train_dataset(experiment.data, data.train_x, data.train_y)) as record:
         result = find_lr(config, data, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
         path = plot(result, args.output)
         record.log_artifact(path)

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tracking_runs.standalone_run(experiment, args.run_name or f"{experiment.name}-train", "train",
                                       params={"metric": experiment.metric, "mode": experiment.mode},
-                                      metrics={"num_parameters": model.num_parameters}) as record:
+                                      metrics={"num_parameters": model.num_parameters},
+                                      dataset=tracking.train_dataset(experiment.data, data.train_x, data.train_y)) as record:
 
         def report(epoch: int, metrics: dict) -> None:
             record.log(metrics=metrics, step=epoch)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 
 import search_spaces
 from cnnopt import tracking
+from cnnopt.tracking import provenance
 from cnnopt.tracking.recorder import StudyRecorder
-from cnnopt.experiment.config import TrainConfig
+from cnnopt.experiment.config import DataConfig, TrainConfig
 from cnnopt.experiment.config import load_experiment
 from cnnopt.errors import UsageError
 
+ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"lr": "0.01", "batch_size": "64", "optimizer": "sgd", "momentum": "0.9"}
 
 
@@ -114,3 +121,58 @@ def test_the_parent_shows_the_best_even_when_a_rerun_logs_below_the_top_step(mlf
     second.end_trial("rerun", "completed", {"val_accuracy": 0.95})  # logged at step 1, below step 2
     second.close(tracking.FINISHED)
     assert second.client.get_run(second.parent_run_id).data.metrics["best_val_accuracy"] == 0.95
+
+
+# --- MLflow's own conventions: dataset input, source and code version on every run --------------
+
+def head_commit() -> str | None:
+    """HEAD of the checkout the tests run from, or None where it is no git checkout (or git is missing)."""
+    try:
+        found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return found.stdout.strip() if found.returncode == 0 and (ROOT / ".git").exists() else None
+
+
+def test_study_runs_carry_the_dataset_the_source_and_the_code_version(mlflow_store, digits_data):
+    dataset = tracking.train_dataset(DataConfig(), digits_data.train_x, digits_data.train_y)
+    study = StudyRecorder(load_experiment(None), "s", tags={}, params={}, artifacts=[], dataset=dataset)
+    study.open()
+    study.start_trial("t1", PARAMS, list(PARAMS))
+    for run_id in (study.parent_run_id, study.children["t1"]):
+        run = study.client.get_run(run_id)
+        (logged,) = run.inputs.dataset_inputs
+        assert logged.dataset.name == "digits"
+        assert logged.dataset.digest == provenance.split_digest(digits_data.train_x, digits_data.train_y)
+        assert logged.dataset.source_type == "code" and "sklearn digits" in logged.dataset.source
+        assert json.loads(logged.dataset.profile)["features_shape"] == list(digits_data.train_x.shape)
+        assert [(tag.key, tag.value) for tag in logged.tags] == [("mlflow.data.context", "train")]
+        tags = run.data.tags
+        assert tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.name"] == provenance.command()
+        assert tags["cnnopt.version"] == importlib.metadata.version("cnnopt")
+        assert tags.get("mlflow.source.git.commit") == head_commit()
+
+
+def test_the_digest_follows_the_split_and_the_source_follows_the_folder(tmp_path, digits_data):
+    x, y = digits_data.train_x, digits_data.train_y
+    assert provenance.split_digest(x, y) == provenance.split_digest(x.clone(), y.clone())
+    assert provenance.split_digest(x, y) != provenance.split_digest(x, y.roll(1)), "labels count"
+    assert provenance.split_digest(x, y) != provenance.split_digest(x[:-1], y[:-1]), "so does every image"
+    folder = provenance.train_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path / "photos")), x, y)
+    assert folder.dataset.name == "photos" and folder.dataset.source_type == "local"
+    assert json.loads(folder.dataset.source) == {"uri": str((tmp_path / "photos").resolve())}
+
+
+def test_the_commit_is_absent_where_the_package_is_no_checkout_of_its_own(tmp_path):
+    assert provenance.git_commit(tmp_path / "cnnopt") is None, "not a git checkout: no tag, no error"
+    if head_commit() is None:
+        pytest.skip("the tests do not run from a git checkout")
+    assert provenance.git_commit(ROOT / "cnnopt") == head_commit()
+    # A package installed into a virtual environment inside some other repository is not its code.
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    installed = tmp_path / ".venv" / "lib" / "site-packages" / "cnnopt"
+    installed.mkdir(parents=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "other"], check=True)
+    assert provenance.git_commit(installed) is None

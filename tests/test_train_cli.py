@@ -66,6 +66,12 @@ def test_train_records_one_reproducible_run(mlflow_store, tmp_path, capsys):
     assert {f"best_{key}" for key in EPOCH_METRICS} <= set(metrics)
     assert metrics["num_parameters"] > 1000
 
+    # The train split as MLflow's dataset input; the code version (tests/test_tracking.py checks the values).
+    (dataset,) = found.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.source_type) == ("digits", "code")
+    assert len(dataset.dataset.digest) == 16 and found.data.tags["mlflow.source.type"] == "LOCAL"
+    assert found.data.tags["cnnopt.version"]
+
     # The experiment file and a checkpoint that rebuilds the best epoch's model.
     artifacts = {item.path for folder in ("experiment", "checkpoint")
                  for item in client.list_artifacts(found.info.run_id, folder)}
@@ -103,6 +109,9 @@ def test_image_folder_end_to_end(mlflow_store, tmp_path):
     client, found = only_run(mlflow_store, "shapes")
     assert found.info.status == "FINISHED"
     assert found.data.params["data.dataset"] == "imagefolder" and found.data.params["data.root"] == str(root)
+    (dataset,) = found.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.source_type) == ("shapes", "local")
+    assert str(root) in dataset.dataset.source
     path = client.download_artifacts(found.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path))
     model, checkpoint = load_checkpoint(path)
     assert checkpoint["preprocessing"]["class_names"] == ["circle", "square"]
@@ -148,3 +157,13 @@ def test_module_rejects_bad_input_without_a_traceback(mlflow_store, tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: conv block 4 of 4") and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_the_run_names_the_command_that_made_it(mlflow_store, tmp_path):
+    """MLflow's Source column: the module run, as typed, when cnnopt.train runs as a program."""
+    done = subprocess.run([sys.executable, "-m", "cnnopt.train", "--set", "train.epochs=1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    client, found = only_run(mlflow_store)
+    assert found.data.tags["mlflow.source.name"] == "python -m cnnopt.train"
+    assert found.data.tags["mlflow.source.type"] == "LOCAL"

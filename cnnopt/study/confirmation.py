@@ -103,6 +103,7 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
     try:
         search = resolve_resources(search, ray.cluster_resources())
         shared = ray.put(data)
+        dataset = tracking.train_dataset(experiment.data, data.train_x, data.train_y)  # once, in the driver
         task = ray.remote(num_cpus=search.cpus_per_trial, num_gpus=search.gpus_per_trial)(_train_seed)
         pending = {}
         for run, seed in todo:
@@ -112,7 +113,7 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
             [ready], _ = ray.wait(list(pending))
             run, seed, config = pending.pop(ready)
             result = ray.get(ready)
-            run_id = _record(experiment, parent, run, seed, config, data, result)
+            run_id = _record(experiment, parent, run, seed, config, data, result, dataset)
             value = result.best_metrics.get(experiment.metric)
             if result.status == trials.COMPLETED and value is not None:
                 candidates[run.info.run_id].runs[seed] = (run_id, value)
@@ -129,14 +130,15 @@ def _train_seed(config, data: ImageData, metric: str, mode: str) -> TrainResult:
     return train(assigned_device(config), data, metric=metric, mode=mode)
 
 
-def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageData, result: TrainResult) -> str:
+def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageData, result: TrainResult,
+            dataset) -> str:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if result.state_dict is not None:
             checkpoint = str(save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
                                              result.best_epoch, result.best_metrics))
         return recorder.record_confirmation(experiment, parent, run, seed, tracking.hyperparameters(config), result,
-                                            checkpoint)
+                                            checkpoint, dataset)
 
 
 def _choose(candidates: list[Candidate], mode: str) -> Confirmation:

@@ -163,7 +163,8 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     """Open the study's record, run the trials it still needs, and close the record however that ended.
     `search` is the experiment's [search] with its resources resolved on this cluster."""
     started = time.perf_counter()
-    recorder = _recorder(experiment, search, space, options.name)
+    recorder = _recorder(experiment, search, space, options.name,
+                         tracking.train_dataset(experiment.data, data.train_x, data.train_y))  # once, in the driver
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
@@ -190,7 +191,7 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
                         interrupted, str(results_folder(options.storage) / options.name))
 
 
-def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str) -> StudyRecorder:
+def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str, dataset) -> StudyRecorder:
     """The study's record: its settings as asked (what a resume re-resolves), its params as resolved here."""
     return StudyRecorder(
         experiment, name,
@@ -199,7 +200,7 @@ def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: 
         params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
                 **tracking.data_params(experiment.data)},
-        artifacts=[search_spaces.source_path(space.name)])
+        artifacts=[search_spaces.source_path(space.name)], dataset=dataset)
 
 
 def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, resume: bool) -> int:
@@ -242,7 +243,10 @@ def close_record(recorder: StudyRecorder, experiment: Experiment, interrupted: b
 
 
 def start_ray(address: str | None) -> bool:
-    """Attach to a cluster, reuse a running instance, or start a local one; True if we started it."""
+    """Attach to a cluster, reuse a running instance, or start a local one; True if we started it.
+
+    A caller that runs several studies (`cnnopt.compare`) starts Ray once with this, and each study reuses it.
+    """
     if ray.is_initialized():
         return False
     if address:

@@ -5,6 +5,7 @@ recorder  - a study's record as it is written: parent run, child run per trial (
 writer    - the driver's background thread that performs a study's writes in order
 studies   - a study read back: parent, trials, the best trial, the settings a resume starts from
 runs      - one standalone run (`cnnopt.train`, `cnnopt.lr_finder`)
+provenance - MLflow's source tags (command, git commit, version) and the dataset input of a run
 registry  - promotion's records: test metrics, exported files, the registered model and its alias
 """
 
@@ -12,3 +13,4 @@ from cnnopt.tracking.store import (EPOCH_METRICS, FAILED, FINISHED, KILLED, KIND
                                    TRIAL_TAG, best_metrics, check_writable, data_params, end_run, experiment_id, hyperparameters,
                                    log, log_experiment_file, make_client, param_value, start_run, tracking_uri,
                                    ui_command)
+from cnnopt.tracking.provenance import log_dataset, train_dataset  # noqa: F401,E402

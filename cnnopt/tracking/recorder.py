@@ -6,12 +6,14 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.entities import DatasetInput
 from mlflow.tracking import MlflowClient
 
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, is_better
 from cnnopt import trials
 from cnnopt.tracking import studies
+from cnnopt.tracking.provenance import log_dataset
 from cnnopt.tracking.store import (EPOCH_METRICS, KIND_TAG, STUDY_TAG, TRIAL_TAG, best_metrics, end_run, log,
                                    log_experiment_file, make_client, start_run, tracking_uri)
 
@@ -44,9 +46,11 @@ class StudyRecorder:
     replaces its unfinished child run, so nothing is logged twice.
     """
 
-    def __init__(self, experiment: Experiment, study: str, *, tags: dict, params: dict, artifacts: list[str]):
+    def __init__(self, experiment: Experiment, study: str, *, tags: dict, params: dict, artifacts: list[str],
+                 dataset: DatasetInput | None = None):
         self.experiment, self.study = experiment, study
         self.tags, self.params, self.artifacts = tags, params, artifacts
+        self.dataset = dataset  # the train split, logged as the dataset input of the parent and of every trial
         self.parent_run_id: str | None = None
         self.children: dict[str, str] = {}  # trial_id -> child run id
         self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
@@ -97,6 +101,7 @@ class StudyRecorder:
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
                                        tags={**self.tags, STUDY_TAG: self.study, KIND_TAG: "study"})
         log(self.client, self.parent_run_id, params=self.params)
+        log_dataset(self.client, self.parent_run_id, self.dataset)
         log_experiment_file(self.client, self.parent_run_id, self.experiment)
         studies.log_settings(self.client, self.parent_run_id, self.experiment)  # what --resume reads back
         for path in self.artifacts:
@@ -146,6 +151,7 @@ class StudyRecorder:
                            tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
                                  "status": trials.RUNNING, "searched": ",".join(searched), KIND_TAG: "trial"})
         log(self.client, run_id, params=params)
+        log_dataset(self.client, run_id, self.dataset)
         self.children[trial_id] = run_id
         return run_id
 
@@ -219,7 +225,7 @@ class StudyRecorder:
 
 
 def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, params: dict, result,
-                        checkpoint: str | None) -> str:
+                        checkpoint: str | None, dataset: DatasetInput | None = None) -> str:
     """One confirmation run: the configuration of `trial_run` re-trained with `seed`, a child of the study.
 
     Args:
@@ -239,6 +245,7 @@ def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, pa
                              "confirms_run_id": trial_run.info.run_id, "seed": seed, "status": result.status,
                              "searched": trial_run.data.tags.get("searched", "")})
     log(client, run_id, params=params)
+    log_dataset(client, run_id, dataset)
     for epoch, metrics in enumerate(result.history, start=1):
         log(client, run_id, metrics={key: metrics[key] for key in EPOCH_METRICS if key in metrics}, step=epoch)
     log(client, run_id, metrics={**best_metrics(result.best_metrics), "best_epoch": result.best_epoch})

@@ -6,7 +6,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlflow.entities import DatasetInput
+
 from cnnopt.experiment.config import Experiment
+from cnnopt.tracking.provenance import log_dataset
 from cnnopt.tracking.store import (FAILED, FINISHED, KILLED, KIND_TAG, best_metrics, data_params, end_run,
                                    hyperparameters, log, log_experiment_file, make_client, start_run)
 
@@ -14,11 +17,13 @@ from cnnopt.tracking.store import (FAILED, FINISHED, KILLED, KIND_TAG, best_metr
 class Run:
     """A RUNNING run of the experiment's MLflow experiment; every write is one batched call."""
 
-    def __init__(self, experiment: Experiment, name: str, kind: str, params: dict, metrics: dict | None = None):
+    def __init__(self, experiment: Experiment, name: str, kind: str, params: dict, metrics: dict | None = None,
+                 dataset: DatasetInput | None = None):
         self.client = make_client()
         self.run_id = start_run(self.client, experiment, name, tags={KIND_TAG: kind})
         log(self.client, self.run_id, params={**hyperparameters(experiment.train), **data_params(experiment.data),
                                               **params}, metrics=metrics)
+        log_dataset(self.client, self.run_id, dataset)
         log_experiment_file(self.client, self.run_id, experiment)
 
     def log(self, *, metrics: dict | None = None, step: int = 0, tags: dict | None = None) -> None:
@@ -37,9 +42,12 @@ class Run:
 
 @contextmanager
 def standalone_run(experiment: Experiment, name: str, kind: str, params: dict | None = None,
-                   metrics: dict | None = None):
-    """Open a run; end it KILLED on Ctrl-C and FAILED on an error (the caller ends it otherwise)."""
-    run = Run(experiment, name, kind, params or {}, metrics)
+                   metrics: dict | None = None, dataset: DatasetInput | None = None):
+    """Open a run; end it KILLED on Ctrl-C and FAILED on an error (the caller ends it otherwise).
+
+    `dataset` is the train split as a dataset input (`provenance.train_dataset`).
+    """
+    run = Run(experiment, name, kind, params or {}, metrics, dataset)
     try:
         yield run
     except KeyboardInterrupt:

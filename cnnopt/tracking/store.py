@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import DataConfig, Experiment, TrainConfig
+from cnnopt.tracking.provenance import source_tags
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -134,9 +135,12 @@ def best_metrics(metrics: dict) -> dict[str, float]:
 
 def start_run(client: MlflowClient, experiment: Experiment, run_name: str, *, parent_run_id: str | None = None,
               tags: dict | None = None) -> str:
-    """Create a RUNNING run in the experiment's MLflow experiment and return its id."""
+    """Create a RUNNING run in the experiment's MLflow experiment and return its id.
+
+    Every run carries MLflow's source tags (the command, LOCAL, the git commit) and cnnopt's version.
+    """
     # Tag values as strings: SQLite takes an int, a tracking server's REST API refuses it (TypeError).
-    all_tags = {"mlflow.runName": run_name, **{key: str(value) for key, value in (tags or {}).items()}}
+    all_tags = {"mlflow.runName": run_name, **source_tags(), **{key: str(value) for key, value in (tags or {}).items()}}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id(client, experiment.name), run_name=run_name, tags=all_tags)
