@@ -17,6 +17,7 @@ from torch import nn
 
 from cnnopt import trials
 from cnnopt.data.augment import CROP_PADDING_MODES, BatchAugment, Normalize
+from cnnopt.data.randaugment import NUM_BINS as RANDAUGMENT_BINS
 from cnnopt.experiment.config import TrainConfig, is_better
 from cnnopt.data.datasets import ImageData
 from cnnopt.errors import UsageError
@@ -223,6 +224,10 @@ def check_config(config: TrainConfig, image_size: int) -> None:
         raise UsageError("train.epochs must be >= 1, train.batch_size >= 2 and train.lr > 0")
     if not 0 <= config.label_smoothing < 1 or config.momentum < 0 or config.weight_decay < 0:
         raise UsageError("train.label_smoothing must be in [0, 1), train.momentum and train.weight_decay >= 0")
+    if config.randaugment_ops < 0 or not 0 <= config.randaugment_magnitude < RANDAUGMENT_BINS:
+        raise UsageError(f"train.randaugment_ops must be >= 0 and train.randaugment_magnitude in "
+                         f"[0, {RANDAUGMENT_BINS - 1}] (a bin of torchvision's RandAugment), got "
+                         f"{config.randaugment_ops} and {config.randaugment_magnitude}")
     if config.crop_padding > 0 and config.crop_padding_mode not in CROP_PADDING_MODES:
         raise UsageError(f"train.crop_padding_mode = {config.crop_padding_mode!r} is not one of "
                          f"{', '.join(CROP_PADDING_MODES)}")
