@@ -8,8 +8,8 @@ rounds, and a round is a fixed set of batched tensor ops on the batch's device:
 - geometric ops (ShearX/Y, TranslateX/Y, Rotate): one `grid_sample`, each image with the sampling
   grid of its own (op, sign);
 - Brightness, Color, Contrast: torchvision's blend with a per-image degenerate image (black, gray,
-  gray mean), one pass per sign;
-- Sharpness (one pass per sign), Posterize, Solarize, AutoContrast, Equalize: one batched op each.
+  gray mean) and a per-image factor 1 ± m;
+- Sharpness, Posterize, Solarize, AutoContrast, Equalize: one batched op each.
 
 On the CPU the images of each group are gathered and computed together (reading the group sizes is
 free there, and each image is computed once). On a GPU reading the sizes would make the host wait
@@ -17,8 +17,8 @@ for the device every batch, so there every group runs on the whole batch and a p
 its result: a fixed set of kernel launches whatever the draw, and no sync; the extra arithmetic is
 small next to the training step on such a device. Both ways give the same pixels.
 
-Exactness: the float arithmetic is torchvision's, op for op (the factor 1 ± m is a scalar per sign
-group, not a per-image tensor, so torchvision's fused multiply-add and its rounding are kept), and the sampling grids are built by torchvision's formula one matrix at a time, so every op
+Exactness: the float arithmetic is torchvision's, op for op (its blends round x * r + y * (1 - r)
+once, as a fused multiply-add; `addcmul` with per-image factors does the same), and the sampling grids are built by torchvision's formula one matrix at a time, so every op
 gives torchvision's pixels (tests/test_augment.py checks each against torchvision's functional op).
 """
 
@@ -119,13 +119,13 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, negative: torch.Tensor, magnitu
     if grouped:
         counts = torch.bincount(group, minlength=len(GROUPS)).tolist()
         members = torch.split(torch.argsort(group, stable=True), counts)
-        for (name, sign, run), index, count in zip(GROUPS, members, counts):
+        for (_, run), index, count in zip(GROUPS, members, counts):
             if count and run is not None:
-                out.index_copy_(0, index, run(x.index_select(0, index), code[index], sign, magnitude))
+                out.index_copy_(0, index, run(x.index_select(0, index), code[index], magnitude))
     else:
-        for k, (name, sign, run) in enumerate(GROUPS):
+        for k, (_, run) in enumerate(GROUPS):
             if run is not None:
-                out = torch.where((group == k).view(-1, 1, 1, 1), run(x, code, sign, magnitude), out)
+                out = torch.where((group == k).view(-1, 1, 1, 1), run(x, code, magnitude), out)
     return out
 
 
@@ -135,7 +135,7 @@ def _strengths(magnitude: int, h: int, w: int) -> dict[str, float]:
     return {name: magnitude_of(name, magnitude, h, w) for name in OPS}
 
 
-def _geometric(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) -> torch.Tensor:
+def _geometric(x: torch.Tensor, code: torch.Tensor, magnitude: int) -> torch.Tensor:
     """Each image through the sampling grid of its own (op, sign), nearest, zero fill: one grid_sample."""
     grids = _grids(magnitude, *x.shape[-2:], x.device)  # (2 * len(OPS), H, W, 2), indexed by code
     sampled = F.grid_sample(x.float(), grids[code], mode="nearest", padding_mode="zeros", align_corners=False)
@@ -180,9 +180,9 @@ def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return base.view(1, h * w, 3).bmm(rescaled).view(1, h, w, 2)
 
 
-def _blends(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) -> torch.Tensor:
-    """Brightness, Color, Contrast at factor 1 + sign * m: blend with black, the gray image or its mean."""
-    factor = 1.0 + sign * _strengths(magnitude, *x.shape[-2:])["Brightness"]  # the three share one range
+def _blends(x: torch.Tensor, code: torch.Tensor, magnitude: int) -> torch.Tensor:
+    """Brightness, Color, Contrast at factor 1 ± m: blend with black, the gray image or its mean."""
+    factor, rest = _factors(code, _strengths(magnitude, *x.shape[-2:])["Brightness"])  # one range for all three
     xf = x.float()  # (N, C, H, W)
     if x.shape[1] == 3:
         # torchvision's grayscale of uint8 channels (the same kernels, so the same rounding), floored.
@@ -192,38 +192,47 @@ def _blends(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) ->
     mean = gray.mean(dim=(-3, -2, -1), keepdim=True)  # (N, 1, 1, 1): exact, a sum of integers
     op = (code // 2).view(-1, 1, 1, 1)
     other = torch.where(op == _INDEX["Brightness"], 0.0, torch.where(op == _INDEX["Color"], gray, mean))
-    # torchvision's _blend: ratio * x + (1 - ratio) * other as one multiply and one fused add.
-    out = xf.mul(factor).add_(other, alpha=1.0 - factor).clamp_(0, 255).to(torch.uint8)
+    # torchvision's _blend, x * ratio + other * (1 - ratio), rounds the sum once (a fused multiply-add);
+    # addcmul with a per-image factor does the same.
+    out = torch.addcmul(xf.mul_(factor), other, rest).clamp_(0, 255).to(torch.uint8)
     if x.shape[1] == 1:  # Color leaves 1-channel images alone
         out = torch.where(op == _INDEX["Color"], x, out)
     return out
 
 
-def _sharpness(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) -> torch.Tensor:
-    """Blend the interior with a 3x3 smoothed image by factor 1 + sign * m; border pixels stay."""
+def _factors(code: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image `(N, 1, 1, 1)` float32 ratio 1 ± strength and 1 - ratio, each rounded from double as torchvision's."""
+    negative = (code % 2 == 1).view(-1, 1, 1, 1)
+    ratio = torch.where(negative, 1.0 - strength, 1.0 + strength)
+    return ratio, torch.where(negative, 1.0 - (1.0 - strength), 1.0 - (1.0 + strength))
+
+
+def _sharpness(x: torch.Tensor, code: torch.Tensor, magnitude: int) -> torch.Tensor:
+    """Blend the interior with a 3x3 smoothed image by factor 1 ± m; border pixels stay."""
     h, w = x.shape[-2:]
     if h <= 2 or w <= 2:  # torchvision leaves images this small alone
         return x
-    factor = 1.0 + sign * _strengths(magnitude, h, w)["Sharpness"]
+    _, rest = _factors(code, _strengths(magnitude, h, w)["Sharpness"])
     xf = x.float()
-    inner = xf[..., 1:-1, 1:-1].clone()  # (N, C, H - 2, W - 2), updated in place below
+    inner = xf[..., 1:-1, 1:-1]  # (N, C, H - 2, W - 2)
     # torchvision smooths with the kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 and rounds. The 3x3 sum is
     # exact in float, and an integer / 13 is never within 1/26 of a rounding tie, so this rounds the same.
     rows = xf[..., :-2] + xf[..., 1:-1] + xf[..., 2:]  # (N, C, H, W - 2)
     total = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :] + 4 * inner
     smooth = total.div_(13).round_()
     out = x.clone()
-    out[..., 1:-1, 1:-1] = inner.add_(smooth.sub_(inner), alpha=1.0 - factor).clamp_(0, 255)
+    # torchvision: inner + (1 - ratio) * (smooth - inner), one fused multiply-add.
+    out[..., 1:-1, 1:-1] = torch.addcmul(inner, smooth.sub_(inner), rest).clamp_(0, 255)
     return out
 
 
-def _posterize(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) -> torch.Tensor:
+def _posterize(x: torch.Tensor, code: torch.Tensor, magnitude: int) -> torch.Tensor:
     """Keep the top bits of every pixel."""
     bits = int(_strengths(magnitude, *x.shape[-2:])["Posterize"])
     return x if bits >= 8 else x & (((1 << bits) - 1) << (8 - bits))
 
 
-def _solarize(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) -> torch.Tensor:
+def _solarize(x: torch.Tensor, code: torch.Tensor, magnitude: int) -> torch.Tensor:
     """Invert every pixel at or above the threshold."""
     threshold = 255.0 * _strengths(magnitude, *x.shape[-2:])["Solarize"]
     # torchvision compares in float32; the same test on integers, as uint8 compares run ~20x faster on the CPU.
@@ -231,7 +240,7 @@ def _solarize(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) 
     return x if first > 255 else torch.where(x >= first, x.bitwise_not(), x)
 
 
-def _autocontrast(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) -> torch.Tensor:
+def _autocontrast(x: torch.Tensor, code: torch.Tensor, magnitude: int) -> torch.Tensor:
     """Stretch each channel of each image to [0, 255]; a flat channel stays as it is."""
     xf = x.float()
     low = xf.amin(dim=(-2, -1), keepdim=True)  # (N, C, 1, 1)
@@ -242,7 +251,7 @@ def _autocontrast(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: i
     return xf.sub_(low).div_(scale).clamp_(0, 255).to(torch.uint8)
 
 
-def _equalize(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) -> torch.Tensor:
+def _equalize(x: torch.Tensor, code: torch.Tensor, magnitude: int) -> torch.Tensor:
     """Histogram-equalise each channel of each image with PIL's lookup table (torchvision's algorithm)."""
     n, c, h, w = x.shape
     flat = x.reshape(n, c, h * w).long()  # (N, C, HW)
@@ -250,30 +259,26 @@ def _equalize(x: torch.Tensor, code: torch.Tensor, sign: float, magnitude: int) 
     hist.scatter_add_(-1, flat, torch.ones_like(flat, dtype=torch.int32))
     cumulative = hist.cumsum(-1)
     # PIL's step: pixels not at the channel's top value, / 255; a channel with step 0 stays as it is.
-    top = hist.gather(-1, cumulative.argmax(-1, keepdim=True))  # (N, C, 1)
-    step = (h * w - top).div(255, rounding_mode="floor")
-    lut = (cumulative[..., :-1] + step // 2).div(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
-    lut = torch.cat([torch.zeros_like(lut[..., :1]), lut], -1).to(torch.uint8)  # (N, C, 256)
+    top = hist.gather(-1, x.reshape(n, c, h * w).amax(-1, keepdim=True).long())  # (N, C, 1)
+    step = (h * w - top) // 255
+    # lut[k] = (cumulative[k - 1] + step // 2) // step, lut[0] = 0: cumulative - hist is cumulative[k - 1].
+    lut = (cumulative - hist + step // 2).div_(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
+    lut = lut.to(torch.uint8)  # (N, C, 256)
     equalized = lut.gather(-1, flat).view(n, c, h, w)
     return torch.where((step != 0).view(n, c, 1, 1), equalized, x)
 
 
-# The groups a round computes: (label, sign of the factor, function). Signed colour ops split by sign
-# so each group blends with one scalar factor (torchvision's arithmetic); geometric ops take their sign
-# per image from the grid they pick.
-GROUPS = (("identity", 0.0, None), ("geometric", 0.0, _geometric), ("blend+", 1.0, _blends),
-          ("blend-", -1.0, _blends), ("sharpness+", 1.0, _sharpness), ("sharpness-", -1.0, _sharpness),
-          ("posterize", 0.0, _posterize), ("solarize", 0.0, _solarize), ("autocontrast", 0.0, _autocontrast),
-          ("equalize", 0.0, _equalize))
+# The groups a round computes: (label, function); the function gets the group's images and their
+# (op, sign) codes. Identity computes nothing.
+GROUPS = (("identity", None), ("geometric", _geometric), ("blend", _blends), ("sharpness", _sharpness),
+          ("posterize", _posterize), ("solarize", _solarize), ("autocontrast", _autocontrast),
+          ("equalize", _equalize))
 
 
 @functools.lru_cache(maxsize=8)
 def _group_table(device: torch.device) -> torch.Tensor:
     """(op, sign) code `2 * op + negative` -> index into GROUPS: `(2 * len(OPS),)` on `device`."""
-    family = {"ShearX": 1, "ShearY": 1, "TranslateX": 1, "TranslateY": 1, "Rotate": 1, "Brightness": 2, "Color": 2,
-              "Contrast": 2, "Sharpness": 4, "Posterize": 6, "Solarize": 7, "AutoContrast": 8, "Equalize": 9}
-    table = []
-    for name in OPS:
-        group = family.get(name, 0)
-        table += [group, group + 1 if name in BLENDS + ("Sharpness",) else group]  # a negative draw: the - group
-    return torch.tensor(table, device=device)
+    label = {"ShearX": "geometric", "ShearY": "geometric", "TranslateX": "geometric", "TranslateY": "geometric",
+             "Rotate": "geometric", "Brightness": "blend", "Color": "blend", "Contrast": "blend"}
+    index = {name: k for k, (name, _) in enumerate(GROUPS)}
+    return torch.tensor([index[label.get(op, op.lower())] for op in OPS for _ in range(2)], device=device)
