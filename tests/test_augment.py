@@ -260,13 +260,17 @@ def test_randaugment_rejects_what_torchvision_would_not_run():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu: needs a CUDA GPU")
 def test_randaugment_on_cuda_gives_the_cpus_pixels():
+    """Not yet run on a GPU in this project: the first run on one checks it."""
     x = varied_images(3, h=32, w=32).repeat(16, 1, 1, 1)  # (128, 3, 32, 32)
     generator = torch.Generator().manual_seed(0)
     op = torch.randint(len(OPS), (len(x),), generator=generator)
     negative = torch.rand(len(x), generator=generator) <= 0.5
     expected = apply_ops(x, op, negative, 9)
-    out = apply_ops(x.cuda(), op.cuda(), negative.cuda(), 9)
-    assert out.device.type == "cuda" and torch.equal(out.cpu(), expected)
+    out = apply_ops(x.cuda(), op.cuda(), negative.cuda(), 9)  # the masked path
+    assert out.device.type == "cuda" and out.dtype == torch.uint8
+    # CUDA's kernels may round a blend's multiply-add or a nearest pick at a tie differently from the
+    # CPU's (torchvision's own ops do too); allow a few such pixels, never a systematic difference.
+    assert (out.cpu() != expected).float().mean() < 1e-3
     pipeline_on_gpu = BatchAugment(dataclasses.replace(OFF, randaugment_ops=2), Normalize([0.5] * 3, [0.25] * 3,
                                    torch.device("cuda")), seed=0)
     assert pipeline_on_gpu(x.cuda()).device.type == "cuda"
