@@ -18,8 +18,9 @@ its result: a fixed set of kernel launches whatever the draw, and no sync; the e
 small next to the training step on such a device. Both ways give the same pixels.
 
 Exactness: the float arithmetic is torchvision's, op for op (its blends round x * r + y * (1 - r)
-once, as a fused multiply-add; `addcmul` with per-image factors does the same), and the sampling grids are built by torchvision's formula one matrix at a time, so every op
-gives torchvision's pixels (tests/test_augment.py checks each against torchvision's functional op).
+once, as a fused multiply-add; `addcmul` with per-image factors does the same), and the sampling
+grids are built by torchvision's formula one matrix at a time, so every op gives torchvision's pixels
+(tests/test_augment.py checks each against torchvision's functional op, with no tolerance).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def _geometric(x: torch.Tensor, code: torch.Tensor, magnitude: int) -> torch.Ten
 
 @functools.lru_cache(maxsize=16)
 def _grids(magnitude: int, h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Sampling grid of every (op, sign) code, `(2 * len(OPS), H, W, 2)` (identity for non-geometric ops); built once."""
+    """Sampling grid of every (op, sign) code, `(2 * len(OPS), H, W, 2)`; identity for non-geometric ops."""
     identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     matrices = [_inverse_matrix(name, sign * magnitude_of(name, magnitude, h, w), h, w) if name in GEOMETRIC
                 else identity for name in OPS for sign in (1.0, -1.0)]
