@@ -1,6 +1,7 @@
 """Training throughput: cnnopt's loop against the lesson's loop, measured in the same run.
 
     python bench/train_throughput.py [--dataset digits|cifar-synthetic] [--rounds 5] [--epochs N] [--bf16]
+    python bench/train_throughput.py --randaugment 2,9 [--dataset ...] [--set blocks=3 --set convs_per_block=2]
 
 cnnopt's loop is `cnnopt.objective.train`: uint8 tensors, batched per-image augmentation, a
 channels_last model. The lesson's loop is what the course teaches: a Dataset of PIL images, a
@@ -15,6 +16,11 @@ optimiser step, loss sum), from the start of the epoch to the sync after its las
 `train` measures for its `images_per_second`. The val pass runs after every epoch on both sides
 and is not timed; its final accuracy is reported. Rounds interleave the variants (A, B, A, B, ...)
 after one untimed warm-up of each, so drift in the machine's speed hits all of them alike.
+
+`--randaugment OPS,MAGNITUDE` compares cnnopt with itself instead: the same trial without
+RandAugment, with the batched RandAugment, and with the per-image loop it replaced (torchvision's
+v2.RandAugment called image by image, as `BatchAugment` did before), and prints each one's img/s
+as a ratio of the trial without it.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from cnnopt.cli import run
+from cnnopt.data.augment import BatchAugment
 from cnnopt.experiment.config import TrainConfig, load_experiment, make_section
 from cnnopt.data.datasets import ImageData, channel_stats, load_data
+from cnnopt.training import objective
 from cnnopt.training.model import build_model
 from cnnopt.training.objective import make_optimizer, make_schedule, resolve_device, train
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
@@ -123,6 +131,28 @@ def run_cnnopt(config: TrainConfig, data: ImageData) -> dict:
     rates = [epoch["images_per_second"] for epoch in result.history]
     return {"img_s": len(rates) / sum(1 / rate for rate in rates),  # same images every epoch: harmonic mean
             "val_accuracy": result.history[-1]["val_accuracy"], "val_loss": result.history[-1]["val_loss"]}
+
+
+class PerImageRandAugment(BatchAugment):
+    """BatchAugment with the RandAugment it had before issue 9: torchvision's, one image at a time."""
+
+    def __init__(self, config: TrainConfig, normalize, seed: int):
+        super().__init__(config, normalize, seed)
+        if config.randaugment_ops > 0:
+            from torchvision.transforms import v2
+
+            single = v2.RandAugment(num_ops=config.randaugment_ops, magnitude=config.randaugment_magnitude)
+            self.randaugment = lambda x: torch.stack([single(image) for image in x])  # draws from torch's global RNG
+
+
+def run_cnnopt_per_image_randaugment(config: TrainConfig, data: ImageData) -> dict:
+    """cnnopt's loop with the old per-image RandAugment swapped in where `set_up` builds the pipeline."""
+    original = objective.BatchAugment
+    objective.BatchAugment = PerImageRandAugment
+    try:
+        return run_cnnopt(config, data)
+    finally:
+        objective.BatchAugment = original
 
 
 def run_lesson(config: TrainConfig, data: ImageData, train_set: PILImages, val_set: PILImages, workers: int) -> dict:
@@ -248,9 +278,9 @@ def summary(config: TrainConfig, data: ImageData, args) -> list[str]:
         f"the same on every side",
         "timed: the training pass of each epoch only (shuffle, augmentation, forward, backward, step), as train() "
         "measures images_per_second; the val pass runs after every epoch on every side, untimed",
+    ] + ([] if args.randaugment else [
         f"lesson's loop: PIL Dataset + DataLoader (num_workers={args.workers}) + v1 transforms, NCHW model; "
-        f"cnnopt: uint8 tensors + batched augmentation, channels_last={config.channels_last}",
-    ]
+        f"cnnopt: uint8 tensors + batched augmentation, channels_last={config.channels_last}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,9 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-other-cpu", type=float, default=0.1, metavar="FRACTION",
                         help="re-run a round when other processes used more than this share of the CPUs during it "
                         f"(default: 0.1; at most {MAX_ATTEMPTS_PER_ROUND}x --rounds attempts)")
+    parser.add_argument("--randaugment", metavar="OPS,MAGNITUDE", default="",
+                        help="compare cnnopt without RandAugment, with the batched one and with the old per-image "
+                        "loop (e.g. 2,9) instead of cnnopt against the lesson's loop")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a train setting, e.g. --set batch_size=128 (repeatable)")
     args = parser.parse_args(argv)
+    if args.randaugment and args.bf16:
+        parser.error("--randaugment and --bf16 are separate comparisons; run them one at a time")
     config, data = load(args)
     device = resolve_device(config.device)
 
@@ -275,11 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine(device)}; load average {os.getloadavg()[0]:.2f} at start")
     for line in summary(config, data, args):
         print(line)
-    lesson_sets = (PILImages(data.train_x, data.train_y, lesson_transform(config, data)),
-                   PILImages(data.val_x, data.val_y, transforms.Compose([transforms.ToTensor(),
-                                                                         transforms.Normalize(data.mean, data.std)])))
-    variants = {"cnnopt (channels_last, batched aug)": lambda c: run_cnnopt(c, data),
-                "lesson (NCHW, PIL + DataLoader)": lambda c: run_lesson(c, data, *lesson_sets, args.workers)}
+    if args.randaugment:
+        ops, magnitude = (int(v) for v in args.randaugment.split(","))
+        on = lambda c: dataclasses.replace(c, randaugment_ops=ops, randaugment_magnitude=magnitude)
+        print(f"variants: cnnopt without RandAugment; with RandAugment({ops}, {magnitude}) batched (ops per image); "
+              f"with the old per-image loop (torchvision v2.RandAugment image by image)")
+        variants = {"no RandAugment": lambda c: run_cnnopt(dataclasses.replace(c, randaugment_ops=0), data),
+                    f"RandAugment({ops},{magnitude}) batched": lambda c: run_cnnopt(on(c), data),
+                    f"RandAugment({ops},{magnitude}) per image (old)":
+                        lambda c: run_cnnopt_per_image_randaugment(on(c), data)}
+    else:
+        lesson_sets = (PILImages(data.train_x, data.train_y, lesson_transform(config, data)),
+                       PILImages(data.val_x, data.val_y, transforms.Compose([
+                           transforms.ToTensor(), transforms.Normalize(data.mean, data.std)])))
+        variants = {"cnnopt (channels_last, batched aug)": lambda c: run_cnnopt(c, data),
+                    "lesson (NCHW, PIL + DataLoader)": lambda c: run_lesson(c, data, *lesson_sets, args.workers)}
     if args.bf16:
         variants["cnnopt + bf16 autocast"] = lambda c: run_cnnopt(dataclasses.replace(c, bf16=True), data)
     names = list(variants)
@@ -318,7 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:38s} {statistics.median(rates):12,.0f} {min(rates):8,.0f}-{max(rates):<8,.0f}   "
               f"{statistics.median(accuracy):.4f} ({min(accuracy):.4f}-{max(accuracy):.4f})")
     medians = {name: statistics.median(r["img_s"] for r in runs) for name, runs in results.items()}
-    print(f"ratio of medians: cnnopt / lesson = {medians[names[0]] / medians[names[1]]:.2f}x")
+    if args.randaugment:
+        for name in names[1:]:
+            per_round = [on["img_s"] / off["img_s"] for on, off in zip(results[name], results[names[0]])]
+            print(f"ratio of medians: {name} / {names[0]} = {medians[name] / medians[names[0]]:.2f}x "
+                  f"(per round: {', '.join(f'{r:.2f}' for r in per_round)})")
+    else:
+        print(f"ratio of medians: cnnopt / lesson = {medians[names[0]] / medians[names[1]]:.2f}x")
     if args.bf16:
         fp32 = [r["val_accuracy"] for r in results[names[0]]]
         bf16 = [r["val_accuracy"] for r in results[names[2]]]

@@ -82,7 +82,7 @@ def test_a_diverging_lr_is_stopped_and_reported(digits_data):
 
 
 def test_same_seed_same_metrics(digits_data):
-    config = dataclasses.replace(QUICK, epochs=2, crop_padding=1, flip=True, dropout=0.2)
+    config = dataclasses.replace(QUICK, epochs=2, crop_padding=1, flip=True, dropout=0.2, randaugment_ops=2)
     first, _ = run(config, digits_data)
     second, _ = run(config, digits_data)
     strip = lambda history: [{k: v for k, v in m.items() if k not in ("epoch_seconds", "images_per_second")}
@@ -138,6 +138,8 @@ def test_augmentation_and_every_option_together(digits_data):
     ({"lr": 0.0}, "train.lr"),
     ({"crop_padding": 1, "crop_padding_mode": "zeros"}, "train.crop_padding_mode"),
     ({"crop_padding": 8, "crop_padding_mode": "reflect"}, "train.crop_padding"),
+    ({"randaugment_ops": 2, "randaugment_magnitude": 31}, "train.randaugment_magnitude"),
+    ({"randaugment_ops": -1}, "train.randaugment_ops"),
 ])
 def test_bad_settings_are_usage_errors(digits_data, settings, fragment):
     with pytest.raises(UsageError, match=fragment):

@@ -2,9 +2,9 @@
 
 torchvision's v2 transforms accept a batch but draw one set of parameters per call (every image of
 the batch gets the same flip), so flip, crop, affine and colour jitter are written here as tensor
-ops over the whole batch with per-image parameters, as airbench does. RandAugment has no batched
-form; it runs per image on uint8 tensors (never PIL) and only when switched on, drawing from
-torch's global generator, which `train` seeds.
+ops over the whole batch with per-image parameters, as airbench does. RandAugment
+(`cnnopt.data.randaugment`) is torchvision's, batched the same way: each image draws its own ops.
+Every random draw comes from the pipeline's seeded generator, on the batch's device.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cnnopt.data.randaugment import RandAugment
 from cnnopt.experiment.config import TrainConfig
 
 CROP_PADDING_MODES = ("constant", "reflect", "replicate")
@@ -39,14 +40,13 @@ class BatchAugment:
         self.generator = torch.Generator(device=normalize.mean.device).manual_seed(seed)
         self.randaugment = None
         if config.randaugment_ops > 0:
-            from torchvision.transforms import v2  # only when used: importing it costs ~1.5 s per Ray worker
-
-            self.randaugment = v2.RandAugment(num_ops=config.randaugment_ops, magnitude=config.randaugment_magnitude)
+            self.randaugment = RandAugment(config.randaugment_ops, config.randaugment_magnitude,
+                                           generator=self.generator)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         if self.randaugment is not None:
-            x = torch.stack([self.randaugment(image) for image in x])
+            x = self.randaugment(x)  # (N, C, H, W) uint8, ops drawn per image
         x = x.float() / 255  # (N, C, H, W) in [0, 1]
         if c.flip:
             x = random_flip(x, self.generator)
