@@ -43,7 +43,8 @@ def runs(cwd: Path) -> list:
     (["--set", "search.reduction_factor=1"], {}, "search.reduction_factor = 1 is not allowed"),
     (["--name", "../outside"], {}, "study name '../outside' is not allowed"),
     (["--name", "a/b"], {}, "study name 'a/b' is not allowed"),
-    (["--set", "train.device=cuda"], {}, "train.device = 'cuda' but trials are given no GPU"),
+    (["--set", "train.device=cuda"], {}, "train.device = 'cuda' but the Ray cluster has no GPU for the trials"),
+    (["--set", "train.device=cuda", "--gpus-per-trial", "0"], {}, "train.device = 'cuda' but --gpus-per-trial 0"),
     (["--address", "127.0.0.1:9"], {}, "cannot reach the Ray cluster at '127.0.0.1:9'"),
     (["--address", "ray://127.0.0.1:9"], {}, "cannot reach the Ray cluster at 'ray://127.0.0.1:9'"),
     ([], {"MLFLOW_TRACKING_URI": "sqlite:///{cwd}/a_file/mlflow.db"}, "the MLflow store sqlite:///"),
@@ -94,7 +95,8 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_ctrl_c_during_promotion_stops_it_and_a_resume_promotes(tmp_path):
-    study = start(["--strategy", "random", "--trials", "2", "--set", "train.epochs=1", "--name", "p"], tmp_path)
+    study = start(["--strategy", "random", "--trials", "2", "--set", "train.epochs=1", "--name", "p", "--no-confirm"],
+                  tmp_path)
     out, err = interrupt_when(study, "promoting the best trial")
     assert study.returncode == 130 and "Traceback" not in err, out + err
     assert "--resume --name p" in err and "promoted run" not in out
