@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from cnnopt.experiment.config import DataConfig
-from cnnopt.data.datasets import channel_stats, load_data, resize_center_crop
+from cnnopt.data.datasets import channel_stats, load_data
+from cnnopt.data.decode import resize_center_crop
 from cnnopt.errors import UsageError
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.training.model import build_model
 from cnnopt import tracking
-from cnnopt.study.runner import StudyOptions, resolve_resources, results_folder, run_study, summarize
+from cnnopt.study.runner import StudyOptions, resolve_resources, run_study, summarize
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import PastTrial, StudyRecorder

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cnnopt.data import cache as data_cache
-from cnnopt.data.decode import IMAGE_EXTENSIONS, decode_files, default_workers, resize_center_crop, to_uint8  # noqa: F401
+from cnnopt.data.decode import IMAGE_EXTENSIONS, decode_files, default_workers, resize_center_crop
 from cnnopt.experiment.config import DataConfig, check_section
 from cnnopt.errors import UsageError
 
