@@ -340,7 +340,8 @@ def test_a_study_whose_driver_was_killed_resumes_from_its_record(ray_session, ml
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert completed <= {c.data.tags["trial_id"] for c in children}
-    assert client.get_run(cut.info.run_id).info.lifecycle_stage == "deleted"
+    replaced = client.get_run(cut.info.run_id)
+    assert replaced.info.lifecycle_stage == "deleted" and replaced.info.status == "KILLED", "ended, then deleted"
     rerun = next(c for c in children if c.data.tags["trial_number"] == cut.data.tags["trial_number"])
     assert rerun.data.params["lr"] == cut.data.params["lr"]
 
