@@ -6,7 +6,7 @@
     concurrency 1, FIFO, no promotion; Ray Tune runs the trials, the driver records them in a
     temporary SQLite MLflow store, Ray keeps its results in a temporary folder.
 (b) the same N configurations, read back from (a)'s MLflow runs, each trained by
-    `cnnopt.objective.train` in a plain loop: no Ray, no Optuna, no MLflow.
+    `cnnopt.training.objective.train` in a plain loop: no Ray, no Optuna, no MLflow.
 
 Overhead per trial = (wall time of the run_study call - wall time of the plain loop) / N. The
 local Ray instance (`ray.init(address="local", num_cpus=2)`) and the MLflow store's schema are

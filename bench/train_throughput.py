@@ -3,7 +3,7 @@
     python bench/train_throughput.py [--dataset digits|cifar-synthetic] [--rounds 5] [--epochs N] [--bf16]
     python bench/train_throughput.py --randaugment 2,9 [--dataset ...] [--set blocks=3 --set convs_per_block=2]
 
-cnnopt's loop is `cnnopt.objective.train`: uint8 tensors, batched per-image augmentation, a
+cnnopt's loop is `cnnopt.training.objective.train`: uint8 tensors, batched per-image augmentation, a
 channels_last model. The lesson's loop is what the course teaches: a Dataset of PIL images, a
 torch DataLoader with torchvision v1 transforms (augmentation, ToTensor, Normalize) and an NCHW
 (contiguous) model. Both build the same `cnnopt.model` CNN from the same TrainConfig and train it

@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: a thin adapter around `cnnopt.objective.train`.
+"""The Ray Tune trainable: a thin adapter around `cnnopt.training.objective.train`.
 
 This is the only module that calls Ray's reporting API (`tune.report`, renamed three times across
 Ray releases). It reports after every epoch, with a checkpoint whenever the epoch is the best so far.
