@@ -167,7 +167,7 @@ def test_the_digest_follows_the_split_and_the_source_follows_the_folder(tmp_path
 def test_the_commit_is_absent_where_the_package_is_no_checkout_of_its_own(tmp_path):
     assert provenance.git_commit(tmp_path / "cnnopt") is None, "not a git checkout: no tag, no error"
     if head_commit() is None:
-        pytest.skip("the tests do not run from a git checkout")
+        pytest.skip(reason="the tests do not run from a git checkout")
     assert provenance.git_commit(ROOT / "cnnopt") == head_commit()
     # A package installed into a virtual environment inside some other repository is not its code.
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
