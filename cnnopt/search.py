@@ -189,6 +189,10 @@ def print_summary(experiment, outcome) -> None:
         f"{counts[status]} {status}" for status in (trials.INTERRUPTED, trials.ABANDONED) if counts.get(status)]
     print(f"\n{outcome.name}: {', '.join(shown)}"
           + f" in {outcome.wall_seconds:.0f}s")
+    spent = sum(outcome.trial_seconds.values())
+    if spent:  # where the trials' time went: what pruning, failures and cut-short trials cost
+        shares = sorted(outcome.trial_seconds.items(), key=lambda item: -item[1])
+        print(f"trial time {spent:.0f}s: " + ", ".join(f"{status} {seconds / spent:.0%}" for status, seconds in shares))
     best = outcome.best
     if best:
         metrics = best["metrics"]

@@ -127,6 +127,7 @@ STUDY_LINES = [
     (r"trial +\d+  \w+ +\w+ (\d\.\d{4}|nan)  .*  \(\d+\.\ds\)", "*"),
     (r"", ""),
     (r"\S+: \d+ finished, \d+ failed, \d+ pruned, \d+ diverged(, \d+ \w+)* in \d+s", ""),
+    (r"trial time \d+s: \w+ \d+%(, \w+ \d+%)*", "?"),
     (r"best trial \d+ \(epoch \d+\): val_accuracy \d\.\d{4} .*", ""),
     (r"  \w+=\S+(  \w+=\S+)*", ""),
     (r"  MLflow run [0-9a-f]{32}", ""),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,8 @@ def test_a_study_prints_only_its_own_lines(tmp_path, study_console):
     assert done.returncode == 0, done.stdout + done.stderr
     assert study_console(done.stdout, done.stderr) == []
     lines = done.stdout.splitlines()
-    assert sum(line.startswith("trial ") for line in lines) == 3
+    assert sum(bool(re.match(r"trial +\d+  ", line)) for line in lines) == 3
+    assert any(line.startswith("trial time ") for line in lines), "where the trials' time went"
     assert any(line.startswith("promoted run ") for line in lines)
     assert "  registered digits version 1; alias 'champion' now points to it" in lines  # MLflow's two lines, folded
     # Moved, not lost: authentication is still on, and the libraries' messages are in the log file.

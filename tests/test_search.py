@@ -111,6 +111,8 @@ def test_asha_prunes_and_the_sampler_is_told_pruned(ray_session, mlflow_store):
                                         "search.reduction_factor=2"])
     outcome = run_study(experiment, StudyOptions(name="asha"))
     assert outcome.counts.get("pruned", 0) >= 1
+    assert set(outcome.trial_seconds) == set(outcome.counts) and all(s > 0 for s in outcome.trial_seconds.values()), \
+        "where the trials' time went, by status"
     _, _, children = study_runs(mlflow_store, "asha")
     pruned = [c for c in children if c.data.tags["pruned"] == "true"]
     assert pruned and all(c.info.status == "FINISHED" for c in pruned)
@@ -447,7 +449,7 @@ def test_search_and_promote_pick_the_same_trial_on_a_tie(mlflow_store):
         record.end_trial(trial_id, "completed", {"val_accuracy": value})
     record.end_trial("e", "completed", {"val_accuracy": 1.0})  # never started: nothing recorded
     record.close(tracking.FINISHED)
-    _, best = summarize(record, experiment)
+    _, _, best = summarize(record, experiment)
     promoted = best_trial_run(tracking.make_client(), experiment, "tie")
     assert best["trial_number"] == 2 and promoted.info.run_id == best["run_id"]
     assert best_trial(load_trials("digits", "tie"))["run_id"] == best["run_id"]

@@ -58,6 +58,7 @@ class StudyOutcome:
     name: str
     parent_run_id: str
     counts: dict  # status -> number of trials
+    trial_seconds: dict  # status -> the trials' wall seconds, summed (where a study's time went)
     best: dict | None  # best trial: run_id, trial_number, params, metrics, checkpoint
     wall_seconds: float
     interrupted: bool
@@ -169,7 +170,7 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-    finished, counts, best = False, {}, None
+    finished, counts, seconds, best = False, {}, {}, None
     try:
         recorder.open(resume=options.resume)
         remaining = plan_trials(experiment, space, recorder, options.resume)
@@ -186,8 +187,8 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
             interrupted = not finished or callback.interrupted or callback.unfinished()
             callback.drain()
             if recorder.parent_run_id:
-                counts, best = close_record(recorder, experiment, interrupted)
-    return StudyOutcome(options.name, recorder.parent_run_id, counts, best, time.perf_counter() - started,
+                counts, seconds, best = close_record(recorder, experiment, interrupted)
+    return StudyOutcome(options.name, recorder.parent_run_id, counts, seconds, best, time.perf_counter() - started,
                         interrupted, str(results_folder(options.storage) / options.name))
 
 
@@ -233,13 +234,13 @@ def _fit(tuner: tune.Tuner) -> None:
         torch.set_num_threads(threads)
 
 
-def close_record(recorder: StudyRecorder, experiment: Experiment, interrupted: bool) -> tuple[dict, dict | None]:
-    """End cut-short trials and the parent run; return trial counts by status and the best trial."""
+def close_record(recorder: StudyRecorder, experiment: Experiment, interrupted: bool) -> tuple[dict, dict, dict | None]:
+    """End cut-short trials and the parent run; return trial counts and seconds by status, and the best trial."""
     recorder.kill_unfinished()
-    counts, best = summarize(recorder, experiment)
+    counts, seconds, best = summarize(recorder, experiment)
     recorder.close(tracking.KILLED if interrupted else tracking.FINISHED,
                    {f"{status}_trials": counts.get(status, 0) for status in trials.STATUSES})
-    return counts, best
+    return counts, seconds, best
 
 
 def start_ray(address: str | None) -> bool:
@@ -354,18 +355,22 @@ def concurrency(search: SearchConfig) -> int:
     return max(1, slots)
 
 
-def summarize(recorder: StudyRecorder, experiment: Experiment) -> tuple[dict, dict | None]:
-    """Trial counts by status and the best trial, read back from MLflow (so resumed studies count all)."""
+def summarize(recorder: StudyRecorder, experiment: Experiment) -> tuple[dict, dict, dict | None]:
+    """Trial counts and wall seconds by status, and the best trial, read back from MLflow (so resumed
+    studies count all)."""
     runs = recorder.trial_runs()
     counts: dict[str, int] = {}
+    seconds: dict[str, float] = {}
     for run in runs:
         status = run.data.tags.get("status", trials.RUNNING)
         counts[status] = counts.get(status, 0) + 1
+        if run.info.end_time and run.info.start_time:
+            seconds[status] = seconds.get(status, 0.0) + (run.info.end_time - run.info.start_time) / 1000
     run = studies.best_trial_run(runs, experiment.metric, experiment.mode)
     if run is None:
-        return counts, None
+        return counts, seconds, None
     best = {"run_id": run.info.run_id, "trial_number": studies.trial_number(run),
             "params": {name: run.data.params.get(name) for name in run.data.tags.get("searched", "").split(",") if name},
             "metrics": {k[len("best_"):]: v for k, v in run.data.metrics.items() if k.startswith("best_")},
             "checkpoint": run.data.tags.get("checkpoint"), "promoted": run.data.tags.get("promoted") == "true"}
-    return counts, best
+    return counts, seconds, best
