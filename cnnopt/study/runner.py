@@ -27,12 +27,11 @@ from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import search_spaces
-from cnnopt import tracking
+from cnnopt import tracking, trials
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
-from cnnopt import trials
 from cnnopt.study.callback import StudyCallback
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.trainable import best_key, run_trial
@@ -59,7 +58,7 @@ class StudyOutcome:
     parent_run_id: str
     counts: dict  # status -> number of trials
     trial_seconds: dict  # status -> the trials' wall seconds, summed (where a study's time went)
-    best: dict | None  # best trial: run_id, trial_number, params, metrics, checkpoint
+    best: dict | None  # best trial: run_id, trial_number, params, metrics
     wall_seconds: float
     interrupted: bool
     storage_path: str
@@ -371,6 +370,5 @@ def summarize(recorder: StudyRecorder, experiment: Experiment) -> tuple[dict, di
         return counts, seconds, None
     best = {"run_id": run.info.run_id, "trial_number": studies.trial_number(run),
             "params": {name: run.data.params.get(name) for name in run.data.tags.get("searched", "").split(",") if name},
-            "metrics": {k[len("best_"):]: v for k, v in run.data.metrics.items() if k.startswith("best_")},
-            "checkpoint": run.data.tags.get("checkpoint"), "promoted": run.data.tags.get("promoted") == "true"}
+            "metrics": {k[len("best_"):]: v for k, v in run.data.metrics.items() if k.startswith("best_")}}
     return counts, seconds, best

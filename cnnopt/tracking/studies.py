@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, TrainConfig, field_types
 from cnnopt import trials
-from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, experiment_id, param_value, tracking_uri
+from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, param_value, tracking_uri
 
 SETTINGS_ARTIFACT = "settings/experiment.json"
 CONFIRMATION = "confirmation"  # the kind of a run that re-trains a best configuration with a new seed  # on the parent run: every resolved setting of the study
@@ -29,8 +29,7 @@ def find_parent(client: MlflowClient, study: str | None, experiment_name: str | 
         study: the study name; None means the most recently started study.
         experiment_name: the MLflow experiment to look in; None looks in every experiment of the store.
     """
-    ids = ([experiment_id(client, experiment_name)] if experiment_name
-           else [e.experiment_id for e in client.search_experiments()])
+    ids = _experiment_ids(client, experiment_name)
     if not ids:
         return None
     query = f"tags.`{KIND_TAG}` = 'study'" + (f" and tags.`{STUDY_TAG}` = '{study}'" if study else "")
@@ -44,8 +43,17 @@ def find_parent(client: MlflowClient, study: str | None, experiment_name: str | 
 
 def find_parents(client: MlflowClient, experiment_name: str, count: int) -> list:
     """The latest `count` studies' parent runs in the MLflow experiment, newest first."""
-    return client.search_runs([experiment_id(client, experiment_name)], f"tags.`{KIND_TAG}` = 'study'",
-                              order_by=["attributes.start_time DESC"], max_results=count)
+    ids = _experiment_ids(client, experiment_name)
+    return client.search_runs(ids, f"tags.`{KIND_TAG}` = 'study'", order_by=["attributes.start_time DESC"],
+                              max_results=count) if ids else []
+
+
+def _experiment_ids(client: MlflowClient, experiment_name: str | None) -> list[str]:
+    """The experiment's id (none if it does not exist: looking must not create it), or every experiment's."""
+    if experiment_name is None:
+        return [e.experiment_id for e in client.search_experiments()]
+    found = client.get_experiment_by_name(experiment_name)
+    return [found.experiment_id] if found is not None and found.lifecycle_stage == "active" else []
 
 
 def trial_runs(client: MlflowClient, parent) -> list:
