@@ -8,15 +8,20 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
-import search_spaces
+STARTED = time.perf_counter()  # before the heavy imports below: a time budget counts the command's whole wall time
+
+import search_spaces  # noqa: E402 - after STARTED on purpose
 from cnnopt import tracking, trials
 from cnnopt.cli import add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
 from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
+from cnnopt.study.budget import PROMOTION_SECONDS, REPORT_SECONDS
 from cnnopt.study.confirmation import confirm
+from cnnopt.study.final import train_final
 from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, run_study
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import studies
@@ -50,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "needed with --resume")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study --name STUDY")
     parser.add_argument("--seed", type=int, metavar="S", help="the sampler's seed")
-    parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop starting trials after this long")
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="the best model these minutes buy: the whole command (search, confirmation, the final "
+                             "training of the chosen configuration, promotion) is planned to end within them, from "
+                             "what a trial's epoch costs here (printed at the start)")
     parser.add_argument("--no-report", action="store_true",
                         help="skip the study report (figures, importance, edges of the space) on the parent run")
     parser.add_argument("--no-confirm", action="store_true",
@@ -70,6 +78,7 @@ def list_spaces() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = STARTED if argv is None else time.perf_counter()  # a time budget counts from here
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_libraries()
@@ -93,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"study {name}: {search.strategy} over search space '{experiment.search_space}', "
               f"{search.trials} trials, scheduler {search.scheduler}, {experiment.train.epochs} epochs each"
               + (" (resuming)" if args.resume else ""))  # printed once Ray is up, with where the trials run
-    options = StudyOptions(name=name, address=args.address, resume=args.resume, header=header)
+    options = StudyOptions(name=name, address=args.address, resume=args.resume, header=header, started=started,
+                           finish=(0 if args.no_report else REPORT_SECONDS) + (0 if args.no_promote else PROMOTION_SECONDS))
 
     outcome = run_study(experiment, options)
     print_summary(experiment, outcome)
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
-                      address=args.address)
+                      address=args.address, started=started)
     except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
         print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
               f"  {resume_command(outcome.name)}", file=sys.stderr)
@@ -119,8 +129,22 @@ def resume_command(name: str) -> str:
     return f"python -m cnnopt.search --resume --name {name}"
 
 
-def finish(experiment, outcome, *, report: bool, promotion: bool, address: str | None = None) -> int:
-    """What follows the trials: the study report, the confirmation of the best configurations, promotion."""
+def finish(experiment, outcome, *, report: bool, promotion: bool, address: str | None = None,
+           started: float | None = None) -> int:
+    """What follows the trials: the study report, the confirmation of the best configurations, the final
+    training of the chosen one, promotion; and, under a time budget, its plan against what happened."""
+    started = started or time.perf_counter() - outcome.wall_seconds
+    spent = {"search": outcome.wall_seconds}
+    try:
+        return _finish(experiment, outcome, report, promotion, address, started, spent)
+    finally:
+        if outcome.plan is not None:
+            print_budget(outcome, spent, time.perf_counter() - started)
+
+
+def _finish(experiment, outcome, report: bool, promotion: bool, address, started: float, spent: dict) -> int:
+    searched = outcome.searched or experiment  # the trials' settings: a time budget's plan changes them
+    mark = time.perf_counter()
     if report:
         report_study(experiment, outcome.name)
     if not promotion or outcome.best is None:
@@ -132,18 +156,67 @@ def finish(experiment, outcome, *, report: bool, promotion: bool, address: str |
               f"To redo it: python -m cnnopt.promote --run-id {promoted}")
         return 0
     run_id, what = outcome.best["run_id"], f"the best trial (trial {outcome.best['trial_number']})"
-    if experiment.search.confirm_top:
-        confirmation = confirm_best(experiment, outcome, address)
+    spent["finish"] = time.perf_counter() - mark
+    if searched.search.confirm_top:
+        mark = time.perf_counter()
+        confirmation = confirm_best(searched, outcome, address)
         if confirmation is not None:
             run_id, what = confirmation.promote_run_id, f"trial {confirmation.chosen.trial_number}'s configuration"
+        spent["confirm"] = time.perf_counter() - mark
+    promoted_with = searched  # a trial is tested on the data it trained on (a budget may search on a subset)
+    if (outcome.plan.final if outcome.plan is not None else experiment.search.final_epochs):
+        mark = time.perf_counter()
+        deadline = 0.0
+        if outcome.plan is not None:  # what is left, less what is left of the finish allowance (the report used some)
+            promotion = max(PROMOTION_SECONDS, outcome.plan.finish - spent.get("finish", 0.0))
+            deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - promotion
+        final = final_training(experiment, outcome, run_id, what, deadline, address)
+        if final is not None:
+            run_id, what, promoted_with = final.run_id, f"the final training of {what}", experiment
+        spent["final"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     print(f"\npromoting {what}...", flush=True)
     try:
-        print_promotion(promote(experiment, run_id=run_id), experiment)
+        print_promotion(promote(promoted_with, run_id=run_id), experiment)
     except UsageError as exc:  # the study itself is recorded; say what failed and how to retry
         print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --run-id {run_id}",
               file=sys.stderr)
         return 1
+    finally:
+        spent["finish"] = spent.get("finish", 0.0) + time.perf_counter() - mark
     return 0
+
+
+def final_training(experiment, outcome, run_id: str, what: str, deadline: float, address: str | None):
+    """Train the chosen configuration once more (`cnnopt.study.final`), print and record what came of it."""
+    search = experiment.search
+    epochs = "the epochs the time budget leaves" if deadline else f"{search.final_epochs} epochs"
+    data = "the train split" if search.final_data == "train" else "train + val"
+    print(f"\nfinal training of {what}: {epochs}, on a whole node, on {data}...", flush=True)
+    final = train_final(experiment, outcome.name, run_id, deadline=deadline, address=address)
+    if isinstance(final, str):
+        print(f"  no final training: {final}")
+        return None
+    shown = "  ".join(f"{key} {final.metrics[key]:.4f}" for key in ("val_accuracy", "train_accuracy")
+                      if key in final.metrics)
+    print(f"  {final.epochs} epochs (its trial had {final.trial_epochs}), {final.status}: {shown}")
+    print(f"  MLflow run {final.run_id}")
+    record_choice(outcome.parent_run_id, {"final_epochs": final.epochs}, {"final_run_id": final.run_id})
+    return final
+
+
+def print_budget(outcome, spent: dict, total: float) -> None:
+    """A time budget's plan against what happened, printed and logged on the study's parent run."""
+    plan = outcome.plan
+    actual = {"start": plan.started, "search": spent.get("search", 0.0), "confirm": spent.get("confirm", 0.0),
+              "final": spent.get("final", 0.0), "finish": spent.get("finish", 0.0)}
+    planned = {"start": plan.started, "search": plan.search, "confirm": plan.confirm, "final": plan.final,
+               "finish": plan.finish}
+    print(f"\ntime budget {plan.budget / 60:g} min, used {total / 60:.1f} min (planned / actual seconds):")
+    for phase in planned:
+        print(f"  {phase:8s}{planned[phase]:6.0f} / {actual[phase]:4.0f}")
+    record_choice(outcome.parent_run_id, {**{f"budget_{phase}_seconds": value for phase, value in actual.items()},
+                                          "budget_used_seconds": total}, {})
 
 
 def confirm_best(experiment, outcome, address: str | None):
@@ -186,7 +259,8 @@ def print_summary(experiment, outcome) -> None:
     counts = outcome.counts
     shown = [f"{counts.get(trials.COMPLETED, 0)} finished"] + [
         f"{counts.get(status, 0)} {status}" for status in (trials.FAILED, trials.PRUNED, trials.DIVERGED)] + [
-        f"{counts[status]} {status}" for status in (trials.INTERRUPTED, trials.ABANDONED) if counts.get(status)]
+        f"{counts[status]} {status}" for status in (trials.STOPPED, trials.INTERRUPTED, trials.ABANDONED)
+        if counts.get(status)]
     print(f"\n{outcome.name}: {', '.join(shown)}"
           + f" in {outcome.wall_seconds:.0f}s")
     spent = sum(outcome.trial_seconds.values())

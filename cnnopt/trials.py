@@ -14,12 +14,13 @@ from cnnopt.experiment.config import is_better
 
 COMPLETED = "completed"  # ran every epoch
 PRUNED = "pruned"  # the scheduler stopped it before its last epoch
+STOPPED = "stopped"  # too slow: an epoch would take longer than the trial's share of the time budget
 DIVERGED = "diverged"  # its loss became NaN or infinite
 FAILED = "failed"  # it raised
 INTERRUPTED = "interrupted"  # the study stopped while it ran (Ctrl-C, SIGTERM, time budget, killed driver)
 ABANDONED = "abandoned"  # interrupted, and the search space changed before the resume could rerun it
 RUNNING = "running"  # started, not ended yet
-ENDED = (COMPLETED, PRUNED, DIVERGED, FAILED)  # ran to an end: counted against the study's trials
+ENDED = (COMPLETED, PRUNED, STOPPED, DIVERGED, FAILED)  # ran to an end: counted against the study's trials
 STATUSES = (*ENDED, INTERRUPTED, ABANDONED)
 
 T = TypeVar("T")
@@ -33,12 +34,15 @@ def status_of(result: dict | None, epochs: int, *, error: bool = False) -> str:
         epochs: the epochs a trial runs when nothing stops it.
         error: the trial raised.
     Returns:
-        failed, diverged, pruned (stopped before `epochs`) or completed.
+        failed, diverged, stopped (too slow for its share of the budget), pruned (stopped before
+        `epochs`) or completed.
     """
     if error or result is None:
         return FAILED
     if result.get("diverged"):
         return DIVERGED
+    if result.get("too_slow"):
+        return STOPPED
     if result.get("training_iteration", 0) < epochs:
         return PRUNED
     return COMPLETED
@@ -60,12 +64,13 @@ def run_status(status: str) -> str:
 
 def sampler_state(status: str, value: float | None):
     """What a sampler is told of a trial (an Optuna TrialState): COMPLETE with its value, PRUNED (ranked
-    by its intermediate values), or FAIL (failed, diverged, or no value to rank it by)."""
+    by its intermediate values; a stopped trial, too slow to finish an epoch, has none and ranks below every
+    pruned one), or FAIL (failed, diverged, or no value to rank it by)."""
     from optuna.trial import TrialState  # here, so the training objective's workers need not import Optuna
 
     if status == COMPLETED and value is not None and not math.isnan(value):
         return TrialState.COMPLETE
-    if status == PRUNED:
+    if status in (PRUNED, STOPPED):
         return TrialState.PRUNED
     return TrialState.FAIL
 

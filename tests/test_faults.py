@@ -69,7 +69,8 @@ def test_a_searched_hyperparameter_set_on_the_command_line_is_a_warning(tmp_path
 def test_a_time_budget_shorter_than_start_up_says_so(tmp_path):
     done = search(["--time-budget", "0.001", "--name", "short"], tmp_path)
     assert done.returncode == 2
-    assert "the time budget (0.001 min) ended before any trial finished" in error_line(done.stderr)
+    assert "a time budget of 0.001 min is too short here" in error_line(done.stderr)
+    assert "give --time-budget at least" in error_line(done.stderr)
     assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
 
 

@@ -57,7 +57,8 @@ def best_trial_run(client, experiment: Experiment, study: str | None):
 
 @torch.no_grad()
 def evaluate_test(model, data: ImageData) -> dict:
-    """Loss, accuracy, per-class accuracy and the confusion matrix on the test split."""
+    """Loss, accuracy, per-class accuracy and the confusion matrix on the test split (in eval mode)."""
+    model.eval()
     normalize = Normalize(data.mean, data.std, torch.device("cpu"))
     logits = torch.cat([model(normalize(data.test_x[i:i + 1024])) for i in range(0, len(data.test_y), 1024)])
     predictions = logits.argmax(1)

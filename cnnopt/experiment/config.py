@@ -103,13 +103,26 @@ class SearchConfig:
     # CNN: 20.9k img/s for 1 trial, 64.6k for 4, 93.1k for 8). Lower it for bigger models.
     trials_per_gpu: int = 8
     seed: int = 0  # the sampler's seed
-    time_budget: float = 0.0  # minutes; 0 = no limit
+    # bayes, gp, random: the first trial trains the experiment's own [train] values of the searched
+    # hyperparameters (where the space holds them): a study starts from the configuration its file states.
+    baseline_trial: bool = True
+    # minutes for the whole study, from the command's start to the promoted model; 0 = no limit. A budget
+    # is planned (`cnnopt.study.budget`): it sets the trials' epochs, ASHA's rungs, epoch_limit, the
+    # confirmation and final_epochs from what a trial costs on this hardware.
+    time_budget: float = 0.0
+    reserve: float = 0.3  # share of a time budget kept for the final training of the chosen configuration
+    epoch_limit: float = 0.0  # seconds a trial's epoch may take; a slower trial is stopped (0 = no limit)
     grace_period: int = 1  # asha: epochs every trial gets before it can be stopped
     reduction_factor: int = 3  # asha: keep the top 1/factor at each rung
     # Before promotion, the best of many noisy validation scores is partly luck: re-train the top
     # configurations with new seeds and choose by the mean. 0 turns it off (--no-confirm).
     confirm_top: int = 3  # configurations re-trained
     confirm_seeds: int = 3  # new seeds (weights, batch order, augmentation) for each
+    # After the search, the chosen configuration trained once more for final_epochs (its schedule stretched
+    # to them) and promoted in place of its trial; 0 promotes the trial itself. final_data: "train" keeps
+    # the validation split to pick the best epoch; "train+val" trains on both and keeps the last epoch.
+    final_epochs: int = 0
+    final_data: str = "train"
 
 
 @dataclass(frozen=True)
@@ -233,6 +246,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "search.time_budget": (lambda v: v >= 0, ">= 0 minutes (0: no limit)"), "search.grace_period": _at_least(1),
     "search.reduction_factor": _at_least(2),
     "search.confirm_top": (lambda v: v >= 0, ">= 0 (0: no confirmation)"), "search.confirm_seeds": _at_least(1),
+    "search.reserve": (lambda v: 0 <= v < 0.9, "in [0, 0.9)"),
+    "search.epoch_limit": (lambda v: v >= 0, ">= 0 seconds (0: no limit)"),
+    "search.final_epochs": (lambda v: v >= 0, ">= 0 (0: promote the chosen trial itself)"),
+    "search.final_data": (lambda v: v in ("train", "train+val"), "'train' or 'train+val'"),
 }
 
 

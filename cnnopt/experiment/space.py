@@ -151,6 +151,25 @@ class Space:
             return tuple(p.grid_values().index(point[p.name]) if p.name in point else -1 for p in reversed(self.params))
         return sorted(unique, key=order)
 
+    def middle(self) -> dict[str, Any]:
+        """A typical point: each parameter's middle grid value (the first of two), conditions applied.
+        What a time budget's probe trains to learn what a trial costs."""
+        values: dict[str, Any] = {}
+        for param in self.params:
+            if param.active(values):
+                grid = param.grid_values()
+                values[param.name] = grid[(len(grid) - 1) // 2]
+        return values
+
+    def point_of(self, config: TrainConfig) -> dict[str, Any] | None:
+        """The point of this space that `config` is (its values of the searched parameters, conditions
+        applied), or None when one of them lies outside the space."""
+        values: dict[str, Any] = {}
+        for param in self.params:
+            if param.active(values):
+                values[param.name] = getattr(config, param.name)
+        return values if self.mismatch(values) is None else None
+
     def apply(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
         """The training config of one trial: the experiment's [train] values with the sampled ones on top."""
         unknown = set(values) - set(self.names)

@@ -275,7 +275,8 @@ def _run_studies(experiment: Experiment, strategies: list[str], seeds: int, pref
                 overrides=(*experiment.overrides, f"search.strategy={strategy}", f"search.seed={seed}"))
             output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
             with output:  # the study's one line per trial
-                outcome = run_study(settings, StudyOptions(name=name, storage=storage))
+                # A budget only stops each study: the strategies are compared trial for trial, unplanned.
+                outcome = run_study(settings, StudyOptions(name=name, storage=storage, planned=False))
             comparisons.nest_study(run_id, outcome.parent_run_id, prefix)
             if outcome.interrupted:
                 progress(f"{name}: interrupted; the comparison stops here")

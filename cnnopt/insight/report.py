@@ -113,7 +113,7 @@ def build_report(experiment: str | Experiment, study: str | None = None, out_dir
     searched = {run.info.run_id: [n for n in run.data.tags.get("searched", "").split(",") if n]
                 for run in studies.trial_runs(client, parent)}
     curves = {row.run_id: history(client, row.run_id, metric) for row in trials.itertuples()
-              if row.status == trial_status.PRUNED}
+              if row.status in (trial_status.PRUNED, trial_status.STOPPED)}
     optuna_trials, notes = optuna_study(trials, space, searched, curves, metric, mode)
     counts = trials["status"].value_counts().to_dict() if not trials.empty else {}
     best = best_trial(trials, metric, mode, searched)
@@ -245,10 +245,10 @@ def mark_unfinished(axes, trials: pd.DataFrame, metric: str) -> None:
     if not pruned.empty and column in pruned:
         axes.scatter(pruned["trial"], pruned[column], marker="v", color="grey", zorder=3,
                      label="pruned (best epoch before it was stopped)")
-    failed = trials[trials["status"].isin([trial_status.FAILED, trial_status.DIVERGED])]
+    failed = trials[trials["status"].isin([trial_status.FAILED, trial_status.DIVERGED, trial_status.STOPPED])]
     if not failed.empty:  # no value to plot: a mark on the x axis at the trial's number
         axes.scatter(failed["trial"], [0.02] * len(failed), marker="x", color="black", zorder=3,
-                     transform=axes.get_xaxis_transform(), label="failed or diverged")
+                     transform=axes.get_xaxis_transform(), label="failed, diverged or too slow")
     axes.legend(loc="best")
 
 

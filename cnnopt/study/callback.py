@@ -106,9 +106,13 @@ class StudyCallback(tune.Callback):
         value = best.get(self.metric, math.nan)
         shown = " ".join(f"{name}={format_value(trial.config[name])}" for name in self.searched if name in trial.config)
         seconds = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
-        line = f"trial {self.recorder.number(trial.trial_id):3d}  {status:9s}  {self.metric} {value:.4f}  {shown}  ({seconds:.1f}s)"
+        scored = f"{self.metric} {value:.4f}" if not math.isnan(value) else f"{self.metric} -"
+        line = f"trial {self.recorder.number(trial.trial_id):3d}  {status:9s}  {scored}  {shown}  ({seconds:.1f}s)"
         if error:
             line += f"\n    error: {error.strip().splitlines()[-1]}"
+        if status == trial_status.STOPPED:
+            projected = (trial.last_result or {}).get("projected_epoch_seconds", math.nan)
+            line += f"\n    too slow: an epoch would take ~{projected:.0f}s, over search.epoch_limit"
         print(line, flush=True)
 
 

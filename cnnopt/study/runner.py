@@ -32,6 +32,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
+from cnnopt.study.budget import PROMOTION_SECONDS, REPORT_SECONDS, Plan, make_plan, measure_epoch
 from cnnopt.study.callback import StudyCallback
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.trainable import best_key, run_trial
@@ -50,6 +51,9 @@ class StudyOptions:
     resume: bool = False
     storage: str = ""  # Ray results folder; default ./ray_results
     header: str = ""  # the study's first line, completed with where its trials run once Ray is up
+    started: float = 0.0  # time.perf_counter() when the command started: a time budget counts from there
+    finish: float = REPORT_SECONDS + PROMOTION_SECONDS  # seconds a time budget keeps for what follows the trials
+    planned: bool = True  # plan a time budget (`cnnopt.study.budget`); False: it only stops the search
 
 
 @dataclass
@@ -62,6 +66,8 @@ class StudyOutcome:
     wall_seconds: float
     interrupted: bool
     storage_path: str
+    plan: Plan | None = None  # how a time budget was split (None without one)
+    searched: Experiment | None = None  # the settings the trials ran with: the plan's, where a budget was planned
 
 
 def default_study_name(experiment: Experiment) -> str:
@@ -81,13 +87,19 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     Returns:
         StudyOutcome with trial counts by status and the best trial by the validation metric.
     """
+    started = options.started or time.perf_counter()
     space, data = prepare(experiment, options)
     own_ray = start_ray(options.address)
     try:
         search = resolve_resources(experiment.search, ray.cluster_resources())
         check_resources(experiment, search)
         print(f"{options.header}; {placement(search)}" if options.header else placement(search), flush=True)
-        return _run(experiment, search, space, data, options)
+        plan, asked = None, experiment
+        if search.time_budget and options.planned:
+            plan, experiment, data = plan_budget(experiment, space, data, search, started, options.finish)
+            search = resolve_resources(experiment.search, ray.cluster_resources())
+        outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan)
+        return dataclasses.replace(outcome, plan=plan, searched=experiment)
     finally:
         if own_ray:
             with interrupts_held():  # a Ctrl-C repeated while Ray stops must not lose the study's summary
@@ -158,13 +170,32 @@ def check_search(search: SearchConfig) -> None:
         raise UsageError(f"unknown scheduler {search.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
+def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: SearchConfig, started: float,
+                finish: float) -> tuple[Plan, Experiment, ImageData]:
+    """Measure a trial's epoch, split the time budget, print the plan; the planned experiment and its data."""
+    slots = concurrency(search)
+    epoch = measure_epoch(experiment, space, data, search, slots)
+    plan = make_plan(search, experiment.train.epochs, budget=search.time_budget * 60,
+                     started=time.perf_counter() - started, epoch=epoch, slots=slots, train_images=len(data.train_y),
+                     finish=finish)
+    for line in plan.lines():
+        print(line, flush=True)
+    planned = plan.apply(experiment)
+    if plan.subset:  # the search trains on a stratified subset; val (and the unused test) stay the same
+        data = load_data(planned.data)
+        data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
+    return plan, planned, data
+
+
 def _run(experiment: Experiment, search: SearchConfig, space: Space, data: ImageData,
-         options: StudyOptions) -> StudyOutcome:
+         options: StudyOptions, *, recorded: Experiment | None = None, plan: Plan | None = None) -> StudyOutcome:
     """Open the study's record, run the trials it still needs, and close the record however that ended.
-    `search` is the experiment's [search] with its resources resolved on this cluster."""
+    `search` is the experiment's [search] with its resources resolved on this cluster; `recorded` the
+    settings as asked (what a resume starts from), where a time budget's plan changed them."""
     started = time.perf_counter()
-    recorder = _recorder(experiment, search, space, options.name,
-                         tracking.train_dataset(experiment.data, data.train_x, data.train_y))  # once, in the driver
+    recorder = _recorder(recorded or experiment, search, space, options.name,
+                         tracking.train_dataset(experiment.data, data.train_x, data.train_y),  # once, in the driver
+                         plan.params() if plan else {})
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
@@ -191,15 +222,17 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
                         interrupted, str(results_folder(options.storage) / options.name))
 
 
-def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str, dataset) -> StudyRecorder:
-    """The study's record: its settings as asked (what a resume re-resolves), its params as resolved here."""
+def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str, dataset,
+              plan: dict) -> StudyRecorder:
+    """The study's record: its settings as asked (what a resume re-resolves), its params as resolved here
+    (with a time budget's plan)."""
     return StudyRecorder(
         experiment, name,
         tags={"strategy": search.strategy, "sampler": STRATEGIES[search.strategy].sampler,
               "search_space": space.name, "experiment": experiment.path, "scheduler": search.scheduler},
         params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
-                **tracking.data_params(experiment.data)},
+                **tracking.data_params(experiment.data), **plan},
         artifacts=[search_spaces.source_path(space.name)], dataset=dataset)
 
 
@@ -286,7 +319,9 @@ def _make_tuner(experiment: Experiment, space: Space, data: ImageData, options: 
                                     resources)
     searcher = STRATEGIES[search.strategy].searcher(space, metric=best_key(experiment.metric), mode=experiment.mode,
                                                      seed=search.seed, trials=search.trials,
-                                                     max_epochs=experiment.train.epochs, past=past)
+                                                     max_epochs=experiment.train.epochs, past=past,
+                                                     baseline=space.point_of(experiment.train) if search.baseline_trial
+                                                     else None)
     if searcher.capacity is not None:  # an edited space can leave fewer unfinished grid points than that
         trials = min(trials, searcher.capacity)
     if search.scheduler == "asha":

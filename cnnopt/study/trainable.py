@@ -56,7 +56,8 @@ def run_trial(config: dict, *, experiment: Experiment, space: Space, data: Image
             tune.report(result)
 
     try:
-        train(train_config, data, report, metric=experiment.metric, mode=experiment.mode, on_improve=on_improve)
+        train(train_config, data, report, metric=experiment.metric, mode=experiment.mode, on_improve=on_improve,
+              epoch_limit=experiment.search.epoch_limit)
     finally:
         for leftover in folder.glob("*"):
             leftover.unlink()

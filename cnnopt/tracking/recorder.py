@@ -115,7 +115,7 @@ class StudyRecorder:
             status = trials.INTERRUPTED
         params = studies.searched_params(run)
         curve: dict[int, float] = {}
-        if status == trials.PRUNED:  # the sampler ranks a pruned trial by its best-so-far value at each epoch
+        if status in (trials.PRUNED, trials.STOPPED):  # ranked by its best-so-far value at each epoch
             history = self.client.get_metric_history(run.info.run_id, metric)
             curve = trials.best_so_far({point.step: point.value for point in history}, self.experiment.mode)
         return PastTrial(number=int(tags.get("trial_number", 0)), trial_id=tags.get(TRIAL_TAG, ""),
@@ -236,14 +236,34 @@ def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, pa
     Returns:
         The run id.
     """
-    client = make_client()
     number = trial_run.data.tags.get("trial_number", "0")
     study = parent.data.tags.get(STUDY_TAG, "")
-    run_id = start_run(client, experiment, f"{study}-trial-{int(number):03d}-seed{seed}",
-                       parent_run_id=parent.info.run_id,
-                       tags={STUDY_TAG: study, KIND_TAG: studies.CONFIRMATION, "confirms_trial": number,
-                             "confirms_run_id": trial_run.info.run_id, "seed": seed, "status": result.status,
-                             "searched": trial_run.data.tags.get("searched", "")})
+    return _record_retraining(experiment, parent, f"{study}-trial-{int(number):03d}-seed{seed}",
+                              {KIND_TAG: studies.CONFIRMATION, "confirms_trial": number, "seed": seed,
+                               "confirms_run_id": trial_run.info.run_id,
+                               "searched": trial_run.data.tags.get("searched", "")},
+                              params, result, checkpoint, dataset)
+
+
+def record_final(experiment: Experiment, parent, chosen_run, params: dict, result, checkpoint: str | None,
+                 dataset: DatasetInput | None, tags: dict) -> str:
+    """The final training: the chosen configuration (of `chosen_run`) trained once more, a child of the study;
+    `tags` say on which data, for how many epochs and why. Returns the run id."""
+    study = parent.data.tags.get(STUDY_TAG, "")
+    return _record_retraining(experiment, parent, f"{study}-final",
+                              {KIND_TAG: studies.FINAL, "trains_run_id": chosen_run.info.run_id,
+                               "trains_trial": chosen_run.data.tags.get("trial_number",
+                                                                        chosen_run.data.tags.get("confirms_trial", "")),
+                               "searched": chosen_run.data.tags.get("searched", ""), **tags},
+                              params, result, checkpoint, dataset)
+
+
+def _record_retraining(experiment: Experiment, parent, name: str, tags: dict, params: dict, result,
+                       checkpoint: str | None, dataset: DatasetInput | None) -> str:
+    """A configuration trained again outside the trials: a finished child run of the study, written at once."""
+    client = make_client()
+    run_id = start_run(client, experiment, name, parent_run_id=parent.info.run_id,
+                       tags={STUDY_TAG: parent.data.tags.get(STUDY_TAG, ""), "status": result.status, **tags})
     log(client, run_id, params=params)
     log_dataset(client, run_id, dataset)
     for epoch, metrics in enumerate(result.history, start=1):

@@ -41,7 +41,7 @@ def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: 
     parent = run.data.tags.get(PARENT_TAG)
     if parent:
         log(client, parent, metrics={"promoted_test_accuracy": metrics["test_accuracy"]},
-            tags={"promoted_run_id": run_id, "promoted_trial": run.data.tags.get("trial_number", ""),
+            tags={"promoted_run_id": run_id, "promoted_trial": trial_of(run),
                   "model_version": version})
     return version, moved, previous
 
@@ -96,3 +96,9 @@ def _blank_example(model_dir: Path) -> np.ndarray:
     spec_path = model_dir / "input_spec.json"
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else {"channels_trained": 3, "image_size": 32}
     return np.zeros((1, spec["channels_trained"], spec["image_size"], spec["image_size"]), dtype=np.uint8)
+
+
+def trial_of(run) -> str:
+    """The trial whose configuration a run trained: the trial itself, or the one a confirmation or final run repeats."""
+    tags = run.data.tags
+    return tags.get("trial_number") or tags.get("confirms_trial") or tags.get("trains_trial", "")

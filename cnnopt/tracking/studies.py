@@ -19,7 +19,8 @@ from cnnopt import trials
 from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, param_value, tracking_uri
 
 SETTINGS_ARTIFACT = "settings/experiment.json"
-CONFIRMATION = "confirmation"  # the kind of a run that re-trains a best configuration with a new seed  # on the parent run: every resolved setting of the study
+CONFIRMATION = "confirmation"  # the kind of a run that re-trains a best configuration with a new seed
+FINAL = "final"  # the kind of the run that trains the chosen configuration once more, the one promoted
 
 
 def find_parent(client: MlflowClient, study: str | None, experiment_name: str | None = None):

@@ -6,8 +6,10 @@ caller decides what that means (print, MLflow, Ray Tune).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,7 +32,7 @@ EVAL_BATCH = 1024
 
 @dataclass
 class TrainResult:
-    status: str  # trials.COMPLETED | trials.DIVERGED
+    status: str  # trials.COMPLETED | trials.DIVERGED | trials.STOPPED
     best_epoch: int  # 0 when no epoch finished
     best_metrics: dict
     epochs_run: int
@@ -97,8 +99,37 @@ def set_up(config: TrainConfig, data: ImageData) -> Setup:
                  data.train_x if data.streamed else data.train_x.to(device), data.train_y.to(device), data.streamed)
 
 
+def seconds_per_image(config: TrainConfig, data: ImageData, steps: int = 12, warmup: int = 3) -> float:
+    """What training `config` costs here: seconds per training image, timed over `steps` optimisation
+    steps after `warmup` untimed ones (allocation, kernel selection)."""
+    setup = set_up(config, data)
+    setup.model.train()
+    size = min(config.batch_size, len(setup.train_y))
+    order = torch.randint(len(setup.train_y), (warmup + steps, size), generator=setup.order_generator)
+    start = time.perf_counter()
+    for index, rows in enumerate(order):
+        if index == warmup:
+            _synchronize(setup.device)
+            start = time.perf_counter()
+        setup.step(rows if data.streamed else rows.to(setup.device))
+    _synchronize(setup.device)
+    return (time.perf_counter() - start) / (steps * size)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_seconds(per_image: float, data: ImageData) -> float:
+    """An epoch's seconds at `per_image`: the train split, plus validation at a third of a training
+    image's cost (a forward pass only)."""
+    return per_image * (len(data.train_y) + len(data.val_y) / 3)
+
+
 def train(config: TrainConfig, data: ImageData, report: Report | None = None, *, metric: str = "val_accuracy",
-          mode: str = "max", on_improve: Callable[[int, dict], None] | None = None) -> TrainResult:
+          mode: str = "max", on_improve: Callable[[int, dict], None] | None = None,
+          epoch_limit: float = 0.0, keep: str = "best", deadline: float = 0.0) -> TrainResult:
     """Train one configuration and keep its best epoch by `metric`.
 
     Args:
@@ -109,8 +140,16 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         metric, mode: what "best epoch" means.
         on_improve: called with (epoch, state_dict) when an epoch beats the best so far, before
             that epoch's report.
+        epoch_limit: seconds an epoch may take (0: no limit). Once a tenth of the first epoch's batches
+            ran, an epoch projected to take longer ends the training: status 'stopped', reported with
+            too_slow=1.0 and projected_epoch_seconds (later epochs are not stopped: the trial has a score).
+        keep: 'best' keeps the best epoch by `metric`; 'last' keeps the last epoch (a run with no
+            validation split to select by).
+        deadline: time.time() by which training must end (0: none). After each epoch, where the epochs
+            left would not end by then at the epochs' measured pace, fewer are trained, the schedule
+            re-spanned over them (what `config.epochs` was planned on was a short timing).
     Returns:
-        TrainResult with status 'completed' or 'diverged' and the best epoch's weights.
+        TrainResult with status 'completed', 'diverged' or 'stopped' and the kept epoch's weights.
     """
     setup = set_up(config, data)
     model, device, memory_format = setup.model, setup.device, setup.memory_format
@@ -120,7 +159,11 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
 
     result = TrainResult(trials.COMPLETED, 0, {}, 0, model.num_parameters)
     best = None
-    for epoch in range(1, config.epochs + 1):
+    check_at = max(2, len(batches) // 10)  # batches before an epoch's length is projected
+    epochs, began = config.epochs, time.perf_counter()
+    epoch = 0
+    while epoch < epochs:
+        epoch += 1
         start = time.perf_counter()
         model.train()
         order = torch.randperm(len(setup.train_y), generator=setup.order_generator)
@@ -128,29 +171,39 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for first in batches:
+        for done, first in enumerate(batches, start=1):
             loss, logits, y = setup.step(order[first:first + config.batch_size])
             if config.lr_schedule == "onecycle":
                 schedule.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+            if epoch_limit and epoch == 1 and done == check_at and done < len(batches):
+                loss_sum.item()  # wait for the device to finish those batches
+                projected = epoch_seconds((time.perf_counter() - start) / seen, data)
+                if projected > epoch_limit:
+                    result.status = trials.STOPPED
+                    if report is not None:
+                        # The metric is NaN: a scheduler expects it in every result and ranks no NaN.
+                        report(epoch, {"too_slow": 1.0, "projected_epoch_seconds": projected, metric: math.nan})
+                    return result
         train_loss = loss_sum.item() / seen  # one device sync per epoch, not per batch
         train_seconds = time.perf_counter() - start
         lr = setup.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at, read before a per-epoch step
         if config.lr_schedule in ("step", "cosine"):
             schedule.step()
-        val_loss, val_accuracy = evaluate(model, val_x, val_y, setup.normalize, memory_format, setup.amp)
-        metrics = {"train_loss": train_loss, "train_accuracy": correct.item() / seen, "val_loss": val_loss,
-                   "val_accuracy": val_accuracy, "lr": lr,
-                   "epoch_seconds": time.perf_counter() - start, "images_per_second": seen / train_seconds}
+        metrics = {"train_loss": train_loss, "train_accuracy": correct.item() / seen}
+        if len(val_y):  # a final training on train + val has no validation split
+            val_loss, val_accuracy = evaluate(model, val_x, val_y, setup.normalize, memory_format, setup.amp)
+            metrics.update(val_loss=val_loss, val_accuracy=val_accuracy)
+        metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start, images_per_second=seen / train_seconds)
         result.epochs_run = epoch
-        diverged = not math.isfinite(train_loss) or not math.isfinite(val_loss)
+        diverged = not all(math.isfinite(metrics[key]) for key in ("train_loss", "val_loss") if key in metrics)
         if diverged:
             metrics["diverged"] = 1.0
             result.status = trials.DIVERGED
-        elif is_better(metrics[metric], best, mode):
-            best = metrics[metric]
+        elif keep == "last" or is_better(metrics[metric], best, mode):
+            best = metrics.get(metric)
             result.best_epoch, result.best_metrics = epoch, dict(metrics)
             result.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             if on_improve is not None:
@@ -158,6 +211,12 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         result.history.append(metrics)
         if report is not None:
             report(epoch, metrics)
+        if deadline and not diverged:
+            pace = (time.perf_counter() - began) / epoch
+            fits = epoch + max(0, math.floor((deadline - time.time()) / pace))
+            if fits < epochs:
+                epochs = max(epoch, fits)
+                schedule = _respan(config, setup.optimizer, schedule, epochs, epoch, len(batches))
         if diverged:
             break
     return result
@@ -200,6 +259,19 @@ def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_p
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return None
+
+
+def _respan(config: TrainConfig, optimizer: torch.optim.Optimizer, schedule, epochs: int, done: int,
+            steps_per_epoch: int):
+    """The schedule re-spanned over `epochs` in all, moved on to where `done` epochs leave it."""
+    if config.lr_schedule not in ("onecycle", "cosine"):
+        return schedule  # constant and step schedules do not depend on the number of epochs
+    schedule = make_schedule(dataclasses.replace(config, epochs=epochs), optimizer, steps_per_epoch)
+    with warnings.catch_warnings():  # moving a new schedule on without optimizer steps is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done * steps_per_epoch if config.lr_schedule == "onecycle" else done):
+            schedule.step()
+    return schedule
 
 
 def _autocast(config: TrainConfig, device: torch.device):

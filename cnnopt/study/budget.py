@@ -1,0 +1,188 @@
+"""A time budget planned: the best model these minutes can buy on this hardware.
+
+`--time-budget MINUTES` is the whole command, from its start to the promoted model. Once Ray is up
+and the data loaded, a probe trains the search space's middle configuration for a few steps on every
+trial slot at once (so the cores are shared as the trials will share them) and measures what an
+epoch costs. The minutes left are then split:
+
+- finish: an allowance for the report and the promotion (the one test pass, the export and the registry);
+- final (search.reserve of the rest): the chosen configuration trained once more, alone on a whole
+  node, for as many epochs as fit, its schedule stretched to them (`cnnopt.study.final`);
+- confirmation: the best configurations re-trained with new seeds, where at least two configurations
+  with two seeds each fit in a fifth of the search's time; else it is skipped;
+- search: the trials, under ASHA: every trial gets `grace` epochs, the best third of them three times
+  as many, and so on up to `max_epochs`, the deepest rung that still leaves enough trials (at least
+  `MIN_TRIALS`, and two for each that reaches the top). Where even one epoch each does not leave enough
+  trials, the search trains on a stratified subset of the train split (the final training uses all).
+  A trial whose one epoch would take longer than a trial's whole share of the search (`epoch_limit`:
+  its expected epochs at the probe's cost, plus a trial's fixed overhead) is stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import ray
+
+from cnnopt.data.datasets import ImageData
+from cnnopt.errors import UsageError
+from cnnopt.experiment.config import Experiment, SearchConfig
+from cnnopt.experiment.space import Space
+from cnnopt.study.trainable import assigned_device
+from cnnopt.training.objective import epoch_seconds, seconds_per_image
+
+REPORT_SECONDS = 10.0  # the study report's figures and importances (measured 5-10 s)
+PROMOTION_SECONDS = 20.0  # a promotion's test pass, export, fresh-process check and registry (measured 10-20 s)
+MIN_TRIALS = 8  # fewer trials than this is not a search
+CONFIRM_SHARE = 0.2  # of the search's time, the most a confirmation may take
+MIN_SUBSET = 0.1  # the smallest share of the train split a search may use
+TRIAL_OVERHEAD = 1.0  # seconds a trial costs beyond its epochs (start, first batch, checkpoint, record): measured ~1 s
+FINAL_OVERHEAD = 10.0  # seconds a final training costs beyond its epochs (a worker, the data, its own timing)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a budget is spent; seconds are wall-clock, from the command's start."""
+
+    budget: float  # seconds in all
+    started: float  # seconds spent before planning (Ray, data, probe)
+    epoch: float  # a trial's epoch here, measured by the probe (on the search's data)
+    slots: int  # trials at once
+    search: float
+    confirm: float
+    final: float
+    finish: float
+    max_epochs: int  # ASHA's max_t: the most epochs a trial gets while searching
+    grace: int
+    reduction: int
+    trials: int  # trials expected to fit
+    epoch_limit: float  # a trial whose epoch would take longer is stopped
+    subset: int  # train images while searching; 0 = all
+    train_images: int  # of the whole train split
+    confirm_top: int
+    confirm_seeds: int
+    scheduler: str  # asha, or fifo when trials get one epoch
+
+    def rungs(self) -> list[int]:
+        rungs, epochs = [], self.grace
+        while epochs <= self.max_epochs:
+            rungs.append(epochs)
+            epochs *= self.reduction
+        return rungs
+
+    def apply(self, experiment: Experiment) -> Experiment:
+        """The experiment the search and the confirmation run: the plan's epochs, trials, rungs and data."""
+        # Trials run until the search's share ends: up to twice the estimate, where they end sooner.
+        search = dataclasses.replace(experiment.search, trials=2 * self.trials, scheduler=self.scheduler,
+                                     grace_period=self.grace, reduction_factor=self.reduction,
+                                     epoch_limit=self.epoch_limit, confirm_top=self.confirm_top,
+                                     confirm_seeds=self.confirm_seeds, time_budget=self.search / 60)
+        data = dataclasses.replace(experiment.data, subset=self.subset) if self.subset else experiment.data
+        train = dataclasses.replace(experiment.train, epochs=self.max_epochs)
+        return dataclasses.replace(experiment, search=search, data=data, train=train)
+
+    def lines(self) -> list[str]:
+        """The plan, as printed when the study starts."""
+        data = f"{self.subset:,} of the {self.train_images:,} train images" if self.subset else "all train images"
+        rungs = f"ASHA rungs at epochs {', '.join(map(str, self.rungs()))}" if self.scheduler == "asha" else "one epoch each"
+        confirm = (f"the best {self.confirm_top} configurations x {self.confirm_seeds} new seeds, "
+                   f"{self.max_epochs} epochs each" if self.confirm_top else
+                   "skipped (two configurations x two seeds do not fit in a fifth of the search)")
+        return [f"time budget {self.budget / 60:g} min: {self.started:.0f}s to start; a trial's epoch costs "
+                f"~{self.epoch:.1f}s here ({self.slots} at once)",
+                f"  search  {self.search:5.0f}s  ~{self.trials} trials of up to {self.max_epochs} epoch"
+                f"{'s' if self.max_epochs > 1 else ''} ({rungs}), "
+                f"{data}; an epoch over {self.epoch_limit:.0f}s is stopped",
+                f"  confirm {self.confirm:5.0f}s  {confirm}",
+                f"  final   {self.final:5.0f}s  " + ("the chosen configuration trained again on a whole node, epochs "
+                                                 "to fill the time" if self.final else
+                                                 "skipped: the reserve would not train longer than a trial"),
+                f"  finish  {self.finish:5.0f}s  report, test once, export, register"]
+
+    def params(self) -> dict:
+        """The plan as MLflow params of the study's parent run."""
+        return {f"plan.{key}": (round(value, 2) if isinstance(value, float) else value)
+                for key, value in dataclasses.asdict(self).items()}
+
+
+def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: float, epoch: float, slots: int,
+              train_images: int, finish: float = REPORT_SECONDS + PROMOTION_SECONDS) -> Plan:
+    """Split a budget given what an epoch costs; pure arithmetic (the probe is `measure_epoch`).
+
+    Args:
+        search: the [search] settings (reserve, reduction_factor, confirm_top, confirm_seeds).
+        max_epochs: the experiment's train.epochs: the most a trial may get.
+        budget, started: the budget and what is spent already, in seconds.
+        epoch: seconds of one trial's epoch on all the train images, with `slots` trials at once.
+        slots: trials at once.
+        train_images: the train split's size.
+        finish: seconds kept for what follows the trials (the report, the promotion).
+    Raises:
+        UsageError: when not even MIN_TRIALS trials of one epoch on a tenth of the data fit.
+    """
+    remaining = budget - started - finish
+    plan = _split(search, max_epochs, remaining, search.reserve * remaining, epoch, slots)
+    if plan["final"] and (plan["final"] - FINAL_OVERHEAD) / epoch <= plan["max_epochs"]:
+        # The reserve would not train the winner longer than its trial was (even with no speed-up from
+        # having the node to itself): give it to the search instead.
+        plan = _split(search, max_epochs, remaining, 0.0, epoch, slots)
+    if plan["fraction"] < MIN_SUBSET:
+        needed = max(MIN_TRIALS, 2 * slots)
+        shortest = started + finish + needed * (epoch * MIN_SUBSET + TRIAL_OVERHEAD) / slots
+        raise UsageError(f"a time budget of {budget / 60:g} min is too short here: {started:.0f}s went to starting, "
+                         f"and {needed} trials of one epoch (~{epoch:.0f}s each, {slots} at once) on a tenth of the "
+                         f"data need more; give --time-budget at least {math.ceil(shortest / 60 * 1.2)}")
+    fraction = plan.pop("fraction")
+    return Plan(budget=budget, started=started, slots=slots, finish=finish, grace=1,
+                reduction=search.reduction_factor, subset=int(train_images * fraction) if fraction < 1 else 0,
+                train_images=train_images, **plan)
+
+
+def _split(search: SearchConfig, max_epochs: int, remaining: float, final: float, epoch: float, slots: int) -> dict:
+    """The search's ladder, trials, data share and confirmation in `remaining - final` seconds."""
+    rest = remaining - final
+    reduction, grace = search.reduction_factor, 1
+    needed = max(MIN_TRIALS, 2 * slots)
+    slot_seconds = max(0.0, rest * slots - needed * TRIAL_OVERHEAD)
+    fraction = min(1.0, slot_seconds / (needed * epoch * grace))
+    epoch *= fraction  # the search's epoch, on the subset when the full train split does not fit
+
+    def per_trial(depth: int) -> float:  # epochs a trial gets on average under ASHA with rungs up to depth
+        rungs = round(math.log(depth / grace, reduction)) + 1
+        return grace * (1 + (rungs - 1) * (reduction - 1) / reduction)
+
+    top, depth = grace, grace
+    while depth <= max_epochs and fraction > 0:  # the deepest ladder that leaves enough trials
+        if slot_seconds / (per_trial(depth) * epoch + TRIAL_OVERHEAD) >= max(needed, 2 * depth // grace):
+            top = depth
+        depth *= reduction
+    confirm_top, confirm_seeds, confirm = 0, 0, 0.0
+    if search.confirm_top >= 2 and fraction > 0:
+        runs = int(CONFIRM_SHARE * rest * slots / (top * epoch + TRIAL_OVERHEAD))
+        if runs >= 4:
+            confirm_top = min(search.confirm_top, runs // 2)
+            confirm_seeds = min(search.confirm_seeds, runs // confirm_top)
+            confirm = math.ceil(confirm_top * confirm_seeds / slots) * (top * epoch + TRIAL_OVERHEAD)
+    searching = rest - confirm
+    cost = per_trial(top) * epoch + TRIAL_OVERHEAD
+    trials = max(needed, int((searching * slots) / cost)) if fraction > 0 else needed
+    return {"search": searching, "confirm": confirm, "final": final, "epoch": epoch, "max_epochs": top,
+            "trials": trials, "epoch_limit": cost, "confirm_top": confirm_top,
+            "confirm_seeds": confirm_seeds, "scheduler": "asha" if top > grace else "fifo", "fraction": fraction}
+
+
+def measure_epoch(experiment: Experiment, space: Space, data: ImageData, search: SearchConfig, slots: int) -> float:
+    """Seconds of one trial's epoch here: the space's middle configuration timed on `slots` Ray tasks at
+    once, each with a trial's resources; the slowest of them."""
+    config = space.apply(experiment.train, space.middle())
+    task = ray.remote(num_cpus=search.cpus_per_trial, num_gpus=search.gpus_per_trial)(_per_image)
+    shared = ray.put(data)
+    per_image = max(ray.get([task.remote(config, shared) for _ in range(slots)]))
+    return epoch_seconds(per_image, data)
+
+
+def _per_image(config, data: ImageData) -> float:
+    """In a Ray worker: seconds per training image (the GPU when Ray assigned one)."""
+    return seconds_per_image(assigned_device(config), data)

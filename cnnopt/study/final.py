@@ -1,0 +1,135 @@
+"""The final training: the study's chosen configuration trained once more, and promoted in its trial's place.
+
+A trial is trained for the search's epochs, next to other trials; the chosen configuration deserves a
+whole node and the epochs left. It is trained once more:
+- for `search.final_epochs`, or under a time budget for as many epochs as fit before the budget's
+  finish allowance (measured: the run first times a few steps of its own on that node, then holds to
+  the deadline at the pace its epochs really take). Fewer epochs than its trial had would give a worse
+  model, so then no final training is done;
+- with its schedule stretched to those epochs (onecycle and cosine span them; a step schedule's
+  step_size grows in proportion);
+- on the train split, its best epoch selected on validation (`search.final_data = "train"`, the
+  default: the final model keeps a validation score to compare with its trial's), or on train + val
+  with the last epoch kept (`"train+val"`: a tenth more images, selected by nothing);
+- recorded as the study's child run of kind `final`, which promotion then tests once and registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+import search_spaces
+from cnnopt import tracking
+from cnnopt.data.datasets import ImageData, load_data
+from cnnopt.experiment.config import Experiment, TrainConfig
+from cnnopt.study.runner import interrupts_held, start_ray
+from cnnopt.study.trainable import assigned_device
+from cnnopt.tracking import recorder, studies
+from cnnopt.training.checkpoint import FILENAME, save_checkpoint
+from cnnopt.training.objective import TrainResult, epoch_seconds, seconds_per_image, train
+
+
+@dataclass
+class FinalRun:
+    run_id: str
+    epochs: int
+    trial_epochs: int  # what the chosen configuration's trial had
+    status: str
+    metrics: dict  # the kept epoch's
+
+
+def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadline: float = 0.0,
+                address: str | None = None) -> FinalRun | str:
+    """Train the configuration of run `chosen_run_id` once more and record it.
+
+    Args:
+        experiment: the study's settings as asked (all train images; search.final_epochs, final_data).
+        study: the study's name.
+        chosen_run_id: the trial (or confirmation run) whose configuration and seed are trained.
+        deadline: time.time() by which the training must end (a time budget); 0 trains final_epochs.
+        address: the Ray cluster to use when no Ray instance is running.
+    Returns:
+        The FinalRun, or why there was none (a sentence).
+    """
+    client = tracking.make_client()
+    parent = studies.find_parent(client, study, experiment.name)
+    chosen = client.get_run(chosen_run_id)
+    space = search_spaces.get(experiment.search_space)
+    trial_epochs = int(chosen.data.params.get("epochs", experiment.train.epochs))
+    seed = int(chosen.data.params.get("seed", experiment.train.seed))
+    config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(chosen)), seed=seed)
+    data = final_data(experiment)
+    keep = "last" if experiment.search.final_data == "train+val" else "best"
+    own_ray = start_ray(address)
+    try:
+        cpus, gpus = whole_node()
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_train)
+        epochs, result = ray.get(task.remote(config, ray.put(data), experiment.search.final_epochs, deadline,
+                                             trial_epochs, experiment.metric, experiment.mode, keep))
+    finally:
+        if own_ray:
+            with interrupts_held():
+                ray.shutdown()
+    if result is None:
+        return (f"the time left fits {epochs} epochs of it, no more than its trial's {trial_epochs}: "
+                "the trial is promoted as it is")
+    config = stretched(config, epochs, trial_epochs)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if result.state_dict is not None:
+            checkpoint = str(save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
+                                             result.best_epoch, result.best_metrics))
+        run_id = recorder.record_final(
+            experiment, parent, chosen, tracking.hyperparameters(config), result, checkpoint,
+            tracking.train_dataset(experiment.data, data.train_x, data.train_y),
+            {"final_data": experiment.search.final_data, "kept_epoch": keep,
+             "epochs_why": "the time budget's reserve" if deadline else "search.final_epochs"})
+    return FinalRun(run_id, epochs, trial_epochs, result.status, result.best_metrics)
+
+
+def final_data(experiment: Experiment) -> ImageData:
+    """The splits a final training reads: no test; with final_data = "train+val", the val images join the
+    train split (its normalisation stays the train split's, as promotion checks)."""
+    data = load_data(experiment.data)
+    data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
+    if experiment.search.final_data != "train+val":
+        return data
+    return dataclasses.replace(data, train_x=torch.cat([data.train_x[:], data.val_x]),
+                               train_y=torch.cat([data.train_y, data.val_y]), val_x=data.val_x[:0],
+                               val_y=data.val_y[:0], train_path="")
+
+
+def stretched(config: TrainConfig, epochs: int, trial_epochs: int) -> TrainConfig:
+    """`config` for `epochs` epochs, its schedule stretched from the trial's `trial_epochs`."""
+    step_size = max(1, round(config.step_size * epochs / max(1, trial_epochs)))
+    return dataclasses.replace(config, epochs=epochs, step_size=step_size)
+
+
+def whole_node() -> tuple[float, float]:
+    """The resources of the largest live node: all its CPUs, and one GPU where it has any."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    largest = max(nodes, key=lambda resources: (resources.get("GPU", 0), resources.get("CPU", 0)))
+    return largest.get("CPU", 1), min(1.0, largest.get("GPU", 0))
+
+
+def _train(config: TrainConfig, data: ImageData, epochs: int, deadline: float, trial_epochs: int, metric: str,
+           mode: str, keep: str) -> tuple[int, TrainResult | None]:
+    """In a Ray worker: the epochs (timed here, against `deadline`, when one is given), then the training."""
+    config = assigned_device(config)
+    if deadline:
+        per_epoch = epoch_seconds(seconds_per_image(config, data), data)
+        epochs = max(0, math.floor((deadline - time.time()) / per_epoch))
+        if epochs <= trial_epochs:
+            return epochs, None
+    # The timing above is a few steps long: the deadline holds the training to what the epochs really take.
+    result = train(stretched(config, epochs, trial_epochs), data, metric=metric, mode=mode, keep=keep,
+                   deadline=deadline)
+    return result.epochs_run, result

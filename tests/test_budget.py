@@ -1,0 +1,170 @@
+"""A time budget: the plan's arithmetic, trials stopped for their cost, the final training, and a budgeted
+study end to end (real Ray, real MLflow, digits)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from cnnopt import search, trials
+from cnnopt.errors import UsageError
+from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
+from cnnopt.study.budget import MIN_TRIALS, make_plan
+from cnnopt.study.final import final_data, stretched
+from cnnopt.training.objective import train
+
+SEARCH = SearchConfig()  # reserve 0.3, reduction_factor 3, confirm 3 x 3
+TINY = TrainConfig(epochs=2, channels=8, batch_size=64)
+
+
+def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, **search):
+    return make_plan(dataclasses.replace(SEARCH, **search), max_epochs, budget=budget, started=20.0, epoch=epoch,
+                     slots=slots, train_images=4500, finish=30.0)
+
+
+def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
+    made = plan()
+    assert made.started + made.search + made.confirm + made.final + made.finish == pytest.approx(600)
+    assert made.final == pytest.approx(0.3 * (600 - 20 - 30)), "the reserve is search.reserve of what is left"
+    assert made.scheduler == "asha" and made.rungs() == [3 ** k for k in range(len(made.rungs()))]
+    assert 1 < made.max_epochs == made.rungs()[-1] <= 30
+    # Enough trials to search with, and at least two for every one that reaches the top rung.
+    assert made.trials >= max(MIN_TRIALS, 2 * made.max_epochs)
+    # A trial's share: what its expected epochs cost, so a trial whose one epoch costs more is stopped.
+    assert made.epoch < made.epoch_limit < made.search * made.slots / MIN_TRIALS
+    assert made.subset == 0
+    assert any("ASHA rungs at epochs 1, 3" in line for line in made.lines())
+
+
+def test_more_minutes_buy_deeper_trials_or_more_of_them():
+    small, large = plan(budget=600), plan(budget=2400)
+    assert large.max_epochs >= small.max_epochs and large.trials >= small.trials
+    assert large.max_epochs * large.trials > small.max_epochs * small.trials
+    assert plan(budget=10_000, epoch=1).max_epochs == 27, "capped by train.epochs (30): 27 is the last rung below"
+
+
+def test_a_tight_budget_searches_a_subset_and_a_hopeless_one_is_refused_with_what_would_do():
+    tight = plan(budget=200, epoch=60)
+    assert 0 < tight.subset < 4500 and tight.scheduler == "fifo" and tight.max_epochs == 1
+    assert tight.epoch < 60, "the epoch the plan counts is the subset's"
+    with pytest.raises(UsageError, match=r"too short here: .* give --time-budget at least \d+"):
+        plan(budget=100, epoch=600)
+
+
+def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search():
+    kept = plan(budget=600, epoch=10)
+    dropped = plan(budget=600, epoch=10, reserve=0.05)  # 27 s: fewer epochs than a trial's 9
+    assert kept.final > 0 and dropped.final == 0
+    assert dropped.search > kept.search
+    assert any("final" in line and "skipped" in line for line in dropped.lines())
+
+
+def test_confirmation_is_planned_only_where_two_configurations_by_two_seeds_fit():
+    cheap = plan(epoch=0.5)
+    assert cheap.confirm_top >= 2 and cheap.confirm_seeds >= 2 and cheap.confirm > 0
+    costly = plan(epoch=10)
+    assert costly.confirm_top == 0 and costly.confirm == 0
+    assert plan(epoch=0.5, confirm_top=0).confirm_top == 0, "--no-confirm stays off"
+
+
+def test_a_plan_sets_the_searchs_epochs_trials_rungs_and_data():
+    experiment = load_experiment(None, ["search.time_budget=10"])
+    made = make_plan(experiment.search, experiment.train.epochs, budget=600, started=20, epoch=40, slots=2,
+                     train_images=1000, finish=30)
+    planned = made.apply(experiment)
+    assert planned.train.epochs == made.max_epochs
+    assert planned.search.trials == 2 * made.trials, "until the search's time is up, where trials end sooner"
+    assert planned.search.epoch_limit == made.epoch_limit
+    assert planned.search.time_budget == pytest.approx(made.search / 60), "Ray stops the search at its share"
+    assert planned.data.subset == made.subset
+    assert experiment.train.epochs == 10, "the asked settings are unchanged (what the study records)"
+
+
+def test_a_trial_too_slow_for_its_share_is_stopped_and_told_to_the_sampler_as_pruned(digits_data):
+    reports = []
+    result = train(TINY, digits_data, lambda epoch, metrics: reports.append(metrics), epoch_limit=1e-6)
+    assert result.status == trials.STOPPED and result.epochs_run == 0 and result.state_dict is None
+    assert reports[0]["too_slow"] == 1.0 and reports[0]["projected_epoch_seconds"] > 0
+    assert math.isnan(reports[0]["val_accuracy"]), "schedulers need the metric; NaN ranks nowhere"
+    last = {**reports[0], "training_iteration": 1}
+    assert trials.status_of(last, 2) == trials.STOPPED
+    assert trials.sampler_state(trials.STOPPED, None) == TrialState.PRUNED
+    assert train(TINY, digits_data, epoch_limit=1e6).status == trials.COMPLETED
+
+
+def test_a_final_training_on_train_and_val_keeps_the_last_epoch(digits_data):
+    experiment = load_experiment(None, ["search.final_data=train+val"])
+    data = final_data(experiment)
+    assert len(data.train_y) == len(digits_data.train_y) + len(digits_data.val_y) and len(data.val_y) == 0
+    assert len(data.test_y) == 0, "a final training never sees the test split"
+    assert data.mean == digits_data.mean, "normalised as the train split, as promotion checks"
+    result = train(TINY, data, keep="last")
+    assert result.status == trials.COMPLETED and result.best_epoch == 2
+    assert "val_accuracy" not in result.best_metrics and "train_accuracy" in result.best_metrics
+    assert stretched(TrainConfig(step_size=5), 30, 10).step_size == 15
+
+
+def children(uri: str, study: str, kind: str):
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("digits")
+    return client.search_runs([experiment.experiment_id],
+                              f"tags.`cnnopt.study` = '{study}' and tags.`cnnopt.kind` = '{kind}'", max_results=100)
+
+
+def test_stopped_trials_are_recorded_and_counted(ray_session, mlflow_store, capsys):
+    code = search.main(["--trials", "2", "--name", "slow", "--set", "search.epoch_limit=0.000001",
+                        "--set", "train.epochs=2", "--no-promote", "--no-report"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "2 stopped" in out and "too slow: an epoch would take" in out
+    runs = children(mlflow_store, "slow", "trial")
+    assert sorted(run.data.tags["status"] for run in runs) == ["stopped", "stopped"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert children(mlflow_store, "slow", "study")[0].data.tags["stopped_trials"] == "2"
+
+
+def test_a_final_training_is_its_own_run_and_the_one_promoted(ray_session, mlflow_store, capsys):
+    code = search.main(["--trials", "2", "--name", "fin", "--set", "train.epochs=2", "--set", "search.final_epochs=3",
+                        "--set", "search.final_data=train+val", "--no-confirm", "--no-report"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "final training of the best trial" in out and "3 epochs (its trial had 2)" in out
+    [final] = children(mlflow_store, "fin", "final")
+    [parent] = children(mlflow_store, "fin", "study")
+    assert parent.data.tags["promoted_run_id"] == final.info.run_id == parent.data.tags["final_run_id"]
+    assert final.data.params["epochs"] == "3" and final.data.tags["final_data"] == "train+val"
+    assert "best_val_accuracy" not in final.data.metrics, "trained on val: no validation score"
+    assert final.data.tags["trains_run_id"] in {run.info.run_id for run in children(mlflow_store, "fin", "trial")}
+    assert parent.data.tags["promoted_trial"] == final.data.tags["trains_trial"] != ""
+    assert "test_accuracy" in MlflowClient(tracking_uri=mlflow_store).get_run(final.info.run_id).data.metrics
+
+
+def test_a_budgeted_study_plans_trains_the_winner_and_ends_near_its_budget(ray_session, mlflow_store, capsys):
+    started = time.monotonic()
+    code = search.main(["--time-budget", "1.5", "--name", "budgeted", "--set", "search.reserve=0.5", "--no-report"])
+    wall = time.monotonic() - started
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "time budget 1.5 min:" in out and "a trial's epoch costs" in out  # the plan, at the start
+    assert "time budget 1.5 min, used" in out  # and against what happened, at the end
+    [parent] = children(mlflow_store, "budgeted", "study")
+    max_epochs = int(parent.data.params["plan.max_epochs"])
+    trial_runs = children(mlflow_store, "budgeted", "trial")
+    assert trial_runs and all(run.data.params["epochs"] == str(max_epochs) for run in trial_runs)
+    assert parent.data.metrics["budget_used_seconds"] > 0
+    [final] = children(mlflow_store, "budgeted", "final")
+    assert int(final.data.params["epochs"]) > max_epochs, "the reserve trains the winner longer than its trial"
+    assert parent.data.tags["promoted_run_id"] == final.info.run_id
+    assert wall < 90 + 45, f"a 1.5-minute budget took {wall:.0f}s"
+
+
+def test_a_deadline_trains_fewer_epochs_with_the_schedule_respanned(digits_data):
+    config = dataclasses.replace(TINY, epochs=200, lr=0.1)
+    result = train(config, digits_data, deadline=time.time() + 3)
+    assert result.status == trials.COMPLETED and 1 <= result.epochs_run < 200
+    assert result.history[-1]["lr"] < 0.1 * config.lr, "onecycle ends near zero over the epochs it really had"
