@@ -18,7 +18,7 @@ from cnnopt.study.budget import MIN_TRIALS, make_plan
 from cnnopt.study.final import final_data, stretched
 from cnnopt.training.objective import train
 
-SEARCH = SearchConfig()  # reserve 0.3, reduction_factor 3, confirm 3 x 3
+SEARCH = SearchConfig()  # reserve 0.4, reduction_factor 3, confirm 3 x 3
 TINY = TrainConfig(epochs=2, channels=8, batch_size=64)
 
 
@@ -30,7 +30,7 @@ def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, **search):
 def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
     made = plan()
     assert made.started + made.search + made.confirm + made.final + made.finish == pytest.approx(600)
-    assert made.final == pytest.approx(0.3 * (600 - 20 - 30)), "the reserve is search.reserve of what is left"
+    assert made.final == pytest.approx(0.4 * (600 - 20 - 30)), "the reserve is search.reserve of what is left"
     assert made.scheduler == "asha" and made.rungs() == [3 ** k for k in range(len(made.rungs()))]
     assert 1 < made.max_epochs == made.rungs()[-1] <= 30
     # Enough trials to search with, and at least two for every one that reaches the top rung.

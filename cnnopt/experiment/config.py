@@ -110,7 +110,7 @@ class SearchConfig:
     # is planned (`cnnopt.study.budget`): it sets the trials' epochs, ASHA's rungs, epoch_limit, the
     # confirmation and final_epochs from what a trial costs on this hardware.
     time_budget: float = 0.0
-    reserve: float = 0.3  # share of a time budget kept for the final training of the chosen configuration
+    reserve: float = 0.4  # share of a time budget kept for the final training of the chosen configuration
     epoch_limit: float = 0.0  # seconds a trial's epoch may take; a slower trial is stopped (0 = no limit)
     grace_period: int = 1  # asha: epochs every trial gets before it can be stopped
     reduction_factor: int = 3  # asha: keep the top 1/factor at each rung
