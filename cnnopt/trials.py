@@ -43,7 +43,7 @@ def status_of(result: dict | None, epochs: int, *, error: bool = False) -> str:
         return DIVERGED
     if result.get("too_slow"):
         return STOPPED
-    if result.get("training_iteration", 0) < epochs:
+    if result.get("training_iteration", 0) < result.get("epochs_planned", epochs):  # a deadline may plan fewer
         return PRUNED
     return COMPLETED
 

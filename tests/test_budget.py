@@ -38,7 +38,9 @@ def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
     # A trial's share: what its expected epochs cost, so a trial whose one epoch costs more is stopped.
     assert made.epoch < made.epoch_limit < made.search * made.slots / MIN_TRIALS
     assert made.subset == 0
-    assert any("ASHA rungs at epochs 1, 3" in line for line in made.lines())
+    # A trial's currency is time: the rungs are the probe's epochs, in seconds of training.
+    assert made.trial_seconds == made.max_epochs * made.epoch
+    assert any(f"ASHA rungs at {made.epoch:.0f}, {3 * made.epoch:.0f}" in line for line in made.lines())
 
 
 def test_more_minutes_buy_deeper_trials_or_more_of_them():
@@ -77,12 +79,13 @@ def test_a_plan_sets_the_searchs_epochs_trials_rungs_and_data():
     made = make_plan(experiment.search, experiment.train.epochs, budget=600, started=20, epoch=40, slots=2,
                      train_images=1000, finish=30)
     planned = made.apply(experiment)
-    assert planned.train.epochs == made.max_epochs
+    assert planned.train.epochs == experiment.train.epochs, "the most a trial trains; its time decides"
+    assert planned.search.trial_seconds == made.trial_seconds and planned.search.grace_seconds == made.epoch
     assert planned.search.trials == 2 * made.trials, "until the search's time is up, where trials end sooner"
     assert planned.search.epoch_limit == made.epoch_limit
     assert planned.search.time_budget == pytest.approx(made.search / 60), "Ray stops the search at its share"
     assert planned.data.subset == made.subset
-    assert experiment.train.epochs == 10, "the asked settings are unchanged (what the study records)"
+    assert experiment.search.trial_seconds == 0, "the asked settings are unchanged (what the study records)"
 
 
 def test_a_trial_too_slow_for_its_share_is_stopped_and_told_to_the_sampler_as_pruned(digits_data):
@@ -93,6 +96,9 @@ def test_a_trial_too_slow_for_its_share_is_stopped_and_told_to_the_sampler_as_pr
     assert math.isnan(reports[0]["val_accuracy"]), "schedulers need the metric; NaN ranks nowhere"
     last = {**reports[0], "training_iteration": 1}
     assert trials.status_of(last, 2) == trials.STOPPED
+    # A trial that trained for a time ran the epochs its deadline planned: completed, not pruned.
+    assert trials.status_of({"training_iteration": 4, "epochs_planned": 4}, 30) == trials.COMPLETED
+    assert trials.status_of({"training_iteration": 3, "epochs_planned": 4}, 30) == trials.PRUNED
     assert trials.sampler_state(trials.STOPPED, None) == TrialState.PRUNED
     assert train(TINY, digits_data, epoch_limit=1e6).status == trials.COMPLETED
 
@@ -153,18 +159,24 @@ def test_a_budgeted_study_plans_trains_the_winner_and_ends_near_its_budget(ray_s
     assert "time budget 1.5 min:" in out and "a trial's epoch costs" in out  # the plan, at the start
     assert "time budget 1.5 min, used" in out  # and against what happened, at the end
     [parent] = children(mlflow_store, "budgeted", "study")
-    max_epochs = int(parent.data.params["plan.max_epochs"])
+    assert float(parent.data.params["plan.epoch"]) > 0 and int(parent.data.params["plan.max_epochs"]) >= 1
+    client = MlflowClient(tracking_uri=mlflow_store)
     trial_runs = children(mlflow_store, "budgeted", "trial")
-    assert trial_runs and all(run.data.params["epochs"] == str(max_epochs) for run in trial_runs)
+    trained = {run.info.run_id: len(client.get_metric_history(run.info.run_id, "train_loss")) for run in trial_runs}
+    assert trial_runs and max(trained.values()) <= 10, "a trial trains for its time, at most train.epochs"
     assert parent.data.metrics["budget_used_seconds"] > 0
     [final] = children(mlflow_store, "budgeted", "final")
-    assert int(final.data.params["epochs"]) > max_epochs, "the reserve trains the winner longer than its trial"
+    assert int(final.data.params["epochs"]) > trained[final.data.tags["trains_run_id"]], "longer than its trial"
     assert parent.data.tags["promoted_run_id"] == final.info.run_id
     assert wall < 90 + 45, f"a 1.5-minute budget took {wall:.0f}s"
 
 
-def test_a_deadline_trains_fewer_epochs_with_the_schedule_respanned(digits_data):
+def test_a_deadline_trains_the_epochs_that_fit_with_the_schedule_respanned(digits_data):
     config = dataclasses.replace(TINY, epochs=200, lr=0.1)
-    result = train(config, digits_data, deadline=time.time() + 3)
+    started = time.time()
+    result = train(config, digits_data, deadline=started + 3)
     assert result.status == trials.COMPLETED and 1 <= result.epochs_run < 200
+    assert time.time() - started < 3 + 2, "planned a tenth into the first epoch, held after each"
+    assert result.history[-1]["epochs_planned"] == result.epochs_run
     assert result.history[-1]["lr"] < 0.1 * config.lr, "onecycle ends near zero over the epochs it really had"
+    assert max(epoch["lr"] for epoch in result.history) > 0.5 * config.lr, "and peaks within them"

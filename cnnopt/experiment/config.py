@@ -112,6 +112,11 @@ class SearchConfig:
     time_budget: float = 0.0
     reserve: float = 0.4  # share of a time budget kept for the final training of the chosen configuration
     epoch_limit: float = 0.0  # seconds a trial's epoch may take; a slower trial is stopped (0 = no limit)
+    # Seconds a trial trains for (0: its train.epochs): its epochs are as many as fit at its own pace, at
+    # most train.epochs, and ASHA's rungs are in seconds of training from grace_seconds up. A budget's plan
+    # sets both, so the search compares configurations at equal time, as the final training will use them.
+    trial_seconds: float = 0.0
+    grace_seconds: float = 0.0
     grace_period: int = 1  # asha: epochs every trial gets before it can be stopped
     reduction_factor: int = 3  # asha: keep the top 1/factor at each rung
     # Before promotion, the best of many noisy validation scores is partly luck: re-train the top
@@ -248,6 +253,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "search.confirm_top": (lambda v: v >= 0, ">= 0 (0: no confirmation)"), "search.confirm_seeds": _at_least(1),
     "search.reserve": (lambda v: 0 <= v < 0.9, "in [0, 0.9)"),
     "search.epoch_limit": (lambda v: v >= 0, ">= 0 seconds (0: no limit)"),
+    "search.trial_seconds": (lambda v: v >= 0, ">= 0 seconds (0: train.epochs decides)"),
+    "search.grace_seconds": (lambda v: v >= 0, ">= 0 seconds"),
     "search.final_epochs": (lambda v: v >= 0, ">= 0 (0: promote the chosen trial itself)"),
     "search.final_data": (lambda v: v in ("train", "train+val"), "'train' or 'train+val'"),
 }

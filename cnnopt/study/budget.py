@@ -14,6 +14,9 @@ epoch costs. The minutes left are then split:
   as many, and so on up to `max_epochs`, the deepest rung that still leaves enough trials (at least
   `MIN_TRIALS`, and two for each that reaches the top). Where even one epoch each does not leave enough
   trials, the search trains on a stratified subset of the train split (the final training uses all).
+  Those epochs are the probe's: a trial's currency is time (`trial_seconds`, ASHA's rungs in seconds
+  of training), so a configuration twice as fast trains twice the epochs (at most train.epochs) and
+  the search compares configurations at equal time, as the final training will run them.
   A trial whose one epoch would take longer than a trial's whole share of the search (`epoch_limit`:
   its expected epochs at the probe's cost, plus a trial's fixed overhead) is stopped.
 """
@@ -65,6 +68,11 @@ class Plan:
     confirm_seeds: int
     scheduler: str  # asha, or fifo when trials get one epoch
 
+    @property
+    def trial_seconds(self) -> float:
+        """What a trial that reaches the top rung trains for: the probe's configuration, max_epochs."""
+        return self.max_epochs * self.epoch
+
     def rungs(self) -> list[int]:
         rungs, epochs = [], self.grace
         while epochs <= self.max_epochs:
@@ -77,24 +85,25 @@ class Plan:
         # Trials run until the search's share ends: up to twice the estimate, where they end sooner.
         search = dataclasses.replace(experiment.search, trials=2 * self.trials, scheduler=self.scheduler,
                                      grace_period=self.grace, reduction_factor=self.reduction,
-                                     epoch_limit=self.epoch_limit, confirm_top=self.confirm_top,
+                                     epoch_limit=self.epoch_limit, trial_seconds=self.trial_seconds,
+                                     grace_seconds=self.grace * self.epoch, confirm_top=self.confirm_top,
                                      confirm_seeds=self.confirm_seeds, time_budget=self.search / 60)
         data = dataclasses.replace(experiment.data, subset=self.subset) if self.subset else experiment.data
-        train = dataclasses.replace(experiment.train, epochs=self.max_epochs)
-        return dataclasses.replace(experiment, search=search, data=data, train=train)
+        return dataclasses.replace(experiment, search=search, data=data)  # train.epochs: the most a trial trains
 
     def lines(self) -> list[str]:
         """The plan, as printed when the study starts."""
         data = f"{self.subset:,} of the {self.train_images:,} train images" if self.subset else "all train images"
-        rungs = f"ASHA rungs at epochs {', '.join(map(str, self.rungs()))}" if self.scheduler == "asha" else "one epoch each"
+        rungs = (f"ASHA rungs at {', '.join(f'{r * self.epoch:.0f}' for r in self.rungs())}s of training"
+                 if self.scheduler == "asha" else "one epoch each")
         confirm = (f"the best {self.confirm_top} configurations x {self.confirm_seeds} new seeds, "
                    f"{self.max_epochs} epochs each" if self.confirm_top else
                    "skipped (two configurations x two seeds do not fit in a fifth of the search)")
         return [f"time budget {self.budget / 60:g} min: {self.started:.0f}s to start; a trial's epoch costs "
                 f"~{self.epoch:.1f}s here ({self.slots} at once)",
-                f"  search  {self.search:5.0f}s  ~{self.trials} trials of up to {self.max_epochs} epoch"
-                f"{'s' if self.max_epochs > 1 else ''} ({rungs}), "
-                f"{data}; an epoch over {self.epoch_limit:.0f}s is stopped",
+                f"  search  {self.search:5.0f}s  ~{self.trials} trials of up to {self.trial_seconds:.0f}s of training "
+                f"(the probe's configuration: {self.max_epochs} epoch{'s' if self.max_epochs > 1 else ''}; a faster "
+                f"one trains more), {rungs}, {data}; an epoch over {self.epoch_limit:.0f}s is stopped",
                 f"  confirm {self.confirm:5.0f}s  {confirm}",
                 f"  final   {self.final:5.0f}s  " + ("the chosen configuration trained again on a whole node, epochs "
                                                  "to fill the time" if self.final else

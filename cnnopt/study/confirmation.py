@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
         pending = {}
         for run, seed in todo:
             config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(run)), seed=seed)
-            pending[task.remote(config, shared, experiment.metric, experiment.mode)] = (run, seed, config)
+            pending[task.remote(config, shared, experiment.metric, experiment.mode,
+                                search.trial_seconds)] = (run, seed, config)
         while pending:
             [ready], _ = ray.wait(list(pending))
             run, seed, config = pending.pop(ready)
@@ -125,9 +127,11 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
                 ray.shutdown()
 
 
-def _train_seed(config, data: ImageData, metric: str, mode: str) -> TrainResult:
-    """In a Ray worker: train one configuration with its seed (the GPU when Ray assigned one)."""
-    return train(assigned_device(config), data, metric=metric, mode=mode)
+def _train_seed(config, data: ImageData, metric: str, mode: str, seconds: float = 0.0) -> TrainResult:
+    """In a Ray worker: train one configuration with its seed (the GPU when Ray assigned one), for
+    `seconds` of training where a time budget's trials trained for a time."""
+    return train(assigned_device(config), data, metric=metric, mode=mode,
+                 deadline=time.time() + seconds if seconds else 0.0)
 
 
 def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageData, result: TrainResult,

@@ -63,7 +63,8 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
     parent = studies.find_parent(client, study, experiment.name)
     chosen = client.get_run(chosen_run_id)
     space = search_spaces.get(experiment.search_space)
-    trial_epochs = int(chosen.data.params.get("epochs", experiment.train.epochs))
+    # The epochs the chosen run trained (a budget's trials train for a time: as many as fitted).
+    trial_epochs = len(client.get_metric_history(chosen_run_id, "train_loss")) or experiment.train.epochs
     seed = int(chosen.data.params.get("seed", experiment.train.seed))
     config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(chosen)), seed=seed)
     data = final_data(experiment)

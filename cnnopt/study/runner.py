@@ -324,7 +324,12 @@ def _make_tuner(experiment: Experiment, space: Space, data: ImageData, options: 
                                                      else None)
     if searcher.capacity is not None:  # an edited space can leave fewer unfinished grid points than that
         trials = min(trials, searcher.capacity)
-    if search.scheduler == "asha":
+    if search.scheduler == "asha" and search.trial_seconds:  # rungs in seconds of training (a time budget's plan)
+        scheduler = ASHAScheduler(time_attr="time_total_s", metric=experiment.metric, mode=experiment.mode,
+                                  max_t=search.trial_seconds, grace_period=search.grace_seconds,
+                                  reduction_factor=search.reduction_factor,
+                                  stop_last_trials=False)  # a trial's own deadline ends it; ASHA only prunes
+    elif search.scheduler == "asha":
         # Rungs compare the current epoch's metric; the searcher compares best-epoch values.
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=experiment.metric, mode=experiment.mode,
                                   max_t=experiment.train.epochs, grace_period=search.grace_period,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -56,8 +57,9 @@ def run_trial(config: dict, *, experiment: Experiment, space: Space, data: Image
             tune.report(result)
 
     try:
+        seconds = experiment.search.trial_seconds  # a time budget's trials train for a time, not a number of epochs
         train(train_config, data, report, metric=experiment.metric, mode=experiment.mode, on_improve=on_improve,
-              epoch_limit=experiment.search.epoch_limit)
+              epoch_limit=experiment.search.epoch_limit, deadline=time.time() + seconds if seconds else 0.0)
     finally:
         for leftover in folder.glob("*"):
             leftover.unlink()

@@ -145,9 +145,11 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             too_slow=1.0 and projected_epoch_seconds (later epochs are not stopped: the trial has a score).
         keep: 'best' keeps the best epoch by `metric`; 'last' keeps the last epoch (a run with no
             validation split to select by).
-        deadline: time.time() by which training must end (0: none). After each epoch, where the epochs
-            left would not end by then at the epochs' measured pace, fewer are trained, the schedule
-            re-spanned over them (what `config.epochs` was planned on was a short timing).
+        deadline: time.time() by which training must end (0: none): `config.epochs` is then the most it
+            trains. A tenth into the first epoch, the epochs become as many as fit at this configuration's
+            pace; after each epoch, where the epochs left would not end in time at the pace measured so
+            far, fewer are trained. The schedule is re-spanned over them each time. Every epoch's
+            metrics carry `epochs_planned`.
     Returns:
         TrainResult with status 'completed', 'diverged' or 'stopped' and the kept epoch's weights.
     """
@@ -178,15 +180,19 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if epoch_limit and epoch == 1 and done == check_at and done < len(batches):
+            if (epoch_limit or deadline) and epoch == 1 and done == check_at and done < len(batches):
                 loss_sum.item()  # wait for the device to finish those batches
                 projected = epoch_seconds((time.perf_counter() - start) / seen, data)
-                if projected > epoch_limit:
+                if epoch_limit and projected > epoch_limit:
                     result.status = trials.STOPPED
                     if report is not None:
                         # The metric is NaN: a scheduler expects it in every result and ranks no NaN.
                         report(epoch, {"too_slow": 1.0, "projected_epoch_seconds": projected, metric: math.nan})
                     return result
+                fits = max(1, math.floor((deadline - time.time() + time.perf_counter() - start) / projected))
+                if deadline and fits < epochs:  # as many epochs as the time holds, at this configuration's pace
+                    epochs = fits
+                    schedule = _respan(config, setup.optimizer, schedule, epochs, done, len(batches), 0)
         train_loss = loss_sum.item() / seen  # one device sync per epoch, not per batch
         train_seconds = time.perf_counter() - start
         lr = setup.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at, read before a per-epoch step
@@ -196,7 +202,8 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         if len(val_y):  # a final training on train + val has no validation split
             val_loss, val_accuracy = evaluate(model, val_x, val_y, setup.normalize, memory_format, setup.amp)
             metrics.update(val_loss=val_loss, val_accuracy=val_accuracy)
-        metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start, images_per_second=seen / train_seconds)
+        metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start, images_per_second=seen / train_seconds,
+                       epochs_planned=epochs)
         result.epochs_run = epoch
         diverged = not all(math.isfinite(metrics[key]) for key in ("train_loss", "val_loss") if key in metrics)
         if diverged:
@@ -216,7 +223,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             fits = epoch + max(0, math.floor((deadline - time.time()) / pace))
             if fits < epochs:
                 epochs = max(epoch, fits)
-                schedule = _respan(config, setup.optimizer, schedule, epochs, epoch, len(batches))
+                schedule = _respan(config, setup.optimizer, schedule, epochs, epoch * len(batches), len(batches), epoch)
         if diverged:
             break
     return result
@@ -261,15 +268,16 @@ def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_p
     return None
 
 
-def _respan(config: TrainConfig, optimizer: torch.optim.Optimizer, schedule, epochs: int, done: int,
-            steps_per_epoch: int):
-    """The schedule re-spanned over `epochs` in all, moved on to where `done` epochs leave it."""
+def _respan(config: TrainConfig, optimizer: torch.optim.Optimizer, schedule, epochs: int, steps: int,
+            steps_per_epoch: int, epochs_done: int):
+    """The schedule re-spanned over `epochs` in all, moved on to where `steps` batches (`epochs_done`
+    whole epochs) leave it."""
     if config.lr_schedule not in ("onecycle", "cosine"):
         return schedule  # constant and step schedules do not depend on the number of epochs
     schedule = make_schedule(dataclasses.replace(config, epochs=epochs), optimizer, steps_per_epoch)
     with warnings.catch_warnings():  # moving a new schedule on without optimizer steps is the point here
         warnings.simplefilter("ignore", UserWarning)
-        for _ in range(done * steps_per_epoch if config.lr_schedule == "onecycle" else done):
+        for _ in range(steps if config.lr_schedule == "onecycle" else epochs_done):
             schedule.step()
     return schedule
 
