@@ -12,7 +12,8 @@ from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.training.objective import OPTIMIZERS, SCHEDULES, TrainResult, is_better, train
 
-REPORTED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second")
+REPORTED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second",
+            "epochs_planned")
 DIGITS = dataclasses.replace(load_experiment().train, device="cpu")  # the default experiment's settings
 QUICK = dataclasses.replace(DIGITS, epochs=1)  # for checks that only need it to run (~0.1 s an epoch)
 

@@ -136,7 +136,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         config: hyperparameters and fixed settings.
         data: the splits; only train and val are read here, never test.
         report: called after every epoch with train_loss, train_accuracy, val_loss, val_accuracy,
-            lr, epoch_seconds and images_per_second (and diverged=1.0 on a diverged epoch).
+            lr, epoch_seconds, images_per_second and epochs_planned (and diverged=1.0 on a diverged epoch).
         metric, mode: what "best epoch" means.
         on_improve: called with (epoch, state_dict) when an epoch beats the best so far, before
             that epoch's report.
@@ -203,7 +203,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             val_loss, val_accuracy = evaluate(model, val_x, val_y, setup.normalize, memory_format, setup.amp)
             metrics.update(val_loss=val_loss, val_accuracy=val_accuracy)
         metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start, images_per_second=seen / train_seconds,
-                       epochs_planned=epochs)
+                       epochs_planned=float(epochs))
         result.epochs_run = epoch
         diverged = not all(math.isfinite(metrics[key]) for key in ("train_loss", "val_loss") if key in metrics)
         if diverged:
