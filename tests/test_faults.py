@@ -91,7 +91,15 @@ def interrupt_when(process: subprocess.Popen, marker: str, signals: int = 1) -> 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
     return subprocess.Popen([sys.executable, "-m", "cnnopt.search", "--no-report", *args], cwd=cwd, env=env,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=as_from_a_terminal)
+
+
+def as_from_a_terminal() -> None:
+    """In the child, before exec: Ctrl-C as a terminal delivers it. A child inherits its parent's ignored
+    signals and blocked-signal mask, and the pytest process (its Ray threads) may hold either for SIGINT;
+    Python installs no KeyboardInterrupt handler for a signal it starts with ignored."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
