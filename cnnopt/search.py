@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         experiment = load_experiment(args.experiment, overrides)
     name, search = args.name or default_study_name(experiment), experiment.search
-    header = (f"study {name}: {search.strategy} over search space '{experiment.search_space}', "
-              f"{search.trials} trials, scheduler {search.scheduler}, {experiment.train.epochs} epochs each"
+    shape = (f"trials and their time planned from a {search.time_budget:g}-min time budget" if search.time_budget
+             else f"{search.trials} trials, scheduler {search.scheduler}, {experiment.train.epochs} epochs each")
+    header = (f"study {name}: {search.strategy} over search space '{experiment.search_space}', {shape}"
               + (" (resuming)" if args.resume else ""))  # printed once Ray is up, with where the trials run
     options = StudyOptions(name=name, address=args.address, resume=args.resume, header=header, started=started,
                            finish=(0 if args.no_report else REPORT_SECONDS) + (0 if args.no_promote else PROMOTION_SECONDS))
@@ -168,8 +169,8 @@ def _finish(experiment, outcome, report: bool, promotion: bool, address, started
         mark = time.perf_counter()
         deadline = 0.0
         if outcome.plan is not None:  # what is left, less what is left of the finish allowance (the report used some)
-            promotion = max(PROMOTION_SECONDS, outcome.plan.finish - spent.get("finish", 0.0))
-            deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - promotion
+            kept = max(PROMOTION_SECONDS, outcome.plan.finish - spent.get("finish", 0.0))
+            deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - kept
         final = final_training(experiment, outcome, run_id, what, deadline, address)
         if final is not None:
             run_id, what, promoted_with = final.run_id, f"the final training of {what}", experiment

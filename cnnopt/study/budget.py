@@ -10,8 +10,8 @@ epoch costs. The minutes left are then split:
   node, for as many epochs as fit, its schedule stretched to them (`cnnopt.study.final`);
 - confirmation: the best configurations re-trained with new seeds, where at least two configurations
   with two seeds each fit in a fifth of the search's time; else it is skipped;
-- search: the trials, under ASHA: every trial gets `grace` epochs, the best third of them three times
-  as many, and so on up to `max_epochs`, the deepest rung that still leaves enough trials (at least
+- search: the trials, under ASHA: every trial gets `search.grace_period` (1) probe epochs, the best
+  third of them three times as many, and so on up to `max_epochs`, the deepest rung that still leaves enough trials (at least
   `MIN_TRIALS`, and two for each that reaches the top). Where even one epoch each does not leave enough
   trials, the search trains on a stratified subset of the train split (the final training uses all).
   Those epochs are the probe's: a trial's currency is time (`trial_seconds`, ASHA's rungs in seconds
@@ -97,7 +97,7 @@ class Plan:
         rungs = (f"ASHA rungs at {', '.join(f'{r * self.epoch:.0f}' for r in self.rungs())}s of training"
                  if self.scheduler == "asha" else "one epoch each")
         confirm = (f"the best {self.confirm_top} configurations x {self.confirm_seeds} new seeds, "
-                   f"{self.max_epochs} epochs each" if self.confirm_top else
+                   f"{self.trial_seconds:.0f}s of training each" if self.confirm_top else
                    "skipped (two configurations x two seeds do not fit in a fifth of the search)")
         return [f"time budget {self.budget / 60:g} min: {self.started:.0f}s to start; a trial's epoch costs "
                 f"~{self.epoch:.1f}s here ({self.slots} at once)",
@@ -144,7 +144,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
                          f"and {needed} trials of one epoch (~{epoch:.0f}s each, {slots} at once) on a tenth of the "
                          f"data need more; give --time-budget at least {math.ceil(shortest / 60 * 1.2)}")
     fraction = plan.pop("fraction")
-    return Plan(budget=budget, started=started, slots=slots, finish=finish, grace=1,
+    return Plan(budget=budget, started=started, slots=slots, finish=finish, grace=search.grace_period,
                 reduction=search.reduction_factor, subset=int(train_images * fraction) if fraction < 1 else 0,
                 train_images=train_images, **plan)
 
@@ -152,7 +152,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
 def _split(search: SearchConfig, max_epochs: int, remaining: float, final: float, epoch: float, slots: int) -> dict:
     """The search's ladder, trials, data share and confirmation in `remaining - final` seconds."""
     rest = remaining - final
-    reduction, grace = search.reduction_factor, 1
+    reduction, grace = search.reduction_factor, search.grace_period
     needed = max(MIN_TRIALS, 2 * slots)
     slot_seconds = max(0.0, rest * slots - needed * TRIAL_OVERHEAD)
     fraction = min(1.0, slot_seconds / (needed * epoch * grace))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from cnnopt.study.runner import interrupts_held, resolve_resources, start_ray
 from cnnopt.study.trainable import assigned_device
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
-from cnnopt.training.objective import TrainResult, train
+from cnnopt.training.objective import TrainResult, deadline_in, train
 
 
 @dataclass
@@ -130,8 +129,7 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
 def _train_seed(config, data: ImageData, metric: str, mode: str, seconds: float = 0.0) -> TrainResult:
     """In a Ray worker: train one configuration with its seed (the GPU when Ray assigned one), for
     `seconds` of training where a time budget's trials trained for a time."""
-    return train(assigned_device(config), data, metric=metric, mode=mode,
-                 deadline=time.time() + seconds if seconds else 0.0)
+    return train(assigned_device(config), data, metric=metric, mode=mode, deadline=deadline_in(seconds))
 
 
 def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageData, result: TrainResult,

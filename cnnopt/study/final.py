@@ -73,16 +73,15 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
     try:
         cpus, gpus = whole_node()
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_train)
-        epochs, result = ray.get(task.remote(config, ray.put(data), experiment.search.final_epochs, deadline,
+        config, result = ray.get(task.remote(config, ray.put(data), experiment.search.final_epochs, deadline,
                                              trial_epochs, experiment.metric, experiment.mode, keep))
     finally:
         if own_ray:
             with interrupts_held():
                 ray.shutdown()
     if result is None:
-        return (f"the time left fits {epochs} epochs of it, no more than its trial's {trial_epochs}: "
+        return (f"the time left fits {config.epochs} epochs of it, no more than its trial's {trial_epochs}: "
                 "the trial is promoted as it is")
-    config = stretched(config, epochs, trial_epochs)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if result.state_dict is not None:
@@ -93,7 +92,7 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
             tracking.train_dataset(experiment.data, data.train_x, data.train_y),
             {"final_data": experiment.search.final_data, "kept_epoch": keep,
              "epochs_why": "the time budget's reserve" if deadline else "search.final_epochs"})
-    return FinalRun(run_id, epochs, trial_epochs, result.status, result.best_metrics)
+    return FinalRun(run_id, config.epochs, trial_epochs, result.status, result.best_metrics)
 
 
 def final_data(experiment: Experiment) -> ImageData:
@@ -122,15 +121,17 @@ def whole_node() -> tuple[float, float]:
 
 
 def _train(config: TrainConfig, data: ImageData, epochs: int, deadline: float, trial_epochs: int, metric: str,
-           mode: str, keep: str) -> tuple[int, TrainResult | None]:
-    """In a Ray worker: the epochs (timed here, against `deadline`, when one is given), then the training."""
+           mode: str, keep: str) -> tuple[TrainConfig, TrainResult | None]:
+    """In a Ray worker: the epochs (timed here, against `deadline`, when one is given), then the training.
+    Returns the configuration as it trained (the epochs it ran) and the result, or None where the time fits
+    no more epochs than the trial had."""
     config = assigned_device(config)
     if deadline:
         per_epoch = epoch_seconds(seconds_per_image(config, data), data)
         epochs = max(0, math.floor((deadline - time.time()) / per_epoch))
         if epochs <= trial_epochs:
-            return epochs, None
+            return dataclasses.replace(config, epochs=epochs), None
     # The timing above is a few steps long: the deadline holds the training to what the epochs really take.
-    result = train(stretched(config, epochs, trial_epochs), data, metric=metric, mode=mode, keep=keep,
-                   deadline=deadline)
-    return result.epochs_run, result
+    config = stretched(config, epochs, trial_epochs)
+    result = train(config, data, metric=metric, mode=mode, keep=keep, deadline=deadline)
+    return dataclasses.replace(config, epochs=result.epochs_run), result

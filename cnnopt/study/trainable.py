@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import ray
@@ -18,7 +17,7 @@ from ray import tune
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.experiment.config import Experiment, TrainConfig
 from cnnopt.data.datasets import ImageData
-from cnnopt.training.objective import train
+from cnnopt.training.objective import deadline_in, train
 from cnnopt.experiment.space import Space
 
 
@@ -57,9 +56,9 @@ def run_trial(config: dict, *, experiment: Experiment, space: Space, data: Image
             tune.report(result)
 
     try:
-        seconds = experiment.search.trial_seconds  # a time budget's trials train for a time, not a number of epochs
+        # A time budget's trials train for a time (search.trial_seconds), not a number of epochs.
         train(train_config, data, report, metric=experiment.metric, mode=experiment.mode, on_improve=on_improve,
-              epoch_limit=experiment.search.epoch_limit, deadline=time.time() + seconds if seconds else 0.0)
+              epoch_limit=experiment.search.epoch_limit, deadline=deadline_in(experiment.search.trial_seconds))
     finally:
         for leftover in folder.glob("*"):
             leftover.unlink()

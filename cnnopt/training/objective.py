@@ -189,8 +189,8 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
                         # The metric is NaN: a scheduler expects it in every result and ranks no NaN.
                         report(epoch, {"too_slow": 1.0, "projected_epoch_seconds": projected, metric: math.nan})
                     return result
-                fits = max(1, math.floor((deadline - time.time() + time.perf_counter() - start) / projected))
-                if deadline and fits < epochs:  # as many epochs as the time holds, at this configuration's pace
+                fits = _epochs_that_fit(done / len(batches), projected, deadline)
+                if fits < epochs:  # as many epochs as the time holds, at this configuration's pace
                     epochs = fits
                     schedule = _respan(config, setup.optimizer, schedule, epochs, done, len(batches), 0)
         train_loss = loss_sum.item() / seen  # one device sync per epoch, not per batch
@@ -219,10 +219,9 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         if report is not None:
             report(epoch, metrics)
         if deadline and not diverged:
-            pace = (time.perf_counter() - began) / epoch
-            fits = epoch + max(0, math.floor((deadline - time.time()) / pace))
+            fits = _epochs_that_fit(epoch, (time.perf_counter() - began) / epoch, deadline)
             if fits < epochs:
-                epochs = max(epoch, fits)
+                epochs = fits
                 schedule = _respan(config, setup.optimizer, schedule, epochs, epoch * len(batches), len(batches), epoch)
         if diverged:
             break
@@ -266,6 +265,19 @@ def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_p
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return None
+
+
+def _epochs_that_fit(done: float, pace: float, deadline: float) -> float:
+    """Epochs in all that end by `deadline` (time.time()): `done` so far (a fraction of the first, or whole
+    ones), the rest at `pace` seconds each; never fewer than begun. Infinite without a deadline."""
+    if not deadline:
+        return math.inf
+    return max(math.ceil(done), math.floor(done + (deadline - time.time()) / pace))
+
+
+def deadline_in(seconds: float) -> float:
+    """The `deadline` of a training that may take `seconds` from now (0: no deadline)."""
+    return time.time() + seconds if seconds else 0.0
 
 
 def _respan(config: TrainConfig, optimizer: torch.optim.Optimizer, schedule, epochs: int, steps: int,
