@@ -121,16 +121,20 @@ def _stop(process: subprocess.Popen) -> None:
 
 # Every line a study may print on the console (stdout; stderr stays empty), in order; `*` repeats a line.
 STUDY_LINES = [
-    (r"study \S+: \w+ over search space '\w+', \d+ trials, scheduler \w+, \d+ epochs each( \(resuming\))?; "
+    (r"study \S+: \w+ over search space '\w+', (\d+ trials, scheduler \w+, \d+ epochs each|trials and their "
+     r"time planned from a [\d.]+-min time budget)( \(resuming\))?; "
      r"trials on (the CPU, \d+ at once with [\d.]+ CPU\(s\) each|[\d.]+ GPU\(s\), .*)", ""),
+    (r"time budget [\d.]+ min: \d+s to start; a trial's epoch costs ~[\d.]+s here \(\d+ at once\)", "?"),
+    (r"  (search|confirm|final|finish) +\d+s  .*", "*"),  # the budget's plan
     (r"resuming: \d+ of \d+ trials recorded, \d+ interrupted to rerun, \d+ new", "?"),
-    (r"trial +\d+  \w+ +\w+ (\d\.\d{4}|nan)  .*  \(\d+\.\ds\)", "*"),
+    (r"trial +\d+  \w+ +\w+ (\d\.\d{4}|nan|-)  .*  \(\d+\.\ds\)"
+     r"|    too slow: an epoch would take ~\d+s, over search\.epoch_limit", "*"),
     (r"", ""),
     (r"\S+: \d+ finished, \d+ failed, \d+ pruned, \d+ diverged(, \d+ \w+)* in \d+s", ""),
     (r"trial time \d+s: \w+ \d+%(, \w+ \d+%)*", "?"),
-    (r"best trial \d+ \(epoch \d+\): val_accuracy \d\.\d{4} .*", ""),
-    (r"  \w+=\S+(  \w+=\S+)*", ""),
-    (r"  MLflow run [0-9a-f]{32}", ""),
+    (r"best trial \d+ \(epoch \d+\): val_accuracy \d\.\d{4} .*|no trial completed", ""),
+    (r"  \w+=\S+(  \w+=\S+)*", "?"),  # the best trial's hyperparameters and run, where one completed
+    (r"  MLflow run [0-9a-f]{32}", "?"),
     (r"Browse the study: (mlflow ui --backend-store-uri sqlite:///mlflow\.db|http://127\.0\.0\.1:\d+)", ""),
     (r"report: \d+ figures and report\.md on the study's parent run \(report/\).*", "?"),
     (r"edge of the space: .*", "*"),
@@ -140,13 +144,20 @@ STUDY_LINES = [
     (r"  trial +\d+: val_accuracy \d\.\d{4} ± \d\.\d{4} over \d+ new seeds \(the trial itself: \d\.\d{4}\)(  <- chosen)?", "*"),
     (r"  promoting run [0-9a-f]{32}: .*", "?"),
     (r"", "?"),
-    (r"promoting (the best trial \(trial \d+\)|trial \d+'s configuration)\.\.\.", "?"),
+    (r"final training of .*: .*, on a whole node, on (the train split|train \+ val)\.\.\.", "?"),
+    (r"  (\d+ epochs \(its trial had \d+\), \w+:.*|no final training: .*)", "?"),
+    (r"  MLflow run [0-9a-f]{32}", "?"),
+    (r"", "?"),
+    (r"promoting (the best trial \(trial \d+\)|trial \d+'s configuration|the final training of .*)\.\.\.", "?"),
     (r"promoted run [0-9a-f]{32}: test_accuracy \d\.\d{4}, test_loss \d+\.\d{4} \(test split evaluated once\)", "?"),
     (r"  exported model\.pt and model\.pt2, verified in a fresh torch process \(max difference .*\)", "?"),
     (r"  registered \w+ version \d+; alias 'champion' .*", "?"),
     (r"  predict with: python -m cnnopt\.predict models:/\w+@champion IMAGE\.\.\.", "?"),
     (r"", "?"),
     (r"The study promoted run [0-9a-f]{32} already; .*", "?"),  # a resume that promoted before
+    (r"", "?"),
+    (r"time budget [\d.]+ min, used [\d.]+ min \(planned / actual seconds\):", "?"),
+    (r"  \w+ +\d+ / +\d+", "*"),  # the budget's plan against what happened
 ]
 
 

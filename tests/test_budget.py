@@ -122,11 +122,12 @@ def children(uri: str, study: str, kind: str):
                               f"tags.`cnnopt.study` = '{study}' and tags.`cnnopt.kind` = '{kind}'", max_results=100)
 
 
-def test_stopped_trials_are_recorded_and_counted(ray_session, mlflow_store, capsys):
+def test_stopped_trials_are_recorded_and_counted(ray_session, mlflow_store, capsys, study_console):
     code = search.main(["--trials", "2", "--name", "slow", "--set", "search.epoch_limit=0.000001",
                         "--set", "train.epochs=2", "--no-promote", "--no-report"])
     assert code == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert study_console(out, err) == []
     assert "2 stopped" in out and "too slow: an epoch would take" in out
     runs = children(mlflow_store, "slow", "trial")
     assert sorted(run.data.tags["status"] for run in runs) == ["stopped", "stopped"]
@@ -150,12 +151,14 @@ def test_a_final_training_is_its_own_run_and_the_one_promoted(ray_session, mlflo
     assert "test_accuracy" in MlflowClient(tracking_uri=mlflow_store).get_run(final.info.run_id).data.metrics
 
 
-def test_a_budgeted_study_plans_trains_the_winner_and_ends_near_its_budget(ray_session, mlflow_store, capsys):
+def test_a_budgeted_study_plans_trains_the_winner_and_ends_near_its_budget(ray_session, mlflow_store, capsys,
+                                                                           study_console):
     started = time.monotonic()
     code = search.main(["--time-budget", "1.5", "--name", "budgeted", "--set", "search.reserve=0.5", "--no-report"])
     wall = time.monotonic() - started
     assert code == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert study_console(out, err) == []  # the plan, the final training and the budget's outcome included
     assert "time budget 1.5 min:" in out and "a trial's epoch costs" in out  # the plan, at the start
     assert "time budget 1.5 min, used" in out  # and against what happened, at the end
     [parent] = children(mlflow_store, "budgeted", "study")
