@@ -582,8 +582,10 @@ def study_results(experiment, name: str, uri: str, shown: str, code: int, wall: 
 
 def describe_promoted(run) -> str:
     """'<test accuracy> (<kind> run of trial N)': a trial, a confirmation run or a final training."""
+    from cnnopt.tracking.registry import trial_of  # the study part only: it needs mlflow
+
     tags, test = run.data.tags, run.data.metrics.get("test_accuracy")
-    trial = tags.get("trial_number") or tags.get("confirms_trial") or tags.get("trains_trial") or "?"
+    trial = trial_of(run) or "?"
     accuracy = "no test_accuracy" if test is None else f"{test:.4f}"
     return f"{accuracy} ({tags.get('cnnopt.kind', 'a')} run of trial {trial}, {run.info.run_id})"
 

@@ -57,6 +57,7 @@ from cnnopt.deploy.promotion import evaluate_test
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.tracking import KIND_TAG, studies
+from cnnopt.tracking.registry import trial_of
 from cnnopt.training.model import build_model
 from cnnopt.training.objective import train
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
@@ -238,12 +239,10 @@ def read_study(client: MlflowClient, experiment, name: str) -> dict:
 
 
 def promoted_label(run) -> str:
-    """'trial N' for a trial's run; otherwise the run's kind and the trial it re-trains (a confirmation seed)."""
-    tags = run.data.tags
-    if tags.get("trial_number"):
-        return f"trial {tags['trial_number']}"
-    kind = tags.get(KIND_TAG, "run")
-    return f"{kind} of trial {tags['confirms_trial']}" if tags.get("confirms_trial") else kind
+    """'trial N' for a trial's run; otherwise the run's kind and the trial whose configuration it re-trains
+    (a confirmation seed, the final training)."""
+    kind = run.data.tags.get(KIND_TAG, "run")
+    return f"trial {trial_of(run)}" if kind == "trial" else f"{kind} of trial {trial_of(run) or '?'}"
 
 
 def trials_text(counts: dict) -> str:
