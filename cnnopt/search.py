@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import threading
 import time
 
 STARTED = time.perf_counter()  # before the heavy imports below: a time budget counts the command's whole wall time
@@ -144,15 +145,28 @@ def finish(experiment, outcome, *, report: bool, promotion: bool, address: str |
 
 
 def _finish(experiment, outcome, report: bool, promotion: bool, address, started: float, spent: dict) -> int:
+    # The report is built on a thread while the confirmation and the final training run on Ray (the driver only
+    # waits for them), so its seconds are off the path to the promoted model; it is joined before promotion.
+    # An interrupted command leaves it unjoined (a daemon thread); a resume logs the report again.
+    background = BackgroundReport(experiment, outcome.name) if report else None
+    code = _promote_chosen(experiment, outcome, address, started, spent, background) if promotion else 0
+    mark = time.perf_counter()
+    _join(background)  # where nothing was promoted, the report is what is left
+    spent["finish"] = spent.get("finish", 0.0) + time.perf_counter() - mark
+    return code
+
+
+def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
+                    background: BackgroundReport | None) -> int:
+    """Confirm the best configurations, train the chosen one's final model, and promote what comes of it."""
     searched = outcome.searched or experiment  # the trials' settings: a time budget's plan changes them
     mark = time.perf_counter()
-    if report:
-        report_study(experiment, outcome.name)
-    if not promotion or outcome.best is None:
+    if outcome.best is None:
         return 0
     client = tracking.make_client()
     promoted = client.get_run(outcome.parent_run_id).data.tags.get("promoted_run_id")
     if promoted:  # a resumed study that promoted before: its test split is not evaluated again
+        _join(background)
         print(f"\nThe study promoted run {promoted} already; its test split is not evaluated again. "
               f"To redo it: python -m cnnopt.promote --run-id {promoted}")
         return 0
@@ -168,14 +182,14 @@ def _finish(experiment, outcome, report: bool, promotion: bool, address, started
     if (outcome.plan.final if outcome.plan is not None else experiment.search.final_epochs):
         mark = time.perf_counter()
         deadline = 0.0
-        if outcome.plan is not None:  # what is left, less what is left of the finish allowance (the report used some)
-            kept = max(PROMOTION_SECONDS, outcome.plan.finish - spent.get("finish", 0.0))
-            deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - kept
+        if outcome.plan is not None:  # what is left, less promotion's allowance (the report runs meanwhile)
+            deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - PROMOTION_SECONDS
         final = final_training(experiment, outcome, run_id, what, deadline, address)
         if final is not None:
             run_id, what, promoted_with = final.run_id, f"the final training of {what}", experiment
         spent["final"] = time.perf_counter() - mark
     mark = time.perf_counter()
+    _join(background)
     print(f"\npromoting {what}...", flush=True)
     try:
         print_promotion(promote(promoted_with, run_id=run_id), experiment)
@@ -186,6 +200,11 @@ def _finish(experiment, outcome, report: bool, promotion: bool, address, started
     finally:
         spent["finish"] = spent.get("finish", 0.0) + time.perf_counter() - mark
     return 0
+
+
+def _join(background: BackgroundReport | None) -> None:
+    if background is not None and not background.joined:
+        background.join()
 
 
 def final_training(experiment, outcome, run_id: str, what: str, deadline: float, address: str | None):
@@ -241,19 +260,36 @@ def confirm_best(experiment, outcome, address: str | None):
     return confirmation
 
 
-def report_study(experiment, name: str) -> None:
-    """Log the study's report to its parent run and print its edges; a report that fails only warns."""
-    try:
-        report = log_report(experiment, name)
-    except Exception as exc:  # the study is recorded whatever happens here; say how to retry
-        print(f"warning: the study report failed ({type(exc).__name__}: {exc}); retry with python -m cnnopt.report "
-              f"--study {name}", file=sys.stderr)
-        return
-    print(f"report: {len(report.figures)} figures and report.md on the study's parent run (report/)"
-          + (f"; importance {', '.join(f'{k} {v:.2f}' for k, v in list(report.importances.items())[:3])}"
-             if report.importances else ""))
-    for line in report.edges:
-        print(f"edge of the space: {line}")
+class BackgroundReport:
+    """The study report (`log_report`), logged to the parent run on a thread of its own; `join` waits
+    for it and prints its lines: the figures, the importances, the edges of the space, or a warning
+    saying how to retry where it failed (the study is recorded whatever happens here)."""
+
+    def __init__(self, experiment, name: str):
+        self.lines: list[tuple[str, bool]] = []  # (text, to stderr)
+        self.joined = False
+        # A daemon: a Ctrl-C that ends the command does not wait for it (a resume logs the report again).
+        self.thread = threading.Thread(target=self._build, args=(experiment, name), name="cnnopt-report", daemon=True)
+        self.thread.start()
+
+    def _build(self, experiment, name: str) -> None:
+        try:
+            report = log_report(experiment, name)
+        except Exception as exc:
+            self.lines = [(f"warning: the study report failed ({type(exc).__name__}: {exc}); retry with "
+                           f"python -m cnnopt.report --study {name}", True)]
+            return
+        importance = (f"; importance {', '.join(f'{k} {v:.2f}' for k, v in list(report.importances.items())[:3])}"
+                      if report.importances else "")
+        self.lines = ([("", False), (f"report: {len(report.figures)} figures and report.md on the study's parent run "
+                                     f"(report/){importance}", False)]
+                      + [(f"edge of the space: {line}", False) for line in report.edges])
+
+    def join(self) -> None:
+        self.thread.join()
+        self.joined = True
+        for text, to_stderr in self.lines:
+            print(text, file=sys.stderr if to_stderr else sys.stdout, flush=True)
 
 
 def print_summary(experiment, outcome) -> None:

@@ -136,8 +136,6 @@ STUDY_LINES = [
     (r"  \w+=\S+(  \w+=\S+)*", "?"),  # the best trial's hyperparameters and run, where one completed
     (r"  MLflow run [0-9a-f]{32}", "?"),
     (r"Browse the study: (mlflow ui --backend-store-uri sqlite:///mlflow\.db|http://127\.0\.0\.1:\d+)", ""),
-    (r"report: \d+ figures and report\.md on the study's parent run \(report/\).*", "?"),
-    (r"edge of the space: .*", "*"),
     (r"", "?"),
     (r"confirming the \d+ best configurations with \d+ new seeds each \(--no-confirm skips this\)\.\.\.", "?"),
     (r"  confirm trial +\d+ seed \d+: val_accuracy (\d\.\d{4}|nan)  \(\w+\)", "*"),
@@ -147,6 +145,9 @@ STUDY_LINES = [
     (r"final training of .*: .*, on a whole node, on (the train split|train \+ val)\.\.\.", "?"),
     (r"  (\d+ epochs \(its trial had \d+\), \w+:.*|no final training: .*)", "?"),
     (r"  MLflow run [0-9a-f]{32}", "?"),
+    (r"", "?"),
+    (r"report: \d+ figures and report\.md on the study's parent run \(report/\).*", "?"),  # built meanwhile
+    (r"edge of the space: .*", "*"),
     (r"", "?"),
     (r"promoting (the best trial \(trial \d+\)|trial \d+'s configuration|the final training of .*)\.\.\.", "?"),
     (r"promoted run [0-9a-f]{32}: test_accuracy \d\.\d{4}, test_loss \d+\.\d{4} \(test split evaluated once\)", "?"),

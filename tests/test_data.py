@@ -117,6 +117,14 @@ def test_bad_fractions_are_rejected(val, test):
         load_data(DataConfig(val_fraction=val, test_fraction=test))
 
 
+def test_channel_stats_match_the_double_precision_definition_across_chunks():
+    x = torch.randint(0, 256, (700, 3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    flat = x.transpose(0, 1).reshape(3, -1).double() / 255
+    mean, std = channel_stats(x, rows=256)  # 700 rows: three chunks, the last one short
+    assert mean == pytest.approx(flat.mean(dim=1).tolist(), abs=1e-12)
+    assert std == pytest.approx(flat.std(dim=1).tolist(), abs=1e-12)
+
+
 def test_channel_stats_clamps_a_constant_channel():
     mean, std = channel_stats(torch.full((2, 3, 4, 4), 51, dtype=torch.uint8))
     assert mean == pytest.approx([0.2] * 3) and min(std) > 0

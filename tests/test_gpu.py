@@ -20,6 +20,22 @@ def test_cuda_training_with_mixed_precision_learns(digits_data):
     assert all(v.device.type == "cpu" for v in result.state_dict.values())  # best weights kept on the host
 
 
+def test_the_test_pass_runs_on_the_gpu_and_agrees_with_the_cpu(digits_data):
+    from cnnopt.deploy.promotion import evaluate_test
+    from cnnopt.training.model import build_model
+
+    model = build_model(TrainConfig(), digits_data.preprocessing())
+    cpu = build_model(TrainConfig(), digits_data.preprocessing())
+    cpu.load_state_dict(model.state_dict())
+    on_gpu = evaluate_test(model, digits_data)
+    assert next(model.parameters()).device.type == "cpu", "handed back on the CPU, where export expects it"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        on_cpu = evaluate_test(cpu, digits_data)
+    assert on_gpu["test_loss"] == pytest.approx(on_cpu["test_loss"], abs=1e-3)
+    assert abs(on_gpu["test_accuracy"] - on_cpu["test_accuracy"]) <= 2 / len(digits_data.test_y)
+
+
 def test_fractional_gpu_trials_share_one_gpu(mlflow_store):
     import ray
 

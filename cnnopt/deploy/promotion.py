@@ -57,10 +57,16 @@ def best_trial_run(client, experiment: Experiment, study: str | None):
 
 @torch.no_grad()
 def evaluate_test(model, data: ImageData) -> dict:
-    """Loss, accuracy, per-class accuracy and the confusion matrix on the test split (in eval mode)."""
-    model.eval()
-    normalize = Normalize(data.mean, data.std, torch.device("cpu"))
-    logits = torch.cat([model(normalize(data.test_x[i:i + 1024])) for i in range(0, len(data.test_y), 1024)])
+    """Loss, accuracy, per-class accuracy and the confusion matrix on the test split (in eval mode), on
+    the GPU where there is one (the model is handed back on the CPU, where export expects it)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a VGG's 10,000 images: ~15 s on 2 cores
+    model.eval().to(device)
+    normalize = Normalize(data.mean, data.std, device)
+    try:
+        logits = torch.cat([model(normalize(data.test_x[i:i + 1024].to(device))).cpu()
+                            for i in range(0, len(data.test_y), 1024)])
+    finally:
+        model.cpu()
     predictions = logits.argmax(1)
     confusion = torch.zeros(data.num_classes, data.num_classes, dtype=torch.long)
     confusion.index_put_((data.test_y, predictions), torch.ones_like(predictions), accumulate=True)
