@@ -10,7 +10,7 @@ from torch import nn
 
 from cnnopt.experiment.config import TrainConfig
 from cnnopt.errors import UsageError
-from cnnopt.training.model import ACTIVATIONS, CNN, INITS, PADDING_MODES, POOLS, block_channels, build_model, feature_sizes
+from cnnopt.training.model import ACTIVATIONS, CNN, INITS, Residual, PADDING_MODES, POOLS, block_channels, build_model, feature_sizes
 
 TINY = TrainConfig(channels=4, head_width=8, dropout=0.1, head_dropout=0.1)  # the deliberately tiny variant
 
@@ -32,7 +32,7 @@ def step(config: TrainConfig, channels: int = 3, side: int = 8, classes: int = 5
 VARIANTS = ([{"activation": name} for name in ACTIVATIONS] + [{"pool": name} for name in POOLS]
             + [{"padding_mode": name} for name in PADDING_MODES] + [{"init": name} for name in INITS]
             + [{"batch_norm": False}, {"batch_norm": True}]
-            + [{"convs_per_block": n} for n in (1, 2, 3)]
+            + [{"convs_per_block": n} for n in (1, 2, 3)] + [{"block": "residual", "convs_per_block": n} for n in (1, 2, 3)]
             + [{"head_layers": n, "head_batch_norm": bn} for n in (0, 1, 2) for bn in (False, True)]
             + [{"kernel_size": 5}, {"kernel_size": 2}, {"growth": 1.5, "blocks": 3}, {"dropout": 0.0, "head_dropout": 0.0}])
 
@@ -67,6 +67,39 @@ def test_options_change_the_layers():
     assert sum(isinstance(layer, nn.Linear) for layer in model.head) == 3
 
 
+def test_a_residual_block_is_resnet9s_layer():
+    config = dataclasses.replace(TINY, block="residual", convs_per_block=3, blocks=2)
+    model = CNN(config, 3, 8, 5)
+    kinds = [type(layer) for layer in model.features]
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, Residual, nn.Dropout2d] * 2
+    branches = [layer.branch for layer in model.features if isinstance(layer, Residual)]
+    for branch, width in zip(branches, block_channels(config)):
+        convs = [layer for layer in branch if isinstance(layer, nn.Conv2d)]
+        assert [(c.in_channels, c.out_channels) for c in convs] == [(width, width)] * 2
+    plain = CNN(dataclasses.replace(config, block="plain"), 3, 8, 5)
+    assert model.num_parameters == plain.num_parameters  # the same convs, laid out otherwise
+    residual = model.features[4]
+    x = torch.randn(2, 4, 4, 4)
+    residual.eval()
+    with torch.no_grad():
+        assert torch.allclose(residual(x), x + residual.branch(x))
+
+
+def test_a_residual_net_scripts_and_exports(tmp_path):
+    model = CNN(dataclasses.replace(TINY, block="residual", convs_per_block=2), 3, 8, 5).eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(torch.jit.script(model)(x), expected, atol=1e-6)
+        program = torch.export.export(model, (x,))
+        assert torch.allclose(program.module()(x), expected, atol=1e-6)
+
+
+def test_a_residual_block_refuses_an_even_kernel():
+    with pytest.raises(UsageError, match="train.block = 'residual' needs an odd train.kernel_size"):
+        CNN(dataclasses.replace(TINY, block="residual", convs_per_block=2, kernel_size=2), 3, 8, 5)
+
+
 @pytest.mark.parametrize("side", [4, 8, 9, 16, 31, 32])
 def test_flatten_size_is_computed_for_any_image_size(side):
     config = dataclasses.replace(TINY, blocks=2)
@@ -90,7 +123,7 @@ def test_a_vanishing_feature_map_names_the_block(blocks, side, block):
 
 
 @pytest.mark.parametrize("name,value", [("activation", "tanh"), ("pool", "min"), ("padding_mode", "mirror"),
-                                        ("init", "orthogonal")])
+                                        ("init", "orthogonal"), ("block", "dense")])
 def test_unknown_choice_is_a_usage_error(name, value):
     with pytest.raises(UsageError, match=f"train.{name} = '{value}' is not one of"):
         CNN(dataclasses.replace(TINY, **{name: value}), 1, 8, 10)

@@ -58,6 +58,7 @@ class TrainConfig:
     # Architecture: the lesson's CNN is blocks=2, convs_per_block=1.
     blocks: int = 2
     convs_per_block: int = 1  # 2-3 gives a VGG-style net
+    block: str = "plain"  # plain: convs, then pool | residual: conv, pool, then the other convs around a skip (ResNet-9)
     channels: int = 32  # output channels of the first block
     growth: float = 2.0  # channel multiplier from one block to the next
     kernel_size: int = 3

@@ -2,7 +2,10 @@
 
 conv blocks [Conv2d -> BatchNorm2d -> activation] x convs_per_block -> pool -> Dropout2d,
 then flatten and an MLP head. blocks=2, convs_per_block=1 is the lesson's CNN; two or three convs
-per block give a VGG-style net.
+per block give a VGG-style net. block="residual" lays a block out as ResNet-9's layers are (Page,
+"How to train your ResNet", 2018; the net behind the fast CIFAR-10 results): its first conv sets the
+width, the pool follows it, and the other convs run at the pooled size around a skip connection,
+x + convs(x); with one conv per block the two layouts are the same net.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "si
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 INITS = ("default", "kaiming", "xavier")
+BLOCKS = ("plain", "residual")
 
 
 def block_channels(config: TrainConfig) -> list[int]:
@@ -50,14 +54,16 @@ class CNN(nn.Module):
         sizes = feature_sizes(config, image_size)
         layers, previous = [], in_channels
         for out in block_channels(config):
-            for _ in range(config.convs_per_block):
-                layers += [nn.Conv2d(previous, out, config.kernel_size, padding=config.kernel_size // 2,
-                                     padding_mode=config.padding_mode, bias=not config.batch_norm)]
-                if config.batch_norm:
-                    layers.append(nn.BatchNorm2d(out))
-                layers.append(ACTIVATIONS[config.activation]())
-                previous = out
-            layers.append(POOLS[config.pool](2))
+            if config.block == "residual":
+                layers += conv_unit(config, previous, out) + [POOLS[config.pool](2)]
+                if config.convs_per_block > 1:
+                    layers.append(Residual(nn.Sequential(*[layer for _ in range(config.convs_per_block - 1)
+                                                            for layer in conv_unit(config, out, out)])))
+            else:
+                for index in range(config.convs_per_block):
+                    layers += conv_unit(config, previous if index == 0 else out, out)
+                layers.append(POOLS[config.pool](2))
+            previous = out
             if config.dropout > 0:
                 layers.append(nn.Dropout2d(config.dropout))
         self.features = nn.Sequential(*layers)
@@ -83,6 +89,26 @@ class CNN(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class Residual(nn.Module):
+    """x + branch(x); the branch keeps the channels and the size, so the sum needs no projection."""
+
+    def __init__(self, branch: nn.Module):
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.branch(x)  # (N, C, H, W)
+
+
+def conv_unit(config: TrainConfig, in_channels: int, out_channels: int) -> list[nn.Module]:
+    """Conv2d ('same' padding) -> BatchNorm2d (where train.batch_norm) -> activation."""
+    layers = [nn.Conv2d(in_channels, out_channels, config.kernel_size, padding=config.kernel_size // 2,
+                        padding_mode=config.padding_mode, bias=not config.batch_norm)]
+    if config.batch_norm:
+        layers.append(nn.BatchNorm2d(out_channels))
+    return layers + [ACTIVATIONS[config.activation]()]
+
+
 def build_model(config: TrainConfig, preprocessing: dict) -> CNN:
     """Build the CNN for a dataset described by `ImageData.preprocessing()`."""
     return CNN(config, preprocessing["channels"], preprocessing["image_size"], len(preprocessing["class_names"]))
@@ -106,7 +132,10 @@ def initialize(model: nn.Module, scheme: str, activation: str = "relu") -> None:
 
 def _check_choices(config: TrainConfig) -> None:
     check_section("train", config)
-    choices = {"activation": ACTIVATIONS, "pool": POOLS, "padding_mode": PADDING_MODES, "init": INITS}
+    choices = {"activation": ACTIVATIONS, "pool": POOLS, "padding_mode": PADDING_MODES, "init": INITS, "block": BLOCKS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise UsageError(f"train.{name} = {getattr(config, name)!r} is not one of {', '.join(allowed)}")
+    if config.block == "residual" and config.convs_per_block > 1 and config.kernel_size % 2 == 0:
+        raise UsageError(f"train.block = 'residual' needs an odd train.kernel_size (an even one, "
+                         f"{config.kernel_size}, changes the feature map's size, so x + convs(x) cannot add up)")
