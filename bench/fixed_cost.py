@@ -105,7 +105,7 @@ def instrument(timers: Timers) -> None:
     import ray
     import torch
 
-    import cnnopt.deploy.export as export
+    import cnnopt.deploy.export as export_module
     import cnnopt.deploy.promotion as promotion
     import cnnopt.search as search
     import cnnopt.study.runner as runner
@@ -127,7 +127,7 @@ def instrument(timers: Timers) -> None:
         (runner, "close_record", "close the study's record"),
         (ray, "shutdown", "stop Ray"),
         (search, "log_report", "report (on its own thread)"),
-        (search.BackgroundReport, "join", "wait for the report"),
+        (getattr(search, "BackgroundReport", None), "join", "wait for the report"),
         (search, "confirm_best", "confirmation"),
         (search, "final_training", "final training"),
         (search, "promote", "promotion"),
@@ -135,13 +135,14 @@ def instrument(timers: Timers) -> None:
         (promotion, "evaluate_test", "test pass"),
         (torch.jit, "script", "TorchScript"),
         (torch.export, "export", "torch.export"),
-        (export, "verify", "verify both files in a fresh process"),
+        (export_module, "verify", "verify both files in a fresh process"),
+        (getattr(export_module, "Verification", None), "differences", "wait for the fresh-process check of both files"),
         (registry, "record_promotion", "log to MLflow and register"),
         (mlflow.pyfunc, "log_model", "MLflow pyfunc log_model"),
         (mlflow, "register_model", "MLflow register_model"),
     ]
     for owner, name, label, *once in steps:
-        if hasattr(owner, name):  # an older cnnopt (--against) may lack a step
+        if owner is not None and hasattr(owner, name):  # an older cnnopt (--against) may lack a step
             timers.wrap(owner, name, label, *once)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from cnnopt.tracking import registry
 from cnnopt import search, tracking
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
-from cnnopt.deploy.export import export, verify
+from cnnopt.deploy.export import export, exported, verify
 from cnnopt.training.model import build_model
 from cnnopt.training.objective import train
 from cnnopt.deploy.predictor import Predictor
@@ -71,6 +72,18 @@ def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_p
     broken = Predictor(build_model(TrainConfig(epochs=3), digits_data.preprocessing()), digits_data.preprocessing())
     with pytest.raises(UsageError, match="refusing the export"):
         verify(broken.eval(), tmp_path / "model.pt", tmp_path / "model.pt2", digits_data.test_x[:64])
+
+
+def test_the_fresh_process_check_runs_beside_the_block_and_a_failing_block_keeps_its_error(trained, digits_data,
+                                                                                           tmp_path):
+    _, predictor = trained
+    with exported(predictor, tmp_path / "ok", digits_data.test_x[:16]) as files:
+        assert Path(files["model.pt"]).is_file() and "max_difference" not in files  # written; checked at the end
+    assert max(files["max_difference"].values()) <= 1e-5
+    with pytest.raises(RuntimeError, match="the test pass failed"):
+        with exported(predictor, tmp_path / "cut", digits_data.test_x[:16]) as files:
+            raise RuntimeError("the test pass failed")
+    assert "max_difference" not in files
 
 
 def test_predictor_takes_other_sizes_and_modes(trained, digits_data):

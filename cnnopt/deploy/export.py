@@ -9,6 +9,7 @@ time), so its callers resize first: `cnnopt.predict` does, and `input_spec.json`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -44,12 +45,26 @@ print(json.dumps({"cnnopt_imported": any(m.startswith("cnnopt") for m in sys.mod
 def export(predictor: Predictor, folder: str | Path, sample: torch.Tensor) -> dict:
     """Write model.pt and model.pt2 into `folder` and verify them on `sample` in a fresh process.
 
-    Args:
-        predictor: the eager Predictor, in eval mode.
-        folder: where the files go.
-        sample: uint8 images `(N, C, S, S)` at the training resolution (test images).
     Returns:
         {'model.pt': path, 'model.pt2': path, 'max_difference': {'pt': d, 'pt2': d}}.
+    """
+    with exported(predictor, folder, sample) as files:
+        pass
+    return files
+
+
+@contextlib.contextmanager
+def exported(predictor: Predictor, folder: str | Path, sample: torch.Tensor):
+    """Write model.pt and model.pt2 into `folder`, then run the caller's block while a fresh process
+    checks them (5-10 s, mostly importing torch: off the caller's path); the block's end waits for the
+    check and raises UsageError where it failed.
+
+    Args:
+        predictor: the eager Predictor, in eval mode; its weights must not change inside the block.
+        folder: where the files go.
+        sample: uint8 images `(N, C, S, S)` at the training resolution (test images).
+    Yields:
+        {'model.pt': path, 'model.pt2': path}; 'max_difference' ({'pt': d, 'pt2': d}) is added once checked.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,8 +81,10 @@ def export(predictor: Predictor, folder: str | Path, sample: torch.Tensor) -> di
                       extra_files={CLASS_NAMES_FILE: json.dumps(predictor.class_names), INPUT_SPEC_FILE: spec})
     (folder / CLASS_NAMES_FILE).write_text(json.dumps(predictor.class_names))
     (folder / INPUT_SPEC_FILE).write_text(spec)
-    differences = verify(predictor, script_path, program_path, sample)
-    return {"model.pt": str(script_path), "model.pt2": str(program_path), "max_difference": differences}
+    files = {"model.pt": str(script_path), "model.pt2": str(program_path)}
+    with Verification(predictor, script_path, program_path, sample) as verification:
+        yield files
+        files["max_difference"] = verification.differences()
 
 
 def input_spec(predictor: Predictor) -> dict:
@@ -82,25 +99,52 @@ def input_spec(predictor: Predictor) -> dict:
 
 def verify(predictor: Predictor, script_path: Path, program_path: Path, sample: torch.Tensor) -> dict:
     """Reload both files in a process that imports only torch and compare with the eager Predictor."""
-    with torch.no_grad():
-        expected = predictor(sample)
-    with tempfile.TemporaryDirectory() as scratch:
-        inputs, outputs = Path(scratch) / "inputs.pt", Path(scratch) / "outputs.pt"
-        torch.save(sample, inputs)
-        done = subprocess.run([sys.executable, "-c", VERIFY, str(script_path), str(program_path), str(inputs),
-                               str(outputs)], capture_output=True, text=True, cwd=scratch)
-        if done.returncode != 0:
+    with Verification(predictor, script_path, program_path, sample) as verification:
+        return verification.differences()
+
+
+class Verification:
+    """Both files reloaded in a process that imports only torch, as a deployment would, run on `sample`
+    and compared with the eager Predictor's output (computed at the start). A context manager: the
+    process starts on entry; `differences()` waits for it and checks; leaving ends it either way."""
+
+    def __init__(self, predictor: Predictor, script_path: Path, program_path: Path, sample: torch.Tensor):
+        with torch.no_grad():
+            self.expected = predictor(sample)
+        self.class_names = predictor.class_names
+        self.paths = (script_path, program_path)
+        self.sample = sample
+
+    def __enter__(self) -> "Verification":
+        self.scratch = tempfile.TemporaryDirectory()
+        inputs, self.outputs = Path(self.scratch.name) / "inputs.pt", Path(self.scratch.name) / "outputs.pt"
+        torch.save(self.sample, inputs)
+        self.process = subprocess.Popen([sys.executable, "-c", VERIFY, *map(str, self.paths), str(inputs),
+                                         str(self.outputs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, cwd=self.scratch.name)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process.poll() is None:  # the block failed or was interrupted before waiting
+            self.process.kill()
+        self.process.communicate()
+        self.scratch.cleanup()
+
+    def differences(self) -> dict:
+        """Wait for the fresh process; its largest difference per file, or UsageError where a file fails."""
+        stdout, stderr = self.process.communicate()
+        if self.process.returncode != 0:
             raise UsageError(f"the exported model failed to load in a fresh torch process: "
-                             f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-        report = json.loads(done.stdout.strip().splitlines()[-1])
-        results = torch.load(outputs, weights_only=True)
-    if report["cnnopt_imported"]:
-        raise UsageError("the exported model needed cnnopt to load; it must need torch only")
-    differences = {kind: float((results[kind] - expected).abs().max()) for kind in ("pt", "pt2")}
-    for kind, difference in differences.items():
-        if not difference <= TOLERANCE:
-            raise UsageError(f"refusing the export: model.{kind} differs from the eager model by {difference:.3g} "
-                             f"(tolerance {TOLERANCE})")
-    if report["class_names_pt"] != predictor.class_names or report["class_names_pt2"] != predictor.class_names:
-        raise UsageError("refusing the export: the class names did not survive the round trip")
-    return differences
+                             f"{stderr.strip().splitlines()[-1] if stderr.strip() else self.process.returncode}")
+        report = json.loads(stdout.strip().splitlines()[-1])
+        results = torch.load(self.outputs, weights_only=True)
+        if report["cnnopt_imported"]:
+            raise UsageError("the exported model needed cnnopt to load; it must need torch only")
+        differences = {kind: float((results[kind] - self.expected).abs().max()) for kind in ("pt", "pt2")}
+        for kind, difference in differences.items():
+            if not difference <= TOLERANCE:
+                raise UsageError(f"refusing the export: model.{kind} differs from the eager model by {difference:.3g} "
+                                 f"(tolerance {TOLERANCE})")
+        if report["class_names_pt"] != self.class_names or report["class_names_pt2"] != self.class_names:
+            raise UsageError("refusing the export: the class names did not survive the round trip")
+        return differences

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from cnnopt import tracking
 from cnnopt.data.augment import Normalize
 from cnnopt.data.datasets import ImageData, load_data
-from cnnopt.deploy.export import export
+from cnnopt.deploy.export import exported
 from cnnopt.deploy.predictor import Predictor
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment
@@ -132,12 +132,12 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                              "the study ran with")
         if len(data.test_y) == 0:
             raise UsageError("the test split is empty; set data.test_fraction above 0")
-        result = evaluate_test(model, data)  # the one use of the test split
-        predictor = Predictor(model, trained)
         model_dir = scratch / "model"
-        files = export(predictor, model_dir, data.test_x[:256])
-        plot_confusion(result["confusion"], data.class_names, scratch / "confusion_matrix.png")
-        (model_dir / "model_card.md").write_text(model_card(experiment, settings, run, checkpoint, result))
+        # The exported files are checked in a fresh process while the test pass runs; registering waits for it.
+        with exported(Predictor(model, trained), model_dir, data.test_x[:256]) as files:
+            result = evaluate_test(model, data)  # the one use of the test split
+            plot_confusion(result["confusion"], data.class_names, scratch / "confusion_matrix.png")
+            (model_dir / "model_card.md").write_text(model_card(experiment, settings, run, checkpoint, result))
         metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
                    **{f"test_accuracy_class_{name}": value for name, value in result["per_class"].items()}}
         version, moved, previous = registry.record_promotion(experiment, run, metrics,
