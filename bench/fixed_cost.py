@@ -274,8 +274,7 @@ def against(args: argparse.Namespace) -> int:
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
     old, new = sides[args.against], sides["now"]
-    labels = [label for label in new[0] if any(label in run for run in old)] + [
-        label for label in new[0] if not any(label in run for run in old)]
+    labels = list(dict.fromkeys([label for run in old + new for label in run]))  # first seen first, either side
     rows = [f"| step (summed over its calls; median of {args.rounds} rounds) | {args.against} (s) | now (s) | now / then |",
             "|---|---|---|---|"]
     for label in labels:
