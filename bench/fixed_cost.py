@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="with --against: interleaved rounds (default: 2)")
     parser.add_argument("--results", metavar="FILE", help="also write the results block to this file")
     parser.add_argument("--json", help=argparse.SUPPRESS)  # one side's timings, for --against
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.experiment = str(Path(args.experiment).resolve())  # the study runs in a scratch folder
+    return args
 
 
 def write_random_cifar(root: Path, seed: int = 0) -> None:
