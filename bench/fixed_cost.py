@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--experiment", default=str(REPO / "experiments" / "cifar10.toml"))
     parser.add_argument("--cifar-root", default=str(Path(tempfile.gettempdir()) / "cnnopt-bench-cifar"),
                         help="the folder holding cifar-10-batches-py; random images are written there if it has none")
-    parser.add_argument("--time-budget", type=float, default=3.0, help="the study's minutes (default: 3)")
+    parser.add_argument("--time-budget", type=float, default=3.0,
+                        help="the study's minutes (default: 3); 0: no budget, the experiment's own trials and epochs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--against", metavar="GIT_REF", help="also time cnnopt as it was at this commit, side by side")
     parser.add_argument("--rounds", type=int, default=2, help="with --against: interleaved rounds (default: 2)")
@@ -207,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
              f"data: {'random CIFAR-shaped images in ' if random_images else 'CIFAR-10 in '}{root}"]
     for line in lines:
         print(line, flush=True)
-    study_argv = ["--experiment", args.experiment, "--time-budget", f"{args.time_budget:g}",
-                  "--set", f"data.root={root}"] + [item for value in args.overrides for item in ("--set", value)]
+    study_argv = (["--experiment", args.experiment, "--set", f"data.root={root}"]
+                  + (["--time-budget", f"{args.time_budget:g}"] if args.time_budget else [])
+                  + [item for value in args.overrides for item in ("--set", value)])
     previous = Path.cwd()
     with tempfile.TemporaryDirectory() as scratch:
         os.chdir(scratch)
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             os.chdir(previous)
     first_trial = None if first is None else first - started_wall
     rows = table(timers.spans, imported, first_trial, ended, cold)
-    block = "\n".join(lines + [f"study: exit code {code}, {args.time_budget:g}-min budget, {ended:.1f} s from main()"]
+    budget = f"{args.time_budget:g}-min budget" if args.time_budget else "no budget"
+    block = "\n".join(lines + [f"study: exit code {code}, {budget}, {ended:.1f} s from main()"]
                       + rows)
     print("\n" + "\n".join(rows))
     if args.results:

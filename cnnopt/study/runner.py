@@ -54,6 +54,7 @@ class StudyOptions:
     started: float = 0.0  # time.perf_counter() when the command started: a time budget counts from there
     finish: float = REPORT_SECONDS + PROMOTION_SECONDS  # seconds a time budget keeps for what follows the trials
     planned: bool = True  # plan a time budget (`cnnopt.study.budget`); False: it only stops the search
+    keep_ray: bool = False  # leave a Ray instance the study started running for what follows (`stop_ray` ends it)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class StudyOutcome:
     storage_path: str
     plan: Plan | None = None  # how a time budget was split (None without one)
     searched: Experiment | None = None  # the settings the trials ran with: the plan's, where a budget was planned
+    ray_kept: bool = False  # the study started Ray and left it running (StudyOptions.keep_ray): stop it with stop_ray
 
 
 def default_study_name(experiment: Experiment) -> str:
@@ -90,6 +92,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     started = options.started or time.perf_counter()
     space, data = prepare(experiment, options)
     own_ray = start_ray(options.address)
+    kept = False
     try:
         search = resolve_resources(experiment.search, ray.cluster_resources())
         check_resources(experiment, search)
@@ -99,11 +102,17 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
             plan, experiment, data = plan_budget(experiment, space, data, search, started, options.finish)
             search = resolve_resources(experiment.search, ray.cluster_resources())
         outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan)
-        return dataclasses.replace(outcome, plan=plan, searched=experiment)
+        kept = own_ray and options.keep_ray
+        return dataclasses.replace(outcome, plan=plan, searched=experiment, ray_kept=kept)
     finally:
-        if own_ray:
-            with interrupts_held():  # a Ctrl-C repeated while Ray stops must not lose the study's summary
-                ray.shutdown()
+        if own_ray and not kept:
+            stop_ray()
+
+
+def stop_ray() -> None:
+    """Stop the Ray instance this process started; a Ctrl-C repeated meanwhile must not cut it short."""
+    with interrupts_held():
+        ray.shutdown()
 
 
 @contextlib.contextmanager
