@@ -11,7 +11,8 @@ Residual blocks and label smoothing are what the fast CIFAR-10 results use at a 
 Page's ResNet-9 (conv, pool, then two convs around a skip in its layers; DAWNBench 2018) reached 94%
 test accuracy in 24 epochs, where the best VGG nets of this space reached 0.89-0.90 in 30 (measured on
 an H100, 2026-11-25); airbench trains with label smoothing 0.2. The residual layout has the same convs
-(the same parameters) as the plain one, so the two compare layout against layout at one size. Batch
+(the same parameters) as the plain one, so the two compare layout against layout at one size; with
+one conv per block the layouts are the same net, so the layout is searched only from two convs on. Batch
 size stays fixed: its coupling with lr (a rate per image) is left for a space that searches it.
 
 Ranges: sized for 32x32 inputs such as CIFAR-10. blocks 2-4 takes a 32x32 image down to 8x8..2x2
@@ -29,7 +30,7 @@ SPACE = Space(
     params=(
         Int("blocks", 2, 4),
         Int("convs_per_block", 1, 3),
-        Choice("block", ("plain", "residual")),
+        Choice("block", ("plain", "residual"), when={"convs_per_block": (2, 3)}),  # one conv: the layouts are one net
         Choice("channels", (16, 32, 64)),
         Choice("growth", (1.5, 2.0)),
         Choice("kernel_size", (3, 5)),
