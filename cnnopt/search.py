@@ -214,7 +214,7 @@ def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
 
 
 def _join(background: BackgroundReport | None) -> None:
-    if background is not None and not background.joined:
+    if background is not None:
         background.join()
 
 
@@ -297,6 +297,9 @@ class BackgroundReport:
                       + [(f"edge of the space: {line}", False) for line in report.edges])
 
     def join(self) -> None:
+        """Wait for the report and print its lines, once (later calls do nothing)."""
+        if self.joined:
+            return
         self.thread.join()
         self.joined = True
         for text, to_stderr in self.lines:

@@ -30,13 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import ray
 
 from cnnopt import tracking, trials as trial_status
 from cnnopt.analysis import load_trials
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment
-from cnnopt.study.runner import StudyOptions, check_search, results_folder, run_study, start_ray
+from cnnopt.study.runner import StudyOptions, check_search, ray_session, results_folder, run_study
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import comparisons
 from cnnopt.tracking.recorder import StudyRecorder
@@ -241,23 +240,21 @@ def run_comparison(experiment: Experiment, strategies: list[str], seeds: int, *,
                 **tracking.data_params(experiment.data), "train.epochs": experiment.train.epochs},
         tags={"experiment": experiment.path, "search_space": experiment.search_space,
               "command": experiment.command_line("python -m cnnopt.compare")})
-    own_ray = start_ray(address)
     status = tracking.FAILED
-    try:
-        studies, walls = _run_studies(experiment, strategies, seeds, prefix, run_id, storage, verbose, progress)
-        comparison = analyse(experiment, strategies, seeds, studies, run_id=run_id, prefix=prefix, target=target,
-                             waste_threshold=waste_threshold)
-        comparison.wall_seconds = walls
-        log_comparison(comparison)
-        status = tracking.FINISHED
-        return comparison
-    except KeyboardInterrupt:
-        status = tracking.KILLED
-        raise
-    finally:
-        comparisons.end_comparison(run_id, status)
-        if own_ray:
-            ray.shutdown()
+    with ray_session(address):  # one Ray instance for every study of the comparison
+        try:
+            studies, walls = _run_studies(experiment, strategies, seeds, prefix, run_id, storage, verbose, progress)
+            comparison = analyse(experiment, strategies, seeds, studies, run_id=run_id, prefix=prefix, target=target,
+                                 waste_threshold=waste_threshold)
+            comparison.wall_seconds = walls
+            log_comparison(comparison)
+            status = tracking.FINISHED
+            return comparison
+        except KeyboardInterrupt:
+            status = tracking.KILLED
+            raise
+        finally:
+            comparisons.end_comparison(run_id, status)
 
 
 def _run_studies(experiment: Experiment, strategies: list[str], seeds: int, prefix: str, run_id: str, storage: str,

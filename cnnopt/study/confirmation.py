@@ -23,7 +23,7 @@ import search_spaces
 from cnnopt import tracking, trials
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.experiment.config import Experiment
-from cnnopt.study.runner import interrupts_held, resolve_resources, start_ray
+from cnnopt.study.runner import ray_session, resolve_resources
 from cnnopt.study.trainable import assigned_device
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
@@ -99,8 +99,7 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
     space = search_spaces.get(experiment.search_space)
     data = load_data(experiment.data)
     data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])  # validation only
-    own_ray = start_ray(address)
-    try:
+    with ray_session(address):
         search = resolve_resources(search, ray.cluster_resources())
         shared = ray.put(data)
         dataset = tracking.train_dataset(experiment.data, data.train_x, data.train_y)  # once, in the driver
@@ -120,10 +119,6 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
                 candidates[run.info.run_id].runs[seed] = (run_id, value)
             print(f"  confirm trial {studies.trial_number(run):3d} seed {seed}: {experiment.metric} "
                   f"{value if value is not None else float('nan'):.4f}  ({result.status})", flush=True)
-    finally:
-        if own_ray:
-            with interrupts_held():
-                ray.shutdown()
 
 
 def _train_seed(config, data: ImageData, metric: str, mode: str, seconds: float = 0.0) -> TrainResult:

@@ -30,7 +30,7 @@ import search_spaces
 from cnnopt import tracking
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.experiment.config import Experiment, TrainConfig
-from cnnopt.study.runner import interrupts_held, start_ray
+from cnnopt.study.runner import ray_session
 from cnnopt.study.trainable import assigned_device
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
@@ -69,16 +69,11 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
     config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(chosen)), seed=seed)
     data = final_data(experiment)
     keep = "last" if experiment.search.final_data == "train+val" else "best"
-    own_ray = start_ray(address)
-    try:
+    with ray_session(address):
         cpus, gpus = whole_node()
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_train)
         config, result = ray.get(task.remote(config, ray.put(data), experiment.search.final_epochs, deadline,
                                              trial_epochs, experiment.metric, experiment.mode, keep))
-    finally:
-        if own_ray:
-            with interrupts_held():
-                ray.shutdown()
     if result is None:
         return (f"the time left fits {config.epochs} epochs of it, no more than its trial's {trial_epochs}: "
                 "the trial is promoted as it is")

@@ -116,6 +116,18 @@ def stop_ray() -> None:
 
 
 @contextlib.contextmanager
+def ray_session(address: str | None):
+    """Ray for a block: the running instance where there is one (a study's command keeps its own up),
+    else one started for the block and stopped after it (`start_ray`, `stop_ray`)."""
+    own_ray = start_ray(address)
+    try:
+        yield
+    finally:
+        if own_ray:
+            stop_ray()
+
+
+@contextlib.contextmanager
 def interrupts_held():
     """Ignore Ctrl-C for a short step that must finish (closing the record, stopping Ray)."""
     if threading.current_thread() is not threading.main_thread():
