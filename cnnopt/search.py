@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     # Ray stays up from the search to the end of the command: the confirmation and the final training run on
     # the same instance and its warm workers instead of starting and stopping their own (~6 s each here).
     options = StudyOptions(name=name, address=args.address, resume=args.resume, header=header, started=started,
-                           finish=(0 if args.no_report else REPORT_SECONDS) + (0 if args.no_promote else PROMOTION_SECONDS),
+                           finish=0 if args.no_promote else PROMOTION_SECONDS,
+                           report=0 if args.no_report else REPORT_SECONDS,
                            keep_ray=True)
     outcome = run_study(experiment, options)
     try:
@@ -193,8 +194,8 @@ def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
     if (outcome.plan.final if outcome.plan is not None else experiment.search.final_epochs):
         mark = time.perf_counter()
         deadline = 0.0
-        if outcome.plan is not None:  # what is left, less promotion's allowance (the report runs meanwhile)
-            deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - PROMOTION_SECONDS
+        if outcome.plan is not None:  # what is left, less the plan's finish (the report is built meanwhile)
+            deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - outcome.plan.finish
         final = final_training(experiment, outcome, run_id, what, deadline, address)
         if final is not None:
             run_id, what, promoted_with = final.run_id, f"the final training of {what}", experiment

@@ -8,13 +8,15 @@ import math
 import time
 
 import pytest
+import search_spaces
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from cnnopt import search, trials
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
-from cnnopt.study.budget import MIN_TRIALS, make_plan
+from cnnopt.study.budget import MIN_TRIALS, TRIAL_OVERHEAD, last_start, make_plan
+from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.final import final_data, stretched
 from cnnopt.training.objective import train
 
@@ -24,13 +26,15 @@ TINY = TrainConfig(epochs=2, channels=8, batch_size=64)
 
 def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, **search):
     return make_plan(dataclasses.replace(SEARCH, **search), max_epochs, budget=budget, started=20.0, epoch=epoch,
-                     slots=slots, train_images=4500, finish=30.0)
+                     slots=slots, train_images=4500, finish=20.0, report=10.0)
 
 
 def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
     made = plan()
     assert made.started + made.search + made.confirm + made.final + made.finish == pytest.approx(600)
-    assert made.final == pytest.approx(0.4 * (600 - 20 - 30)), "the reserve is search.reserve of what is left"
+    assert made.final == pytest.approx(0.4 * (600 - 20 - 30) + 10), \
+        "the reserve is search.reserve of what is left, and the report's seconds: it is built meanwhile"
+    assert made.finish == 20, "only the promotion waits for the end"
     assert made.scheduler == "asha" and made.rungs() == [3 ** k for k in range(len(made.rungs()))]
     assert 1 < made.max_epochs == made.rungs()[-1] <= 30
     # Enough trials to search with, and at least two for every one that reaches the top rung.
@@ -63,6 +67,8 @@ def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search()
     dropped = plan(budget=600, epoch=10, reserve=0.05)  # 27 s: fewer epochs than a trial's 9
     assert kept.final > 0 and dropped.final == 0
     assert dropped.search > kept.search
+    assert dropped.finish == 30 and dropped.started + dropped.search + dropped.confirm + dropped.finish \
+        == pytest.approx(600), "with no final training to overlap, the report's seconds come at the end"
     assert any("final" in line and "skipped" in line for line in dropped.lines())
 
 
@@ -86,6 +92,22 @@ def test_a_plan_sets_the_searchs_epochs_trials_rungs_and_data():
     assert planned.search.time_budget == pytest.approx(made.search / 60), "Ray stops the search at its share"
     assert planned.data.subset == made.subset
     assert experiment.search.trial_seconds == 0, "the asked settings are unchanged (what the study records)"
+
+
+def test_no_trial_starts_that_could_not_reach_its_first_rung_before_the_search_ends(capsys):
+    planned = dataclasses.replace(SEARCH, time_budget=2.0, grace_seconds=15.0)  # a plan's search: 120s, rung at 15s
+    assert last_start(planned) == 120 - 15 - TRIAL_OVERHEAD
+    assert last_start(SEARCH) is None and last_start(dataclasses.replace(SEARCH, time_budget=2.0)) is None, \
+        "without a plan, trials start until the budget ends"
+    space = search_spaces.get("lesson")
+    for strategy in ("grid", "random", "bayes", "gp"):
+        searcher = STRATEGIES[strategy].searcher(space, metric="best_val_accuracy", mode="max", seed=0, trials=8,
+                                                 max_epochs=2)
+        searcher.start_by, searcher.closing_line = time.time() + 60, "closing"
+        assert isinstance(searcher.suggest("early"), dict)
+        searcher.start_by = time.time() - 0.1
+        assert searcher.suggest("late") == searcher.FINISHED and searcher.suggest("later") == searcher.FINISHED
+        assert capsys.readouterr().out == "closing\n", "said once, when the first trial is turned away"
 
 
 def test_a_trial_too_slow_for_its_share_is_stopped_and_told_to_the_sampler_as_pruned(digits_data):
@@ -183,3 +205,17 @@ def test_a_deadline_trains_the_epochs_that_fit_with_the_schedule_respanned(digit
     assert result.history[-1]["epochs_planned"] == result.epochs_run
     assert result.history[-1]["lr"] < 0.1 * config.lr, "onecycle ends near zero over the epochs it really had"
     assert max(epoch["lr"] for epoch in result.history) > 0.5 * config.lr, "and peaks within them"
+
+
+def test_a_final_trainings_epochs_grow_to_its_deadline_a_trials_do_not(digits_data):
+    """A final training's epochs are an estimate from a few steps (which a busy start makes pessimistic):
+    it trains more where its real pace fits more. A trial's epochs are its most."""
+    config = dataclasses.replace(TINY, epochs=2, lr=0.1)
+    trial = train(config, digits_data, deadline=time.time() + 3)
+    assert trial.epochs_run == 2, "a trial trains at most its epochs, however much time is left"
+    started = time.time()
+    final = train(config, digits_data, deadline=started + 3, grow=True)
+    assert final.status == trials.COMPLETED and final.epochs_run > 2
+    assert time.time() - started < 3 + 2, "still held to the deadline"
+    assert final.history[-1]["epochs_planned"] == final.epochs_run
+    assert final.history[-1]["lr"] < 0.1 * config.lr, "onecycle re-spanned: it ends near zero at the last epoch"

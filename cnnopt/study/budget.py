@@ -5,7 +5,9 @@ and the data loaded, a probe trains the search space's middle configuration for 
 trial slot at once (so the cores are shared as the trials will share them) and measures what an
 epoch costs. The minutes left are then split:
 
-- finish: an allowance for the report and the promotion (the one test pass, the export and the registry);
+- finish: an allowance for the promotion (the one test pass, the export and the registry), and for
+  the report where no final training runs (the report is built on a thread while the final trains, so
+  there its seconds are the final's);
 - final (search.reserve of the rest): the chosen configuration trained once more, alone on a whole
   node, for as many epochs as fit, its schedule stretched to them (`cnnopt.study.final`);
 - confirmation: the best configurations re-trained with new seeds, where at least two configurations
@@ -18,7 +20,9 @@ epoch costs. The minutes left are then split:
   of training), so a configuration twice as fast trains twice the epochs (at most train.epochs) and
   the search compares configurations at equal time, as the final training will run them.
   A trial whose one epoch would take longer than a trial's whole share of the search (`epoch_limit`:
-  its expected epochs at the probe's cost, plus a trial's fixed overhead) is stopped.
+  its expected epochs at the probe's cost, plus a trial's fixed overhead) is stopped. No trial starts
+  once it could not reach the first rung before the search's share ends (`last_start`): it would only
+  be cut short, its time spent for nothing ASHA or the sampler could rank.
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ class Plan:
                 f"  final   {self.final:5.0f}s  " + ("the chosen configuration trained again on a whole node, epochs "
                                                  "to fill the time" if self.final else
                                                  "skipped: the reserve would not train longer than a trial"),
-                f"  finish  {self.finish:5.0f}s  report, test once, export, register"]
+                f"  finish  {self.finish:5.0f}s  test once, export, register"
+                + ("" if self.final else ", and the report")]
 
     def params(self) -> dict:
         """The plan as MLflow params of the study's parent run."""
@@ -116,8 +121,17 @@ class Plan:
                 for key, value in dataclasses.asdict(self).items()}
 
 
+def last_start(search: SearchConfig) -> float | None:
+    """Seconds into a planned search after which a new trial could not reach ASHA's first rung (its
+    grace seconds of training, and a trial's overhead) before the search's share ends; None where the
+    search has no planned share."""
+    if not (search.time_budget and search.grace_seconds):
+        return None
+    return max(0.0, search.time_budget * 60 - search.grace_seconds - TRIAL_OVERHEAD)
+
+
 def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: float, epoch: float, slots: int,
-              train_images: int, finish: float = REPORT_SECONDS + PROMOTION_SECONDS) -> Plan:
+              train_images: int, finish: float = PROMOTION_SECONDS, report: float = REPORT_SECONDS) -> Plan:
     """Split a budget given what an epoch costs; pure arithmetic (the probe is `measure_epoch`).
 
     Args:
@@ -127,11 +141,13 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         epoch: seconds of one trial's epoch on all the train images, with `slots` trials at once.
         slots: trials at once.
         train_images: the train split's size.
-        finish: seconds kept for what follows the trials (the report, the promotion).
+        finish: seconds kept for what follows the trials and the final training (the promotion).
+        report: seconds the report takes: the final training's, where one runs (the report is built
+            meanwhile), else kept in finish too.
     Raises:
         UsageError: when not even MIN_TRIALS trials of one epoch on a tenth of the data fit.
     """
-    remaining = budget - started - finish
+    remaining = budget - started - finish - report
     plan = _split(search, max_epochs, remaining, search.reserve * remaining, epoch, slots)
     if plan["final"] and (plan["final"] - FINAL_OVERHEAD) / epoch <= plan["max_epochs"]:
         # The reserve would not train the winner longer than its trial was (even with no speed-up from
@@ -139,10 +155,14 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         plan = _split(search, max_epochs, remaining, 0.0, epoch, slots)
     if plan["fraction"] < MIN_SUBSET:
         needed = max(MIN_TRIALS, 2 * slots)
-        shortest = started + finish + needed * (epoch * MIN_SUBSET + TRIAL_OVERHEAD) / slots
+        shortest = started + finish + report + needed * (epoch * MIN_SUBSET + TRIAL_OVERHEAD) / slots
         raise UsageError(f"a time budget of {budget / 60:g} min is too short here: {started:.0f}s went to starting, "
                          f"and {needed} trials of one epoch (~{epoch:.0f}s each, {slots} at once) on a tenth of the "
                          f"data need more; give --time-budget at least {math.ceil(shortest / 60 * 1.2)}")
+    if plan["final"]:
+        plan["final"] += report
+    else:
+        finish += report
     fraction = plan.pop("fraction")
     return Plan(budget=budget, started=started, slots=slots, finish=finish, grace=search.grace_period,
                 reduction=search.reduction_factor, subset=int(train_images * fraction) if fraction < 1 else 0,

@@ -4,7 +4,8 @@ A trial is trained for the search's epochs, next to other trials; the chosen con
 whole node and the epochs left. It is trained once more:
 - for `search.final_epochs`, or under a time budget for as many epochs as fit before the budget's
   finish allowance (measured: the run first times a few steps of its own on that node, then holds to
-  the deadline at the pace its epochs really take). Fewer epochs than its trial had would give a worse
+  the deadline at the pace its epochs really take: fewer epochs where they are slower than that
+  timing, more where faster). Fewer epochs than its trial had would give a worse
   model, so then no final training is done;
 - with its schedule stretched to those epochs (onecycle and cosine span them; a step schedule's
   step_size grows in proportion);
@@ -128,5 +129,5 @@ def _train(config: TrainConfig, data: ImageData, epochs: int, deadline: float, t
             return dataclasses.replace(config, epochs=epochs), None
     # The timing above is a few steps long: the deadline holds the training to what the epochs really take.
     config = stretched(config, epochs, trial_epochs)
-    result = train(config, data, metric=metric, mode=mode, keep=keep, deadline=deadline)
+    result = train(config, data, metric=metric, mode=mode, keep=keep, deadline=deadline, grow=True)
     return dataclasses.replace(config, epochs=result.epochs_run), result

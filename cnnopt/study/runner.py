@@ -32,7 +32,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
-from cnnopt.study.budget import PROMOTION_SECONDS, REPORT_SECONDS, Plan, make_plan, measure_epoch
+from cnnopt.study.budget import PROMOTION_SECONDS, REPORT_SECONDS, Plan, last_start, make_plan, measure_epoch
 from cnnopt.study.callback import StudyCallback
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.trainable import best_key, run_trial
@@ -52,7 +52,8 @@ class StudyOptions:
     storage: str = ""  # Ray results folder; default ./ray_results
     header: str = ""  # the study's first line, completed with where its trials run once Ray is up
     started: float = 0.0  # time.perf_counter() when the command started: a time budget counts from there
-    finish: float = REPORT_SECONDS + PROMOTION_SECONDS  # seconds a time budget keeps for what follows the trials
+    finish: float = PROMOTION_SECONDS  # seconds a time budget keeps at its end (the promotion)
+    report: float = REPORT_SECONDS  # the report's seconds: built while a final training runs, else kept at the end
     planned: bool = True  # plan a time budget (`cnnopt.study.budget`); False: it only stops the search
     keep_ray: bool = False  # leave a Ray instance the study started running for what follows (`stop_ray` ends it)
 
@@ -99,7 +100,8 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         print(f"{options.header}; {placement(search)}" if options.header else placement(search), flush=True)
         plan, asked = None, experiment
         if search.time_budget and options.planned:
-            plan, experiment, data = plan_budget(experiment, space, data, search, started, options.finish)
+            plan, experiment, data = plan_budget(experiment, space, data, search, started, options.finish,
+                                                 options.report)
             search = resolve_resources(experiment.search, ray.cluster_resources())
         outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan)
         kept = own_ray and options.keep_ray
@@ -192,13 +194,13 @@ def check_search(search: SearchConfig) -> None:
 
 
 def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: SearchConfig, started: float,
-                finish: float) -> tuple[Plan, Experiment, ImageData]:
+                finish: float, report: float) -> tuple[Plan, Experiment, ImageData]:
     """Measure a trial's epoch, split the time budget, print the plan; the planned experiment and its data."""
     slots = concurrency(search)
     epoch = measure_epoch(experiment, space, data, search, slots)
     plan = make_plan(search, experiment.train.epochs, budget=search.time_budget * 60,
                      started=time.perf_counter() - started, epoch=epoch, slots=slots, train_images=len(data.train_y),
-                     finish=finish)
+                     finish=finish, report=report)
     for line in plan.lines():
         print(line, flush=True)
     planned = plan.apply(experiment)
@@ -345,6 +347,11 @@ def _make_tuner(experiment: Experiment, space: Space, data: ImageData, options: 
                                                      else None)
     if searcher.capacity is not None:  # an edited space can leave fewer unfinished grid points than that
         trials = min(trials, searcher.capacity)
+    start_within = last_start(search)
+    if start_within is not None:
+        searcher.start_by = time.time() + start_within
+        searcher.closing_line = (f"search: no new trial in its last {search.time_budget * 60 - start_within:.0f}s: "
+                                 f"one would not reach its first rung ({search.grace_seconds:.0f}s of training)")
     if search.scheduler == "asha" and search.trial_seconds:  # rungs in seconds of training (a time budget's plan)
         scheduler = ASHAScheduler(time_attr="time_total_s", metric=experiment.metric, mode=experiment.mode,
                                   max_t=search.trial_seconds, grace_period=search.grace_seconds,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import pickle
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,17 @@ class PickledSearcher(Searcher):
     """Ray checkpoints a searcher with save/restore; ours keep all their state in plain attributes."""
 
     capacity: int | None = None  # the most trials this searcher can hand out (None: no limit)
+    start_by: float | None = None  # time.time() after which it starts no trial (`budget.last_start`); None: any time
+    closing_line: str = ""  # printed once, when start_by first turns a trial away
+
+    def closed(self) -> bool:
+        """Whether it is too late to start a trial: then `suggest` says the search is finished."""
+        if self.start_by is None or time.time() < self.start_by:
+            return False
+        if self.closing_line:
+            print(self.closing_line, flush=True)
+            self.closing_line = ""
+        return True
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as handle:
@@ -54,7 +66,7 @@ class GridSearcher(PickledSearcher):
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id in self.assigned:
             return dict(self.assigned[trial_id])
-        if self.position >= len(self.points):
+        if self.position >= len(self.points) or self.closed():
             return Searcher.FINISHED
         self.assigned[trial_id] = self.points[self.position]
         self.position += 1
@@ -81,6 +93,8 @@ class OptunaSearcher(PickledSearcher):
         self.live: dict[str, optuna.trial.Trial] = {}
 
     def suggest(self, trial_id: str) -> dict | None:
+        if self.closed():
+            return Searcher.FINISHED
         trial = self.study.ask()
         self.live[trial_id] = trial
         return self.space.sample(trial)

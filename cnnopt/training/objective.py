@@ -129,7 +129,7 @@ def epoch_seconds(per_image: float, data: ImageData) -> float:
 
 def train(config: TrainConfig, data: ImageData, report: Report | None = None, *, metric: str = "val_accuracy",
           mode: str = "max", on_improve: Callable[[int, dict], None] | None = None,
-          epoch_limit: float = 0.0, keep: str = "best", deadline: float = 0.0) -> TrainResult:
+          epoch_limit: float = 0.0, keep: str = "best", deadline: float = 0.0, grow: bool = False) -> TrainResult:
     """Train one configuration and keep its best epoch by `metric`.
 
     Args:
@@ -150,6 +150,8 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             pace; after each epoch, where the epochs left would not end in time at the pace measured so
             far, fewer are trained. The schedule is re-spanned over them each time. Every epoch's
             metrics carry `epochs_planned`.
+        grow: with a deadline, `config.epochs` is an estimate rather than the most (a final training's,
+            from a few steps' timing): where the pace measured so far fits more epochs, more are trained.
     Returns:
         TrainResult with status 'completed', 'diverged' or 'stopped' and the kept epoch's weights.
     """
@@ -190,7 +192,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
                         report(epoch, {"too_slow": 1.0, "projected_epoch_seconds": projected, metric: math.nan})
                     return result
                 fits = _epochs_that_fit(done / len(batches), projected, deadline)
-                if fits < epochs:  # as many epochs as the time holds, at this configuration's pace
+                if fits < epochs or (grow and fits > epochs):  # as many epochs as the time holds, at this pace
                     epochs = fits
                     schedule = _respan(config, setup.optimizer, schedule, epochs, done, len(batches), 0)
         train_loss = loss_sum.item() / seen  # one device sync per epoch, not per batch
@@ -220,7 +222,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             report(epoch, metrics)
         if deadline and not diverged:
             fits = _epochs_that_fit(epoch, (time.perf_counter() - began) / epoch, deadline)
-            if fits < epochs:
+            if fits < epochs or (grow and fits > epochs):
                 epochs = fits
                 schedule = _respan(config, setup.optimizer, schedule, epochs, epoch * len(batches), len(batches), epoch)
         if diverged:
