@@ -237,6 +237,28 @@ def test_a_train_split_over_the_memory_limit_is_memory_mapped(tmp_path):
     assert mapped_file(received.train_x) == streamed.train_path and same_data(received, streamed)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_final_training_on_train_and_val_streams_them_too(tmp_path):
+    """Over the memory limit, train + val are joined in a file (once), not in memory."""
+    from cnnopt.experiment.config import load_experiment
+    from cnnopt.study.final import final_data
+
+    root = write_pngs(tmp_path / "set")
+    experiment = load_experiment(None, [f"data.{key}={value}" for key, value in
+                                        dataclasses.asdict(streamed_config(root)).items() if value != ""]
+                                 + ["search.final_data=train+val"])
+    split = load_data(experiment.data)
+    joined = final_data(experiment)
+    assert joined.streamed and mapped_file(joined.train_x) == joined.train_path != split.train_path
+    assert torch.equal(joined.train_x, torch.cat([split.train_x, split.val_x]))
+    assert torch.equal(joined.train_y, torch.cat([split.train_y, split.val_y])) and len(joined.val_y) == 0
+    assert joined.mean == split.mean and joined.std == split.std, "normalised as the train split"
+    again = final_data(experiment)
+    assert again.train_path == joined.train_path, "written once"
+    received = pickle.loads(pickle.dumps(joined))  # as a Ray worker gets it: the path, mapped there
+    assert mapped_file(received.train_x) == joined.train_path
+
+
 def test_streaming_without_the_cache_is_refused(tmp_path):
     root = write_pngs(tmp_path / "set")
     with pytest.raises(UsageError, match="data.cache=false; set data.cache=true"):

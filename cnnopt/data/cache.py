@@ -3,7 +3,8 @@
 Layout, one entry per folder state: `<cache>/<key>/images.npy` (uint8 `(N, C, S, S)`, every image of
 the folder in listing order, memory-mappable), `<key>/index.json` (class names, labels, relative
 paths, which rows are which part), and `<key>/train-<hash>.npy`, a train split written out once for
-streaming when it exceeds the memory limit. `<key>` hashes the folder's absolute path, each file's
+streaming when it exceeds the memory limit (`train-<hash>+<hash>.npy`: that split with the val
+images after it, for a final training on train + val). `<key>` hashes the folder's absolute path, each file's
 relative path, size and mtime, the image side and the decoder's version, so a changed, added or
 removed file (or another `data.image_size`) is another entry. Entries are written into a `.tmp-*`
 folder and renamed into place, so a killed process leaves no half entry, only a `.tmp-*` folder that
@@ -141,6 +142,44 @@ def train_split(entry: Entry, rows: np.ndarray) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def appended(path: str | Path, extra: torch.Tensor) -> Path:
+    """The images of the `.npy` file at `path` followed by `extra`, written once as a file beside it.
+
+    A final training on train + val (`search.final_data`) reads a streamed train split this way, rather
+    than joining both in memory. Written in steps of COPY_ROWS, so memory stays bounded.
+
+    Args:
+        path: a train split's file (`train_split`).
+        extra: uint8 images of the same shape, in memory (the val split).
+    Returns:
+        The joined file's path; the same file and images give the same path.
+    """
+    path = Path(path)
+    images = np.load(path, mmap_mode="r")
+    extra = extra.numpy()
+    if extra.shape[1:] != images.shape[1:] or extra.dtype != images.dtype:
+        raise ValueError(f"images of shape {extra.shape[1:]} cannot follow {images.shape[1:]}")
+    digest = hashlib.sha256(np.ascontiguousarray(extra).tobytes()).hexdigest()[:16]
+    joined = path.with_name(f"{path.stem}+{digest}.npy")
+    if joined.is_file():
+        return joined
+    shape = (len(images) + len(extra), *images.shape[1:])
+    _check_space(path.parent, int(np.prod(shape)))
+    temporary = joined.with_name(f".tmp-{os.getpid()}-{joined.name}")
+    try:
+        out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+        for first in range(0, len(images), COPY_ROWS):
+            rows = slice(first, min(first + COPY_ROWS, len(images)))
+            out[rows] = images[rows]
+        out[len(images):] = extra
+        out.flush()
+        del out
+        os.replace(temporary, joined)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return joined
 
 
 def open_images(path: str | Path) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 
 import search_spaces
 from cnnopt import tracking
+from cnnopt.data import cache as data_cache
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.experiment.config import Experiment, TrainConfig
 from cnnopt.study.runner import ray_session
@@ -98,9 +99,13 @@ def final_data(experiment: Experiment) -> ImageData:
     data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
     if experiment.search.final_data != "train+val":
         return data
-    return dataclasses.replace(data, train_x=torch.cat([data.train_x[:], data.val_x]),
-                               train_y=torch.cat([data.train_y, data.val_y]), val_x=data.val_x[:0],
-                               val_y=data.val_y[:0], train_path="")
+    if data.streamed:  # over the memory limit: joined in a file beside the train split's, and streamed too
+        path = str(data_cache.appended(data.train_path, data.val_x))
+        train_x = data_cache.open_images(path)
+    else:
+        path, train_x = "", torch.cat([data.train_x, data.val_x])
+    return dataclasses.replace(data, train_x=train_x, train_y=torch.cat([data.train_y, data.val_y]),
+                               val_x=data.val_x[:0], val_y=data.val_y[:0], train_path=path)
 
 
 def stretched(config: TrainConfig, epochs: int, trial_epochs: int) -> TrainConfig:
