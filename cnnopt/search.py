@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     options = StudyOptions(name=name, address=args.address, resume=args.resume, header=header, started=started,
                            finish=0 if args.no_promote else PROMOTION_SECONDS,
                            report=0 if args.no_report else REPORT_SECONDS,
+                           promote=not args.no_promote,
                            keep_ray=True)
     outcome = run_study(experiment, options)
     try:

@@ -16,6 +16,7 @@ from cnnopt import search, trials
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
 from cnnopt.study.budget import MIN_TRIALS, TRIAL_OVERHEAD, last_start, make_plan
+from cnnopt.study.runner import make_searcher
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.final import final_data, stretched
 from cnnopt.training.objective import train
@@ -24,9 +25,9 @@ SEARCH = SearchConfig()  # reserve 0.4, reduction_factor 3, confirm 3 x 3
 TINY = TrainConfig(epochs=2, channels=8, batch_size=64)
 
 
-def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, **search):
+def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, finish=20.0, **search):
     return make_plan(dataclasses.replace(SEARCH, **search), max_epochs, budget=budget, started=20.0, epoch=epoch,
-                     slots=slots, train_images=4500, finish=20.0, report=10.0)
+                     slots=slots, train_images=4500, finish=finish, report=10.0, promote=finish > 0)
 
 
 def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
@@ -67,9 +68,19 @@ def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search()
     dropped = plan(budget=600, epoch=10, reserve=0.05)  # 27 s: fewer epochs than a trial's 9
     assert kept.final > 0 and dropped.final == 0
     assert dropped.search > kept.search
-    assert dropped.finish == 30 and dropped.started + dropped.search + dropped.confirm + dropped.finish \
+    assert dropped.finish == 30 and dropped.report == 10 and any("register, the report" in line
+                                                                 for line in dropped.lines())
+    assert dropped.started + dropped.search + dropped.confirm + dropped.finish \
         == pytest.approx(600), "with no final training to overlap, the report's seconds come at the end"
     assert any("final" in line and "skipped" in line for line in dropped.lines())
+
+
+def test_without_a_promotion_the_search_gets_the_confirmations_and_the_finals_time():
+    alone = plan(epoch=0.5, finish=0.0)  # --no-promote
+    assert alone.final == 0 and alone.confirm == 0 and alone.finish == 10
+    assert alone.started + alone.search + alone.finish == pytest.approx(600)
+    assert sum("no promotion follows" in line for line in alone.lines()) == 2
+    assert plan(epoch=0.5).confirm > 0, "with one, both are planned"
 
 
 def test_confirmation_is_planned_only_where_two_configurations_by_two_seeds_fit():
@@ -83,7 +94,7 @@ def test_confirmation_is_planned_only_where_two_configurations_by_two_seeds_fit(
 def test_a_plan_sets_the_searchs_epochs_trials_rungs_and_data():
     experiment = load_experiment(None, ["search.time_budget=10"])
     made = make_plan(experiment.search, experiment.train.epochs, budget=600, started=20, epoch=40, slots=2,
-                     train_images=1000, finish=30)
+                     train_images=1000, finish=20, report=10)
     planned = made.apply(experiment)
     assert planned.train.epochs == experiment.train.epochs, "the most a trial trains; its time decides"
     assert planned.search.trial_seconds == made.trial_seconds and planned.search.grace_seconds == made.epoch
@@ -100,6 +111,14 @@ def test_no_trial_starts_that_could_not_reach_its_first_rung_before_the_search_e
     assert last_start(SEARCH) is None and last_start(dataclasses.replace(SEARCH, time_budget=2.0)) is None, \
         "without a plan, trials start until the budget ends"
     space = search_spaces.get("lesson")
+    experiment = load_experiment(None, ["search.time_budget=10"])
+    made = make_plan(experiment.search, experiment.train.epochs, budget=600, started=20, epoch=10, slots=2,
+                     train_images=1000)
+    before = time.time()
+    searcher = make_searcher(made.apply(experiment), space, [])  # a planned study's searcher
+    assert before + made.search - made.epoch - TRIAL_OVERHEAD <= searcher.start_by <= time.time() + made.search
+    assert f"in its last {made.epoch + TRIAL_OVERHEAD:.0f}s" in searcher.closing_line
+    assert make_searcher(experiment, space, []).start_by is None, "unplanned: trials start until the budget ends"
     for strategy in ("grid", "random", "bayes", "gp"):
         searcher = STRATEGIES[strategy].searcher(space, metric="best_val_accuracy", mode="max", seed=0, trials=8,
                                                  max_epochs=2)

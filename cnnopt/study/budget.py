@@ -61,6 +61,8 @@ class Plan:
     confirm: float
     final: float
     finish: float
+    report: float  # of finish, the report's seconds (where no final training overlaps it)
+    promote: bool  # a promotion follows (else no confirmation or final training is planned)
     max_epochs: int  # ASHA's max_t: the most epochs a trial gets while searching
     grace: int
     reduction: int
@@ -102,7 +104,8 @@ class Plan:
                  if self.scheduler == "asha" else "one epoch each")
         confirm = (f"the best {self.confirm_top} configurations x {self.confirm_seeds} new seeds, "
                    f"{self.trial_seconds:.0f}s of training each" if self.confirm_top else
-                   "skipped (two configurations x two seeds do not fit in a fifth of the search)")
+                   "skipped (two configurations x two seeds do not fit in a fifth of the search)" if self.promote
+                   else "skipped: no promotion follows (--no-promote)")
         return [f"time budget {self.budget / 60:g} min: {self.started:.0f}s to start; a trial's epoch costs "
                 f"~{self.epoch:.1f}s here ({self.slots} at once)",
                 f"  search  {self.search:5.0f}s  ~{self.trials} trials of up to {self.trial_seconds:.0f}s of training "
@@ -111,9 +114,11 @@ class Plan:
                 f"  confirm {self.confirm:5.0f}s  {confirm}",
                 f"  final   {self.final:5.0f}s  " + ("the chosen configuration trained again on a whole node, epochs "
                                                  "to fill the time" if self.final else
-                                                 "skipped: the reserve would not train longer than a trial"),
-                f"  finish  {self.finish:5.0f}s  test once, export, register"
-                + ("" if self.final else ", and the report")]
+                                                 "skipped: the reserve would not train longer than a trial"
+                                                 if self.promote else "skipped: no promotion follows (--no-promote)"),
+                f"  finish  {self.finish:5.0f}s  " + (", ".join(
+                    (["test once, export, register"] if self.finish > self.report else [])
+                    + (["the report"] if self.report else [])) or "nothing (--no-report, --no-promote)")]
 
     def params(self) -> dict:
         """The plan as MLflow params of the study's parent run."""
@@ -131,7 +136,8 @@ def last_start(search: SearchConfig) -> float | None:
 
 
 def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: float, epoch: float, slots: int,
-              train_images: int, finish: float = PROMOTION_SECONDS, report: float = REPORT_SECONDS) -> Plan:
+              train_images: int, finish: float = PROMOTION_SECONDS, report: float = REPORT_SECONDS,
+              promote: bool = True) -> Plan:
     """Split a budget given what an epoch costs; pure arithmetic (the probe is `measure_epoch`).
 
     Args:
@@ -144,9 +150,13 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         finish: seconds kept for what follows the trials and the final training (the promotion).
         report: seconds the report takes: the final training's, where one runs (the report is built
             meanwhile), else kept in finish too.
+        promote: a promotion follows the search; without one, the confirmation and the final training
+            (which serve it) are not planned, and the search gets their time.
     Raises:
         UsageError: when not even MIN_TRIALS trials of one epoch on a tenth of the data fit.
     """
+    if not promote:
+        search = dataclasses.replace(search, reserve=0.0, confirm_top=0)
     remaining = budget - started - finish - report
     plan = _split(search, max_epochs, remaining, search.reserve * remaining, epoch, slots)
     if plan["final"] and (plan["final"] - FINAL_OVERHEAD) / epoch <= plan["max_epochs"]:
@@ -161,10 +171,11 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
                          f"data need more; give --time-budget at least {math.ceil(shortest / 60 * 1.2)}")
     if plan["final"]:
         plan["final"] += report
-    else:
-        finish += report
+        report = 0.0
+    finish += report
     fraction = plan.pop("fraction")
-    return Plan(budget=budget, started=started, slots=slots, finish=finish, grace=search.grace_period,
+    return Plan(budget=budget, started=started, slots=slots, finish=finish, report=report, promote=promote,
+                grace=search.grace_period,
                 reduction=search.reduction_factor, subset=int(train_images * fraction) if fraction < 1 else 0,
                 train_images=train_images, **plan)
 

@@ -34,7 +34,7 @@ from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
 from cnnopt.study.budget import PROMOTION_SECONDS, REPORT_SECONDS, Plan, last_start, make_plan, measure_epoch
 from cnnopt.study.callback import StudyCallback
-from cnnopt.study.strategies import STRATEGIES
+from cnnopt.study.strategies import STRATEGIES, PickledSearcher
 from cnnopt.study.trainable import best_key, run_trial
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import PastTrial, StudyRecorder
@@ -54,6 +54,7 @@ class StudyOptions:
     started: float = 0.0  # time.perf_counter() when the command started: a time budget counts from there
     finish: float = PROMOTION_SECONDS  # seconds a time budget keeps at its end (the promotion)
     report: float = REPORT_SECONDS  # the report's seconds: built while a final training runs, else kept at the end
+    promote: bool = True  # a promotion follows: a time budget plans its confirmation and final training
     planned: bool = True  # plan a time budget (`cnnopt.study.budget`); False: it only stops the search
     keep_ray: bool = False  # leave a Ray instance the study started running for what follows (`stop_ray` ends it)
 
@@ -101,7 +102,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         plan, asked = None, experiment
         if search.time_budget and options.planned:
             plan, experiment, data = plan_budget(experiment, space, data, search, started, options.finish,
-                                                 options.report)
+                                                 options.report, options.promote)
             search = resolve_resources(experiment.search, ray.cluster_resources())
         outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan)
         kept = own_ray and options.keep_ray
@@ -194,13 +195,13 @@ def check_search(search: SearchConfig) -> None:
 
 
 def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: SearchConfig, started: float,
-                finish: float, report: float) -> tuple[Plan, Experiment, ImageData]:
+                finish: float, report: float, promote: bool) -> tuple[Plan, Experiment, ImageData]:
     """Measure a trial's epoch, split the time budget, print the plan; the planned experiment and its data."""
     slots = concurrency(search)
     epoch = measure_epoch(experiment, space, data, search, slots)
     plan = make_plan(search, experiment.train.epochs, budget=search.time_budget * 60,
                      started=time.perf_counter() - started, epoch=epoch, slots=slots, train_images=len(data.train_y),
-                     finish=finish, report=report)
+                     finish=finish, report=report, promote=promote)
     for line in plan.lines():
         print(line, flush=True)
     planned = plan.apply(experiment)
@@ -340,18 +341,9 @@ def _make_tuner(experiment: Experiment, space: Space, data: ImageData, options: 
     resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=experiment, space=space, data=data),
                                     resources)
-    searcher = STRATEGIES[search.strategy].searcher(space, metric=best_key(experiment.metric), mode=experiment.mode,
-                                                     seed=search.seed, trials=search.trials,
-                                                     max_epochs=experiment.train.epochs, past=past,
-                                                     baseline=space.point_of(experiment.train) if search.baseline_trial
-                                                     else None)
+    searcher = make_searcher(experiment, space, past)
     if searcher.capacity is not None:  # an edited space can leave fewer unfinished grid points than that
         trials = min(trials, searcher.capacity)
-    start_within = last_start(search)
-    if start_within is not None:
-        searcher.start_by = time.time() + start_within
-        searcher.closing_line = (f"search: no new trial in its last {search.time_budget * 60 - start_within:.0f}s: "
-                                 f"one would not reach its first rung ({search.grace_seconds:.0f}s of training)")
     if search.scheduler == "asha" and search.trial_seconds:  # rungs in seconds of training (a time budget's plan)
         scheduler = ASHAScheduler(time_attr="time_total_s", metric=experiment.metric, mode=experiment.mode,
                                   max_t=search.trial_seconds, grace_period=search.grace_seconds,
@@ -375,6 +367,23 @@ def _make_tuner(experiment: Experiment, space: Space, data: ImageData, options: 
                                   # Trials checkpoint only on a new best epoch, so the latest is the best.
                                   checkpoint_config=tune.CheckpointConfig()),
     )
+
+
+def make_searcher(experiment: Experiment, space: Space, past: list[PastTrial]) -> PickledSearcher:
+    """The strategy's searcher for a search starting now; under a planned time budget it starts no trial
+    once one could not reach its first rung (`budget.last_start`)."""
+    search = experiment.search
+    searcher = STRATEGIES[search.strategy].searcher(space, metric=best_key(experiment.metric), mode=experiment.mode,
+                                                     seed=search.seed, trials=search.trials,
+                                                     max_epochs=experiment.train.epochs, past=past,
+                                                     baseline=space.point_of(experiment.train) if search.baseline_trial
+                                                     else None)
+    start_within = last_start(search)
+    if start_within is not None:
+        searcher.start_by = time.time() + start_within
+        searcher.closing_line = (f"search: no new trial in its last {search.time_budget * 60 - start_within:.0f}s: "
+                                 f"one would not reach its first rung ({search.grace_seconds:.0f}s of training)")
+    return searcher
 
 
 def resolve_resources(search: SearchConfig, available: dict) -> SearchConfig:

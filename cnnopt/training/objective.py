@@ -151,7 +151,8 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             far, fewer are trained. The schedule is re-spanned over them each time. Every epoch's
             metrics carry `epochs_planned`.
         grow: with a deadline, `config.epochs` is an estimate rather than the most (a final training's,
-            from a few steps' timing): where the pace measured so far fits more epochs, more are trained.
+            from a few steps' timing): where the pace measured so far fits more epochs, more are trained
+            (decided before the last planned epoch, so a schedule that has annealed is not restarted).
     Returns:
         TrainResult with status 'completed', 'diverged' or 'stopped' and the kept epoch's weights.
     """
@@ -192,7 +193,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
                         report(epoch, {"too_slow": 1.0, "projected_epoch_seconds": projected, metric: math.nan})
                     return result
                 fits = _epochs_that_fit(done / len(batches), projected, deadline)
-                if fits < epochs or (grow and fits > epochs):  # as many epochs as the time holds, at this pace
+                if fits < epochs or (grow and deadline and fits > epochs):  # as many as the time holds, at this pace
                     epochs = fits
                     schedule = _respan(config, setup.optimizer, schedule, epochs, done, len(batches), 0)
         train_loss = loss_sum.item() / seen  # one device sync per epoch, not per batch
@@ -222,7 +223,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             report(epoch, metrics)
         if deadline and not diverged:
             fits = _epochs_that_fit(epoch, (time.perf_counter() - began) / epoch, deadline)
-            if fits < epochs or (grow and fits > epochs):
+            if fits < epochs or (grow and epoch < epochs < fits):  # not past an end the schedule has reached
                 epochs = fits
                 schedule = _respan(config, setup.optimizer, schedule, epochs, epoch * len(batches), len(batches), epoch)
         if diverged:
