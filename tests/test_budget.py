@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from cnnopt import search, trials
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
-from cnnopt.study.budget import MIN_TRIALS, TRIAL_OVERHEAD, last_start, make_plan
+from cnnopt.study.budget import EXIT_SECONDS, MIN_TRIALS, TRIAL_OVERHEAD, last_start, make_plan
 from cnnopt.study.runner import make_searcher
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.final import final_data, stretched
@@ -33,9 +33,9 @@ def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, finish=20.0, **search
 def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
     made = plan()
     assert made.started + made.search + made.confirm + made.final + made.finish == pytest.approx(600)
-    assert made.final == pytest.approx(0.4 * (600 - 20 - 30) + 10), \
+    assert made.final == pytest.approx(0.4 * (600 - 20 - 30 - EXIT_SECONDS) + 10), \
         "the reserve is search.reserve of what is left, and the report's seconds: it is built meanwhile"
-    assert made.finish == 20, "only the promotion waits for the end"
+    assert made.finish == 20 + EXIT_SECONDS, "only the promotion (and the exit) wait for the end"
     assert made.scheduler == "asha" and made.rungs() == [3 ** k for k in range(len(made.rungs()))]
     assert 1 < made.max_epochs == made.rungs()[-1] <= 30
     # Enough trials to search with, and at least two for every one that reaches the top rung.
@@ -68,7 +68,7 @@ def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search()
     dropped = plan(budget=600, epoch=10, reserve=0.05)  # 27 s: fewer epochs than a trial's 9
     assert kept.final > 0 and dropped.final == 0
     assert dropped.search > kept.search
-    assert dropped.finish == 30 and dropped.report == 10 and any("register, the report" in line
+    assert dropped.finish == 30 + EXIT_SECONDS and dropped.report == 10 and any("register, the report" in line
                                                                  for line in dropped.lines())
     assert dropped.started + dropped.search + dropped.confirm + dropped.finish \
         == pytest.approx(600), "with no final training to overlap, the report's seconds come at the end"
@@ -77,7 +77,7 @@ def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search()
 
 def test_without_a_promotion_the_search_gets_the_confirmations_and_the_finals_time():
     alone = plan(epoch=0.5, finish=0.0)  # --no-promote
-    assert alone.final == 0 and alone.confirm == 0 and alone.finish == 10
+    assert alone.final == 0 and alone.confirm == 0 and alone.finish == 10 + EXIT_SECONDS
     assert alone.started + alone.search + alone.finish == pytest.approx(600)
     assert sum("no promotion follows" in line for line in alone.lines()) == 2
     assert plan(epoch=0.5).confirm > 0, "with one, both are planned"

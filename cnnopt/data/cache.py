@@ -127,21 +127,12 @@ def train_split(entry: Entry, rows: np.ndarray) -> Path:
         The file's path; the same rows give the same file.
     """
     path = entry.folder / f"train-{hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:16]}.npy"
-    if path.is_file():
-        return path
-    shape = (len(rows), *entry.images.shape[1:])
-    _check_space(entry.folder, int(np.prod(shape)))
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+
+    def fill(out: np.ndarray) -> None:
         for first in range(0, len(rows), COPY_ROWS):
             out[first:first + COPY_ROWS] = entry.images[rows[first:first + COPY_ROWS]]
-        out.flush()
-        del out
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+
+    return _write_once(path, (len(rows), *entry.images.shape[1:]), fill)
 
 
 def appended(path: str | Path, extra: torch.Tensor) -> Path:
@@ -162,24 +153,33 @@ def appended(path: str | Path, extra: torch.Tensor) -> Path:
     if extra.shape[1:] != images.shape[1:] or extra.dtype != images.dtype:
         raise ValueError(f"images of shape {extra.shape[1:]} cannot follow {images.shape[1:]}")
     digest = hashlib.sha256(np.ascontiguousarray(extra).tobytes()).hexdigest()[:16]
-    joined = path.with_name(f"{path.stem}+{digest}.npy")
-    if joined.is_file():
-        return joined
-    shape = (len(images) + len(extra), *images.shape[1:])
-    _check_space(path.parent, int(np.prod(shape)))
-    temporary = joined.with_name(f".tmp-{os.getpid()}-{joined.name}")
-    try:
-        out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+
+    def fill(out: np.ndarray) -> None:
         for first in range(0, len(images), COPY_ROWS):
             rows = slice(first, min(first + COPY_ROWS, len(images)))
             out[rows] = images[rows]
         out[len(images):] = extra
+
+    shape = (len(images) + len(extra), *images.shape[1:])
+    return _write_once(path.with_name(f"{path.stem}+{digest}.npy"), shape, fill)
+
+
+def _write_once(path: Path, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]) -> Path:
+    """A uint8 `.npy` file of `shape` at `path`, filled by `fill(array)` unless it exists: written under a
+    temporary name and renamed into place, so a killed process leaves no half file at `path`."""
+    if path.is_file():
+        return path
+    _check_space(path.parent, int(np.prod(shape)))
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+        fill(out)
         out.flush()
         del out
-        os.replace(temporary, joined)
+        os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    return joined
+    return path
 
 
 def open_images(path: str | Path) -> torch.Tensor:

@@ -5,8 +5,8 @@ and the data loaded, a probe trains the search space's middle configuration for 
 trial slot at once (so the cores are shared as the trials will share them) and measures what an
 epoch costs. The minutes left are then split:
 
-- finish: an allowance for the promotion (the one test pass, the export and the registry), and for
-  the report where no final training runs (the report is built on a thread while the final trains, so
+- finish: an allowance for the promotion (the one test pass, the export and the registry), for
+  stopping Ray and the process's exit, and for the report where no final training runs (the report is built on a thread while the final trains, so
   there its seconds are the final's);
 - final (search.reserve of the rest): the chosen configuration trained once more, alone on a whole
   node, for as many epochs as fit, its schedule stretched to them (`cnnopt.study.final`);
@@ -42,6 +42,7 @@ from cnnopt.training.objective import epoch_seconds, seconds_per_image
 
 REPORT_SECONDS = 10.0  # the study report's figures and importances (measured 5-10 s)
 PROMOTION_SECONDS = 20.0  # a promotion's test pass, export, fresh-process check and registry (measured 10-20 s)
+EXIT_SECONDS = 8.0  # after the budget's last line: Ray's stop and the process's exit (measured 5-9 s on 2 cores)
 MIN_TRIALS = 8  # fewer trials than this is not a search
 CONFIRM_SHARE = 0.2  # of the search's time, the most a confirmation may take
 MIN_SUBSET = 0.1  # the smallest share of the train split a search may use
@@ -116,9 +117,9 @@ class Plan:
                                                  "to fill the time" if self.final else
                                                  "skipped: the reserve would not train longer than a trial"
                                                  if self.promote else "skipped: no promotion follows (--no-promote)"),
-                f"  finish  {self.finish:5.0f}s  " + (", ".join(
-                    (["test once, export, register"] if self.finish > self.report else [])
-                    + (["the report"] if self.report else [])) or "nothing (--no-report, --no-promote)")]
+                f"  finish  {self.finish:5.0f}s  " + ", ".join(
+                    (["test once, export, register"] if self.promote else []) + (["the report"] if self.report else [])
+                    + ["stop Ray and exit"])]
 
     def params(self) -> dict:
         """The plan as MLflow params of the study's parent run."""
@@ -147,7 +148,8 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         epoch: seconds of one trial's epoch on all the train images, with `slots` trials at once.
         slots: trials at once.
         train_images: the train split's size.
-        finish: seconds kept for what follows the trials and the final training (the promotion).
+        finish: seconds kept for what follows the trials and the final training (the promotion); the
+            process's exit (EXIT_SECONDS) is kept on top.
         report: seconds the report takes: the final training's, where one runs (the report is built
             meanwhile), else kept in finish too.
         promote: a promotion follows the search; without one, the confirmation and the final training
@@ -157,6 +159,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
     """
     if not promote:
         search = dataclasses.replace(search, reserve=0.0, confirm_top=0)
+    finish += EXIT_SECONDS
     remaining = budget - started - finish - report
     plan = _split(search, max_epochs, remaining, search.reserve * remaining, epoch, slots)
     if plan["final"] and (plan["final"] - FINAL_OVERHEAD) / epoch <= plan["max_epochs"]:
