@@ -88,7 +88,9 @@ def test_confirmation_is_planned_only_where_two_configurations_by_two_seeds_fit(
     assert cheap.confirm_top >= 2 and cheap.confirm_seeds >= 2 and cheap.confirm > 0
     costly = plan(epoch=10)
     assert costly.confirm_top == 0 and costly.confirm == 0
-    assert plan(epoch=0.5, confirm_top=0).confirm_top == 0, "--no-confirm stays off"
+    assert any("do not fit" in line for line in costly.lines())
+    off = plan(epoch=0.5, confirm_top=0)
+    assert off.confirm_top == 0 and any("off (--no-confirm)" in line for line in off.lines()), "--no-confirm stays off"
 
 
 def test_a_plan_sets_the_searchs_epochs_trials_rungs_and_data():

@@ -64,6 +64,7 @@ class Plan:
     finish: float
     report: float  # of finish, the report's seconds (where no final training overlaps it)
     promote: bool  # a promotion follows (else no confirmation or final training is planned)
+    confirm_asked: bool  # search.confirm_top asks for a confirmation (it is planned where it fits)
     max_epochs: int  # ASHA's max_t: the most epochs a trial gets while searching
     grace: int
     reduction: int
@@ -105,8 +106,9 @@ class Plan:
                  if self.scheduler == "asha" else "one epoch each")
         confirm = (f"the best {self.confirm_top} configurations x {self.confirm_seeds} new seeds, "
                    f"{self.trial_seconds:.0f}s of training each" if self.confirm_top else
-                   "skipped (two configurations x two seeds do not fit in a fifth of the search)" if self.promote
-                   else "skipped: no promotion follows (--no-promote)")
+                   "skipped: no promotion follows (--no-promote)" if not self.promote else
+                   "skipped: off (--no-confirm)" if not self.confirm_asked else
+                   "skipped (two configurations x two seeds do not fit in a fifth of the search)")
         return [f"time budget {self.budget / 60:g} min: {self.started:.0f}s to start; a trial's epoch costs "
                 f"~{self.epoch:.1f}s here ({self.slots} at once)",
                 f"  search  {self.search:5.0f}s  ~{self.trials} trials of up to {self.trial_seconds:.0f}s of training "
@@ -178,6 +180,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
     finish += report
     fraction = plan.pop("fraction")
     return Plan(budget=budget, started=started, slots=slots, finish=finish, report=report, promote=promote,
+                confirm_asked=search.confirm_top >= 2,
                 grace=search.grace_period,
                 reduction=search.reduction_factor, subset=int(train_images * fraction) if fraction < 1 else 0,
                 train_images=train_images, **plan)
