@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import mlflow
 import pandas as pd
 
 from cnnopt import tracking
@@ -29,31 +28,43 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
         (bool, int, float, str), the best epoch's metrics as `best_*` and the last epoch's as `last_*`.
     """
     name = experiment.name if isinstance(experiment, Experiment) else experiment
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    if mlflow.get_experiment_by_name(name) is None:
+    client = tracking.make_client()  # the store cnnopt writes to (MLFLOW_TRACKING_URI, else ./mlflow.db)
+    found = client.get_experiment_by_name(name)
+    if found is None:
         raise UsageError(f"no MLflow experiment named {name!r} in {tracking.tracking_uri()}")
     if study is None:
-        parents = mlflow.search_runs(experiment_names=[name], filter_string="tags.`cnnopt.kind` = 'study'",
+        parents = client.search_runs([found.experiment_id], f"tags.`{tracking.KIND_TAG}` = 'study'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
-        if parents.empty:
+        if not parents:
             raise UsageError(f"the MLflow experiment {name!r} holds no study yet; run python -m cnnopt.search")
-        study = parents["tags.cnnopt.study"].iloc[0]
-    runs = mlflow.search_runs(experiment_names=[name], max_results=100000,
-                              filter_string=f"tags.`cnnopt.kind` = 'trial' and tags.`{tracking.STUDY_TAG}` = '{study}'")
-    if runs.empty:
+        study = parents[0].data.tags[tracking.STUDY_TAG]
+    types = field_types(TrainConfig)
+    rows = []
+    for run in _all_runs(client, found.experiment_id, f"tags.`{tracking.KIND_TAG}` = 'trial' and "
+                                                       f"tags.`{tracking.STUDY_TAG}` = '{study}'"):
+        info, data = run.info, run.data
+        row = {"study": study, "trial": int(data.tags["trial_number"]), "status": data.tags.get("status"),
+               "run_id": info.run_id,
+               "duration_s": (info.end_time - info.start_time) / 1000 if info.end_time else float("nan")}
+        row.update({field: tracking.param_value(data.params[field], kind) for field, kind in types.items()
+                    if field in data.params})
+        # best_* as logged; the last epoch's values as last_*
+        row.update({key if key.startswith("best_") else f"last_{key}": value for key, value in data.metrics.items()})
+        rows.append(row)
+    if not rows:
         return pd.DataFrame(columns=["study", "trial", "status", "run_id"])
-    table = pd.DataFrame({"study": study, "trial": runs["tags.trial_number"].astype(int),
-                          "status": runs["tags.status"], "run_id": runs["run_id"],
-                          "duration_s": (runs["end_time"] - runs["start_time"]).dt.total_seconds()})
-    for field, kind in field_types(TrainConfig).items():
-        column = f"params.{field}"
-        if column in runs:
-            table[field] = runs[column].map(lambda text, kind=kind: tracking.param_value(text, kind))
-    for column in runs.columns:  # best_* as logged; the last epoch's values as last_*
-        if column.startswith("metrics."):
-            name = column[len("metrics."):]
-            table[name if name.startswith("best_") else f"last_{name}"] = runs[column]
-    return table.sort_values("trial").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
+
+
+def _all_runs(client, experiment_id: str, query: str, page: int = 1000):
+    """Every run the query finds, page by page."""
+    token = None
+    while True:
+        found = client.search_runs([experiment_id], query, max_results=page, page_token=token)
+        yield from found
+        token = found.token
+        if not token:
+            return
 
 
 def best_so_far(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max") -> pd.DataFrame:

@@ -452,7 +452,9 @@ def test_search_and_promote_pick_the_same_trial_on_a_tie(mlflow_store):
     _, _, best = summarize(record, experiment)
     promoted = best_trial_run(tracking.make_client(), experiment, "tie")
     assert best["trial_number"] == 2 and promoted.info.run_id == best["run_id"]
-    assert best_trial(load_trials("digits", "tie"))["run_id"] == best["run_id"]
+    frame = load_trials("digits", "tie")
+    assert best_trial(frame)["run_id"] == best["run_id"]
+    assert frame["duration_s"].ge(0).all() and frame["trial"].tolist() == [1, 2, 3, 4]
     minimum = load_experiment(None, ["metric=val_loss", "mode=min"])
     record = StudyRecorder(minimum, "tie-min", tags={}, params={}, artifacts=[])
     record.open()
