@@ -127,7 +127,7 @@ STUDY_LINES = [
     (r"time budget [\d.]+ min: \d+s to start; a trial's epoch costs ~[\d.]+s here \(\d+ at once\)", "?"),
     (r"  (search|confirm|final|finish) +\d+s  .*", "*"),  # the budget's plan
     (r"resuming: \d+ of \d+ trials recorded, \d+ interrupted to rerun, \d+ new", "?"),
-    (r"trial +\d+  \w+ +\w+ (\d\.\d{4}|nan|-)  .*  \(\d+\.\ds\)|search: no new trial in its last \d+s: .*"
+    (r"trial +\d+  \w+ +\w+ (\d\.\d{4}|nan|-)  .*  \(\d+\.\ds\)|search: no new trial in its last [\d.]+s: .*"
      r"|    too slow: an epoch would take ~\d+s, over search\.epoch_limit", "*"),
     (r"", ""),
     (r"\S+: \d+ finished, \d+ failed, \d+ pruned, \d+ diverged(, \d+ \w+)* in \d+s", ""),

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from cnnopt import search, trials
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
-from cnnopt.study.budget import EXIT_SECONDS, MIN_TRIALS, TRIAL_OVERHEAD, last_start, make_plan
+from cnnopt.study.budget import EXIT_SECONDS, MIN_TRIALS, TRIAL_OVERHEAD, last_start, make_plan, shown
 from cnnopt.study.runner import make_searcher
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.final import final_data, stretched
@@ -119,7 +119,8 @@ def test_no_trial_starts_that_could_not_reach_its_first_rung_before_the_search_e
     before = time.time()
     searcher = make_searcher(made.apply(experiment), space, [])  # a planned study's searcher
     assert before + made.search - made.epoch - TRIAL_OVERHEAD <= searcher.start_by <= time.time() + made.search
-    assert f"in its last {made.epoch + TRIAL_OVERHEAD:.0f}s" in searcher.closing_line
+    assert f"in its last {made.epoch + TRIAL_OVERHEAD:.0f}s" in searcher.closing_line  # 11s: whole seconds
+    assert shown(0.44) == "0.4" and shown(9.96) == "10", "a digits trial's fraction of a second is not shown as 0"
     assert make_searcher(experiment, space, []).start_by is None, "unplanned: trials start until the budget ends"
     for strategy in ("grid", "random", "bayes", "gp"):
         searcher = STRATEGIES[strategy].searcher(space, metric="best_val_accuracy", mode="max", seed=0, trials=8,

@@ -165,6 +165,7 @@ class Experiment:
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "search": SearchConfig}
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
+MAX_BUDGET_MINUTES = 7 * 24 * 60  # a time budget longer than a week is a typo (and inf would plan nonsense)
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:
@@ -249,7 +250,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "search.gpus_per_trial": (lambda v: v == -1 or 0 <= v <= 1 or v == int(v) > 0,
                               "-1 (auto), a share in [0, 1] or a whole number of GPUs"),
     "search.trials_per_gpu": _at_least(1),
-    "search.time_budget": (lambda v: v >= 0, ">= 0 minutes (0: no limit)"), "search.grace_period": _at_least(1),
+    "search.time_budget": (lambda v: 0 <= v <= MAX_BUDGET_MINUTES,
+                           f"from 0 to {MAX_BUDGET_MINUTES} minutes (a week; 0: no limit)"), "search.grace_period": _at_least(1),
     "search.reduction_factor": _at_least(2),
     "search.confirm_top": (lambda v: v >= 0, ">= 0 (0: no confirmation)"), "search.confirm_seeds": _at_least(1),
     "search.reserve": (lambda v: 0 <= v < 0.9, "in [0, 0.9)"),

@@ -102,7 +102,7 @@ class Plan:
     def lines(self) -> list[str]:
         """The plan, as printed when the study starts."""
         data = f"{self.subset:,} of the {self.train_images:,} train images" if self.subset else "all train images"
-        rungs = (f"ASHA rungs at {', '.join(f'{r * self.epoch:.0f}' for r in self.rungs())}s of training"
+        rungs = (f"ASHA rungs at {', '.join(shown(r * self.epoch) for r in self.rungs())}s of training"
                  if self.scheduler == "asha" else "one epoch each")
         confirm = (f"the best {self.confirm_top} configurations x {self.confirm_seeds} new seeds, "
                    f"{self.trial_seconds:.0f}s of training each" if self.confirm_top else
@@ -127,6 +127,11 @@ class Plan:
         """The plan as MLflow params of the study's parent run."""
         return {f"plan.{key}": (round(value, 2) if isinstance(value, float) else value)
                 for key, value in dataclasses.asdict(self).items()}
+
+
+def shown(seconds: float) -> str:
+    """Seconds as the plan prints them: whole ones, tenths below ten (digits' trials take fractions)."""
+    return f"{seconds:.1f}" if seconds < 9.95 else f"{seconds:.0f}"
 
 
 def last_start(search: SearchConfig) -> float | None:

@@ -32,7 +32,8 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
-from cnnopt.study.budget import PROMOTION_SECONDS, REPORT_SECONDS, Plan, last_start, make_plan, measure_epoch
+from cnnopt.study.budget import (PROMOTION_SECONDS, REPORT_SECONDS, Plan, last_start, make_plan, measure_epoch,
+                                 shown)
 from cnnopt.study.callback import StudyCallback
 from cnnopt.study.strategies import STRATEGIES, PickledSearcher
 from cnnopt.study.trainable import best_key, run_trial
@@ -381,8 +382,8 @@ def make_searcher(experiment: Experiment, space: Space, past: list[PastTrial]) -
     start_within = last_start(search)
     if start_within is not None:
         searcher.start_by = time.time() + start_within
-        searcher.closing_line = (f"search: no new trial in its last {search.time_budget * 60 - start_within:.0f}s: "
-                                 f"one would not reach its first rung ({search.grace_seconds:.0f}s of training)")
+        searcher.closing_line = (f"search: no new trial in its last {shown(search.time_budget * 60 - start_within)}s:"
+                                 f" one would not reach its first rung ({shown(search.grace_seconds)}s of training)")
     return searcher
 
 
