@@ -73,6 +73,7 @@ def test_a_time_budget_shorter_than_start_up_says_so(tmp_path):
     assert done.returncode == 2
     assert "a time budget of 0.001 min is too short here" in error_line(done.stderr)
     assert "give --time-budget at least" in error_line(done.stderr)
+    assert "study short" not in done.stdout, "said before Ray starts (its first line waits for Ray)"
     assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
 
 

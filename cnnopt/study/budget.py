@@ -177,7 +177,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         needed = max(MIN_TRIALS, 2 * slots)
         shortest = started + finish + report + needed * (epoch * MIN_SUBSET + TRIAL_OVERHEAD) / slots
         raise UsageError(f"a time budget of {budget / 60:g} min is too short here: {started:.0f}s went to starting, "
-                         f"and {needed} trials of one epoch (~{epoch:.0f}s each, {slots} at once) on a tenth of the "
+                         f"and {needed} trials of one epoch (~{shown(epoch)}s each, {slots} at once) on a tenth of the "
                          f"data need more; give --time-budget at least {math.ceil(shortest / 60 * 1.2)}")
     if plan["final"]:
         plan["final"] += report

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -32,7 +33,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
-from cnnopt.study.budget import (PROMOTION_SECONDS, REPORT_SECONDS, Plan, last_start, make_plan, measure_epoch,
+from cnnopt.study.budget import (EXIT_SECONDS, PROMOTION_SECONDS, REPORT_SECONDS, Plan, last_start, make_plan, measure_epoch,
                                  shown)
 from cnnopt.study.callback import StudyCallback
 from cnnopt.study.strategies import STRATEGIES, PickledSearcher
@@ -149,6 +150,13 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
     search = experiment.search
     check_study_name(options.name)
     check_search(search)
+    if search.time_budget and options.planned:  # hopeless before Ray starts: say so now, not after the probe
+        spent = time.perf_counter() - options.started if options.started else 0.0
+        kept = options.finish + options.report + EXIT_SECONDS
+        if search.time_budget * 60 <= spent + kept:
+            raise UsageError(f"a time budget of {search.time_budget:g} min is too short here: {spent:.0f}s went to "
+                             f"starting and {kept:.0f}s are kept for what follows the trials (the report, the "
+                             f"promotion, the exit); give --time-budget at least {math.ceil((spent + kept) / 60 + 1)}")
     if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
         raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs}); "
                          "lower it or raise train.epochs")
