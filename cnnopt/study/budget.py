@@ -6,8 +6,8 @@ trial slot at once (so the cores are shared as the trials will share them) and m
 epoch costs. The minutes left are then split:
 
 - finish: an allowance for the promotion (the one test pass, the export and the registry), for
-  stopping Ray and the process's exit, and for the report where no final training runs (the report is built on a thread while the final trains, so
-  there its seconds are the final's);
+  stopping Ray and the process's exit, and for the report where no final training runs (the report
+  is built on a thread while the final trains, so there its seconds are the final's);
 - final (search.reserve of the rest): the chosen configuration trained once more, alone on a whole
   node, for as many epochs as fit, its schedule stretched to them (`cnnopt.study.final`);
 - confirmation: the best configurations re-trained with new seeds, where at least two configurations
