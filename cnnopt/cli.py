@@ -13,6 +13,14 @@ from typing import Callable
 from cnnopt.errors import UsageError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with its errors as one line (exit 2) rather than the usage block and then the error."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message}; see {self.prog} --help\n")
+        sys.exit(2)
+
+
 def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", metavar="PATH",
                         help="experiment TOML file (default: experiments/digits.toml)")

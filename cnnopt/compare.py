@@ -15,7 +15,7 @@ import argparse
 import time
 
 from cnnopt import tracking
-from cnnopt.cli import add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
 from cnnopt.insight.compare import (DEFAULT_STRATEGIES, check_plan, default_target, default_waste_threshold,
                                     run_comparison, study_name)
@@ -27,7 +27,7 @@ SEARCH_FLAGS = ("trials", "concurrency", "scheduler", "cpus_per_trial", "gpus_pe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cnnopt.compare", description=__doc__,
+    parser = Parser(prog="python -m cnnopt.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_args(parser)
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), metavar="A,B,...",

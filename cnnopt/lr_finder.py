@@ -10,7 +10,6 @@ module knows nothing of Ray or MLflow until `main` records the run.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from cnnopt import tracking
-from cnnopt.cli import add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import TrainConfig, load_experiment
@@ -156,7 +155,7 @@ def _check(start_lr: float, end_lr: float, steps: int, smoothing: float, diverge
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnnopt.lr_finder", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m cnnopt.lr_finder", description=__doc__.split("\n")[0])
     add_experiment_args(parser)
     parser.add_argument("--steps", type=int, default=200, help="mini-batches in the sweep (default: 200)")
     parser.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate (default: 1e-6)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnopt.cli import quiet_libraries, run
+from cnnopt.cli import Parser, quiet_libraries, run
 from cnnopt.data.decode import IMAGE_EXTENSIONS, resize_center_crop, to_uint8
 from cnnopt.errors import UsageError
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
@@ -121,7 +121,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnnopt.predict", description=__doc__,
+    parser = Parser(prog="python -m cnnopt.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL", help="model.pt, model.pt2 or models:/NAME@ALIAS")
     parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+")

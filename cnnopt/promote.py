@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cnnopt.cli import add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.deploy.promotion import Promotion, promote
 from cnnopt.experiment.config import Experiment, load_experiment
 from cnnopt.tracking.registry import ALIAS
@@ -32,7 +32,7 @@ def print_promotion(promotion: Promotion, experiment: Experiment) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnnopt.promote", description=__doc__,
+    parser = Parser(prog="python -m cnnopt.promote", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_args(parser)
     which = parser.add_mutually_exclusive_group()

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 
 from cnnopt import tracking
-from cnnopt.cli import add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
 from cnnopt.insight.report import log_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnnopt.report", description=__doc__,
+    parser = Parser(prog="python -m cnnopt.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_args(parser)
     parser.add_argument("--study", help="the study to report on (default: the latest in the experiment)")

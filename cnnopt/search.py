@@ -15,7 +15,7 @@ STARTED = time.perf_counter()  # before the heavy imports below: a time budget c
 
 import search_spaces  # noqa: E402 - after STARTED on purpose
 from cnnopt import tracking, trials
-from cnnopt.cli import add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
 from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
@@ -34,7 +34,7 @@ SEARCH_FLAGS = ("strategy", "trials", "concurrency", "scheduler", "cpus_per_tria
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cnnopt.search", description=__doc__,
+    parser = Parser(prog="python -m cnnopt.search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_args(parser)
     parser.add_argument("--strategy", choices=STRATEGIES,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from cnnopt import tracking
 from cnnopt import trials as trial_status
 from cnnopt.tracking import runs as tracking_runs
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
-from cnnopt.cli import add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
 from cnnopt.data.datasets import load_data
 from cnnopt.training.model import build_model
@@ -19,7 +18,7 @@ from cnnopt.training.objective import check_config, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnnopt.train", description=__doc__)
+    parser = Parser(prog="python -m cnnopt.train", description=__doc__)
     add_experiment_args(parser)
     parser.add_argument("--run-name", help="MLflow run name (default: <experiment>-train)")
     args = parser.parse_args(argv)

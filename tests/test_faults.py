@@ -41,6 +41,7 @@ def runs(cwd: Path) -> list:
     (["--set", "data.subset=-1"], {}, "data.subset = -1 is not allowed"),
     (["--set", "data.val_fraction=0.6", "--set", "data.test_fraction=0.5"], {}, "leave no training images"),
     (["--set", "search.reduction_factor=1"], {}, "search.reduction_factor = 1 is not allowed"),
+    (["--time-budget", "abc"], {}, "argument --time-budget: invalid float value: 'abc'; see python -m cnnopt.search"),
     (["--time-budget", "inf"], {}, "search.time_budget = inf is not allowed: it must be from 0 to 10080 minutes"),
     (["--time-budget", "1e9"], {}, "search.time_budget = 1000000000.0 is not allowed"),
     (["--name", "../outside"], {}, "study name '../outside' is not allowed"),
