@@ -20,7 +20,6 @@ from cnnopt.experiment.config import load_experiment
 from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
-from cnnopt.study.budget import PROMOTION_SECONDS, REPORT_SECONDS
 from cnnopt.study.confirmation import confirm
 from cnnopt.study.final import train_final
 from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, run_study, stop_ray
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray stays up from the search to the end of the command: the confirmation and the final training run on
     # the same instance and its warm workers instead of starting and stopping their own (~6 s each here).
     options = StudyOptions(name=name, address=args.address, resume=args.resume, header=header, started=started,
-                           finish=0 if args.no_promote else PROMOTION_SECONDS,
-                           report=0 if args.no_report else REPORT_SECONDS,
-                           promote=not args.no_promote,
+                           report=not args.no_report, promote=not args.no_promote,
                            keep_ray=True)
     outcome = run_study(experiment, options)
     try:

@@ -25,9 +25,10 @@ SEARCH = SearchConfig()  # reserve 0.4, reduction_factor 3, confirm 3 x 3
 TINY = TrainConfig(epochs=2, channels=8, batch_size=64)
 
 
-def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, finish=20.0, **search):
+def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, promote=True, **search):
+    # promotion 20 s, report 10 s (`budget.allowances`)
     return make_plan(dataclasses.replace(SEARCH, **search), max_epochs, budget=budget, started=20.0, epoch=epoch,
-                     slots=slots, train_images=4500, finish=finish, report=10.0, promote=finish > 0)
+                     slots=slots, train_images=4500, promote=promote)
 
 
 def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
@@ -76,7 +77,7 @@ def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search()
 
 
 def test_without_a_promotion_the_search_gets_the_confirmations_and_the_finals_time():
-    alone = plan(epoch=0.5, finish=0.0)  # --no-promote
+    alone = plan(epoch=0.5, promote=False)  # --no-promote
     assert alone.final == 0 and alone.confirm == 0 and alone.finish == 10 + EXIT_SECONDS
     assert alone.started + alone.search + alone.finish == pytest.approx(600)
     assert sum("no promotion follows" in line for line in alone.lines()) == 2
@@ -96,7 +97,7 @@ def test_confirmation_is_planned_only_where_two_configurations_by_two_seeds_fit(
 def test_a_plan_sets_the_searchs_epochs_trials_rungs_and_data():
     experiment = load_experiment(None, ["search.time_budget=10"])
     made = make_plan(experiment.search, experiment.train.epochs, budget=600, started=20, epoch=40, slots=2,
-                     train_images=1000, finish=20, report=10)
+                     train_images=1000)
     planned = made.apply(experiment)
     assert planned.train.epochs == experiment.train.epochs, "the most a trial trains; its time decides"
     assert planned.search.trial_seconds == made.trial_seconds and planned.search.grace_seconds == made.epoch

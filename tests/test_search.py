@@ -409,7 +409,7 @@ def test_time_budget_ends_the_study_and_a_resume_continues_it(ray_session, mlflo
     experiment = load_experiment(None, ["train.epochs=3", "search.trials=200", "search.strategy=random",
                                         "search.concurrency=1", "search.time_budget=0.4"])  # 24 seconds
     started = time.monotonic()
-    outcome = run_study(experiment, StudyOptions(name="budget", finish=0, report=0, promote=False))  # no report or promotion to plan for
+    outcome = run_study(experiment, StudyOptions(name="budget", report=False, promote=False))  # no report or promotion to plan for
     assert time.monotonic() - started < 90
     assert not outcome.interrupted and outcome.best is not None, "a budget ends a study normally"
     _, parent, children = study_runs(mlflow_store, "budget")

@@ -143,9 +143,14 @@ def last_start(search: SearchConfig) -> float | None:
     return max(0.0, search.time_budget * 60 - search.grace_seconds - TRIAL_OVERHEAD)
 
 
+def allowances(promote: bool, report: bool) -> tuple[float, float]:
+    """Seconds a budget keeps for what follows the trials: (finish: the promotion where one follows, and
+    the exit; the report, where one is built)."""
+    return (PROMOTION_SECONDS if promote else 0.0) + EXIT_SECONDS, REPORT_SECONDS if report else 0.0
+
+
 def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: float, epoch: float, slots: int,
-              train_images: int, finish: float = PROMOTION_SECONDS, report: float = REPORT_SECONDS,
-              promote: bool = True) -> Plan:
+              train_images: int, promote: bool = True, report: bool = True) -> Plan:
     """Split a budget given what an epoch costs; pure arithmetic (the probe is `measure_epoch`).
 
     Args:
@@ -155,18 +160,17 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         epoch: seconds of one trial's epoch on all the train images, with `slots` trials at once.
         slots: trials at once.
         train_images: the train split's size.
-        finish: seconds kept for what follows the trials and the final training (the promotion); the
-            process's exit (EXIT_SECONDS) is kept on top.
-        report: seconds the report takes: the final training's, where one runs (the report is built
-            meanwhile), else kept in finish too.
-        promote: a promotion follows the search; without one, the confirmation and the final training
-            (which serve it) are not planned, and the search gets their time.
+        promote: a promotion follows the search (its seconds are kept in finish, with the exit's); without
+            one, the confirmation and the final training (which serve it) are not planned, and the search
+            gets their time.
+        report: a report is built; its seconds are the final training's where one runs (the report is
+            built meanwhile), else kept in finish too.
     Raises:
         UsageError: when not even MIN_TRIALS trials of one epoch on a tenth of the data fit.
     """
     if not promote:
         search = dataclasses.replace(search, reserve=0.0, confirm_top=0)
-    finish += EXIT_SECONDS
+    finish, report = allowances(promote, report)
     remaining = budget - started - finish - report
     plan = _split(search, max_epochs, remaining, search.reserve * remaining, epoch, slots)
     if plan["final"] and (plan["final"] - FINAL_OVERHEAD) / epoch <= plan["max_epochs"]:

@@ -33,8 +33,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
-from cnnopt.study.budget import (EXIT_SECONDS, PROMOTION_SECONDS, REPORT_SECONDS, Plan, last_start, make_plan, measure_epoch,
-                                 shown)
+from cnnopt.study.budget import Plan, allowances, last_start, make_plan, measure_epoch, shown
 from cnnopt.study.callback import StudyCallback
 from cnnopt.study.strategies import STRATEGIES, PickledSearcher
 from cnnopt.study.trainable import best_key, run_trial
@@ -54,9 +53,8 @@ class StudyOptions:
     storage: str = ""  # Ray results folder; default ./ray_results
     header: str = ""  # the study's first line, completed with where its trials run once Ray is up
     started: float = 0.0  # time.perf_counter() when the command started: a time budget counts from there
-    finish: float = PROMOTION_SECONDS  # seconds a time budget keeps at its end (the promotion)
-    report: float = REPORT_SECONDS  # the report's seconds: built while a final training runs, else kept at the end
-    promote: bool = True  # a promotion follows: a time budget plans its confirmation and final training
+    report: bool = True  # a report follows the trials: a time budget keeps its seconds (`budget.allowances`)
+    promote: bool = True  # a promotion follows: a time budget keeps its seconds, plans a confirmation and a final
     planned: bool = True  # plan a time budget (`cnnopt.study.budget`); False: it only stops the search
     keep_ray: bool = False  # leave a Ray instance the study started running for what follows (`stop_ray` ends it)
 
@@ -103,8 +101,8 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         print(f"{options.header}; {placement(search)}" if options.header else placement(search), flush=True)
         plan, asked = None, experiment
         if search.time_budget and options.planned:
-            plan, experiment, data = plan_budget(experiment, space, data, search, started, options.finish,
-                                                 options.report, options.promote)
+            plan, experiment, data = plan_budget(experiment, space, data, search, started, options.promote,
+                                                 options.report)
             search = resolve_resources(experiment.search, ray.cluster_resources())
         outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan)
         kept = own_ray and options.keep_ray
@@ -152,7 +150,7 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
     check_search(search)
     if search.time_budget and options.planned:  # hopeless before Ray starts: say so now, not after the probe
         spent = time.perf_counter() - options.started if options.started else 0.0
-        kept = options.finish + options.report + EXIT_SECONDS
+        kept = sum(allowances(options.promote, options.report))
         if search.time_budget * 60 <= spent + kept:
             raise UsageError(f"a time budget of {search.time_budget:g} min is too short here: {spent:.0f}s went to "
                              f"starting and {kept:.0f}s are kept for what follows the trials (the report, the "
@@ -204,13 +202,13 @@ def check_search(search: SearchConfig) -> None:
 
 
 def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: SearchConfig, started: float,
-                finish: float, report: float, promote: bool) -> tuple[Plan, Experiment, ImageData]:
+                promote: bool, report: bool) -> tuple[Plan, Experiment, ImageData]:
     """Measure a trial's epoch, split the time budget, print the plan; the planned experiment and its data."""
     slots = concurrency(search)
     epoch = measure_epoch(experiment, space, data, search, slots)
     plan = make_plan(search, experiment.train.epochs, budget=search.time_budget * 60,
                      started=time.perf_counter() - started, epoch=epoch, slots=slots, train_images=len(data.train_y),
-                     finish=finish, report=report, promote=promote)
+                     promote=promote, report=report)
     for line in plan.lines():
         print(line, flush=True)
     planned = plan.apply(experiment)
