@@ -12,6 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from cnnopt import tracking
+from cnnopt.tracking import studies
 from cnnopt import trials as trial_status
 from cnnopt.experiment.config import Experiment, TrainConfig, field_types
 from cnnopt.errors import UsageError
@@ -29,19 +30,15 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
     """
     name = experiment.name if isinstance(experiment, Experiment) else experiment
     client = tracking.make_client()  # the store cnnopt writes to (MLFLOW_TRACKING_URI, else ./mlflow.db)
-    found = client.get_experiment_by_name(name)
-    if found is None:
+    if client.get_experiment_by_name(name) is None:
         raise UsageError(f"no MLflow experiment named {name!r} in {tracking.tracking_uri()}")
-    if study is None:
-        parents = client.search_runs([found.experiment_id], f"tags.`{tracking.KIND_TAG}` = 'study'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
-        if not parents:
-            raise UsageError(f"the MLflow experiment {name!r} holds no study yet; run python -m cnnopt.search")
-        study = parents[0].data.tags[tracking.STUDY_TAG]
+    parent = studies.find_parent(client, study, name)
+    if parent is None and study is None:
+        raise UsageError(f"the MLflow experiment {name!r} holds no study yet; run python -m cnnopt.search")
+    study = study or parent.data.tags[tracking.STUDY_TAG]
     types = field_types(TrainConfig)
     rows = []
-    for run in _all_runs(client, found.experiment_id, f"tags.`{tracking.KIND_TAG}` = 'trial' and "
-                                                       f"tags.`{tracking.STUDY_TAG}` = '{study}'"):
+    for run in studies.trial_runs(client, parent) if parent is not None else []:
         info, data = run.info, run.data
         row = {"study": study, "trial": int(data.tags["trial_number"]), "status": data.tags.get("status"),
                "run_id": info.run_id,
@@ -54,17 +51,6 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
     if not rows:
         return pd.DataFrame(columns=["study", "trial", "status", "run_id"])
     return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
-
-
-def _all_runs(client, experiment_id: str, query: str, page: int = 1000):
-    """Every run the query finds, page by page."""
-    token = None
-    while True:
-        found = client.search_runs([experiment_id], query, max_results=page, page_token=token)
-        yield from found
-        token = found.token
-        if not token:
-            return
 
 
 def best_so_far(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max") -> pd.DataFrame:

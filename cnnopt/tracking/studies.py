@@ -67,10 +67,17 @@ def confirmation_runs(client: MlflowClient, parent) -> list:
     return child_runs(client, parent, CONFIRMATION)
 
 
-def child_runs(client: MlflowClient, parent, kind: str) -> list:
-    return client.search_runs([parent.info.experiment_id],
-                              f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and tags.`{KIND_TAG}` = '{kind}'",
-                              order_by=["attributes.start_time ASC"], max_results=10000)
+def child_runs(client: MlflowClient, parent, kind: str, page: int = 1000) -> list:
+    """The study's child runs of one kind, oldest first: every one, page by page."""
+    query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and tags.`{KIND_TAG}` = '{kind}'"
+    runs, token = [], None
+    while True:
+        found = client.search_runs([parent.info.experiment_id], query, order_by=["attributes.start_time ASC"],
+                                   max_results=page, page_token=token)
+        runs.extend(found)
+        token = found.token
+        if not token:
+            return runs
 
 
 def searched_params(run) -> dict:
