@@ -28,7 +28,7 @@ SEARCH_FLAGS = ("trials", "concurrency", "scheduler", "cpus_per_trial", "gpus_pe
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m cnnopt.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_args(parser)
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), metavar="A,B,...",
                         help=f"comma-separated strategies to compare (default: {','.join(DEFAULT_STRATEGIES)})")

@@ -122,7 +122,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m cnnopt.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL", help="model.pt, model.pt2 or models:/NAME@ALIAS")
     parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+")
     parser.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to show per image (default 3)")

@@ -33,7 +33,7 @@ def print_promotion(promotion: Promotion, experiment: Experiment) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m cnnopt.promote", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_args(parser)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--study", help="the study whose best trial to promote (default: the latest)")

@@ -19,7 +19,7 @@ from cnnopt.insight.report import log_report
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m cnnopt.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_args(parser)
     parser.add_argument("--study", help="the study to report on (default: the latest in the experiment)")
     parser.add_argument("--out", metavar="DIR", help="also keep the report's files in this folder")

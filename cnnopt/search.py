@@ -34,7 +34,7 @@ SEARCH_FLAGS = ("strategy", "trials", "concurrency", "scheduler", "cpus_per_tria
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m cnnopt.search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_args(parser)
     parser.add_argument("--strategy", choices=STRATEGIES,
                         help="grid: every combination of the space's grid values in order; random: independent "

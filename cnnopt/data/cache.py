@@ -4,9 +4,9 @@ Layout, one entry per folder state: `<cache>/<key>/images.npy` (uint8 `(N, C, S,
 the folder in listing order, memory-mappable), `<key>/index.json` (class names, labels, relative
 paths, which rows are which part), and `<key>/train-<hash>.npy`, a train split written out once for
 streaming when it exceeds the memory limit (`train-<hash>+<hash>.npy`: that split with the val
-images after it, for a final training on train + val). `<key>` hashes the folder's absolute path, each file's
-relative path, size and mtime, the image side and the decoder's version, so a changed, added or
-removed file (or another `data.image_size`) is another entry. Entries are written into a `.tmp-*`
+images after it, for a final training on train + val). `<key>` hashes the folder's absolute path,
+each file's relative path, size and mtime, the image side and the decoder's version, so a changed,
+added or removed file (or another `data.image_size`) is another entry. Entries are written into a `.tmp-*`
 folder and renamed into place, so a killed process leaves no half entry, only a `.tmp-*` folder that
 is never read. Deleting the cache folder clears it.
 """

@@ -189,9 +189,8 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
     finish += report
     fraction = plan.pop("fraction")
     return Plan(budget=budget, started=started, slots=slots, finish=finish, report=report, promote=promote,
-                confirm_asked=search.confirm_top >= 2,
-                grace=search.grace_period,
-                reduction=search.reduction_factor, subset=int(train_images * fraction) if fraction < 1 else 0,
+                confirm_asked=search.confirm_top >= 2, grace=search.grace_period, reduction=search.reduction_factor,
+                subset=int(train_images * fraction) if fraction < 1 else 0,
                 train_images=train_images, **plan)
 
 
