@@ -1,7 +1,8 @@
 """`python -m cnnopt.promote`: promote a study's best trial to a tested, exported, registered model.
 
 The best trial by the experiment's validation metric (ties: the lowest trial number) is evaluated
-once on the test split, exported to model.pt and model.pt2 (verified in a fresh torch-only process),
+once on the test split of the data it trained on (its study's recorded settings; --set values go on
+top, e.g. data.root where the images now live), exported to model.pt and model.pt2 (verified in a fresh torch-only process),
 logged to its MLflow run and registered under the experiment's name; the alias `champion` moves to
 the new version only when its test accuracy is at least the current champion's.
 """
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     experiment = load_experiment(args.experiment, args.overrides)
-    print_promotion(promote(experiment, study=args.study, run_id=args.run_id), experiment)
+    print_promotion(promote(experiment, study=args.study, run_id=args.run_id, overrides=args.overrides), experiment)
     return 0
 
 

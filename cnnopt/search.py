@@ -6,6 +6,7 @@ Defaults come from the experiment's [search] table; each flag below overrides on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import threading
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="promote the best trial as it is, without re-training the best configurations with "
                              "new seeds first (search.confirm_top=0)")
     parser.add_argument("--no-promote", action="store_true",
-                        help="skip promoting the best trial (test evaluation, export, registry)")
+                        help="skip promoting the best trial (test evaluation, export, registry), and with it the "
+                             "confirmation and the final training, which only serve the promotion")
     parser.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
     return parser
 
@@ -89,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --name STUDY (the name printed when the study started)")
     overrides = list(args.overrides) + [f"search.{flag}={getattr(args, flag)}"
                                         for flag in SEARCH_FLAGS if getattr(args, flag) is not None]
-    if args.no_confirm:
-        overrides.append("search.confirm_top=0")
     if args.resume:
         if overrides or args.experiment:
             parser.error("--resume continues a study with the settings it started with; drop --experiment, --set "
-                         "and the study flags")
+                         "and the study flags (only --address, --no-report, --no-confirm and --no-promote go with it)")
         experiment = studies.load_settings(tracking.make_client(), args.name)
+        if args.no_confirm:  # like the report and the promotion, what follows the trials is this command's choice
+            experiment = dataclasses.replace(experiment, search=dataclasses.replace(experiment.search, confirm_top=0))
     else:
-        experiment = load_experiment(args.experiment, overrides)
+        experiment = load_experiment(args.experiment, overrides + ["search.confirm_top=0"] * args.no_confirm)
     name, search = args.name or default_study_name(experiment), experiment.search
     shape = (f"trials and their time planned from a {search.time_budget:g}-min time budget" if search.time_budget
              else f"{search.trials} trials, scheduler {search.scheduler}, {experiment.train.epochs} epochs each")
@@ -188,7 +190,6 @@ def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
         if confirmation is not None:
             run_id, what = confirmation.promote_run_id, f"trial {confirmation.chosen.trial_number}'s configuration"
         spent["confirm"] = time.perf_counter() - mark
-    promoted_with = searched  # a trial is tested on the data it trained on (a budget may search on a subset)
     if (outcome.plan.final if outcome.plan is not None else experiment.search.final_epochs):
         mark = time.perf_counter()
         deadline = 0.0
@@ -196,13 +197,13 @@ def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
             deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - outcome.plan.finish
         final = final_training(experiment, outcome, run_id, what, deadline, address)
         if final is not None:
-            run_id, what, promoted_with = final.run_id, f"the final training of {what}", experiment
+            run_id, what = final.run_id, f"the final training of {what}"
         spent["final"] = time.perf_counter() - mark
     mark = time.perf_counter()
     _join(background)
     print(f"\npromoting {what}...", flush=True)
     try:
-        print_promotion(promote(promoted_with, run_id=run_id), experiment)
+        print_promotion(promote(experiment, run_id=run_id), experiment)  # on the data the run trained on
     except UsageError as exc:  # the study itself is recorded; say what failed and how to retry
         print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --run-id {run_id}",
               file=sys.stderr)
@@ -307,7 +308,7 @@ class BackgroundReport:
 
 def print_summary(experiment, outcome) -> None:
     counts = outcome.counts
-    shown = [f"{counts.get(trials.COMPLETED, 0)} finished"] + [
+    shown = [f"{counts.get(trials.COMPLETED, 0)} {trials.COMPLETED}"] + [
         f"{counts.get(status, 0)} {status}" for status in (trials.FAILED, trials.PRUNED, trials.DIVERGED)] + [
         f"{counts[status]} {status}" for status in (trials.STOPPED, trials.INTERRUPTED, trials.ABANDONED)
         if counts.get(status)]

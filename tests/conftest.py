@@ -130,7 +130,7 @@ STUDY_LINES = [
     (r"trial +\d+  \w+ +\w+ (\d\.\d{4}|nan|-)  .*  \(\d+\.\ds\)|search: no new trial in its last [\d.]+s: .*"
      r"|    too slow: an epoch would take ~\d+s, over search\.epoch_limit", "*"),
     (r"", ""),
-    (r"\S+: \d+ finished, \d+ failed, \d+ pruned, \d+ diverged(, \d+ \w+)* in \d+s", ""),
+    (r"\S+: \d+ completed, \d+ failed, \d+ pruned, \d+ diverged(, \d+ \w+)* in \d+s", ""),
     (r"trial time \d+s: \w+ \d+%(, \w+ \d+%)*", "?"),
     (r"best trial \d+ \(epoch \d+\): val_accuracy \d\.\d{4} .*|no trial completed", ""),
     (r"  \w+=\S+(  \w+=\S+)*", "?"),  # the best trial's hyperparameters and run, where one completed

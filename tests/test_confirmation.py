@@ -32,7 +32,7 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     assert search.main(args) == 0
     output = capsys.readouterr().out
     assert "confirming the 2 best configurations with 2 new seeds each" in output and "<- chosen" in output
-    assert "c: 3 finished" in output, "confirmation runs are not trials"
+    assert "c: 3 completed" in output, "confirmation runs are not trials"
     client = MlflowClient(tracking_uri=mlflow_store)
     runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id], "tags.`cnnopt.study` = 'c'")
     trials = [r for r in runs if r.data.tags["cnnopt.kind"] == "trial"]

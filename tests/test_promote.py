@@ -15,7 +15,7 @@ from PIL import Image
 
 from cnnopt.deploy import promotion as promote_module
 from cnnopt.tracking import registry
-from cnnopt import search, tracking
+from cnnopt import promote as promote_cli, search, tracking
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
 from cnnopt.deploy.export import export, exported, verify
@@ -39,7 +39,7 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     real = promote_module.evaluate_test
     monkeypatch.setattr(promote_module, "evaluate_test", lambda *a: calls.append(1) or real(*a))
     assert search.main(["--strategy", "random", "--trials", "2", "--name", "p", "--set", "train.epochs=2",
-                        "--no-confirm", "--no-report"]) == 0
+                        "--set", "data.seed=1", "--no-confirm", "--no-report"]) == 0
     assert len(calls) == 1, "the test split is evaluated once, for the promoted trial only"
     client = MlflowClient(tracking_uri=mlflow_store)
     experiment_id = client.get_experiment_by_name("digits").experiment_id
@@ -63,6 +63,13 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert search.main(["--resume", "--name", "p"]) == 0
     assert len(calls) == 1 and "already; its test split is not evaluated again" in capsys.readouterr().out
     assert len(client.search_model_versions("name='digits'")) == 1
+    # Promoted again by hand with no --set: the study's recorded settings (data.seed=1) give the split it
+    # trained on. A --set that changes the split is refused before the test split is touched.
+    assert promote_cli.main(["--run-id", best.info.run_id]) == 0
+    assert len(calls) == 2 and len(client.search_model_versions("name='digits'")) == 2
+    with pytest.raises(UsageError, match="another split than its study's settings load now with the --set values"):
+        promote_cli.main(["--run-id", best.info.run_id, "--set", "data.seed=2"])
+    assert len(calls) == 2
 
 
 def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_path):

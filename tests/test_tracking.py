@@ -176,3 +176,30 @@ def test_the_commit_is_absent_where_the_package_is_no_checkout_of_its_own(tmp_pa
     subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
                     "--allow-empty", "-m", "other"], check=True)
     assert provenance.git_commit(installed) is None
+
+
+def test_a_run_is_promoted_on_the_settings_it_trained_with(mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    from cnnopt.experiment.config import with_overrides
+    from cnnopt.tracking import studies
+
+    client = MlflowClient(tracking_uri=mlflow_store)
+    experiment_id = client.create_experiment("trained-settings")
+    parent = client.create_run(experiment_id, tags={tracking.KIND_TAG: "study"}).info.run_id
+    studies.log_settings(client, parent, load_experiment(None, ["data.seed=3"]))
+    client.log_param(parent, "plan.subset", 500)  # the budget searched on 500 train images
+
+    def run(**tags):
+        made = client.create_run(experiment_id, tags=tags).info.run_id
+        return client.get_run(made)
+
+    trial = studies.trained_settings(client, run(**{tracking.PARENT_TAG: parent, tracking.KIND_TAG: "trial"}))
+    final = studies.trained_settings(client, run(**{tracking.PARENT_TAG: parent, tracking.KIND_TAG: studies.FINAL}))
+    assert (trial.data.seed, trial.data.subset) == (3, 500), "a trial trained on the study's split and subset"
+    assert (final.data.seed, final.data.subset) == (3, 0), "a final training uses every train image"
+    assert studies.trained_settings(client, run()) is None, "a run of no study has no recorded settings"
+    moved = with_overrides(final, ["data.root=/elsewhere"])
+    assert moved.data.root == "/elsewhere" and moved.data.seed == 3 and moved.overrides[-1] == "data.root=/elsewhere"
+    with pytest.raises(UsageError, match="data.val_fraction"):
+        with_overrides(final, ["data.val_fraction=2"])

@@ -23,7 +23,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.deploy.export import exported
 from cnnopt.deploy.predictor import Predictor
 from cnnopt.errors import UsageError
-from cnnopt.experiment.config import Experiment
+from cnnopt.experiment.config import Experiment, with_overrides
 from cnnopt.tracking import registry, studies
 from cnnopt.training.checkpoint import FILENAME, load_checkpoint
 
@@ -101,15 +101,18 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
     return path
 
 
-def promote(experiment: Experiment, *, study: str | None = None, run_id: str | None = None) -> Promotion:
-    """Evaluate, export, log and register the best trial (or the run `run_id`)."""
+def promote(experiment: Experiment, *, study: str | None = None, run_id: str | None = None,
+            overrides: tuple[str, ...] | list[str] = ()) -> Promotion:
+    """Evaluate, export, log and register the best trial (or the run `run_id`) on the data it trained on:
+    its study's recorded settings (`studies.trained_settings`) with `overrides` on top (the data's folder
+    on this machine, say), or `experiment` (its file and overrides) for a run of no study."""
     client = tracking.make_client()
     try:
         run = client.get_run(run_id) if run_id else best_trial_run(client, experiment, study)
     except MlflowException:
         raise UsageError(f"no MLflow run {run_id!r} in {tracking.tracking_uri()}; check --run-id") from None
-    parent = run.data.tags.get(tracking.PARENT_TAG)
-    settings = (studies.settings_of(client, parent) if parent else None) or experiment
+    recorded = studies.trained_settings(client, run)
+    settings = with_overrides(recorded, overrides) if recorded else experiment
     run_id = run.info.run_id
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -118,7 +121,7 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         except MlflowException:
             raise UsageError(f"run {run_id} has no checkpoint artifact to promote") from None
         model, checkpoint = load_checkpoint(checkpoint_path)
-        data = load_data(experiment.data)
+        data = load_data(settings.data)
         trained = checkpoint["preprocessing"]
         # Same classes, size, channels and train-split statistics, or the "test" split may hold images the
         # trial trained or was selected on (another data.seed, fraction or subset gives other statistics).
@@ -127,9 +130,10 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                 and torch.allclose(torch.tensor(trained["mean"]), torch.tensor(data.mean), atol=1e-6)
                 and torch.allclose(torch.tensor(trained["std"]), torch.tensor(data.std), atol=1e-6))
         if not same:
-            raise UsageError(f"run {run_id} was trained on other data or another split than experiment "
-                             f"{experiment.name!r} loads now; promote with the experiment file and --set values "
-                             "the study ran with")
+            where = "its study's settings load" if recorded else f"experiment {experiment.name!r} loads"
+            raise UsageError(f"run {run_id} was trained on other data or another split than {where} now"
+                             f"{' with the --set values given' if recorded and overrides else ''}; promote with "
+                             "the --set values it was trained with")
         if len(data.test_y) == 0:
             raise UsageError("the test split is empty; set data.test_fraction above 0")
         model_dir = scratch / "model"
@@ -154,7 +158,7 @@ def model_card(experiment: Experiment, settings: Experiment, run, checkpoint: di
     searched = [n for n in run.data.tags.get("searched", "").split(",") if n]
     study = run.data.tags.get(tracking.STUDY_TAG, "")
     lines = [f"# {experiment.name}: {run.info.run_name}", "",
-             f"Dataset: {experiment.data.dataset} ({checkpoint['preprocessing']['image_size']}px, "
+             f"Dataset: {settings.data.dataset} ({checkpoint['preprocessing']['image_size']}px, "
              f"{checkpoint['preprocessing']['channels']} channel(s), classes {checkpoint['preprocessing']['class_names']})",
              f"Selected on: {experiment.metric} ({experiment.mode}) of the validation split; best epoch "
              f"{checkpoint.get('epoch')}", "",

@@ -27,7 +27,7 @@ class DataConfig:
     root: str = ""  # folder of the dataset files (cifar10, imagefolder); unused for digits
     val_fraction: float = 0.15  # of the labelled pool, stratified; ignored where a val/ folder exists
     test_fraction: float = 0.15  # ignored where the dataset has an official test split
-    image_size: int = 0  # side in pixels after resize + centre crop; 0 = the dataset's native size
+    image_size: int = 0  # side in pixels after resize + centre crop; 0 = native (digits, cifar10) or 64 (imagefolder)
     seed: int = 0  # the split's seed: same seed, same split on every machine
     download: bool = False  # cifar10 only: fetch the archive if root lacks it (never in tests)
     subset: int = 0  # keep a stratified sample of this many training images; 0 = all
@@ -194,6 +194,18 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     for item in overrides or []:
         _apply_override(raw, item)
     return _build(raw, str(path), tuple(overrides or ()))
+
+
+def with_overrides(experiment: Experiment, overrides: list[str] | tuple[str, ...]) -> Experiment:
+    """`experiment` with `--set section.key=value` overrides applied on top, checked as a file's would be
+    (a study's recorded settings, say, with the data's new location on this machine)."""
+    if not overrides:
+        return experiment
+    raw = experiment.to_dict()
+    path, before = raw.pop("path"), tuple(raw.pop("overrides"))
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(raw, path, before + tuple(overrides))
 
 
 def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = ()) -> Experiment:

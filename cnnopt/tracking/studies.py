@@ -6,6 +6,7 @@ here, so a study can be continued or promoted from any machine that reaches the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -114,6 +115,18 @@ def load_settings(client: MlflowClient, study: str) -> Experiment:
         raise UsageError(f"study {study!r} recorded no settings ({SETTINGS_ARTIFACT} on its parent run "
                          f"{parent.info.run_id}); it cannot be resumed")
     return settings
+
+
+def trained_settings(client: MlflowClient, run) -> Experiment | None:
+    """The settings `run` trained with, where it belongs to a study that recorded them: the study's own,
+    with the stratified train subset its time budget searched on (`plan.subset`) for a trial or a
+    confirmation run (a final training uses every train image). None for a run of no study."""
+    parent_id = run.data.tags.get(PARENT_TAG)
+    settings = settings_of(client, parent_id) if parent_id else None
+    if settings is None or run.data.tags.get(KIND_TAG) == FINAL:
+        return settings
+    subset = int(client.get_run(parent_id).data.params.get("plan.subset", 0))
+    return dataclasses.replace(settings, data=dataclasses.replace(settings.data, subset=subset)) if subset else settings
 
 
 def settings_of(client: MlflowClient, parent_run_id: str) -> Experiment | None:
