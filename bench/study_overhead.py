@@ -56,7 +56,7 @@ from cnnopt.study.callback import StudyCallback
 from cnnopt.tracking.recorder import StudyRecorder
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
 
-GOAL_SECONDS = 0.3  # the goal per trial; Ray's own floor with reuse_actors is ~0.27 s here (DESIGN.md)
+GOAL_SECONDS = 0.3  # the goal per trial; Ray's own floor with reuse_actors is ~0.27 s here
 
 
 class Probe:
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  overhead per trial                 {spread([r['overhead'] for r in rounds], '.3f')} s")
     print(f"  overhead / training time           {spread([r['fraction'] for r in rounds], '.0%')}")
     print(f"  ratio study / plain loop           {spread([r['wall'] / r['plain'] for r in rounds], '.2f')}")
-    print(f"  goal: <= {GOAL_SECONDS} s per trial (Ray's own floor with reuse_actors is ~0.27 s here, DESIGN.md)")
+    print(f"  goal: <= {GOAL_SECONDS} s per trial (Ray's own floor with reuse_actors is ~0.27 s here)")
     print(f"  same training speed? summed epoch_seconds inside trials / in the plain loop: "
           f"{spread([r['study_epoch_seconds'] / r['plain_epoch_seconds'] for r in rounds], '.2f')}")
 

@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", choices=SCHEDULERS, help="fifo or asha (pruned trials count as wasted)")
     parser.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs reserved per trial")
     parser.add_argument("--gpus-per-trial", type=float, metavar="G", help="GPUs per trial (fractional shares)")
-    parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="per study: stop starting trials after this")
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="per study: stop it after this, running trials included (recorded interrupted); "
+                             "no plan, so strategies compare trial for trial")
     parser.add_argument("--address", metavar="RAY_ADDRESS", help="attach to a Ray cluster; default: one local "
                         "instance for all the studies")
     parser.add_argument("--name", metavar="PREFIX", help="the comparison's name and its studies' prefix "

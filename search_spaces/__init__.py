@@ -1,6 +1,6 @@
 """Search spaces, one module each; an experiment names one with `search_space = "<module>"`.
 
-Each module defines `SPACE` (a `cnnopt.space.Space`) and says in its docstring which hyperparameters
+Each module defines `SPACE` (a `cnnopt.experiment.space.Space`) and says in its docstring which hyperparameters
 are scientific (what the study is for), nuisance (tuned so the comparison is fair) and fixed.
 """
 
