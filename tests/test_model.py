@@ -95,6 +95,25 @@ def test_a_residual_net_scripts_and_exports(tmp_path):
         assert torch.allclose(program.module()(x), expected, atol=1e-6)
 
 
+def test_flip_tta_averages_the_mirror_in_eval_only_and_scripts_and_exports():
+    plain = CNN(TINY, 3, 8, 5)
+    tta = CNN(dataclasses.replace(TINY, tta="flip"), 3, 8, 5)
+    tta.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        plain.eval(), tta.eval()
+        expected = (plain(x) + plain(x.flip(3))) / 2
+        assert torch.allclose(tta(x), expected, atol=1e-6) and not torch.allclose(tta(x), plain(x), atol=1e-4)
+        assert torch.allclose(tta(x.flip(3)), tta(x), atol=1e-6), "an image and its mirror get one prediction"
+        assert torch.allclose(torch.jit.script(tta)(x), expected, atol=1e-6)
+        assert torch.allclose(torch.export.export(tta, (x,)).module()(x), expected, atol=1e-6)
+        plain.train(), tta.train()
+        torch.manual_seed(0)
+        trained = plain(x)
+        torch.manual_seed(0)
+        assert torch.allclose(tta(x), trained), "training sees each image once, as augmented"
+
+
 def test_a_residual_block_refuses_an_even_kernel():
     with pytest.raises(UsageError, match="train.block = 'residual' needs an odd train.kernel_size"):
         CNN(dataclasses.replace(TINY, block="residual", convs_per_block=2, kernel_size=2), 3, 8, 5)
@@ -123,7 +142,8 @@ def test_a_vanishing_feature_map_names_the_block(blocks, side, block):
 
 
 @pytest.mark.parametrize("name,value", [("activation", "tanh"), ("pool", "min"), ("padding_mode", "mirror"),
-                                        ("init", "orthogonal"), ("block", "dense")])
+                                        ("init", "orthogonal"), ("block", "dense"),
+                                        ("tta", "crop")])
 def test_unknown_choice_is_a_usage_error(name, value):
     with pytest.raises(UsageError, match=f"train.{name} = '{value}' is not one of"):
         CNN(dataclasses.replace(TINY, **{name: value}), 1, 8, 10)

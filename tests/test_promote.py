@@ -81,6 +81,19 @@ def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_p
         verify(broken.eval(), tmp_path / "model.pt", tmp_path / "model.pt2", digits_data.test_x[:64])
 
 
+def test_a_flip_tta_model_exports_and_reloads_with_its_mirror(trained, digits_data, tmp_path):
+    model, _ = trained
+    mirrored = build_model(TrainConfig(epochs=3, tta="flip"), digits_data.preprocessing())
+    mirrored.load_state_dict(model.state_dict())
+    predictor = Predictor(mirrored, digits_data.preprocessing()).eval()
+    files = export(predictor, tmp_path, digits_data.test_x[:64])
+    assert max(files["max_difference"].values()) <= 1e-5
+    reloaded = torch.jit.load(str(tmp_path / "model.pt"))
+    images = digits_data.test_x[:8]
+    with torch.no_grad():
+        assert torch.allclose(reloaded(images), reloaded(images.flip(3)), atol=1e-6), "the mirror is averaged in"
+
+
 def test_the_fresh_process_check_runs_beside_the_block_and_a_failing_block_keeps_its_error(trained, digits_data,
                                                                                            tmp_path):
     _, predictor = trained

@@ -84,6 +84,9 @@ class TrainConfig:
     jitter_saturation: float = 0.0
     randaugment_ops: int = 0  # RandAugment ops per image; 0 = off
     randaugment_magnitude: int = 9
+    # Test-time augmentation: none | flip (in eval mode the net averages the logits of each image and its
+    # mirror: val, test and the exported model alike; for a net trained with flip, at twice the eval cost).
+    tta: str = "none"
     # Fixed settings, not hyperparameters.
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: bool = True  # 1.7x faster on this CPU for the lesson's CNN

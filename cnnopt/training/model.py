@@ -6,6 +6,10 @@ per block give a VGG-style net. block="residual" lays a block out as ResNet-9's 
 "How to train your ResNet", 2018; the net behind the fast CIFAR-10 results): its first conv sets the
 width, the pool follows it, and the other convs run at the pooled size around a skip connection,
 x + convs(x); with one conv per block the two layouts are the same net.
+
+train.tta = "flip" makes the net, in eval mode only, average the logits of each image and its mirror
+(test-time augmentation, as the fast CIFAR-10 recipes evaluate): val metrics, the test pass and the
+exported model all see it, since they all call the net, and a checkpoint rebuilds it from its config.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 INITS = ("default", "kaiming", "xavier")
 BLOCKS = ("plain", "residual")
+TTAS = ("none", "flip")
 
 
 def block_channels(config: TrainConfig) -> list[int]:
@@ -79,10 +84,14 @@ class CNN(nn.Module):
             width = config.head_width
         head.append(nn.Linear(width, num_classes))
         self.head = nn.Sequential(*head)
+        self.tta: str = config.tta
         initialize(self, config.init, config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.flatten(self.features(x)))  # (N, C, H, W) -> (N, num_classes)
+        logits = self.head(self.flatten(self.features(x)))  # (N, C, H, W) -> (N, num_classes)
+        if self.tta == "flip" and not self.training:  # the mirror's logits too, averaged (train.tta)
+            logits = (logits + self.head(self.flatten(self.features(x.flip(3))))) / 2
+        return logits
 
     @property
     def num_parameters(self) -> int:
@@ -132,7 +141,8 @@ def initialize(model: nn.Module, scheme: str, activation: str = "relu") -> None:
 
 def _check_choices(config: TrainConfig) -> None:
     check_section("train", config)
-    choices = {"activation": ACTIVATIONS, "pool": POOLS, "padding_mode": PADDING_MODES, "init": INITS, "block": BLOCKS}
+    choices = {"activation": ACTIVATIONS, "pool": POOLS, "padding_mode": PADDING_MODES, "init": INITS, "block": BLOCKS,
+               "tta": TTAS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise UsageError(f"train.{name} = {getattr(config, name)!r} is not one of {', '.join(allowed)}")
