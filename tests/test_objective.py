@@ -10,7 +10,7 @@ import torch
 
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
-from cnnopt.training.objective import OPTIMIZERS, SCHEDULES, TrainResult, is_better, train
+from cnnopt.training.objective import OPTIMIZERS, SCHEDULES, TrainResult, epoch_seconds, is_better, train
 
 REPORTED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second",
             "epochs_planned")
@@ -158,3 +158,10 @@ def test_is_better():
     assert is_better(0.5, None, "max") and not is_better(float("nan"), None, "max")
     assert is_better(0.6, 0.5, "max") and not is_better(0.6, 0.5, "min")
     assert not is_better(float("nan"), 0.5, "max") and not is_better(float("nan"), 0.5, "min")
+
+
+def test_an_epoch_counts_the_mirror_where_tta_predicts_it(digits_data):
+    plain = epoch_seconds(1e-3, digits_data, TrainConfig())
+    mirrored = epoch_seconds(1e-3, digits_data, TrainConfig(tta="flip"))
+    assert plain == pytest.approx(1e-3 * (len(digits_data.train_y) + len(digits_data.val_y) / 3))
+    assert mirrored - plain == pytest.approx(1e-3 * len(digits_data.val_y) / 3), "val is predicted twice"

@@ -234,7 +234,7 @@ def measure_epoch(experiment: Experiment, space: Space, data: ImageData, search:
     task = ray.remote(num_cpus=search.cpus_per_trial, num_gpus=search.gpus_per_trial)(_per_image)
     shared = ray.put(data)
     per_image = max(ray.get([task.remote(config, shared) for _ in range(slots)]))
-    return epoch_seconds(per_image, data)
+    return epoch_seconds(per_image, data, config)
 
 
 def _per_image(config, data: ImageData) -> float:

@@ -137,7 +137,7 @@ def _train(config: TrainConfig, data: ImageData, epochs: int, deadline: float, t
     config = assigned_device(config)
     if deadline:
         per_image = seconds_per_image(config, data)
-        per_epoch = epoch_seconds(min(per_image, trial_per_image) if trial_per_image else per_image, data)
+        per_epoch = epoch_seconds(min(per_image, trial_per_image) if trial_per_image else per_image, data, config)
         epochs = max(0, math.floor((deadline - time.time()) / per_epoch))
         if epochs <= trial_epochs:
             return dataclasses.replace(config, epochs=epochs), None

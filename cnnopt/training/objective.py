@@ -121,10 +121,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def epoch_seconds(per_image: float, data: ImageData) -> float:
+def epoch_seconds(per_image: float, data: ImageData, config: TrainConfig) -> float:
     """An epoch's seconds at `per_image`: the train split, plus validation at a third of a training
-    image's cost (a forward pass only)."""
-    return per_image * (len(data.train_y) + len(data.val_y) / 3)
+    image's cost (a forward pass only), two thirds where train.tta = "flip" predicts the mirror too."""
+    return per_image * (len(data.train_y) + len(data.val_y) * (2 if config.tta == "flip" else 1) / 3)
 
 
 def train(config: TrainConfig, data: ImageData, report: Report | None = None, *, metric: str = "val_accuracy",
@@ -185,7 +185,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             seen += len(y)
             if (epoch_limit or deadline) and epoch == 1 and done == check_at and done < len(batches):
                 loss_sum.item()  # wait for the device to finish those batches
-                projected = epoch_seconds((time.perf_counter() - start) / seen, data)
+                projected = epoch_seconds((time.perf_counter() - start) / seen, data, config)
                 if epoch_limit and projected > epoch_limit:
                     result.status = trials.STOPPED
                     if report is not None:
