@@ -4,9 +4,11 @@
         [--set data.dataset=imagefolder --set data.root=PATH ...] [--floor 0.5]
 
 Every run of the experiment's MLflow experiment that holds a checkpoint (trials, confirmations, final
-trainings) is loaded and evaluated on the val and test splits of the data it trained on twice, side by
-side: as it was trained to predict (`tta = "none"`) and averaging each image with its mirror
-(`"flip"`). Same weights, same images, so the difference is the augmentation's alone. Read the val
+trainings) is loaded and evaluated on the val and test splits that --experiment and --set load, twice,
+side by side: as it was trained to predict (`tta = "none"`) and averaging each image with its mirror
+(`"flip"`), each normalised with its own checkpoint's statistics (a budget's subset trials have their
+own). Same weights, same images, so the difference is the augmentation's alone. The store must hold
+studies of those same splits (one `time_budget.py` scratch store does: same data.seed and fractions). Read the val
 column to decide (the test column is the benchmark's own held-out figure); nets below --floor val
 accuracy (cut short by ASHA at a rung or two) are counted apart, since their mistakes are mostly noise.
 A final training on train + val has no val figure of its own (it trained on val).
@@ -61,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {cpu_description()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
     data = load_data(experiment.data)
-    normalize = Normalize(data.mean, data.std, torch.device("cpu"))
     client = MlflowClient(tracking_uri=args.tracking_uri)
     found = client.get_experiment_by_name(experiment.name)
     if found is None:
@@ -79,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             except MlflowException:
                 continue  # a trial cut before its first epoch kept no checkpoint
             model, checkpoint = load_checkpoint(path)
-        if checkpoint["preprocessing"]["class_names"] != data.class_names:
+        trained = checkpoint["preprocessing"]
+        if trained["class_names"] != data.class_names or trained["image_size"] != data.image_size:
             continue  # another dataset under the same experiment name
+        normalize = Normalize(trained["mean"], trained["std"], torch.device("cpu"))  # its own train split's
         model.tta, evaluated = "none", evaluated + 1
         plain = accuracies(model, data, normalize)
         model.tta = "flip"

@@ -13,23 +13,23 @@ import argparse
 
 from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.deploy.promotion import Promotion, promote
-from cnnopt.experiment.config import Experiment, load_experiment
+from cnnopt.experiment.config import load_experiment
 from cnnopt.tracking.registry import ALIAS
 
 
-def print_promotion(promotion: Promotion, experiment: Experiment) -> None:
+def print_promotion(promotion: Promotion) -> None:
     print(f"promoted run {promotion.run_id}: test_accuracy {promotion.test_accuracy:.4f}, "
           f"test_loss {promotion.test_loss:.4f} (test split evaluated once)")
     differences = promotion.files["max_difference"]
     print(f"  exported model.pt and model.pt2, verified in a fresh torch process "
           f"(max difference {max(differences.values()):.1e})")
     if promotion.champion:
-        print(f"  registered {experiment.name} version {promotion.model_version}; alias '{ALIAS}' now points to it"
+        print(f"  registered {promotion.name} version {promotion.model_version}; alias '{ALIAS}' now points to it"
               + (f" (was version {promotion.previous_champion})" if promotion.previous_champion else ""))
     else:
-        print(f"  registered {experiment.name} version {promotion.model_version}; alias '{ALIAS}' stays on version "
+        print(f"  registered {promotion.name} version {promotion.model_version}; alias '{ALIAS}' stays on version "
               f"{promotion.previous_champion}, whose test accuracy is higher")
-    print(f"  predict with: python -m cnnopt.predict models:/{experiment.name}@{ALIAS} IMAGE...")
+    print(f"  predict with: python -m cnnopt.predict models:/{promotion.name}@{ALIAS} IMAGE...")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     experiment = load_experiment(args.experiment, args.overrides)
-    print_promotion(promote(experiment, study=args.study, run_id=args.run_id, overrides=args.overrides), experiment)
+    print_promotion(promote(experiment, study=args.study, run_id=args.run_id, overrides=args.overrides))
     return 0
 
 

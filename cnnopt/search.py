@@ -203,7 +203,7 @@ def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
     _join(background)
     print(f"\npromoting {what}...", flush=True)
     try:
-        print_promotion(promote(experiment, run_id=run_id), experiment)  # on the data the run trained on
+        print_promotion(promote(experiment, run_id=run_id))  # on the data the run trained on
     except UsageError as exc:  # the study itself is recorded; say what failed and how to retry
         print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --run-id {run_id}",
               file=sys.stderr)

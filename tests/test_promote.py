@@ -34,7 +34,7 @@ def trained(digits_data):
     return model.eval(), Predictor(model, digits_data.preprocessing()).eval()
 
 
-def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypatch, capsys):
+def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypatch, capsys, tmp_path):
     calls = []
     real = promote_module.evaluate_test
     monkeypatch.setattr(promote_module, "evaluate_test", lambda *a: calls.append(1) or real(*a))
@@ -63,10 +63,14 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert search.main(["--resume", "--name", "p"]) == 0
     assert len(calls) == 1 and "already; its test split is not evaluated again" in capsys.readouterr().out
     assert len(client.search_model_versions("name='digits'")) == 1
-    # Promoted again by hand with no --set: the study's recorded settings (data.seed=1) give the split it
-    # trained on. A --set that changes the split is refused before the test split is touched.
-    assert promote_cli.main(["--run-id", best.info.run_id]) == 0
+    # Promoted again by hand, from another experiment file and with no --set: the study is found by its name,
+    # and its recorded settings give the split it trained on (data.seed=1) and the registered name. A --set
+    # that changes the split is refused before the test split is touched.
+    other = tmp_path / "other.toml"
+    other.write_text('name = "other"\n')
+    assert promote_cli.main(["--experiment", str(other), "--study", "p"]) == 0
     assert len(calls) == 2 and len(client.search_model_versions("name='digits'")) == 2
+    assert not client.search_registered_models("name='other'"), "registered under the run's own experiment"
     with pytest.raises(UsageError, match="another split than its study's settings load now with the --set values"):
         promote_cli.main(["--run-id", best.info.run_id, "--set", "data.seed=2"])
     assert len(calls) == 2

@@ -199,6 +199,14 @@ def test_a_run_is_promoted_on_the_settings_it_trained_with(mlflow_store):
     assert (trial.data.seed, trial.data.subset) == (3, 500), "a trial trained on the study's split and subset"
     assert (final.data.seed, final.data.subset) == (3, 0), "a final training uses every train image"
     assert studies.trained_settings(client, run()) is None, "a run of no study has no recorded settings"
+    # A resumed budget study plans again: its new trials say their own subset, and the run's tag wins.
+    resumed = StudyRecorder(load_experiment(None), "resumed", tags={}, params={}, artifacts=[],
+                            trial_tags=studies.data_tags(load_experiment(None, ["data.subset=300"])))
+    resumed.open()
+    client.log_param(resumed.parent_run_id, "plan.subset", 500)
+    studies.log_settings(client, resumed.parent_run_id, load_experiment(None))
+    resumed.start_trial("t1", PARAMS, list(PARAMS))
+    assert studies.trained_settings(client, client.get_run(resumed.children["t1"])).data.subset == 300
     moved = with_overrides(final, ["data.root=/elsewhere"])
     assert moved.data.root == "/elsewhere" and moved.data.seed == 3 and moved.overrides[-1] == "data.root=/elsewhere"
     with pytest.raises(UsageError, match="data.val_fraction"):

@@ -38,18 +38,22 @@ class Promotion:
     champion: bool  # the alias moved to this version
     previous_champion: str | None
     files: dict
+    name: str  # the registered model's name: the experiment the run belongs to
 
 
 def best_trial_run(client, experiment: Experiment, study: str | None):
     """The study's best completed trial by the validation metric (the latest study when None); on a tie,
     the lowest trial number, as the study itself picks (`cnnopt.trials.best`)."""
     parent = studies.find_parent(client, study, experiment.name)
+    if parent is None and study is not None:  # a study named on its own, of another experiment file
+        parent = studies.find_parent(client, study)
     if parent is None:
         if study is None:
             raise UsageError(f"the MLflow experiment {experiment.name!r} has no study to promote; "
                              "run python -m cnnopt.search first, or pass --run-id")
         raise UsageError(f"the MLflow experiment {experiment.name!r} holds no study named {study!r}; check --study")
-    run = studies.best_trial_run(studies.trial_runs(client, parent), experiment.metric, experiment.mode)
+    chosen_by = studies.settings_of(client, parent.info.run_id) or experiment  # the study's own metric and mode
+    run = studies.best_trial_run(studies.trial_runs(client, parent), chosen_by.metric, chosen_by.mode)
     if run is None:
         raise UsageError(f"study {parent.data.tags[tracking.STUDY_TAG]!r} has no completed trial to promote")
     return run
@@ -103,9 +107,11 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
 
 def promote(experiment: Experiment, *, study: str | None = None, run_id: str | None = None,
             overrides: tuple[str, ...] | list[str] = ()) -> Promotion:
-    """Evaluate, export, log and register the best trial (or the run `run_id`) on the data it trained on:
-    its study's recorded settings (`studies.trained_settings`) with `overrides` on top (the data's folder
-    on this machine, say), or `experiment` (its file and overrides) for a run of no study."""
+    """Evaluate, export, log and register the best trial (or the run `run_id`) as its study recorded it:
+    the data it trained on, the metric and the registered name come from the study's recorded settings
+    (`studies.trained_settings`) with `overrides` on top (the data's folder on this machine, say), or
+    from `experiment` (its file and overrides) for a run of no study. `experiment` also says where to
+    look for `study` (its MLflow experiment first, then any)."""
     client = tracking.make_client()
     try:
         run = client.get_run(run_id) if run_id else best_trial_run(client, experiment, study)
@@ -141,29 +147,29 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         with exported(Predictor(model, trained), model_dir, data.test_x[:256]) as files:
             result = evaluate_test(model, data)  # the one use of the test split
             plot_confusion(result["confusion"], data.class_names, scratch / "confusion_matrix.png")
-            (model_dir / "model_card.md").write_text(model_card(experiment, settings, run, checkpoint, result))
+            (model_dir / "model_card.md").write_text(model_card(settings, run, checkpoint, result))
         metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
                    **{f"test_accuracy_class_{name}": value for name, value in result["per_class"].items()}}
-        version, moved, previous = registry.record_promotion(experiment, run, metrics,
+        version, moved, previous = registry.record_promotion(settings, run, metrics,
                                                              scratch / "confusion_matrix.png", model_dir)
     return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], version, moved,
-                     previous, files)
+                     previous, files, settings.name)
 
 
-def model_card(experiment: Experiment, settings: Experiment, run, checkpoint: dict, result: dict) -> str:
+def model_card(settings: Experiment, run, checkpoint: dict, result: dict) -> str:
     """The model card: data, selection, metrics, hyperparameters, and the command that reproduces the run
     (from the study's recorded `settings`: its experiment file and every override)."""
     params = run.data.params
     metrics = run.data.metrics
     searched = [n for n in run.data.tags.get("searched", "").split(",") if n]
     study = run.data.tags.get(tracking.STUDY_TAG, "")
-    lines = [f"# {experiment.name}: {run.info.run_name}", "",
+    lines = [f"# {settings.name}: {run.info.run_name}", "",
              f"Dataset: {settings.data.dataset} ({checkpoint['preprocessing']['image_size']}px, "
              f"{checkpoint['preprocessing']['channels']} channel(s), classes {checkpoint['preprocessing']['class_names']})",
-             f"Selected on: {experiment.metric} ({experiment.mode}) of the validation split; best epoch "
+             f"Selected on: {settings.metric} ({settings.mode}) of the validation split; best epoch "
              f"{checkpoint.get('epoch')}", "",
              "## Metrics",
-             f"- validation {experiment.metric}: {metrics.get('best_' + experiment.metric, float('nan')):.4f}",
+             f"- validation {settings.metric}: {metrics.get('best_' + settings.metric, float('nan')):.4f}",
              f"- test accuracy: {result['test_accuracy']:.4f} (test split used once, here)",
              f"- test loss: {result['test_loss']:.4f}", "",
              "## Hyperparameters"]

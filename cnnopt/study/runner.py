@@ -226,7 +226,7 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     started = time.perf_counter()
     recorder = _recorder(recorded or experiment, search, space, options.name,
                          tracking.train_dataset(experiment.data, data.train_x, data.train_y),  # once, in the driver
-                         plan.params() if plan else {})
+                         plan.params() if plan else {}, studies.data_tags(experiment))
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
@@ -254,7 +254,7 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
 
 
 def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str, dataset,
-              plan: dict) -> StudyRecorder:
+              plan: dict, trial_tags: dict) -> StudyRecorder:
     """The study's record: its settings as asked (what a resume re-resolves), its params as resolved here
     (with a time budget's plan)."""
     return StudyRecorder(
@@ -264,7 +264,7 @@ def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: 
         params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
                 **tracking.data_params(experiment.data), **plan},
-        artifacts=[search_spaces.source_path(space.name)], dataset=dataset)
+        artifacts=[search_spaces.source_path(space.name)], dataset=dataset, trial_tags=trial_tags)
 
 
 def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, resume: bool) -> int:

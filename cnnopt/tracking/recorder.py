@@ -47,9 +47,10 @@ class StudyRecorder:
     """
 
     def __init__(self, experiment: Experiment, study: str, *, tags: dict, params: dict, artifacts: list[str],
-                 dataset: DatasetInput | None = None):
+                 dataset: DatasetInput | None = None, trial_tags: dict | None = None):
         self.experiment, self.study = experiment, study
         self.tags, self.params, self.artifacts = tags, params, artifacts
+        self.trial_tags = trial_tags or {}  # on every trial run this session starts (the data it trains on)
         self.dataset = dataset  # the train split, logged as the dataset input of the parent and of every trial
         self.parent_run_id: str | None = None
         self.children: dict[str, str] = {}  # trial_id -> child run id
@@ -149,7 +150,8 @@ class StudyRecorder:
         run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
                            parent_run_id=self.parent_run_id,
                            tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
-                                 "status": trials.RUNNING, "searched": ",".join(searched), KIND_TAG: "trial"})
+                                 "status": trials.RUNNING, "searched": ",".join(searched), KIND_TAG: "trial",
+                                 **self.trial_tags})
         log(self.client, run_id, params=params)
         log_dataset(self.client, run_id, self.dataset)
         self.children[trial_id] = run_id
@@ -241,7 +243,7 @@ def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, pa
     return _record_retraining(experiment, parent, f"{study}-trial-{int(number):03d}-seed{seed}",
                               {KIND_TAG: studies.CONFIRMATION, "confirms_trial": number, "seed": seed,
                                "confirms_run_id": trial_run.info.run_id,
-                               "searched": trial_run.data.tags.get("searched", "")},
+                               "searched": trial_run.data.tags.get("searched", ""), **studies.data_tags(experiment)},
                               params, result, checkpoint, dataset)
 
 

@@ -22,6 +22,7 @@ from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, param_value, 
 SETTINGS_ARTIFACT = "settings/experiment.json"
 CONFIRMATION = "confirmation"  # the kind of a run that re-trains a best configuration with a new seed
 FINAL = "final"  # the kind of the run that trains the chosen configuration once more, the one promoted
+SUBSET_TAG = "data.subset"  # on a trial or confirmation run that trained on a time budget's train subset
 
 
 def find_parent(client: MlflowClient, study: str | None, experiment_name: str | None = None):
@@ -117,6 +118,11 @@ def load_settings(client: MlflowClient, study: str) -> Experiment:
     return settings
 
 
+def data_tags(experiment: Experiment) -> dict:
+    """Tags for a run that trains on `experiment`'s data: the train subset, where a time budget's plan set one."""
+    return {SUBSET_TAG: experiment.data.subset} if experiment.data.subset else {}
+
+
 def trained_settings(client: MlflowClient, run) -> Experiment | None:
     """The settings `run` trained with, where it belongs to a study that recorded them: the study's own,
     with the stratified train subset its time budget searched on (`plan.subset`) for a trial or a
@@ -125,7 +131,8 @@ def trained_settings(client: MlflowClient, run) -> Experiment | None:
     settings = settings_of(client, parent_id) if parent_id else None
     if settings is None or run.data.tags.get(KIND_TAG) == FINAL:
         return settings
-    subset = int(client.get_run(parent_id).data.params.get("plan.subset", 0))
+    # The run's own tag: a resumed study plans again and may search another subset than its first plan's.
+    subset = int(run.data.tags.get(SUBSET_TAG) or client.get_run(parent_id).data.params.get("plan.subset", 0))
     return dataclasses.replace(settings, data=dataclasses.replace(settings.data, subset=subset)) if subset else settings
 
 
