@@ -62,16 +62,17 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     finally:  # reopening the trial's run must not change how it ended
         mlflow.end_run()
         client.set_terminated(run_id, status=status if status != "RUNNING" else FINISHED)
+    shown = f"{test_accuracy:.6f}"  # the version's tag; compared as written, so an equal model ties
     with _printed_to_log():  # "Successfully registered model", "Created version": cnnopt's promotion line says so
         version = mlflow.register_model(info.model_uri, experiment.name,
-                                        tags={"test_accuracy": f"{test_accuracy:.6f}", "run_id": run_id}).version
+                                        tags={"test_accuracy": shown, "run_id": run_id}).version
     try:
         current = client.get_model_version_by_alias(experiment.name, ALIAS)
     except MlflowException:
         current = None
     previous = None if current is None else str(current.version)
     current_accuracy = None if current is None else float(current.tags.get("test_accuracy", "-1"))
-    moved = current_accuracy is None or test_accuracy >= current_accuracy
+    moved = current_accuracy is None or float(shown) >= current_accuracy
     if moved:
         client.set_registered_model_alias(experiment.name, ALIAS, version)
     return str(version), moved, previous
