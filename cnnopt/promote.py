@@ -1,10 +1,11 @@
 """`python -m cnnopt.promote`: promote a study's best trial to a tested, exported, registered model.
 
-The best trial by the experiment's validation metric (ties: the lowest trial number) is evaluated
-once on the test split of the data it trained on (its study's recorded settings; --set values go on
-top, e.g. data.root where the images now live), exported to model.pt and model.pt2 (verified in a fresh torch-only process),
-logged to its MLflow run and registered under the experiment's name; the alias `champion` moves to
-the new version only when its test accuracy is at least the current champion's.
+The study's best trial by its own validation metric (ties: the lowest trial number), or --run-id, is
+evaluated once on the test split of the data it trained on (its study's recorded settings; --set
+values go on top, e.g. data.root where the images now live), exported to model.pt and model.pt2
+(verified in a fresh torch-only process), logged to its MLflow run and registered under its study's
+experiment name; the alias `champion` moves to the new version only when its test accuracy is at
+least the current champion's.
 """
 
 from __future__ import annotations

@@ -125,8 +125,9 @@ def data_tags(experiment: Experiment) -> dict:
 
 def trained_settings(client: MlflowClient, run) -> Experiment | None:
     """The settings `run` trained with, where it belongs to a study that recorded them: the study's own,
-    with the stratified train subset its time budget searched on (`plan.subset`) for a trial or a
-    confirmation run (a final training uses every train image). None for a run of no study."""
+    with the stratified train subset a time budget searched on for a trial or a confirmation run (the
+    run's SUBSET_TAG; the parent's `plan.subset` for runs recorded before that tag). A final training
+    uses every train image. None for a run of no study."""
     parent_id = run.data.tags.get(PARENT_TAG)
     settings = settings_of(client, parent_id) if parent_id else None
     if settings is None or run.data.tags.get(KIND_TAG) == FINAL:

@@ -25,7 +25,12 @@ POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 INITS = ("default", "kaiming", "xavier")
 BLOCKS = ("plain", "residual")
-TTAS = ("none", "flip")
+TTAS = {"none": 1, "flip": 2}  # train.tta: the forward passes a prediction takes
+
+
+def predictions_per_image(config: TrainConfig) -> int:
+    """Forward passes per image when the net predicts (in eval mode): two with train.tta = "flip"."""
+    return TTAS[config.tta]
 
 
 def block_channels(config: TrainConfig) -> list[int]:

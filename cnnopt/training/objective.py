@@ -22,7 +22,7 @@ from cnnopt.data.augment import CROP_PADDING_MODES, BatchAugment, Normalize
 from cnnopt.experiment.config import TrainConfig, check_section, is_better
 from cnnopt.data.datasets import ImageData
 from cnnopt.errors import UsageError
-from cnnopt.training.model import build_model
+from cnnopt.training.model import build_model, predictions_per_image
 
 Report = Callable[[int, dict], None]
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -124,7 +124,7 @@ def _synchronize(device: torch.device) -> None:
 def epoch_seconds(per_image: float, data: ImageData, config: TrainConfig) -> float:
     """An epoch's seconds at `per_image`: the train split, plus validation at a third of a training
     image's cost (a forward pass only), two thirds where train.tta = "flip" predicts the mirror too."""
-    return per_image * (len(data.train_y) + len(data.val_y) * (2 if config.tta == "flip" else 1) / 3)
+    return per_image * (len(data.train_y) + len(data.val_y) * predictions_per_image(config) / 3)
 
 
 def train(config: TrainConfig, data: ImageData, report: Report | None = None, *, metric: str = "val_accuracy",
