@@ -205,10 +205,15 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         if len(val_y):  # a final training on train + val has no validation split
             val_loss, val_accuracy = evaluate(model, val_x, val_y, setup.normalize, memory_format, setup.amp)
             metrics.update(val_loss=val_loss, val_accuracy=val_accuracy)
-        metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start, images_per_second=seen / train_seconds,
-                       epochs_planned=float(epochs))
+        metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start, images_per_second=seen / train_seconds)
         result.epochs_run = epoch
         diverged = not all(math.isfinite(metrics[key]) for key in ("train_loss", "val_loss") if key in metrics)
+        if deadline and not diverged:  # before the report: its epochs_planned is how the trial's end is read
+            fits = _epochs_that_fit(epoch, (time.perf_counter() - began) / epoch, deadline)
+            if fits < epochs or (grow and epoch < epochs < fits):  # not past an end the schedule has reached
+                epochs = fits
+                schedule = _respan(config, setup.optimizer, schedule, epochs, epoch * len(batches), len(batches), epoch)
+        metrics["epochs_planned"] = float(epochs)
         if diverged:
             metrics["diverged"] = 1.0
             result.status = trials.DIVERGED
@@ -221,11 +226,6 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         result.history.append(metrics)
         if report is not None:
             report(epoch, metrics)
-        if deadline and not diverged:
-            fits = _epochs_that_fit(epoch, (time.perf_counter() - began) / epoch, deadline)
-            if fits < epochs or (grow and epoch < epochs < fits):  # not past an end the schedule has reached
-                epochs = fits
-                schedule = _respan(config, setup.optimizer, schedule, epochs, epoch * len(batches), len(batches), epoch)
         if diverged:
             break
     return result
