@@ -94,6 +94,29 @@ def test_confirmation_is_planned_only_where_two_configurations_by_two_seeds_fit(
     assert off.confirm_top == 0 and any("off (--no-confirm)" in line for line in off.lines()), "--no-confirm stays off"
 
 
+@pytest.mark.parametrize("slots", [1, 2, 8, 32])
+def test_on_any_number_of_slots_a_top_trial_and_a_confirmation_fit_in_the_searchs_own_time(slots):
+    """Slot-seconds grow with the slots, the wall-clock does not: 32 slots once planned 810-s trials and an
+    811-s confirmation into a search of -269 s, and no trial started."""
+    from cnnopt.study.budget import CONFIRM_SHARE, TOP_SHARE
+
+    for minutes in (2, 5, 10, 30):
+        for epoch in (0.5, 3, 10, 30):
+            try:
+                made = plan(budget=minutes * 60, epoch=epoch, slots=slots)
+            except UsageError:
+                continue
+            wall = made.search + made.confirm
+            assert made.search > 0
+            assert made.max_epochs == made.grace or made.trial_seconds + TRIAL_OVERHEAD <= TOP_SHARE * wall
+            assert made.confirm <= CONFIRM_SHARE * wall + 1e-9
+            if made.confirm_top:  # its runs, in waves of `slots` at once
+                waves = math.ceil(made.confirm_top * made.confirm_seeds / slots)
+                assert made.confirm == pytest.approx(waves * (made.trial_seconds + TRIAL_OVERHEAD))
+    wide = plan(budget=600, epoch=30, slots=32)
+    assert wide.search > 0.5 * (600 - wide.started - wide.final - wide.finish) and wide.final > 0
+
+
 def test_a_plan_sets_the_searchs_epochs_trials_rungs_and_data():
     experiment = load_experiment(None, ["search.time_budget=10"])
     made = make_plan(experiment.search, experiment.train.epochs, budget=600, started=20, epoch=40, slots=2,
@@ -228,6 +251,26 @@ def test_a_deadline_trains_the_epochs_that_fit_with_the_schedule_respanned(digit
     assert result.history[-1]["epochs_planned"] == result.epochs_run
     assert result.history[-1]["lr"] < 0.1 * config.lr, "onecycle ends near zero over the epochs it really had"
     assert max(epoch["lr"] for epoch in result.history) > 0.5 * config.lr, "and peaks within them"
+
+
+def test_a_trial_that_ends_at_its_deadline_reports_the_epochs_it_ends_at_and_is_completed(digits_data, monkeypatch):
+    """Its pace can slow after a report planned more epochs (a checkpoint's write, a core it now shares):
+    the epoch that ends it still reports how many epochs it had, or the trial would be read as pruned."""
+    config = dataclasses.replace(TINY, epochs=200, lr=0.1)
+    real_time, late = time.time, [0.0]
+    monkeypatch.setattr(time, "time", lambda: real_time() + late[0])
+    reports = []
+
+    def report(epoch, metrics):
+        reports.append(dict(metrics, training_iteration=epoch))
+        if epoch == 2:
+            late[0] = 1000.0  # the deadline passes after this epoch's report, which planned more epochs
+
+    result = train(config, digits_data, report, deadline=time.time() + 100)
+    assert reports[1]["epochs_planned"] > 2
+    assert result.status == trials.COMPLETED and result.epochs_run == len(reports) == 3
+    assert reports[-1]["epochs_planned"] == 3
+    assert trials.status_of(reports[-1], config.epochs) == trials.COMPLETED
 
 
 def test_a_final_trainings_epochs_grow_to_its_deadline_a_trials_do_not(digits_data):

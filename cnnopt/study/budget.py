@@ -11,10 +11,12 @@ epoch costs. The minutes left are then split:
 - final (search.reserve of the rest): the chosen configuration trained once more, alone on a whole
   node, for as many epochs as fit, its schedule stretched to them (`cnnopt.study.final`);
 - confirmation: the best configurations re-trained with new seeds, where at least two configurations
-  with two seeds each fit in a fifth of the search's time; else it is skipped;
+  with two seeds each fit in a fifth of the search's time (in waves of as many runs as there are trial
+  slots); else it is skipped;
 - search: the trials, under ASHA: every trial gets `search.grace_period` (1) probe epochs, the best
   third of them three times as many, and so on up to `max_epochs`, the deepest rung that still leaves enough trials (at least
-  `MIN_TRIALS`, and two for each that reaches the top). Where even one epoch each does not leave enough
+  `MIN_TRIALS`, and two for each that reaches the top) and that a trial reaches within `TOP_SHARE` of the
+  search's time (on many slots, slot-seconds alone would allow a rung longer than the search). Where even one epoch each does not leave enough
   trials, the search trains on a stratified subset of the train split (the final training uses all).
   Those epochs are the probe's: a trial's currency is time (`trial_seconds`, ASHA's rungs in seconds
   of training), so a configuration twice as fast trains twice the epochs (at most train.epochs) and
@@ -45,6 +47,9 @@ PROMOTION_SECONDS = 20.0  # a promotion's test pass, export, fresh-process check
 EXIT_SECONDS = 8.0  # after the budget's last line: Ray's stop and the process's exit (measured 5-9 s on 2 cores)
 MIN_TRIALS = 8  # fewer trials than this is not a search
 CONFIRM_SHARE = 0.2  # of the search's time, the most a confirmation may take
+# Of the search's time, the most a trial that reaches the top rung may train: on many slots the trials'
+# seconds in all would allow rungs (and confirmation runs) longer than the search itself lasts.
+TOP_SHARE = 1 / 3
 MIN_SUBSET = 0.1  # the smallest share of the train split a search may use
 TRIAL_OVERHEAD = 1.0  # seconds a trial costs beyond its epochs (start, first batch, checkpoint, record): measured ~1 s
 FINAL_OVERHEAD = 10.0  # seconds a final training costs beyond its epochs (a worker, the data, its own timing)
@@ -208,17 +213,19 @@ def _split(search: SearchConfig, max_epochs: int, remaining: float, final: float
         return grace * (1 + (rungs - 1) * (reduction - 1) / reduction)
 
     top, depth = grace, grace
-    while depth <= max_epochs and fraction > 0:  # the deepest ladder that leaves enough trials
-        if slot_seconds / (per_trial(depth) * epoch + TRIAL_OVERHEAD) >= max(needed, 2 * depth // grace):
+    while depth <= max_epochs and fraction > 0:  # the deepest ladder that leaves enough trials, in time
+        if (slot_seconds / (per_trial(depth) * epoch + TRIAL_OVERHEAD) >= max(needed, 2 * depth // grace)
+                and depth * epoch + TRIAL_OVERHEAD <= TOP_SHARE * rest):
             top = depth
         depth *= reduction
     confirm_top, confirm_seeds, confirm = 0, 0, 0.0
     if search.confirm_top >= 2 and fraction > 0:
-        runs = int(CONFIRM_SHARE * rest * slots / (top * epoch + TRIAL_OVERHEAD))
+        run_seconds = top * epoch + TRIAL_OVERHEAD  # a confirmation run trains as long as a top trial
+        runs = int(CONFIRM_SHARE * rest / run_seconds) * slots  # waves of `slots` runs at once, in the share
         if runs >= 4:
             confirm_top = min(search.confirm_top, runs // 2)
             confirm_seeds = min(search.confirm_seeds, runs // confirm_top)
-            confirm = math.ceil(confirm_top * confirm_seeds / slots) * (top * epoch + TRIAL_OVERHEAD)
+            confirm = math.ceil(confirm_top * confirm_seeds / slots) * run_seconds
     searching = rest - confirm
     cost = per_trial(top) * epoch + TRIAL_OVERHEAD
     trials = max(needed, int((searching * slots) / cost)) if fraction > 0 else needed
