@@ -46,6 +46,7 @@ def runs(cwd: Path) -> list:
     (["--time-budget", "1e9"], {}, "search.time_budget = 1000000000.0 is not allowed"),
     (["--name", "../outside"], {}, "study name '../outside' is not allowed"),
     (["--name", "a/b"], {}, "study name 'a/b' is not allowed"),
+    (["--resume", "--name", "a'b"], {}, "study name \"a'b\" is not allowed"),  # looked up: an MLflow filter value
     (["--set", "train.device=cuda"], {}, "train.device = 'cuda' but the Ray cluster has no GPU for the trials"),
     (["--set", "train.device=cuda", "--gpus-per-trial", "0"], {}, "train.device = 'cuda' but --gpus-per-trial 0"),
     (["--address", "127.0.0.1:9"], {}, "cannot reach the Ray cluster at '127.0.0.1:9'"),

@@ -74,6 +74,8 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     with pytest.raises(UsageError, match="another split than its study's settings load now with the --set values"):
         promote_cli.main(["--run-id", best.info.run_id, "--set", "data.seed=2"])
     assert len(calls) == 2
+    with pytest.raises(UsageError, match="study name \"p'\" is not allowed"):  # never an MLflow filter's traceback
+        promote_cli.main(["--study", "p'"])
 
 
 def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_path):

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import signal
 import socket
 import sys
@@ -146,7 +145,7 @@ def interrupts_held():
 def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, ImageData]:
     """Check everything that can be checked before Ray starts or anything is recorded; load the data."""
     search = experiment.search
-    check_study_name(options.name)
+    studies.check_study_name(options.name)
     check_search(search)
     if search.time_budget and options.planned:  # hopeless before Ray starts: say so now, not after the probe
         spent = time.perf_counter() - options.started if options.started else 0.0
@@ -181,16 +180,6 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
                          "pick another --name (or --resume it)")
     # Trials get no test split at all: hyperparameters are selected on validation only.
     return space, dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
-
-
-STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def check_study_name(name: str) -> None:
-    """A study's name becomes a folder of the results folder and an MLflow filter value: keep it plain."""
-    if not STUDY_NAME.fullmatch(name) or ".." in name:
-        raise UsageError(f"study name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (no path "
-                         "separators or '..'), up to 128 characters; pick another --name")
 
 
 def check_search(search: SearchConfig) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,15 @@ SETTINGS_ARTIFACT = "settings/experiment.json"
 CONFIRMATION = "confirmation"  # the kind of a run that re-trains a best configuration with a new seed
 FINAL = "final"  # the kind of the run that trains the chosen configuration once more, the one promoted
 SUBSET_TAG = "data.subset"  # on a trial or confirmation run that trained on a time budget's train subset
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: str) -> None:
+    """A study's name becomes a folder of the results folder and an MLflow filter value: keep it plain
+    (checked where a study is started and wherever one is looked up by name)."""
+    if not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise UsageError(f"study name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (no path "
+                         "separators or '..'), up to 128 characters")
 
 
 def find_parent(client: MlflowClient, study: str | None, experiment_name: str | None = None):
@@ -32,6 +42,8 @@ def find_parent(client: MlflowClient, study: str | None, experiment_name: str | 
         study: the study name; None means the most recently started study.
         experiment_name: the MLflow experiment to look in; None looks in every experiment of the store.
     """
+    if study is not None:
+        check_study_name(study)
     ids = _experiment_ids(client, experiment_name)
     if not ids:
         return None
