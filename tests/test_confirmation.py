@@ -58,3 +58,10 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     again = confirm(experiment, "c")  # as a resumed study calls it: every run is recorded already
     assert str(again.chosen.trial_number) == chosen
     assert len(client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation'")) == 4
+    # A seed that diverged was in no mean when it trained, and is in none on a resume: not trained again either.
+    diverged = confirmations[0]
+    client.set_tag(diverged.info.run_id, "status", "diverged")
+    resumed = confirm(experiment, "c")
+    counted = {run_id for candidate in resumed.candidates for run_id, _ in candidate.runs.values()}
+    assert diverged.info.run_id not in counted and len(counted) == 3
+    assert len(client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation'")) == 4

@@ -82,12 +82,17 @@ def confirm(experiment: Experiment, study: str, address: str | None = None) -> C
         return None
     candidates = {run.info.run_id: Candidate(studies.trial_number(run), run.info.run_id,
                                              run.data.metrics[f"best_{metric}"]) for run in top}
-    for run in studies.confirmation_runs(client, parent):  # recorded before (a resumed study)
+    recorded = set()  # (trial run, seed) trained before (a resumed study): not trained again
+    for run in studies.confirmation_runs(client, parent):
         candidate = candidates.get(run.data.tags.get("confirms_run_id"))
-        if candidate is not None and f"best_{metric}" in run.data.metrics:
+        if candidate is None:
+            continue
+        recorded.add((candidate.run_id, int(run.data.tags["seed"])))
+        # Counted as when it was trained: a seed that diverged or was stopped is in no mean.
+        if run.data.tags.get("status") == trials.COMPLETED and f"best_{metric}" in run.data.metrics:
             candidate.runs[int(run.data.tags["seed"])] = (run.info.run_id, run.data.metrics[f"best_{metric}"])
     seeds = [experiment.train.seed + 1 + i for i in range(search.confirm_seeds)]  # never the trials' own seed
-    todo = [(run, seed) for run in top for seed in seeds if seed not in candidates[run.info.run_id].runs]
+    todo = [(run, seed) for run in top for seed in seeds if (run.info.run_id, seed) not in recorded]
     if todo:
         _train_all(experiment, parent, todo, candidates, address)
     return _choose(list(candidates.values()), mode)
