@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -9,6 +11,7 @@ from cnnopt import search
 from cnnopt.deploy import promotion
 from cnnopt.experiment.config import load_experiment
 from cnnopt.study.confirmation import Candidate, _choose, confirm
+from cnnopt.study.final import train_final
 
 
 def test_the_choice_is_by_the_mean_of_the_new_seeds_not_the_lucky_trial():
@@ -65,3 +68,15 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     counted = {run_id for candidate in resumed.candidates for run_id, _ in candidate.runs.values()}
     assert diverged.info.run_id not in counted and len(counted) == 3
     assert len(client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation'")) == 4
+    # A run that raises in its worker (here: CUDA asked for on a machine without it) is recorded failed, with its
+    # error, and the others go on; a final training that raises leaves the chosen run to be promoted as it is.
+    broken = dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, device="cuda"),
+                                 search=dataclasses.replace(experiment.search, confirm_seeds=3))
+    capsys.readouterr()
+    failing = confirm(broken, "c")
+    output = capsys.readouterr().out
+    assert failing.chosen is not None and output.count("(failed)\n    error: ") == 2, output
+    failed = client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation' and tags.seed = '3'")
+    assert len(failed) == 2 and all(r.info.status == "FAILED" and "CUDA" in r.data.tags["error"] for r in failed)
+    why = train_final(broken, "c", failing.promote_run_id)
+    assert isinstance(why, str) and why.startswith("it failed (") and "promoted as it is" in why

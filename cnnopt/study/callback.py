@@ -16,6 +16,7 @@ from pathlib import Path
 from ray import tune
 
 from cnnopt import trials as trial_status
+from cnnopt.errors import last_line
 from cnnopt.tracking.recorder import StudyRecorder
 from cnnopt.tracking.store import EPOCH_METRICS
 from cnnopt.tracking.writer import BackgroundWriter
@@ -109,7 +110,7 @@ class StudyCallback(tune.Callback):
         scored = f"{self.metric} {value:.4f}" if not math.isnan(value) else f"{self.metric} -"
         line = f"trial {self.recorder.number(trial.trial_id):3d}  {status:9s}  {scored}  {shown}  ({seconds:.1f}s)"
         if error:
-            line += f"\n    error: {error.strip().splitlines()[-1]}"
+            line += f"\n    error: {last_line(error)}"
         if status == trial_status.STOPPED:
             projected = (trial.last_result or {}).get("projected_epoch_seconds", math.nan)
             line += f"\n    too slow: an epoch would take ~{projected:.0f}s, over search.epoch_limit"

@@ -22,6 +22,7 @@ import ray
 import search_spaces
 from cnnopt import tracking, trials
 from cnnopt.data.datasets import ImageData, load_data
+from cnnopt.errors import last_line
 from cnnopt.experiment.config import Experiment
 from cnnopt.study.runner import ray_session, resolve_resources
 from cnnopt.study.trainable import assigned_device
@@ -117,13 +118,17 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
         while pending:
             [ready], _ = ray.wait(list(pending))
             run, seed, config = pending.pop(ready)
-            result = ray.get(ready)
-            run_id = _record(experiment, parent, run, seed, config, data, result, dataset)
+            try:
+                result, error = ray.get(ready), None
+            except ray.exceptions.RayError as exc:  # as a failing trial: recorded failed, and the others go on
+                result, error = TrainResult(trials.FAILED, 0, {}, 0, 0), str(exc)
+            run_id = _record(experiment, parent, run, seed, config, data, result, dataset, error)
             value = result.best_metrics.get(experiment.metric)
             if result.status == trials.COMPLETED and value is not None:
                 candidates[run.info.run_id].runs[seed] = (run_id, value)
             print(f"  confirm trial {studies.trial_number(run):3d} seed {seed}: {experiment.metric} "
-                  f"{value if value is not None else float('nan'):.4f}  ({result.status})", flush=True)
+                  f"{value if value is not None else float('nan'):.4f}  ({result.status})"
+                  + (f"\n    error: {last_line(error)}" if error else ""), flush=True)
 
 
 def _train_seed(config, data: ImageData, metric: str, mode: str, seconds: float = 0.0) -> TrainResult:
@@ -133,14 +138,14 @@ def _train_seed(config, data: ImageData, metric: str, mode: str, seconds: float 
 
 
 def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageData, result: TrainResult,
-            dataset) -> str:
+            dataset, error: str | None = None) -> str:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if result.state_dict is not None:
             checkpoint = str(save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
                                              result.best_epoch, result.best_metrics))
         return recorder.record_confirmation(experiment, parent, run, seed, tracking.hyperparameters(config), result,
-                                            checkpoint, dataset)
+                                            checkpoint, dataset, error)
 
 
 def _choose(candidates: list[Candidate], mode: str) -> Confirmation:

@@ -18,6 +18,7 @@ whole node and the epochs left. It is trained once more:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tempfile
 import time
@@ -31,6 +32,7 @@ import search_spaces
 from cnnopt import tracking
 from cnnopt.data import cache as data_cache
 from cnnopt.data.datasets import ImageData, load_data
+from cnnopt.errors import last_line
 from cnnopt.experiment.config import Experiment, TrainConfig
 from cnnopt.study.runner import ray_session
 from cnnopt.study.trainable import assigned_device
@@ -77,8 +79,13 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
     with ray_session(address):
         cpus, gpus = whole_node()
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_train)
-        config, result = ray.get(task.remote(config, ray.put(data), experiment.search.final_epochs, deadline,
-                                             trial_epochs, trial_per_image, experiment.metric, experiment.mode, keep))
+        try:
+            config, result = ray.get(task.remote(config, ray.put(data), experiment.search.final_epochs, deadline,
+                                                 trial_epochs, trial_per_image, experiment.metric, experiment.mode,
+                                                 keep))
+        except ray.exceptions.RayError as exc:  # the chosen run is recorded and can be promoted as it is
+            logging.getLogger(__name__).error("the final training failed: %s", exc)
+            return f"it failed ({last_line(exc)}; the log file has the rest): the run it repeats is promoted as it is"
     if result is None:
         return (f"the time left fits {config.epochs} epochs of it, no more than its trial's {trial_epochs}: "
                 "the trial is promoted as it is")

@@ -227,7 +227,7 @@ class StudyRecorder:
 
 
 def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, params: dict, result,
-                        checkpoint: str | None, dataset: DatasetInput | None = None) -> str:
+                        checkpoint: str | None, dataset: DatasetInput | None = None, error: str | None = None) -> str:
     """One confirmation run: the configuration of `trial_run` re-trained with `seed`, a child of the study.
 
     Args:
@@ -235,6 +235,7 @@ def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, pa
         params: every hyperparameter of the run, as MLflow params.
         result: the objective's TrainResult (status, best epoch's metrics, per-epoch history).
         checkpoint: the best epoch's checkpoint file, logged as the run's `checkpoint/` artifact.
+        error: why the run failed (its tag `error`), where it raised.
     Returns:
         The run id.
     """
@@ -243,7 +244,8 @@ def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, pa
     return _record_retraining(experiment, parent, f"{study}-trial-{int(number):03d}-seed{seed}",
                               {KIND_TAG: studies.CONFIRMATION, "confirms_trial": number, "seed": seed,
                                "confirms_run_id": trial_run.info.run_id,
-                               "searched": trial_run.data.tags.get("searched", ""), **studies.data_tags(experiment)},
+                               "searched": trial_run.data.tags.get("searched", ""), **studies.data_tags(experiment),
+                               **({"error": error[-5000:]} if error else {})},
                               params, result, checkpoint, dataset)
 
 
