@@ -230,7 +230,8 @@ def final_training(experiment, outcome, run_id: str, what: str, deadline: float,
         return None
     shown = "  ".join(f"{key} {final.metrics[key]:.4f}" for key in ("val_accuracy", "train_accuracy")
                       if key in final.metrics)
-    print(f"  {final.epochs} epochs (its trial had {final.trial_epochs}), {final.status}: {shown}")
+    print(f"  {final.epochs} epochs (its trial had {final.trial_epochs}), {final.status}: {shown}"
+          + ("  (trained before this resume: not trained again)" if final.recorded_before else ""))
     print(f"  MLflow run {final.run_id}")
     record_choice(outcome.parent_run_id, {"final_epochs": final.epochs}, {"final_run_id": final.run_id})
     return final

@@ -18,7 +18,7 @@ from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
 from cnnopt.study.budget import EXIT_SECONDS, MIN_TRIALS, TRIAL_OVERHEAD, last_start, make_plan, shown
 from cnnopt.study.runner import make_searcher
 from cnnopt.study.strategies import STRATEGIES
-from cnnopt.study.final import final_data, stretched
+from cnnopt.study.final import final_data, stretched, train_final
 from cnnopt.training.objective import train
 
 SEARCH = SearchConfig()  # reserve 0.4, reduction_factor 3, confirm 3 x 3
@@ -217,6 +217,11 @@ def test_a_final_training_is_its_own_run_and_the_one_promoted(ray_session, mlflo
     assert final.data.tags["trains_run_id"] in {run.info.run_id for run in children(mlflow_store, "fin", "trial")}
     assert parent.data.tags["promoted_trial"] == final.data.tags["trains_trial"] != ""
     assert "test_accuracy" in MlflowClient(tracking_uri=mlflow_store).get_run(final.info.run_id).data.metrics
+    # Resumed after a promotion cut short, the study finds its final training recorded: not trained again.
+    experiment = load_experiment(None, ["train.epochs=2", "search.final_epochs=3", "search.final_data=train+val"])
+    again = train_final(experiment, "fin", final.data.tags["trains_run_id"])
+    assert again.run_id == final.info.run_id and again.recorded_before and again.epochs == 3
+    assert len(children(mlflow_store, "fin", "final")) == 1
 
 
 def test_a_budgeted_study_plans_trains_the_winner_and_ends_near_its_budget(ray_session, mlflow_store, capsys,

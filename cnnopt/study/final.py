@@ -29,7 +29,7 @@ import ray
 import torch
 
 import search_spaces
-from cnnopt import tracking
+from cnnopt import tracking, trials
 from cnnopt.data import cache as data_cache
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import last_line
@@ -48,6 +48,7 @@ class FinalRun:
     trial_epochs: int  # what the chosen configuration's trial had
     status: str
     metrics: dict  # the kept epoch's
+    recorded_before: bool = False  # by an earlier session of a resumed study: not trained again
 
 
 def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadline: float = 0.0,
@@ -61,7 +62,8 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
         deadline: time.time() by which the training must end (a time budget); 0 trains final_epochs.
         address: the Ray cluster to use when no Ray instance is running.
     Returns:
-        The FinalRun, or why there was none (a sentence).
+        The FinalRun (the one an earlier session of a resumed study recorded for this run, where there is
+        one: a resume after a promotion cut short does not train it again), or why there was none (a sentence).
     """
     client = tracking.make_client()
     parent = studies.find_parent(client, study, experiment.name)
@@ -72,6 +74,11 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
     paces = sorted(1 / metric.value for metric in client.get_metric_history(chosen_run_id, "images_per_second")
                    if metric.value > 0)
     trial_per_image = paces[len(paces) // 2] if paces else 0.0  # its median epoch's seconds per training image
+    for run in reversed(studies.child_runs(client, parent, studies.FINAL)):  # a resumed study's, recorded whole
+        if run.data.tags.get("trains_run_id") == chosen_run_id and run.data.tags.get("status") == trials.COMPLETED:
+            kept = {key[len("best_"):]: value for key, value in run.data.metrics.items() if key.startswith("best_")}
+            return FinalRun(run.info.run_id, int(run.data.params.get("epochs", 0)), trial_epochs, trials.COMPLETED,
+                            kept, recorded_before=True)
     seed = int(chosen.data.params.get("seed", experiment.train.seed))
     config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(chosen)), seed=seed)
     data = final_data(experiment)
