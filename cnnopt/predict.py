@@ -92,9 +92,9 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit or float gray: scale to 8 bits, not clip
-                image = Image.fromarray(to_uint8(np.asarray(image)))
-            if image.mode not in ("L", "RGB", "RGBA"):
+            if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
+                image = Image.fromarray(to_uint8(np.asarray(image), image.mode))
+            if image.mode not in ("L", "RGB", "RGBA") or "transparency" in image.info:  # a tRNS key: as training
                 has_alpha = image.mode in ("LA", "PA") or "transparency" in image.info
                 image = image.convert("RGBA" if has_alpha else ("L" if image.mode in ("1", "I", "I;16", "F") else "RGB"))
             array = np.asarray(image, dtype=np.uint8).copy()

@@ -87,6 +87,33 @@ def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_p
         verify(broken.eval(), tmp_path / "model.pt", tmp_path / "model.pt2", digits_data.test_x[:64])
 
 
+def test_deployment_sees_the_pixels_training_saw(trained, digits_data, tmp_path, monkeypatch):
+    """model.pt, model.pt2 (through cnnopt.predict's conversion) and training's decode resize, composite and
+    scale an image to the same pixels: the exported model predicts what the evaluated one did."""
+    from cnnopt.data.decode import decode_image, resize_center_crop
+    from cnnopt.predict import LoadedModel, read_image
+
+    _, predictor = trained
+    monkeypatch.chdir(tmp_path)
+    export(predictor, "relative", digits_data.test_x[:1])  # a relative folder, a 1-image test split
+    script, program = torch.jit.load("relative/model.pt"), LoadedModel(Path("relative/model.pt2"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for height, width in ((20, 30), (13, 8), (64, 48)):  # resized inside model.pt, by predict for model.pt2
+            images = torch.randint(0, 256, (2, 1, height, width), dtype=torch.uint8, generator=generator)
+            trained_on = predictor(resize_center_crop(images, 8))
+            assert torch.allclose(script(images), trained_on, atol=1e-6)
+            assert torch.allclose(program(images[:1]), trained_on[0], atol=1e-6)
+        # A gray PNG whose black is transparent (a tRNS key), and a dark 16-bit one: decoded as training did.
+        digit = digits_data.test_x[0, 0].numpy()
+        Image.fromarray(digit, "L").save("keyed.png", transparency=0)
+        Image.fromarray(digit.astype(np.uint16)).save("deep.png")  # 16 bits, none above 255
+        for name in ("keyed.png", "deep.png"):
+            decoded = torch.from_numpy(decode_image(Path(name), 1, 8)).unsqueeze(0)
+            assert torch.allclose(script(read_image(Path(name))), predictor(decoded), atol=1e-6), name
+        assert decode_image(Path("deep.png"), 1, 8).max() <= 1, "scaled by its depth: 255 of 65535 is dark"
+
+
 def test_a_flip_tta_model_exports_and_reloads_with_its_mirror(trained, digits_data, tmp_path):
     model, _ = trained
     mirrored = build_model(TrainConfig(epochs=3, tta="flip"), digits_data.preprocessing())

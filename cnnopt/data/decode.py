@@ -25,10 +25,11 @@ import torch
 from cnnopt.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Part of the decoded-data cache's key: bump it whenever a change here changes the pixels produced.
-# 1 = full-scale decode (before the cache existed); 2 = JPEG draft at DRAFT_MARGIN x the target side.
-DECODE_VERSION = 2
+# 1 = full-scale decode (before the cache existed); 2 = JPEG draft at DRAFT_MARGIN x the target side;
+# 3 = 16-bit gray scaled by its bit depth (a dark image was scaled by 255 as if it were 8-bit).
+DECODE_VERSION = 3
 # JPEGs are drafted (libjpeg's DCT scaling to 1/2, 1/4 or 1/8) to at least 2x the target side, and
 # the antialiased resize does the rest. On photos that differs from the full-scale decode by a mean
 # of ~0.5 gray levels per pixel (worst image ~0.8, tests/test_data_cache.py bounds it at 1.0); a
@@ -48,11 +49,16 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(x, [size, size])
 
 
-def to_uint8(array: np.ndarray) -> np.ndarray:
-    """Gray pixels of a wider type (16-bit, 32-bit, float) scaled into 0..255."""
+def to_uint8(array: np.ndarray, mode: str = "") -> np.ndarray:
+    """Gray pixels of a wider type (16-bit, 32-bit, float) scaled into 0..255: a 16-bit file (Pillow mode
+    I;16...) by its bit depth, so a dark image stays dark; 32-bit or float ones, whose depth the file does
+    not say, by the smallest of 8 bits, 16 bits or their own maximum that holds them."""
     if array.dtype == np.uint8:
         return array
-    top = 255.0 if array.max(initial=0) <= 255 else (65535.0 if array.max() <= 65535 else float(array.max()))
+    if mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        top = 255.0 if array.max(initial=0) <= 255 else (65535.0 if array.max() <= 65535 else float(array.max()))
     return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
@@ -89,8 +95,8 @@ def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) ->
             image.load()
             if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
                 image = _flatten_alpha(image.convert("RGBA"), Image)
-            if image.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit or float gray: scale to 8 bits, not clip
-                image = Image.fromarray(to_uint8(np.asarray(image)))
+            if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
+                image = Image.fromarray(to_uint8(np.asarray(image), image.mode))
             image = image.convert("L" if channels == 1 else "RGB")
             array = np.asarray(image, dtype=np.uint8).copy()
     except Exception as exc:

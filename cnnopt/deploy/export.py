@@ -66,7 +66,7 @@ def exported(predictor: Predictor, folder: str | Path, sample: torch.Tensor):
     Yields:
         {'model.pt': path, 'model.pt2': path}; 'max_difference' ({'pt': d, 'pt2': d}) is added once checked.
     """
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # the check's fresh process runs in a folder of its own
     folder.mkdir(parents=True, exist_ok=True)
     predictor = predictor.eval()
     script_path, program_path = folder / "model.pt", folder / "model.pt2"
@@ -75,7 +75,9 @@ def exported(predictor: Predictor, folder: str | Path, sample: torch.Tensor):
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(predictor), str(script_path))
     batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(predictor, (sample[:2],), dynamic_shapes={"images": {0: batch}})
+    # Traced on two images: on one, torch.export specialises the batch to 1 (a 1-image test split).
+    program = torch.export.export(predictor, (sample[:2].repeat(2, 1, 1, 1)[:2],),
+                                  dynamic_shapes={"images": {0: batch}})
     spec = json.dumps(input_spec(predictor), indent=2)
     torch.export.save(program, str(program_path),
                       extra_files={CLASS_NAMES_FILE: json.dumps(predictor.class_names), INPUT_SPEC_FILE: spec})

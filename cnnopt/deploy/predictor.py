@@ -18,9 +18,9 @@ from torch import nn
 
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """Float images with 1, 3 or 4 channels -> `channels` channels, as the training data path converts."""
-    if x.shape[1] == 4:  # RGBA: composite on white
+    if x.shape[1] == 4:  # RGBA: composite on white, to 8 bits (as PIL's alpha_composite)
         alpha = x[:, 3:4] / 255
-        x = x[:, :3] * alpha + 255 * (1 - alpha)
+        x = (x[:, :3] * alpha + 255 * (1 - alpha)).round()
     if channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma, as PIL's convert('L')
         x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).round()
     elif channels == 3 and x.shape[1] == 1:
@@ -45,7 +45,9 @@ class Predictor(nn.Module):
         return torch.softmax(self.model(x), dim=1)
 
     def _resize_center_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """torchvision's resize([size]) + center_crop([size, size]) on 8-bit values."""
+        """torchvision's resize([size]) + center_crop([size, size]) of uint8 images (`decode.resize_center_crop`,
+        what the training images went through): on the CPU torch's own uint8 kernel, as torchvision uses
+        there (float and round differs by a gray level on 10-25% of pixels); elsewhere float, rounded."""
         size = self.image_size
         height, width = x.shape[-2], x.shape[-1]
         if height != size or width != size:
@@ -54,8 +56,12 @@ class Predictor(nn.Module):
             else:
                 new_height, new_width = int(size * height / width), size
             if new_height != height or new_width != width:
-                x = F.interpolate(x, size=[new_height, new_width], mode="bilinear", align_corners=False, antialias=True)
-                x = x.round().clamp(0, 255)
+                if x.device.type == "cpu":
+                    x = F.interpolate(x.to(torch.uint8), size=[new_height, new_width], mode="bilinear",
+                                      align_corners=False, antialias=True).float()
+                else:
+                    x = F.interpolate(x, size=[new_height, new_width], mode="bilinear", align_corners=False,
+                                      antialias=True).round().clamp(0, 255)
             top = int(round((new_height - size) / 2.0))
             left = int(round((new_width - size) / 2.0))
             x = x[:, :, top:top + size, left:left + size]
