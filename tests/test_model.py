@@ -132,6 +132,19 @@ def test_feature_sizes_follow_same_padding_and_pooling():
     assert feature_sizes(TrainConfig(blocks=2, kernel_size=2), 9) == [5, 3]  # an even kernel grows the side by one
 
 
+@pytest.mark.parametrize("mode,fails", [("reflect", True), ("circular", False), ("zeros", False), ("replicate", False)])
+def test_a_padding_the_feature_map_cannot_give_is_a_usage_error_not_a_torch_traceback(mode, fails):
+    """Reflect padding needs more pixels than it pads (circular as many): a 5x5 kernel pads 2 on 2x2 maps."""
+    config = dataclasses.replace(TINY, blocks=3, kernel_size=5, padding_mode=mode)
+    if fails:
+        with pytest.raises(UsageError, match=f"train.padding_mode = '{mode}' pads 2 pixels, which a 2x2 feature map"):
+            CNN(config, 1, 8, 10)
+    else:  # circular pads 2 from 2: it trains
+        assert CNN(config, 1, 8, 10)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(UsageError, match="pads 2 pixels, which a 1x1"):
+        CNN(dataclasses.replace(config, padding_mode="circular", blocks=4), 1, 8, 10)
+
+
 @pytest.mark.parametrize("blocks,side,block", [(4, 8, 4), (3, 4, 3), (1, 1, 1)])
 def test_a_vanishing_feature_map_names_the_block(blocks, side, block):
     with pytest.raises(UsageError) as caught:

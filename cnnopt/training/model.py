@@ -44,6 +44,10 @@ def feature_sizes(config: TrainConfig, image_size: int) -> list[int]:
     k = config.kernel_size
     for index in range(config.blocks):
         for _ in range(config.convs_per_block):
+            if config.padding_mode in ("reflect", "circular") and k // 2 >= side + (config.padding_mode == "circular"):
+                raise UsageError(f"train.padding_mode = {config.padding_mode!r} pads {k // 2} pixels, which a "
+                                 f"{side}x{side} feature map in conv block {index + 1} cannot give; use "
+                                 "padding_mode zeros or replicate, a smaller train.kernel_size or fewer train.blocks")
             side = side + 2 * (k // 2) - k + 1  # 'same' padding for odd kernels
         side //= 2  # 2x2 pooling, floor
         if side < 1:
