@@ -83,6 +83,22 @@ def test_no_edge_when_the_best_trials_do_not_all_sit_at_one_end(best):
     assert find_edges(trials_frame(best), SPACE, "val_accuracy", "max") == []
 
 
+def test_an_edge_suggests_only_what_the_setting_allows_and_needs_trials_that_varied():
+    space = Space(name="bounded", params=(Choice("label_smoothing", (0.0, 0.1, 0.2)),
+                                          Int("head_layers", 1, 4, log=True), Float("lr", 1e-4, 0.5, log=True)))
+    rows = [{"label_smoothing": 0.0, "head_layers": 1, "lr": 0.01 * (i + 1), "best_val_accuracy": 0.9 - 0.1 * i}
+            for i in range(3)]
+    rows += [{"label_smoothing": 0.2, "head_layers": 3, "lr": 0.02, "best_val_accuracy": 0.3}]
+    frame = pd.DataFrame(rows).assign(status="completed", trial=range(1, 5))
+    assert find_edges(frame, space, "val_accuracy", "max") == [
+        "label_smoothing: the best 3 trials sit on the smallest choice 0; it cannot go further: "
+        "consider fixing label_smoothing=0",  # not (-0.1, 0, 0.1, 0.2): label smoothing is 0 or more
+        "head_layers: the best 3 trials sit at the lower bound 1 (all 1, log scale); it cannot widen past 1: "
+        "consider fixing head_layers=1"]  # not 0-4: a log range of counts starts at 1
+    # A grid of one value (the architecture space grids label_smoothing at 0 only): every trial sits on it.
+    assert find_edges(frame.iloc[:3], space, "val_accuracy", "max") == []
+
+
 def test_edges_rank_by_the_mode_and_judge_the_top_trials_only():
     frame = trials_frame([{"lr": 0.45}, {"lr": 0.3}, {"lr": 0.48}])
     assert find_edges(frame, SPACE, "val_accuracy", "min") == []  # the worst trials are now the best

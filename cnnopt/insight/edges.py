@@ -47,8 +47,11 @@ def find_edges(trials: pd.DataFrame, space: Space, metric: str, mode: str, *, to
         if param.name not in best:
             continue
         values = best[param.name]
-        # A conditional parameter is judged only when every best trial sampled it.
+        # A conditional parameter is judged only when every best trial sampled it; and only one the trials
+        # varied: where every trial had one value (a grid of one), the best sitting on it says nothing.
         if values.isna().any() or (param.when and not all(param.active(row) for row in best.to_dict("records"))):
+            continue
+        if trials[param.name].dropna().nunique() < 2:
             continue
         line = _edge(param, values.tolist(), len(best), margin)
         if line:
@@ -115,6 +118,8 @@ def _widen(param: Float | Int, side: str) -> tuple:
             low = max(low, 1 if isinstance(param, Int) and param.low >= 1 else 0)
     if isinstance(param, Int):
         low, high = math.floor(low), math.ceil(high)
+        if param.log:  # a log range of counts starts at 1
+            low = max(low, 1)
     return low, high
 
 
@@ -130,8 +135,9 @@ def _next_choice(ordered: list, side: str):
     value = b * (b / a) if geometric else b + (b - a)
     if all(isinstance(c, int) for c in ordered):
         value = round(value)
-    if value <= 0 < min(ordered) or (side == "lower" and geometric and value < 1 <= min(ordered)):
-        return None  # sizes and counts do not go to zero or below
+    if (value <= 0 < min(ordered) or value < 0 <= min(ordered)
+            or (side == "lower" and geometric and value < 1 <= min(ordered))):
+        return None  # sizes and counts do not go to zero, nor non-negative settings (label smoothing 0) below it
     return value
 
 
