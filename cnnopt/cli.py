@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -78,7 +79,9 @@ def quiet_libraries() -> None:
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
-    """Call `main`; a UsageError becomes one line on stderr and exit code 2, with no traceback."""
+    """Call `main`; a UsageError becomes one line on stderr and exit code 2, with no traceback. SIGTERM
+    (`kill`, `timeout`, a batch scheduler's stop) is a Ctrl-C: every command closes its MLflow runs on it."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         code = main(argv)
     except UsageError as exc:

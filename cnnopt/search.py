@@ -23,7 +23,7 @@ from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
 from cnnopt.study.confirmation import confirm
 from cnnopt.study.final import train_final
-from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, run_study, stop_ray
+from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, resume_command, run_study, stop_ray
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import record_choice
@@ -137,10 +137,6 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
         print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
               f"  {resume_command(outcome.name)}", file=sys.stderr)
         return 130
-
-
-def resume_command(name: str) -> str:
-    return f"python -m cnnopt.search --resume --name {name}"
 
 
 def finish(experiment, outcome, *, report: bool, promotion: bool, address: str | None = None,

@@ -219,7 +219,13 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
-    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    closed = threading.Event()
+
+    def on_sigterm(*_) -> None:
+        threading.Thread(target=_close_if_stuck, args=(recorder, closed, options.name), daemon=True).start()
+        signal.raise_signal(signal.SIGINT)
+
+    previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     finished, counts, seconds, best = False, {}, {}, None
     try:
         recorder.open(resume=options.resume)
@@ -238,8 +244,32 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
             callback.drain()
             if recorder.parent_run_id:
                 counts, seconds, best = close_record(recorder, experiment, interrupted)
+            closed.set()
     return StudyOutcome(options.name, recorder.parent_run_id, counts, seconds, best, time.perf_counter() - started,
                         interrupted, str(results_folder(options.storage) / options.name))
+
+
+TERM_GRACE = 30.0  # seconds a SIGTERM'd study has to stop its trials in order before its record is closed anyway
+
+
+def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, name: str) -> None:
+    """After a SIGTERM: where the study has not closed its record in TERM_GRACE, close it from here and
+    exit. A signal to the whole process group (`timeout`, systemd, a batch scheduler) stops Ray's own
+    processes with the driver, and Ray then waits a minute for them and aborts, leaving runs RUNNING."""
+    if closed.wait(TERM_GRACE):
+        return
+    try:
+        recorder.kill_unfinished()
+        recorder.close(tracking.KILLED)
+    finally:
+        print(f"\nstopped: Ray's processes ended with the signal too, so the trials could not be stopped in order; "
+              f"the study is recorded as interrupted. Resume it by:\n  {resume_command(name)}", file=sys.stderr,
+              flush=True)
+        os._exit(130)
+
+
+def resume_command(name: str) -> str:
+    return f"python -m cnnopt.search --resume --name {name}"
 
 
 def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str, dataset,
