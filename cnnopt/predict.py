@@ -74,6 +74,7 @@ def resolve_model(spec: str, scratch: Path) -> Path:
 
     from cnnopt import tracking
 
+    tracking.make_client()  # a server that does not answer is said in seconds, not after MLflow's retries (~250 s)
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(scratch)))
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+")
     parser.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to show per image (default 3)")
     args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"argument --top-k: {args.top_k} is not a number of classes (1 or more)")
     quiet_libraries()
     paths = image_paths(args.images)
     with tempfile.TemporaryDirectory() as scratch:

@@ -184,3 +184,26 @@ def test_missing_file_is_a_usage_error(tmp_path):
 def test_invalid_toml_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not valid TOML"):
         load_experiment(write(tmp_path, "[train\nlr = 0.1\n"))
+
+
+def test_a_file_that_is_not_utf8_is_a_usage_error(tmp_path):
+    path = tmp_path / "notepad.toml"
+    path.write_bytes('name = "digits"\n'.encode("utf-16"))  # as Windows Notepad once saved it
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
+        load_experiment(path)
+
+
+def test_a_set_into_a_section_given_as_a_value_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match=r"\[train\] must be a table of settings, got 5"):
+        load_experiment(write(tmp_path, "train = 5\n"), ["train.epochs=1"])
+
+
+@pytest.mark.parametrize("name", ["a/b", "", "has space", "-leading"])
+def test_an_experiment_name_that_cannot_name_a_study_is_refused_by_its_key(name):
+    with pytest.raises(UsageError, match=f"name = {name!r} is not allowed: it names the MLflow experiment"):
+        load_experiment(None, [f"name={name}"])
+
+
+def test_an_image_size_beyond_memory_is_refused_before_anything_allocates():
+    with pytest.raises(UsageError, match="data.image_size = 100000 is not allowed: it must be 0 .* from 4 to 1024"):
+        load_experiment(None, ["data.image_size=100000"])

@@ -53,6 +53,8 @@ def runs(cwd: Path) -> list:
     (["--address", "ray://127.0.0.1:9"], {}, "cannot reach the Ray cluster at 'ray://127.0.0.1:9'"),
     ([], {"MLFLOW_TRACKING_URI": "sqlite:///{cwd}/a_file/mlflow.db"}, "the MLflow store sqlite:///"),
     ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "the MLflow tracking server http://127.0.0.1:9 does not answer"),
+    ([], {"MLFLOW_TRACKING_URI": "./mlruns"}, "the MLflow tracking URI ./mlruns cannot be used (The filesystem"),
+    ([], {"MLFLOW_TRACKING_URI": "foo://bar"}, "the MLflow tracking URI foo://bar cannot be used"),
     ([], {"CNNOPT_RESULTS": "{cwd}/a_file/results"}, "the results folder cannot be written"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_recorded(tmp_path, args, env, expected):

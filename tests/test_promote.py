@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -247,8 +248,13 @@ def test_predict_bad_inputs_are_one_clear_line(trained, digits_data, tmp_path):
     cases = [((tmp_path / "corrupt.pt", image), "not a model.pt"),
              ((tmp_path / "state.pt", image), "is not a model cnnopt exported"),
              ((tmp_path / "model" / "model.pt", tmp_path / "broken.png"), "cannot read image"),
-             ((tmp_path / "model" / "model.pt", tmp_path / "missing.png"), "not found")]
+             ((tmp_path / "model" / "model.pt", tmp_path / "missing.png"), "not found"),
+             ((tmp_path / "model" / "model.pt", image, "--top-k", "0"), "argument --top-k: 0 is not a number")]
     for args, message in cases:
         done = run_predict(*args)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    started = time.monotonic()  # a server that does not answer: said in seconds, not after MLflow's retries
+    done = run_predict("models:/digits@champion", image, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert done.returncode == 2 and "the MLflow tracking server http://127.0.0.1:9 does not answer" in done.stderr
+    assert time.monotonic() - started < 30

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -191,9 +192,11 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     if not path.is_file():
         raise UsageError(f"experiment file {path} not found: pass --experiment with a path such as experiments/digits.toml")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"experiment file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"experiment file {path} is not UTF-8 text (TOML is): save it as UTF-8") from None
     for item in overrides or []:
         _apply_override(raw, item)
     return _build(raw, str(path), tuple(overrides or ()))
@@ -223,12 +226,19 @@ def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = ()) -> E
         else:
             values[key] = _coerce(value, str, key)
     experiment = Experiment(**values, path=path, overrides=overrides)
+    if not NAME.fullmatch(experiment.name):
+        raise UsageError(f"name = {experiment.name!r} is not allowed: it names the MLflow experiment and begins each "
+                         "study's name, so use letters, digits, '.', '_' and '-' (up to 64); fix it in the experiment "
+                         "file or with --set name=...")
     if experiment.mode not in ("max", "min"):
         raise UsageError(f"mode must be 'max' or 'min', got {experiment.mode!r}")
     if experiment.metric not in METRICS:
         raise UsageError(f"metric {experiment.metric!r} is not recorded; choose one of {', '.join(METRICS)}")
     check_ranges(experiment)
     return experiment
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _at_least(low):
@@ -239,12 +249,14 @@ def _fraction(value) -> bool:
     return 0 <= value < 1
 
 
+MAX_IMAGE_SIZE = 1024  # a side the decoded splits still fit in memory for (100,000 px once tried to allocate 2.7 TB)
 # Every numeric setting's allowed values, checked one setting at a time wherever an experiment is built
 # (a file, --set, a study's recorded settings), so a message names the one value that is wrong.
 RANGES: dict[str, tuple[Any, str]] = {
     "data.val_fraction": (_fraction, "in [0, 1)"),
     "data.test_fraction": (_fraction, "in [0, 1)"),
-    "data.image_size": (lambda v: v == 0 or v >= 4, "0 (the dataset's native size) or at least 4 pixels"),
+    "data.image_size": (lambda v: v == 0 or 4 <= v <= MAX_IMAGE_SIZE,
+                        f"0 (the dataset's native size) or from 4 to {MAX_IMAGE_SIZE} pixels"),
     "data.subset": (lambda v: v >= 0, ">= 0 (0 keeps every training image)"),
     "data.memory_limit_mb": (lambda v: v >= 0, ">= 0 (0: a quarter of the machine's memory)"),
     "data.decode_workers": (lambda v: v >= 0, ">= 0 (0: one per core)"),
@@ -364,4 +376,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         return
     if section not in SECTIONS:
         raise UsageError(f"--set {item!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
-    raw.setdefault(section, {})[name] = value.strip()
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise UsageError(f"[{section}] must be a table of settings, got {table!r}")
+    table[name] = value.strip()

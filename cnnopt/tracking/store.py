@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnnopt.errors import UsageError
@@ -48,7 +49,12 @@ def make_client() -> MlflowClient:
     if uri not in _checked_stores:
         check_store(uri)
         _checked_stores.add(uri)
-    return MlflowClient(tracking_uri=uri)
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except MlflowException as exc:  # a scheme MLflow does not take, or its retired plain-folder store
+        why = exc.message.strip().splitlines()[0].split(". ")[0].strip()
+        raise UsageError(f"the MLflow tracking URI {uri} cannot be used ({why}); "
+                         "set MLFLOW_TRACKING_URI to a sqlite:///PATH/mlflow.db or an http:// server") from None
 
 
 _checked_stores: set[str] = set()
