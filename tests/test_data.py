@@ -297,6 +297,21 @@ def test_presplit_without_test_carves_test_from_train(tmp_path):
     assert len(data.test_y) == 4 and (data.test_x == 20).all() and len(data.train_y) == 8
 
 
+def test_a_class_only_test_has_or_only_train_has_is_named(tmp_path):
+    """A class folder only test/ holds would drop its images from the test score without a word."""
+    write_presplit(tmp_path / "set")
+    save(tmp_path / "set" / "test" / "c" / "0.png", "L", (8, 8), 250)
+    with pytest.raises(UsageError, match=r"test holds class folder c that .*train does not: a model trained there "
+                                         r"cannot predict it; add it to train/ or remove it"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "set"), image_size=4))
+    write_presplit(tmp_path / "other")
+    for image in (tmp_path / "other" / "val" / "b").iterdir():
+        image.unlink()
+    (tmp_path / "other" / "val" / "b").rmdir()
+    with pytest.raises(UsageError, match=r"val has no class folder 'b', which the train images have"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "other"), image_size=4))
+
+
 def test_corrupt_image_is_reported_with_its_path(tmp_path):
     root = write_flat_folder(tmp_path / "pets")
     bad = root / "dog" / "broken.png"

@@ -264,6 +264,13 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
         split_dirs = {"pool": root}
     split_dirs = {name: path for name, path in split_dirs.items() if path.is_dir()}
     names = _class_names(split_dirs["pool"])
+    for name, path in split_dirs.items():  # a class only val/ or test/ has would be scored as nothing at all
+        extra = sorted(set(_class_names(path, at_least=0)) - set(names)) if name != "pool" else []
+        if extra:
+            raise UsageError(f"{path} holds class folder{'s' if len(extra) > 1 else ''} {', '.join(extra)} that "
+                             f"{split_dirs['pool']} does not: a model trained there cannot predict "
+                             f"{'them' if len(extra) > 1 else 'it'}; add {'them' if len(extra) > 1 else 'it'} to "
+                             f"{split_dirs['pool'].name}/ or remove {'them' if len(extra) > 1 else 'it'}")
     files = {name: _list_images(path, names) for name, path in split_dirs.items()}
     paths = [path for listed in files.values() for path, _ in listed]
     labels = torch.tensor([label for listed in files.values() for _, label in listed], dtype=torch.long)
@@ -297,9 +304,9 @@ def _allocate_in_memory(cfg: DataConfig, shape: tuple[int, ...]) -> np.ndarray:
     return np.empty(shape, np.uint8)
 
 
-def _class_names(folder: Path) -> list[str]:
+def _class_names(folder: Path, at_least: int = 2) -> list[str]:
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(names) < 2:
+    if len(names) < at_least:
         raise UsageError(f"{folder} must hold one folder per class (at least two), found {len(names)}")
     return names
 
@@ -308,7 +315,10 @@ def _list_images(folder: Path, names: list[str]) -> list[tuple[Path, int]]:
     listed = []
     for label, name in enumerate(names):
         class_dir = folder / name
-        images = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if class_dir.is_dir() else []
+        if not class_dir.is_dir():
+            raise UsageError(f"{folder} has no class folder {name!r}, which the train images have; add one holding "
+                             "that class's images")
+        images = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
             raise UsageError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove it")
         listed += [(path, label) for path in images]
