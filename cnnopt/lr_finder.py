@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-name", help="MLflow run name (default: <experiment>-lr-finder)")
     args = parser.parse_args(argv)
     quiet_libraries()
+    output = Path(args.output)
+    if output.suffix.lower() not in (".png", ".pdf", ".svg"):  # checked before the sweep, not after it
+        parser.error(f"argument --output: {args.output} must end in .png, .pdf or .svg (the plot's format)")
+    tracking.check_writable(output.resolve().parent, f"the plot's folder for --output {args.output}",
+                            "give --output a path in a writable folder")
 
     experiment = load_experiment(args.experiment, args.overrides)
     config = experiment.train

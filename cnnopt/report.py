@@ -10,6 +10,7 @@ under `report/` on the study's parent run (see `cnnopt.insight.report`).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cnnopt import tracking
 from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", metavar="DIR", help="also keep the report's files in this folder")
     args = parser.parse_args(argv)
     quiet_libraries()
+    if args.out:
+        tracking.check_writable(Path(args.out).resolve(), f"the --out folder {args.out}", "give --out a writable folder")
     experiment = load_experiment(args.experiment, args.overrides)
     report = log_report(experiment, args.study, args.out)
     print("\n".join(report.summary_lines))

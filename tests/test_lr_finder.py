@@ -75,3 +75,15 @@ def test_cli_saves_the_plot_and_logs_one_run(mlflow_store, capsys):
     assert 1e-6 <= run.data.metrics["suggested_lr"] <= 10.0
     assert "lr.png" in [artifact.path for artifact in client.list_artifacts(run.info.run_id)]
     assert "suggested lr" in capsys.readouterr().out
+
+
+def test_an_output_it_cannot_write_is_refused_before_the_sweep(mlflow_store, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exited:  # the parser's one line: exit 2
+        main(["--steps", str(STEPS), "--output", "lr.txt"])
+    assert exited.value.code == 2
+    with pytest.raises(UsageError, match="the plot's folder for --output a_file/lr.png cannot be written"):
+        main(["--steps", str(STEPS), "--output", "a_file/lr.png"])
+    client = MlflowClient(tracking_uri=mlflow_store)
+    assert not client.search_experiments() or not client.search_runs(
+        [e.experiment_id for e in client.search_experiments()]), "no run was started, nothing swept"
