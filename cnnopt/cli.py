@@ -78,10 +78,20 @@ def quiet_libraries() -> None:
     logging.captureWarnings(True)
 
 
+def sigterm_as_interrupt(*_) -> None:
+    """A SIGTERM handled as a Ctrl-C, through SIGINT's handler. A job a script started with `&` has SIGINT
+    ignored: there SIGTERM ends the process as it would without cnnopt's handler, never swallowed."""
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+        return
+    signal.raise_signal(signal.SIGINT)
+
+
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
     """Call `main`; a UsageError becomes one line on stderr and exit code 2, with no traceback. SIGTERM
     (`kill`, `timeout`, a batch scheduler's stop) is a Ctrl-C: every command closes its MLflow runs on it."""
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         code = main(argv)
     except UsageError as exc:

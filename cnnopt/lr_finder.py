@@ -154,6 +154,13 @@ def _check(start_lr: float, end_lr: float, steps: int, smoothing: float, diverge
         raise UsageError(f"the train split holds {count} image(s); BatchNorm needs at least 2 per batch")
 
 
+def plot_formats() -> list[str]:
+    """The file suffixes matplotlib can save a figure as."""
+    from matplotlib.figure import Figure
+
+    return sorted(Figure().canvas.get_supported_filetypes())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m cnnopt.lr_finder", description=__doc__.split("\n")[0])
     add_experiment_args(parser)
@@ -165,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     output = Path(args.output)
-    if output.suffix.lower() not in (".png", ".pdf", ".svg"):  # checked before the sweep, not after it
-        parser.error(f"argument --output: {args.output} must end in .png, .pdf or .svg (the plot's format)")
+    formats = plot_formats()
+    if output.suffix and output.suffix[1:].lower() not in formats:  # checked before the sweep, not after it
+        parser.error(f"argument --output: {args.output} is no plot format matplotlib writes ({', '.join(formats)}; "
+                     "no suffix: png)")
     tracking.check_writable(output.resolve().parent, f"the plot's folder for --output {args.output}",
                             "give --output a path in a writable folder")
 

@@ -198,12 +198,16 @@ def test_a_set_into_a_section_given_as_a_value_is_a_usage_error(tmp_path):
         load_experiment(write(tmp_path, "train = 5\n"), ["train.epochs=1"])
 
 
-@pytest.mark.parametrize("name", ["a/b", "", "has space", "-leading"])
-def test_an_experiment_name_that_cannot_name_a_study_is_refused_by_its_key(name):
-    with pytest.raises(UsageError, match=f"name = {name!r} is not allowed: it names the MLflow experiment"):
-        load_experiment(None, [f"name={name}"])
+@pytest.mark.parametrize("name", ["a/b", "", "x..y"])
+def test_an_experiment_name_that_cannot_begin_a_study_name_asks_for_a_study_name(name):
+    from cnnopt.study.runner import default_study_name
+
+    experiment = load_experiment(None, [f"name={name}"])  # any name still names an MLflow experiment
+    with pytest.raises(UsageError, match=f"the experiment's name {name!r} cannot begin a study's name.*--name"):
+        default_study_name(experiment)
+    assert default_study_name(load_experiment(None, ["name=My_Digits.v2"])).startswith("My_Digits.v2-bayes-")
 
 
 def test_an_image_size_beyond_memory_is_refused_before_anything_allocates():
-    with pytest.raises(UsageError, match="data.image_size = 100000 is not allowed: it must be 0 .* from 4 to 1024"):
+    with pytest.raises(UsageError, match="data.image_size = 100000 is not allowed: it must be 0 .* from 4 to 4096"):
         load_experiment(None, ["data.image_size=100000"])

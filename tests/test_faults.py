@@ -163,3 +163,18 @@ def test_sigterm_to_the_whole_process_group_closes_the_record_though_ray_stops_t
     assert "--resume --name group" in err
     recorded = runs(tmp_path)
     assert recorded and not [r for r in recorded if r.info.status == "RUNNING"]
+
+
+def test_sigterm_still_ends_a_command_a_script_started_with_sigint_ignored(tmp_path):
+    """`cmd &` in a non-interactive script starts the job with SIGINT ignored: a SIGTERM turned into a
+    Ctrl-C would be swallowed; it ends the process as it does without cnnopt's handler."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    job = subprocess.Popen([sys.executable, "-m", "cnnopt.train", "--set", "train.epochs=2000"], cwd=tmp_path, env=env,
+                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    for line in job.stdout:
+        if line.startswith("epoch"):  # training: cnnopt's handler is installed
+            break
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=60)
+    assert job.returncode == -signal.SIGTERM

@@ -87,3 +87,9 @@ def test_an_output_it_cannot_write_is_refused_before_the_sweep(mlflow_store, tmp
     client = MlflowClient(tracking_uri=mlflow_store)
     assert not client.search_experiments() or not client.search_runs(
         [e.experiment_id for e in client.search_experiments()]), "no run was started, nothing swept"
+
+
+def test_any_format_matplotlib_writes_is_an_output():
+    from cnnopt.lr_finder import plot_formats
+
+    assert {"png", "pdf", "svg", "jpg", "eps"} <= set(plot_formats())

@@ -265,7 +265,9 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
     split_dirs = {name: path for name, path in split_dirs.items() if path.is_dir()}
     names = _class_names(split_dirs["pool"])
     for name, path in split_dirs.items():  # a class only val/ or test/ has would be scored as nothing at all
-        extra = sorted(set(_class_names(path, at_least=0)) - set(names)) if name != "pool" else []
+        extra = sorted(folder for folder in set(_class_names(path, at_least=0)) - set(names)
+                       if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (path / folder).rglob("*"))
+                       ) if name != "pool" else []  # an empty stray folder holds no images to drop
         if extra:
             raise UsageError(f"{path} holds class folder{'s' if len(extra) > 1 else ''} {', '.join(extra)} that "
                              f"{split_dirs['pool']} does not: a model trained there cannot predict "

@@ -86,7 +86,7 @@ def confirm(experiment: Experiment, study: str, address: str | None = None) -> C
     recorded = set()  # (trial run, seed) trained before (a resumed study): not trained again
     for run in studies.confirmation_runs(client, parent):
         candidate = candidates.get(run.data.tags.get("confirms_run_id"))
-        if candidate is None:
+        if candidate is None or run.info.status == "RUNNING":  # a recording cut short: trained again
             continue
         recorded.add((candidate.run_id, int(run.data.tags["seed"])))
         # Counted as when it was trained: a seed that diverged or was stopped is in no mean.

@@ -75,7 +75,8 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
                    if metric.value > 0)
     trial_per_image = paces[len(paces) // 2] if paces else 0.0  # its median epoch's seconds per training image
     for run in reversed(studies.child_runs(client, parent, studies.FINAL)):  # a resumed study's, recorded whole
-        if run.data.tags.get("trains_run_id") == chosen_run_id and run.data.tags.get("status") == trials.COMPLETED:
+        if (run.data.tags.get("trains_run_id") == chosen_run_id and run.data.tags.get("status") == trials.COMPLETED
+                and run.info.status == "FINISHED"):  # not one whose recording was cut short
             kept = {key[len("best_"):]: value for key, value in run.data.metrics.items() if key.startswith("best_")}
             return FinalRun(run.info.run_id, int(run.data.params.get("epochs", 0)), trial_epochs, trials.COMPLETED,
                             kept, recorded_before=True)

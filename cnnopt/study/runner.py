@@ -28,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import search_spaces
 from cnnopt import tracking, trials
+from cnnopt.cli import sigterm_as_interrupt
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
@@ -74,7 +75,14 @@ class StudyOutcome:
 
 
 def default_study_name(experiment: Experiment) -> str:
-    return f"{experiment.name}-{experiment.search.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """NAME-STRATEGY-TIME, where the experiment's name makes a plain study name (else --name is needed)."""
+    name = f"{experiment.name}-{experiment.search.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        studies.check_study_name(name)
+    except UsageError:
+        raise UsageError(f"the experiment's name {experiment.name!r} cannot begin a study's name (letters, digits, "
+                         "'.', '_' and '-', no '..'); give the study one with --name, or rename the experiment") from None
+    return name
 
 
 def results_folder(storage: str = "") -> Path:
@@ -219,11 +227,14 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
-    closed = threading.Event()
+    closed, closing, watched = threading.Event(), threading.Lock(), []
 
     def on_sigterm(*_) -> None:
-        threading.Thread(target=_close_if_stuck, args=(recorder, closed, options.name), daemon=True).start()
-        signal.raise_signal(signal.SIGINT)
+        if not watched:  # one watchdog, however many signals
+            watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, options.name),
+                                            daemon=True))
+            watched[0].start()
+        sigterm_as_interrupt()
 
     previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     finished, counts, seconds, best = False, {}, {}, None
@@ -239,12 +250,14 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
         signal.signal(signal.SIGTERM, previous_sigterm)
-        with interrupts_held():  # closing the record takes a moment: let nothing cut it short
-            interrupted = not finished or callback.interrupted or callback.unfinished()
-            callback.drain()
-            if recorder.parent_run_id:
-                counts, seconds, best = close_record(recorder, experiment, interrupted)
-            closed.set()
+        with interrupts_held(), closing:  # closing the record takes a moment: let nothing cut it short
+            try:
+                interrupted = not finished or callback.interrupted or callback.unfinished()
+                callback.drain()
+                if recorder.parent_run_id:
+                    counts, seconds, best = close_record(recorder, experiment, interrupted)
+            finally:
+                closed.set()
     return StudyOutcome(options.name, recorder.parent_run_id, counts, seconds, best, time.perf_counter() - started,
                         interrupted, str(results_folder(options.storage) / options.name))
 
@@ -252,15 +265,17 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
 TERM_GRACE = 30.0  # seconds a SIGTERM'd study has to stop its trials in order before its record is closed anyway
 
 
-def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, name: str) -> None:
-    """After a SIGTERM: where the study has not closed its record in TERM_GRACE, close it from here and
-    exit. A signal to the whole process group (`timeout`, systemd, a batch scheduler) stops Ray's own
-    processes with the driver, and Ray then waits a minute for them and aborts, leaving runs RUNNING."""
-    if closed.wait(TERM_GRACE):
+def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, name: str) -> None:
+    """After a SIGTERM: where the study has not begun closing its record in TERM_GRACE, close it from here
+    and exit. A signal to the whole process group (`timeout`, systemd, a batch scheduler) stops Ray's own
+    processes with the driver, and Ray then waits a minute for them and aborts, leaving runs RUNNING.
+    Where the main thread is closing the record already (it holds `closing`), it is left to finish."""
+    if closed.wait(TERM_GRACE) or not closing.acquire(blocking=False):
         return
     try:
-        recorder.kill_unfinished()
-        recorder.close(tracking.KILLED)
+        if recorder.parent_run_id:
+            recorder.kill_unfinished()
+            recorder.close(tracking.KILLED)
     finally:
         print(f"\nstopped: Ray's processes ended with the signal too, so the trials could not be stopped in order; "
               f"the study is recorded as interrupted. Resume it by:\n  {resume_command(name)}", file=sys.stderr,
