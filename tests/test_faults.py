@@ -148,32 +148,6 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_a_consistent_record(tmp_path):
     assert parent.info.status == "KILLED"
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_whole_process_group_closes_the_record_though_ray_stops_too(tmp_path):
-    """`timeout`, systemd and batch schedulers signal every process of the job: Ray's own processes end
-    with the driver, which cannot stop its trials in order, and Ray would abort a minute later with its
-    runs RUNNING. The record is closed after TERM_GRACE (30 s) instead, and the resume command said."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    study = subprocess.Popen([sys.executable, "-m", "cnnopt.search", "--no-report", "--no-promote", "--trials", "2",
-                              "--set", "train.epochs=300", "--name", "group"], cwd=tmp_path, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    seen = []
-    for line in study.stdout:
-        seen.append(line)
-        if line.startswith("study group:"):
-            break
-    time.sleep(3)  # the trials are training
-    os.killpg(study.pid, signal.SIGTERM)
-    started = time.monotonic()
-    out, err = study.communicate(timeout=120)
-    # Ray's own processes may print their traceback of the signal ("(raylet) The autoscaler failed"); none of ours.
-    assert study.returncode == 130 and "/cnnopt/" not in err, "".join(seen) + out + err
-    assert time.monotonic() - started < 50, "not Ray's minute of waiting for its processes"
-    assert "--resume --name group" in err
-    recorded = runs(tmp_path)
-    assert recorded and not [r for r in recorded if r.info.status == "RUNNING"]
-
-
 def test_sigterm_still_ends_a_command_a_script_started_with_sigint_ignored(tmp_path):
     """`cmd &` in a non-interactive script starts the job with SIGINT ignored: a SIGTERM turned into a
     Ctrl-C would be swallowed; it ends the process as it does without cnnopt's handler."""
