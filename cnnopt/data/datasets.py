@@ -265,14 +265,13 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
     split_dirs = {name: path for name, path in split_dirs.items() if path.is_dir()}
     names = _class_names(split_dirs["pool"])
     for name, path in split_dirs.items():  # a class only val/ or test/ has would be scored as nothing at all
-        extra = sorted(folder for folder in set(_class_names(path, at_least=0)) - set(names)
-                       if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (path / folder).rglob("*"))
-                       ) if name != "pool" else []  # an empty stray folder holds no images to drop
+        extra = [folder for folder in _class_names(path, at_least=0) if name != "pool" and folder not in names
+                 and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (path / folder).rglob("*"))]  # not empty strays
         if extra:
+            them = "them" if len(extra) > 1 else "it"
             raise UsageError(f"{path} holds class folder{'s' if len(extra) > 1 else ''} {', '.join(extra)} that "
-                             f"{split_dirs['pool']} does not: a model trained there cannot predict "
-                             f"{'them' if len(extra) > 1 else 'it'}; add {'them' if len(extra) > 1 else 'it'} to "
-                             f"{split_dirs['pool'].name}/ or remove {'them' if len(extra) > 1 else 'it'}")
+                             f"{split_dirs['pool']} does not: a model trained there cannot predict {them}; add {them} "
+                             f"to {split_dirs['pool'].name}/ or remove {them}")
     files = {name: _list_images(path, names) for name, path in split_dirs.items()}
     paths = [path for listed in files.values() for path, _ in listed]
     labels = torch.tensor([label for listed in files.values() for _, label in listed], dtype=torch.long)
