@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -88,10 +90,30 @@ def sigterm_as_interrupt(*_) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
+REDELIVERY_DELAY = 0.05  # seconds
+
+
+def redeliver_lost_interrupts(unraisable) -> None:
+    """`sys.unraisablehook`: a Ctrl-C that CPython raised inside a finaliser (a garbage-collector weakref
+    callback, a `__del__`) cannot propagate; CPython prints "Exception ignored" and drops it, and the command
+    would run on. It is delivered to the main thread again instead, where the code that was running sees it.
+    Every other unraisable exception goes to the default hook, as before."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        # From a thread, a moment later: raised now, it would land in this hook, which drops it for good. Where it
+        # lands in another finaliser, it comes back here.
+        later = threading.Timer(REDELIVERY_DELAY, _thread.interrupt_main)
+        later.daemon = True  # never holds up the exit
+        later.start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
     """Call `main`; a UsageError becomes one line on stderr and exit code 2, with no traceback. SIGTERM
-    (`kill`, `timeout`, a batch scheduler's stop) is a Ctrl-C: every command closes its MLflow runs on it."""
+    (`kill`, `timeout`, a batch scheduler's stop) is a Ctrl-C: every command closes its MLflow runs on it,
+    and a Ctrl-C that CPython would drop inside a finaliser is delivered again (`redeliver_lost_interrupts`)."""
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    sys.unraisablehook = redeliver_lost_interrupts
     try:
         code = main(argv)
     except UsageError as exc:
