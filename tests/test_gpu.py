@@ -36,6 +36,22 @@ def test_the_test_pass_runs_on_the_gpu_and_agrees_with_the_cpu(digits_data):
     assert abs(on_gpu["test_accuracy"] - on_cpu["test_accuracy"]) <= 2 / len(digits_data.test_y)
 
 
+def test_the_exported_model_resizes_on_the_gpu_as_on_the_cpu(digits_data, tmp_path):
+    """model.pt on a GPU: images of another size are resized by the uint8 kernel (on the CPU) as in training."""
+    from cnnopt.deploy.predictor import Predictor
+    from cnnopt.training.model import build_model
+
+    predictor = Predictor(build_model(TrainConfig(), digits_data.preprocessing()), digits_data.preprocessing()).eval()
+    torch.jit.save(torch.jit.script(predictor), str(tmp_path / "model.pt"))
+    scripted = torch.jit.load(str(tmp_path / "model.pt"))
+    images = torch.randint(0, 256, (4, 3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        on_cpu = scripted(images)
+        on_gpu = scripted.cuda()(images.cuda())
+    assert on_gpu.device.type == "cuda"
+    assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4)
+
+
 def test_fractional_gpu_trials_share_one_gpu(mlflow_store):
     import ray
 

@@ -46,8 +46,9 @@ class Predictor(nn.Module):
 
     def _resize_center_crop(self, x: torch.Tensor) -> torch.Tensor:
         """torchvision's resize([size]) + center_crop([size, size]) of uint8 images (`decode.resize_center_crop`,
-        what the training images went through): on the CPU torch's own uint8 kernel, as torchvision uses
-        there (float and round differs by a gray level on 10-25% of pixels); elsewhere float, rounded."""
+        what the training images went through), by torch's own uint8 kernel, on the CPU whatever the model's
+        device: float and round differs by a gray level on 10-25% of pixels, and CUDA has no uint8 antialiased
+        resize. Images at the training size (all `model.pt2` takes) are not resized, and stay where they are."""
         size = self.image_size
         height, width = x.shape[-2], x.shape[-1]
         if height != size or width != size:
@@ -56,12 +57,8 @@ class Predictor(nn.Module):
             else:
                 new_height, new_width = int(size * height / width), size
             if new_height != height or new_width != width:
-                if x.device.type == "cpu":
-                    x = F.interpolate(x.to(torch.uint8), size=[new_height, new_width], mode="bilinear",
-                                      align_corners=False, antialias=True).float()
-                else:
-                    x = F.interpolate(x, size=[new_height, new_width], mode="bilinear", align_corners=False,
-                                      antialias=True).round().clamp(0, 255)
+                x = F.interpolate(x.to(device="cpu", dtype=torch.uint8), size=[new_height, new_width],
+                                  mode="bilinear", align_corners=False, antialias=True).to(x.device).float()
             top = int(round((new_height - size) / 2.0))
             left = int(round((new_width - size) / 2.0))
             x = x[:, :, top:top + size, left:left + size]
