@@ -78,5 +78,13 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     assert failing.chosen is not None and output.count("(failed)\n    error: ") == 2, output
     failed = client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation' and tags.seed = '3'")
     assert len(failed) == 2 and all(r.info.status == "FAILED" and "CUDA" in r.data.tags["error"] for r in failed)
+    # A resume tries a failed seed again (the error may have been the worker's, not the configuration's); the failed
+    # runs stay on record, and once a seed completed it is not trained again.
+    retried = confirm(dataclasses.replace(broken, train=experiment.train), "c")
+    assert all(3 in candidate.runs for candidate in retried.candidates)
+    seed_3 = client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation' and tags.seed = '3'")
+    assert sorted(r.info.status for r in seed_3) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    confirm(dataclasses.replace(broken, train=experiment.train), "c")
+    assert len(client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation'")) == 8
     why = train_final(broken, "c", failing.promote_run_id)
     assert isinstance(why, str) and why.startswith("it failed (") and "promoted as it is" in why

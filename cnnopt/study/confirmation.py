@@ -64,7 +64,8 @@ class Confirmation:
 def confirm(experiment: Experiment, study: str, address: str | None = None) -> Confirmation | None:
     """Re-train the study's best configurations with new seeds and choose one by the mean.
 
-    Runs already recorded for a (trial, seed) are reused, so a resumed study does not repeat them.
+    Runs already recorded for a (trial, seed) are reused, so a resumed study does not repeat them; one that
+    failed (raised) is trained again, and its failed run stays on record.
 
     Args:
         experiment: the study's settings (its [search] confirm_top and confirm_seeds).
@@ -87,6 +88,8 @@ def confirm(experiment: Experiment, study: str, address: str | None = None) -> C
     for run in studies.confirmation_runs(client, parent):
         candidate = candidates.get(run.data.tags.get("confirms_run_id"))
         if candidate is None or run.info.status == "RUNNING":  # a recording cut short: trained again
+            continue
+        if run.data.tags.get("status") == trials.FAILED:  # it raised (a lost worker, memory): tried again, kept
             continue
         recorded.add((candidate.run_id, int(run.data.tags["seed"])))
         # Counted as when it was trained: a seed that diverged or was stopped is in no mean.
