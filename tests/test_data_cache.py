@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -208,6 +210,36 @@ def test_an_unwritable_cache_folder_names_the_setting(tmp_path):
     blocker.write_text("a file where the cache folder should be")
     with pytest.raises(UsageError, match="data.cache_dir"):
         load_data(DataConfig(dataset="imagefolder", root=str(root), cache_dir=str(blocker / "cache")))
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path):
+    """`folder` exists but cannot be written, even by root (immutable), for the block."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("needs chattr to make a folder unwritable for root")
+    try:
+        yield folder
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_an_existing_cache_folder_that_cannot_be_written_is_one_line(tmp_path):
+    root = write_pngs(tmp_path / "set")
+    with unwritable(tmp_path / "cache") as cache:
+        with pytest.raises(UsageError, match="cannot write the decoded-image cache .*data.cache_dir"):
+            load_data(DataConfig(dataset="imagefolder", root=str(root), cache_dir=str(cache)))
+
+
+def test_a_broken_link_among_the_images_is_one_line_with_the_cache_on(tmp_path):
+    root = write_pngs(tmp_path / "set")
+    (root / "a" / "zz-broken.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(UsageError, match="cannot read image .*zz-broken.png.*remove or replace"):
+        load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8))
 
 
 # ----- data bigger than the memory limit -----

@@ -13,6 +13,7 @@ is never read. Deleting the cache folder clears it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cnnopt.data.decode import DECODE_VERSION
+from cnnopt.data.decode import DECODE_VERSION, unreadable
 from cnnopt.errors import UsageError
 
 CACHE_ENV = "CNNOPT_CACHE"
@@ -57,7 +58,10 @@ def folder_key(root: Path, files: list[Path], size: int) -> str:
     """
     digest = hashlib.sha256(json.dumps([DECODE_VERSION, size, str(root.resolve())]).encode())
     for path in files:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as exc:  # a broken link, a file removed since the folder was listed
+            raise unreadable(path, exc) from None
         digest.update(f"\n{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:24]
 
@@ -91,24 +95,23 @@ def store(cache: Path, key: str, decode: Callable[[Callable], np.ndarray], index
     Returns:
         The entry, read back from its final place.
     """
-    try:
+    with writing(cache):
         cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create the decoded-image cache {cache} ({exc}); set data.cache_dir (or "
-                         f"${CACHE_ENV}) to a writable folder, or data.cache=false") from None
-    _check_space(cache, max_bytes)
-    temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache))
+        _check_space(cache, max_bytes)
+        temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache))
     try:
         path = temporary / "images.npy"
-        images = decode(allocate=lambda shape: np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape))
-        images.flush()
-        del images
-        (temporary / "index.json").write_text(json.dumps(index))
-        try:
-            temporary.rename(cache / key)
-        except OSError:
-            if not (cache / key / "index.json").is_file():  # not a concurrent study that stored it first
-                raise
+        with writing(cache):
+            images = decode(allocate=lambda shape: np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
+                                                                              shape=shape))
+            images.flush()
+            del images
+            (temporary / "index.json").write_text(json.dumps(index))
+            try:
+                temporary.rename(cache / key)
+            except OSError:
+                if not (cache / key / "index.json").is_file():  # not a concurrent study that stored it first
+                    raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return load(cache, key)
@@ -172,11 +175,12 @@ def _write_once(path: Path, shape: tuple[int, ...], fill: Callable[[np.ndarray],
     _check_space(path.parent, int(np.prod(shape)))
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
-        fill(out)
-        out.flush()
-        del out
-        os.replace(temporary, path)
+        with writing(path.parent):
+            out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+            fill(out)
+            out.flush()
+            del out
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     return path
@@ -190,6 +194,17 @@ def open_images(path: str | Path) -> torch.Tensor:
         raise UsageError(f"the streamed train split {path} is missing: on a Ray cluster, put data.cache_dir on "
                          "storage every node reaches at the same path, or copy the cache folder to each node") from None
     return torch.from_numpy(array)
+
+
+@contextlib.contextmanager
+def writing(folder: Path):
+    """A write into the cache: a folder that cannot be written (permissions, a read-only mount, a quota) is
+    one line saying so and how to go on, not a traceback. Decoding's own errors pass through as they are."""
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"cannot write the decoded-image cache in {folder} ({exc}); set data.cache_dir (or "
+                         f"${CACHE_ENV}) to a writable folder, or data.cache=false") from None
 
 
 def _check_space(folder: Path, needed: int) -> None:

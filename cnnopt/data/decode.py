@@ -62,6 +62,11 @@ def to_uint8(array: np.ndarray, mode: str = "") -> np.ndarray:
     return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
+def unreadable(path: Path, error: Exception) -> UsageError:
+    """What an image file that cannot be read (or listed: a broken link) says, wherever it is met."""
+    return UsageError(f"cannot read image {path}: {error}; remove or replace the file")
+
+
 def image_mode(path: Path) -> str:
     """The file's Pillow mode, read from its header only."""
     from PIL import Image
@@ -70,7 +75,7 @@ def image_mode(path: Path) -> str:
         with Image.open(path) as image:
             return image.mode
     except Exception as exc:
-        raise UsageError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+        raise unreadable(path, exc) from None
 
 
 def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) -> np.ndarray:
@@ -100,7 +105,7 @@ def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) ->
             image = image.convert("L" if channels == 1 else "RGB")
             array = np.asarray(image, dtype=np.uint8).copy()
     except Exception as exc:
-        raise UsageError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+        raise unreadable(path, exc) from None
     x = torch.from_numpy(array).unsqueeze(0) if channels == 1 else torch.from_numpy(array).permute(2, 0, 1)
     if drafted is not None and drafted[1][2] < full_size[0]:
         return _resize_drafted(x.unsqueeze(0), full_size, drafted[1], size)[0].contiguous().numpy()
