@@ -120,7 +120,7 @@ def test_bad_fractions_are_rejected(val, test):
 def test_channel_stats_match_the_double_precision_definition_across_chunks():
     x = torch.randint(0, 256, (700, 3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     flat = x.transpose(0, 1).reshape(3, -1).double() / 255
-    mean, std = channel_stats(x, rows=256)  # 700 rows: three chunks, the last one short
+    mean, std = channel_stats(x, chunk_bytes=256 * 75)  # 700 rows of 75 bytes: three chunks, the last one short
     assert mean == pytest.approx(flat.mean(dim=1).tolist(), abs=1e-12)
     assert std == pytest.approx(flat.std(dim=1).tolist(), abs=1e-12)
 
