@@ -15,7 +15,6 @@ from cnnopt import tracking
 from cnnopt.tracking import studies
 from cnnopt import trials as trial_status
 from cnnopt.experiment.config import Experiment, TrainConfig, field_types
-from cnnopt.errors import UsageError
 
 
 def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.DataFrame:
@@ -30,15 +29,11 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
     """
     name = experiment.name if isinstance(experiment, Experiment) else experiment
     client = tracking.make_client()  # the store cnnopt writes to (MLFLOW_TRACKING_URI, else ./mlflow.db)
-    if client.get_experiment_by_name(name) is None:
-        raise UsageError(f"no MLflow experiment named {name!r} in {tracking.tracking_uri()}")
-    parent = studies.find_parent(client, study, name)
-    if parent is None and study is None:
-        raise UsageError(f"the MLflow experiment {name!r} holds no study yet; run python -m cnnopt.search")
+    parent = studies.require_parent(client, name, study)
     study = study or parent.data.tags[tracking.STUDY_TAG]
     types = field_types(TrainConfig)
     rows = []
-    for run in studies.trial_runs(client, parent) if parent is not None else []:
+    for run in studies.trial_runs(client, parent):
         info, data = run.info, run.data
         row = {"study": study, "trial": int(data.tags["trial_number"]), "status": data.tags.get("status"),
                "run_id": info.run_id,

@@ -468,6 +468,8 @@ def test_search_and_promote_pick_the_same_trial_on_a_tie(mlflow_store):
     record.close(tracking.FINISHED)
     assert best_trial_run(tracking.make_client(), minimum, "tie-min").data.tags["trial_number"] == "2", \
         "a pruned trial's truncated value never wins"
+    with pytest.raises(UsageError, match="no study named 'no-such'.*latest studies: tie-min, tie"):
+        load_trials("digits", "no-such")  # a mistyped name is not an empty study
 
 
 def test_a_study_records_its_settings_and_resumes_from_them(mlflow_store):

@@ -25,7 +25,6 @@ from optuna.trial import TrialState
 import search_spaces
 from cnnopt import tracking, trials as trial_status
 from cnnopt.analysis import best_trial as best_row, load_trials, top_trials
-from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment
 from cnnopt.experiment.space import Space
 from cnnopt.insight.edges import find_edges
@@ -71,22 +70,6 @@ class Report:
         return lines
 
 
-def find_parent_run(client: MlflowClient, experiment: str, study: str | None):
-    """The study's parent run (the latest study when `study` is None); a UsageError names what is missing."""
-    if client.get_experiment_by_name(experiment) is None:
-        raise UsageError(f"no MLflow experiment named {experiment!r} in {tracking.tracking_uri()}; "
-                         "check --experiment or MLFLOW_TRACKING_URI")
-    parent = studies.find_parent(client, study, experiment)
-    if parent is not None:
-        return parent
-    if study is None:
-        raise UsageError(f"the MLflow experiment {experiment!r} holds no study yet; run python -m cnnopt.search")
-    latest = studies.find_parents(client, experiment, 10)
-    names = ", ".join(p.data.tags.get(tracking.STUDY_TAG, "?") for p in latest) or "none"
-    raise UsageError(f"no study named {study!r} in MLflow experiment {experiment!r} (latest studies: {names}); "
-                     "check --study")
-
-
 def build_report(experiment: str | Experiment, study: str | None = None, out_dir: str | Path | None = None) -> Report:
     """Read a study's MLflow record and write its figures and `report.md` into `out_dir`.
 
@@ -100,7 +83,7 @@ def build_report(experiment: str | Experiment, study: str | None = None, out_dir
     """
     name = experiment.name if isinstance(experiment, Experiment) else experiment
     client = tracking.make_client()
-    parent = find_parent_run(client, name, study)
+    parent = studies.require_parent(client, name, study)
     study = parent.data.tags[tracking.STUDY_TAG]
     recorded = parent.data.params
     metric = recorded.get("metric") or (experiment.metric if isinstance(experiment, Experiment) else "val_accuracy")

@@ -56,6 +56,23 @@ def find_parent(client: MlflowClient, study: str | None, experiment_name: str | 
     return found[0] if found else None
 
 
+def require_parent(client: MlflowClient, experiment: str, study: str | None):
+    """The study's parent run (the latest study when `study` is None); a UsageError names what is missing,
+    with the latest studies' names where the one asked for is not there."""
+    if client.get_experiment_by_name(experiment) is None:
+        raise UsageError(f"no MLflow experiment named {experiment!r} in {tracking_uri()}; "
+                         "check --experiment or MLFLOW_TRACKING_URI")
+    parent = find_parent(client, study, experiment)
+    if parent is not None:
+        return parent
+    if study is None:
+        raise UsageError(f"the MLflow experiment {experiment!r} holds no study yet; run python -m cnnopt.search")
+    latest = find_parents(client, experiment, 10)
+    names = ", ".join(p.data.tags.get(STUDY_TAG, "?") for p in latest) or "none"
+    raise UsageError(f"no study named {study!r} in MLflow experiment {experiment!r} (latest studies: {names}); "
+                     "check the study's name")
+
+
 def find_parents(client: MlflowClient, experiment_name: str, count: int) -> list:
     """The latest `count` studies' parent runs in the MLflow experiment, newest first."""
     ids = _experiment_ids(client, experiment_name)
