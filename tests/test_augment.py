@@ -119,6 +119,21 @@ def test_jitter_is_clamped_to_the_pixel_range():
     assert unnormalised.min() >= -1e-6 and unnormalised.max() <= 1 + 1e-6
 
 
+def test_jitter_over_1_never_inverts_an_image():
+    """Factors are drawn from [max(0, 1 - s), 1 + s], as torchvision's ColorJitter: a negative contrast or
+    saturation factor would turn an image into its negative."""
+    from cnnopt.data.augment import color_jitter
+
+    ramp = torch.linspace(0.1, 0.9, 8).view(1, 1, 1, 8).expand(256, 3, 8, 8).clone()
+    ramp[:, 0] *= 0.5  # coloured: saturation has something to scale
+    generator = torch.Generator().manual_seed(0)
+    contrast = color_jitter(ramp, 0, 2.0, 0, generator)
+    assert (contrast[..., -1] >= contrast[..., 0]).all(), "the ramp still rises: no inverted contrast"
+    saturation = color_jitter(ramp, 0, 0, 2.0, generator)
+    gray = (ramp * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)  # its luma
+    assert (((saturation - gray) * (ramp - gray)) >= -1e-6).all(), "no channel crosses to the other side of gray"
+
+
 def test_everything_on_together():
     settings = {key: value for extra in AUGMENTATIONS.values() for key, value in extra.items()}
     augment = pipeline(**settings)

@@ -106,17 +106,18 @@ def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: floa
 
 def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float,
                  generator: torch.Generator) -> torch.Tensor:
-    """Scale brightness, contrast and saturation of each image by factors in [1 - s, 1 + s]."""
+    """Scale brightness, contrast and saturation of each image by factors in [max(0, 1 - s), 1 + s], as
+    torchvision's ColorJitter draws them: a factor below 0 would invert contrast or saturation."""
     n = x.shape[0]
     if brightness > 0:
-        x = x * _uniform(n, 1 - brightness, 1 + brightness, x, generator).view(-1, 1, 1, 1)
+        x = x * _uniform(n, max(0.0, 1 - brightness), 1 + brightness, x, generator).view(-1, 1, 1, 1)
     if contrast > 0:
         mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-        factor = _uniform(n, 1 - contrast, 1 + contrast, x, generator).view(-1, 1, 1, 1)
+        factor = _uniform(n, max(0.0, 1 - contrast), 1 + contrast, x, generator).view(-1, 1, 1, 1)
         x = (x - mean) * factor + mean
     if saturation > 0 and x.shape[1] == 3:
         gray = _gray(x)
-        factor = _uniform(n, 1 - saturation, 1 + saturation, x, generator).view(-1, 1, 1, 1)
+        factor = _uniform(n, max(0.0, 1 - saturation), 1 + saturation, x, generator).view(-1, 1, 1, 1)
         x = (x - gray) * factor + gray
     return x.clamp(0, 1)
 
