@@ -199,6 +199,16 @@ def test_cifar10_missing_folder_names_it(tmp_path):
     assert str(root / "cifar-10-batches-py") in message and "data.root" in message
 
 
+def test_a_cifar10_download_that_fails_is_one_line(tmp_path, monkeypatch):
+    """The download goes through a proxy where nothing listens: it fails at once, and nothing is fetched."""
+    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(UsageError, match="downloading CIFAR-10 into .* failed .*by hand.*data.download=false"):
+        load_data(DataConfig(dataset="cifar10", root=str(tmp_path / "cifar"), download=True))
+
+
 def test_cifar10_without_batches_is_rejected(tmp_path):
     folder = write_cifar(tmp_path)
     for path in folder.glob("data_batch_*"):

@@ -229,7 +229,11 @@ def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str]]:
     if not (folder / "batches.meta").exists() and cfg.download:
         from torchvision.datasets import CIFAR10
 
-        CIFAR10(str(root), download=True)
+        try:
+            CIFAR10(str(root), download=True)
+        except (OSError, RuntimeError) as exc:  # no network, a proxy, a checksum that does not match
+            raise UsageError(f"downloading CIFAR-10 into {root} failed ({exc}); fetch cifar-10-python.tar.gz by "
+                             f"hand, extract it there and set data.download=false") from None
     if not (folder / "batches.meta").exists():
         raise UsageError(f"CIFAR-10 not found in {folder}: set data.root to the folder holding cifar-10-batches-py, "
                          "or set data.download=true to fetch it")
