@@ -97,8 +97,11 @@ def test_digits_image_size_resizes_every_split():
 
 def test_subset_keeps_a_stratified_sample_of_training_images(digits_data):
     data = load_data(DataConfig(subset=200))
-    assert abs(len(data.train_y) - 200) <= 10
-    assert (data.train_y.bincount(minlength=10) >= 15).all()
+    assert len(data.train_y) == 200, "exactly the images asked for, as data.subset is recorded"
+    assert (data.train_y.bincount(minlength=10) >= 19).all()
+    assert [len(load_data(DataConfig(subset=n)).train_y) for n in (10, 17, 1001)] == [10, 17, 1001]
+    with pytest.raises(UsageError, match="data.subset = 5 keeps fewer training images than the 10 classes"):
+        load_data(DataConfig(subset=5))
     assert rows(data.train_x) <= rows(digits_data.train_x)  # a sample of the same train split
     # val and test are the ones without a subset, so studies at different subset sizes compare fairly
     assert torch.equal(data.val_x, digits_data.val_x) and torch.equal(data.test_x, digits_data.test_x)

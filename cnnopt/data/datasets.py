@@ -174,7 +174,11 @@ def _plan_splits(labels: dict[str, torch.Tensor], cfg: DataConfig) -> dict[str, 
         carved = True
     if cfg.subset and cfg.subset < len(remaining):
         # After val and test are carved, so every subset size is measured on the same val and test images.
-        remaining = remaining[_stratified_take(pool_y[remaining], cfg.subset / len(remaining), rng)]
+        classes = len(np.unique(pool_y[remaining]))
+        if cfg.subset < classes:
+            raise UsageError(f"data.subset = {cfg.subset} keeps fewer training images than the {classes} classes; "
+                             f"give at least {classes} (or 0 for every image)")
+        remaining = remaining[_stratified_count(pool_y[remaining], cfg.subset, rng)]
         carved = True
     out["train"] = ("pool", remaining if carved else None)
     return out
@@ -212,6 +216,19 @@ def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generat
         count = int(round(len(members) * fraction))
         chosen.append(rng.permutation(members)[:count])
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
+
+
+def _stratified_count(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of exactly `count` images, each class's share as close to its proportion as whole images
+    allow (its share rounded down, the images left over going to the largest remainders), drawn with
+    `rng`, sorted."""
+    classes, sizes = np.unique(labels, return_counts=True)
+    shares = sizes * count / len(labels)
+    quotas = np.floor(shares).astype(np.int64)
+    leftover = count - int(quotas.sum())
+    quotas[np.argsort(-(shares - quotas), kind="stable")[:leftover]] += 1  # ties: the lower label first
+    chosen = [rng.permutation(np.flatnonzero(labels == label))[:quota] for label, quota in zip(classes, quotas)]
+    return np.sort(np.concatenate(chosen))
 
 
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
