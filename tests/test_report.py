@@ -60,7 +60,8 @@ def trials_frame(best: list[dict], metric_values=(0.9, 0.8, 0.7), rest: int = 4)
     ([{"dropout": 0.5}, {"dropout": 0.48}, {"dropout": 0.46}],
      "dropout: the best 3 trials sit at the upper bound 0.5 (0.46-0.5); try 0-0.75"),
     ([{"dropout": 0.0}, {"dropout": 0.01}, {"dropout": 0.02}],
-     "dropout: the best 3 trials sit at the lower bound 0 (0-0.02); it cannot widen past 0: consider fixing dropout=0"),
+     "dropout: the best 3 trials sit at the lower bound 0 (0-0.02); it cannot go further: 0 is the least "
+     "train.dropout allows; consider fixing dropout=0"),
     ([{"blocks": 4}] * 3, "blocks: the best 3 trials sit at the upper bound 4 (all 4); try 2-5"),
     ([{"channels": 64}] * 3, "channels: the best 3 trials sit on the largest choice 64; try choices (8, 16, 32, 64, 128)"),
     ([{"channels": 8}] * 3, "channels: the best 3 trials sit on the smallest choice 8; try choices (4, 8, 16, 32, 64)"),
@@ -91,12 +92,70 @@ def test_an_edge_suggests_only_what_the_setting_allows_and_needs_trials_that_var
     rows += [{"label_smoothing": 0.2, "head_layers": 3, "lr": 0.02, "best_val_accuracy": 0.3}]
     frame = pd.DataFrame(rows).assign(status="completed", trial=range(1, 5))
     assert find_edges(frame, space, "val_accuracy", "max") == [
-        "label_smoothing: the best 3 trials sit on the smallest choice 0; it cannot go further: "
-        "consider fixing label_smoothing=0",  # not (-0.1, 0, 0.1, 0.2): label smoothing is 0 or more
+        "label_smoothing: the best 3 trials sit on the smallest choice 0; it cannot go further: 0 is the least "
+        "train.label_smoothing allows; consider fixing label_smoothing=0",  # not (-0.1, 0, 0.1, 0.2)
         "head_layers: the best 3 trials sit at the lower bound 1 (all 1, log scale); it cannot widen past 1: "
         "consider fixing head_layers=1"]  # not 0-4: a log range of counts starts at 1
     # A grid of one value (the architecture space grids label_smoothing at 0 only): every trial sits on it.
     assert find_edges(frame.iloc[:3], space, "val_accuracy", "max") == []
+
+
+def edges_of(param, best: list, other) -> list[str]:
+    """find_edges on a space of `param` alone: three trials at `best` score highest, one at `other` lowest."""
+    rows = [{param.name: value, "best_val_accuracy": score} for value, score in zip(best, (0.9, 0.8, 0.7))]
+    rows.append({param.name: other, "best_val_accuracy": 0.3})
+    frame = pd.DataFrame(rows).assign(status="completed", trial=range(1, len(rows) + 1))
+    return find_edges(frame, Space(name="one", params=(param,)), "val_accuracy", "max")
+
+
+@pytest.mark.parametrize("param, best, other, expected", [
+    (Int("randaugment_magnitude", 10, 30), [29, 30, 30], 15,  # was "try 10-40": the setting is in [0, 30]
+     "the best 3 trials sit at the upper bound 30 (29-30); it cannot go further: 30 is the most "
+     "train.randaugment_magnitude allows; consider fixing randaugment_magnitude=30"),
+    (Float("affine_degrees", 0.0, 180.0), [170.0, 179.0, 175.0], 20.0,  # was "try 0-270": it is in [0, 180]
+     "the best 3 trials sit at the upper bound 180 (170-179); it cannot go further: 180 is the most "
+     "train.affine_degrees allows; consider fixing affine_degrees=180"),
+    (Int("randaugment_magnitude", 10, 26), [26, 25, 26], 12,  # 10-34 clipped at the closed limit
+     "the best 3 trials sit at the upper bound 26 (25-26); try 10-30"),
+    (Int("blocks", 1, 3), [1, 1, 1], 3, "the best 3 trials sit at the lower bound 1 (all 1); it cannot go "
+     "further: 1 is the least train.blocks allows; consider fixing blocks=1"),
+    (Float("lr", 0.01, 0.1), [0.01, 0.011, 0.012], 0.08,  # lr > 0: halfway to the open limit, not -0.035
+     "the best 3 trials sit at the lower bound 0.01 (0.01-0.012); try 0.005-0.1"),
+    (Choice("randaugment_magnitude", (10, 20, 30)), [30] * 3, 10,
+     "the best 3 trials sit on the largest choice 30; it cannot go further: 30 is the most "
+     "train.randaugment_magnitude allows; consider fixing randaugment_magnitude=30"),
+    (Choice("randaugment_magnitude", (5, 15, 25)), [25] * 3, 5,  # not 35
+     "the best 3 trials sit on the largest choice 25; try choices (5, 15, 25, 30)"),
+    (Choice("affine_degrees", (0.0, 90.0, 180.0)), [180.0] * 3, 0.0,
+     "the best 3 trials sit on the largest choice 180; it cannot go further: 180 is the most "
+     "train.affine_degrees allows; consider fixing affine_degrees=180"),
+    (Choice("dropout", (0.3, 0.6, 0.9)), [0.9] * 3, 0.3,  # not 1.2: a fraction stays below 1
+     "the best 3 trials sit on the largest choice 0.9; try choices (0.3, 0.6, 0.9, 0.95)"),
+])
+def test_an_edge_widens_only_as_far_as_the_settings_own_range(param, best, other, expected):
+    assert edges_of(param, best, other) == [f"{param.name}: {expected}"]
+
+
+@pytest.mark.parametrize("param, end, other, expected", [
+    # Ratios 10.000000000000002 and 10.0: log-spaced all the same (was arithmetic: "consider fixing" below, 0.0019 above).
+    (Choice("weight_decay", (1e-06, 1e-05, 1e-04, 1e-03)), 1e-06, 1e-04,
+     "the best 3 trials sit on the smallest choice 1e-06; try choices (1e-07, 1e-06, 1e-05, 0.0001, 0.001)"),
+    (Choice("weight_decay", (1e-06, 1e-05, 1e-04, 1e-03)), 1e-03, 1e-05,
+     "the best 3 trials sit on the largest choice 0.001; try choices (1e-06, 1e-05, 0.0001, 0.001, 0.01)"),
+    (Choice("gamma", (0.1, 0.3, 0.9)), 0.1, 0.9,
+     "the best 3 trials sit on the smallest choice 0.1; try choices (0.0333, 0.1, 0.3, 0.9)"),
+    (Choice("gamma", (0.1, 0.3, 0.9)), 0.9, 0.1,
+     "the best 3 trials sit on the largest choice 0.9; try choices (0.1, 0.3, 0.9, 2.7)"),
+    # Two choices a factor of 2 or more apart are geometric (was 0 below 64: "consider fixing batch_size=64").
+    (Choice("batch_size", (64, 128)), 64, 128, "the best 3 trials sit on the smallest choice 64; try choices (32, 64, 128)"),
+    (Choice("batch_size", (64, 128)), 128, 64, "the best 3 trials sit on the largest choice 128; try choices (64, 128, 256)"),
+    (Choice("batch_size", (2, 4)), 2, 4, "the best 3 trials sit on the smallest choice 2; it cannot go further: "
+     "2 is the least train.batch_size allows; consider fixing batch_size=2"),
+    (Choice("batch_size", (1024, 2048)), 2048, 1024,  # integer choices stay integer: 4096, not 4.1e+03
+     "the best 3 trials sit on the largest choice 2048; try choices (1024, 2048, 4096)"),
+])
+def test_choices_with_one_ratio_continue_geometrically(param, end, other, expected):
+    assert edges_of(param, [end] * 3, other) == [f"{param.name}: {expected}"]
 
 
 def test_edges_rank_by_the_mode_and_judge_the_top_trials_only():

@@ -3,7 +3,9 @@
 The tuning playbook's rule: if the best trials sit at the edge of a range, the good region may lie
 outside it, and the space should be widened. `find_edges` checks every numeric range (in log space
 where the space is log) and every ordered numeric choice, and says, one line per hyperparameter,
-which bound the best trials sit at and what range to try next.
+which bound the best trials sit at and what range to try next. What it suggests stays what the
+setting allows: its rule in `config.RANGES` clips a widened range and a next choice, and where that
+leaves nothing to widen, the line says the bound is the setting's own limit.
 
     lr: the best 3 trials sit at the upper bound 0.5 (0.43-0.5, log scale); try 0.0001-5
 """
@@ -12,15 +14,18 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Callable
 
 import pandas as pd
 
 from cnnopt.analysis import top_trials
+from cnnopt.experiment import config
 from cnnopt.experiment.space import Choice, Float, Int, Param, Space
 
 MARGIN = 0.1  # "at a bound": within this share of the range's width (log width on a log scale)
 TOP = 3  # the best trials judged; all of them must sit at the same bound
 MAX_LOG_STEP = 10.0  # widen a log range by at most a decade per side: half its width can be absurd (lr 0.5 -> 35)
+SAMPLES = 64  # points checked on the way from a bound to its widened value, so a gap in what a setting allows is seen
 
 
 def find_edges(trials: pd.DataFrame, space: Space, metric: str, mode: str, *, top: int = TOP,
@@ -67,26 +72,28 @@ def _edge(param: Param, values: list, count: int, margin: float) -> str | None:
         if side is None:
             return None
         bound = param.low if side == "lower" else param.high
-        low, high = _widen(param, side)
+        low, high, limited = _widen(param, side)
         low_seen, high_seen = min(values), max(values)
         seen = _fmt(low_seen) if count == 1 else f"all {_fmt(low_seen)}" if low_seen == high_seen \
             else f"{_fmt(low_seen)}-{_fmt(high_seen)}"
         where = f"{trials} at the {side} bound {_fmt(bound)} ({seen}{', log scale' if param.log else ''})"
         if (low, high) == (param.low, param.high):
-            return f"{where}; it cannot widen past {_fmt(bound)}: consider fixing {param.name}={_fmt(bound)}"
+            return f"{where}; {_stuck(param.name, bound, side, limited)}"
         return f"{where}; try {_fmt(low)}-{_fmt(high)}"
     if isinstance(param, Choice) and _ordered(param.choices):
         ordered = sorted(param.choices)
         if all(value == ordered[0] for value in values):
-            side, end, extra = "smallest", ordered[0], _next_choice(ordered, "lower")
+            side, end = "lower", ordered[0]
         elif all(value == ordered[-1] for value in values):
-            side, end, extra = "largest", ordered[-1], _next_choice(ordered, "upper")
+            side, end = "upper", ordered[-1]
         else:
             return None
-        choices = [extra, *ordered] if side == "smallest" else [*ordered, extra]
+        extra, limited = _next_choice(ordered, side, _rule(param.name))
+        on = f"{trials} on the {'smallest' if side == 'lower' else 'largest'} choice {_fmt(end)}"
         if extra is None:
-            return f"{trials} on the {side} choice {_fmt(end)}; it cannot go further: consider fixing {param.name}={_fmt(end)}"
-        return f"{trials} on the {side} choice {_fmt(end)}; try choices ({', '.join(_fmt(c) for c in choices)})"
+            return f"{on}; {_stuck(param.name, end, side, limited, choice=True)}"
+        choices = [extra, *ordered] if side == "lower" else [*ordered, extra]
+        return f"{on}; try choices ({', '.join(_fmt(c) for c in choices)})"
     return None  # unordered choices (optimizer, activation, booleans) have no edge
 
 
@@ -102,8 +109,19 @@ def _side(values: list, low: float, high: float, log: bool, margin: float) -> st
     return None
 
 
+def _stuck(name: str, bound, side: str, limited: bool, *, choice: bool = False) -> str:
+    """Why a bound cannot be pushed out: the setting's own limit, or the shape of the range (a log range
+    of counts starts at 1; counts 1, 2, 4 have no geometric step below 1)."""
+    fix = f"consider fixing {name}={_fmt(bound)}"
+    if limited:
+        return (f"it cannot go further: {_fmt(bound)} is the {'least' if side == 'lower' else 'most'} "
+                f"train.{name} allows; {fix}")
+    return f"it cannot go further: {fix}" if choice else f"it cannot widen past {_fmt(bound)}: {fix}"
+
+
 def _widen(param: Float | Int, side: str) -> tuple:
-    """The range with the bound at `side` pushed out: by half the width, or by up to a decade on a log scale."""
+    """The range with the bound at `side` pushed out (by half the width, or by up to a decade on a log
+    scale) as far as the setting allows: (low, high, whether the setting's rule cut the push short)."""
     low, high = param.low, param.high
     if param.log:
         factor = min(math.sqrt(high / low), MAX_LOG_STEP)
@@ -111,16 +129,71 @@ def _widen(param: Float | Int, side: str) -> tuple:
     else:
         step = (high - low) / 2
         low, high = (low - step, high) if side == "lower" else (low, high + step)
-        # A range inside [0, 1] is most likely a fraction (dropout, momentum): stay inside [0, 1).
-        if 0 <= param.low and param.high <= 1 and isinstance(param, Float):
-            low, high = max(low, 0.0), min(high, param.high + (1 - param.high) / 2)
-        elif param.low >= 0:  # a non-negative range (a count, a rate) stays non-negative; a count of 1+ stays 1+
-            low = max(low, 1 if isinstance(param, Int) and param.low >= 1 else 0)
-    if isinstance(param, Int):
+    integer = isinstance(param, Int)
+    if integer:
         low, high = math.floor(low), math.ceil(high)
         if param.log:  # a log range of counts starts at 1
             low = max(low, 1)
-    return low, high
+    bound, target = (param.low, low) if side == "lower" else (param.high, high)
+    value = _clip(_rule(param.name), bound, target, integer=integer, log=param.log)
+    low, high = (value, high) if side == "lower" else (low, value)
+    return low, high, value != target
+
+
+def _rule(name: str) -> Callable[[object], bool] | None:
+    """Whether a value is one the setting `train.<name>` allows, by its rule in `config.RANGES`; None where
+    the setting has no rule."""
+    if f"train.{name}" not in config.RANGES:
+        return None
+    check = config.RANGES[f"train.{name}"][0]
+
+    def allows(value) -> bool:
+        try:
+            return bool(check(value))
+        except (TypeError, ValueError, ArithmeticError):
+            return False
+    return allows
+
+
+def _clip(allows: Callable[[object], bool] | None, bound, target, *, integer: bool, log: bool):
+    """The furthest value from `bound` towards `target` (`target` itself at most) such that the setting
+    allows every value from `bound` to it: a closed limit (30 for a magnitude in [0, 30]) is reached, an
+    open one (1 for a fraction in [0, 1)) is approached halfway from `bound`."""
+    if allows is None or target == bound or not allows(bound):
+        return target  # no rule; or a space already outside it, of which nothing can be said here
+    if integer:
+        distance = abs(target - bound)
+        step = 1 if target > bound else -1
+        points = (range(bound + step, target + step, step) if distance <= 4096 else
+                  [round(bound + (target - bound) * k / SAMPLES) for k in range(1, SAMPLES + 1)])
+    elif log and bound > 0 and target > 0:
+        points = [bound * (target / bound) ** (k / SAMPLES) for k in range(1, SAMPLES + 1)]
+    else:
+        points = [bound + (target - bound) * k / SAMPLES for k in range(1, SAMPLES + 1)]
+    last = bound
+    for point in points:
+        if not allows(point):
+            break
+        last = point
+    else:
+        return target
+    # `last` is allowed, `point` is not: bisect to the limit between them.
+    inside, outside = last, point
+    if integer:
+        while abs(outside - inside) > 1:
+            middle = (inside + outside) // 2
+            inside, outside = (middle, outside) if allows(middle) else (inside, middle)
+        return inside
+    for _ in range(2000):  # down to adjacent floats (about 1100 halvings from a span of 1 to 0's neighbour)
+        middle = (inside + outside) / 2
+        if middle in (inside, outside):
+            break
+        inside, outside = (middle, outside) if allows(middle) else (inside, middle)
+    limit = min((inside, outside), key=lambda value: len(repr(value)))  # the round one: 30.0, not 30.000000000000004
+    if allows(limit):
+        return limit
+    halfway = math.sqrt(bound * limit) if log and bound > 0 and limit > 0 else (bound + limit) / 2
+    return halfway if allows(halfway) else inside
 
 
 def _ordered(choices: tuple) -> bool:
@@ -128,17 +201,22 @@ def _ordered(choices: tuple) -> bool:
     return len(choices) > 1 and all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in choices)
 
 
-def _next_choice(ordered: list, side: str):
-    """The next value of the choices' progression: geometric if they double (32, 64, 128), else arithmetic."""
+def _next_choice(ordered: list, side: str, allows: Callable[[object], bool] | None) -> tuple:
+    """The next value of the choices' progression past the end at `side`, clipped to what the setting
+    allows: geometric if their ratios agree (32, 64, 128; 1e-06, 1e-05, 1e-04; two choices a factor of 2 or
+    more apart), else arithmetic. Returns (the value or None, whether the setting's rule stopped it)."""
     a, b = (ordered[1], ordered[0]) if side == "lower" else (ordered[-2], ordered[-1])
-    geometric = all(x > 0 for x in ordered) and len(ordered) > 2 and len({y / x for x, y in zip(ordered, ordered[1:])}) == 1
+    ratios = [y / x for x, y in zip(ordered, ordered[1:])] if all(x > 0 for x in ordered) else []
+    geometric = bool(ratios) and (all(math.isclose(r, ratios[0], rel_tol=1e-9) for r in ratios) if len(ratios) > 1
+                                  else ratios[0] >= 2)
     value = b * (b / a) if geometric else b + (b - a)
-    if all(isinstance(c, int) for c in ordered):
+    integer = all(isinstance(c, int) for c in ordered)
+    if integer:
         value = round(value)
-    if (value <= 0 < min(ordered) or value < 0 <= min(ordered)
-            or (side == "lower" and geometric and value < 1 <= min(ordered))):
-        return None  # sizes and counts do not go to zero, nor non-negative settings (label smoothing 0) below it
-    return value
+    if value == b or (geometric and value <= 0):
+        return None, False  # counts 1, 2, 4 have no geometric step below 1
+    clipped = _clip(allows, b, value, integer=integer, log=geometric)
+    return (None if clipped == b else clipped), clipped != value
 
 
 def _fmt(value) -> str:
