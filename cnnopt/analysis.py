@@ -4,7 +4,7 @@
     trials = load_trials("digits")            # the latest study of the MLflow experiment 'digits'
     trials.sort_values("best_val_accuracy", ascending=False).head()
     best_so_far(trials)                       # the best value after each trial
-    best_trial(trials)                        # the row the study promotes (ties: the lowest trial number)
+    best_trial(trials)                        # the best trial by validation (ties: the lowest trial number)
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def top_trials(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: st
 
 
 def best_trial(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max") -> pd.Series | None:
-    """The study's best trial as a row: the one the study promotes."""
+    """The study's best trial by validation, as a row: the one the study summary names, and what the
+    confirmation (if any) starts from; the promoted run may be another configuration or a seed of it."""
     top = top_trials(trials, metric, mode, 1)
     return None if top.empty else top.iloc[0]

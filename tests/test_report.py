@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +252,15 @@ def test_optuna_numbers_are_the_study_numbers_and_a_point_outside_the_space_is_n
     assert complete == dict(zip(trials["trial"][:5], trials["best_val_accuracy"][:5])), "Optuna numbers = trial numbers"
     assert [t.number for t in study.trials if t.state.name == "PRUNED"] == [7]
     assert all("momentum" not in t.params for t in study.trials), "conditions hold where the record has no searched tag"
+
+
+def test_a_hyperparameter_no_trial_varied_is_left_out_of_the_importances_not_ranked_zero(mlflow_store, tmp_path):
+    points = [(status, {**params, "channels": 16} if status == "completed" else params, value)
+              for status, params, value in lr_at_the_top()]
+    experiment, _ = record_study("fixed", points)
+    report = build_report(experiment, "fixed", out_dir=tmp_path)
+    assert report.importances and "channels" not in report.importances, report.importances
+    assert re.search(r"\bchannels\b[^;]* left out: the same value in every completed trial", report.importance_note)
 
 
 def test_importance_is_skipped_with_a_note_on_too_few_trials(mlflow_store, tmp_path):

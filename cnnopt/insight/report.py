@@ -161,18 +161,23 @@ def importance(study: optuna.Study) -> tuple[dict[str, float], int, str]:
     if len(completed) < MIN_IMPORTANCE_TRIALS:
         return {}, len(completed), (f"skipped: {len(completed)} completed trials, fewer than the "
                                     f"{MIN_IMPORTANCE_TRIALS} it needs")
-    if len(shared) < 2:
-        return {}, len(completed), "skipped: fewer than two hyperparameters were sampled in every completed trial"
+    # A hyperparameter with one value in every completed trial would be ranked 0: it was never tried, not unimportant.
+    fixed = sorted(name for name in shared if len({repr(trial.params[name]) for trial in completed}) == 1)
+    varied = [name for name in shared if name not in fixed]
+    if len(varied) < 2:
+        return {}, len(completed), ("skipped: fewer than two hyperparameters were sampled, and varied, in every "
+                                    "completed trial")
     if len({trial.value for trial in completed}) == 1:
         return {}, len(completed), "skipped: every completed trial scored the same"
     values = optuna.importance.get_param_importances(
-        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-    note = (f"{', '.join(conditional)} left out: conditional, not set in every trial" if conditional else "")
-    return {name: float(value) for name, value in values.items()}, len(completed), note
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=varied)
+    notes = ([f"{', '.join(conditional)} left out: conditional, not set in every trial"] if conditional else []) + (
+        [f"{', '.join(fixed)} left out: the same value in every completed trial"] if fixed else [])
+    return {name: float(value) for name, value in values.items()}, len(completed), "; ".join(notes)
 
 
 def best_trial(trials: pd.DataFrame, metric: str, mode: str, searched: dict[str, list[str]]) -> dict | None:
-    """The best completed trial (the one the study promotes): its number, value, searched hyperparameters, run."""
+    """The best completed trial by validation (what the confirmation starts from): its number, value, searched hyperparameters, run."""
     row = best_row(trials, f"best_{metric}", mode)
     if row is None:
         return None
@@ -290,7 +295,9 @@ def markdown(report: Report, space: Space) -> str:
     if report.best:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in report.best["params"].items())
         lines += ["", f"Best: trial {report.best['trial']}, {report.metric} = {report.best['value']:.4f} ({shown}); "
-                      f"run `{report.best['run_id']}`."]
+                      f"run `{report.best['run_id']}`. The best by validation; where the study confirms its best "
+                      "configurations with new seeds, the promoted run is the chosen configuration's (parent run "
+                      "tags `confirmed_trial`, `promoted_run_id`)."]
     lines += ["", "## Hyperparameter importance", ""]
     if report.importances:
         lines += [f"fANOVA over the {report.importance_trials} completed trials: how much of the variance of "
