@@ -60,6 +60,8 @@ def test_a_tight_budget_searches_a_subset_and_a_hopeless_one_is_refused_with_wha
     tight = plan(budget=200, epoch=60)
     assert 0 < tight.subset < 4500 and tight.scheduler == "fifo" and tight.max_epochs == 1
     assert tight.epoch < 60, "the epoch the plan counts is the subset's"
+    few = make_plan(SEARCH, 30, budget=350, started=20.0, epoch=600, slots=2, train_images=60, classes=10)
+    assert few.subset == 10, "a subset keeps one image of each class at least (data.subset refuses fewer)"
     with pytest.raises(UsageError, match=r"too short here: .* give --time-budget at least \d+"):
         plan(budget=100, epoch=600)
 

@@ -155,7 +155,7 @@ def allowances(promote: bool, report: bool) -> tuple[float, float]:
 
 
 def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: float, epoch: float, slots: int,
-              train_images: int, promote: bool = True, report: bool = True) -> Plan:
+              train_images: int, classes: int = 1, promote: bool = True, report: bool = True) -> Plan:
     """Split a budget given what an epoch costs; pure arithmetic (the probe is `measure_epoch`).
 
     Args:
@@ -165,6 +165,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         epoch: seconds of one trial's epoch on all the train images, with `slots` trials at once.
         slots: trials at once.
         train_images: the train split's size.
+        classes: the number of classes: the fewest images a train subset keeps (one of each).
         promote: a promotion follows the search (its seconds are kept in finish, with the exit's); without
             one, the confirmation and the final training (which serve it) are not planned, and the search
             gets their time.
@@ -195,7 +196,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
     fraction = plan.pop("fraction")
     return Plan(budget=budget, started=started, slots=slots, finish=finish, report=report, promote=promote,
                 confirm_asked=search.confirm_top >= 2, grace=search.grace_period, reduction=search.reduction_factor,
-                subset=int(train_images * fraction) if fraction < 1 else 0,
+                subset=min(train_images, max(int(train_images * fraction), classes)) if fraction < 1 else 0,
                 train_images=train_images, **plan)
 
 

@@ -205,6 +205,7 @@ def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: S
     epoch = measure_epoch(experiment, space, data, search, slots)
     plan = make_plan(search, experiment.train.epochs, budget=search.time_budget * 60,
                      started=time.perf_counter() - started, epoch=epoch, slots=slots, train_images=len(data.train_y),
+                     classes=data.num_classes,
                      promote=promote, report=report)
     for line in plan.lines():
         print(line, flush=True)
