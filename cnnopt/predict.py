@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cnnopt.cli import Parser, quiet_libraries, run
-from cnnopt.data.decode import IMAGE_EXTENSIONS, resize_center_crop, to_uint8
+from cnnopt.data.decode import IMAGE_EXTENSIONS, eight_bit_gray, resize_center_crop
 from cnnopt.errors import UsageError
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
 from cnnopt.deploy.predictor import match_channels
@@ -94,7 +94,7 @@ def read_image(path: Path) -> torch.Tensor:
         with Image.open(path) as image:
             image.load()
             if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
-                image = Image.fromarray(to_uint8(np.asarray(image), image.mode))
+                image = eight_bit_gray(image)  # L, or LA with a transparency key, as training reads it
             if image.mode not in ("L", "RGB", "RGBA") or "transparency" in image.info:  # a tRNS key: as training
                 has_alpha = image.mode in ("LA", "PA") or "transparency" in image.info
                 image = image.convert("RGBA" if has_alpha else ("L" if image.mode in ("1", "I", "I;16", "F") else "RGB"))

@@ -109,10 +109,16 @@ def test_deployment_sees_the_pixels_training_saw(trained, digits_data, tmp_path,
         digit = digits_data.test_x[0, 0].numpy()
         Image.fromarray(digit, "L").save("keyed.png", transparency=0)
         Image.fromarray(digit.astype(np.uint16)).save("deep.png")  # 16 bits, none above 255
-        for name in ("keyed.png", "deep.png"):
+        # 16 bits over the whole range, with a key: scaled (not clipped to white), its keyed pixels white.
+        wide = digit.astype(np.uint16) * 257
+        Image.fromarray(wide).save("deep-keyed.png", transparency=int(wide[0, 0]))
+        for name in ("keyed.png", "deep.png", "deep-keyed.png"):
             decoded = torch.from_numpy(decode_image(Path(name), 1, 8)).unsqueeze(0)
             assert torch.allclose(script(read_image(Path(name))), predictor(decoded), atol=1e-6), name
         assert decode_image(Path("deep.png"), 1, 8).max() <= 1, "scaled by its depth: 255 of 65535 is dark"
+        keyed = decode_image(Path("deep-keyed.png"), 1, 8)[0]
+        assert (keyed[wide == wide[0, 0]] == 255).all() and np.array_equal(keyed[wide != wide[0, 0]],
+                                                                             digit[wide != wide[0, 0]])
 
 
 def test_a_flip_tta_model_exports_and_reloads_with_its_mirror(trained, digits_data, tmp_path):

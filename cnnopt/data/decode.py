@@ -28,8 +28,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Part of the decoded-data cache's key: bump it whenever a change here changes the pixels produced.
 # 1 = full-scale decode (before the cache existed); 2 = JPEG draft at DRAFT_MARGIN x the target side;
-# 3 = 16-bit gray scaled by its bit depth (a dark image was scaled by 255 as if it were 8-bit).
-DECODE_VERSION = 3
+# 3 = 16-bit gray scaled by its bit depth (a dark image was scaled by 255 as if it were 8-bit);
+# 4 = 16-bit gray with a transparency key scaled too, its key as alpha (it was clipped to 8 bits: white).
+DECODE_VERSION = 4
 # JPEGs are drafted (libjpeg's DCT scaling to 1/2, 1/4 or 1/8) to at least 2x the target side, and
 # the antialiased resize does the rest. On photos that differs from the full-scale decode by a mean
 # of ~0.5 gray levels per pixel (worst image ~0.8, tests/test_data_cache.py bounds it at 1.0); a
@@ -60,6 +61,20 @@ def to_uint8(array: np.ndarray, mode: str = "") -> np.ndarray:
     else:
         top = 255.0 if array.max(initial=0) <= 255 else (65535.0 if array.max() <= 65535 else float(array.max()))
     return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def eight_bit_gray(image):
+    """A 16-bit, 32-bit or float gray Pillow image as 8 bits (`to_uint8`: scaled, not clipped), with its
+    transparency key (a 16-bit PNG's tRNS chunk, in 16-bit values) kept as an alpha channel: mode L, or LA
+    where the file has a key. Training's decode and `cnnopt.predict` both read such files through it."""
+    from PIL import Image
+
+    array = np.asarray(image)
+    gray = Image.fromarray(to_uint8(array, image.mode))
+    key = image.info.get("transparency")
+    if not isinstance(key, int):
+        return gray
+    return Image.merge("LA", (gray, Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8))))
 
 
 def unreadable(path: Path, error: Exception) -> UsageError:
@@ -98,10 +113,10 @@ def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) ->
             # Only JPEGs implement draft (None elsewhere); it returns the full image's box in drafted pixels.
             drafted = image.draft(image.mode, (size * DRAFT_MARGIN, size * DRAFT_MARGIN)) if draft else None
             image.load()
+            if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
+                image = eight_bit_gray(image)
             if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
                 image = _flatten_alpha(image.convert("RGBA"), Image)
-            if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
-                image = Image.fromarray(to_uint8(np.asarray(image), image.mode))
             image = image.convert("L" if channels == 1 else "RGB")
             array = np.asarray(image, dtype=np.uint8).copy()
     except Exception as exc:
