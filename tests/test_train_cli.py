@@ -118,6 +118,20 @@ def test_image_folder_end_to_end(mlflow_store, tmp_path):
     assert checkpoint["preprocessing"]["channels"] == 1 and checkpoint["preprocessing"]["image_size"] == 8
 
 
+def test_class_names_mlflow_refuses_in_a_key_are_promoted_with_their_metrics(mlflow_store, tmp_path, capsys):
+    from cnnopt import promote as promote_cli
+
+    root = write_image_folder(tmp_path / "pets", classes=("cat's", "dog (small)", "cat_s"))
+    folder = ["--set", "name=pets", "--set", "data.dataset=imagefolder", "--set", f"data.root={root}",
+              "--set", "data.image_size=8", "--set", "train.batch_size=4", "--set", "data.val_fraction=0.25",
+              "--set", "data.test_fraction=0.25"]
+    assert train_cli.main(FAST + folder) == 0
+    client, found = only_run(mlflow_store, "pets")
+    assert promote_cli.main(["--run-id", found.info.run_id] + folder) == 0, capsys.readouterr().err
+    metrics = client.get_run(found.info.run_id).data.metrics
+    assert {"test_accuracy_class_cat_s", "test_accuracy_class_dog _small_", "test_accuracy_class_cat_s_1"} <= set(metrics)
+
+
 def empty_class_folder(tmp_path: Path) -> str:
     root = write_image_folder(tmp_path / "pets", per_class=2)
     (root / "empty").mkdir()

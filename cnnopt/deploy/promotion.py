@@ -149,7 +149,7 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
             plot_confusion(result["confusion"], data.class_names, scratch / "confusion_matrix.png")
             (model_dir / "model_card.md").write_text(model_card(settings, run, checkpoint, result))
         metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
-                   **{f"test_accuracy_class_{name}": value for name, value in result["per_class"].items()}}
+                   **tracking.per_name_metrics("test_accuracy_class_", result["per_class"])}
         version, moved, previous = registry.record_promotion(settings, run, metrics,
                                                              scratch / "confusion_matrix.png", model_dir)
     return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], version, moved,

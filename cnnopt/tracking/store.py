@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tempfile
 import time
 import urllib.request
@@ -131,6 +132,24 @@ def log(client: MlflowClient, run_id: str, *, params: dict | None = None, metric
     for first in range(0, max(len(metric_list), len(param_list), len(tag_list), 1), 100):
         client.log_batch(run_id, metrics=metric_list[first:first + 100], params=param_list[first:first + 100],
                          tags=tag_list[first:first + 100])
+
+
+METRIC_KEY_LENGTH = 250  # MLflow's longest metric name
+REFUSED_IN_KEYS = re.compile(r"[^/\w.\- :]")  # MLflow's names: word characters, / . - space and colon
+
+
+def per_name_metrics(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    """Metrics keyed `prefix` + a name each (a class's folder name): a character MLflow refuses in a key
+    (an apostrophe, a bracket, a plus) becomes `_`, a key is cut to MLflow's length, and a name that would
+    then collide with an earlier one gets its position appended, so every value is kept."""
+    keyed: dict[str, float] = {}
+    for position, (name, value) in enumerate(values.items()):
+        key = (prefix + REFUSED_IN_KEYS.sub("_", str(name)))[:METRIC_KEY_LENGTH]
+        while key in keyed:
+            suffix = f"_{position}"
+            key = key[:METRIC_KEY_LENGTH - len(suffix)] + suffix
+        keyed[key] = value
+    return keyed
 
 
 def best_metrics(metrics: dict) -> dict[str, float]:
