@@ -63,7 +63,8 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
         address: the Ray cluster to use when no Ray instance is running.
     Returns:
         The FinalRun (the one an earlier session of a resumed study recorded for this run, where there is
-        one: a resume after a promotion cut short does not train it again), or why there was none (a sentence).
+        one: a resume after a promotion cut short does not train it again), or why there was none or it is
+        not promoted (a sentence): it failed, diverged, or the time fits no more epochs than its trial had.
     """
     client = tracking.make_client()
     parent = studies.find_parent(client, study, experiment.name)
@@ -107,6 +108,9 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
             tracking.train_dataset(experiment.data, data.train_x, data.train_y),
             {"final_data": experiment.search.final_data, "kept_epoch": keep,
              "epochs_why": "the time budget's reserve" if deadline else "search.final_epochs"})
+    if result.status != trials.COMPLETED:  # a diverged run's earlier epochs are no model to promote
+        return (f"it {result.status} after {result.epochs_run} epochs (run {run_id}, recorded): the run it repeats "
+                "is promoted as it is")
     return FinalRun(run_id, config.epochs, trial_epochs, result.status, result.best_metrics)
 
 
