@@ -145,6 +145,19 @@ def test_a_padding_the_feature_map_cannot_give_is_a_usage_error_not_a_torch_trac
         CNN(dataclasses.replace(config, padding_mode="circular", blocks=4), 1, 8, 10)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "circular", "zeros"])
+def test_a_residual_blocks_later_convs_are_checked_at_the_pooled_side(mode):
+    """A residual block's first conv runs before its pooling, the others after: on 8x8 input with 3 blocks the
+    third block's second conv pads a 1x1 map, which reflect padding cannot do (circular can)."""
+    config = dataclasses.replace(TINY, block="residual", convs_per_block=2, blocks=3, padding_mode=mode)
+    if mode != "reflect":
+        assert CNN(config, 1, 8, 10)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+        return
+    with pytest.raises(UsageError, match=f"train.padding_mode = '{mode}' pads 1 pixels, which a 1x1 feature map "
+                                         "in conv block 3"):
+        CNN(config, 1, 8, 10)
+
+
 @pytest.mark.parametrize("blocks,side,block", [(4, 8, 4), (3, 4, 3), (1, 1, 1)])
 def test_a_vanishing_feature_map_names_the_block(blocks, side, block):
     with pytest.raises(UsageError) as caught:

@@ -39,20 +39,29 @@ def block_channels(config: TrainConfig) -> list[int]:
 
 
 def feature_sizes(config: TrainConfig, image_size: int) -> list[int]:
-    """Side of the feature map after each block; raises UsageError where it would vanish."""
+    """Side of the feature map after each block; raises UsageError where it would vanish, or where a conv's
+    reflect or circular padding is wider than the map it pads. A plain block's convs run before its pooling;
+    a residual block's first conv does, and the others run at the pooled side."""
     sizes, side = [], image_size
     k = config.kernel_size
+    before_pool = config.convs_per_block if config.block != "residual" else 1
+
+    def conv(side: int, index: int) -> int:
+        if config.padding_mode in ("reflect", "circular") and k // 2 >= side + (config.padding_mode == "circular"):
+            raise UsageError(f"train.padding_mode = {config.padding_mode!r} pads {k // 2} pixels, which a "
+                             f"{side}x{side} feature map in conv block {index + 1} cannot give; use "
+                             "padding_mode zeros or replicate, a smaller train.kernel_size or fewer train.blocks")
+        return side + 2 * (k // 2) - k + 1  # 'same' padding for odd kernels
+
     for index in range(config.blocks):
-        for _ in range(config.convs_per_block):
-            if config.padding_mode in ("reflect", "circular") and k // 2 >= side + (config.padding_mode == "circular"):
-                raise UsageError(f"train.padding_mode = {config.padding_mode!r} pads {k // 2} pixels, which a "
-                                 f"{side}x{side} feature map in conv block {index + 1} cannot give; use "
-                                 "padding_mode zeros or replicate, a smaller train.kernel_size or fewer train.blocks")
-            side = side + 2 * (k // 2) - k + 1  # 'same' padding for odd kernels
+        for _ in range(before_pool):
+            side = conv(side, index)
         side //= 2  # 2x2 pooling, floor
         if side < 1:
             raise UsageError(f"conv block {index + 1} of {config.blocks} would shrink the {image_size}x{image_size} "
                              f"input below 1x1; use fewer train.blocks or a larger data.image_size")
+        for _ in range(config.convs_per_block - before_pool):
+            side = conv(side, index)
         sizes.append(side)
     return sizes
 
