@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cnnopt import train as train_cli
+from cnnopt.errors import UsageError
 from cnnopt.training.checkpoint import load_checkpoint
 from cnnopt.cli import run
 from cnnopt.experiment.config import DEFAULT_EXPERIMENT, TrainConfig, load_experiment
@@ -118,7 +119,7 @@ def test_image_folder_end_to_end(mlflow_store, tmp_path):
     assert checkpoint["preprocessing"]["channels"] == 1 and checkpoint["preprocessing"]["image_size"] == 8
 
 
-def test_class_names_mlflow_refuses_in_a_key_are_promoted_with_their_metrics(mlflow_store, tmp_path, capsys):
+def test_class_names_mlflow_refuses_in_a_key_are_promoted_under_the_runs_experiment(mlflow_store, tmp_path, capsys):
     from cnnopt import promote as promote_cli
 
     root = write_image_folder(tmp_path / "pets", classes=("cat's", "dog (small)", "cat_s"))
@@ -130,6 +131,10 @@ def test_class_names_mlflow_refuses_in_a_key_are_promoted_with_their_metrics(mlf
     assert promote_cli.main(["--run-id", found.info.run_id] + folder) == 0, capsys.readouterr().err
     metrics = client.get_run(found.info.run_id).data.metrics
     assert {"test_accuracy_class_cat_s", "test_accuracy_class_dog _small_", "test_accuracy_class_cat_s_1"} <= set(metrics)
+    # A run of no study is registered under its own experiment's name; another name given is refused.
+    with pytest.raises(UsageError, match="belongs to MLflow experiment 'pets', not 'cats'"):
+        promote_cli.main(["--run-id", found.info.run_id] + folder + ["--set", "name=cats"])
+    assert [m.name for m in client.search_registered_models()] == ["pets"]
 
 
 def empty_class_folder(tmp_path: Path) -> str:
