@@ -195,6 +195,29 @@ def test_a_resumed_grid_reruns_the_cut_short_point_and_walks_on(ray_session, mlf
     assert trials["batch_size"].tolist() == [point["batch_size"] for point in points]
 
 
+def test_a_resume_refuses_a_folder_whose_images_changed_since_the_study_started(ray_session, mlflow_store,
+                                                                               tmp_path, capsys):
+    """Its trials would mix two datasets, and its best trial be picked across them."""
+    from PIL import Image
+
+    root = tmp_path / "shapes"
+    for label, name in enumerate(("circle", "square")):
+        (root / name).mkdir(parents=True)
+        for index in range(12):
+            Image.new("L", (8, 8), 40 + 150 * label + index).save(root / name / f"{index}.png")
+    folder = ["--set", "data.dataset=imagefolder", "--set", f"data.root={root}", "--set", "data.image_size=8",
+              "--set", "train.batch_size=4"]
+    assert search.main(["--strategy", "random", "--trials", "1", "--name", "drift"] + folder + TINY) == 0
+    assert search.main(["--resume", "--name", "drift", "--no-promote", "--no-report"]) == 0, "unchanged: it resumes"
+    assert "resuming: 1 of 1 trials recorded" in capsys.readouterr().out
+    Image.new("L", (8, 8), 250).save(root / "square" / "new.png")
+    with pytest.raises(UsageError, match=f"study 'drift' cannot be resumed: the images under {root} changed since "
+                                         "it started .*another --name"):
+        search.main(["--resume", "--name", "drift", "--no-promote", "--no-report"])
+    _, parent, children = study_runs(mlflow_store, "drift")
+    assert {run.info.status for run in [parent, *children]} == {"FINISHED"}, "nothing reopened"
+
+
 def test_a_point_the_space_no_longer_holds_is_named():
     space = search_spaces.get("lesson")
     point = next(p for p in space.grid() if p["optimizer"] == "sgd")

@@ -99,7 +99,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         StudyOutcome with trial counts by status and the best trial by the validation metric.
     """
     started = options.started or time.perf_counter()
-    space, data = prepare(experiment, options)
+    space, data, digest = prepare(experiment, options)
     own_ray = start_ray(options.address)
     kept = False
     try:
@@ -111,7 +111,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
             plan, experiment, data = plan_budget(experiment, space, data, search, started, options.promote,
                                                  options.report)
             search = resolve_resources(experiment.search, ray.cluster_resources())
-        outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan)
+        outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan, digest=digest)
         kept = own_ray and options.keep_ray
         return dataclasses.replace(outcome, plan=plan, searched=experiment, ray_kept=kept)
     finally:
@@ -150,8 +150,9 @@ def interrupts_held():
         signal.signal(signal.SIGINT, previous)
 
 
-def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, ImageData]:
-    """Check everything that can be checked before Ray starts or anything is recorded; load the data."""
+def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, ImageData, str]:
+    """Check everything that can be checked before Ray starts or anything is recorded; load the data.
+    Returns the space, the data (no test split) and the train and val splits' digest (`splits_digest`)."""
     search = experiment.search
     studies.check_study_name(options.name)
     check_search(search)
@@ -186,8 +187,11 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
     if not options.resume and StudyRecorder.exists(experiment, options.name):
         raise UsageError(f"MLflow experiment {experiment.name!r} already holds a study named {options.name!r}; "
                          "pick another --name (or --resume it)")
+    digest = tracking.splits_digest(data.train_x, data.train_y, data.val_x, data.val_y)
+    if options.resume:
+        studies.check_same_data(tracking.make_client(), options.name, experiment, digest)
     # Trials get no test split at all: hyperparameters are selected on validation only.
-    return space, dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
+    return space, dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0]), digest
 
 
 def check_search(search: SearchConfig) -> None:
@@ -217,14 +221,15 @@ def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: S
 
 
 def _run(experiment: Experiment, search: SearchConfig, space: Space, data: ImageData,
-         options: StudyOptions, *, recorded: Experiment | None = None, plan: Plan | None = None) -> StudyOutcome:
+         options: StudyOptions, *, recorded: Experiment | None = None, plan: Plan | None = None,
+         digest: str = "") -> StudyOutcome:
     """Open the study's record, run the trials it still needs, and close the record however that ended.
     `search` is the experiment's [search] with its resources resolved on this cluster; `recorded` the
     settings as asked (what a resume starts from), where a time budget's plan changed them."""
     started = time.perf_counter()
     recorder = _recorder(recorded or experiment, search, space, options.name,
                          tracking.train_dataset(experiment.data, data.train_x, data.train_y),  # once, in the driver
-                         plan.params() if plan else {}, studies.data_tags(experiment))
+                         plan.params() if plan else {}, studies.data_tags(experiment), digest)
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
@@ -289,13 +294,14 @@ def resume_command(name: str) -> str:
 
 
 def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str, dataset,
-              plan: dict, trial_tags: dict) -> StudyRecorder:
+              plan: dict, trial_tags: dict, digest: str = "") -> StudyRecorder:
     """The study's record: its settings as asked (what a resume re-resolves), its params as resolved here
-    (with a time budget's plan)."""
+    (with a time budget's plan), the digest of the splits it selects on (what a resume checks)."""
     return StudyRecorder(
         experiment, name,
         tags={"strategy": search.strategy, "sampler": STRATEGIES[search.strategy].sampler,
-              "search_space": space.name, "experiment": experiment.path, "scheduler": search.scheduler},
+              "search_space": space.name, "experiment": experiment.path, "scheduler": search.scheduler,
+              **({studies.DATA_TAG: digest} if digest else {})},
         params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
                 **tracking.data_params(experiment.data), **plan},

@@ -90,6 +90,13 @@ def split_digest(images, labels) -> str:
     return digest.hexdigest()
 
 
+def splits_digest(train_x, train_y, val_x, val_y) -> str:
+    """A short digest of the train and val splits together (what a study selects on): an image added,
+    removed, changed or relabelled in the folder changes it."""
+    return hashlib.blake2b(f"{split_digest(train_x, train_y)}:{split_digest(val_x, val_y)}".encode(),
+                           digest_size=8).hexdigest()
+
+
 def train_dataset(config: DataConfig, images, labels) -> DatasetInput:
     """The train split as an MLflow dataset input: name, source, digest, schema and profile, context `train`.
 

@@ -24,6 +24,7 @@ SETTINGS_ARTIFACT = "settings/experiment.json"
 CONFIRMATION = "confirmation"  # the kind of a run that re-trains a best configuration with a new seed
 FINAL = "final"  # the kind of the run that trains the chosen configuration once more, the one promoted
 SUBSET_TAG = "data.subset"  # on a trial or confirmation run that trained on a time budget's train subset
+DATA_TAG = "data_digest"  # on a study's parent run: its train and val splits' digest (`provenance.splits_digest`)
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -145,6 +146,19 @@ def load_settings(client: MlflowClient, study: str) -> Experiment:
         raise UsageError(f"study {study!r} recorded no settings ({SETTINGS_ARTIFACT} on its parent run "
                          f"{parent.info.run_id}); it cannot be resumed")
     return settings
+
+
+def check_same_data(client: MlflowClient, study: str, experiment: Experiment, digest: str) -> None:
+    """A resumed study must train and select on the splits it started with: where the data changed since
+    (images added, removed or changed in the folder), its trials would mix two datasets and its best trial
+    be picked across them, so it is refused. Studies recorded before the digest was kept are not checked."""
+    parent = find_parent(client, study, experiment.name)
+    recorded = parent.data.tags.get(DATA_TAG) if parent is not None else None
+    if recorded and recorded != digest:
+        where = f"the images under {experiment.data.root}" if experiment.data.root else "its data"
+        raise UsageError(f"study {study!r} cannot be resumed: {where} changed since it started (its train and "
+                         f"val splits' digest was {recorded}, now {digest}); restore the images it started with, "
+                         "or start a new study with another --name")
 
 
 def data_tags(experiment: Experiment) -> dict:
