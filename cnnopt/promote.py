@@ -29,7 +29,7 @@ def print_promotion(promotion: Promotion) -> None:
               + (f" (was version {promotion.previous_champion})" if promotion.previous_champion else ""))
     else:
         print(f"  registered {promotion.name} version {promotion.model_version}; alias '{ALIAS}' stays on version "
-              f"{promotion.previous_champion}, whose test accuracy is higher")
+              f"{promotion.previous_champion}, {promotion.kept_because}")
     print(f"  predict with: python -m cnnopt.predict models:/{promotion.name}@{ALIAS} IMAGE...")
 
 

@@ -163,20 +163,25 @@ def test_predictor_takes_other_sizes_and_modes(trained, digits_data):
             assert torch.allclose(probabilities.sum(1), torch.ones(8), atol=1e-5)
 
 
-def test_champion_moves_only_on_better_or_equal_test_accuracy(trained, digits_data, mlflow_store, tmp_path):
+def test_champion_moves_only_on_better_or_equal_test_accuracy_on_the_same_test_split(trained, digits_data, mlflow_store, tmp_path):
     _, predictor = trained
     export(predictor, tmp_path / "model", digits_data.test_x[:16])
     experiment = load_experiment(None, ["name=champions"])
     client = tracking.make_client()
     run_id = tracking.start_run(client, experiment, "r")
     accuracy = 475 / 484  # 0.98140495...: its tag reads 0.981405, above it (a re-promotion of one run tied it)
-    first = registry.register(experiment, run_id, tmp_path / "model", accuracy)
-    worse = registry.register(experiment, run_id, tmp_path / "model", 0.80)
-    equal = registry.register(experiment, run_id, tmp_path / "model", accuracy)
-    assert first == ("1", True, None)
-    assert worse == ("2", False, "1")
-    assert equal == ("3", True, "1")
+    first = registry.register(experiment, run_id, tmp_path / "model", accuracy, "split-a")
+    worse = registry.register(experiment, run_id, tmp_path / "model", 0.80, "split-a")
+    equal = registry.register(experiment, run_id, tmp_path / "model", accuracy, "split-a")
+    assert first == ("1", True, None, "")
+    assert worse == ("2", False, "1", "whose test accuracy is higher")
+    assert equal == ("3", True, "1", "")
+    # Another test split (the experiment's folder now holds other images or classes): no comparison, no move.
+    other = registry.register(experiment, run_id, tmp_path / "model", 1.0, "split-b")
+    assert other[:3] == ("4", False, "3") and "another test split" in other.kept_because
+    assert "set_registered_model_alias('champions', 'champion', 4)" in other.kept_because
     assert str(client.get_model_version_by_alias("champions", "champion").version) == "3"
+    assert client.get_model_version("champions", "4").tags["test_split"] == "split-b"
 
 
 def write_digits(data, folder, count=6):

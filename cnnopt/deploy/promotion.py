@@ -4,7 +4,8 @@ The best trial by the experiment's validation metric is loaded from its best-epo
 (`torch.load(..., weights_only=True)`), evaluated once on the test split (used for nothing else),
 wrapped in a Predictor, exported to model.pt and model.pt2 (verified in a fresh torch-only process),
 logged to the trial's MLflow run and registered under the experiment's name. The alias `champion`
-moves to the new version only when its test accuracy is at least the current champion's.
+moves to the new version only when its test accuracy is at least the current champion's, on the same
+test split (`registry.register`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Promotion:
     previous_champion: str | None
     files: dict
     name: str  # the registered model's name: the experiment the run belongs to
+    kept_because: str = ""  # why the alias stayed on the previous champion
 
 
 def best_trial_run(client, experiment: Experiment, study: str | None):
@@ -154,10 +156,10 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
             (model_dir / "model_card.md").write_text(model_card(settings, run, checkpoint, result))
         metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
                    **tracking.per_name_metrics("test_accuracy_class_", result["per_class"])}
-        version, moved, previous = registry.record_promotion(settings, run, metrics,
-                                                             scratch / "confusion_matrix.png", model_dir)
-    return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], version, moved,
-                     previous, files, settings.name)
+        registered = registry.record_promotion(settings, run, metrics, scratch / "confusion_matrix.png", model_dir,
+                                               tracking.split_digest(data.test_x, data.test_y))
+    return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], registered.version,
+                     registered.moved, registered.previous, files, settings.name, registered.kept_because)
 
 
 def model_card(settings: Experiment, run, checkpoint: dict, result: dict) -> str:

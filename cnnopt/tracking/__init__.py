@@ -16,4 +16,4 @@ from cnnopt.tracking.store import (EPOCH_METRICS, FAILED, FINISHED, KILLED, KIND
                                    TRIAL_TAG, best_metrics, check_writable, data_params, end_run, experiment_id, hyperparameters,
                                    log, log_experiment_file, make_client, param_value, per_name_metrics, start_run, tracking_uri,
                                    ui_command)
-from cnnopt.tracking.provenance import log_dataset, splits_digest, train_dataset  # noqa: F401,E402
+from cnnopt.tracking.provenance import log_dataset, split_digest, splits_digest, train_dataset  # noqa: F401,E402

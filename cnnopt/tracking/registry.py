@@ -8,6 +8,7 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import numpy as np
@@ -19,35 +20,45 @@ from cnnopt.experiment.config import Experiment
 from cnnopt.tracking.store import FINISHED, PARENT_TAG, log, make_client, tracking_uri
 
 ALIAS = "champion"
+TEST_SPLIT_TAG = "test_split"  # a version's test split's digest: accuracies compare on one split only
 # uint8 images (N, C, H, W) of any size -> float32 probabilities (N, num_classes); stated, not inferred.
 SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
                            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
 SERVING_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "serving_model.py"
 
 
-def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: Path, model_dir: Path):
-    """Log a promoted trial's test metrics and files, register its model, and summarise on the parent run.
+class Registered(NamedTuple):
+    version: str
+    moved: bool  # the alias moved to this version
+    previous: str | None  # the champion's version before, if any
+    kept_because: str = ""  # why the alias stayed where it was
 
-    Returns:
-        (model version, whether the alias moved to it, the previous champion's version or None).
-    """
+
+def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: Path, model_dir: Path,
+                     test_split: str = "") -> Registered:
+    """Log a promoted trial's test metrics and files, register its model (`register`), and summarise on the
+    parent run. `test_split` is the test split's digest (`provenance.split_digest`)."""
     client = make_client()
     run_id = run.info.run_id
     log(client, run_id, metrics=metrics)
     client.log_artifact(run_id, str(confusion_png))
     client.log_artifacts(run_id, str(model_dir), artifact_path="exported")
-    version, moved, previous = register(experiment, run_id, model_dir, metrics["test_accuracy"])
+    registered = register(experiment, run_id, model_dir, metrics["test_accuracy"], test_split)
     log(client, run_id, tags={"promoted": "true"})  # last: a promotion cut short is redone by a resume
     parent = run.data.tags.get(PARENT_TAG)
     if parent:
         log(client, parent, metrics={"promoted_test_accuracy": metrics["test_accuracy"]},
             tags={"promoted_run_id": run_id, "promoted_trial": trial_of(run),
-                  "model_version": version})
-    return version, moved, previous
+                  "model_version": registered.version})
+    return registered
 
 
-def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy: float):
-    """Log the pyfunc model to the run, register it, and move `champion` if it is at least as good."""
+def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy: float,
+             test_split: str = "") -> Registered:
+    """Log the pyfunc model to the run, register it, and move `champion` if it is at least as good: its test
+    accuracy at least the champion's, on the same test split (`test_split`, its digest, a version tag). A
+    version tested on another split (other images, other classes: the experiment's data changed) does not
+    compare, and the alias stays; a champion registered before the tag was kept compares by accuracy."""
     mlflow.set_tracking_uri(tracking_uri())
     client = make_client()
     status = client.get_run(run_id).info.status
@@ -65,17 +76,25 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     shown = f"{test_accuracy:.6f}"  # the version's tag; compared as written, so an equal model ties
     with _printed_to_log():  # "Successfully registered model", "Created version": cnnopt's promotion line says so
         version = mlflow.register_model(info.model_uri, experiment.name,
-                                        tags={"test_accuracy": shown, "run_id": run_id}).version
+                                        tags={"test_accuracy": shown, "run_id": run_id,
+                                              **({TEST_SPLIT_TAG: test_split} if test_split else {})}).version
     try:
         current = client.get_model_version_by_alias(experiment.name, ALIAS)
     except MlflowException:
         current = None
-    previous = None if current is None else str(current.version)
-    current_accuracy = None if current is None else float(current.tags.get("test_accuracy", "-1"))
-    moved = current_accuracy is None or float(shown) >= current_accuracy
-    if moved:
+    if current is None:
         client.set_registered_model_alias(experiment.name, ALIAS, version)
-    return str(version), moved, previous
+        return Registered(str(version), True, None)
+    previous = str(current.version)
+    if test_split and current.tags.get(TEST_SPLIT_TAG, test_split) != test_split:
+        return Registered(str(version), False, previous,
+                          f"which was tested on another test split (other images or classes), so the two test "
+                          f"accuracies do not compare; to serve this version instead: mlflow.MlflowClient()"
+                          f".set_registered_model_alias({experiment.name!r}, {ALIAS!r}, {version})")
+    if float(shown) >= float(current.tags.get("test_accuracy", "-1")):
+        client.set_registered_model_alias(experiment.name, ALIAS, version)
+        return Registered(str(version), True, previous)
+    return Registered(str(version), False, previous, "whose test accuracy is higher")
 
 
 @contextlib.contextmanager
