@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cnnopt.cli import Parser, quiet_libraries, run
-from cnnopt.data.decode import IMAGE_EXTENSIONS, eight_bit_gray, resize_center_crop
+from cnnopt.data.decode import eight_bit_gray, image_files, resize_center_crop
 from cnnopt.errors import UsageError
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
 from cnnopt.deploy.predictor import match_channels
@@ -111,7 +111,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            paths += image_files(path)
         elif path.is_file():
             paths.append(path)
         else:

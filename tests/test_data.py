@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -249,6 +250,22 @@ def write_flat_folder(root: Path, modes=("L", "RGB", "RGBA", "P"), per_class: in
         for index in range(per_class):
             save(root / name / f"{index}.png", modes[index % len(modes)], sizes[index % len(sizes)], 40 * index)
     return root
+
+
+def test_hidden_files_and_folders_in_class_folders_are_not_images(tmp_path):
+    """A notebook's checkpoints folder, macOS's AppleDouble copies and a folder named like an image are
+    skipped, at any depth, by training and predict alike (they would be mislabelled or unreadable)."""
+    from cnnopt.predict import image_paths
+
+    root = write_flat_folder(tmp_path / "pets", modes=("L",), per_class=4)
+    (root / "cat" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(root / "dog" / "0.png", root / "cat" / ".ipynb_checkpoints" / "0.png")  # a dog, in cat/
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (root / "dog" / "album.png").mkdir()
+    data = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8, val_fraction=0.25,
+                                test_fraction=0.25))
+    assert len(data.train_y) + len(data.val_y) + len(data.test_y) == 8
+    assert [path.name for path in image_paths([str(root / "cat")])] == ["0.png", "1.png", "2.png", "3.png"]
 
 
 def test_flat_image_folder_mixed_sizes_and_modes(tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cnnopt.data import cache as data_cache
-from cnnopt.data.decode import IMAGE_EXTENSIONS, decode_files, default_workers, resize_center_crop
+from cnnopt.data.decode import IMAGE_EXTENSIONS, decode_files, default_workers, image_files, resize_center_crop
 from cnnopt.experiment.config import DataConfig, check_section
 from cnnopt.errors import UsageError
 
@@ -293,7 +293,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
     names = _class_names(split_dirs["pool"])
     for name, path in split_dirs.items():  # a class only val/ or test/ has would be scored as nothing at all
         extra = [folder for folder in _class_names(path, at_least=0) if name != "pool" and folder not in names
-                 and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (path / folder).rglob("*"))]  # not empty strays
+                 and image_files(path / folder)]  # not empty strays
         if extra:
             them = "them" if len(extra) > 1 else "it"
             raise UsageError(f"{path} holds class folder{'s' if len(extra) > 1 else ''} {', '.join(extra)} that "
@@ -346,7 +346,7 @@ def _list_images(folder: Path, names: list[str]) -> list[tuple[Path, int]]:
         if not class_dir.is_dir():
             raise UsageError(f"{folder} has no class folder {name!r}, which the train images have; add one holding "
                              "that class's images")
-        images = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        images = image_files(class_dir)
         if not images:
             raise UsageError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove it")
         listed += [(path, label) for path in images]

@@ -77,6 +77,15 @@ def eight_bit_gray(image):
     return Image.merge("LA", (gray, Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8))))
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, at any depth, sorted: by extension (IMAGE_EXTENSIONS), skipping hidden
+    files and folders (`.ipynb_checkpoints/`, macOS's `._name.png` copies) and folders named like images.
+    A broken link stays listed, so that reading it says so."""
+    return sorted(path for path in folder.rglob("*")
+                  if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()
+                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
 def unreadable(path: Path, error: Exception) -> UsageError:
     """What an image file that cannot be read (or listed: a broken link) says, wherever it is met."""
     return UsageError(f"cannot read image {path}: {error}; remove or replace the file")
