@@ -90,6 +90,38 @@ def sigterm_as_interrupt(*_) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
+class ClosedPipeSafe:
+    """sys.stdout that a reader which stops early (`| head`) cannot break: from the first write to a closed
+    pipe on, the output goes to /dev/null and the command carries on, so a trial line printed into the pipe
+    never fails the trial or the study. Everything else is the stream's own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 REDELIVERY_DELAY = 0.05  # seconds
 
 
@@ -111,9 +143,12 @@ def redeliver_lost_interrupts(unraisable) -> None:
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
     """Call `main`; a UsageError becomes one line on stderr and exit code 2, with no traceback. SIGTERM
     (`kill`, `timeout`, a batch scheduler's stop) is a Ctrl-C: every command closes its MLflow runs on it,
-    and a Ctrl-C that CPython would drop inside a finaliser is delivered again (`redeliver_lost_interrupts`)."""
+    and a Ctrl-C that CPython would drop inside a finaliser is delivered again (`redeliver_lost_interrupts`);
+    output piped to a reader that stops early is dropped from then on (`ClosedPipeSafe`)."""
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     sys.unraisablehook = redeliver_lost_interrupts
+    if not isinstance(sys.stdout, ClosedPipeSafe):
+        sys.stdout = ClosedPipeSafe(sys.stdout)
     try:
         code = main(argv)
     except UsageError as exc:

@@ -139,6 +139,21 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_a_consistent_record(tmp_path):
     assert parent.info.status == "KILLED"
 
 
+def test_a_reader_that_stops_early_leaves_the_study_to_finish(tmp_path):
+    """`cnnopt.search ... | head -1`: the pipe closes after the first line; the trial lines printed into it
+    must not fail the trials (they did: BrokenPipeError in the callback, trials recorded failed)."""
+    study = subprocess.Popen([sys.executable, "-m", "cnnopt.search", "--no-report", "--no-promote", "--trials", "2",
+                              "--set", "train.epochs=1", "--name", "piped"], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert study.stdout.readline().startswith("study piped:")
+    study.stdout.close()  # as `head -1` exits
+    err = study.stderr.read()
+    assert study.wait(timeout=180) == 0 and "Traceback" not in err, err
+    assert sorted(run.data.tags.get("status", "study") for run in runs(tmp_path)) == ["completed", "completed", "study"]
+    assert {run.info.status for run in runs(tmp_path)} == {"FINISHED"}
+
+
 LOST_IN_A_FINALISER = """
 import time
 from cnnopt.cli import run
