@@ -131,8 +131,13 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
               file=sys.stderr)
         return 2
     try:
-        return finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
+        code = finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
                       address=args.address, started=started)
+        if outcome.best is None:  # a study of failed trials is a failed study, for the script or CI that ran it
+            print("error: no trial completed, so there is nothing to promote; the trial lines above show their "
+                  "errors (each whole on its MLflow run, tag 'error')", file=sys.stderr)
+            return 1
+        return code
     except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
         print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
               f"  {resume_command(outcome.name)}", file=sys.stderr)

@@ -105,6 +105,28 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(ray_session, mlflow_sto
     assert parent.info.status == "FINISHED"
 
 
+def test_a_study_whose_every_trial_failed_exits_1_saying_nothing_was_promoted(mlflow_store, capsys):
+    import argparse
+
+    from cnnopt.study.runner import StudyOutcome
+
+    experiment = load_experiment(None, ["train.epochs=1"])
+    record = StudyRecorder(experiment, "all-failed", tags={}, params={}, artifacts=[])
+    record.open()
+    space = search_spaces.get("lesson")
+    for trial_id in ("a", "b"):
+        record.start_trial(trial_id, tracking.hyperparameters(space.apply(experiment.train, space.grid()[0])), [])
+        record.end_trial(trial_id, "failed", {}, error="RuntimeError: out of memory")
+    counts, seconds, best = summarize(record, experiment)
+    record.close(tracking.FINISHED)
+    assert best is None and counts == {"failed": 2}
+    outcome = StudyOutcome("all-failed", record.parent_run_id, counts, seconds, best, 1.0, False, "")
+    args = argparse.Namespace(no_report=True, no_promote=False, address=None)
+    assert search.after_study(experiment, outcome, args, time.perf_counter()) == 1
+    err = capsys.readouterr().err
+    assert "error: no trial completed, so there is nothing to promote" in err.splitlines()[-1]
+
+
 def test_asha_prunes_and_the_sampler_is_told_pruned(ray_session, mlflow_store):
     experiment = load_experiment(None, ["train.epochs=4", "search.strategy=random", "search.trials=6",
                                         "search.concurrency=1", "search.scheduler=asha", "search.seed=3",
