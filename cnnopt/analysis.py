@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from cnnopt import tracking
@@ -51,7 +53,8 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
 def best_so_far(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max") -> pd.DataFrame:
     """The best `metric` among completed trials after each trial, in trial order."""
     ordered = trials.sort_values("trial")
-    values = ordered[metric].where(ordered["status"] == trial_status.COMPLETED)
+    scores = ordered[metric] if metric in ordered else pd.Series(math.nan, index=ordered.index)  # none completed
+    values = scores.where(ordered["status"] == trial_status.COMPLETED).astype(float)
     running = values.cummax() if mode == "max" else values.cummin()
     return pd.DataFrame({"trial": ordered["trial"].to_numpy(), metric: values.to_numpy(),
                          "best_so_far": running.ffill().to_numpy()})

@@ -141,6 +141,22 @@ def test_a_tiny_comparison_runs_real_studies_and_logs_the_median_curve(ray_sessi
     assert output.count("cmp-random-s") == 2 and "trial   1" not in output, "one line per study, no trial lines"
 
 
+def test_a_budget_too_short_for_any_trial_is_one_line_and_best_so_far_of_no_completed_trial_is_nan(
+        ray_session, mlflow_store, capsys):
+    with pytest.raises(SystemExit) as caught:
+        run(compare_cli.main, ["--strategies", "random", "--seeds", "1", "--trials", "1", "--set", "train.epochs=1",
+                               "--name", "short", "--time-budget", "0.001"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "error: no study of the comparison completed a trial, so there is nothing to compare; the time budget"), err
+    client = MlflowClient(tracking_uri=mlflow_store)
+    experiment = client.get_experiment_by_name("digits").experiment_id
+    assert {run.info.status for run in client.search_runs([experiment])} <= {"FINISHED", "FAILED", "KILLED"}
+    curve = best_so_far(load_trials("digits", "short-random-s0"))  # no metric recorded at all: NaN, no KeyError
+    assert curve["best_so_far"].isna().all()
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--strategies", "random,tpe"], "unknown strategy tpe"),
     (["--strategies", "gp,gp"], "names a strategy twice"),

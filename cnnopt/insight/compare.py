@@ -296,6 +296,11 @@ def analyse(experiment: Experiment, strategies: list[str], seeds: int, studies: 
         frames.append(frame.assign(strategy=strategy, seed=seed))
     trials = pd.concat(frames, ignore_index=True)
     column = f"best_{metric}"
+    if column not in trials or not (trials["status"] == trial_status.COMPLETED).any():
+        budget_note = (f"; the time budget ({experiment.search.time_budget:g} min per study) ended before any "
+                       "trial finished: give --time-budget more minutes" if experiment.search.time_budget else
+                       "; the trial lines (--verbose) and each trial's MLflow run say why")
+        raise UsageError(f"no study of the comparison completed a trial, so there is nothing to compare{budget_note}")
     budget = int(trials["trial"].max()) if not trials.empty else 0
     curves = best_so_far_curves(trials, column, mode, budget)
     other = companion(metric)
