@@ -163,6 +163,20 @@ def test_predictor_takes_other_sizes_and_modes(trained, digits_data):
             assert torch.allclose(probabilities.sum(1), torch.ones(8), atol=1e-5)
 
 
+def test_colour_to_gray_and_alpha_match_pillow_pixel_for_pixel():
+    """A gray model's Predictor converts colour images as training's decode did (PIL's convert('L'), fixed
+    point), and composites alpha on white as PIL's alpha_composite: on every one of 65,536 random pixels."""
+    from cnnopt.deploy.predictor import match_channels
+
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 4), dtype=np.uint8)
+    rgba = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float()
+    gray = np.asarray(Image.fromarray(pixels[..., :3]).convert("L"))
+    assert np.array_equal(match_channels(rgba[:, :3], 1)[0, 0].numpy(), gray)
+    white = Image.new("RGBA", (256, 256), (255, 255, 255, 255))
+    on_white = np.asarray(Image.alpha_composite(white, Image.fromarray(pixels)).convert("L"))
+    assert np.array_equal(match_channels(rgba, 1)[0, 0].numpy(), on_white)
+
+
 def test_champion_moves_only_on_better_or_equal_test_accuracy_on_the_same_test_split(trained, digits_data, mlflow_store, tmp_path):
     _, predictor = trained
     export(predictor, tmp_path / "model", digits_data.test_x[:16])

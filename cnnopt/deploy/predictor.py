@@ -21,8 +21,9 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if x.shape[1] == 4:  # RGBA: composite on white, to 8 bits (as PIL's alpha_composite)
         alpha = x[:, 3:4] / 255
         x = (x[:, :3] * alpha + 255 * (1 - alpha)).round()
-    if channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma, as PIL's convert('L')
-        x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).round()
+    if channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma in PIL's own fixed point, as its convert('L')
+        # exact in float32: the sum stays below 2**24, and dividing by 2**16 only moves the exponent
+        x = torch.floor((x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 32768) / 65536)
     elif channels == 3 and x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x
