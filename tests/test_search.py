@@ -76,7 +76,7 @@ def test_each_strategy_runs_a_study_recorded_in_mlflow(strategy, ray_session, ml
         assert "best_val_accuracy" in child.data.metrics
         assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
     steps = client.get_metric_history(parent.info.run_id, "best_val_accuracy")
-    # one point per trial number (closing the study may re-log the highest step with the final best)
+    # one point per ended trial (closing the study may re-log the highest step with the final best)
     assert {point.step for point in steps} == {1, 2, 3}
     output = capsys.readouterr().out
     assert output.count("completed  val_accuracy") == 3 and "mlflow ui --backend-store-uri" in output

@@ -89,6 +89,21 @@ def test_the_best_so_far_goes_on_from_the_record(mlflow_store):
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0.9, 0.9, 0.9]
 
 
+def test_the_parents_curve_is_the_best_after_k_trials_ended_whatever_their_numbers(mlflow_store):
+    """Parallel trials end out of order: trial 3 first. Its point is the best after one trial ended, at step 1,
+    not at step 3, where it would claim to be the best of trials 1-3 before those had ended."""
+    record = recorder()
+    record.open()
+    for trial_id in ("t1", "t2", "t3"):
+        record.start_trial(trial_id, PARAMS, list(PARAMS))
+    for trial_id, value in (("t3", 0.9), ("t1", 0.5)):
+        record.end_trial(trial_id, "completed", {"val_accuracy": value})
+    record.kill_unfinished()
+    record.close(tracking.KILLED)
+    history = record.client.get_metric_history(record.parent_run_id, "best_val_accuracy")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: (m.timestamp, m.step))] == [(1, 0.9), (2, 0.9)]
+
+
 def test_an_abandoned_trial_is_neither_done_nor_rerun(mlflow_store):
     first = recorder()
     first.open()

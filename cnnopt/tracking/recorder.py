@@ -61,6 +61,7 @@ class StudyRecorder:
         self.deleted: set[str] = set()
         self.best: float | None = None
         self.top: tuple[int, float] | None = None  # (highest step, value) of the parent's best-so-far metric
+        self.ended = 0  # trials ended, this session's and a resumed study's earlier ones: the curve's step
         self._client: MlflowClient | None = None
 
     def __getstate__(self):  # Ray pickles the callback that holds this; a client does not travel
@@ -91,6 +92,7 @@ class StudyRecorder:
                 self.numbers[trial_id] = int(child.data.tags.get("trial_number", 0))
                 self.past.append(self._past_trial(child))
             self.past.sort(key=lambda past: past.number)
+            self.ended = sum(past.status != trials.INTERRUPTED for past in self.past)
             self.client.update_run(self.parent_run_id, status="RUNNING")
             for past in self.past:  # the best-so-far curve goes on from the best recorded trial
                 if past.status == trials.COMPLETED and past.value is not None:
@@ -170,7 +172,6 @@ class StudyRecorder:
         run_id = self.children.get(trial_id)
         if run_id is None:
             return
-        number = self.number(trial_id)
         tags = {"status": status, "pruned": str(status == trials.PRUNED).lower()}
         if error:
             tags["error"] = error[-5000:]
@@ -183,8 +184,9 @@ class StudyRecorder:
         value = best.get(self.experiment.metric)
         if status == trials.COMPLETED and value is not None:  # what promotion can pick
             self._note_best(value)
-        if self.best is not None:  # one point per trial: the best-so-far curve
-            self._log_best(number)
+        self.ended += 1
+        if self.best is not None:  # one point per ended trial: the best after k trials ended, whichever they were
+            self._log_best(self.ended)
 
     def _log_best(self, step: int) -> None:
         log(self.client, self.parent_run_id, metrics={f"best_{self.experiment.metric}": self.best}, step=step)
