@@ -198,7 +198,9 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
                     schedule = _respan(config, setup.optimizer, schedule, epochs, done, len(batches), 0)
         train_loss = loss_sum.item() / seen  # one device sync per epoch, not per batch
         train_seconds = time.perf_counter() - start
-        lr = setup.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at, read before a per-epoch step
+        # The rate at the epoch's end: what step and cosine trained the epoch at (read before their per-epoch step);
+        # where onecycle, stepped every batch, stands after the epoch's last batch.
+        lr = setup.optimizer.param_groups[0]["lr"]
         if config.lr_schedule in ("step", "cosine"):
             schedule.step()
         metrics = {"train_loss": train_loss, "train_accuracy": correct.item() / seen}
