@@ -101,8 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         experiment = load_experiment(args.experiment, overrides + ["search.confirm_top=0"] * args.no_confirm)
     name, search = args.name or default_study_name(experiment), experiment.search
+    trials_shown = f"{search.trials} trials"
+    if search.strategy == "grid":  # a grid runs its points once: --trials beyond them adds none
+        points = len(search_spaces.get(experiment.search_space).grid())
+        trials_shown = (f"{min(search.trials, points)} trials of its {points} grid points" if search.trials < points
+                        else f"{points} trials: every grid point" + (f" (--trials {search.trials} asked for more)"
+                                                                       if search.trials > points else ""))
     shape = (f"trials and their time planned from a {search.time_budget:g}-min time budget" if search.time_budget
-             else f"{search.trials} trials, scheduler {search.scheduler}, {experiment.train.epochs} epochs each")
+             else f"{trials_shown}, scheduler {search.scheduler}, {experiment.train.epochs} epochs each")
     header = (f"study {name}: {search.strategy} over search space '{experiment.search_space}', {shape}"
               + (" (resuming)" if args.resume else ""))  # printed once Ray is up, with where the trials run
     # Ray stays up from the search to the end of the command: the confirmation and the final training run on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -82,8 +83,10 @@ def test_each_strategy_runs_a_study_recorded_in_mlflow(strategy, ray_session, ml
     assert output.count("completed  val_accuracy") == 3 and "mlflow ui --backend-store-uri" in output
 
 
-def test_grid_walks_the_grid_in_order(ray_session, mlflow_store):
+def test_grid_walks_the_grid_in_order(ray_session, mlflow_store, capsys):
     search.main(["--strategy", "grid", "--trials", "3", "--name", "g", "--concurrency", "1", *TINY])
+    points = len(search_spaces.get("lesson").grid())
+    assert f"3 trials of its {points} grid points" in capsys.readouterr().out
     trials = load_trials("digits", "g")
     expected = search_spaces.get("lesson").grid()[:3]
     assert trials["lr"].tolist() == [point["lr"] for point in expected]
@@ -435,6 +438,17 @@ def test_gpus_per_trial_auto_packs_trials_per_gpu_or_takes_the_cpu():
     assert resolve_resources(search, {"CPU": 2.0}).gpus_per_trial == 0
     explicit = load_experiment(None, ["search.gpus_per_trial=0.5"]).search
     assert resolve_resources(explicit, {"CPU": 16.0, "GPU": 2.0}).gpus_per_trial == 0.5
+
+
+def test_concurrency_is_at_most_what_the_cluster_holds(ray_session):
+    """--concurrency 50 on 2 CPUs ran 2 at once while the line said 50, the sampler was asked for 50 points
+    before it learnt from any, and a time budget planned 50 slots."""
+    from cnnopt.study.runner import concurrency
+
+    cpu = resolve_resources(load_experiment(None, ["search.concurrency=50"]).search, {"CPU": 2.0})
+    assert concurrency(cpu) == 2
+    assert concurrency(dataclasses.replace(cpu, concurrency=1)) == 1
+    assert concurrency(dataclasses.replace(cpu, concurrency=0)) == 2
 
 
 def test_asking_for_a_missing_gpu_is_an_error_not_a_hang(ray_session, mlflow_store):

@@ -466,17 +466,20 @@ def check_resources(experiment: Experiment, search: SearchConfig) -> None:
     if experiment.train.device.startswith("cuda") and not search.gpus_per_trial:
         raise UsageError(f"train.device = {experiment.train.device!r} but the Ray cluster has no GPU for the "
                          "trials; set train.device=auto to train on the CPU")
+    if search.concurrency > concurrency(search):
+        print(f"warning: --concurrency {search.concurrency} is more than the Ray cluster holds at once; "
+              f"{concurrency(search)} trials run at a time", file=sys.stderr)
 
 
 def concurrency(search: SearchConfig) -> int:
-    """Trials at once: as asked, or as many as the cluster's CPUs (or GPU shares) hold."""
-    if search.concurrency:
-        return search.concurrency
+    """Trials at once: as many as the cluster's CPUs (or GPU shares) hold, or fewer where asked. More than
+    that would not run at once anyway, while a sampler would be asked for them all before it learns from
+    any, and a time budget would plan for slots that do not exist (`check_resources` says so)."""
     available = ray.cluster_resources()
     slots = int(available.get("CPU", 1) // search.cpus_per_trial)
     if search.gpus_per_trial:
         slots = min(slots, int(available.get("GPU", 0) // search.gpus_per_trial))
-    return max(1, slots)
+    return min(search.concurrency, max(1, slots)) if search.concurrency else max(1, slots)
 
 
 def summarize(recorder: StudyRecorder, experiment: Experiment) -> tuple[dict, dict, dict | None]:
