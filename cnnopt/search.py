@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                                         for flag in SEARCH_FLAGS if getattr(args, flag) is not None]
     if args.resume:
         if overrides or args.experiment:
-            parser.error("--resume continues a study with the settings it started with; drop --experiment, --set "
-                         "and the study flags (only --address, --no-report, --no-confirm and --no-promote go with it)")
+            given = ((["--experiment"] if args.experiment else []) + [f"--set {item}" for item in args.overrides]
+                     + [f"--{flag.replace('_', '-')}" for flag in SEARCH_FLAGS if getattr(args, flag) is not None])
+            parser.error(f"--resume continues a study with the settings it started with; drop {', '.join(given)} "
+                         "(only --address, --no-report, --no-confirm and --no-promote go with it)")
         experiment = studies.load_settings(tracking.make_client(), args.name)
         if args.no_confirm:  # like the report and the promotion, what follows the trials is this command's choice
             experiment = dataclasses.replace(experiment, search=dataclasses.replace(experiment.search, confirm_top=0))

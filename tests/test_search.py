@@ -425,7 +425,7 @@ def test_bad_search_input_is_one_clear_line(tmp_path):
     for args, expected in ((["--set", "search_space=nope"], "unknown search space"),
                            (["--resume", "--name", "missing"], "no study named 'missing'"),
                            (["--resume", "--name", "missing", "--no-confirm"], "no study named 'missing'"),
-                           (["--resume", "--name", "missing", "--trials", "3"], "only --address, --no-report")):
+                           (["--resume", "--name", "missing", "--trials", "3"], "drop --trials (only --address, --no-report")):
         done = subprocess.run([sys.executable, "-m", "cnnopt.search", *args, "--no-promote"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120,
                               env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
