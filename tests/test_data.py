@@ -268,6 +268,16 @@ def test_hidden_files_and_folders_in_class_folders_are_not_images(tmp_path):
     assert [path.name for path in image_paths([str(root / "cat")])] == ["0.png", "1.png", "2.png", "3.png"]
 
 
+def test_a_float_image_within_0_and_1_is_scaled_by_1_not_read_as_black(tmp_path):
+    from cnnopt.data.decode import decode_image
+
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp, "F").save(tmp_path / "ramp.tif")
+    decoded = decode_image(tmp_path / "ramp.tif", 1, 8)[0]
+    assert decoded.min() == 0 and decoded.max() == 255
+    assert np.array_equal(decoded, np.round(ramp * 255).astype(np.uint8))
+
+
 def test_flat_image_folder_mixed_sizes_and_modes(tmp_path):
     root = write_flat_folder(tmp_path / "pets", per_class=8)
     (root / "cat" / "notes.txt").write_text("not an image, ignored")
