@@ -100,7 +100,7 @@ def read_image(path: Path) -> torch.Tensor:
                 image = image.convert("RGBA" if has_alpha else ("L" if image.mode in ("1", "I", "I;16", "F") else "RGB"))
             array = np.asarray(image, dtype=np.uint8).copy()
     except Exception as exc:
-        raise UsageError(f"cannot read image {path}: {exc}") from None
+        raise UsageError(f"cannot read image {path}: {exc}; pass image files (or folders of them) only") from None
     tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     return tensor.unsqueeze(0)
