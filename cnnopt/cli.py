@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from cnnopt import interrupted_while_starting
 from cnnopt.errors import UsageError
 
 
@@ -80,6 +82,25 @@ def quiet_libraries() -> None:
     logging.captureWarnings(True)
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """A Ctrl-C during the block waits for its end, then acts as it would have (a step that, cut short,
+    would leave something broken: MLflow creating its database). Off the main thread, or where Ctrl-C is
+    ignored or left to the system, nothing changes."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    caught: list = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            previous(*caught[0])
+
+
 def sigterm_as_interrupt(*_) -> None:
     """A SIGTERM handled as a Ctrl-C, through SIGINT's handler. A job a script started with `&` has SIGINT
     ignored: there SIGTERM ends the process as it would without cnnopt's handler, never swallowed."""
@@ -145,6 +166,8 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     (`kill`, `timeout`, a batch scheduler's stop) is a Ctrl-C: every command closes its MLflow runs on it,
     and a Ctrl-C that CPython would drop inside a finaliser is delivered again (`redeliver_lost_interrupts`);
     output piped to a reader that stops early is dropped from then on (`ClosedPipeSafe`)."""
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:  # started: Ctrl-C is KeyboardInterrupt again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     sys.unraisablehook = redeliver_lost_interrupts
     if not isinstance(sys.stdout, ClosedPipeSafe):

@@ -67,6 +67,49 @@ def test_bad_input_is_one_line_exit_2_and_nothing_recorded(tmp_path, args, env, 
     assert not runs(tmp_path), "nothing is recorded for a study that never started"
 
 
+def test_a_store_whose_creation_was_cut_short_is_one_line(tmp_path):
+    """What a Ctrl-C during MLflow's first migration left behind (MLflow's own scratch table of a migration
+    step): every later command failed with an SQLAlchemy traceback. The creation now finishes before a
+    Ctrl-C acts; a store broken some other way is one line."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "mlflow.db") as database:
+        database.execute("CREATE TABLE _alembic_tmp_latest_metrics (x INTEGER)")
+    done = search([], tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    line = error_line(done.stderr)
+    assert "cannot be opened ((sqlite3.OperationalError) table _alembic_tmp_latest_metrics already exists)" in line
+    assert "if it holds no runs yet, delete it" in line
+
+
+DEFERRED = """
+import signal, time
+from cnnopt.cli import interrupts_deferred
+
+finished = False
+try:
+    with interrupts_deferred():
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.2)
+        finished = True
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted after the block" if finished else "interrupted inside the block")
+"""
+
+
+def test_a_ctrl_c_in_a_deferred_block_acts_after_it_and_one_while_starting_is_one_line(tmp_path):
+    deferred = subprocess.run([sys.executable, "-c", DEFERRED], capture_output=True, text=True, timeout=60,
+                              preexec_fn=as_from_a_terminal)
+    assert deferred.stdout.strip() == "interrupted after the block", deferred.stdout + deferred.stderr
+    starting = subprocess.Popen([sys.executable, "-m", "cnnopt.search", "--name", "early"], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=as_from_a_terminal)
+    time.sleep(0.5)  # importing torch, Ray and MLflow: before cnnopt.cli.run is reached
+    starting.send_signal(signal.SIGINT)
+    out, err = starting.communicate(timeout=60)
+    assert starting.returncode == 130 and err.strip() == "interrupted", out + err
+
+
 def test_a_searched_hyperparameter_set_on_the_command_line_is_a_warning(tmp_path):
     done = search(["--set", "train.lr=1000", "--address", "127.0.0.1:9"], tmp_path)
     assert "warning: --set train.lr=1000 has no effect: search space 'lesson' searches lr" in done.stderr

@@ -6,6 +6,7 @@ here) and happen in the driver process only, so parallel trials never race on th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,6 +20,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from cnnopt.cli import interrupts_deferred
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import DataConfig, Experiment, TrainConfig
 from cnnopt.tracking.provenance import source_tags
@@ -47,15 +49,27 @@ def make_client() -> MlflowClient:
     """A client of the tracking store, checked once per store to fail in seconds (not after MLflow's
     retries) where it cannot be written or reached."""
     uri = tracking_uri()
-    if uri not in _checked_stores:
+    first = uri not in _checked_stores
+    if first:
         check_store(uri)
-        _checked_stores.add(uri)
     try:
-        return MlflowClient(tracking_uri=uri)
+        # The first client of a SQLite store creates or migrates its database: a Ctrl-C in the middle would
+        # leave it broken for good (seen: "table _alembic_tmp_latest_metrics already exists"), so it waits.
+        with interrupts_deferred() if first else contextlib.nullcontext():
+            client = MlflowClient(tracking_uri=uri)
     except MlflowException as exc:  # a scheme MLflow does not take, or its retired plain-folder store
         why = exc.message.strip().splitlines()[0].split(". ")[0].strip()
         raise UsageError(f"the MLflow tracking URI {uri} cannot be used ({why}); "
                          "set MLFLOW_TRACKING_URI to a sqlite:///PATH/mlflow.db or an http:// server") from None
+    except Exception as exc:  # SQLAlchemy's own: a database MLflow cannot open or bring up to date
+        if not uri.startswith("sqlite:///"):
+            raise
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"the MLflow store {uri} cannot be opened ({why}); a database whose creation was cut "
+                         "short stays broken: if it holds no runs yet, delete it and run again, else set "
+                         "MLFLOW_TRACKING_URI to another store") from None
+    _checked_stores.add(uri)
+    return client
 
 
 _checked_stores: set[str] = set()
