@@ -86,11 +86,14 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     assert sorted(r.info.status for r in seed_3) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
     confirm(dataclasses.replace(broken, train=experiment.train), "c")
     assert len(client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation'")) == 8
+    why = train_final(broken, "c", failing.promote_run_id)
+    assert isinstance(why, str) and why.startswith("it failed (") and "promoted as it is" in why
     # A final training that diverges is recorded, and not promoted: the run it repeats is.
     exploding = dataclasses.replace(experiment.train, lr_schedule="step", step_size=1, gamma=1e30)
     diverging = dataclasses.replace(experiment, train=exploding,
                                     search=dataclasses.replace(experiment.search, final_epochs=4))
     why = train_final(diverging, "c", failing.promote_run_id)
     assert isinstance(why, str) and why.startswith("it diverged after") and "promoted as it is" in why, why
-    why = train_final(broken, "c", failing.promote_run_id)
-    assert isinstance(why, str) and why.startswith("it failed (") and "promoted as it is" in why
+    again = train_final(diverging, "c", failing.promote_run_id)  # as a resume after a cut promotion calls it
+    assert "recorded before this resume: not trained again" in again, again
+    assert len(client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'final'")) == 1

@@ -76,11 +76,15 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
                    if metric.value > 0)
     trial_per_image = paces[len(paces) // 2] if paces else 0.0  # its median epoch's seconds per training image
     for run in reversed(studies.child_runs(client, parent, studies.FINAL)):  # a resumed study's, recorded whole
-        if (run.data.tags.get("trains_run_id") == chosen_run_id and run.data.tags.get("status") == trials.COMPLETED
-                and run.info.status == "FINISHED"):  # not one whose recording was cut short
+        if run.data.tags.get("trains_run_id") != chosen_run_id or run.info.status == "RUNNING":
+            continue  # another run's, or one whose recording was cut short
+        status = run.data.tags.get("status")
+        if status == trials.COMPLETED and run.info.status == "FINISHED":
             kept = {key[len("best_"):]: value for key, value in run.data.metrics.items() if key.startswith("best_")}
             return FinalRun(run.info.run_id, int(run.data.params.get("epochs", 0)), trial_epochs, trials.COMPLETED,
                             kept, recorded_before=True)
+        if status in (trials.DIVERGED, trials.STOPPED):  # seeded: it would end the same way again
+            return not_promoted(status, int(run.data.params.get("epochs", 0)), run.info.run_id, before=True)
     seed = int(chosen.data.params.get("seed", experiment.train.seed))
     config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(chosen)), seed=seed)
     data = final_data(experiment)
@@ -109,9 +113,14 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
             {"final_data": experiment.search.final_data, "kept_epoch": keep,
              "epochs_why": "the time budget's reserve" if deadline else "search.final_epochs"})
     if result.status != trials.COMPLETED:  # a diverged run's earlier epochs are no model to promote
-        return (f"it {result.status} after {result.epochs_run} epochs (run {run_id}, recorded): the run it repeats "
-                "is promoted as it is")
+        return not_promoted(result.status, result.epochs_run, run_id)
     return FinalRun(run_id, config.epochs, trial_epochs, result.status, result.best_metrics)
+
+
+def not_promoted(status: str, epochs: int, run_id: str, before: bool = False) -> str:
+    """Why a recorded final training is not promoted: it did not complete."""
+    when = "recorded before this resume: not trained again" if before else "recorded"
+    return f"it {status} after {epochs} epochs (run {run_id}, {when}): the run it repeats is promoted as it is"
 
 
 def final_data(experiment: Experiment) -> ImageData:
