@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import shutil
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -103,6 +104,13 @@ def test_subset_keeps_a_stratified_sample_of_training_images(digits_data):
     assert [len(load_data(DataConfig(subset=n)).train_y) for n in (10, 17, 1001)] == [10, 17, 1001]
     with pytest.raises(UsageError, match="data.subset = 5 keeps fewer training images than the 10 classes"):
         load_data(DataConfig(subset=5))
+    # An imbalanced split: the small classes keep an image each, where their share would round to none.
+    from cnnopt.data.datasets import _stratified_count
+
+    labels = np.array([0] * 1000 + [1] * 10 + [2] * 10)
+    for count, expected in ((3, [1, 1, 1]), (20, [18, 1, 1]), (200, [196, 2, 2])):
+        chosen = _stratified_count(labels, count, np.random.default_rng(0))
+        assert np.bincount(labels[chosen]).tolist() == expected
     assert rows(data.train_x) <= rows(digits_data.train_x)  # a sample of the same train split
     # val and test are the ones without a subset, so studies at different subset sizes compare fairly
     assert torch.equal(data.val_x, digits_data.val_x) and torch.equal(data.test_x, digits_data.test_x)
@@ -209,8 +217,11 @@ def test_a_cifar10_download_that_fails_is_one_line(tmp_path, monkeypatch):
         monkeypatch.setenv(variable, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    with pytest.raises(UsageError, match="downloading CIFAR-10 into .* failed .*by hand.*data.download=false"):
-        load_data(DataConfig(dataset="cifar10", root=str(tmp_path / "cifar"), download=True))
+    try:
+        with pytest.raises(UsageError, match="downloading CIFAR-10 into .* failed .*by hand.*data.download=false"):
+            load_data(DataConfig(dataset="cifar10", root=str(tmp_path / "cifar"), download=True))
+    finally:  # urllib keeps the opener the download built, with this proxy, for every later urlopen: drop it
+        urllib.request.install_opener(None)
 
 
 def test_cifar10_without_batches_is_rejected(tmp_path):

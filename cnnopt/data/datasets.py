@@ -219,14 +219,16 @@ def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generat
 
 
 def _stratified_count(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of exactly `count` images, each class's share as close to its proportion as whole images
-    allow (its share rounded down, the images left over going to the largest remainders), drawn with
-    `rng`, sorted."""
+    """Indices of exactly `count` images (at least one per class), each class's share as close to its
+    proportion as whole images allow: its share rounded down but at least 1, then images added to (or taken
+    from) the classes whose share is furthest from their count; drawn with `rng`, sorted."""
     classes, sizes = np.unique(labels, return_counts=True)
     shares = sizes * count / len(labels)
-    quotas = np.floor(shares).astype(np.int64)
-    leftover = count - int(quotas.sum())
-    quotas[np.argsort(-(shares - quotas), kind="stable")[:leftover]] += 1  # ties: the lower label first
+    quotas = np.minimum(sizes, np.maximum(1, np.floor(shares))).astype(np.int64)
+    while quotas.sum() < count:  # ties: the lower label first
+        quotas[np.argmax(np.where(quotas < sizes, shares - quotas, -np.inf))] += 1
+    while quotas.sum() > count:  # a small class's image of its own came out of the large ones
+        quotas[np.argmin(np.where(quotas > 1, shares - quotas, np.inf))] -= 1
     chosen = [rng.permutation(np.flatnonzero(labels == label))[:quota] for label, quota in zip(classes, quotas)]
     return np.sort(np.concatenate(chosen))
 
