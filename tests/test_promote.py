@@ -75,6 +75,9 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     with pytest.raises(UsageError, match="another split than its study's settings load now with the --set values"):
         promote_cli.main(["--run-id", best.info.run_id, "--set", "data.seed=2"])
     assert len(calls) == 2
+    with pytest.raises(UsageError, match="belongs to MLflow experiment 'digits', not 'renamed'"):  # its own name
+        promote_cli.main(["--run-id", best.info.run_id, "--set", "name=renamed"])
+    assert len(calls) == 2
     with pytest.raises(UsageError, match="study name \"p'\" is not allowed"):  # never an MLflow filter's traceback
         promote_cli.main(["--study", "p'"])
 

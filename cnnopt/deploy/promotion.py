@@ -123,9 +123,10 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
     settings = with_overrides(recorded, overrides) if recorded else experiment
     run_id = run.info.run_id
     own = client.get_experiment(run.info.experiment_id).name
-    if not recorded and own != settings.name:  # the registered model is named after the run's experiment
+    if own != settings.name:  # the registered model is named after the run's experiment (--set name=... too)
         raise UsageError(f"run {run_id} belongs to MLflow experiment {own!r}, not {settings.name!r}: promote it "
-                         "with the experiment file it was trained with (its name names the registered model)")
+                         "with the experiment file it was trained with, without --set name (its experiment's "
+                         "name names the registered model)")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         try:
