@@ -97,9 +97,12 @@ class StudyRecorder:
             for past in self.past:  # the best-so-far curve goes on from the best recorded trial
                 if past.status == trials.COMPLETED and past.value is not None:
                     self._note_best(past.value)
-            shown = found.data.metrics.get(f"best_{self.experiment.metric}")  # the value at its highest step
-            if shown is not None and self.past:
-                self.top = (max(past.number for past in self.past), shown)
+            # The curve's point at its highest step so far (what MLflow shows): steps were trial numbers in
+            # studies recorded before they counted ended trials, so it is read, not assumed.
+            curve = self.client.get_metric_history(self.parent_run_id, f"best_{self.experiment.metric}")
+            if curve:
+                top = max(curve, key=lambda point: (point.step, point.timestamp))
+                self.top = (top.step, top.value)
             return self.parent_run_id
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
                                        tags={**self.tags, STUDY_TAG: self.study, KIND_TAG: "study"})
@@ -221,8 +224,8 @@ class StudyRecorder:
         """End the parent run as FINISHED or KILLED, with the study's summary as tags."""
         if summary:
             log(self.client, self.parent_run_id, tags=summary)
-        # MLflow shows a metric's value at its highest step; a rerun (old number) or a trial that ended
-        # after a higher-numbered one logged its best-so-far below that step, so bring the top up to date.
+        # MLflow shows a metric's value at its highest step; where a resumed study's earlier session logged a
+        # higher step than this one reached (it stepped by trial number), bring that point up to date.
         if self.best is not None and self.top is not None and self.top[1] != self.best:
             self._log_best(self.top[0])
         end_run(self.client, self.parent_run_id, status)
