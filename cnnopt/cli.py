@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import contextlib
 import logging
@@ -112,9 +111,9 @@ def sigterm_as_interrupt(*_) -> None:
 
 
 class ClosedPipeSafe:
-    """sys.stdout that a reader which stops early (`| head`) cannot break: from the first write to a closed
-    pipe on, the output goes to /dev/null and the command carries on, so a trial line printed into the pipe
-    never fails the trial or the study. Everything else is the stream's own."""
+    """sys.stdout (or stderr) that a reader which stops early (`| head`) cannot break: from the first write to
+    a closed pipe on, the output goes to /dev/null and the command carries on, so a trial line printed into
+    the pipe never fails the trial or the study. Everything else is the stream's own."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -146,6 +145,14 @@ class ClosedPipeSafe:
 REDELIVERY_DELAY = 0.05  # seconds
 
 
+def _interrupt_main_thread() -> None:
+    """A real SIGINT to the main thread, as Ctrl-C sends: it also ends a blocking wait there (a subprocess, a
+    sleep), where only setting Python's flag would wait for the next Python instruction. Nothing where Ctrl-C
+    is ignored or left to the system by then."""
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
 def redeliver_lost_interrupts(unraisable) -> None:
     """`sys.unraisablehook`: a Ctrl-C that CPython raised inside a finaliser (a garbage-collector weakref
     callback, a `__del__`) cannot propagate; CPython prints "Exception ignored" and drops it, and the command
@@ -154,7 +161,7 @@ def redeliver_lost_interrupts(unraisable) -> None:
     if isinstance(unraisable.exc_value, KeyboardInterrupt):
         # From a thread, a moment later: raised now, it would land in this hook, which drops it for good. Where it
         # lands in another finaliser, it comes back here.
-        later = threading.Timer(REDELIVERY_DELAY, _thread.interrupt_main)
+        later = threading.Timer(REDELIVERY_DELAY, _interrupt_main_thread)
         later.daemon = True  # never holds up the exit
         later.start()
         return
@@ -172,6 +179,8 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     sys.unraisablehook = redeliver_lost_interrupts
     if not isinstance(sys.stdout, ClosedPipeSafe):
         sys.stdout = ClosedPipeSafe(sys.stdout)
+    if not isinstance(sys.stderr, ClosedPipeSafe):  # `... 2>&1 | head`
+        sys.stderr = ClosedPipeSafe(sys.stderr)
     try:
         code = main(argv)
     except UsageError as exc:

@@ -102,6 +102,14 @@ def test_a_ctrl_c_in_a_deferred_block_acts_after_it_and_one_while_starting_is_on
     deferred = subprocess.run([sys.executable, "-c", DEFERRED], capture_output=True, text=True, timeout=60,
                               preexec_fn=as_from_a_terminal)
     assert deferred.stdout.strip() == "interrupted after the block", deferred.stdout + deferred.stderr
+    # Installed as `python -m cnnopt.<command>` starts (runpy imports the package with sys.argv[0] == "-m"), and
+    # only then: importing cnnopt as a library leaves Ctrl-C alone.
+    installed = ("import signal, sys; sys.argv[:1] = [{}]; import cnnopt; "
+                 "print(signal.getsignal(signal.SIGINT) is cnnopt.interrupted_while_starting)")
+    for argv0, expected in (("'-m'", "True"), ("'-c'", "False")):
+        done = subprocess.run([sys.executable, "-c", installed.format(argv0)], capture_output=True, text=True,
+                              timeout=60, preexec_fn=as_from_a_terminal)
+        assert done.stdout.strip() == expected, done.stdout + done.stderr
     starting = subprocess.Popen([sys.executable, "-m", "cnnopt.search", "--name", "early"], cwd=tmp_path, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=as_from_a_terminal)
     time.sleep(0.5)  # importing torch, Ray and MLflow: before cnnopt.cli.run is reached

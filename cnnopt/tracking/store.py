@@ -65,9 +65,11 @@ def make_client() -> MlflowClient:
         if not uri.startswith("sqlite:///"):
             raise
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"the MLflow store {uri} cannot be opened ({why}); a database whose creation was cut "
-                         "short stays broken: if it holds no runs yet, delete it and run again, else set "
-                         "MLFLOW_TRACKING_URI to another store") from None
+        fix = ("its creation was cut short (a migration's scratch table is left): if it holds no runs yet, delete "
+               "it and run again, else set MLFLOW_TRACKING_URI to another store" if "_alembic_tmp_" in why else
+               "if another command is creating it now, wait for it and retry; else check the file, or set "
+               "MLFLOW_TRACKING_URI to another store")
+        raise UsageError(f"the MLflow store {uri} cannot be opened ({why}); {fix}") from None
     _checked_stores.add(uri)
     return client
 
