@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cnnopt.cli import Parser, quiet_libraries, run
-from cnnopt.data.decode import eight_bit_gray, image_files, resize_center_crop
+from cnnopt.data.decode import eight_bit_gray, image_files, resize_center_crop, unreadable
 from cnnopt.errors import UsageError
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
 from cnnopt.deploy.predictor import match_channels
@@ -100,7 +100,7 @@ def read_image(path: Path) -> torch.Tensor:
                 image = image.convert("RGBA" if has_alpha else ("L" if image.mode in ("1", "I", "I;16", "F") else "RGB"))
             array = np.asarray(image, dtype=np.uint8).copy()
     except Exception as exc:
-        raise UsageError(f"cannot read image {path}: {exc}; pass image files (or folders of them) only") from None
+        raise unreadable(path, exc) from None
     tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     return tensor.unsqueeze(0)

@@ -101,9 +101,13 @@ def store(cache: Path, key: str, decode: Callable[[Callable], np.ndarray], index
         temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache))
     try:
         path = temporary / "images.npy"
+
+        def allocate(shape: tuple[int, ...]) -> np.ndarray:
+            with writing(cache):
+                return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+
+        images = decode(allocate=allocate)  # decoding's own errors (a pool's, a file's) pass through as they are
         with writing(cache):
-            images = decode(allocate=lambda shape: np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
-                                                                              shape=shape))
             images.flush()
             del images
             (temporary / "index.json").write_text(json.dumps(index))
@@ -199,7 +203,7 @@ def open_images(path: str | Path) -> torch.Tensor:
 @contextlib.contextmanager
 def writing(folder: Path):
     """A write into the cache: a folder that cannot be written (permissions, a read-only mount, a quota) is
-    one line saying so and how to go on, not a traceback. Decoding's own errors pass through as they are."""
+    one line saying so and how to go on, not a traceback."""
     try:
         yield
     except OSError as exc:
