@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     name, search = args.name or default_study_name(experiment), experiment.search
     trials_shown = f"{search.trials} trials"
     if search.strategy == "grid":  # a grid runs its points once: --trials beyond them adds none
-        points = len(search_spaces.get(experiment.search_space).grid())
-        trials_shown = (f"{min(search.trials, points)} trials of its {points} grid points" if search.trials < points
-                        else f"{points} trials: every grid point" + (f" (--trials {search.trials} asked for more)"
-                                                                       if search.trials > points else ""))
+        space = search_spaces.get(experiment.search_space)
+        runs, points = STRATEGIES["grid"].planned(space, search.trials), len(space.grid())
+        trials_shown = (f"{runs} trials of its {points} grid points" if runs < points else
+                        f"{runs} trials: every grid point" + (f" (--trials {search.trials} asked for more)"
+                                                                if search.trials > points else ""))
     shape = (f"trials and their time planned from a {search.time_budget:g}-min time budget" if search.time_budget
              else f"{trials_shown}, scheduler {search.scheduler}, {experiment.train.epochs} epochs each")
     header = (f"study {name}: {search.strategy} over search space '{experiment.search_space}', {shape}"
@@ -138,14 +139,14 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
               "it counts Ray's start-up and each trial's first epochs: give --time-budget more minutes",
               file=sys.stderr)
         return 2
+    if outcome.best is None:  # a study of failed trials is a failed study, for the script or CI that ran it
+        print("error: no trial completed" + (", so there is nothing to promote" if not args.no_promote else "")
+              + "; the trial lines above show their errors (each whole on its MLflow run, tag 'error')",
+              file=sys.stderr)
+        return 1
     try:
-        code = finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
+        return finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
                       address=args.address, started=started)
-        if outcome.best is None:  # a study of failed trials is a failed study, for the script or CI that ran it
-            print("error: no trial completed, so there is nothing to promote; the trial lines above show their "
-                  "errors (each whole on its MLflow run, tag 'error')", file=sys.stderr)
-            return 1
-        return code
     except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
         print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
               f"  {resume_command(outcome.name)}", file=sys.stderr)

@@ -195,9 +195,10 @@ def children(uri: str, study: str, kind: str):
 def test_stopped_trials_are_recorded_and_counted(ray_session, mlflow_store, capsys, study_console):
     code = search.main(["--trials", "2", "--name", "slow", "--set", "search.epoch_limit=0.000001",
                         "--set", "train.epochs=2", "--no-promote", "--no-report"])
-    assert code == 0
+    assert code == 1, "no trial completed: the study gives nothing to use"
     out, err = capsys.readouterr()
-    assert study_console(out, err) == []
+    assert err.startswith("error: no trial completed; the trial lines above show") and err.count("\n") == 1
+    assert study_console(out, "") == []
     assert "2 stopped" in out and "too slow: an epoch would take" in out
     runs = children(mlflow_store, "slow", "trial")
     assert sorted(run.data.tags["status"] for run in runs) == ["stopped", "stopped"]
