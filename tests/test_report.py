@@ -263,6 +263,20 @@ def test_a_hyperparameter_no_trial_varied_is_left_out_of_the_importances_not_ran
     assert re.search(r"\bchannels\b[^;]* left out: the same value in every completed trial", report.importance_note)
 
 
+def test_a_report_cut_short_leaves_no_temporary_folder(mlflow_store, tmp_path):
+    """A command that ends while its report is built in a temporary folder (a Ctrl-C: the report thread is a
+    daemon) removes the folder at exit; it was left in /tmp, one per interrupted study."""
+    import os
+
+    record_study("leftover", lr_at_the_top(3))
+    built = subprocess.run([sys.executable, "-c", "from cnnopt.insight.report import build_report; "
+                            "print(build_report('digits', 'leftover').out_dir)"], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store})
+    assert built.returncode == 0, built.stderr
+    folder = Path(built.stdout.strip().splitlines()[-1])
+    assert folder.name.startswith("cnnopt-report-") and not folder.exists()
+
+
 def test_importance_is_skipped_with_a_note_on_too_few_trials(mlflow_store, tmp_path):
     experiment, parent_id = record_study("few", lr_at_the_top(3))
     report = log_report(experiment, "few", out_dir=tmp_path)

@@ -10,6 +10,7 @@ Because it reads only the record, it works for finished, resumed and old studies
 
 from __future__ import annotations
 
+import atexit
 import math
 import shutil
 import tempfile
@@ -90,6 +91,8 @@ def build_report(experiment: str | Experiment, study: str | None = None, out_dir
     mode = recorded.get("mode") or (experiment.mode if isinstance(experiment, Experiment) else "max")
     space = search_spaces.get(parent.data.tags.get("search_space") or recorded.get("search_space", ""))
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="cnnopt-report-"))
+    if not out_dir:  # `log_report` removes it; a command that ends while the report is built (a Ctrl-C) does here
+        atexit.register(shutil.rmtree, out, True)
     out.mkdir(parents=True, exist_ok=True)
 
     trials = load_trials(name, study)
