@@ -19,8 +19,9 @@ from cnnopt.tracking.registry import ALIAS
 
 
 def print_promotion(promotion: Promotion) -> None:
+    evaluated = "evaluated again: the run was promoted before" if promotion.again else "evaluated once"
     print(f"promoted run {promotion.run_id}: test_accuracy {promotion.test_accuracy:.4f}, "
-          f"test_loss {promotion.test_loss:.4f} (test split evaluated once)")
+          f"test_loss {promotion.test_loss:.4f} (test split {evaluated})")
     differences = promotion.files["max_difference"]
     print(f"  exported model.pt and model.pt2, verified in a fresh torch process "
           f"(max difference {max(differences.values()):.1e})")

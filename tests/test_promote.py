@@ -64,12 +64,19 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert search.main(["--resume", "--name", "p"]) == 0
     assert len(calls) == 1 and "already; its test split is not evaluated again" in capsys.readouterr().out
     assert len(client.search_model_versions("name='digits'")) == 1
-    # Promoted again by hand, from another experiment file and with no --set: the study is found by its name,
-    # and its recorded settings give the split it trained on (data.seed=1) and the registered name. A --set
-    # that changes the split is refused before the test split is touched.
+    # A study promotes once: promoting it again by its name is refused before the test split is read, and says
+    # how to do it on purpose. Named by --run-id, from another experiment file and with no --set, the run's
+    # recorded settings give the split it trained on (data.seed=1) and the registered name, and the output
+    # says the test split was evaluated again. A --set that changes the split is refused before the test split
+    # is touched.
     other = tmp_path / "other.toml"
     other.write_text('name = "other"\n')
-    assert promote_cli.main(["--experiment", str(other), "--study", "p"]) == 0
+    with pytest.raises(UsageError, match=f"study 'p' promoted run {best.info.run_id} already.*--run-id"):
+        promote_cli.main(["--experiment", str(other), "--study", "p"])
+    assert len(calls) == 1
+    capsys.readouterr()
+    assert promote_cli.main(["--experiment", str(other), "--run-id", best.info.run_id]) == 0
+    assert "(test split evaluated again: the run was promoted before)" in capsys.readouterr().out
     assert len(calls) == 2 and len(client.search_model_versions("name='digits'")) == 2
     assert not client.search_registered_models("name='other'"), "registered under the run's own experiment"
     with pytest.raises(UsageError, match="another split than its study's settings load now with the --set values"):

@@ -241,6 +241,11 @@ def test_a_resume_refuses_a_folder_whose_images_changed_since_the_study_started(
         search.main(["--resume", "--name", "drift", "--no-promote", "--no-report"])
     _, parent, children = study_runs(mlflow_store, "drift")
     assert {run.info.status for run in [parent, *children]} == {"FINISHED"}, "nothing reopened"
+    from cnnopt import promote as promote_cli  # the promotion says what changed too, before reading the test split
+
+    with pytest.raises(UsageError, match="was trained on other images than its study's settings load now .*the "
+                                         "folder changed since.*--set data.root="):
+        promote_cli.main(["--study", "drift"])
 
 
 def test_a_point_the_space_no_longer_holds_is_named():

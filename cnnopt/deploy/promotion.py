@@ -41,6 +41,7 @@ class Promotion:
     files: dict
     name: str  # the registered model's name: the experiment the run belongs to
     kept_because: str = ""  # why the alias stayed on the previous champion
+    again: bool = False  # the run was promoted before: its test split was evaluated once more
 
 
 def best_trial_run(client, experiment: Experiment, study: str | None):
@@ -119,6 +120,14 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         run = client.get_run(run_id) if run_id else best_trial_run(client, experiment, study)
     except MlflowException:
         raise UsageError(f"no MLflow run {run_id!r} in {tracking.tracking_uri()}; check --run-id") from None
+    if run_id is None:  # a study promotes once: its test split is not read again unless a run is named
+        parent_id = run.data.tags.get(tracking.PARENT_TAG)
+        promoted = client.get_run(parent_id).data.tags.get("promoted_run_id") if parent_id else None
+        if promoted:
+            raise UsageError(f"study {run.data.tags.get(tracking.STUDY_TAG)!r} promoted run {promoted} already, and "
+                             "its test split is read once; to evaluate and register a run again, name it: "
+                             f"python -m cnnopt.promote --run-id {promoted}")
+    again = run.data.tags.get("promoted") == "true"  # named by --run-id: evaluated again, and said so
     recorded = studies.trained_settings(client, run)
     settings = with_overrides(recorded, overrides) if recorded else experiment
     run_id = run.info.run_id
@@ -143,9 +152,14 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                 and torch.allclose(torch.tensor(trained["mean"]), torch.tensor(data.mean), atol=1e-6)
                 and torch.allclose(torch.tensor(trained["std"]), torch.tensor(data.std), atol=1e-6))
         if not same:
+            if recorded and not overrides:
+                raise UsageError(f"run {run_id} was trained on other images than its study's settings load now "
+                                 "(class names, size, channels or the train split's statistics differ): the folder "
+                                 "changed since, or holds other images on this machine; restore the images it "
+                                 "trained on, or point --set data.root=... at them")
             where = "its study's settings load" if recorded else f"experiment {experiment.name!r} loads"
             raise UsageError(f"run {run_id} was trained on other data or another split than {where} now"
-                             f"{' with the --set values given' if recorded and overrides else ''}; promote with "
+                             f"{' with the --set values given' if recorded else ''}; promote with "
                              "the --set values it was trained with")
         if len(data.test_y) == 0:
             raise UsageError("the test split is empty; set data.test_fraction above 0")
@@ -160,7 +174,7 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         registered = registry.record_promotion(settings, run, metrics, scratch / "confusion_matrix.png", model_dir,
                                                tracking.split_digest(data.test_x, data.test_y))
     return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], registered.version,
-                     registered.moved, registered.previous, files, settings.name, registered.kept_because)
+                     registered.moved, registered.previous, files, settings.name, registered.kept_because, again)
 
 
 def model_card(settings: Experiment, run, checkpoint: dict, result: dict) -> str:
