@@ -160,10 +160,12 @@ def per_name_metrics(prefix: str, values: dict[str, float]) -> dict[str, float]:
     then collide with an earlier one gets its position appended, so every value is kept."""
     keyed: dict[str, float] = {}
     for position, (name, value) in enumerate(values.items()):
-        key = (prefix + REFUSED_IN_KEYS.sub("_", str(name)))[:METRIC_KEY_LENGTH]
-        while key in keyed:
-            suffix = f"_{position}"
-            key = key[:METRIC_KEY_LENGTH - len(suffix)] + suffix
+        key = base = (prefix + REFUSED_IN_KEYS.sub("_", str(name)))[:METRIC_KEY_LENGTH]
+        tries = 0
+        while key in keyed:  # each try another key, even where the cut to MLflow's length would repeat one
+            tries += 1
+            suffix = f"_{position}" if tries == 1 else f"_{position}_{tries}"
+            key = base[:METRIC_KEY_LENGTH - len(suffix)] + suffix
         keyed[key] = value
     return keyed
 
