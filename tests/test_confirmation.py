@@ -86,6 +86,16 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     assert sorted(r.info.status for r in seed_3) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
     confirm(dataclasses.replace(broken, train=experiment.train), "c")
     assert len(client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation'")) == 8
+    # Under a time budget a seed trains the epochs its trial trained (2 here): not the experiment's 30, nor as many as
+    # its own seconds fit (seeds that re-planned their epochs from a cold start scored 0.63-0.66 for 0.84 trials).
+    budgeted = dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, epochs=30),
+                                   search=dataclasses.replace(experiment.search, confirm_seeds=4, trial_seconds=5.0))
+    capsys.readouterr()
+    confirm(budgeted, "c")
+    assert capsys.readouterr().out.count("(completed, 2 epochs as its trial)") == 2
+    seed_4 = client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation' and tags.seed = '4'")
+    assert len(seed_4) == 2 and all(run.data.params["epochs"] == "2" for run in seed_4)
+    assert all(len(client.get_metric_history(run.info.run_id, "train_loss")) == 2 for run in seed_4)
     why = train_final(broken, "c", failing.promote_run_id)
     assert isinstance(why, str) and why.startswith("it failed (") and "promoted as it is" in why
     # A final training that diverges is recorded, and not promoted: the run it repeats is.

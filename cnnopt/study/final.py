@@ -71,7 +71,7 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
     chosen = client.get_run(chosen_run_id)
     space = search_spaces.get(experiment.search_space)
     # The epochs the chosen run trained (a budget's trials train for a time: as many as fitted).
-    trial_epochs = len(client.get_metric_history(chosen_run_id, "train_loss")) or experiment.train.epochs
+    trial_epochs = studies.epochs_trained(client, chosen_run_id) or experiment.train.epochs
     paces = sorted(1 / metric.value for metric in client.get_metric_history(chosen_run_id, "images_per_second")
                    if metric.value > 0)
     trial_per_image = paces[len(paces) // 2] if paces else 0.0  # its median epoch's seconds per training image

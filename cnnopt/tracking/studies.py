@@ -119,6 +119,11 @@ def searched_params(run) -> dict:
             for name in run.data.tags.get("searched", "").split(",") if name in types}
 
 
+def epochs_trained(client: MlflowClient, run_id: str) -> int:
+    """The epochs a run trained (0 where it logged none): a time budget's trials train as many as fit."""
+    return len({metric.step for metric in client.get_metric_history(run_id, "train_loss")})
+
+
 def trial_number(run) -> int:
     return int(run.data.tags.get("trial_number", 0))
 
