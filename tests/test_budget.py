@@ -181,16 +181,16 @@ def test_a_first_batches_warm_up_is_left_out_of_the_pace(digits_data, monkeypatc
     config = dataclasses.replace(TINY, batch_size=16, epochs=30)  # ~90 batches an epoch: paced from 4 to 9
     steady = train(dataclasses.replace(config, epochs=1), digits_data).best_metrics["epoch_seconds"]
     warm_up = 1 + 4 * steady  # once, on the first batch; the old projection multiplied it by ten
-    step = objective.Setup.step
+    learn = objective.Setup.learn
     calls = []
 
-    def cold_first_step(setup, index):
+    def cold_first_step(setup, images, labels):
         if not calls:
             time.sleep(warm_up)
-        calls.append(index)
-        return step(setup, index)
+        calls.append(labels)
+        return learn(setup, images, labels)
 
-    monkeypatch.setattr(objective.Setup, "step", cold_first_step)
+    monkeypatch.setattr(objective.Setup, "learn", cold_first_step)
     reports = []
     result = train(dataclasses.replace(config, epochs=1), digits_data, lambda epoch, metrics: reports.append(metrics),
                    epoch_limit=warm_up)

@@ -10,6 +10,7 @@ import torch
 
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.errors import UsageError
+from cnnopt.training import objective
 from cnnopt.training.objective import OPTIMIZERS, SCHEDULES, TrainResult, epoch_seconds, is_better, train
 
 REPORTED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second",
@@ -121,6 +122,26 @@ def test_on_improve_is_called_before_the_report(digits_data):
     train(dataclasses.replace(QUICK, epochs=2), digits_data, lambda epoch, _: events.append(("report", epoch)),
           on_improve=lambda epoch, state: events.append(("improve", epoch, isinstance(state, dict))))
     assert events[0] == ("improve", 1, True) and events[1] == ("report", 1)
+
+
+def test_batches_augmented_together_train_as_batches_one_at_a_time(digits_data, monkeypatch):
+    """On CUDA several batches go through the augmentation in one call (it is launch-bound there: 0.56x on an
+    H100 at one batch a call); the model must learn from the same batches. Without augmentation, the same losses."""
+    config = TrainConfig(epochs=2, channels=8, batch_size=50)  # 1,259 images: 26 batches, the last of 9
+    assert len(digits_data.train_y) % 50 and len(digits_data.train_y) // 50 % 4, "a partial batch and a partial chunk"
+    one = train(config, digits_data)
+    calls = []
+    learn = objective.Setup.learn
+    monkeypatch.setattr(objective, "_batches_per_augment", lambda *args: 4)
+    monkeypatch.setattr(objective.Setup, "learn", lambda setup, x, y: calls.append(len(y)) or learn(setup, x, y))
+    four = train(config, digits_data)
+    assert calls[:26] == [50] * 25 + [9] and sum(calls) == 2 * len(digits_data.train_y)
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [epoch[key] for epoch in four.history] == [epoch[key] for epoch in one.history], key
+    augmented = dataclasses.replace(config, flip=True, crop_padding=2, randaugment_ops=2)
+    first, again = train(augmented, digits_data), train(augmented, digits_data)
+    assert first.status == "completed" and first.history[-1]["val_accuracy"] > 0.3  # chance: 0.1
+    assert [epoch["train_loss"] for epoch in first.history] == [epoch["train_loss"] for epoch in again.history]
 
 
 def test_augmentation_and_every_option_together(digits_data):
