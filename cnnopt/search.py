@@ -171,9 +171,14 @@ def _finish(experiment, outcome, report: bool, promotion: bool, address, started
     # waits for them), so its seconds are off the path to the promoted model; it is joined before promotion.
     # An interrupted command leaves it unjoined (a daemon thread); a resume logs the report again.
     background = BackgroundReport(experiment, outcome.name) if report else None
-    code = _promote_chosen(experiment, outcome, address, started, spent, background) if promotion else 0
-    mark = time.perf_counter()
-    _join(background)  # where nothing was promoted, the report is what is left
+    try:
+        code = _promote_chosen(experiment, outcome, address, started, spent, background) if promotion else 0
+        mark = time.perf_counter()
+        _join(background)  # where nothing was promoted, the report is what is left
+    except KeyboardInterrupt:
+        if background is not None:
+            background.settle()
+        raise
     spent["finish"] = spent.get("finish", 0.0) + time.perf_counter() - mark
     return code
 
@@ -282,6 +287,9 @@ def confirm_best(experiment, outcome, address: str | None):
     return confirmation
 
 
+SETTLE_SECONDS = 15.0  # the most a Ctrl-C waits for the report's thread (it takes 5-10 s in all)
+
+
 class BackgroundReport:
     """The study report (`log_report`), logged to the parent run on a thread of its own; `join` waits
     for it and prints its lines: the figures, the importances, the edges of the space, or a warning
@@ -306,6 +314,19 @@ class BackgroundReport:
         self.lines = ([("", False), (f"report: {len(report.figures)} figures and report.md on the study's parent run "
                                      f"(report/){importance}", False)]
                       + [(f"edge of the space: {line}", False) for line in report.edges])
+
+    def settle(self) -> None:
+        """After a Ctrl-C: give the report up to `SETTLE_SECONDS` to end, so that the interpreter does not shut down
+        while the thread draws (in matplotlib's C code at exit, the process aborted with exit 134 once in three
+        tries). A second Ctrl-C stops the wait."""
+        if not self.thread.is_alive():
+            return
+        print(f"\ninterrupted: waiting up to {SETTLE_SECONDS:.0f}s for the study report to end (Ctrl-C again stops "
+              "now)", file=sys.stderr, flush=True)
+        try:
+            self.thread.join(SETTLE_SECONDS)
+        except KeyboardInterrupt:
+            pass
 
     def join(self) -> None:
         """Wait for the report and print its lines, once (later calls do nothing)."""

@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -243,3 +245,36 @@ def test_sigterm_still_ends_a_command_a_script_started_with_sigint_ignored(tmp_p
     job.send_signal(signal.SIGTERM)
     job.communicate(timeout=60)
     assert job.returncode == -signal.SIGTERM
+
+
+def test_a_ctrl_c_after_the_trials_gives_the_report_thread_a_bounded_wait(monkeypatch, capsys):
+    """A Ctrl-C while the report's daemon thread drew in matplotlib's C code aborted the process at exit (exit 134,
+    once in three tries). The command now waits for that thread, a bounded time, before it ends."""
+    from cnnopt import search as command
+
+    endless = threading.Event()
+
+    def drawing(experiment, name):  # the report's figures being drawn
+        endless.wait() if name == "endless" else time.sleep(1.0)
+        raise RuntimeError("drawn")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    reports, real = [], command.BackgroundReport
+    monkeypatch.setattr(command, "log_report", drawing)
+    monkeypatch.setattr(command, "_promote_chosen", interrupted)
+    monkeypatch.setattr(command, "BackgroundReport", type("Kept", (real,), {
+        "__init__": lambda self, *args: real.__init__(self, *args) or reports.append(self)}))
+    with pytest.raises(KeyboardInterrupt):
+        command._finish(None, SimpleNamespace(name="short"), True, True, None, 0.0, {})
+    assert not reports[0].thread.is_alive(), "the interrupted command waited for the report to end"
+    assert "waiting up to 15s for the study report to end (Ctrl-C again stops now)" in capsys.readouterr().err
+    monkeypatch.setattr(command, "SETTLE_SECONDS", 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            command._finish(None, SimpleNamespace(name="endless"), True, True, None, 0.0, {})
+        assert time.monotonic() - started < 10 and reports[1].thread.is_alive(), "the wait is bounded"
+    finally:
+        endless.set()
