@@ -17,7 +17,7 @@ STARTED = time.perf_counter()  # before the heavy imports below: a time budget c
 import search_spaces  # noqa: E402 - after STARTED on purpose
 from cnnopt import tracking, trials
 from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
-from cnnopt.experiment.config import load_experiment
+from cnnopt.experiment.config import check_flag, load_experiment
 from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.resume and not args.name:
         parser.error("--resume needs --name STUDY (the name printed when the study started)")
+    for flag in SEARCH_FLAGS:
+        if getattr(args, flag) is not None and flag != "strategy":
+            check_flag(f"--{flag.replace('_', '-')}", f"search.{flag}", getattr(args, flag))
     overrides = list(args.overrides) + [f"search.{flag}={getattr(args, flag)}"
                                         for flag in SEARCH_FLAGS if getattr(args, flag) is not None]
     if args.resume:

@@ -430,11 +430,16 @@ def test_bad_search_input_is_one_clear_line(tmp_path):
     for args, expected in ((["--set", "search_space=nope"], "unknown search space"),
                            (["--resume", "--name", "missing"], "no study named 'missing'"),
                            (["--resume", "--name", "missing", "--no-confirm"], "no study named 'missing'"),
-                           (["--resume", "--name", "missing", "--trials", "3"], "drop --trials (only --address, --no-report")):
+                           (["--resume", "--name", "missing", "--trials", "3"], "drop --trials (only --address, --no-report"),
+                           # A flag's bad value names the flag, not the --set that the person did not type.
+                           (["--concurrency", "-1"], "error: --concurrency -1 is not allowed: it must be >= 0"),
+                           (["--experiment", "/dev/null"], "experiment file /dev/null is not a regular file"),
+                           (["--experiment", str(tmp_path)], f"experiment file {tmp_path} is not a regular file")):
         done = subprocess.run([sys.executable, "-m", "cnnopt.search", *args, "--no-promote"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120,
                               env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
-        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
 
 
 def test_gpus_per_trial_auto_packs_trials_per_gpu_or_takes_the_cpu():

@@ -189,7 +189,8 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     """
     path = Path(path) if path else DEFAULT_EXPERIMENT
     if not path.is_file():
-        raise UsageError(f"experiment file {path} not found: pass --experiment with a path such as experiments/digits.toml")
+        problem = "is not a regular file" if path.exists() else "not found"
+        raise UsageError(f"experiment file {path} {problem}: pass --experiment with a path such as experiments/digits.toml")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -287,6 +288,14 @@ def check_ranges(experiment: Experiment) -> None:
     """Reject the first setting outside its allowed values, naming it, its value and what is allowed."""
     for section in SECTIONS:
         check_section(section, getattr(experiment, section))
+
+
+def check_flag(flag: str, key: str, value) -> None:
+    """A command-line flag's value against the rule in RANGES of the setting `key` it sets: a UsageError that
+    names the flag (the setting's own message would send the person to --set)."""
+    allowed, description = RANGES.get(key, (lambda v: True, ""))
+    if not allowed(value):
+        raise UsageError(f"{flag} {value:g} is not allowed: it must be {description}")
 
 
 def check_section(section: str, values) -> None:
