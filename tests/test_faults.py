@@ -278,3 +278,24 @@ def test_a_ctrl_c_after_the_trials_gives_the_report_thread_a_bounded_wait(monkey
         assert time.monotonic() - started < 10 and reports[1].thread.is_alive(), "the wait is bounded"
     finally:
         endless.set()
+
+
+def test_a_killed_trials_checkpoint_folder_is_removed_by_the_next_trial(tmp_path, monkeypatch):
+    """A trial killed mid-run (its actor ended by a Ctrl-C) cannot remove its checkpoint folder: one from a CI run
+    was left in /tmp. The next trial on that machine removes those whose process is gone, and only those."""
+    import tempfile
+
+    from cnnopt.study.trainable import CHECKPOINT_PREFIX, checkpoint_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{CHECKPOINT_PREFIX}{int(gone.stdout)}-abc"
+    live = tmp_path / f"{CHECKPOINT_PREFIX}{os.getppid()}-def"  # a running process's (pytest's parent)
+    older = tmp_path / f"{CHECKPOINT_PREFIX}2i1xqo6y"  # named as before: no process to ask, left alone
+    for folder in (dead, live, older):
+        folder.mkdir()
+        (folder / "checkpoint.pt").write_bytes(b"weights")
+    made = checkpoint_folder()
+    assert made.parent == tmp_path and made.name.startswith(f"{CHECKPOINT_PREFIX}{os.getpid()}-")
+    assert not dead.exists() and live.exists() and older.exists()
+    assert checkpoint_folder() != made and made.exists(), "this process's own folders stay"

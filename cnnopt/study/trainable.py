@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,11 +34,35 @@ def assigned_device(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, device="cuda" if ray.get_gpu_ids() else "cpu")
 
 
+CHECKPOINT_PREFIX = "cnnopt-ckpt-"
+
+
+def checkpoint_folder() -> Path:
+    """A new folder for a trial's best epoch, in the temporary folder and named by this process. A trial killed
+    mid-run (an actor ended by a Ctrl-C) cannot remove its own, so each new one first removes those whose process
+    is gone: what is left on a node is at most the last study's killed trials'."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_PREFIX}*-*"):
+        pid = stale.name[len(CHECKPOINT_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)  # another user's stays: not ours to remove
+    return Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
 def run_trial(config: dict, *, experiment: Experiment, space: Space, data: ImageData) -> None:
     """Train the trial's configuration; `data` arrives once per node through Ray's object store."""
     train_config = assigned_device(space.apply(experiment.train, config))
     node = ray.get_runtime_context().get_node_id()  # which machine of a cluster ran the trial
-    folder = Path(tempfile.mkdtemp(prefix="cnnopt-ckpt-"))
+    folder = checkpoint_folder()
     improved = {"epoch": 0}
     best: dict = {}
 
