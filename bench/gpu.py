@@ -307,20 +307,20 @@ def worker(args) -> int:
 
 
 def train_steps(setup, schedule, steps: int) -> None:
-    """`steps` steps of `train`'s epoch loop (shuffled batches, the step, loss and accuracy sums), then a sync."""
+    """`steps` steps of `train`'s epoch loop (shuffled batches through `Setup.steps`, augmented as `train` does,
+    the loss and accuracy sums), then a sync."""
     batch, count, device = setup.config.batch_size, len(setup.train_y), setup.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    order, position = None, count
-    for _ in range(steps):
-        if position + batch > count:  # a new epoch's order (full batches only)
-            order, position = torch.randperm(count, generator=setup.order_generator).to(device), 0
-        loss, logits, y = setup.step(order[position:position + batch])
-        position += batch
-        if schedule is not None and setup.config.lr_schedule == "onecycle":
-            schedule.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+    while steps > 0:  # epochs of full batches, the last cut to the steps left
+        order = torch.randperm(count, generator=setup.order_generator).to(device)
+        starts = list(range(0, count - batch + 1, batch))[:steps]
+        for loss, logits, y in setup.steps(order, starts, batch):
+            if schedule is not None and setup.config.lr_schedule == "onecycle":
+                schedule.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+        steps -= len(starts)
     loss_sum.item()  # one sync, as train has per epoch
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import search_spaces
@@ -177,27 +178,39 @@ def test_a_trial_too_slow_for_its_share_is_stopped_and_told_to_the_sampler_as_pr
 def test_a_first_batches_warm_up_is_left_out_of_the_pace(digits_data, monkeypatch):
     """On a GPU the first batches pay once for the device's start: on an H100, 4 trials starting at once
     projected ~10 s epochs for nets that train one in 2.4-3 s, were stopped as too slow, and confirmation
-    seeds planned a third of the epochs that fit. Here a first step that sleeps stands in for that start."""
-    config = dataclasses.replace(TINY, batch_size=16, epochs=30)  # ~90 batches an epoch: paced from 4 to 9
-    steady = train(dataclasses.replace(config, epochs=1), digits_data).best_metrics["epoch_seconds"]
-    warm_up = 1 + 4 * steady  # once, on the first batch; the old projection multiplied it by ten
+    seeds planned a third of the epochs that fit. A clock that each batch moves on stands in for the device:
+    1 a batch, 100 for the first."""
+    cost = {}
+    clock = [0.0]
     learn = objective.Setup.learn
-    calls = []
 
-    def cold_first_step(setup, images, labels):
-        if not calls:
-            time.sleep(warm_up)
-        calls.append(labels)
+    def timed(setup, images, labels):
+        calls = cost["calls"] = cost.get("calls", 0) + 1
+        clock[0] += cost.get(calls, 1.0)
         return learn(setup, images, labels)
 
-    monkeypatch.setattr(objective.Setup, "learn", cold_first_step)
-    reports = []
-    result = train(dataclasses.replace(config, epochs=1), digits_data, lambda epoch, metrics: reports.append(metrics),
-                   epoch_limit=warm_up)
-    assert result.status == trials.COMPLETED, f"stopped as too slow: {reports}"
-    calls.clear()
-    result = train(config, digits_data, deadline=time.time() + warm_up + 10 * steady)
-    assert result.epochs_run >= 3, "the epochs that fit after the warm-up, not those at its pace"
+    def run(costs, **deadline_or_limit):
+        cost.clear()
+        cost.update(costs)
+        clock[0] = 0.0
+        return train(config, digits_data, **deadline_or_limit)
+
+    monkeypatch.setattr(objective, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=lambda: clock[0]))
+    monkeypatch.setattr(objective.Setup, "learn", timed)
+    config = TrainConfig(epochs=30, channels=8, batch_size=16)  # 79 batches of digits' 1,259 train images
+    assert len(digits_data.train_y) == 1259 and len(digits_data.val_y) == 269
+    epoch = (1259 + 269 / 3) / 16  # projected: the train images, and validation at a third of their cost
+    # Paced from the 4th batch to the 8th: 1 a batch. Timed from the first, the 7th batch projected 15x that.
+    config = dataclasses.replace(config, epochs=1)
+    assert run({1: 100.0}, epoch_limit=1.2 * epoch).status == trials.COMPLETED
+    assert run({1: 100.0}, epoch_limit=0.8 * epoch).status == trials.STOPPED, "a limit it does break still stops it"
+    # Under a deadline 10.5 epochs after the warm-up: 10 epochs (timed from the first batch: 1).
+    config = dataclasses.replace(config, epochs=30)
+    assert run({1: 100.0}, deadline=100 + 10.5 * 79).epochs_run == 10
+    # A pace window three times slower than the rest plans 3 epochs; the epochs that follow show more fit.
+    slow = {1: 100.0, **{call: 3.0 for call in range(5, 9)}}
+    grown = run(slow, deadline=100 + 10.5 * 79)
+    assert grown.epochs_run >= 9 and grown.history[0]["epochs_planned"] >= 9, [m["epochs_planned"] for m in grown.history]
 
 
 def test_a_final_training_on_train_and_val_keeps_the_last_epoch(digits_data):

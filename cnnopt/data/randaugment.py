@@ -15,10 +15,10 @@ On the CPU the images of each group are gathered and computed together (reading 
 free there, and each image is computed once). On a GPU reading the sizes would make the host wait
 for the device every batch, so there every group runs on the whole batch and a per-image mask keeps
 its result: a fixed set of kernel launches whatever the draw, and no sync; the extra arithmetic is
-small next to the training step on such a device. Both ways give the same pixels. Those launches cost
-the same for 128 images as for 1,024 (on an H100 at 128 images a call, RandAugment(2, 9) ran a trial at
-0.56x its speed), so the training loop hands it several batches at once there
-(`cnnopt.training.objective._batches_per_augment`).
+small next to the training step on such a device. Both ways give the same pixels. The launches do not
+grow with the images (on an H100 at 128 images a call, RandAugment(2, 9) ran a trial at 0.56x its
+speed), so the training loop hands it several batches at once there
+(`cnnopt.training.objective._batches_per_augment`; not yet measured on a GPU that way).
 
 Exactness: the float arithmetic is torchvision's, op for op (its blends round x * r + y * (1 - r)
 once, as a fused multiply-add; `addcmul` with per-image factors does the same), and the sampling

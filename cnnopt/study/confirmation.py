@@ -4,9 +4,10 @@ The best of many noisy validation scores is partly luck (digits' val accuracy mo
 1/269). Before a study promotes, its top `search.confirm_top` configurations are trained again with
 `search.confirm_seeds` new seeds each (weights, batch order and augmentation), in parallel on Ray, each
 recorded as a child run of the study tagged as a confirmation of the trial it repeats. Each seed
-trains the epochs its trial trained, its schedule spanned over them as the trial's was (a time budget's
-trials train as many as fit in `search.trial_seconds`; a seed re-planning its own from a cold start
-would compare configurations at a few epochs: on an H100, seeds of 0.84 trials scored 0.63-0.66). The
+trains the epochs its trial trained, its schedule spanned over them as the trial's was, with no deadline
+(a time budget's trials train as many as fit in `search.trial_seconds`; seeds that re-planned their own
+from their first batches compared configurations at a few epochs: on an H100, seeds of 0.84 trials
+scored 0.63-0.66). The
 configuration with the best mean over the new seeds is chosen (the original trial's score is left out
 of the mean: it was selected for being high). Among the chosen configuration's runs, the one with the
 best validation metric is promoted. The test split is not read here.
@@ -31,11 +32,7 @@ from cnnopt.study.runner import ray_session, resolve_resources
 from cnnopt.study.trainable import assigned_device
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
-from cnnopt.training.objective import TrainResult, deadline_in, train
-
-# Under a time budget, a seed may take this many times its trial's seconds before it trains fewer epochs than
-# its trial (which would compare it at a different schedule): seeds start cold and all at once.
-GUARD = 2.0
+from cnnopt.training.objective import TrainResult, train
 
 
 @dataclass
@@ -123,11 +120,12 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
         client = tracking.make_client()
         pending = {}
         for run, seed in todo:
-            config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(run)), seed=seed,
-                                         epochs=studies.epochs_trained(client, run.info.run_id) or experiment.train.epochs)
-            # A time budget's guard only: the seed's epochs are its trial's, at about its trial's pace.
-            pending[task.remote(config, shared, experiment.metric, experiment.mode,
-                                GUARD * search.trial_seconds)] = (run, seed, config)
+            config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(run)), seed=seed)
+            config = dataclasses.replace(config, epochs=studies.epochs_trained(client, run.info.run_id) or config.epochs)
+            # No deadline: a seed re-planning its epochs from its first batches' pace trained 1 of its trial's 9
+            # on digits (a pace from one batch) and a few of 8 on an H100 (a cold start). Where seeds run slower
+            # than their trials did, the final training, planned from the time left, gets less.
+            pending[task.remote(config, shared, experiment.metric, experiment.mode)] = (run, seed, config)
         while pending:
             [ready], _ = ray.wait(list(pending))
             run, seed, config = pending.pop(ready)
@@ -146,10 +144,9 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
                   + (f"\n    error: {last_line(error)}" if error else ""), flush=True)
 
 
-def _train_seed(config, data: ImageData, metric: str, mode: str, seconds: float = 0.0) -> TrainResult:
-    """In a Ray worker: train one configuration with its seed (the GPU when Ray assigned one), its
-    `config.epochs`, fewer only where they would not end within `seconds` (0: no limit)."""
-    return train(assigned_device(config), data, metric=metric, mode=mode, deadline=deadline_in(seconds))
+def _train_seed(config, data: ImageData, metric: str, mode: str) -> TrainResult:
+    """In a Ray worker: train one configuration with its seed (the GPU when Ray assigned one), `config.epochs`."""
+    return train(assigned_device(config), data, metric=metric, mode=mode)
 
 
 def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageData, result: TrainResult,

@@ -28,10 +28,12 @@ Report = Callable[[int, dict], None]
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "cosine", "onecycle")
 EVAL_BATCH = 1024
-# Of the first epoch's batches before its length is projected (a tenth), the share left out of the pace: on an
+# Of the first epoch's batches before its length is projected, the share left out of the pace: on an
 # H100, 4 trials starting at once projected ~10 s epochs from their first batches for nets that train an epoch
 # in 2.4-3 s, and were stopped as too slow, or planned a third of the epochs that fit.
 WARMUP_SHARE = 0.5
+PROJECT_AT = 0.1  # of the first epoch's batches, those after which its length is projected
+MIN_PACED = 4  # the fewest batches the pace is timed over (digits' 20-batch epochs timed one: 10x spread)
 AUGMENT_IMAGES = 1024  # on CUDA, the most images augmented in one call (see `_batches_per_augment`)
 AUGMENT_BYTES = 64 * 2**20  # and the most bytes they take as float32
 
@@ -84,8 +86,19 @@ class Setup:
         images, index = _gather(self.train_x, index, self.streamed, self.device)
         return self.augment(images), self.train_y[index]
 
+    def steps(self, order: torch.Tensor, starts: list[int], size: int):
+        """The optimisation steps of the batches `order[start:start + size]`, in turn, yielding (loss, logits,
+        labels) after each; their images are gathered and augmented `batches_per_augment` batches at a time."""
+        per_call = self.batches_per_augment
+        for done, first in enumerate(starts):
+            if done % per_call == 0:
+                images, labels = self.prepare(order[first:first + per_call * size])
+                chunk = first
+            at = first - chunk
+            yield self.learn(images[at:at + size], labels[at:at + size])
+
     def learn(self, images: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimisation step on augmented uint8 images; returns (loss, logits, labels)."""
+        """One optimisation step on a batch from `prepare` (augmented, normalised); returns (loss, logits, labels)."""
         x = images.contiguous(memory_format=self.memory_format)  # (B, C, H, W)
         with self.amp:
             logits = self.model(x)
@@ -114,6 +127,19 @@ def set_up(config: TrainConfig, data: ImageData) -> Setup:
                  _batches_per_augment(config, data, device))
 
 
+def _pace_window(batches: int, per_call: int) -> tuple[int, int]:
+    """The first epoch's batches between which its pace is timed: (warm-up's end, projection), both after
+    whole augmentation calls of `per_call` batches. The projection comes a tenth into the epoch, at least
+    `MIN_PACED` batches after a warm-up of `WARMUP_SHARE` of that tenth, and before the epoch's last batch;
+    where the epoch is too short for that, as late as it can; where it has no batch after the warm-up
+    but its last, not at all (projection 0)."""
+    warm_at = per_call * max(1, round(batches * PROJECT_AT * WARMUP_SHARE / per_call))
+    check_at = warm_at + per_call * max(math.ceil(MIN_PACED / per_call),
+                                        round(batches * PROJECT_AT * (1 - WARMUP_SHARE) / per_call))
+    check_at = min(check_at, batches - 1)
+    return warm_at, check_at if check_at > warm_at else 0
+
+
 def _batches_per_augment(config: TrainConfig, data: ImageData, device: torch.device) -> int:
     """Batches whose images are gathered and augmented in one call. On CUDA the batched augmentation is a
     fixed set of small kernels per call whatever its size, so it is launch-bound: on an H100, RandAugment(2, 9)
@@ -132,13 +158,15 @@ def seconds_per_image(config: TrainConfig, data: ImageData, steps: int = 12, war
     setup = set_up(config, data)
     setup.model.train()
     size = min(config.batch_size, len(setup.train_y))
-    order = torch.randint(len(setup.train_y), (warmup + steps, size), generator=setup.order_generator)
+    per_call = setup.batches_per_augment  # as `train` runs them: whole augmentation calls in each part
+    warmup, steps = (per_call * math.ceil(count / per_call) for count in (warmup, steps))
+    order = torch.randint(len(setup.train_y), ((warmup + steps) * size,), generator=setup.order_generator)
+    order = order if data.streamed else order.to(setup.device)
     start = time.perf_counter()
-    for index, rows in enumerate(order):
-        if index == warmup:
+    for index, _ in enumerate(setup.steps(order, list(range(0, len(order), size)), size)):
+        if index + 1 == warmup:
             _synchronize(setup.device)
             start = time.perf_counter()
-        setup.step(rows if data.streamed else rows.to(setup.device))
     _synchronize(setup.device)
     return (time.perf_counter() - start) / (steps * size)
 
@@ -178,11 +206,12 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         deadline: time.time() by which training must end (0: none): `config.epochs` is then the most it
             trains. A tenth into the first epoch, the epochs become as many as fit at this configuration's
             pace; after each epoch, where the epochs left would not end in time at the pace measured so
-            far (from the end of the warm-up, as above), fewer are trained. The schedule is re-spanned over
-            them each time. Every epoch's metrics carry `epochs_planned`.
+            far (from the end of the warm-up, as above), fewer are trained, and where an early, slower
+            pace planned fewer than fit, more again (up to `config.epochs`, decided before the last
+            planned epoch, so a schedule that has annealed is not restarted). The schedule is re-spanned
+            over them each time. Every epoch's metrics carry `epochs_planned`.
         grow: with a deadline, `config.epochs` is an estimate rather than the most (a final training's,
-            from a few steps' timing): where the pace measured so far fits more epochs, more are trained
-            (decided before the last planned epoch, so a schedule that has annealed is not restarted).
+            from a few steps' timing): as many epochs as fit are trained, more than it too.
     Returns:
         TrainResult with status 'completed', 'diverged' or 'stopped' and the kept epoch's weights.
     """
@@ -194,9 +223,9 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
 
     result = TrainResult(trials.COMPLETED, 0, {}, 0, model.num_parameters)
     best = None
-    check_at = max(2, len(batches) // 10)  # batches before an epoch's length is projected
-    warm_at = max(1, int(check_at * WARMUP_SHARE))  # of those, the first ones are left out of the pace
+    warm_at, check_at = _pace_window(len(batches), setup.batches_per_augment)
     epochs = config.epochs
+    most = math.inf if grow else config.epochs  # where a deadline fits more epochs than planned, up to this many
     paced_from, paced_epochs, warm_seen = time.perf_counter(), 0.0, 0  # the pace is measured from the warm-up's end
     epoch = 0
     while epoch < epochs:
@@ -208,21 +237,16 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for done, first in enumerate(batches, start=1):
-            if (done - 1) % setup.batches_per_augment == 0:  # this batch and the next ones, augmented at once
-                images, labels = setup.prepare(order[first:first + setup.batches_per_augment * config.batch_size])
-                chunk = first
-            at = first - chunk
-            loss, logits, y = setup.learn(images[at:at + config.batch_size], labels[at:at + config.batch_size])
+        for done, (loss, logits, y) in enumerate(setup.steps(order, batches, config.batch_size), start=1):
             if config.lr_schedule == "onecycle":
                 schedule.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if (epoch_limit or deadline) and epoch == 1 and done == warm_at and check_at < len(batches):
+            if (epoch_limit or deadline) and epoch == 1 and done == warm_at < len(batches):
                 loss_sum.item()  # wait for the device to finish the warm-up's batches
                 paced_from, paced_epochs, warm_seen = time.perf_counter(), done / len(batches), seen
-            if (epoch_limit or deadline) and epoch == 1 and done == check_at and done < len(batches):
+            if (epoch_limit or deadline) and epoch == 1 and done == check_at:
                 loss_sum.item()  # wait for the device to finish those batches
                 projected = epoch_seconds((time.perf_counter() - paced_from) / (seen - warm_seen), data, config)
                 if epoch_limit and projected > epoch_limit:
@@ -231,8 +255,8 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
                         # The metric is NaN: a scheduler expects it in every result and ranks no NaN.
                         report(epoch, {"too_slow": 1.0, "projected_epoch_seconds": projected, metric: math.nan})
                     return result
-                fits = _epochs_that_fit(done / len(batches), projected, deadline)
-                if fits < epochs or (grow and deadline and fits > epochs):  # as many as the time holds, at this pace
+                fits = min(_epochs_that_fit(done / len(batches), projected, deadline), most)
+                if deadline and fits != epochs:  # as many as the time holds, at this pace
                     epochs = fits
                     schedule = _respan(config, setup.optimizer, schedule, epochs, done, len(batches), 0)
         train_loss = loss_sum.item() / seen  # one device sync per epoch, not per batch
@@ -250,8 +274,9 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         result.epochs_run = epoch
         diverged = not all(math.isfinite(metrics[key]) for key in ("train_loss", "val_loss") if key in metrics)
         if deadline and not diverged:  # before the report: its epochs_planned is how the trial's end is read
-            fits = _epochs_that_fit(epoch, (time.perf_counter() - paced_from) / (epoch - paced_epochs), deadline)
-            if fits < epochs or (grow and epoch < epochs < fits):  # not past an end the schedule has reached
+            fits = min(_epochs_that_fit(epoch, (time.perf_counter() - paced_from) / (epoch - paced_epochs), deadline),
+                       most)
+            if fits < epochs or epoch < epochs < fits:  # more: not past an end the schedule has reached
                 epochs = fits
                 schedule = _respan(config, setup.optimizer, schedule, epochs, epoch * len(batches), len(batches), epoch)
         metrics["epochs_planned"] = float(epochs)
