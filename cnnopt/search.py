@@ -147,9 +147,13 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
               + "; the trial lines above show their errors (each whole on its MLflow run, tag 'error')",
               file=sys.stderr)
         return 1
+    client = tracking.make_client()
+    studies.mark_finish(client, outcome.parent_run_id, "running")
     try:
-        return finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
+        code = finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
                       address=args.address, started=started)
+        studies.mark_finish(client, outcome.parent_run_id, "done")
+        return code
     except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
         print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
               f"  {resume_command(outcome.name)}", file=sys.stderr)

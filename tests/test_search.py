@@ -505,6 +505,14 @@ def test_time_budget_ends_the_study_and_a_resume_continues_it(ray_session, mlflo
     assert not {t for t, status in before.items() if status == "interrupted"} & after, "cut-short runs replaced"
     for number, lr in cut_short.items():  # (if the budget ended mid-trial) it reran as itself
         assert next(c for c in children if c.data.tags["trial_number"] == number).data.params["lr"] == lr
+    assert parent_after.data.tags == {**parent_after.data.tags, "finish": "done"}, "the command finished it"
+    # A study whose finish (report, confirmation, promotion) was cut short, by a Ctrl-C or a kill, is finished by a
+    # resume with no new trial: QA's budgeted study resumed that way ran 6 new ones, and one of them was confirmed.
+    studies.mark_finish(MlflowClient(tracking_uri=mlflow_store), parent.info.run_id, "running")
+    capsys.readouterr()
+    assert search.main(["--resume", "--name", "budget", "--no-promote", "--no-report"]) == 0
+    assert "resuming: the search had ended" in capsys.readouterr().out
+    assert len(study_runs(mlflow_store, "budget")[2]) == len(children)
 
 
 def test_search_and_promote_pick_the_same_trial_on_a_tie(mlflow_store):

@@ -312,6 +312,10 @@ def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, r
     """How many trials are left to run; on resume, an interrupted trial the space no longer holds is abandoned."""
     search = experiment.search
     strategy = STRATEGIES[search.strategy]
+    if resume and recorder.finish == "running":  # its trials had ended: the resume finishes what follows them
+        done = sum(trial.done for trial in recorder.past)
+        print(f"resuming: the search had ended ({done} trials recorded); no trial runs again", flush=True)
+        return 0
     for past in list(recorder.past):
         if past.status != trials.INTERRUPTED:
             continue

@@ -119,6 +119,15 @@ def searched_params(run) -> dict:
             for name in run.data.tags.get("searched", "").split(",") if name in types}
 
 
+FINISH_TAG = "finish"  # on a study's parent: what follows its trials is "running" (begun, not ended) or "done"
+
+
+def mark_finish(client: MlflowClient, parent_run_id: str, state: str) -> None:
+    """Record on the parent whether what follows the study's trials (report, confirmation, final training,
+    promotion) is running or done: a resume of a study whose finish was cut short runs no trial again."""
+    client.set_tag(parent_run_id, FINISH_TAG, state)
+
+
 def epochs_trained(client: MlflowClient, run_id: str) -> int:
     """The epochs a run trained (0 where it logged none): a time budget's trials train as many as fit."""
     return len({metric.step for metric in client.get_metric_history(run_id, "train_loss")})
