@@ -122,6 +122,9 @@ def test_a_ctrl_c_in_a_deferred_block_acts_after_it_and_one_while_starting_is_on
 
 def test_a_searched_hyperparameter_set_on_the_command_line_is_a_warning(tmp_path):
     done = search(["--set", "train.lr=1000", "--address", "127.0.0.1:9"], tmp_path)
+    assert ("warning: --set train.lr=1000 sets only the first trial (the experiment's baseline): search space "
+            "'lesson' searches lr") in done.stderr, "bayes runs the experiment's [train] values first"
+    done = search(["--set", "train.lr=1000", "--strategy", "grid", "--address", "127.0.0.1:9"], tmp_path)
     assert "warning: --set train.lr=1000 has no effect: search space 'lesson' searches lr" in done.stderr
 
 

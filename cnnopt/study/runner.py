@@ -170,10 +170,14 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
         raise UsageError(f"train.device = {experiment.train.device!r} but --gpus-per-trial 0 gives trials no GPU; "
                          "set train.device=auto (the GPU whenever Ray gives a trial one), or give trials a GPU")
     space = search_spaces.get(experiment.search_space)
-    for item in experiment.overrides:  # a --set of a searched hyperparameter would silently do nothing
+    # A --set of a searched hyperparameter sets only the baseline trial (the experiment's own [train] values, the
+    # first trial of a new random, bayes or gp study), or nothing: say which, rather than let it pass unseen.
+    baseline = search.baseline_trial and search.strategy != "grid" and not options.resume
+    for item in experiment.overrides:
         key = item.partition("=")[0].strip()
         if key.startswith("train.") and key[len("train."):] in space.names:
-            print(f"warning: --set {item} has no effect: search space {space.name!r} searches "
+            effect = "sets only the first trial (the experiment's baseline)" if baseline else "has no effect"
+            print(f"warning: --set {item} {effect}: search space {space.name!r} searches "
                   f"{key[len('train.'):]} (its range is in search_spaces/{space.name}.py)", file=sys.stderr)
     storage = results_folder(options.storage)
     tracking.check_writable(storage, "the results folder", "set CNNOPT_RESULTS to a writable folder")
