@@ -127,7 +127,8 @@ STUDY_LINES = [
      r"trials on (the CPU, \d+ at once with [\d.]+ CPU\(s\) each|[\d.]+ GPU\(s\), .*)", ""),
     (r"time budget [\d.]+ min: \d+s to start; a trial's epoch costs ~[\d.]+s here \(\d+ at once\)", "?"),
     (r"  (search|confirm|final|finish) +\d+s  .*", "*"),  # the budget's plan
-    (r"resuming: \d+ of \d+ trials recorded, \d+ interrupted to rerun, \d+ new", "?"),
+    (r"resuming: (\d+ of \d+ trials recorded, \d+ interrupted to rerun, \d+ new|the search had ended "
+     r"\(\d+ trials recorded\); no trial runs again)", "?"),
     (r"trial +\d+  \w+ +\w+ (\d\.\d{4}|nan|-)  .*  \(\d+\.\ds\)|search: no new trial in its last [\d.]+s: .*"
      r"|    too slow: an epoch would take ~\d+s, over search\.epoch_limit", "*"),
     (r"", ""),
@@ -139,7 +140,8 @@ STUDY_LINES = [
     (r"Browse the study: (mlflow ui --backend-store-uri sqlite:///mlflow\.db|http://127\.0\.0\.1:\d+)", ""),
     (r"", "?"),
     (r"confirming the \d+ best configurations with \d+ new seeds each \(--no-confirm skips this\)\.\.\.", "?"),
-    (r"  confirm trial +\d+ seed \d+: val_accuracy (\d\.\d{4}|nan)  \(\w+\)", "*"),
+    (r"  confirm trial +\d+ seed \d+: val_accuracy (\d\.\d{4}|nan)  "
+     r"\(\w+(, \d+ epochs as its trial|, \d+ of its trial's \d+ epochs)?\)", "*"),
     (r"  trial +\d+: val_accuracy \d\.\d{4} ± \d\.\d{4} over \d+ new seeds \(the trial itself: \d\.\d{4}\)(  <- chosen)?", "*"),
     (r"  promoting run [0-9a-f]{32}: .*", "?"),
     (r"", "?"),
