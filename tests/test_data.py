@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import shutil
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -210,12 +211,19 @@ def test_cifar10_missing_folder_names_it(tmp_path):
     assert str(root / "cifar-10-batches-py") in message and "data.root" in message
 
 
-def test_a_cifar10_download_that_fails_is_one_line(tmp_path):
-    """A download that cannot land where it is asked (here: under a plain file) fails before any network
-    access, as an unreachable server would fail it: one line saying how to fetch the archive by hand."""
+def test_a_cifar10_download_that_fails_is_one_line(tmp_path, monkeypatch):
+    """A download that cannot reach its server (here no socket may connect: the test is offline whatever
+    torchvision tries first), or cannot land where it is asked (under a plain file), is one line saying how
+    to fetch the archive by hand."""
+    def offline(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(socket, "create_connection", offline)
     (tmp_path / "a_file").write_text("a plain file: no folder can be made under it")
-    with pytest.raises(UsageError, match="downloading CIFAR-10 into .* failed .*by hand.*data.download=false"):
-        load_data(DataConfig(dataset="cifar10", root=str(tmp_path / "a_file" / "cifar"), download=True))
+    for root in (tmp_path / "cifar", tmp_path / "a_file" / "cifar"):
+        with pytest.raises(UsageError, match="downloading CIFAR-10 into .* failed .*by hand.*data.download=false"):
+            load_data(DataConfig(dataset="cifar10", root=str(root), download=True))
 
 
 def test_cifar10_without_batches_is_rejected(tmp_path):
