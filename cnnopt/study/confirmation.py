@@ -102,11 +102,12 @@ def confirm(experiment: Experiment, study: str, address: str | None = None) -> C
     seeds = [experiment.train.seed + 1 + i for i in range(search.confirm_seeds)]  # never the trials' own seed
     todo = [(run, seed) for run in top for seed in seeds if (run.info.run_id, seed) not in recorded]
     if todo:
-        _train_all(experiment, parent, todo, candidates, address)
+        _train_all(experiment, client, parent, todo, candidates, address)
     return _choose(list(candidates.values()), mode)
 
 
-def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str, Candidate], address: str | None) -> None:
+def _train_all(experiment: Experiment, client, parent, todo: list, candidates: dict[str, Candidate],
+               address: str | None) -> None:
     """Train every (trial run, seed) on Ray, as many at once as the cluster holds, recording each as it ends."""
     search = experiment.search
     space = search_spaces.get(experiment.search_space)
@@ -117,11 +118,11 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
         shared = ray.put(data)
         dataset = tracking.train_dataset(experiment.data, data.train_x, data.train_y)  # once, in the driver
         task = ray.remote(num_cpus=search.cpus_per_trial, num_gpus=search.gpus_per_trial)(_train_seed)
-        client = tracking.make_client()
+        trained = {run_id: studies.epochs_trained(client, run_id) for run_id in {run.info.run_id for run, _ in todo}}
         pending = {}
         for run, seed in todo:
             config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(run)), seed=seed)
-            config = dataclasses.replace(config, epochs=studies.epochs_trained(client, run.info.run_id) or config.epochs)
+            config = dataclasses.replace(config, epochs=trained[run.info.run_id] or config.epochs)
             # No deadline: a seed re-planning its epochs from its first batches' pace trained 1 of its trial's 9
             # on digits (a pace from one batch) and a few of 8 on an H100 (a cold start). Where seeds run slower
             # than their trials did, the final training, planned from the time left, gets less.
@@ -137,8 +138,10 @@ def _train_all(experiment: Experiment, parent, todo: list, candidates: dict[str,
             value = result.best_metrics.get(experiment.metric)
             if result.status == trials.COMPLETED and value is not None:
                 candidates[run.info.run_id].runs[seed] = (run_id, value)
-            epochs = ("" if not result.epochs_run else f", {config.epochs} epochs as its trial"
-                      if result.epochs_run == config.epochs else f", {result.epochs_run} of its trial's {config.epochs} epochs")
+            epochs = ""
+            if result.epochs_run:  # as many as its trial's, or fewer where it diverged
+                epochs = (f", {config.epochs} epochs as its trial" if result.epochs_run == config.epochs
+                          else f", {result.epochs_run} of its trial's {config.epochs} epochs")
             print(f"  confirm trial {studies.trial_number(run):3d} seed {seed}: {experiment.metric} "
                   f"{value if value is not None else float('nan'):.4f}  ({result.status}{epochs})"
                   + (f"\n    error: {last_line(error)}" if error else ""), flush=True)

@@ -28,7 +28,7 @@ Report = Callable[[int, dict], None]
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "cosine", "onecycle")
 EVAL_BATCH = 1024
-# Of the first epoch's batches before its length is projected, the share left out of the pace: on an
+# Of the first epoch's batches before its length is projected (`_pace_window`), the share left out of the pace: on an
 # H100, 4 trials starting at once projected ~10 s epochs from their first batches for nets that train an epoch
 # in 2.4-3 s, and were stopped as too slow, or planned a third of the epochs that fit.
 WARMUP_SHARE = 0.5
@@ -198,9 +198,9 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         epoch_limit: seconds an epoch may take (0: no limit). Once a tenth of the first epoch's batches
             ran, an epoch projected to take longer ends the training: status 'stopped', reported with
             too_slow=1.0 and projected_epoch_seconds (later epochs are not stopped: the trial has a score).
-            The pace is timed from the first epoch's `WARMUP_SHARE` of those batches on: the first
-            batches pay once for the device's start (CUDA's kernels loading, the allocator growing,
-            trials starting beside this one), which the epochs after the first do not.
+            The pace is timed after a warm-up (`_pace_window`: from half of that tenth, over at least
+            `MIN_PACED` batches): the first batches pay once for the device's start (CUDA's kernels
+            loading, the allocator growing, trials starting beside this one), which later epochs do not.
         keep: 'best' keeps the best epoch by `metric`; 'last' keeps the last epoch (a run with no
             validation split to select by).
         deadline: time.time() by which training must end (0: none): `config.epochs` is then the most it
