@@ -69,6 +69,22 @@ def test_bad_input_is_one_line_exit_2_and_nothing_recorded(tmp_path, args, env, 
     assert not runs(tmp_path), "nothing is recorded for a study that never started"
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--set", "data.dataset=foo"], "unknown dataset 'foo'; set data.dataset to one of digits, cifar10, imagefolder"),
+    (["--set", "data.dataset=cifar10", "--set", "data.root=nowhere"], "CIFAR-10 not found in nowhere/cifar-10-batches-py"),
+    (["--set", "data.dataset=imagefolder", "--set", "data.root=nowhere"], "image folder 'nowhere' not found"),
+    (["--address", "127.0.0.1:9"], "cannot reach the Ray cluster at '127.0.0.1:9'"),
+    (["--set", "train.epochs=abc"], "--set train.epochs must be int, got 'abc'"),
+])
+def test_a_wrong_dataset_path_address_or_value_leaves_nothing_behind(tmp_path, args, expected):
+    """Said before the study creates its store, results folder or log: a first run with a typo in a fresh
+    folder left mlflow.db, mlruns/, ray_results/ and cnnopt.log there (a CIFAR-10 root not yet unpacked too)."""
+    done = search(args, tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in error_line(done.stderr)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
 def test_a_store_whose_creation_was_cut_short_is_one_line(tmp_path):
     """What a Ctrl-C during MLflow's first migration left behind (MLflow's own scratch table of a migration
     step): every later command failed with an SQLAlchemy traceback. The creation now finishes before a

@@ -152,7 +152,7 @@ BAD_INPUTS = {
     "empty class folder": (lambda tmp: ["--set", "data.dataset=imagefolder", "--set",
                                         f"data.root={empty_class_folder(tmp)}"], "empty holds no images"),
     "unknown --set key": (lambda tmp: ["--set", "train.learning_rate=0.1"], "unknown key 'learning_rate'"),
-    "wrong-typed --set value": (lambda tmp: ["--set", "train.epochs=many"], "epochs must be int"),
+    "wrong-typed --set value": (lambda tmp: ["--set", "train.epochs=many"], "--set train.epochs must be int"),
     "impossible architecture": (lambda tmp: ["--set", "train.blocks=4"], "conv block 4 of 4"),
     "missing experiment file": (lambda tmp: ["--experiment", str(tmp / "none.toml")], "none.toml not found"),
 }

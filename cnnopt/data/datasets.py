@@ -88,9 +88,7 @@ def load_data(cfg: DataConfig) -> ImageData:
     Returns:
         ImageData with seeded, stratified, disjoint splits.
     """
-    if cfg.dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {cfg.dataset!r}; set data.dataset to one of {', '.join(DATASETS)}")
-    check_section("data", cfg)
+    check_source(cfg)
     entry = None
     if cfg.dataset == "digits":
         x, y, names = _load_digits()
@@ -117,6 +115,19 @@ def load_data(cfg: DataConfig) -> ImageData:
         raise UsageError(f"the {cfg.dataset} data left an empty train or val split; add images or change data.val_fraction")
     mean, std = channel_stats(train_x)
     return ImageData(train_x, train_y, val_x, val_y, test_x, test_y, names, mean, std, train_path)
+
+
+def check_source(cfg: DataConfig) -> None:
+    """What can be checked of `[data]` without reading an image: the dataset's name, its settings and where
+    its files are. A study checks it before it creates anything (its tracking store, Ray), so a wrong
+    name or path is one line that leaves nothing behind; `load_data` checks it first too."""
+    if cfg.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {cfg.dataset!r}; set data.dataset to one of {', '.join(DATASETS)}")
+    check_section("data", cfg)
+    if cfg.dataset == "cifar10" and not cfg.download:
+        _cifar_folder(cfg)
+    elif cfg.dataset == "imagefolder":
+        _imagefolder_root(cfg)
 
 
 def memory_limit_bytes(cfg: DataConfig) -> int:
@@ -244,8 +255,8 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str]]:
     root = Path(cfg.root or "data")
-    folder = root if (root / "batches.meta").exists() else root / "cifar-10-batches-py"
-    if not (folder / "batches.meta").exists() and cfg.download:
+    folder = _cifar_folder(cfg, missing_ok=cfg.download)
+    if not (folder / "batches.meta").exists():
         from torchvision.datasets import CIFAR10
 
         try:
@@ -253,9 +264,7 @@ def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str]]:
         except (OSError, RuntimeError) as exc:  # no network, a proxy, a checksum that does not match
             raise UsageError(f"downloading CIFAR-10 into {root} failed ({exc}); fetch cifar-10-python.tar.gz by "
                              f"hand, extract it there and set data.download=false") from None
-    if not (folder / "batches.meta").exists():
-        raise UsageError(f"CIFAR-10 not found in {folder}: set data.root to the folder holding cifar-10-batches-py, "
-                         "or set data.download=true to fetch it")
+        folder = _cifar_folder(cfg)
     names = [n.decode() if isinstance(n, bytes) else n for n in _unpickle(folder / "batches.meta")["label_names"]]
     train_files = sorted(folder.glob("data_batch_*"))
     if not train_files or not (folder / "test_batch").exists():
@@ -264,6 +273,16 @@ def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str]]:
     parts = {"pool": (torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])),
              "test": _cifar_batch(folder / "test_batch")}
     return parts, names
+
+
+def _cifar_folder(cfg: DataConfig, missing_ok: bool = False) -> Path:
+    """The folder of CIFAR-10's python batches: data.root itself or its cifar-10-batches-py."""
+    root = Path(cfg.root or "data")
+    folder = root if (root / "batches.meta").exists() else root / "cifar-10-batches-py"
+    if not missing_ok and not (folder / "batches.meta").exists():
+        raise UsageError(f"CIFAR-10 not found in {folder}: set data.root to the folder holding cifar-10-batches-py, "
+                         "or set data.download=true to fetch it")
+    return folder
 
 
 def _unpickle(path: Path) -> dict:
@@ -282,10 +301,7 @@ def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entry | None]:
-    root = Path(cfg.root)
-    if not cfg.root or not root.is_dir():
-        raise UsageError(f"image folder {cfg.root!r} not found: set data.root to a folder of class folders "
-                         "(or of train/, val/, test/ folders of class folders)")
+    root = _imagefolder_root(cfg)
     split_dirs = {"pool": root / "train", "val": root / "val", "test": root / "test"}
     if not (root / "val").is_dir() and (root / "valid").is_dir():
         split_dirs["val"] = root / "valid"
@@ -322,6 +338,14 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
         images = torch.from_numpy(decode(allocate=partial(_allocate_in_memory, cfg)))
     parts = {name: (images[start:end], labels[start:end]) for name, (start, end) in bounds.items()}
     return parts, names, entry
+
+
+def _imagefolder_root(cfg: DataConfig) -> Path:
+    root = Path(cfg.root)
+    if not cfg.root or not root.is_dir():
+        raise UsageError(f"image folder {cfg.root!r} not found: set data.root to a folder of class folders "
+                         "(or of train/, val/, test/ folders of class folders)")
+    return root
 
 
 def _allocate_in_memory(cfg: DataConfig, shape: tuple[int, ...]) -> np.ndarray:

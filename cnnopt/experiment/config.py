@@ -380,4 +380,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     table = raw.setdefault(section, {})
     if not isinstance(table, dict):
         raise UsageError(f"[{section}] must be a table of settings, got {table!r}")
+    kind = field_types(SECTIONS[section]).get(name)
+    if kind is not None:  # typed here, so that a wrong value's message names the --set that gave it
+        _coerce(value.strip(), kind, f"--set {section}.{name}")
     table[name] = value.strip()

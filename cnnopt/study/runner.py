@@ -29,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 import search_spaces
 from cnnopt import tracking, trials
 from cnnopt.cli import sigterm_as_interrupt
-from cnnopt.data.datasets import ImageData, load_data
+from cnnopt.data.datasets import ImageData, check_source, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
@@ -179,6 +179,9 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
             effect = "sets only the first trial (the experiment's baseline)" if baseline else "has no effect"
             print(f"warning: --set {item} {effect}: search space {space.name!r} searches "
                   f"{key[len('train.'):]} (its range is in search_spaces/{space.name}.py)", file=sys.stderr)
+    check_source(experiment.data)  # a wrong dataset name or path, and an address with no cluster, are said before
+    if options.address and not ray.is_initialized():  # the study creates anything (its store, its folders)
+        _check_reachable(options.address)
     storage = results_folder(options.storage)
     tracking.check_writable(storage, "the results folder", "set CNNOPT_RESULTS to a writable folder")
     tracking.make_client()  # the tracking store is checked here, before Ray starts or data loads
