@@ -4,16 +4,25 @@ smoothing and augmentation strength.
 Scientific: blocks, convs_per_block (1 = the lesson's CNN, 2-3 = VGG-style), block (plain or
 residual), channels, growth, kernel_size, pool, activation, head_width, label_smoothing, RandAugment
 strength.
-Nuisance: lr (every design is judged at a learning rate that suits it).
-Fixed: optimizer, schedule, batch size, epochs and the light augmentation of the experiment's [train].
+Nuisance: lr (every design is judged at a learning rate that suits it) and batch_size (the images a
+step takes: what a time budget buys epochs with).
+Fixed: optimizer, schedule, epochs and the light augmentation of the experiment's [train].
 
 Residual blocks and label smoothing are what the fast CIFAR-10 results use at a budget of minutes:
 Page's ResNet-9 (conv, pool, then two convs around a skip in its layers; DAWNBench 2018) reached 94%
 test accuracy in 24 epochs, where the best VGG nets of this space reached 0.89-0.90 in 30 (measured on
 an H100, 2026-11-25); airbench trains with label smoothing 0.2. The residual layout has the same convs
 (the same parameters) as the plain one, so the two compare layout against layout at one size; with
-one conv per block the layouts are the same net, so the layout is searched only from two convs on. Batch
-size stays fixed: its coupling with lr (a rate per image) is left for a space that searches it.
+one conv per block the layouts are the same net, so the layout is searched only from two convs on.
+
+Batch size with lr coupled: Page's ResNet-9 trained at batch 512 and airbench at 1,024. On a GPU a
+bigger batch is more images a second for the same net (fewer, larger kernels: at batch 128 the H100
+ran the 4x2-block VGG that won a 7-minute study at 15k img/s, a fraction of the card), and a time
+budget spends its seconds as epochs. Searched alone, batch size would move the best lr with it (the
+sampler would have to learn that coupling from trials); with the experiment's train.lr_batch = 128, lr is
+the rate per 128 images and a batch of B trains at lr * B / 128 (the linear scaling rule, Goyal et al.
+2017), so one lr range suits every batch size. Without lr_batch the batch size is still searched, with
+lr as given. The grid keeps batch 128, as before.
 
 Ranges: sized for 32x32 inputs such as CIFAR-10. blocks 2-4 takes a 32x32 image down to 8x8..2x2
 (5 blocks would leave 1x1); on 8x8 digits use data.image_size >= 16. Widths 16-64 in the first
@@ -41,5 +50,6 @@ SPACE = Space(
         Int("randaugment_ops", 0, 2, grid=(0, 2)),
         Int("randaugment_magnitude", 3, 15, when={"randaugment_ops": (1, 2)}, grid=(9,)),
         Float("lr", 0.01, 0.3, log=True, grid=(0.05,)),
+        Choice("batch_size", (128, 256, 512), grid=(128,)),
     ),
 )

@@ -77,6 +77,17 @@ def test_cli_saves_the_plot_and_logs_one_run(mlflow_store, capsys):
     assert "suggested lr" in capsys.readouterr().out
 
 
+def test_with_lr_batch_the_suggestion_is_a_rate_per_lr_batch_images(mlflow_store, capsys):
+    """The sweep steps at real rates (batch 64 here); with train.lr_batch = 256 the --set it suggests is that
+    rate per 256 images, 4x the number, so the training steps at the rate the sweep found."""
+    assert main(["--steps", str(STEPS), "--output", "lr.png", "--set", "train.lr_batch=256"]) == 0
+    out = capsys.readouterr().out
+    suggested = float(out.split("suggested lr ")[1].split()[0])
+    per = float(out.split("try: --set train.lr=")[1].split()[0])
+    assert per == pytest.approx(4 * suggested, rel=0.01)
+    assert f"(a rate per train.lr_batch = 256 images: {suggested:.3g} at batch 64)" in out
+
+
 def test_an_output_it_cannot_write_is_refused_before_the_sweep(mlflow_store, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit) as exited:  # the parser's one line: exit 2

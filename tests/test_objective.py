@@ -144,6 +144,24 @@ def test_batches_augmented_together_train_as_batches_one_at_a_time(digits_data, 
     assert [epoch["train_loss"] for epoch in first.history] == [epoch["train_loss"] for epoch in again.history]
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_lr_batch_makes_lr_a_rate_per_that_many_images(digits_data, optimizer):
+    """With train.lr_batch, lr is the rate per lr_batch images: batch B trains at lr * B / lr_batch, the rate
+    every optimizer and onecycle's peak take (the architecture space searches batch_size with lr so coupled)."""
+    config = dataclasses.replace(QUICK, epochs=2, batch_size=64, lr=0.02, optimizer=optimizer)
+    scaled = dataclasses.replace(config, lr=0.08, lr_batch=256)  # 0.08 per 256 images: 0.02 at batch 64
+    assert objective.learning_rate(scaled) == pytest.approx(0.02)
+    assert objective.learning_rate(dataclasses.replace(scaled, lr_batch=0)) == 0.08
+    plain, _ = run(config, digits_data)
+    coupled, _ = run(scaled, digits_data)
+    for key in ("lr", "train_loss", "val_loss", "val_accuracy"):
+        assert [m[key] for m in coupled.history] == [m[key] for m in plain.history], key
+    onecycle = objective.make_schedule(scaled, objective.make_optimizer(scaled, [torch.nn.Parameter(torch.zeros(1))]), 5)
+    assert onecycle.optimizer.param_groups[0]["max_lr"] == pytest.approx(0.02)
+    uncoupled, _ = run(dataclasses.replace(scaled, lr_batch=0), digits_data)  # 0.08 as given: another training
+    assert [m["train_loss"] for m in uncoupled.history] != [m["train_loss"] for m in plain.history]
+
+
 def test_augmentation_and_every_option_together(digits_data):
     config = dataclasses.replace(QUICK, epochs=1, flip=True, crop_padding=1, affine_degrees=10.0,
                                  jitter_brightness=0.2, randaugment_ops=1, label_smoothing=0.1,

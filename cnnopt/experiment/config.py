@@ -46,6 +46,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.05  # peak learning rate (onecycle) or initial one (the others)
+    # The batch size lr is the rate for: a batch of B images trains at lr * B / lr_batch (the linear scaling
+    # rule, Goyal et al. 2017), so one lr suits every batch size a space searches. 0: lr as given.
+    lr_batch: int = 0
     optimizer: str = "sgd"  # sgd | adam | adamw
     momentum: float = 0.9  # sgd only
     nesterov: bool = True  # sgd only; needs momentum > 0
@@ -254,7 +257,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.memory_limit_mb": (lambda v: v >= 0, ">= 0 (0: a quarter of the machine's memory)"),
     "data.decode_workers": (lambda v: v >= 0, ">= 0 (0: one per core)"),
     "train.epochs": _at_least(1), "train.batch_size": (lambda v: v >= 2, ">= 2 (BatchNorm needs two images)"),
-    "train.lr": (lambda v: v > 0, "> 0"), "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.lr": (lambda v: v > 0, "> 0"), "train.lr_batch": (lambda v: v >= 0, ">= 0 (0: lr as given at any batch size)"), "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.weight_decay": _at_least(0), "train.step_size": _at_least(1), "train.gamma": (lambda v: v > 0, "> 0"),
     "train.label_smoothing": (_fraction, "in [0, 1)"),
     "train.blocks": _at_least(1), "train.convs_per_block": _at_least(1), "train.channels": _at_least(1),

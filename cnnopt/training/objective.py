@@ -313,21 +313,28 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Norm
     return loss_sum / max(1, len(y)), correct / max(1, len(y))
 
 
+def learning_rate(config: TrainConfig) -> float:
+    """The rate a training steps at (the peak of onecycle): train.lr, scaled by the batch size where
+    train.lr_batch says which batch size lr is the rate for."""
+    return config.lr * config.batch_size / config.lr_batch if config.lr_batch else config.lr
+
+
 def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    lr = learning_rate(config)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+        return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum,
                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
     raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """onecycle steps per batch; step and cosine step per epoch; none is constant."""
     if config.lr_schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate(config),
                                                    total_steps=config.epochs * steps_per_epoch)
     if config.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
