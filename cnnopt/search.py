@@ -6,6 +6,7 @@ Defaults come from the experiment's [search] table; each flag below overrides on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
@@ -166,11 +167,25 @@ def finish(experiment, outcome, *, report: bool, promotion: bool, address: str |
     training of the chosen one, promotion; and, under a time budget, its plan against what happened."""
     started = started or time.perf_counter() - outcome.wall_seconds
     spent = {"search": outcome.wall_seconds}
+    interrupted = False
     try:
         return _finish(experiment, outcome, report, promotion, address, started, spent)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         if outcome.plan is not None:
-            print_budget(outcome, spent, time.perf_counter() - started)
+            print_budget(outcome, spent, time.perf_counter() - started, interrupted)
+
+
+@contextlib.contextmanager
+def timed(spent: dict, phase: str):
+    """Add the block's seconds to `spent[phase]` however it ends: a Ctrl-C in the final training counts too."""
+    mark = time.perf_counter()
+    try:
+        yield
+    finally:
+        spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - mark
 
 
 def _finish(experiment, outcome, report: bool, promotion: bool, address, started: float, spent: dict) -> int:
@@ -180,13 +195,12 @@ def _finish(experiment, outcome, report: bool, promotion: bool, address, started
     background = BackgroundReport(experiment, outcome.name) if report else None
     try:
         code = _promote_chosen(experiment, outcome, address, started, spent, background) if promotion else 0
-        mark = time.perf_counter()
-        _join(background)  # where nothing was promoted, the report is what is left
+        with timed(spent, "finish"):
+            _join(background)  # where nothing was promoted, the report is what is left
     except KeyboardInterrupt:
         if background is not None:
             background.settle()
         raise
-    spent["finish"] = spent.get("finish", 0.0) + time.perf_counter() - mark
     return code
 
 
@@ -194,44 +208,39 @@ def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
                     background: BackgroundReport | None) -> int:
     """Confirm the best configurations, train the chosen one's final model, and promote what comes of it."""
     searched = outcome.searched or experiment  # the trials' settings: a time budget's plan changes them
-    mark = time.perf_counter()
     if outcome.best is None:
         return 0
-    client = tracking.make_client()
-    promoted = client.get_run(outcome.parent_run_id).data.tags.get("promoted_run_id")
-    if promoted:  # a resumed study that promoted before: its test split is not evaluated again
-        _join(background)
-        print(f"\nThe study promoted run {promoted} already; its test split is not evaluated again. "
-              f"To redo it: python -m cnnopt.promote --run-id {promoted}")
-        return 0
+    with timed(spent, "finish"):
+        client = tracking.make_client()
+        promoted = client.get_run(outcome.parent_run_id).data.tags.get("promoted_run_id")
+        if promoted:  # a resumed study that promoted before: its test split is not evaluated again
+            _join(background)
+            print(f"\nThe study promoted run {promoted} already; its test split is not evaluated again. "
+                  f"To redo it: python -m cnnopt.promote --run-id {promoted}")
+            return 0
     run_id, what = outcome.best["run_id"], f"the best trial (trial {outcome.best['trial_number']})"
-    spent["finish"] = time.perf_counter() - mark
     if searched.search.confirm_top:
-        mark = time.perf_counter()
-        confirmation = confirm_best(searched, outcome, address)
+        with timed(spent, "confirm"):
+            confirmation = confirm_best(searched, outcome, address)
         if confirmation is not None:
             run_id, what = confirmation.promote_run_id, f"trial {confirmation.chosen.trial_number}'s configuration"
-        spent["confirm"] = time.perf_counter() - mark
     if (outcome.plan.final if outcome.plan is not None else experiment.search.final_epochs):
-        mark = time.perf_counter()
-        deadline = 0.0
-        if outcome.plan is not None:  # what is left, less the plan's finish (the report is built meanwhile)
-            deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - outcome.plan.finish
-        final = final_training(experiment, outcome, run_id, what, deadline, address)
+        with timed(spent, "final"):
+            deadline = 0.0
+            if outcome.plan is not None:  # what is left, less the plan's finish (the report is built meanwhile)
+                deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - outcome.plan.finish
+            final = final_training(experiment, outcome, run_id, what, deadline, address)
         if final is not None:
             run_id, what = final.run_id, f"the final training of {what}"
-        spent["final"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    _join(background)
-    print(f"\npromoting {what}...", flush=True)
-    try:
-        print_promotion(promote(experiment, run_id=run_id))  # on the data the run trained on
-    except UsageError as exc:  # the study itself is recorded; say what failed and how to retry
-        print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --run-id {run_id}",
-              file=sys.stderr)
-        return 1
-    finally:
-        spent["finish"] = spent.get("finish", 0.0) + time.perf_counter() - mark
+    with timed(spent, "finish"):
+        _join(background)
+        print(f"\npromoting {what}...", flush=True)
+        try:
+            print_promotion(promote(experiment, run_id=run_id))  # on the data the run trained on
+        except UsageError as exc:  # the study itself is recorded; say what failed and how to retry
+            print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --run-id {run_id}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
@@ -259,14 +268,16 @@ def final_training(experiment, outcome, run_id: str, what: str, deadline: float,
     return final
 
 
-def print_budget(outcome, spent: dict, total: float) -> None:
-    """A time budget's plan against what happened, printed and logged on the study's parent run."""
+def print_budget(outcome, spent: dict, total: float, interrupted: bool = False) -> None:
+    """A time budget's plan against what happened, printed and logged on the study's parent run. After a
+    Ctrl-C the phase it cut short shows the seconds it ran, and the later ones none."""
     plan = outcome.plan
     actual = {"start": plan.started, "search": spent.get("search", 0.0), "confirm": spent.get("confirm", 0.0),
               "final": spent.get("final", 0.0), "finish": spent.get("finish", 0.0)}
     planned = {"start": plan.started, "search": plan.search, "confirm": plan.confirm, "final": plan.final,
                "finish": plan.finish}
-    print(f"\ntime budget {plan.budget / 60:g} min, used {total / 60:.1f} min (planned / actual seconds):")
+    print(f"\ntime budget {plan.budget / 60:g} min, used {total / 60:.1f} min"
+          f"{', interrupted' if interrupted else ''} (planned / actual seconds):")
     for phase in planned:
         print(f"  {phase:8s}{planned[phase]:6.0f} / {actual[phase]:4.0f}")
     record_choice(outcome.parent_run_id, {**{f"budget_{phase}_seconds": value for phase, value in actual.items()},

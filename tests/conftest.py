@@ -160,7 +160,7 @@ STUDY_LINES = [
     (r"", "?"),
     (r"The study promoted run [0-9a-f]{32} already; .*", "?"),  # a resume that promoted before
     (r"", "?"),
-    (r"time budget [\d.]+ min, used [\d.]+ min \(planned / actual seconds\):", "?"),
+    (r"time budget [\d.]+ min, used [\d.]+ min(, interrupted)? \(planned / actual seconds\):", "?"),
     (r"  \w+ +\d+ / +\d+", "*"),  # the budget's plan against what happened
 ]
 

@@ -267,6 +267,25 @@ def test_a_final_training_is_its_own_run_and_the_one_promoted(ray_session, mlflo
     assert len(children(mlflow_store, "fin", "final")) == 1
 
 
+def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store, capsys):
+    """After a Ctrl-C in the final training the table showed `final 25 / 0`: a phase's seconds were written
+    only when it returned. Now they are written however it ends, and the table says it was interrupted."""
+    client = MlflowClient(tracking_uri=mlflow_store)
+    parent = client.create_run(client.create_experiment("cut")).info.run_id
+    plan = SimpleNamespace(budget=120.0, started=10.0, search=60.0, confirm=5.0, final=25.0, finish=20.0)
+    spent = {"search": 61.0}
+    with pytest.raises(KeyboardInterrupt):
+        with search.timed(spent, "final"):
+            time.sleep(1.2)
+            raise KeyboardInterrupt
+    search.print_budget(SimpleNamespace(plan=plan, parent_run_id=parent), spent, 73.0, interrupted=True)
+    out = capsys.readouterr().out
+    assert "time budget 2 min, used 1.2 min, interrupted (planned / actual seconds):" in out
+    assert "  final       25 /    1" in out and "  finish      20 /    0" in out
+    assert client.get_run(parent).data.metrics["budget_final_seconds"] == pytest.approx(spent["final"])
+    assert spent["final"] >= 1.2
+
+
 def test_a_budgeted_study_plans_trains_the_winner_and_ends_near_its_budget(ray_session, mlflow_store, capsys,
                                                                            study_console):
     started = time.monotonic()
