@@ -23,7 +23,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.tracking.runs import standalone_run
-from cnnopt.training.objective import check_config, set_up
+from cnnopt.training.objective import check_config, lr_setting, set_up
 
 SKIP_START_FRACTION = 0.1  # the first tenth of the sweep is noise around the initial loss (fastai skips 10 of 100)
 
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         path = plot(result, args.output)
         record.log_artifact(path)
         record.log(metrics={"suggested_lr": result.suggested_lr, "min_loss_lr": result.min_loss_lr,
+                            "suggested_lr_setting": lr_setting(config, result.suggested_lr),  # the train.lr to set
                             "steps_run": len(result.lrs), "diverged": float(result.diverged)})
         record.end()
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not result.diverged:
         print("the loss never ran away: raise --end-lr (or --steps) to see where it diverges")
     if config.lr_batch:  # the sweep's rates are at this batch size; train.lr is the rate per lr_batch images
-        per = result.suggested_lr * config.lr_batch / config.batch_size
+        per = lr_setting(config, result.suggested_lr)
         print(f"try: --set train.lr={per:.3g} (a rate per train.lr_batch = {config.lr_batch} images: "
               f"{result.suggested_lr:.3g} at batch {config.batch_size}); plot saved to {path}")
     else:

@@ -315,8 +315,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Norm
 
 def learning_rate(config: TrainConfig) -> float:
     """The rate a training steps at (the peak of onecycle): train.lr, scaled by the batch size where
-    train.lr_batch says which batch size lr is the rate for."""
+    train.lr_batch says which batch size lr is the rate for (linearly, for every optimizer: the rule is
+    SGD's; for Adam a square root is the usual one, and the spaces that search batch size use SGD)."""
     return config.lr * config.batch_size / config.lr_batch if config.lr_batch else config.lr
+
+
+def lr_setting(config: TrainConfig, rate: float) -> float:
+    """The train.lr that steps at `rate` with `config`'s batch size: `learning_rate`'s inverse."""
+    return rate * config.lr_batch / config.batch_size if config.lr_batch else rate
 
 
 def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
