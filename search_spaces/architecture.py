@@ -22,7 +22,8 @@ budget spends its seconds as epochs. Searched alone, batch size would move the b
 sampler would have to learn that coupling from trials); with the experiment's train.lr_batch = 128, lr is
 the rate per 128 images and a batch of B trains at lr * B / 128 (the linear scaling rule, Goyal et al.
 2017), so one lr range suits every batch size. Without lr_batch the batch size is still searched, with
-lr as given. The grid keeps batch 128, as before.
+lr as given. The grid runs batch 128 only (experiments/cifar10.toml's own). An experiment whose own
+batch size is none of the three (digits' 64) gets no baseline trial, with a warning saying so.
 
 Ranges: sized for 32x32 inputs such as CIFAR-10. blocks 2-4 takes a 32x32 image down to 8x8..2x2
 (5 blocks would leave 1x1); on 8x8 digits use data.image_size >= 16. Widths 16-64 in the first

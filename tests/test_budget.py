@@ -267,23 +267,28 @@ def test_a_final_training_is_its_own_run_and_the_one_promoted(ray_session, mlflo
     assert len(children(mlflow_store, "fin", "final")) == 1
 
 
-def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store, capsys):
+def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store, capsys, monkeypatch):
     """After a Ctrl-C in the final training the table showed `final 25 / 0`: a phase's seconds were written
-    only when it returned. Now they are written however it ends, and the table says it was interrupted."""
+    only when it returned. Now they are written however it ends, and the table says it was interrupted.
+    The Ctrl-C is raised by the final training (stood in for: the real one trains on Ray for minutes)."""
     client = MlflowClient(tracking_uri=mlflow_store)
-    parent = client.create_run(client.create_experiment("cut")).info.run_id
-    plan = SimpleNamespace(budget=120.0, started=10.0, search=60.0, confirm=5.0, final=25.0, finish=20.0)
-    spent = {"search": 61.0}
+    parent = client.create_run(client.create_experiment("digits")).info.run_id
+    plan = SimpleNamespace(budget=120.0, started=10.0, search=60.0, confirm=0.0, final=25.0, finish=20.0)
+    outcome = SimpleNamespace(best={"run_id": "r", "trial_number": 1}, parent_run_id=parent, plan=plan,
+                              searched=None, name="cut", wall_seconds=61.0)
+
+    def final_training(*args):
+        time.sleep(1.2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "final_training", final_training)
     with pytest.raises(KeyboardInterrupt):
-        with search.timed(spent, "final"):
-            time.sleep(1.2)
-            raise KeyboardInterrupt
-    search.print_budget(SimpleNamespace(plan=plan, parent_run_id=parent), spent, 73.0, interrupted=True)
+        search.finish(load_experiment(None, ["search.confirm_top=0"]), outcome, report=False, promotion=True,
+                      started=time.perf_counter() - 71.0)
     out = capsys.readouterr().out
     assert "time budget 2 min, used 1.2 min, interrupted (planned / actual seconds):" in out
     assert "  final       25 /    1" in out and "  finish      20 /    0" in out
-    assert client.get_run(parent).data.metrics["budget_final_seconds"] == pytest.approx(spent["final"])
-    assert spent["final"] >= 1.2
+    assert 1.2 <= client.get_run(parent).data.metrics["budget_final_seconds"] < 5
 
 
 def test_a_budgeted_study_plans_trains_the_winner_and_ends_near_its_budget(ray_session, mlflow_store, capsys,

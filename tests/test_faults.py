@@ -137,11 +137,21 @@ def test_a_ctrl_c_in_a_deferred_block_acts_after_it_and_one_while_starting_is_on
 
 
 def test_a_searched_hyperparameter_set_on_the_command_line_is_a_warning(tmp_path):
-    done = search(["--set", "train.lr=1000", "--address", "127.0.0.1:9"], tmp_path)
-    assert ("warning: --set train.lr=1000 sets only the first trial (the experiment's baseline): search space "
+    done = search(["--set", "train.lr=0.2", "--address", "127.0.0.1:9"], tmp_path)
+    assert ("warning: --set train.lr=0.2 sets only the first trial (the experiment's baseline): search space "
             "'lesson' searches lr") in done.stderr, "bayes runs the experiment's [train] values first"
-    done = search(["--set", "train.lr=1000", "--strategy", "grid", "--address", "127.0.0.1:9"], tmp_path)
+    assert "no baseline trial" not in done.stderr
+    done = search(["--set", "train.lr=0.2", "--strategy", "grid", "--address", "127.0.0.1:9"], tmp_path)
+    assert "warning: --set train.lr=0.2 has no effect: search space 'lesson' searches lr" in done.stderr
+    assert "no baseline trial" not in done.stderr
+    # Outside the space's range, the experiment's values are no point of it: no baseline trial to set.
+    done = search(["--set", "train.lr=1000", "--address", "127.0.0.1:9"], tmp_path)
     assert "warning: --set train.lr=1000 has no effect: search space 'lesson' searches lr" in done.stderr
+    assert ("warning: no baseline trial: the experiment's [train] values are not a point of search space 'lesson' "
+            "(lr=1000.0 is outside search space 'lesson'); the sampler draws every trial") in done.stderr
+    done = search(["--set", "search_space=architecture", "--address", "127.0.0.1:9"], tmp_path)  # digits' batch 64
+    assert ("warning: no baseline trial: the experiment's [train] values are not a point of search space "
+            "'architecture' (batch_size=64 is outside search space 'architecture')") in done.stderr
 
 
 def test_a_time_budget_shorter_than_start_up_says_so(tmp_path):

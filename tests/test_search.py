@@ -199,7 +199,11 @@ def test_resumed_grid_skips_finished_points_and_keeps_the_order():
     assert past[1].params in searcher.points
 
 
-def test_a_resumed_grid_reruns_the_cut_short_point_and_walks_on(ray_session, mlflow_store, capsys):
+@pytest.mark.parametrize("searched_then", ["as now", "without batch_size"])
+def test_a_resumed_grid_reruns_the_cut_short_point_and_walks_on(ray_session, mlflow_store, capsys, searched_then):
+    """Also for a study recorded before its space module searched one of its parameters ("without batch_size":
+    the architecture space gained it): its trials' points are read with the value they trained at, so the
+    finished one is not run again and the cut-short one is rerun, not abandoned as "batch_size is missing"."""
     experiment = load_experiment(None, ["train.epochs=1", "search.trials=4", "search.strategy=grid",
                                         "search.concurrency=1"])
     space = search_spaces.get("lesson")
@@ -207,7 +211,8 @@ def test_a_resumed_grid_reruns_the_cut_short_point_and_walks_on(ray_session, mlf
     record = StudyRecorder(experiment, "grid-resume", tags={}, params={}, artifacts=[])
     record.open()
     for trial_id, point in (("done", points[0]), ("cut", points[1])):
-        record.start_trial(trial_id, tracking.hyperparameters(space.apply(experiment.train, point)), list(point))
+        searched = [name for name in point if searched_then == "as now" or name != "batch_size"]
+        record.start_trial(trial_id, tracking.hyperparameters(space.apply(experiment.train, point)), searched)
     record.end_trial("done", "completed", {"val_accuracy": 0.5})
     record.kill_unfinished()  # as a Ctrl-C leaves it
     record.close(tracking.KILLED)
@@ -246,6 +251,12 @@ def test_a_resume_refuses_a_folder_whose_images_changed_since_the_study_started(
     with pytest.raises(UsageError, match="was trained on other images than its study's settings load now .*the "
                                          "folder changed since.*--set data.root="):
         promote_cli.main(["--study", "drift"])
+    root.rename(tmp_path / "moved")  # a resume cannot --set data.root: the message must not send the person there
+    with pytest.raises(UsageError) as refused:
+        search.main(["--resume", "--name", "drift", "--no-promote", "--no-report"])
+    assert str(refused.value) == (f"study 'drift' cannot be resumed here: image folder '{root}' not found; a resume "
+                                  f"runs with the data settings the study started with (data.root = '{root}'), so put "
+                                  "the data there")
 
 
 def test_a_point_the_space_no_longer_holds_is_named():

@@ -161,13 +161,17 @@ class Space:
                 values[param.name] = grid[(len(grid) - 1) // 2]
         return values
 
-    def point_of(self, config: TrainConfig) -> dict[str, Any] | None:
-        """The point of this space that `config` is (its values of the searched parameters, conditions
-        applied), or None when one of them lies outside the space."""
+    def values_of(self, config: TrainConfig) -> dict[str, Any]:
+        """`config`'s values of the searched parameters, conditions applied (inside the space or not)."""
         values: dict[str, Any] = {}
         for param in self.params:
             if param.active(values):
                 values[param.name] = getattr(config, param.name)
+        return values
+
+    def point_of(self, config: TrainConfig) -> dict[str, Any] | None:
+        """The point of this space that `config` is, or None when one of its values lies outside the space."""
+        values = self.values_of(config)
         return values if self.mismatch(values) is None else None
 
     def apply(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:

@@ -173,14 +173,26 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
     # A --set of a searched hyperparameter sets only the baseline trial (the experiment's own [train] values, the
     # first trial of a new random, bayes or gp study), or nothing: say which, rather than let it pass unseen.
     baseline = search.baseline_trial and search.strategy != "grid" and not options.resume
+    outside = space.mismatch(space.values_of(experiment.train)) if baseline else None
     for item in experiment.overrides:
         key = item.partition("=")[0].strip()
         if key.startswith("train.") and key[len("train."):] in space.names:
-            effect = "sets only the first trial (the experiment's baseline)" if baseline else "has no effect"
+            effect = "sets only the first trial (the experiment's baseline)" if baseline and not outside else \
+                "has no effect"
             print(f"warning: --set {item} {effect}: search space {space.name!r} searches "
                   f"{key[len('train.'):]} (its range is in search_spaces/{space.name}.py)", file=sys.stderr)
-    check_source(experiment.data)  # a wrong dataset name or path, and an address with no cluster, are said before
-    if options.address and not ray.is_initialized():  # the study creates anything (its store, its folders)
+    if outside:  # the baseline trial is the experiment's own [train] values: they must be a point of the space
+        print(f"warning: no baseline trial: the experiment's [train] values are not a point of search space "
+              f"{space.name!r} ({outside}); the sampler draws every trial", file=sys.stderr)
+    try:  # a wrong dataset name or path, and an address with no cluster, are said before the study creates
+        check_source(experiment.data)  # anything (its store, its folders)
+    except UsageError as exc:
+        if not options.resume:
+            raise
+        raise UsageError(f"study {options.name!r} cannot be resumed here: {str(exc).split(': ')[0]}; a resume runs "
+                         f"with the data settings the study started with (data.root = {experiment.data.root!r}), "
+                         "so put the data there") from None
+    if options.address and not ray.is_initialized():
         _check_reachable(options.address)
     storage = results_folder(options.storage)
     tracking.check_writable(storage, "the results folder", "set CNNOPT_RESULTS to a writable folder")
@@ -312,7 +324,7 @@ def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: 
         params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
                 **tracking.data_params(experiment.data), **plan},
-        artifacts=[search_spaces.source_path(space.name)], dataset=dataset, trial_tags=trial_tags)
+        artifacts=[search_spaces.source_path(space.name)], dataset=dataset, trial_tags=trial_tags, space=space)
 
 
 def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, resume: bool) -> int:

@@ -47,8 +47,9 @@ class StudyRecorder:
     """
 
     def __init__(self, experiment: Experiment, study: str, *, tags: dict, params: dict, artifacts: list[str],
-                 dataset: DatasetInput | None = None, trial_tags: dict | None = None):
+                 dataset: DatasetInput | None = None, trial_tags: dict | None = None, space=None):
         self.experiment, self.study = experiment, study
+        self.space = space  # the search space as it reads now: a resume reads past trials' points in it
         self.tags, self.params, self.artifacts = tags, params, artifacts
         self.trial_tags = trial_tags or {}  # on every trial run this session starts (the data it trains on)
         self.dataset = dataset  # the train split, logged as the dataset input of the parent and of every trial
@@ -121,7 +122,7 @@ class StudyRecorder:
         status = tags.get("status", trials.RUNNING)
         if status == trials.RUNNING or run.info.status == "RUNNING":  # its process died without ending the run
             status = trials.INTERRUPTED
-        params = studies.searched_params(run)
+        params = studies.searched_params(run, self.space)
         curve: dict[int, float] = {}
         if status in (trials.PRUNED, trials.STOPPED):  # ranked by its best-so-far value at each epoch
             history = self.client.get_metric_history(run.info.run_id, metric)

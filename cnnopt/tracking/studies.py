@@ -112,11 +112,20 @@ def child_runs(client: MlflowClient, parent, kind: str, page: int = 1000) -> lis
             return runs
 
 
-def searched_params(run) -> dict:
-    """The hyperparameters the search drew for a trial run, typed as declared (bool, int, float, str)."""
+def searched_params(run, space=None) -> dict:
+    """The hyperparameters the search drew for a trial run, typed as declared (bool, int, float, str).
+
+    With `space` (the search space as its module reads now), a parameter it searches that the run's record
+    does not (the module gained it after the study began: `batch_size` in the architecture space, say)
+    is read from the run's logged settings where its condition holds: the trial trained at that value, so
+    a resume finds the grid point or the sampler's trial it was."""
     types = field_types(TrainConfig)
-    return {name: param_value(run.data.params.get(name), types[name])
-            for name in run.data.tags.get("searched", "").split(",") if name in types}
+    values = {name: param_value(run.data.params.get(name), types[name])
+              for name in run.data.tags.get("searched", "").split(",") if name in types}
+    for param in space.params if space is not None else ():
+        if param.name not in values and param.active(values) and param.name in run.data.params:
+            values[param.name] = param_value(run.data.params[param.name], types[param.name])
+    return values
 
 
 FINISH_TAG = "finish"  # on a study's parent: what follows its trials is "running" (begun, not ended) or "done"
