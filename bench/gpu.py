@@ -1,7 +1,8 @@
 """GPU benchmark (issue 9, item 4): a trial against a bare loop, trials sharing one GPU, RandAugment on
-vs off, and a time-budgeted study on CIFAR-10, printed in one run with a block for bench/RESULTS.md.
+vs off, a trial by batch size, and a time-budgeted study on CIFAR-10, printed in one run with a block for
+bench/RESULTS.md.
 
-    python bench/gpu.py [--only trial|packing|randaugment|study ...] [--data cifar10|synthetic]
+    python bench/gpu.py [--only trial|packing|randaugment|batch|study ...] [--data cifar10|synthetic]
         [--cifar-root /tmp/cifar] [--minutes 5] [--steps N] [--rounds 3] [--packing 1,2,4,8]
         [--wall-limit SECONDS] [--results FILE]
 
@@ -18,6 +19,8 @@ channels_last, the data on the GPU as uint8.
     training the same configuration for --steps steps of `train`'s loop, released together once all
     have warmed up; aggregate img/s = all their images / (last end - first start).
 (c) randaugment: the trial of (a) without and with RandAugment(2, 9), interleaved (goal: >= 0.6x).
+(e) batch (run before d): the trial of (a) at the batch sizes the architecture space searches (128, 256,
+    512; lr per 128 images, train.lr_batch), interleaved: what a bigger batch buys in img/s for this net.
 (d) study: `python -m cnnopt.search --experiment experiments/cifar10.toml --time-budget MINUTES` on the
     CIFAR-10 in --cifar-root, with a throwaway MLflow store and results folder; its wall time, the GPU's
     utilisation once a second (nvidia-smi, else pynvml), and from MLflow: the best val accuracy, the
@@ -56,7 +59,8 @@ from cnnopt.cli import run  # light: cnnopt.errors only
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "cifar10.toml"
-PARTS = ("trial", "packing", "randaugment", "study")
+PARTS = ("trial", "packing", "randaugment", "batch", "study")
+BATCH_SIZES = (128, 256, 512)  # search_spaces/architecture.py's choices
 SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training set: 45,000 train / 5,000 val at the experiment's val_fraction
 PACKING_STEPS = 400  # per worker: 51,200 images, ~2 s for one trial on an H100
 WARMUP_STEPS = 30  # per worker, before the start signal: cuDNN's choices and the allocator settle
@@ -71,9 +75,9 @@ STUDY_OVERHEAD_S = 45  # the budget counts the whole command; this covers its im
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", action="append", choices=PARTS,
-                        help="run only this part (repeatable; default: all four)")
+                        help="run only this part (repeatable; default: all five)")
     parser.add_argument("--data", choices=("cifar10", "synthetic"), default="cifar10",
-                        help="parts a-c: CIFAR-10 from --cifar-root, or 50,000 random 32x32 images made here "
+                        help="parts a, c and e: CIFAR-10 from --cifar-root, or 50,000 random 32x32 images made here "
                              "(the study always needs CIFAR-10)")
     parser.add_argument("--cifar-root", default="/tmp/cifar", help="the folder holding cifar-10-batches-py "
                         "(default: /tmp/cifar, where the device kit puts it)")
@@ -121,21 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine(device)}{gpu}", flush=True)
     results = []  # markdown lines for bench/RESULTS.md
     config = data = None
-    if {"trial", "packing", "randaugment"} & set(args.only):
+    if {"trial", "packing", "randaugment", "batch"} & set(args.only):
         config = trial_config(args)
         print(f"config: {EXPERIMENT.relative_to(REPO)} [train]: blocks={config.blocks} "
               f"convs_per_block={config.convs_per_block} channels={config.channels}, {config.optimizer} "
               f"lr {config.lr:g}, {config.lr_schedule}, batch {config.batch_size}, flip={config.flip} "
               f"crop {config.crop_padding} ({config.crop_padding_mode}), channels_last={config.channels_last}; "
               f"device {device}" + (", fp16 autocast" if device.type == "cuda" else ""))
-    if {"trial", "randaugment"} & set(args.only):
+    if {"trial", "randaugment", "batch"} & set(args.only):
         data = load_images(args)
         if args.steps:
             data = cut(data, args.steps * config.batch_size)
         print(f"data: {describe(args)}: {len(data.train_y):,} train / {len(data.val_y):,} val images "
-              f"in parts a and c", flush=True)
+              f"in parts a, c and e", flush=True)
     parts = {"trial": lambda: trial_vs_bare(config, data, args.rounds), "packing": lambda: packing(args, config),
-             "randaugment": lambda: randaugment(config, data, args.rounds), "study": lambda: study(args, started)}
+             "randaugment": lambda: randaugment(config, data, args.rounds),
+             "batch": lambda: batch_sizes(config, data, args.rounds), "study": lambda: study(args, started)}
     for part in PARTS:
         if part in args.only:
             results += parts[part]()
@@ -398,6 +403,20 @@ def randaugment(config, data, rounds: int) -> list[str]:
             "| trial | img/s on / off, median (min-max) | ratio |", "|---|---|---|", line]
 
 
+def batch_sizes(config, data, rounds: int) -> list[str]:
+    print(f"\n(e) a trial at batch {', '.join(map(str, BATCH_SIZES))} (lr per 128 images): 1 epoch per run, "
+          f"{rounds} rounds after a warm-up", flush=True)
+    at = lambda size: lambda seed: trial_img_s(dataclasses.replace(config, seed=seed, batch_size=size, lr_batch=128),
+                                               data)
+    rates = interleave({f"batch {size}": at(size) for size in BATCH_SIZES}, rounds)
+    first = f"batch {BATCH_SIZES[0]}"
+    lines = [f"| {name} | {spread(rates[name])} | " + ("" if name == first else ratio(rates[name], rates[first])) + " |"
+             for name in rates]
+    print("\n".join(lines))
+    return ["", f"(e) a trial's img/s by batch size, {rounds} interleaved rounds:", "",
+            f"| trial | img/s median (min-max) | vs {first} |", "|---|---|---|"] + lines
+
+
 # ---- (d) the study -----------------------------------------------------------------------------------
 
 class GpuSampler:
@@ -600,7 +619,8 @@ def skipped(reason: str) -> list[str]:
 def results_block(args, device: torch.device, results: list[str]) -> str:
     name = (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})" if device.type == "cuda"
             else "the CPU (--device cpu: a check of the code paths, not a GPU result)")
-    data = f"; data for a-c: {describe(args)}" if {"trial", "packing", "randaugment"} & set(args.only) else ""
+    data = (f"; data for a-c and e: {describe(args)}" if {"trial", "packing", "randaugment", "batch"} & set(args.only)
+            else "")
     head = ["## GPU: `python bench/gpu.py`", "",
             f"Measured on {name} ({cpu_description()}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
             f"{data}; experiments/cifar10.toml's VGG-style net, batch 128, flip + crop 4.",
