@@ -86,7 +86,8 @@ def test_with_lr_batch_the_suggestion_is_a_rate_per_lr_batch_images(mlflow_store
     per = float(out.split("try: --set train.lr=")[1].split()[0])
     assert per == pytest.approx(4 * suggested, rel=0.01)
     assert f"(a rate per train.lr_batch = 256 images: {suggested:.3g} at batch 64)" in out
-    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("digits").experiment_id])
+    client = MlflowClient(tracking_uri=mlflow_store)  # not the process's current URI: another test may have set it
+    [run] = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert run.data.metrics["suggested_lr_setting"] == pytest.approx(4 * run.data.metrics["suggested_lr"])
 
 
