@@ -206,12 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         print("the suggestion sits at the start of the range: lower --start-lr and run again")
     elif not result.diverged:
         print("the loss never ran away: raise --end-lr (or --steps) to see where it diverges")
-    if config.lr_batch:  # the sweep's rates are at this batch size; train.lr is the rate per lr_batch images
-        per = lr_setting(config, result.suggested_lr)
-        print(f"try: --set train.lr={per:.3g} (a rate per train.lr_batch = {config.lr_batch} images: "
-              f"{result.suggested_lr:.3g} at batch {config.batch_size}); plot saved to {path}")
-    else:
-        print(f"try: --set train.lr={result.suggested_lr:.3g}; plot saved to {path}")
+    # The sweep's rates are at this batch size; with train.lr_batch, train.lr is the rate per lr_batch images.
+    per = (f" (a rate per train.lr_batch = {config.lr_batch} images: {result.suggested_lr:.3g} at batch "
+           f"{config.batch_size})" if config.lr_batch else "")
+    print(f"try: --set train.lr={lr_setting(config, result.suggested_lr):.3g}{per}; plot saved to {path}")
     print(f"MLflow run {record.run_id} in experiment '{experiment.name}'; browse with: {tracking.ui_command()}")
     return 0
 
