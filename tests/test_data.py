@@ -212,14 +212,15 @@ def test_cifar10_missing_folder_names_it(tmp_path):
 
 
 def test_a_cifar10_download_that_fails_is_one_line(tmp_path, monkeypatch):
-    """A download that cannot reach its server (here no socket may connect: the test is offline whatever
-    torchvision tries first), or cannot land where it is asked (under a plain file), is one line saying how
-    to fetch the archive by hand."""
+    """A download that cannot reach its server (here no socket may connect and no name resolve: the test is
+    offline whatever torchvision tries first), or cannot land where it is asked (under a plain file), is one
+    line saying how to fetch the archive by hand. data.download=True is the setting under test."""
     def offline(*args, **kwargs):
         raise OSError("network disabled in this test")
 
     monkeypatch.setattr(socket.socket, "connect", offline)
     monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setattr(socket, "getaddrinfo", offline)  # not even a DNS lookup of the download's host
     (tmp_path / "a_file").write_text("a plain file: no folder can be made under it")
     for root in (tmp_path / "cifar", tmp_path / "a_file" / "cifar"):
         with pytest.raises(UsageError, match="downloading CIFAR-10 into .* failed .*by hand.*data.download=false"):
