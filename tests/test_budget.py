@@ -309,6 +309,10 @@ def test_a_budgeted_study_plans_trains_the_winner_and_ends_near_its_budget(ray_s
     assert trial_runs and max(trained.values()) <= 10, "a trial trains for its time, at most train.epochs"
     assert parent.data.metrics["budget_used_seconds"] > 0
     [final] = children(mlflow_store, "budgeted", "final")
+    # It trains the chosen configuration from the run the confirmation promotes: the trial or one of its seeds
+    # (which trains its trial's epochs).
+    seeds = children(mlflow_store, "budgeted", "confirmation")
+    trained.update({run.info.run_id: len(client.get_metric_history(run.info.run_id, "train_loss")) for run in seeds})
     assert int(final.data.params["epochs"]) > trained[final.data.tags["trains_run_id"]], "longer than its trial"
     assert parent.data.tags["promoted_run_id"] == final.info.run_id
     assert wall < 90 + 45, f"a 1.5-minute budget took {wall:.0f}s"
