@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 RAY_NOTICE = "Token authentication is enabled"  # Ray's own line when it starts; authentication stays on
@@ -83,6 +84,21 @@ def test_a_wrong_dataset_path_address_or_value_leaves_nothing_behind(tmp_path, a
     assert done.returncode == 2, done.stdout + done.stderr
     assert expected in error_line(done.stderr)
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--gpus-per-trial", "1"], "each trial asks for 1 GPU but the Ray cluster has 0"),
+    (["--cpus-per-trial", "100"], "each trial asks for 100 CPUs but the Ray cluster has"),
+])
+def test_what_the_cluster_cannot_run_is_said_before_the_study_writes_anything(tmp_path, args, expected):
+    """Said once Ray is up (only Ray knows the cluster's size) but before the store, results folder or data:
+    these left mlflow.db, mlruns/ and ray_results/ behind after loading the data. Ray's start is in the log."""
+    if "--gpus-per-trial" in args and torch.cuda.is_available():
+        pytest.skip("reason: this machine has a GPU for the trial")
+    done = search(args, tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in error_line(done.stderr)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cnnopt.log"]
 
 
 def test_a_store_whose_creation_was_cut_short_is_one_line(tmp_path):

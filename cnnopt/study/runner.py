@@ -99,12 +99,13 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         StudyOutcome with trial counts by status and the best trial by the validation metric.
     """
     started = options.started or time.perf_counter()
-    space, data, digest = prepare(experiment, options)
+    space = check_settings(experiment, options)
     own_ray = start_ray(options.address)
     kept = False
     try:
         search = resolve_resources(experiment.search, ray.cluster_resources())
-        check_resources(experiment, search)
+        check_resources(experiment, search)  # what the cluster cannot run is said before the study writes anything
+        data, digest = open_study(experiment, options, space)
         print(f"{options.header}; {placement(search)}" if options.header else placement(search), flush=True)
         plan, asked = None, experiment
         if search.time_budget and options.planned:
@@ -150,9 +151,9 @@ def interrupts_held():
         signal.signal(signal.SIGINT, previous)
 
 
-def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, ImageData, str]:
-    """Check everything that can be checked before Ray starts or anything is recorded; load the data.
-    Returns the space, the data (no test split) and the train and val splits' digest (`splits_digest`)."""
+def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
+    """Check everything that can be checked before Ray starts, without writing anything (a refused study
+    leaves no store, folder or log behind); returns the search space."""
     search = experiment.search
     studies.check_study_name(options.name)
     check_search(search)
@@ -195,11 +196,19 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
     if options.address and not ray.is_initialized():
         _check_reachable(options.address)
     storage = results_folder(options.storage)
-    tracking.check_writable(storage, "the results folder", "set CNNOPT_RESULTS to a writable folder")
-    tracking.make_client()  # the tracking store is checked here, before Ray starts or data loads
+    tracking.check_writable(storage, "the results folder", "set CNNOPT_RESULTS to a writable folder", create=False)
+    tracking.check_store(tracking.tracking_uri(), create=False)  # a store that cannot be written or reached, before Ray starts
     if not options.resume and (storage / options.name).exists():
         raise UsageError(f"a study named {options.name!r} already exists in {storage}; "
                          "add --resume to continue it or pick another --name")
+    return space
+
+
+def open_study(experiment: Experiment, options: StudyOptions, space: Space) -> tuple[ImageData, str]:
+    """Open the tracking store and load the data, checking what needs them (the model the data's images
+    build, a study of the same name in the store, a resume's data). Returns the data (no test split) and
+    the train and val splits' digest (`splits_digest`)."""
+    tracking.make_client()
     data = load_data(experiment.data)
     build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
     check_config(space.apply(experiment.train, space.grid()[0]), data.image_size)  # so do bad [train] values
@@ -210,7 +219,7 @@ def prepare(experiment: Experiment, options: StudyOptions) -> tuple[Space, Image
     if options.resume:
         studies.check_same_data(tracking.make_client(), options.name, experiment, digest)
     # Trials get no test split at all: hyperparameters are selected on validation only.
-    return space, dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0]), digest
+    return dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0]), digest
 
 
 def check_search(search: SearchConfig) -> None:

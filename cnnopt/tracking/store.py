@@ -77,19 +77,20 @@ def make_client() -> MlflowClient:
 _checked_stores: set[str] = set()
 
 
-def check_store(uri: str, timeout: float = 5.0) -> None:
-    """Raise a UsageError naming the store if a local one cannot be written or a server does not answer."""
+def check_store(uri: str, timeout: float = 5.0, create: bool = True) -> None:
+    """Raise a UsageError naming the store if a local one cannot be written or a server does not answer;
+    a local store's folders are made, unless create=False (a check that leaves nothing behind)."""
     fix = "set MLFLOW_TRACKING_URI to a writable sqlite:///PATH/mlflow.db or a reachable http:// server"
     if uri.startswith("sqlite:///"):
         database = Path(uri[len("sqlite:///"):])
-        check_writable(database.parent, f"the MLflow store {uri}", fix)
+        check_writable(database.parent, f"the MLflow store {uri}", fix, create)
         if database.exists():
             try:
                 with open(database, "ab"):
                     pass
             except OSError as exc:
                 raise UsageError(f"the MLflow store {uri} cannot be written ({exc.strerror or exc}); {fix}") from None
-        check_writable(Path("mlruns").resolve(), "the MLflow artifact folder", "run from a writable folder")
+        check_writable(Path("mlruns").resolve(), "the MLflow artifact folder", "run from a writable folder", create)
     elif uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
@@ -98,10 +99,16 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
                              "start it or fix MLFLOW_TRACKING_URI") from None
 
 
-def check_writable(folder: Path, what: str, fix: str) -> None:
-    """Create `folder` if needed and write a scratch file in it (as root, permission bits say nothing)."""
+def check_writable(folder: Path, what: str, fix: str, create: bool = True) -> None:
+    """Create `folder` if needed and write a scratch file in it (as root, permission bits say nothing);
+    with create=False nothing is left behind: a missing folder's nearest existing parent is tried instead."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            folder = next(parent for parent in (folder, *folder.parents) if parent.exists())
+            if not folder.is_dir():
+                raise NotADirectoryError(20, "Not a directory")
         with tempfile.NamedTemporaryFile(dir=folder):
             pass
     except OSError as exc:
