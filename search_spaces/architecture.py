@@ -21,7 +21,7 @@ ran the 4x2-block VGG that won a 7-minute study at 15k img/s, a fraction of the 
 budget spends its seconds as epochs. Searched alone, batch size would move the best lr with it (the
 sampler would have to learn that coupling from trials); with the experiment's train.lr_batch = 128, lr is
 the rate per 128 images and a batch of B trains at lr * B / 128 (the linear scaling rule, Goyal et al.
-2017), so one lr range suits every batch size. Without lr_batch the batch size is still searched, with
+2017, for the experiment's SGD), so one lr range suits every batch size. Without lr_batch the batch size is still searched, with
 lr as given. The grid runs batch 128 only (experiments/cifar10.toml's own). An experiment whose own
 batch size is none of the three (digits' 64) gets no baseline trial, with a warning saying so.
 

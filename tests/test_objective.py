@@ -146,19 +146,22 @@ def test_batches_augmented_together_train_as_batches_one_at_a_time(digits_data, 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_lr_batch_makes_lr_a_rate_per_that_many_images(digits_data, optimizer):
-    """With train.lr_batch, lr is the rate per lr_batch images: batch B trains at lr * B / lr_batch, the rate
-    every optimizer and onecycle's peak take (the architecture space searches batch_size with lr so coupled)."""
+    """With train.lr_batch, lr is the rate per lr_batch images: batch B trains at lr * B / lr_batch with SGD,
+    lr * sqrt(B / lr_batch) with Adam and AdamW, the rate the optimizer and onecycle's peak take (the
+    architecture space searches batch_size with lr so coupled)."""
     config = dataclasses.replace(QUICK, epochs=2, batch_size=64, lr=0.02, optimizer=optimizer)
-    scaled = dataclasses.replace(config, lr=0.08, lr_batch=256)  # 0.08 per 256 images: 0.02 at batch 64
+    per_256 = 0.08 if optimizer == "sgd" else 0.04  # 64 of 256 images: a quarter of the rate, or its square root
+    scaled = dataclasses.replace(config, lr=per_256, lr_batch=256)
     assert objective.learning_rate(scaled) == pytest.approx(0.02)
-    assert objective.learning_rate(dataclasses.replace(scaled, lr_batch=0)) == 0.08
+    assert objective.lr_setting(scaled, 0.02) == pytest.approx(per_256)
+    assert objective.learning_rate(dataclasses.replace(scaled, lr_batch=0)) == per_256
     plain, _ = run(config, digits_data)
     coupled, _ = run(scaled, digits_data)
     for key in ("lr", "train_loss", "val_loss", "val_accuracy"):
         assert [m[key] for m in coupled.history] == [m[key] for m in plain.history], key
     onecycle = objective.make_schedule(scaled, objective.make_optimizer(scaled, [torch.nn.Parameter(torch.zeros(1))]), 5)
     assert onecycle.optimizer.param_groups[0]["max_lr"] == pytest.approx(0.02)
-    uncoupled, _ = run(dataclasses.replace(scaled, lr_batch=0), digits_data)  # 0.08 as given: another training
+    uncoupled, _ = run(dataclasses.replace(scaled, lr_batch=0), digits_data)  # lr as given: another training
     assert [m["train_loss"] for m in uncoupled.history] != [m["train_loss"] for m in plain.history]
 
 

@@ -46,8 +46,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.05  # peak learning rate (onecycle) or initial one (the others)
-    # The batch size lr is the rate for: a batch of B images trains at lr * B / lr_batch (the linear scaling
-    # rule, Goyal et al. 2017), so one lr suits every batch size a space searches. 0: lr as given.
+    # The batch size lr is the rate for: a batch of B images trains at lr * B / lr_batch with SGD (the linear
+    # scaling rule), lr * sqrt(B / lr_batch) with Adam(W) (`objective.batch_scale`), so one lr suits every
+    # batch size a space searches. 0: lr as given.
     lr_batch: int = 0
     optimizer: str = "sgd"  # sgd | adam | adamw
     momentum: float = 0.9  # sgd only

@@ -315,14 +315,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Norm
 
 def learning_rate(config: TrainConfig) -> float:
     """The rate a training steps at (the peak of onecycle): train.lr, scaled by the batch size where
-    train.lr_batch says which batch size lr is the rate for (linearly, for every optimizer: the rule is
-    SGD's; for Adam a square root is the usual one, and the spaces that search batch size use SGD)."""
-    return config.lr * config.batch_size / config.lr_batch if config.lr_batch else config.lr
+    train.lr_batch says which batch size lr is the rate for (`batch_scale`)."""
+    return config.lr * batch_scale(config)
 
 
 def lr_setting(config: TrainConfig, rate: float) -> float:
     """The train.lr that steps at `rate` with `config`'s batch size: `learning_rate`'s inverse."""
-    return rate * config.lr_batch / config.batch_size if config.lr_batch else rate
+    return rate / batch_scale(config)
+
+
+def batch_scale(config: TrainConfig) -> float:
+    """How much faster than train.lr a batch of train.batch_size steps, where train.lr_batch is set (else 1):
+    linearly for SGD (B / lr_batch, Goyal et al. 2017: B times the images, one step), by the square root
+    for Adam and AdamW (sqrt(B / lr_batch), Malladi et al. 2022: their per-coordinate step already divides by
+    the gradient's scale, so only its noise shrinks with the batch)."""
+    if not config.lr_batch:
+        return 1.0
+    ratio = config.batch_size / config.lr_batch
+    return ratio if config.optimizer == "sgd" else math.sqrt(ratio)
 
 
 def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
