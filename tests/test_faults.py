@@ -179,15 +179,16 @@ def test_a_time_budget_shorter_than_start_up_says_so(tmp_path):
     assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
 
 
-def interrupt_when(process: subprocess.Popen, marker: str, signals: int = 1) -> tuple[str, str]:
-    """Read the study's output until `marker`, send `signals` Ctrl-Cs, and return (stdout, stderr)."""
+def interrupt_when(process: subprocess.Popen, marker: str, signals: int = 1,
+                   sig: int = signal.SIGINT) -> tuple[str, str]:
+    """Read the study's output until `marker`, send `signals` Ctrl-Cs (or `sig`), and return (stdout, stderr)."""
     seen = []
     for line in process.stdout:
         seen.append(line)
         if marker in line:
             break
     for _ in range(signals):
-        process.send_signal(signal.SIGINT)
+        process.send_signal(sig)
         time.sleep(0.3)
     out, err = process.communicate(timeout=180)
     return "".join(seen) + out, err
@@ -208,10 +209,13 @@ def as_from_a_terminal() -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_promotion_stops_it_and_a_resume_promotes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_promotion_stops_it_and_a_resume_promotes(tmp_path, sig):
+    """A SIGTERM after the trials is a Ctrl-C too: ray.init had put in its own handler, which exited at once
+    (exit 1, no message, no resume command)."""
     study = start(["--strategy", "random", "--trials", "2", "--set", "train.epochs=1", "--name", "p", "--no-confirm"],
                   tmp_path)
-    out, err = interrupt_when(study, "promoting the best trial")
+    out, err = interrupt_when(study, "promoting the best trial", sig=sig)
     assert study.returncode == 130 and "Traceback" not in err, out + err
     assert "--resume --name p" in err and "promoted run" not in out
     assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -410,6 +411,36 @@ def test_a_study_whose_driver_was_killed_resumes_from_its_record(ray_session, ml
     assert replaced.info.lifecycle_stage == "deleted" and replaced.info.status == "KILLED", "ended, then deleted"
     rerun = next(c for c in children if c.data.tags["trial_number"] == cut.data.tags["trial_number"])
     assert rerun.data.params["lr"] == cut.data.params["lr"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_closes_the_record_at_once(mlflow_store, tmp_path):
+    """`timeout`, systemd, Docker and batch schedulers signal every process of the job: Ray's own end with the
+    driver, so the trials cannot be stopped in order. The record was closed 30 s after the signal (Docker's
+    SIGKILL comes after 10 s, Slurm's and Kubernetes' after 30), or never where Ray ended the driver first;
+    now it is closed once Ray's GCS stops answering."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    job = subprocess.Popen([sys.executable, "-m", "cnnopt.search", "--strategy", "random", "--trials", "3",
+                            "--concurrency", "1", "--name", "group", "--set", "train.epochs=12", "--no-promote",
+                            "--no-report"], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = MlflowClient(tracking_uri=mlflow_store)
+        deadline = time.monotonic() + 300
+        while (cut := running_trial(client, "group")) is None and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cut is not None, "no trial was caught mid-training"
+        sent = time.monotonic()
+        os.killpg(job.pid, signal.SIGTERM)
+        output = job.communicate(timeout=60)[0]
+        assert job.returncode == 130 and time.monotonic() - sent < 10, output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # nothing of the job outlives the test
+    assert "--resume --name group" in output
+    _, parent, children = study_runs(mlflow_store, "group")
+    assert parent.info.status == "KILLED" and not [c for c in children if c.info.status == "RUNNING"]
+    assert client.get_run(cut.info.run_id).data.tags["status"] == "interrupted"
 
 
 CLUSTER_SCRIPT = textwrap.dedent("""

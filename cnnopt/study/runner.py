@@ -263,9 +263,11 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
     closed, closing, watched = threading.Event(), threading.Lock(), []
 
+    gcs = ray.get_runtime_context().gcs_address  # read now: in a signal handler Ray may be going away
+
     def on_sigterm(*_) -> None:
         if not watched:  # one watchdog, however many signals
-            watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, options.name),
+            watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, options.name, gcs),
                                             daemon=True))
             watched[0].start()
         sigterm_as_interrupt()
@@ -299,12 +301,21 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
 TERM_GRACE = 30.0  # seconds a SIGTERM'd study has to stop its trials in order before its record is closed anyway
 
 
-def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, name: str) -> None:
-    """After a SIGTERM: where the study has not begun closing its record in TERM_GRACE, close it from here
-    and exit. A signal to the whole process group (`timeout`, systemd, a batch scheduler) stops Ray's own
-    processes with the driver, and Ray then waits a minute for them and aborts, leaving runs RUNNING.
-    Where the main thread is closing the record already (it holds `closing`), it is left to finish."""
-    if closed.wait(TERM_GRACE) or not closing.acquire(blocking=False):
+def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, name: str,
+                    gcs: str = "") -> None:
+    """After a SIGTERM: where the study has not begun closing its record when Ray's GCS (at `gcs`) stops
+    answering, or in TERM_GRACE, close it from here and exit. A signal to the whole process group (`timeout`,
+    systemd, Docker, a batch scheduler) stops Ray's own processes with the driver: the trials cannot be stopped
+    in order, and Ray then waits a minute for them and aborts, or ends the driver itself, leaving runs RUNNING;
+    a scheduler's own grace before its SIGKILL is often shorter than TERM_GRACE (Docker 10 s, Slurm and
+    Kubernetes 30 s). Where the main thread is closing the record already (it holds `closing`), it is left to
+    finish."""
+    deadline, silent = time.monotonic() + TERM_GRACE, 0
+    while not closed.wait(0.2):
+        silent = silent + 1 if gcs and not _answers(gcs) else 0
+        if time.monotonic() > deadline or silent == 2:  # twice in a row: not one lost connection
+            break
+    if closed.is_set() or not closing.acquire(blocking=False):
         return
     try:
         if recorder.parent_run_id:
@@ -315,6 +326,16 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
               f"the study is recorded as interrupted. Resume it by:\n  {resume_command(name)}", file=sys.stderr,
               flush=True)
         os._exit(130)
+
+
+def _answers(address: str, timeout: float = 0.5) -> bool:
+    """Whether something accepts connections at `address` ('host:port')."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def resume_command(name: str) -> str:
@@ -386,15 +407,21 @@ def start_ray(address: str | None) -> bool:
     """
     if ray.is_initialized():
         return False
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"cannot reach the Ray cluster at {address!r}: {exc}; check --address") from None
-        return True
-    # address='local' always starts a new instance, never joins another process's Ray on this machine.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # ray.init replaces the SIGTERM handler with one that exits at once (no message, runs left RUNNING);
+    # the command's own (a SIGTERM is a Ctrl-C, `cli.run`) is put back.
+    on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        if address:
+            _check_reachable(address)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise UsageError(f"cannot reach the Ray cluster at {address!r}: {exc}; check --address") from None
+        else:  # address='local' always starts a new instance, never joins another process's Ray on this machine
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
     return True
 
 
