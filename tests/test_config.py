@@ -110,7 +110,7 @@ def test_set_without_equals_is_rejected():
     ("data.image_size=16", ("data", "image_size"), 16),
     ("search.gpus_per_trial=0.5", ("search", "gpus_per_trial"), 0.5),
     ("name=other", (None, "name"), "other"),
-    ("mode=min", (None, "mode"), "min"),
+    ("mode=max", (None, "mode"), "max"),
 ])
 def test_set_is_typed_by_the_field(override, attribute, expected):
     experiment = load_experiment(None, [override])
@@ -174,6 +174,17 @@ def test_bad_metric_is_rejected_with_the_choices():
 @pytest.mark.parametrize("metric", ["val_accuracy", "val_loss", "train_accuracy", "train_loss"])
 def test_every_recorded_metric_is_accepted(metric):
     assert load_experiment(None, [f"metric={metric}"]).metric == metric
+
+
+@pytest.mark.parametrize("metric,mode", [("val_accuracy", "max"), ("val_loss", "min"), ("train_loss", "min")])
+def test_the_mode_follows_the_metric_and_one_against_it_is_refused(metric, mode):
+    """`metric = "val_loss"` alone took the default mode "max": the study selected its worst trials, by the
+    highest loss, and promoted one."""
+    assert load_experiment(None, [f"metric={metric}"]).mode == mode
+    assert load_experiment(None, [f"metric={metric}", f"mode={mode}"]).mode == mode
+    against = "min" if mode == "max" else "max"
+    with pytest.raises(UsageError, match=f"mode = '{against}' would select the worst {metric}: .*set mode = '{mode}'"):
+        load_experiment(None, [f"metric={metric}", f"mode={against}"])
 
 
 def test_missing_file_is_a_usage_error(tmp_path):

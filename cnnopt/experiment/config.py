@@ -142,7 +142,7 @@ class SearchConfig:
 class Experiment:
     name: str = "digits"  # the MLflow experiment
     metric: str = "val_accuracy"  # selects epochs within a trial and trials within a study
-    mode: str = "max"  # max | min
+    mode: str = ""  # max | min; "" (the default) takes the metric's own: min for a loss, max for an accuracy
     search_space: str = "lesson"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -171,7 +171,8 @@ class Experiment:
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "search": SearchConfig}
-METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
+METRIC_MODES = {"val_accuracy": "max", "val_loss": "min", "train_accuracy": "max", "train_loss": "min"}
+METRICS = tuple(METRIC_MODES)
 MAX_BUDGET_MINUTES = 7 * 24 * 60  # a time budget longer than a week is a typo (and inf would plan nonsense)
 
 
@@ -230,10 +231,16 @@ def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = ()) -> E
         else:
             values[key] = _coerce(value, str, key)
     experiment = Experiment(**values, path=path, overrides=overrides)
-    if experiment.mode not in ("max", "min"):
-        raise UsageError(f"mode must be 'max' or 'min', got {experiment.mode!r}")
     if experiment.metric not in METRICS:
         raise UsageError(f"metric {experiment.metric!r} is not recorded; choose one of {', '.join(METRICS)}")
+    if experiment.mode not in ("max", "min", ""):
+        raise UsageError(f"mode must be 'max' or 'min', got {experiment.mode!r}")
+    direction = METRIC_MODES[experiment.metric]
+    if experiment.mode and experiment.mode != direction:  # a study would select its worst trials and promote one
+        raise UsageError(f"mode = {experiment.mode!r} would select the worst {experiment.metric}: it is "
+                         f"{'minimised' if direction == 'min' else 'maximised'}; set mode = {direction!r} or "
+                         "leave mode out (it follows the metric)")
+    experiment = dataclasses.replace(experiment, mode=direction)
     check_ranges(experiment)
     return experiment
 
