@@ -76,6 +76,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_recorded(tmp_path, args, env, 
     (["--set", "data.dataset=imagefolder", "--set", "data.root=nowhere"], "image folder 'nowhere' not found"),
     (["--address", "127.0.0.1:9"], "cannot reach the Ray cluster at '127.0.0.1:9'"),
     (["--set", "train.epochs=abc"], "--set train.epochs must be int, got 'abc'"),
+    # A searched hyperparameter's misspelt value: it was a warning ("outside search space") and a whole study.
+    (["--set", "train.optimizer=rmsprop"], "train.optimizer = 'rmsprop' is not one of sgd, adam, adamw"),
 ])
 def test_a_wrong_dataset_path_address_or_value_leaves_nothing_behind(tmp_path, args, expected):
     """Said before the study creates its store, results folder or log: a first run with a typo in a fresh

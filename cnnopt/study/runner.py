@@ -40,7 +40,7 @@ from cnnopt.study.trainable import best_key, run_trial
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import PastTrial, StudyRecorder
 from cnnopt.training.model import build_model
-from cnnopt.training.objective import check_config
+from cnnopt.training.objective import check_choices, check_config
 
 SCHEDULERS = ("fifo", "asha")
 
@@ -171,6 +171,7 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
         raise UsageError(f"train.device = {experiment.train.device!r} but --gpus-per-trial 0 gives trials no GPU; "
                          "set train.device=auto (the GPU whenever Ray gives a trial one), or give trials a GPU")
     space = search_spaces.get(experiment.search_space)
+    check_choices(experiment.train)  # a value no training takes is an error, searched or not (not "outside the space")
     # A --set of a searched hyperparameter sets only the baseline trial (the experiment's own [train] values, the
     # first trial of a new random, bayes or gp study), or nothing: say which, rather than let it pass unseen.
     baseline = search.baseline_trial and search.strategy != "grid" and not options.resume

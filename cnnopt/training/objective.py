@@ -411,6 +411,15 @@ def _batch_starts(count: int, batch_size: int) -> list[int]:
 
 def check_config(config: TrainConfig, image_size: int) -> None:
     """Reject settings that cannot train, before anything is recorded."""
+    check_choices(config)
+    if config.crop_padding_mode == "reflect" and config.crop_padding >= image_size:
+        raise UsageError(f"train.crop_padding = {config.crop_padding} must be below the {image_size}-pixel image side "
+                         "for reflect padding; lower it or set train.crop_padding_mode=replicate")
+
+
+def check_choices(config: TrainConfig) -> None:
+    """Reject a [train] value that no training takes (a range, an unknown optimizer or schedule), whatever the
+    images: a study checks its experiment's own values with it before Ray starts, searched or not."""
     check_section("train", config)
     if config.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -419,6 +428,3 @@ def check_config(config: TrainConfig, image_size: int) -> None:
     if config.crop_padding > 0 and config.crop_padding_mode not in CROP_PADDING_MODES:
         raise UsageError(f"train.crop_padding_mode = {config.crop_padding_mode!r} is not one of "
                          f"{', '.join(CROP_PADDING_MODES)}")
-    if config.crop_padding_mode == "reflect" and config.crop_padding >= image_size:
-        raise UsageError(f"train.crop_padding = {config.crop_padding} must be below the {image_size}-pixel image side "
-                         "for reflect padding; lower it or set train.crop_padding_mode=replicate")
