@@ -74,6 +74,8 @@ def resolve_model(spec: str, scratch: Path) -> Path:
 
     from cnnopt import tracking
 
+    quiet_libraries()  # again: MLflow put its own console handler back when it was imported, just now
+    tracking.require_store(f"the registered model {spec}")
     tracking.make_client()  # a server that does not answer is said in seconds, not after MLflow's retries (~250 s)
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:

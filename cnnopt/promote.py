@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from cnnopt import tracking
 from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.deploy.promotion import Promotion, promote
 from cnnopt.experiment.config import load_experiment
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--run-id", help="promote this MLflow run (a trial or a cnnopt.train run)")
     args = parser.parse_args(argv)
     quiet_libraries()
+    tracking.require_store(f"run {args.run_id}" if args.run_id else f"study {args.study!r}" if args.study
+                           else "a study to promote")
     experiment = load_experiment(args.experiment, args.overrides)
     print_promotion(promote(experiment, study=args.study, run_id=args.run_id, overrides=args.overrides))
     return 0

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", metavar="DIR", help="also keep the report's files in this folder")
     args = parser.parse_args(argv)
     quiet_libraries()
+    tracking.require_store(f"study {args.study!r}" if args.study else "a study to report on")
     if args.out:
         tracking.check_writable(Path(args.out).resolve(), f"the --out folder {args.out}", "give --out a writable folder")
     experiment = load_experiment(args.experiment, args.overrides)

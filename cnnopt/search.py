@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                      + [f"--{flag.replace('_', '-')}" for flag in SEARCH_FLAGS if getattr(args, flag) is not None])
             parser.error(f"--resume continues a study with the settings it started with; drop {', '.join(given)} "
                          "(only --address, --no-report, --no-confirm and --no-promote go with it)")
+        studies.check_study_name(args.name)  # a name that is no name is said as such, store or not
+        tracking.require_store(f"study {args.name!r}")
         experiment = studies.load_settings(tracking.make_client(), args.name)
         if args.no_confirm:  # like the report and the promotion, what follows the trials is this command's choice
             experiment = dataclasses.replace(experiment, search=dataclasses.replace(experiment.search, confirm_top=0))
@@ -296,7 +298,8 @@ def confirm_best(experiment, outcome, address: str | None):
         mark = "  <- chosen" if candidate is confirmation.chosen else ""
         print(f"  trial {candidate.trial_number:3d}: {metric} {candidate.mean:.4f} ± {candidate.std:.4f} over "
               f"{len(candidate.values)} new seeds (the trial itself: {candidate.value:.4f}){mark}")
-    print(f"  promoting run {confirmation.promote_run_id}: {confirmation.reason}")
+    # Where a final training follows, it trains this run's configuration and seed, and its model is promoted.
+    print(f"  chosen run {confirmation.promote_run_id}: {confirmation.reason}")
     record_choice(outcome.parent_run_id,
                   {**{f"confirm_mean_trial_{c.trial_number}": c.mean for c in confirmation.candidates},
                    **{f"confirm_std_trial_{c.trial_number}": c.std for c in confirmation.candidates}},

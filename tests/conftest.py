@@ -143,7 +143,7 @@ STUDY_LINES = [
     (r"  confirm trial +\d+ seed \d+: val_accuracy (\d\.\d{4}|nan)  "
      r"\(\w+(, \d+ epochs as its trial|, \d+ of its trial's \d+ epochs)?\)", "*"),
     (r"  trial +\d+: val_accuracy \d\.\d{4} ± \d\.\d{4} over \d+ new seeds \(the trial itself: \d\.\d{4}\)(  <- chosen)?", "*"),
-    (r"  promoting run [0-9a-f]{32}: .*", "?"),
+    (r"  chosen run [0-9a-f]{32}: .*", "?"),
     (r"", "?"),
     (r"final training of .*: .*, on a whole node, on (the train split|train \+ val)\.\.\.", "?"),
     (r"  (\d+ epochs \(its trial had \d+\), \w+:.*|no final training: .*)", "?"),

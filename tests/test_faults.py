@@ -103,6 +103,26 @@ def test_what_the_cluster_cannot_run_is_said_before_the_study_writes_anything(tm
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cnnopt.log"]
 
 
+@pytest.mark.parametrize("command,what", [
+    (["cnnopt.search", "--resume", "--name", "nope"], "study 'nope'"),
+    (["cnnopt.report"], "a study to report on"),
+    (["cnnopt.promote", "--study", "nope"], "study 'nope'"),
+    (["cnnopt.predict", "models:/digits@champion", "a.png"], "the registered model models:/digits@champion"),
+])
+def test_a_lookup_where_there_is_no_store_says_so_and_creates_none(tmp_path, command, what):
+    """Run from the wrong folder (the likeliest slip), these created an empty mlflow.db and mlruns/ there (predict
+    also printed MLflow's "Creating initial MLflow database tables" lines), then said the study was not found."""
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    done = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"no MLflow store at sqlite:///{tmp_path / 'mlflow.db'} to find {what} in: run from the folder" in \
+        error_line(done.stderr)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png"]
+
+
 def test_a_store_whose_creation_was_cut_short_is_one_line(tmp_path):
     """What a Ctrl-C during MLflow's first migration left behind (MLflow's own scratch table of a migration
     step): every later command failed with an SQLAlchemy traceback. The creation now finishes before a

@@ -469,6 +469,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(mlflow_store, tmp_path):
 
 
 def test_bad_search_input_is_one_clear_line(tmp_path):
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}").search_experiments()  # a store without the study
     for args, expected in ((["--set", "search_space=nope"], "unknown search space"),
                            (["--resume", "--name", "missing"], "no study named 'missing'"),
                            (["--resume", "--name", "missing", "--no-confirm"], "no study named 'missing'"),

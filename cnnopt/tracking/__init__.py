@@ -13,7 +13,7 @@ comparisons - a strategy comparison's run, with its studies nested under it
 """
 
 from cnnopt.tracking.store import (EPOCH_METRICS, FAILED, FINISHED, KILLED, KIND_TAG, PARENT_TAG, STUDY_TAG,  # noqa: F401
-                                   TRIAL_TAG, best_metrics, check_store, check_writable, data_params, end_run, experiment_id, hyperparameters,
+                                   TRIAL_TAG, best_metrics, check_store, check_writable, require_store, data_params, end_run, experiment_id, hyperparameters,
                                    log, log_experiment_file, make_client, param_value, per_name_metrics, start_run, tracking_uri,
                                    ui_command)
 from cnnopt.tracking.provenance import log_dataset, split_digest, splits_digest, train_dataset  # noqa: F401,E402

@@ -77,6 +77,15 @@ def make_client() -> MlflowClient:
 _checked_stores: set[str] = set()
 
 
+def require_store(what: str) -> None:
+    """For a command that only looks `what` up (a study, a run, a registered model): a SQLite store that is not
+    there is one line, where MLflow would create an empty one (and say so on the console) and find nothing."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UsageError(f"no MLflow store at {uri} to find {what} in: run from the folder the study ran in "
+                         "(where its mlflow.db is), or set MLFLOW_TRACKING_URI to its store")
+
+
 def check_store(uri: str, timeout: float = 5.0, create: bool = True) -> None:
     """Raise a UsageError naming the store if a local one cannot be written or a server does not answer;
     a local store's folders are made, unless create=False (a check that leaves nothing behind)."""
