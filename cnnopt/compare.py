@@ -12,6 +12,7 @@ promoted. See `cnnopt.insight.compare` for what each number means.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from cnnopt import tracking
@@ -56,13 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     quiet_libraries()
     overrides = list(args.overrides) + [f"search.{flag}={getattr(args, flag)}"
                                         for flag in SEARCH_FLAGS if getattr(args, flag) is not None]
     experiment = load_experiment(args.experiment, overrides)
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
     prefix = args.name or f"{experiment.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    for flag, value in (("--target", args.target), ("--waste-threshold", args.waste_threshold)):
+        if value is None:
+            continue
+        if experiment.metric.endswith("accuracy") and not 0 <= value <= 1:  # no study could reach it, or miss it
+            parser.error(f"argument {flag}: {value:g} is no {experiment.metric}: an accuracy lies in [0, 1]")
+        if not math.isfinite(value) or value < 0:
+            parser.error(f"argument {flag}: {value:g} is no {experiment.metric}: a loss is finite and >= 0")
     target = args.target if args.target is not None else default_target(experiment.metric)
     waste = args.waste_threshold if args.waste_threshold is not None else default_waste_threshold(experiment.metric)
     check_plan(experiment, strategies, args.seeds, prefix)  # before anything is printed or started

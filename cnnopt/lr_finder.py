@@ -23,7 +23,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.tracking.runs import standalone_run
-from cnnopt.training.objective import check_config, lr_setting, set_up
+from cnnopt.training.objective import check_choices, check_config, lr_setting, resolve_device, set_up
 
 SKIP_START_FRACTION = 0.1  # the first tenth of the sweep is noise around the initial loss (fastai skips 10 of 100)
 
@@ -51,7 +51,7 @@ def find_lr(config: TrainConfig, data: ImageData, *, start_lr: float = 1e-6, end
         start_lr, end_lr: the range swept, exponentially, first step to last.
         steps: mini-batches to train, cycling over the train set (reshuffled on every pass).
         smoothing: weight of the newest loss in the moving average (fastai's 1 - beta).
-        diverge_factor: stop once the smoothed loss exceeds this multiple of the best so far.
+        diverge_factor: stop once the smoothed loss exceeds this multiple of the best so far (`ran_away`).
     Returns:
         LRFinderResult with the swept learning rates, the smoothed losses and the suggestion.
     """
@@ -62,6 +62,7 @@ def find_lr(config: TrainConfig, data: ImageData, *, start_lr: float = 1e-6, end
     setup.model.train()
     lrs, losses, raw_losses = [], [], []
     average, best, diverged = 0.0, math.inf, False
+    skip_start = max(2, int(steps * SKIP_START_FRACTION))
     batches = _batches(len(setup.train_y), config.batch_size, setup.order_generator)
     for step in range(steps):
         lr = start_lr * growth**step
@@ -78,25 +79,36 @@ def find_lr(config: TrainConfig, data: ImageData, *, start_lr: float = 1e-6, end
         losses.append(smoothed)
         raw_losses.append(value)
         best = min(best, smoothed)
-        if smoothed > diverge_factor * best:
+        if ran_away(losses, best, skip_start, diverge_factor):
             diverged = True
             break
     if not lrs:
         raise UsageError(f"the loss was NaN or inf from the first step at lr {start_lr:g}; lower --start-lr")
-    skip_start = max(2, int(steps * SKIP_START_FRACTION))
     return LRFinderResult(lrs, losses, raw_losses, suggest_lr(lrs, losses, skip_start, diverge_factor),
                           lrs[int(np.argmin(losses))], diverged, start_lr, end_lr, steps)
+
+
+def ran_away(losses: list[float], best: float, settle: int, diverge_factor: float) -> bool:
+    """Whether the smoothed loss, `losses[-1]`, has run away: above `diverge_factor` times its `best` so far, or
+    back above where it stood after `settle` steps once it had fallen below 3/4 of that. A loss that saturates
+    at chance (ln(classes): the net forgets it all) never reaches 4x its best: on digits the sweep climbed from
+    1.5 to 2.3 past lr 0.3, and the finder said the loss never ran away and to raise --end-lr."""
+    value = losses[-1]
+    if value > diverge_factor * best:
+        return True
+    return len(losses) > settle and best < 0.75 * losses[settle] and value > losses[settle]
 
 
 def suggest_lr(lrs: list[float], losses: list[float], skip_start: int, diverge_factor: float = 4.0) -> float:
     """The learning rate of steepest descent of `losses` against log(lr).
 
     Only points from `skip_start` to the lowest loss count, and the lowest loss is sought only before
-    the loss first exceeds `diverge_factor` times its best so far: nothing after divergence decides.
+    the loss first ran away (`ran_away`): nothing after divergence decides.
     """
     values = np.asarray(losses, dtype=float)
-    runaway = np.flatnonzero(values > diverge_factor * np.minimum.accumulate(values))
-    end = int(runaway[0]) if len(runaway) else len(values)  # (find_lr stops there; other callers may not)
+    best = np.minimum.accumulate(values)
+    end = next((step for step in range(len(values))  # (find_lr stops there; other callers may not)
+                if ran_away(losses[:step + 1], best[step], skip_start, diverge_factor)), len(values))
     lowest = int(np.argmin(values[:end]))
     if lowest == 0:
         return lrs[0]  # the loss never fell: the range starts too high
@@ -143,11 +155,14 @@ def _batches(count: int, batch_size: int, generator: torch.Generator):
             yield order[first:first + size]
 
 
-def _check(start_lr: float, end_lr: float, steps: int, smoothing: float, diverge_factor: float, count: int) -> None:
+def _check(start_lr: float, end_lr: float, steps: int, smoothing: float, diverge_factor: float,
+           count: int = 2) -> None:
+    """The sweep's settings; `count`, the train split's images, once the data is loaded."""
     if not 0 < start_lr < end_lr:
-        raise UsageError(f"the learning-rate range must satisfy 0 < start_lr < end_lr, got {start_lr:g} to {end_lr:g}")
+        raise UsageError(f"the learning-rate range must satisfy 0 < --start-lr < --end-lr, got {start_lr:g} to "
+                         f"{end_lr:g}")
     if steps < 10:
-        raise UsageError(f"steps must be at least 10 to trace a loss curve, got {steps}; a few hundred is typical")
+        raise UsageError(f"--steps must be at least 10 to trace a loss curve, got {steps}; a few hundred is typical")
     if not 0 < smoothing <= 1 or diverge_factor <= 1:
         raise UsageError("smoothing must be in (0, 1] and diverge_factor greater than 1")
     if count < 2:
@@ -181,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
 
     experiment = load_experiment(args.experiment, args.overrides)
     config = experiment.train
+    _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0)  # before the data loads or any run exists
+    resolve_device(config.device)
+    check_choices(config)
     data = load_data(experiment.data)
+    _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0, len(data.train_y))
+    check_config(config, data.image_size)
     print(f"{experiment.name}: {len(data.train_y)} train images, {config.optimizer} optimizer, batch {config.batch_size}; "
           f"sweeping lr {args.start_lr:g} to {args.end_lr:g} over {args.steps} steps")
-    _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0, len(data.train_y))  # before any run exists
-    check_config(config, data.image_size)
 
     with standalone_run(experiment, args.run_name or f"{experiment.name}-lr-finder", "lr_finder",
                         params={"steps": args.steps, "start_lr": args.start_lr, "end_lr": args.end_lr},

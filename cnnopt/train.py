@@ -14,7 +14,7 @@ from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
 from cnnopt.data.datasets import load_data
 from cnnopt.training.model import build_model
-from cnnopt.training.objective import check_config, train
+from cnnopt.training.objective import check_choices, check_config, resolve_device, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     experiment = load_experiment(args.experiment, args.overrides)
     config = experiment.train
+    resolve_device(config.device)  # a GPU asked for where there is none: said before the data loads or a run exists
+    check_choices(config)
     data = load_data(experiment.data)
     model = build_model(config, data.preprocessing())  # rejects an impossible architecture before any run exists
     check_config(config, data.image_size)

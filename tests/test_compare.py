@@ -161,6 +161,10 @@ def test_a_budget_too_short_for_any_trial_is_one_line_and_best_so_far_of_no_comp
     (["--strategies", "random,tpe"], "unknown strategy tpe"),
     (["--strategies", "gp,gp"], "names a strategy twice"),
     (["--seeds", "0"], "--seeds must be at least 1"),
+    # An accuracy target no study reaches: it ran the whole comparison (226 runs, 5 min) to report ">24".
+    (["--target", "5"], "argument --target: 5 is no val_accuracy: an accuracy lies in [0, 1]"),
+    (["--waste-threshold", "7"], "argument --waste-threshold: 7 is no val_accuracy"),
+    (["--set", "metric=val_loss", "--target", "-1"], "argument --target: -1 is no val_loss: a loss is finite"),
 ])
 def test_bad_plans_are_one_line_before_anything_runs(mlflow_store, tmp_path, capsys, args, fragment):
     with pytest.raises(SystemExit) as caught:

@@ -104,6 +104,9 @@ def test_subset_keeps_a_stratified_sample_of_training_images(digits_data):
     assert [len(load_data(DataConfig(subset=n)).train_y) for n in (10, 17, 1001)] == [10, 17, 1001]
     with pytest.raises(UsageError, match="data.subset = 5 keeps fewer training images than the 10 classes"):
         load_data(DataConfig(subset=5))
+    assert len(load_data(DataConfig(subset=len(digits_data.train_y))).train_y) == len(digits_data.train_y)
+    with pytest.raises(UsageError, match=f"data.subset = 100000 is more than the {len(digits_data.train_y)} training"):
+        load_data(DataConfig(subset=100000))  # it was every image, silently
     # An imbalanced split: the small classes keep an image each, where their share would round to none.
     from cnnopt.data.datasets import _stratified_count
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnopt.experiment.config import load_experiment
 from cnnopt.errors import UsageError
-from cnnopt.lr_finder import find_lr, main, suggest_lr
+from cnnopt.lr_finder import find_lr, main, ran_away, suggest_lr
 
 STEPS = 60  # enough to sweep 1e-6..10 and see the loss run away on digits, well under a second
 
@@ -55,8 +55,22 @@ def test_suggestion_ignores_the_noisy_start_and_everything_after_the_lowest_loss
     assert 10**-2.5 < suggested < 10**-1.5
 
 
+def test_a_loss_that_climbs_back_to_chance_has_run_away():
+    """A net that forgets what it learnt settles at chance (ln 10 = 2.3 for ten classes), never at 4x its best
+    (1.5 here): the finder said the loss never ran away and to raise --end-lr, with the climb in its own plot."""
+    falling = list(np.linspace(2.3, 1.5, 60))
+    climbing = falling + list(np.linspace(1.55, 2.32, 30))
+    best = min(climbing)
+    assert not any(ran_away(falling[:step], min(falling[:step]), 10, 4.0) for step in range(1, 61))
+    assert max(climbing) < 4 * best and ran_away(climbing, best, 10, 4.0), "by the climb back, not the 4x rule"
+    stop = next(step for step in range(1, len(climbing) + 1) if ran_away(climbing[:step], best, 10, 4.0))
+    assert climbing[stop - 1] > climbing[10] > climbing[stop - 2], "where it passes where it stood after 10 steps"
+    flat = [2.3] * 40 + [2.31] * 10  # a loss that never fell: noise above its start is no divergence
+    assert not any(ran_away(flat[:step], min(flat[:step]), 10, 4.0) for step in range(1, 51))
+
+
 def test_an_inverted_range_is_a_usage_error(digits_config, digits_data):
-    with pytest.raises(UsageError, match="start_lr < end_lr"):
+    with pytest.raises(UsageError, match="start-lr < --end-lr"):
         find_lr(digits_config, digits_data, start_lr=1.0, end_lr=0.1, steps=STEPS)
 
 

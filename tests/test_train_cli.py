@@ -155,6 +155,9 @@ BAD_INPUTS = {
     "wrong-typed --set value": (lambda tmp: ["--set", "train.epochs=many"], "--set train.epochs must be int"),
     "impossible architecture": (lambda tmp: ["--set", "train.blocks=4"], "conv block 4 of 4"),
     "missing experiment file": (lambda tmp: ["--experiment", str(tmp / "none.toml")], "none.toml not found"),
+    # Said after the data loaded and a run began: the run was left FAILED.
+    **({} if torch.cuda.is_available() else
+       {"cuda without a GPU": (lambda tmp: ["--set", "train.device=cuda"], "train.device = 'cuda' but no CUDA GPU")}),
 }
 
 

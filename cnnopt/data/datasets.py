@@ -183,6 +183,9 @@ def _plan_splits(labels: dict[str, torch.Tensor], cfg: DataConfig) -> dict[str, 
         out[name] = ("pool", chosen)
         remaining = np.setdiff1d(remaining, chosen)
         carved = True
+    if cfg.subset > len(remaining):  # the README promises exactly that many: more would silently be all of them
+        raise UsageError(f"data.subset = {cfg.subset} is more than the {len(remaining)} training images left once "
+                         "val and test are set apart; lower it (or 0 for every image)")
     if cfg.subset and cfg.subset < len(remaining):
         # After val and test are carved, so every subset size is measured on the same val and test images.
         classes = len(np.unique(pool_y[remaining]))
