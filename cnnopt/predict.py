@@ -29,6 +29,10 @@ class LoadedModel:
 
     def __init__(self, path: Path):
         self.path = path
+        if path.is_dir():
+            inside = next((name for name in ("model.pt", "model.pt2") if (path / name).is_file()), None)
+            hint = f"{path / inside}" if inside else "a model.pt, a model.pt2 or models:/NAME@champion"
+            raise UsageError(f"model {path} is a folder, not a model file; pass {hint}")
         if not path.is_file():
             raise UsageError(f"model file {path} not found; pass a model.pt, a model.pt2 or models:/NAME@champion")
         if not zipfile.is_zipfile(path):

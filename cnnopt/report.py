@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     experiment = load_experiment(args.experiment, args.overrides)
     report = log_report(experiment, args.study, args.out)
     print("\n".join(report.summary_lines))
-    print(f"report logged to the study's parent run {report.parent_run_id}: {report.artifact_dir}")
+    print(f"report logged to the study's parent run {report.parent_run_id}: {report.artifact_dir}"
+          + (f"; its files also in {Path(args.out).resolve()}" if args.out else ""))
     print(f"Browse it: {tracking.ui_command()}  (the study's parent run, Artifacts tab, folder report/)")
     return 0
 

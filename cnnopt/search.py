@@ -18,10 +18,11 @@ STARTED = time.perf_counter()  # before the heavy imports below: a time budget c
 import search_spaces  # noqa: E402 - after STARTED on purpose
 from cnnopt import tracking, trials
 from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
-from cnnopt.experiment.config import check_flag, load_experiment
+from cnnopt.experiment.config import check_flag, load_experiment, same_name_warning
 from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
+from cnnopt.study.callback import format_value
 from cnnopt.study.confirmation import confirm
 from cnnopt.study.final import train_final
 from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, resume_command, run_study, stop_ray
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 def list_spaces() -> None:
     for name in search_spaces.names():
         space = search_spaces.get(name)
-        print(f"{name}: {space.description.strip().splitlines()[0]}")
+        summary = space.description.strip().split("\n\n")[0]  # the first paragraph, which may wrap over lines
+        print(f"{name}: {' '.join(summary.split())}")
         print(f"    {', '.join(space.names)}")
 
 
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             experiment = dataclasses.replace(experiment, search=dataclasses.replace(experiment.search, confirm_top=0))
     else:
         experiment = load_experiment(args.experiment, overrides + ["search.confirm_top=0"] * args.no_confirm)
+    if not args.resume and (warning := same_name_warning(experiment)):
+        print(warning, file=sys.stderr)
     name, search = args.name or default_study_name(experiment), experiment.search
     trials_shown = f"{search.trials} trials"
     if search.strategy == "grid":  # a grid runs its points once: --trials beyond them adds none
@@ -377,7 +381,7 @@ def print_summary(experiment, outcome) -> None:
         shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("val_accuracy", "val_loss", "train_accuracy")
                           if k in metrics and not math.isnan(metrics[k]))
         print(f"best trial {best['trial_number']} (epoch {int(metrics.get('epoch', 0))}): {shown}")
-        print("  " + "  ".join(f"{k}={v}" for k, v in best["params"].items()))
+        print("  " + "  ".join(f"{k}={format_value(v)}" for k, v in best["params"].items()))  # as the trial lines
         print(f"  MLflow run {best['run_id']}")
     else:
         print("no trial completed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from cnnopt import trials as trial_status
 from cnnopt.tracking import runs as tracking_runs
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
-from cnnopt.experiment.config import load_experiment
+from cnnopt.experiment.config import load_experiment, same_name_warning
 from cnnopt.data.datasets import load_data
 from cnnopt.training.model import build_model
 from cnnopt.training.objective import check_choices, check_config, resolve_device, train
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     resolve_device(config.device)  # a GPU asked for where there is none: said before the data loads or a run exists
     check_choices(config)
     data = load_data(experiment.data)
+    if warning := same_name_warning(experiment):
+        print(warning, file=sys.stderr)
     model = build_model(config, data.preprocessing())  # rejects an impossible architecture before any run exists
     check_config(config, data.image_size)
     print(f"{experiment.name}: {len(data.train_y)} train / {len(data.val_y)} val images, "
@@ -57,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         record.end(trial_status.run_status(result.status))
 
     best = result.best_metrics.get(experiment.metric, float("nan"))
-    print(f"\n{result.status}: {result.epochs_run} epochs in {time.perf_counter() - started:.1f}s; "
-          f"best epoch {result.best_epoch}: {experiment.metric} {best:.4f}")
+    kept = (f"best epoch {result.best_epoch}: {experiment.metric} {best:.4f}" if result.best_epoch else
+            "no epoch to keep")
+    print(f"\n{result.status}: {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} in "
+          f"{time.perf_counter() - started:.1f}s; {kept}")
     if result.status == trial_status.DIVERGED:
         print("training diverged (loss became NaN or inf): lower train.lr")
     print(f"MLflow run {record.run_id} in experiment '{experiment.name}'; browse with: {tracking.ui_command()}")

@@ -176,6 +176,19 @@ def test_every_recorded_metric_is_accepted(metric):
     assert load_experiment(None, [f"metric={metric}"]).metric == metric
 
 
+def test_another_dataset_under_the_files_name_is_a_warning():
+    """`--set data.dataset=imagefolder` on the default experiment put the photos' runs in MLflow experiment
+    'digits' and a promotion registered them as model 'digits', unsaid."""
+    from cnnopt.experiment.config import same_name_warning
+
+    warning = same_name_warning(load_experiment(None, ["data.dataset=imagefolder", "data.root=/photos"]))
+    assert warning.startswith("warning: --set data.dataset keeps the experiment's name 'digits'")
+    assert "add --set name=<your data's name>" in warning
+    assert same_name_warning(load_experiment(None, ["data.dataset=imagefolder", "name=photos"])) is None
+    assert same_name_warning(load_experiment(None, ["data.root=/elsewhere"])) is None  # where the file's data is
+    assert same_name_warning(load_experiment(None)) is None
+
+
 @pytest.mark.parametrize("metric,mode", [("val_accuracy", "max"), ("val_loss", "min"), ("train_loss", "min")])
 def test_the_mode_follows_the_metric_and_one_against_it_is_refused(metric, mode):
     """`metric = "val_loss"` alone took the default mode "max": the study selected its worst trials, by the

@@ -79,7 +79,7 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert "(test split evaluated again: the run was promoted before)" in capsys.readouterr().out
     assert len(calls) == 2 and len(client.search_model_versions("name='digits'")) == 2
     assert not client.search_registered_models("name='other'"), "registered under the run's own experiment"
-    with pytest.raises(UsageError, match="another split than its study's settings load now with the --set values"):
+    with pytest.raises(UsageError, match="another split than its recorded settings load now with the --set values"):
         promote_cli.main(["--run-id", best.info.run_id, "--set", "data.seed=2"])
     assert len(calls) == 2
     with pytest.raises(UsageError, match="belongs to MLflow experiment 'digits', not 'renamed'"):  # its own name
@@ -284,7 +284,10 @@ def test_predict_bad_inputs_are_one_clear_line(trained, digits_data, tmp_path):
              ((tmp_path / "state.pt", image), "is not a model cnnopt exported"),
              ((tmp_path / "model" / "model.pt", tmp_path / "broken.png"), "cannot read image"),
              ((tmp_path / "model" / "model.pt", tmp_path / "missing.png"), "not found"),
-             ((tmp_path / "model" / "model.pt", image, "--top-k", "0"), "argument --top-k: 0 is not a number")]
+             ((tmp_path / "model" / "model.pt", image, "--top-k", "0"), "argument --top-k: 0 is not a number"),
+             # The exported folder itself: it said "not found" of a folder that is there.
+             ((tmp_path / "model", image), f"model {tmp_path / 'model'} is a folder, not a model file; pass "
+                                           f"{tmp_path / 'model' / 'model.pt'}")]
     for args, message in cases:
         done = run_predict(*args)
         assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -323,3 +323,5 @@ def test_cli_prints_the_summary_and_where_it_was_logged(mlflow_store, capsys):
     assert "study shown: 8 trials (6 completed, 1 failed, 1 pruned)" in out
     assert "importance (fANOVA, 6 completed trials): lr" in out and "edge: lr:" in out
     assert "report logged to the study's parent run" in out
+    assert report_cli.main(["--experiment", str(ROOT / "experiments/digits.toml"), "--out", "kept"]) == 0
+    assert f"; its files also in {Path('kept').resolve()}" in capsys.readouterr().out  # where --out put them

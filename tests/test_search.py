@@ -249,7 +249,7 @@ def test_a_resume_refuses_a_folder_whose_images_changed_since_the_study_started(
     assert {run.info.status for run in [parent, *children]} == {"FINISHED"}, "nothing reopened"
     from cnnopt import promote as promote_cli  # the promotion says what changed too, before reading the test split
 
-    with pytest.raises(UsageError, match="was trained on other images than its study's settings load now .*the "
+    with pytest.raises(UsageError, match="was trained on other images than its recorded settings load now .*the "
                                          "folder changed since.*--set data.root="):
         promote_cli.main(["--study", "drift"])
     root.rename(tmp_path / "moved")  # a resume cannot --set data.root: the message must not send the person there
@@ -606,3 +606,5 @@ def test_list_spaces(capsys):
     assert search.main(["--list-spaces"]) == 0
     output = capsys.readouterr().out
     assert all(name in output for name in search_spaces.names())
+    # Each space's first paragraph whole: the architecture space's was cut at its line break ("..., head, label").
+    assert "activation, head, label smoothing and augmentation strength.\n" in output

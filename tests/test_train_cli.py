@@ -95,7 +95,8 @@ def test_a_diverged_run_fails_and_says_so(mlflow_store, capsys):
         run(train_cli.main, FAST + ["--set", "train.lr=1e6", "--set", "train.lr_schedule=none",
                                     "--set", "train.batch_norm=false"])
     assert caught.value.code == 1
-    assert "lower train.lr" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lower train.lr" in out and "best epoch 0" not in out and "val_accuracy nan" not in out, out
     client, found = only_run(mlflow_store)
     assert found.info.status == "FAILED" and found.data.tags["status"] == "diverged"
     assert found.data.metrics["diverged"] == 1.0
@@ -128,7 +129,11 @@ def test_class_names_mlflow_refuses_in_a_key_are_promoted_under_the_runs_experim
               "--set", "data.test_fraction=0.25"]
     assert train_cli.main(FAST + folder) == 0
     client, found = only_run(mlflow_store, "pets")
-    assert promote_cli.main(["--run-id", found.info.run_id] + folder) == 0, capsys.readouterr().err
+    # The run's own recorded settings: no --set needed again, and the model card reproduces the run itself (it
+    # named the promote command's settings: the default experiment, without the run's --set values).
+    assert promote_cli.main(["--run-id", found.info.run_id]) == 0, capsys.readouterr().err
+    card = Path(client.download_artifacts(found.info.run_id, "exported/model_card.md", str(tmp_path))).read_text()
+    assert f"## Reproduce\npython -m cnnopt.train --experiment {DEFAULT_EXPERIMENT} {' '.join(FAST + folder)}\n" in card
     metrics = client.get_run(found.info.run_id).data.metrics
     assert {"test_accuracy_class_cat_s", "test_accuracy_class_dog _small_", "test_accuracy_class_cat_s_1"} <= set(metrics)
     # A run of no study is registered under its own experiment's name; another name given is refused.

@@ -110,11 +110,11 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
 
 def promote(experiment: Experiment, *, study: str | None = None, run_id: str | None = None,
             overrides: tuple[str, ...] | list[str] = ()) -> Promotion:
-    """Evaluate, export, log and register the best trial (or the run `run_id`) as its study recorded it:
-    the data it trained on, the metric and the registered name come from the study's recorded settings
-    (`studies.trained_settings`) with `overrides` on top (the data's folder on this machine, say), or
-    from `experiment` (its file and overrides) for a run of no study. `experiment` also says where to
-    look for `study` (its MLflow experiment first, then any)."""
+    """Evaluate, export, log and register the best trial (or the run `run_id`) as it was recorded: the data
+    it trained on, the metric and the registered name come from the settings its study (or, for a
+    `cnnopt.train` run, the run itself) recorded (`studies.trained_settings`), with `overrides` on top (the
+    data's folder on this machine, say); from `experiment` (its file and overrides) for a run that recorded
+    none. `experiment` also says where to look for `study` (its MLflow experiment first, then any)."""
     client = tracking.make_client()
     try:
         run = client.get_run(run_id) if run_id else best_trial_run(client, experiment, study)
@@ -153,11 +153,11 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                 and torch.allclose(torch.tensor(trained["std"]), torch.tensor(data.std), atol=1e-6))
         if not same:
             if recorded and not overrides:
-                raise UsageError(f"run {run_id} was trained on other images than its study's settings load now "
+                raise UsageError(f"run {run_id} was trained on other images than its recorded settings load now "
                                  "(class names, size, channels or the train split's statistics differ): the folder "
                                  "changed since, or holds other images on this machine; restore the images it "
                                  "trained on, or point --set data.root=... at them")
-            where = "its study's settings load" if recorded else f"experiment {experiment.name!r} loads"
+            where = "its recorded settings load" if recorded else f"experiment {experiment.name!r} loads"
             raise UsageError(f"run {run_id} was trained on other data or another split than {where} now"
                              f"{' with the --set values given' if recorded else ''}; promote with "
                              "the --set values it was trained with")

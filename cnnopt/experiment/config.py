@@ -207,6 +207,18 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     return _build(raw, str(path), tuple(overrides or ()))
 
 
+def same_name_warning(experiment: Experiment) -> str | None:
+    """A warning where --set points an experiment at another dataset but keeps its name: the runs would join
+    the file's MLflow experiment, and a promotion would register the photos' model under the file's model
+    name (`digits` for the default). None otherwise (a data.root alone says where the file's dataset is)."""
+    keys = [item.partition("=")[0].strip() for item in experiment.overrides]
+    if "data.dataset" not in keys or "name" in keys:
+        return None
+    return (f"warning: --set data.dataset keeps the experiment's name {experiment.name!r}: its runs go to MLflow "
+            f"experiment {experiment.name!r} and a promotion registers model {experiment.name!r}; add --set "
+            "name=<your data's name> to keep them apart")
+
+
 def with_overrides(experiment: Experiment, overrides: list[str] | tuple[str, ...]) -> Experiment:
     """`experiment` with `--set section.key=value` overrides applied on top, checked as a file's would be
     (a study's recorded settings, say, with the data's new location on this machine)."""

@@ -10,6 +10,7 @@ from mlflow.entities import DatasetInput
 
 from cnnopt.experiment.config import Experiment
 from cnnopt.tracking.provenance import log_dataset
+from cnnopt.tracking.studies import log_settings
 from cnnopt.tracking.store import (FAILED, FINISHED, KILLED, KIND_TAG, best_metrics, data_params, end_run,
                                    hyperparameters, log, log_experiment_file, make_client, start_run)
 
@@ -25,6 +26,7 @@ class Run:
                                               **params}, metrics=metrics)
         log_dataset(self.client, self.run_id, dataset)
         log_experiment_file(self.client, self.run_id, experiment)
+        log_settings(self.client, self.run_id, experiment)  # what a promotion of the run loads and reproduces
 
     def log(self, *, metrics: dict | None = None, step: int = 0, tags: dict | None = None) -> None:
         log(self.client, self.run_id, metrics=metrics, step=step, tags=tags)

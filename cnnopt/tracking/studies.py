@@ -154,7 +154,8 @@ def best_trial_run(runs: list, metric: str, mode: str):
 
 
 def log_settings(client: MlflowClient, run_id: str, experiment: Experiment) -> None:
-    """Record the study's resolved settings (the file and every override) on its parent run."""
+    """Record the resolved settings (the file and every override) on a study's parent run, or on a run of
+    no study (`cnnopt.train`)."""
     client.log_text(run_id, json.dumps(experiment.to_dict(), indent=2), SETTINGS_ARTIFACT)
 
 
@@ -193,8 +194,11 @@ def trained_settings(client: MlflowClient, run) -> Experiment | None:
     """The settings `run` trained with, where it belongs to a study that recorded them: the study's own,
     with the stratified train subset a time budget searched on for a trial or a confirmation run (the
     run's SUBSET_TAG; the parent's `plan.subset` for runs recorded before that tag). A final training
-    uses every train image. None for a run of no study."""
+    uses every train image. A run of no study (`cnnopt.train`) recorded its own; None where a run holds none
+    (recorded before standalone runs kept their settings)."""
     parent_id = run.data.tags.get(PARENT_TAG)
+    if parent_id is None:
+        return settings_of(client, run.info.run_id)
     settings = settings_of(client, parent_id) if parent_id else None
     if settings is None or run.data.tags.get(KIND_TAG) == FINAL:
         return settings
@@ -204,7 +208,7 @@ def trained_settings(client: MlflowClient, run) -> Experiment | None:
 
 
 def settings_of(client: MlflowClient, parent_run_id: str) -> Experiment | None:
-    """The settings recorded on a study's parent run, or None if it holds none."""
+    """The settings recorded on a study's parent run (or a run of no study), or None if it holds none."""
     with tempfile.TemporaryDirectory() as scratch:
         try:
             path = client.download_artifacts(parent_run_id, SETTINGS_ARTIFACT, scratch)
