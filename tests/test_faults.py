@@ -88,6 +88,14 @@ def test_a_wrong_dataset_path_address_or_value_leaves_nothing_behind(tmp_path, a
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("uri", ["./mlruns", "foo://bar"])
+def test_a_tracking_uri_mlflow_refuses_leaves_nothing_behind(tmp_path, uri):
+    """Said before Ray starts: it was said once Ray was up, leaving cnnopt.log and an empty ray_results/."""
+    done = search([], tmp_path, MLFLOW_TRACKING_URI=uri)
+    assert done.returncode == 2 and f"the MLflow tracking URI {uri} cannot be used" in error_line(done.stderr)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--gpus-per-trial", "1"], "each trial asks for 1 GPU but the Ray cluster has 0"),
     (["--cpus-per-trial", "100"], "each trial asks for 100 CPUs but the Ray cluster has"),

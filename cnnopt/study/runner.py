@@ -198,7 +198,10 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
         _check_reachable(options.address)
     storage = results_folder(options.storage)
     tracking.check_writable(storage, "the results folder", "set CNNOPT_RESULTS to a writable folder", create=False)
-    tracking.check_store(tracking.tracking_uri(), create=False)  # a store that cannot be written or reached, before Ray starts
+    uri = tracking.tracking_uri()
+    tracking.check_store(uri, create=False)  # a store that cannot be written or reached, before Ray starts
+    if not uri.startswith("sqlite:///"):  # a URI MLflow refuses too (a SQLite store is made once the study opens)
+        tracking.make_client()
     if not options.resume and (storage / options.name).exists():
         raise UsageError(f"a study named {options.name!r} already exists in {storage}; "
                          "add --resume to continue it or pick another --name")
