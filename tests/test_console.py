@@ -23,6 +23,8 @@ def test_a_study_prints_only_its_own_lines(tmp_path, study_console):
     lines = done.stdout.splitlines()
     assert sum(bool(re.match(r"trial +\d+  ", line)) for line in lines) == 3
     assert any(line.startswith("trial time ") for line in lines), "where the trials' time went"
+    best = lines[next(i for i, line in enumerate(lines) if line.startswith("best trial ")) + 1]
+    assert re.search(r"  lr=[\d.e+-]{1,8}  ", best), f"the best trial's floats as the trial lines show them: {best}"
     assert any(line.startswith("promoted run ") for line in lines)
     assert "  registered digits version 1; alias 'champion' now points to it" in lines  # MLflow's two lines, folded
     # Moved, not lost: authentication is still on, and the libraries' messages are in the log file.
