@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "draws; bayes: Optuna TPE (multivariate); gp: Optuna Gaussian process")
     parser.add_argument("--trials", type=int, metavar="N", help="number of trials (grid: the first N points)")
     parser.add_argument("--concurrency", type=int, metavar="K",
-                        help="trials at once (default: as many as the CPUs / GPU shares hold)")
+                        help="trials at once (default, or 0: as many as the CPUs / GPU shares hold)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, help="fifo runs every trial to the end; asha stops "
                         "bad trials early at epoch rungs")
     parser.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs reserved per trial (default 1)")
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="the best model these minutes buy: the whole command (search, confirmation, the final "
                              "training of the chosen configuration, promotion) is planned to end within them, from "
-                             "what a trial's epoch costs here (printed at the start)")
+                             "what a trial's epoch costs here (printed at the start); 0: no budget (the default)")
     parser.add_argument("--no-report", action="store_true",
                         help="skip the study report (figures, importance, edges of the space) on the parent run")
     parser.add_argument("--no-confirm", action="store_true",
@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "confirmation and the final training, which only serve the promotion")
     parser.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
     return parser
+
+
+def counted(number: int, noun: str) -> str:
+    """'1 trial', '3 trials'."""
+    return f"{number} {noun}{'s' * (number != 1)}"
 
 
 def list_spaces() -> None:
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume and (warning := same_name_warning(experiment)):
         print(warning, file=sys.stderr)
     name, search = args.name or default_study_name(experiment), experiment.search
-    trials_shown = f"{search.trials} trials"
+    trials_shown = counted(search.trials, "trial")
     if search.strategy == "grid":  # a grid runs its points once: --trials beyond them adds none
         space = search_spaces.get(experiment.search_space)
         runs, points = STRATEGIES["grid"].planned(space, search.trials), len(space.grid())
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{runs} trials: every grid point" + (f" (--trials {search.trials} asked for more)"
                                                                 if search.trials > points else ""))
     shape = (f"trials and their time planned from a {search.time_budget:g}-min time budget" if search.time_budget
-             else f"{trials_shown}, scheduler {search.scheduler}, {experiment.train.epochs} epochs each")
+             else f"{trials_shown}, scheduler {search.scheduler}, {counted(experiment.train.epochs, 'epoch')} each")
     header = (f"study {name}: {search.strategy} over search space '{experiment.search_space}', {shape}"
               + (" (resuming)" if args.resume else ""))  # printed once Ray is up, with where the trials run
     # Ray stays up from the search to the end of the command: the confirmation and the final training run on

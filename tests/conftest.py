@@ -121,8 +121,8 @@ def _stop(process: subprocess.Popen) -> None:
 
 # Every line a study may print on the console (stdout; stderr stays empty), in order; `*` repeats a line.
 STUDY_LINES = [
-    (r"study \S+: \w+ over search space '\w+', (\d+ trials( of its \d+ grid points|: every grid point"
-     r"( \(--trials \d+ asked for more\))?)?, scheduler \w+, \d+ epochs each|trials and their "
+    (r"study \S+: \w+ over search space '\w+', (\d+ trials?( of its \d+ grid points|: every grid point"
+     r"( \(--trials \d+ asked for more\))?)?, scheduler \w+, \d+ epochs? each|trials and their "
      r"time planned from a [\d.]+-min time budget)( \(resuming\))?; "
      r"trials on (the CPU, \d+ at once with [\d.]+ CPU\(s\) each|[\d.]+ GPU\(s\), .*)", ""),
     (r"time budget [\d.]+ min: \d+s to start; a trial's epoch costs ~[\d.]+s here \(\d+ at once\)", "?"),

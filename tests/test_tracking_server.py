@@ -115,7 +115,7 @@ def test_resume_reads_its_settings_from_the_server(mlflow_server, tmp_path, monk
     assert done.returncode == 0, done.stdout + done.stderr
     assert study_console(done.stdout, done.stderr) == []
     # Nothing but the name was given: strategy, trials and epochs come from the settings on the server.
-    assert "random over search space 'lesson', 2 trials, scheduler fifo, 1 epochs each (resuming)" in done.stdout
+    assert "random over search space 'lesson', 2 trials, scheduler fifo, 1 epoch each (resuming)" in done.stdout
     assert "resuming: 0 of 2 trials recorded, 1 interrupted to rerun, 1 new" in done.stdout
 
     client = MlflowClient(tracking_uri=mlflow_server.uri)

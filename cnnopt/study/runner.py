@@ -508,7 +508,7 @@ def resolve_resources(search: SearchConfig, available: dict) -> SearchConfig:
 
 def placement(search: SearchConfig) -> str:
     """Where the trials run, in words: the second half of the study's first line."""
-    slots = concurrency(search)
+    slots = min(concurrency(search), search.trials)  # --trials 1 runs one at a time, whatever the cluster holds
     if search.gpus_per_trial:
         gpus = ray.cluster_resources().get("GPU", 0)
         per_gpu = f"{1 / search.gpus_per_trial:g} per GPU" if search.gpus_per_trial < 1 else \
