@@ -85,7 +85,8 @@ def resolve_model(spec: str, scratch: Path) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(scratch)))
     except MlflowException as exc:
-        raise UsageError(f"cannot load {spec} from {tracking.tracking_uri()}: {exc.message.splitlines()[0]}") from None
+        raise UsageError(f"cannot load {spec} from {tracking.tracking_uri()}: {exc.message.splitlines()[0].rstrip('.')}; "
+                         "check the name and alias (python -m cnnopt.promote registers NAME@champion)") from None
     found = sorted(local.rglob("model.pt"))
     if not found:
         raise UsageError(f"{spec} holds no model.pt; promote a study with python -m cnnopt.promote")

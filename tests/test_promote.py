@@ -265,6 +265,9 @@ def test_predict_from_the_registry(trained, digits_data, mlflow_store, tmp_path)
     done = run_predict("models:/registry@champion", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().splitlines()) == 2
+    done = run_predict("models:/registry@nope", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "alias nope not found; check the name and alias (python -m cnnopt.promote registers" in done.stderr
     import mlflow  # the registered pyfunc model serves the same probabilities as the Predictor
 
     mlflow.set_tracking_uri(mlflow_store)
