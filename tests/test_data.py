@@ -402,6 +402,10 @@ def test_one_class_is_an_error(tmp_path):
     save(tmp_path / "only" / "a" / "0.png", "L", (4, 4))
     with pytest.raises(UsageError, match="at least two"):
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "only")))
+    for index in range(3):  # images put straight into the root: said, with what to do
+        save(tmp_path / "loose" / f"{index}.png", "L", (4, 4))
+    with pytest.raises(UsageError, match="found 0 and 3 loose images: move each class's images into a folder"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "loose")))
 
 
 @pytest.mark.parametrize("root", ["", "missing"])

@@ -364,7 +364,10 @@ def _allocate_in_memory(cfg: DataConfig, shape: tuple[int, ...]) -> np.ndarray:
 def _class_names(folder: Path, at_least: int = 2) -> list[str]:
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(names) < at_least:
-        raise UsageError(f"{folder} must hold one folder per class (at least two), found {len(names)}")
+        loose = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        more = (f" and {loose} loose image{'s' * (loose != 1)}: move each class's images into a folder named "
+                "after the class" if loose else "")
+        raise UsageError(f"{folder} must hold one folder per class (at least two), found {len(names)}{more}")
     return names
 
 
