@@ -125,7 +125,8 @@ def image_paths(inputs: list[str]) -> list[Path]:
             raise UsageError(f"image {path} not found")
     if not paths:
         raise UsageError(f"no images found in {', '.join(inputs)}")
-    return paths
+    seen: set[Path] = set()  # an image named twice (itself and through its folder) is predicted once
+    return [path for path in paths if not (path.resolve() in seen or seen.add(path.resolve()))]
 
 
 def main(argv: list[str] | None = None) -> int:

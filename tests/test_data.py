@@ -283,6 +283,9 @@ def test_hidden_files_and_folders_in_class_folders_are_not_images(tmp_path):
                                 test_fraction=0.25))
     assert len(data.train_y) + len(data.val_y) + len(data.test_y) == 8
     assert [path.name for path in image_paths([str(root / "cat")])] == ["0.png", "1.png", "2.png", "3.png"]
+    # Named twice, itself and through its folder: predicted once, in the order first named.
+    assert [path.name for path in image_paths([str(root / "cat" / "2.png"), str(root / "cat")])] == \
+        ["2.png", "0.png", "1.png", "3.png"]
 
 
 def test_a_float_image_within_0_and_1_is_scaled_by_1_not_read_as_black(tmp_path):
