@@ -208,6 +208,7 @@ def draw_figures(study: optuna.Study, trials: pd.DataFrame, space: Space, client
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         axes = optuna_plots.plot_optimization_history(study, target_name=metric)
         mark_unfinished(axes, trials, metric)
+        axes.xaxis.get_major_locator().set_params(integer=True)  # trial numbers: no tick at 1.5 on a small study
         figures.append(_save(axes, out / "history.png", (9, 5)))
         if with_importance:
             axes = optuna_plots.plot_param_importances(
