@@ -90,13 +90,13 @@ def find_lr(config: TrainConfig, data: ImageData, *, start_lr: float = 1e-6, end
 
 def ran_away(losses: list[float], best: float, settle: int, diverge_factor: float) -> bool:
     """Whether the smoothed loss, `losses[-1]`, has run away: above `diverge_factor` times its `best` so far, or
-    back above where it stood after `settle` steps once it had fallen below 3/4 of that. A loss that saturates
+    back above where it stood after `settle` steps once it had fallen below 3/4 of that since. A loss that saturates
     at chance (ln(classes): the net forgets it all) never reaches 4x its best: on digits the sweep climbed from
     1.5 to 2.3 past lr 0.3, and the finder said the loss never ran away and to raise --end-lr."""
     value = losses[-1]
     if value > diverge_factor * best:
         return True
-    return len(losses) > settle and best < 0.75 * losses[settle] and value > losses[settle]
+    return len(losses) > settle and value > losses[settle] and min(losses[settle:]) < 0.75 * losses[settle]
 
 
 def suggest_lr(lrs: list[float], losses: list[float], skip_start: int, diverge_factor: float = 4.0) -> float:

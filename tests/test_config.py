@@ -189,6 +189,18 @@ def test_another_dataset_under_the_files_name_is_a_warning():
     assert same_name_warning(load_experiment(None)) is None
 
 
+def test_settings_recorded_with_a_mode_against_the_metric_still_take_a_set():
+    """A study recorded before the mode followed the metric keeps the mode it selected with (promote --study X
+    --set data.root=... was refused); a --set metric on recorded settings takes the new metric's mode."""
+    from cnnopt.experiment.config import with_overrides
+
+    legacy = dataclasses.replace(load_experiment(None, ["metric=val_loss"]), mode="max")
+    assert with_overrides(legacy, ["data.root=/elsewhere"]).mode == "max"
+    assert with_overrides(load_experiment(None), ["metric=val_loss"]).mode == "min"
+    with pytest.raises(UsageError, match="would select the worst val_loss"):
+        with_overrides(legacy, ["mode=max"])
+
+
 @pytest.mark.parametrize("metric,mode", [("val_accuracy", "max"), ("val_loss", "min"), ("train_loss", "min")])
 def test_the_mode_follows_the_metric_and_one_against_it_is_refused(metric, mode):
     """`metric = "val_loss"` alone took the default mode "max": the study selected its worst trials, by the

@@ -131,6 +131,14 @@ def test_a_lookup_where_there_is_no_store_says_so_and_creates_none(tmp_path, com
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png"]
 
 
+def test_a_lookup_takes_a_sqlite_uri_with_options(tmp_path, monkeypatch):
+    from cnnopt import tracking
+
+    (tmp_path / "mlflow.db").touch()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=30")
+    tracking.require_store("study 'x'")  # the database is there: the query string is no part of its path
+
+
 def test_a_store_whose_creation_was_cut_short_is_one_line(tmp_path):
     """What a Ctrl-C during MLflow's first migration left behind (MLflow's own scratch table of a migration
     step): every later command failed with an SQLAlchemy traceback. The creation now finishes before a

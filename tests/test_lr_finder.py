@@ -67,6 +67,8 @@ def test_a_loss_that_climbs_back_to_chance_has_run_away():
     assert climbing[stop - 1] > climbing[10] > climbing[stop - 2], "where it passes where it stood after 10 steps"
     flat = [2.3] * 40 + [2.31] * 10  # a loss that never fell: noise above its start is no divergence
     assert not any(ran_away(flat[:step], min(flat[:step]), 10, 4.0) for step in range(1, 51))
+    early = [1.6] + [2.3] * 20 + [2.31]  # one low batch before the loss settled is no fall (a reviewer's case)
+    assert not ran_away(early, min(early), 10, 4.0)
 
 
 def test_an_inverted_range_is_a_usage_error(digits_config, digits_data):

@@ -226,12 +226,16 @@ def with_overrides(experiment: Experiment, overrides: list[str] | tuple[str, ...
         return experiment
     raw = experiment.to_dict()
     path, before = raw.pop("path"), tuple(raw.pop("overrides"))
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    if "metric" in keys and "mode" not in keys:
+        raw["mode"] = ""  # the recorded mode is the old metric's: a new metric takes its own
     for item in overrides:
         _apply_override(raw, item)
-    return _build(raw, path, before + tuple(overrides))
+    # A study recorded before the mode followed the metric keeps the mode it selected with, unless changed here.
+    return _build(raw, path, before + tuple(overrides), check_mode=bool(keys & {"metric", "mode"}))
 
 
-def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = ()) -> Experiment:
+def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = (), check_mode: bool = True) -> Experiment:
     top_fields = {f.name for f in dataclasses.fields(Experiment)} - {"path", "overrides"}
     _reject_unknown(raw, top_fields, "the experiment's top level")
     values: dict[str, Any] = {}
@@ -248,11 +252,11 @@ def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = ()) -> E
     if experiment.mode not in ("max", "min", ""):
         raise UsageError(f"mode must be 'max' or 'min', got {experiment.mode!r}")
     direction = METRIC_MODES[experiment.metric]
-    if experiment.mode and experiment.mode != direction:  # a study would select its worst trials and promote one
+    if check_mode and experiment.mode and experiment.mode != direction:  # it would select the worst trials
         raise UsageError(f"mode = {experiment.mode!r} would select the worst {experiment.metric}: it is "
                          f"{'minimised' if direction == 'min' else 'maximised'}; set mode = {direction!r} or "
                          "leave mode out (it follows the metric)")
-    experiment = dataclasses.replace(experiment, mode=direction)
+    experiment = dataclasses.replace(experiment, mode=experiment.mode or direction)
     check_ranges(experiment)
     return experiment
 

@@ -267,12 +267,15 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
     closed, closing, watched = threading.Event(), threading.Lock(), []
 
-    gcs = ray.get_runtime_context().gcs_address  # read now: in a signal handler Ray may be going away
+    # Read now (in a signal handler Ray may be going away), and watched only where it answers now: through
+    # ray:// it is the head's internal address, which the driver may not reach at all.
+    gcs = ray.get_runtime_context().gcs_address
+    gcs = gcs if gcs and _answers(gcs) else ""
 
     def on_sigterm(*_) -> None:
         if not watched:  # one watchdog, however many signals
-            watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, options.name, gcs),
-                                            daemon=True))
+            watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, options.name, gcs,
+                                                                          callback.drain), daemon=True))
             watched[0].start()
         sigterm_as_interrupt()
 
@@ -303,17 +306,18 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
 
 
 TERM_GRACE = 30.0  # seconds a SIGTERM'd study has to stop its trials in order before its record is closed anyway
+DRAIN_SECONDS = 5.0  # the most the watchdog waits for the study's queued MLflow writes
 
 
 def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, name: str,
-                    gcs: str = "") -> None:
+                    gcs: str = "", drain=None) -> None:
     """After a SIGTERM: where the study has not begun closing its record when Ray's GCS (at `gcs`) stops
     answering, or in TERM_GRACE, close it from here and exit. A signal to the whole process group (`timeout`,
-    systemd, Docker, a batch scheduler) stops Ray's own processes with the driver: the trials cannot be stopped
-    in order, and Ray then waits a minute for them and aborts, or ends the driver itself, leaving runs RUNNING;
-    a scheduler's own grace before its SIGKILL is often shorter than TERM_GRACE (Docker 10 s, Slurm and
-    Kubernetes 30 s). Where the main thread is closing the record already (it holds `closing`), it is left to
-    finish."""
+    systemd's control group, Slurm's job step) stops Ray's own processes with the driver: the trials cannot be
+    stopped in order, and Ray then waits a minute for them and aborts, or ends the driver itself, leaving runs
+    RUNNING; Slurm's SIGKILL follows its SIGTERM after 30 s (KillWait), TERM_GRACE itself. (Docker and
+    Kubernetes signal the container's first process only: the study stops in order.) Where the main thread is closing the record already (it holds `closing`), it is left to
+    finish. The study's queued MLflow writes (`drain`) go in first, for up to DRAIN_SECONDS."""
     deadline, silent = time.monotonic() + TERM_GRACE, 0
     while not closed.wait(0.2):
         silent = silent + 1 if gcs and not _answers(gcs) else 0
@@ -321,6 +325,10 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
             break
     if closed.is_set() or not closing.acquire(blocking=False):
         return
+    if drain is not None:  # a trial's start or epoch still queued would land after the KILLED marks
+        waiter = threading.Thread(target=drain, daemon=True)
+        waiter.start()
+        waiter.join(DRAIN_SECONDS)
     try:
         if recorder.parent_run_id:
             recorder.kill_unfinished()

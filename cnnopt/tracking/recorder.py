@@ -216,7 +216,7 @@ class StudyRecorder:
     def kill_unfinished(self) -> None:
         """End any child left running (a trial cut short by an interrupt) as KILLED."""
         ended = {past.run_id for past in self.past if past.status != trials.INTERRUPTED}  # in an earlier session
-        for run_id in self.children.values():
+        for run_id in list(self.children.values()):  # the writer thread may still add one
             if run_id in self.closed or run_id in self.deleted or run_id in ended:
                 continue
             if self.client.get_run(run_id).info.status == "RUNNING":

@@ -81,7 +81,7 @@ def require_store(what: str) -> None:
     """For a command that only looks `what` up (a study, a run, a registered model): a SQLite store that is not
     there is one line, where MLflow would create an empty one (and say so on the console) and find nothing."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):].partition("?")[0]).exists():
         raise UsageError(f"no MLflow store at {uri} to find {what} in: run from the folder the study ran in "
                          "(where its mlflow.db is), or set MLFLOW_TRACKING_URI to its store")
 
