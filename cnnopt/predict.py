@@ -143,11 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         model = LoadedModel(resolve_model(args.model, Path(scratch)))
         k = max(1, min(args.top_k, len(model.class_names)))
+        unread = []  # an unreadable image among many does not cost the others their predictions
         for path in paths:
-            probabilities = model(read_image(path))
-            top = torch.topk(probabilities, k)
+            try:
+                image = read_image(path)
+            except UsageError as exc:
+                unread.append(exc)
+                continue
+            top = torch.topk(model(image), k)
             shown = "  ".join(f"{model.class_names[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
             print(f"{path}: {shown}")
+    if len(unread) == 1 and len(paths) == 1:
+        raise unread[0]
+    if unread:
+        raise UsageError(f"{len(unread)} of {len(paths)} images could not be read (the first: {unread[0]}); "
+                         + ("none was predicted" if len(unread) == len(paths) else "the others are predicted above"))
     return 0
 
 

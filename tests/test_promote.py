@@ -295,6 +295,11 @@ def test_predict_bad_inputs_are_one_clear_line(trained, digits_data, tmp_path):
         done = run_predict(*args)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    # One unreadable image among others: the others are predicted, then one line (it stopped the batch there).
+    done = run_predict(tmp_path / "model" / "model.pt", tmp_path / "broken.png", image)
+    assert done.returncode == 2 and done.stdout.startswith(f"{image}: "), done.stdout + done.stderr
+    assert done.stderr.startswith("error: 1 of 2 images could not be read (the first: cannot read image") and \
+        done.stderr.strip().endswith("the others are predicted above"), done.stderr
     started = time.monotonic()  # a server that does not answer: said in seconds, not after MLflow's retries
     done = run_predict("models:/digits@champion", image, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert done.returncode == 2 and "the MLflow tracking server http://127.0.0.1:9 does not answer" in done.stderr
