@@ -133,10 +133,13 @@ def test_a_lookup_where_there_is_no_store_says_so_and_creates_none(tmp_path, com
 
 def test_a_lookup_takes_a_sqlite_uri_with_options(tmp_path, monkeypatch):
     from cnnopt import tracking
+    from cnnopt.errors import UsageError
 
-    (tmp_path / "mlflow.db").touch()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=30")
-    tracking.require_store("study 'x'")  # the database is there: the query string is no part of its path
+    with pytest.raises(UsageError, match="no MLflow store at sqlite:///.*to find study 'x' in"):
+        tracking.require_store("study 'x'")  # not there yet: refused
+    (tmp_path / "mlflow.db").touch()
+    assert tracking.require_store("study 'x'") is None  # there: the query string is no part of its path
 
 
 def test_a_store_whose_creation_was_cut_short_is_one_line(tmp_path):
