@@ -198,9 +198,10 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
         _check_reachable(options.address)
     storage = results_folder(options.storage)
     tracking.check_writable(storage, "the results folder", "set CNNOPT_RESULTS to a writable folder", create=False)
-    uri = tracking.tracking_uri()
-    tracking.check_store(uri, create=False)  # a store that cannot be written or reached, before Ray starts
-    if not uri.startswith("sqlite:///"):  # a URI MLflow refuses too (a SQLite store is made once the study opens)
+    uri = tracking.tracking_uri()  # a store that cannot be written or reached is said before Ray starts:
+    if uri.startswith("sqlite:///"):  # its file is made only once the study opens
+        tracking.check_store(uri, create=False)
+    else:  # a server that does not answer, or a URI MLflow refuses (make_client checks the store itself)
         tracking.make_client()
     if not options.resume and (storage / options.name).exists():
         raise UsageError(f"a study named {options.name!r} already exists in {storage}; "
@@ -316,8 +317,9 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
     systemd's control group, Slurm's job step) stops Ray's own processes with the driver: the trials cannot be
     stopped in order, and Ray then waits a minute for them and aborts, or ends the driver itself, leaving runs
     RUNNING; Slurm's SIGKILL follows its SIGTERM after 30 s (KillWait), TERM_GRACE itself. (Docker and
-    Kubernetes signal the container's first process only: the study stops in order.) Where the main thread is closing the record already (it holds `closing`), it is left to
-    finish. The study's queued MLflow writes (`drain`) go in first, for up to DRAIN_SECONDS."""
+    Kubernetes signal the container's first process only: the study stops in order.) Where the main thread is
+    closing the record already (it holds `closing`), it is left to finish. The study's queued MLflow writes
+    (`drain`) go in first, for up to DRAIN_SECONDS."""
     deadline, silent = time.monotonic() + TERM_GRACE, 0
     while not closed.wait(0.2):
         silent = silent + 1 if gcs and not _answers(gcs) else 0

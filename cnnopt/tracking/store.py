@@ -77,11 +77,17 @@ def make_client() -> MlflowClient:
 _checked_stores: set[str] = set()
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH[?options]` URI; None for any other store."""
+    return Path(uri[len("sqlite:///"):].partition("?")[0]) if uri.startswith("sqlite:///") else None
+
+
 def require_store(what: str) -> None:
     """For a command that only looks `what` up (a study, a run, a registered model): a SQLite store that is not
     there is one line, where MLflow would create an empty one (and say so on the console) and find nothing."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):].partition("?")[0]).exists():
+    database = sqlite_file(uri)
+    if database is not None and not database.exists():
         raise UsageError(f"no MLflow store at {uri} to find {what} in: run from the folder the study ran in "
                          "(where its mlflow.db is), or set MLFLOW_TRACKING_URI to its store")
 
@@ -90,8 +96,8 @@ def check_store(uri: str, timeout: float = 5.0, create: bool = True) -> None:
     """Raise a UsageError naming the store if a local one cannot be written or a server does not answer;
     a local store's folders are made, unless create=False (a check that leaves nothing behind)."""
     fix = "set MLFLOW_TRACKING_URI to a writable sqlite:///PATH/mlflow.db or a reachable http:// server"
-    if uri.startswith("sqlite:///"):
-        database = Path(uri[len("sqlite:///"):])
+    database = sqlite_file(uri)
+    if database is not None:
         check_writable(database.parent, f"the MLflow store {uri}", fix, create)
         if database.exists():
             try:
