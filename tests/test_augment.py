@@ -28,6 +28,7 @@ AUGMENTATIONS = {
     "jitter_contrast": {"jitter_contrast": 0.5},
     "jitter_saturation": {"jitter_saturation": 0.5},
     "randaugment": {"randaugment_ops": 2, "randaugment_magnitude": 9},
+    "cutout": {"cutout": 4},
 }
 
 
@@ -137,9 +138,32 @@ def test_jitter_over_1_never_inverts_an_image():
 def test_everything_on_together():
     settings = {key: value for extra in AUGMENTATIONS.values() for key, value in extra.items()}
     augment = pipeline(**settings)
-    assert set(augment.active) == {"flip", "crop", "randaugment", "affine", "jitter"}
+    assert set(augment.active) == {"flip", "crop", "randaugment", "affine", "jitter", "cutout"}
     out = augment(identical_batch())
     assert out.shape == (16, 3, 12, 12) and distinct(out) == 16
+
+
+@pytest.mark.parametrize("size", [1, 4, 5])
+def test_cutout_sets_one_square_cut_at_the_border_to_the_mean_colour(size):
+    """Each image loses one size x size square (fewer pixels where its centre lies near the border), set to
+    0 after normalising: the train split's mean colour. Every other pixel is the eval normalisation's."""
+    x = identical_batch(n=400, side=12)
+    augment = pipeline(cutout=size)
+    out, plain = augment(x), augment.normalize(x)
+    hole = (out != plain).any(dim=1)  # (N, H, W): where the pipeline changed a pixel
+    assert torch.all(out.permute(0, 2, 3, 1)[hole] == 0), "a cut pixel is the mean colour, 0 after normalising"
+    for image in hole:
+        rows, cols = image.any(dim=1).nonzero().flatten(), image.any(dim=0).nonzero().flatten()
+        assert 1 <= len(rows) <= size and 1 <= len(cols) <= size
+        assert image.sum() == len(rows) * len(cols), "the hole is one axis-aligned rectangle"
+        assert len(rows) == size or rows[0] == 0 or rows[-1] == 11, "a square is cut only at the border"
+        assert len(cols) == size or cols[0] == 0 or cols[-1] == 11
+    counts = hole.sum(dim=(1, 2))
+    assert counts.max() == size * size  # whole squares ...
+    assert size == 1 or counts.min() < size * size  # ... and, but for one pixel, border-cut ones
+    centres = {(int(r.float().mean()), int(c.float().mean())) for r, c in
+               ((h.any(dim=1).nonzero(), h.any(dim=0).nonzero()) for h in hole)}
+    assert len(centres) > 50, "each image draws its own place"
 
 
 def test_same_seed_same_augmentation():

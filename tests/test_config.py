@@ -247,3 +247,8 @@ def test_an_experiment_name_that_cannot_begin_a_study_name_asks_for_a_study_name
 def test_an_image_size_beyond_memory_is_refused_before_anything_allocates():
     with pytest.raises(UsageError, match="data.image_size = 100000 is not allowed: it must be 0 .* from 4 to 4096"):
         load_experiment(None, ["data.image_size=100000"])
+
+
+def test_a_negative_cutout_is_one_line():
+    with pytest.raises(UsageError, match=r"train.cutout = -1 is not allowed: it must be >= 0 pixels \(0: off\)"):
+        load_experiment(None, ["train.cutout=-1"])

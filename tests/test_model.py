@@ -34,7 +34,8 @@ VARIANTS = ([{"activation": name} for name in ACTIVATIONS] + [{"pool": name} for
             + [{"batch_norm": False}, {"batch_norm": True}]
             + [{"convs_per_block": n} for n in (1, 2, 3)] + [{"block": "residual", "convs_per_block": n} for n in (1, 2, 3)]
             + [{"head_layers": n, "head_batch_norm": bn} for n in (0, 1, 2) for bn in (False, True)]
-            + [{"kernel_size": 5}, {"kernel_size": 2}, {"growth": 1.5, "blocks": 3}, {"dropout": 0.0, "head_dropout": 0.0}])
+            + [{"kernel_size": 5}, {"kernel_size": 2}, {"growth": 1.5, "blocks": 3}, {"dropout": 0.0, "head_dropout": 0.0}]
+            + [{"global_pool": name, "head_layers": n} for name in ("max", "avg") for n in (0, 1)])
 
 
 @pytest.mark.parametrize("settings", VARIANTS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
@@ -93,6 +94,29 @@ def test_a_residual_net_scripts_and_exports(tmp_path):
         assert torch.allclose(torch.jit.script(model)(x), expected, atol=1e-6)
         program = torch.export.export(model, (x,))
         assert torch.allclose(program.module()(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,pool", [("max", torch.amax), ("avg", torch.mean)])
+def test_a_global_pool_gives_the_head_one_value_per_channel_and_scripts_and_exports(name, pool):
+    """ResNet-9's head: the last feature map pooled to 1x1, then one linear layer (train.head_layers = 0)."""
+    config = dataclasses.replace(TINY, blocks=2, global_pool=name, head_layers=0)
+    model = CNN(config, 3, 16, 5).eval()  # two blocks on 16x16: a 4x4 map of 8 channels
+    flat = CNN(dataclasses.replace(config, global_pool="none"), 3, 16, 5)
+    assert [(l.in_features, l.out_features) for l in model.head] == [(8, 5)]
+    assert [(l.in_features, l.out_features) for l in flat.head] == [(8 * 4 * 4, 5)]
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        maps = model.features[:-1](x)  # (3, 8, 4, 4) before the global pool
+        assert maps.shape == (3, 8, 4, 4)
+        expected = model.head(pool(maps, dim=(2, 3)))
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        assert torch.allclose(torch.jit.script(model)(x), expected, atol=1e-6)
+        assert torch.allclose(torch.export.export(model, (x,)).module()(x), expected, atol=1e-6)
+
+
+def test_an_unknown_global_pool_is_one_line():
+    with pytest.raises(UsageError, match="train.global_pool = 'sum' is not one of none, max, avg"):
+        CNN(dataclasses.replace(TINY, global_pool="sum"), 3, 8, 5)
 
 
 def test_flip_tta_averages_the_mirror_in_eval_only_and_scripts_and_exports():

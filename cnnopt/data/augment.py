@@ -56,13 +56,16 @@ class BatchAugment:
             x = random_affine(x, c.affine_degrees, c.affine_translate, c.affine_scale, self.generator)
         if c.jitter_brightness > 0 or c.jitter_contrast > 0 or c.jitter_saturation > 0:
             x = color_jitter(x, c.jitter_brightness, c.jitter_contrast, c.jitter_saturation, self.generator)
-        return (x - self.normalize.mean) / self.normalize.std
+        x = (x - self.normalize.mean) / self.normalize.std
+        if c.cutout > 0:  # after normalising: 0 is the train split's mean colour
+            x = cutout(x, c.cutout, self.generator)
+        return x
 
     @property
     def active(self) -> list[str]:
         """Names of the switched-on augmentations, for logs."""
         c = self.config
-        names = {"flip": c.flip, "crop": c.crop_padding > 0, "randaugment": c.randaugment_ops > 0,
+        names = {"flip": c.flip, "crop": c.crop_padding > 0, "randaugment": c.randaugment_ops > 0, "cutout": c.cutout > 0,
                  "affine": c.affine_degrees > 0 or c.affine_translate > 0 or c.affine_scale > 0,
                  "jitter": c.jitter_brightness > 0 or c.jitter_contrast > 0 or c.jitter_saturation > 0}
         return [name for name, on in names.items() if on]
@@ -89,6 +92,21 @@ def random_crop(x: torch.Tensor, padding: int, mode: str, generator: torch.Gener
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, channel, rows, cols]
+
+
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero a `size` x `size` square of each image, centred at its own random pixel and cut at the border
+    (DeVries & Taylor 2017), so a square near the edge covers less: one masked multiply for the batch."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1), device=x.device, generator=generator)
+    cx = torch.randint(0, w, (n, 1), device=x.device, generator=generator)
+    top, left = cy - size // 2, cx - size // 2  # (N, 1): the square is [top, top + size) x [left, left + size)
+    rows = torch.arange(h, device=x.device)[None, :]  # (1, H)
+    cols = torch.arange(w, device=x.device)[None, :]
+    inside_rows = (rows >= top) & (rows < top + size)  # (N, H)
+    inside_cols = (cols >= left) & (cols < left + size)  # (N, W)
+    hole = inside_rows[:, :, None] & inside_cols[:, None, :]  # (N, H, W)
+    return x * (~hole)[:, None].to(x.dtype)
 
 
 def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: float,

@@ -71,6 +71,9 @@ class TrainConfig:
     pool: str = "max"  # max | avg
     activation: str = "relu"  # relu | leaky_relu | gelu | silu | elu
     dropout: float = 0.1  # Dropout2d after each block
+    # none: flatten the last feature map into the head | max | avg: pool it to 1x1 first, so the head sees
+    # one value per channel (ResNet-9's global max pool, with train.head_layers = 0 a linear classifier on it).
+    global_pool: str = "none"
     head_width: int = 128  # hidden units of each head layer
     head_layers: int = 1  # hidden layers in the MLP head; 0 = a linear classifier
     head_batch_norm: bool = False  # BatchNorm1d in the head
@@ -86,6 +89,9 @@ class TrainConfig:
     jitter_brightness: float = 0.0
     jitter_contrast: float = 0.0
     jitter_saturation: float = 0.0
+    # Cutout (DeVries & Taylor 2017): a square of this side, centred at a random pixel of each image and cut
+    # at the border, set to the train split's mean colour; 0 = off. ResNet-9 trains with 8 on 32x32.
+    cutout: int = 0
     randaugment_ops: int = 0  # RandAugment ops per image; 0 = off
     randaugment_magnitude: int = 9
     # Test-time augmentation: none | flip (in eval mode the net averages the logits of each image and its
@@ -289,6 +295,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.growth": (lambda v: v > 0, "> 0"), "train.kernel_size": _at_least(1),
     "train.dropout": (_fraction, "in [0, 1)"), "train.head_dropout": (_fraction, "in [0, 1)"),
     "train.head_width": _at_least(1), "train.head_layers": _at_least(0), "train.crop_padding": _at_least(0),
+    "train.cutout": (lambda v: v >= 0, ">= 0 pixels (0: off)"),
     "train.affine_degrees": (lambda v: 0 <= v <= 180, "in [0, 180]"), "train.affine_translate": (_fraction, "in [0, 1)"),
     "train.affine_scale": (_fraction, "in [0, 1)"), "train.jitter_brightness": _at_least(0),
     "train.jitter_contrast": _at_least(0), "train.jitter_saturation": _at_least(0),

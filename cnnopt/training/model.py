@@ -5,7 +5,9 @@ then flatten and an MLP head. blocks=2, convs_per_block=1 is the lesson's CNN; t
 per block give a VGG-style net. block="residual" lays a block out as ResNet-9's layers are (Page,
 "How to train your ResNet", 2018; the net behind the fast CIFAR-10 results): its first conv sets the
 width, the pool follows it, and the other convs run at the pooled size around a skip connection,
-x + convs(x); with one conv per block the two layouts are the same net.
+x + convs(x); with one conv per block the two layouts are the same net. train.global_pool = "max" or
+"avg" pools the last feature map to 1x1 before the head (ResNet-9's head is a global max pool and one
+linear layer: train.head_layers = 0).
 
 train.tta = "flip" makes the net, in eval mode only, average the logits of each image and its mirror
 (test-time augmentation, as the fast CIFAR-10 recipes evaluate): val metrics, the test pass and the
@@ -25,6 +27,7 @@ POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 INITS = ("default", "kaiming", "xavier")
 BLOCKS = ("plain", "residual")
+GLOBAL_POOLS = {"none": None, "max": nn.AdaptiveMaxPool2d, "avg": nn.AdaptiveAvgPool2d}  # train.global_pool
 TTAS = {"none": 1, "flip": 2}  # train.tta: the forward passes a prediction takes
 
 
@@ -89,9 +92,13 @@ class CNN(nn.Module):
             previous = out
             if config.dropout > 0:
                 layers.append(nn.Dropout2d(config.dropout))
+        side = sizes[-1]
+        if GLOBAL_POOLS[config.global_pool] is not None:  # the last map pooled to 1x1: one value per channel
+            layers.append(GLOBAL_POOLS[config.global_pool](1))
+            side = 1
         self.features = nn.Sequential(*layers)
         self.flatten = nn.Flatten()
-        head, width = [], previous * sizes[-1] ** 2  # the flatten size, computed
+        head, width = [], previous * side**2  # the flatten size, computed
         for _ in range(config.head_layers):
             head.append(nn.Linear(width, config.head_width))
             if config.head_batch_norm:
@@ -160,7 +167,7 @@ def initialize(model: nn.Module, scheme: str, activation: str = "relu") -> None:
 def _check_choices(config: TrainConfig) -> None:
     check_section("train", config)
     choices = {"activation": ACTIVATIONS, "pool": POOLS, "padding_mode": PADDING_MODES, "init": INITS, "block": BLOCKS,
-               "tta": TTAS}
+               "tta": TTAS, "global_pool": GLOBAL_POOLS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise UsageError(f"train.{name} = {getattr(config, name)!r} is not one of {', '.join(allowed)}")
