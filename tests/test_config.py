@@ -187,6 +187,9 @@ def test_another_dataset_under_the_files_name_is_a_warning():
     assert same_name_warning(load_experiment(None, ["data.dataset=imagefolder", "name=photos"])) is None
     assert same_name_warning(load_experiment(None, ["data.root=/elsewhere"])) is None  # where the file's data is
     assert same_name_warning(load_experiment(None)) is None
+    assert same_name_warning(load_experiment(None, ["data.dataset=digits"])) is None  # the file's own, named again
+    cifar = load_experiment(Path(__file__).parents[1] / "experiments" / "cifar10.toml", ["data.dataset=cifar10"])
+    assert same_name_warning(cifar) is None
 
 
 def test_settings_recorded_with_a_mode_against_the_metric_still_take_a_set():

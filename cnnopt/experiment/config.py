@@ -220,6 +220,12 @@ def same_name_warning(experiment: Experiment) -> str | None:
     keys = [item.partition("=")[0].strip() for item in experiment.overrides]
     if "data.dataset" not in keys or "name" in keys:
         return None
+    if experiment.path and Path(experiment.path).is_file():
+        try:
+            if load_experiment(experiment.path).data.dataset == experiment.data.dataset:
+                return None  # the file's own dataset, named again
+        except UsageError:
+            pass  # the file changed since: warn as if the dataset were another
     return (f"warning: --set data.dataset keeps the experiment's name {experiment.name!r}: its runs go to MLflow "
             f"experiment {experiment.name!r} and a promotion registers model {experiment.name!r}; add --set "
             "name=<your data's name> to keep them apart")
