@@ -255,3 +255,13 @@ def test_an_image_size_beyond_memory_is_refused_before_anything_allocates():
 def test_a_negative_cutout_is_one_line():
     with pytest.raises(UsageError, match=r"train.cutout = -1 is not allowed: it must be >= 0 pixels \(0: off\)"):
         load_experiment(None, ["train.cutout=-1"])
+
+
+def test_the_command_line_sets_a_key_once_with_the_value_that_won():
+    experiment = load_experiment(None, ["train.lr=0.1", "train.epochs=2", "train.lr=0.2"])
+    assert experiment.train.lr == 0.2
+    line = experiment.command_line()
+    assert line.endswith("--set train.lr=0.2 --set train.epochs=2")
+    assert line.count("train.lr") == 1
+    again = load_experiment(None, line.split(" --set ")[1:])
+    assert again.train == experiment.train

@@ -157,9 +157,11 @@ class Experiment:
     overrides: tuple[str, ...] = ()  # the --set values applied on top of the file (not a key in the file)
 
     def command_line(self, command: str = "python -m cnnopt.search") -> str:
-        """The command that rebuilds these settings: the file and every override."""
+        """The command that rebuilds these settings: the file and every override, a key set twice (a --set on
+        recorded settings, say) once, with the value that won."""
         parts = [command] + ([f"--experiment {self.path}"] if self.path else [])
-        return " ".join(parts + [f"--set {item}" for item in self.overrides])
+        won = {item.partition("=")[0].strip(): item for item in self.overrides}  # a later --set wins
+        return " ".join(parts + [f"--set {item}" for item in won.values()])
 
     def to_dict(self) -> dict[str, Any]:
         """Every resolved setting as plain JSON-able data (what a study records to resume from)."""
