@@ -268,7 +268,7 @@ def final_training(experiment, outcome, run_id: str, what: str, deadline: float,
     print(f"\nfinal training of {what}: {epochs}, on a whole node, on {data}...", flush=True)
     final = train_final(experiment, outcome.name, run_id, deadline=deadline, address=address)
     if isinstance(final, str):
-        print(f"  no final training: {final}")
+        print(f"  no final model: {final}")
         return None
     shown = "  ".join(f"{key} {final.metrics[key]:.4f}" for key in ("val_accuracy", "train_accuracy")
                       if key in final.metrics)

@@ -146,7 +146,7 @@ STUDY_LINES = [
     (r"  chosen run [0-9a-f]{32}: .*", "?"),
     (r"", "?"),
     (r"final training of .*: .*, on a whole node, on (the train split|train \+ val)\.\.\.", "?"),
-    (r"  (\d+ epochs \(its trial had \d+\), \w+:.*|no final training: .*)", "?"),
+    (r"  (\d+ epochs \(its trial had \d+\), \w+:.*|no final model: .*)", "?"),
     (r"  MLflow run [0-9a-f]{32}", "?"),
     (r"", "?"),
     (r"report: \d+ figures and report\.md on the study's parent run \(report/\).*", "?"),  # built meanwhile

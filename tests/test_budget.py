@@ -19,7 +19,7 @@ from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
 from cnnopt.study.budget import EXIT_SECONDS, MIN_TRIALS, TRIAL_OVERHEAD, last_start, make_plan, shown
 from cnnopt.study.runner import make_searcher
 from cnnopt.study.strategies import STRATEGIES
-from cnnopt.study.final import final_data, stretched, train_final
+from cnnopt.study.final import final_data, promotable, stretched, train_final
 from cnnopt.training import objective
 from cnnopt.training.objective import train
 
@@ -265,6 +265,35 @@ def test_a_final_training_is_its_own_run_and_the_one_promoted(ray_session, mlflo
     again = train_final(experiment, "fin", final.data.tags["trains_run_id"])
     assert again.run_id == final.info.run_id and again.recorded_before and again.epochs == 3
     assert len(children(mlflow_store, "fin", "final")) == 1
+    # search.final_epochs no more than the trial's: nothing is trained, the trial is promoted.
+    short = load_experiment(None, ["train.epochs=2", "search.final_epochs=2"])
+    [other] = [run for run in children(mlflow_store, "fin", "trial") if run.info.run_id != final.data.tags["trains_run_id"]]
+    why = train_final(short, "fin", other.info.run_id)
+    assert why == "search.final_epochs = 2 is no more than the 2 epochs its trial had: the trial is promoted as it is"
+    assert len(children(mlflow_store, "fin", "final")) == 1
+
+
+@pytest.mark.parametrize("metric,theirs,better,worse", [("val_accuracy", 0.9, 0.91, 0.89),
+                                                        ("val_loss", 0.3, 0.25, 0.35)])
+def test_a_final_training_replaces_its_run_only_with_more_epochs_and_no_worse_validation(mlflow_store, metric,
+                                                                                          theirs, better, worse):
+    """A final training cut short by its deadline (6 epochs for a 10-epoch trial), or one that scored below its
+    trial on validation (0.9591 against 0.9777), used to be promoted all the same: the test split then
+    judged a model that validation ranked second."""
+    client = MlflowClient(tracking_uri=mlflow_store)
+    chosen = client.create_run(client.create_experiment("choose")).info.run_id
+    client.log_metric(chosen, f"best_{metric}", theirs)
+    chosen = client.get_run(chosen)
+    experiment = load_experiment(None, [f"metric={metric}"])
+    assert promotable(experiment, chosen, 12, 10, {metric: better}, "f") is None
+    assert promotable(experiment, chosen, 12, 10, {metric: theirs}, "f") is None  # as good, and trained longer
+    assert promotable(experiment, chosen, 12, 10, {metric: worse}, "f") == (
+        f"its {metric} {worse:.4f} is worse than the {theirs:.4f} of the run it repeats (run f, recorded): "
+        "that run is promoted as it is")
+    assert promotable(experiment, chosen, 10, 10, {metric: better}, "f", before=True) == (
+        "it trained 10 epochs, no more than the 10 its trial had (run f, recorded before this resume: not trained "
+        "again): the run it repeats is promoted as it is")
+    assert promotable(experiment, chosen, 12, 10, {"train_loss": 0.1}, "f") is None  # train+val: no val score
 
 
 def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store, capsys, monkeypatch):

@@ -97,7 +97,8 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     seed_4 = client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'confirmation' and tags.seed = '4'")
     assert len(seed_4) == 2 and all(run.data.params["epochs"] == "2" for run in seed_4)
     assert all(len(client.get_metric_history(run.info.run_id, "train_loss")) == 2 for run in seed_4)
-    why = train_final(broken, "c", failing.promote_run_id)
+    broken_final = dataclasses.replace(broken, search=dataclasses.replace(broken.search, final_epochs=4))
+    why = train_final(broken_final, "c", failing.promote_run_id)
     assert isinstance(why, str) and why.startswith("it failed (") and "promoted as it is" in why
     # A final training that diverges is recorded, and not promoted: the run it repeats is.
     exploding = dataclasses.replace(experiment.train, lr_schedule="step", step_size=1, gamma=1e30)

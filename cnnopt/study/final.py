@@ -6,13 +6,16 @@ whole node and the epochs left. It is trained once more:
   finish allowance (measured: the run first times a few steps of its own on that node, then holds to
   the deadline at the pace its epochs really take: fewer epochs where they are slower than that
   timing, more where faster). Fewer epochs than its trial had would give a worse
-  model, so then no final training is done;
+  model, so then no final training is done (and one that the deadline cut to no more epochs than its
+  trial had is recorded but not promoted);
 - with its schedule stretched to those epochs (onecycle and cosine span them; a step schedule's
   step_size grows in proportion);
 - on the train split, its best epoch selected on validation (`search.final_data = "train"`, the
   default: the final model keeps a validation score to compare with its trial's), or on train + val
   with the last epoch kept (`"train+val"`: a tenth more images, selected by nothing);
-- recorded as the study's child run of kind `final`, which promotion then tests once and registers.
+- recorded as the study's child run of kind `final`, which promotion then tests once and registers, in
+  place of the run it repeats only where it is at least as good on validation as that run (`promotable`):
+  the choice between the two is made on validation, as the study's others are.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from cnnopt import tracking, trials
 from cnnopt.data import cache as data_cache
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import last_line
-from cnnopt.experiment.config import Experiment, TrainConfig
+from cnnopt.experiment.config import Experiment, TrainConfig, is_better
 from cnnopt.study.runner import ray_session
 from cnnopt.study.trainable import assigned_device
 from cnnopt.tracking import recorder, studies
@@ -81,10 +84,14 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
         status = run.data.tags.get("status")
         if status == trials.COMPLETED and run.info.status == "FINISHED":
             kept = {key[len("best_"):]: value for key, value in run.data.metrics.items() if key.startswith("best_")}
-            return FinalRun(run.info.run_id, int(run.data.params.get("epochs", 0)), trial_epochs, trials.COMPLETED,
-                            kept, recorded_before=True)
+            epochs = int(run.data.params.get("epochs", 0))
+            why = promotable(experiment, chosen, epochs, trial_epochs, kept, run.info.run_id, before=True)
+            return why or FinalRun(run.info.run_id, epochs, trial_epochs, trials.COMPLETED, kept, recorded_before=True)
         if status in (trials.DIVERGED, trials.STOPPED):  # seeded: it would end the same way again
             return not_promoted(status, int(run.data.params.get("epochs", 0)), run.info.run_id, before=True)
+    if not deadline and experiment.search.final_epochs <= trial_epochs:
+        return (f"search.final_epochs = {experiment.search.final_epochs} is no more than the {trial_epochs} epochs "
+                "its trial had: the trial is promoted as it is")
     seed = int(chosen.data.params.get("seed", experiment.train.seed))
     config = dataclasses.replace(space.apply(experiment.train, studies.searched_params(chosen)), seed=seed)
     data = final_data(experiment)
@@ -114,13 +121,37 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
              "epochs_why": "the time budget's reserve" if deadline else "search.final_epochs"})
     if result.status != trials.COMPLETED:  # a diverged run's earlier epochs are no model to promote
         return not_promoted(result.status, result.epochs_run, run_id)
-    return FinalRun(run_id, config.epochs, trial_epochs, result.status, result.best_metrics)
+    return (promotable(experiment, chosen, config.epochs, trial_epochs, result.best_metrics, run_id)
+            or FinalRun(run_id, config.epochs, trial_epochs, result.status, result.best_metrics))
 
 
 def not_promoted(status: str, epochs: int, run_id: str, before: bool = False) -> str:
     """Why a recorded final training is not promoted: it did not complete."""
-    when = "recorded before this resume: not trained again" if before else "recorded"
-    return f"it {status} after {epochs} epochs (run {run_id}, {when}): the run it repeats is promoted as it is"
+    return f"it {status} after {epochs} epochs (run {run_id}, {_when(before)}): the run it repeats is promoted as it is"
+
+
+def promotable(experiment: Experiment, chosen, epochs: int, trial_epochs: int, metrics: dict, run_id: str,
+               before: bool = False) -> str | None:
+    """Why a completed final training is not promoted in place of the run it repeats (`chosen`), or None.
+
+    It must have trained more epochs than that run (a deadline can cut it to fewer once it has begun: a busy
+    node), and, where it kept its best epoch by validation (`final_data = "train"`), score at least that
+    run's best on the same validation split: otherwise the run the study chose is the better model on
+    validation, and validation is what chooses. A train+val final has no validation score: the epochs decide."""
+    if epochs <= trial_epochs:
+        return (f"it trained {epochs} epochs, no more than the {trial_epochs} its trial had (run {run_id}, "
+                f"{_when(before)}): the run it repeats is promoted as it is")
+    metric = experiment.metric
+    theirs = chosen.data.metrics.get(f"best_{metric}")
+    ours = metrics.get(metric)
+    if theirs is not None and ours is not None and is_better(theirs, ours, experiment.mode):
+        return (f"its {metric} {ours:.4f} is worse than the {theirs:.4f} of the run it repeats (run {run_id}, "
+                f"{_when(before)}): that run is promoted as it is")
+    return None
+
+
+def _when(before: bool) -> str:
+    return "recorded before this resume: not trained again" if before else "recorded"
 
 
 def final_data(experiment: Experiment) -> ImageData:
