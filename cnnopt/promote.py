@@ -4,8 +4,9 @@ The study's best trial by its own validation metric (ties: the lowest trial numb
 evaluated once on the test split of the data it trained on (its study's recorded settings; --set
 values go on top, e.g. data.root where the images now live), exported to model.pt and model.pt2
 (verified in a fresh torch-only process), logged to its MLflow run and registered under its study's
-experiment name; the alias `champion` moves to the new version only when its test accuracy is at
-least the current champion's.
+experiment name; the alias `champion` moves to the new version unless the current champion's
+validation score (same metric, same val split) is better: the test split chooses nothing. A run of a
+study that promoted another run already is refused unless --retest.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from cnnopt.tracking.registry import ALIAS
 
 
 def print_promotion(promotion: Promotion) -> None:
-    evaluated = "evaluated again: the run was promoted before" if promotion.again else "evaluated once"
+    evaluated = ("evaluated again: the run was promoted before" if promotion.again else
+                 f"evaluated again: read {promotion.test_reads} times for study {promotion.study!r}"
+                 if promotion.test_reads > 1 else "evaluated once")
     print(f"promoted run {promotion.run_id}: test_accuracy {promotion.test_accuracy:.4f}, "
           f"test_loss {promotion.test_loss:.4f} (test split {evaluated})")
     differences = promotion.files["max_difference"]
@@ -42,12 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--study", help="the study whose best trial to promote (default: the latest)")
     which.add_argument("--run-id", help="promote this MLflow run (a trial or a cnnopt.train run)")
+    parser.add_argument("--retest", action="store_true",
+                        help="promote a run of a study that promoted another already: its test split is read again "
+                             "(the output and the model card say how many times)")
     args = parser.parse_args(argv)
     quiet_libraries()
     tracking.require_store(f"run {args.run_id}" if args.run_id else f"study {args.study!r}" if args.study
                            else "a study to promote")
     experiment = load_experiment(args.experiment, args.overrides)
-    print_promotion(promote(experiment, study=args.study, run_id=args.run_id, overrides=args.overrides))
+    print_promotion(promote(experiment, study=args.study, run_id=args.run_id, overrides=args.overrides,
+                            retest=args.retest))
     return 0
 
 

@@ -87,6 +87,20 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert len(calls) == 2
     with pytest.raises(UsageError, match="study name \"p'\" is not allowed"):  # never an MLflow filter's traceback
         promote_cli.main(["--study", "p'"])
+    # Another run of the promoted study: its test split would be read again for another model (a choice by test
+    # accuracy), so only on purpose; then the output, the model card and the study's record say how many reads.
+    [second] = [r for r in trials if r.info.run_id != best.info.run_id]
+    with pytest.raises(UsageError, match=f"study 'p' promoted run {best.info.run_id} already.*promoting run "
+                                         f"{second.info.run_id} too would read it again.*add --retest"):
+        promote_cli.main(["--run-id", second.info.run_id])
+    assert len(calls) == 2
+    assert promote_cli.main(["--run-id", second.info.run_id, "--retest"]) == 0
+    out = capsys.readouterr().out
+    assert len(calls) == 3 and "(test split evaluated again: read 3 times for study 'p')" in out
+    card = Path(client.download_artifacts(second.info.run_id, "exported/model_card.md", str(tmp_path)))
+    assert "the study's test split read 3 times, by as many promotions" in card.read_text()
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.tags["test_reads"] == "3" and parent.data.tags["promoted_run_id"] == second.info.run_id
 
 
 def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_path):
@@ -187,25 +201,42 @@ def test_colour_to_gray_and_alpha_match_pillow_pixel_for_pixel():
     assert np.array_equal(match_channels(rgba, 1)[0, 0].numpy(), on_white)
 
 
-def test_champion_moves_only_on_better_or_equal_test_accuracy_on_the_same_test_split(trained, digits_data, mlflow_store, tmp_path):
+def test_champion_moves_unless_validation_says_the_champion_is_better(trained, digits_data, mlflow_store, tmp_path):
+    """The alias used to move only to a version with at least the champion's test accuracy: the test split chose
+    between models, and the champion's test figure was the best of several looks. Validation chooses now."""
     _, predictor = trained
     export(predictor, tmp_path / "model", digits_data.test_x[:16])
     experiment = load_experiment(None, ["name=champions"])
     client = tracking.make_client()
     run_id = tracking.start_run(client, experiment, "r")
-    accuracy = 475 / 484  # 0.98140495...: its tag reads 0.981405, above it (a re-promotion of one run tied it)
-    first = registry.register(experiment, run_id, tmp_path / "model", accuracy, "split-a")
-    worse = registry.register(experiment, run_id, tmp_path / "model", 0.80, "split-a")
-    equal = registry.register(experiment, run_id, tmp_path / "model", accuracy, "split-a")
-    assert first == ("1", True, None, "")
-    assert worse == ("2", False, "1", "whose test accuracy is higher")
-    assert equal == ("3", True, "1", "")
+    score = 475 / 484  # 0.98140495...: its tag reads 0.981405, above it (a re-promotion of one run tied it)
+
+    def register(test_accuracy, val_score, test_split="split-a", val_split="val-a"):
+        return registry.register(experiment, run_id, tmp_path / "model", test_accuracy, test_split, val_score, val_split)
+
+    assert register(0.90, score) == ("1", True, None, "")
+    lucky = register(0.99, 0.95)  # a better test accuracy, a worse validation score: it stays off the alias
+    assert lucky[:3] == ("2", False, "1") and lucky.kept_because.startswith(
+        "whose validation val_accuracy is better (0.9814 against 0.9500; the test split does not choose")
+    assert "set_registered_model_alias('champions', 'champion', 2)" in lucky.kept_because
+    assert register(0.80, score) == ("3", True, "1", "")  # as good on validation: the newest serves
+    assert register(0.70, 0.99) == ("4", True, "3", ""), "a better validation score moves it, whatever the test says"
+    assert register(0.95, 0.50, val_split="val-b") == ("5", True, "4", ""), "another val split: no comparison"
+    assert register(0.60, None) == ("6", True, "5", ""), "a train+val final has no validation score: the newest"
+    version = client.get_model_version("champions", "4")
+    assert version.tags["val_score"] == "0.990000" and version.tags["selected_on"] == "val_accuracy"
+    assert version.tags["val_split"] == "val-a" and "val_score" not in client.get_model_version("champions", "6").tags
     # Another test split (the experiment's folder now holds other images or classes): no comparison, no move.
-    other = registry.register(experiment, run_id, tmp_path / "model", 1.0, "split-b")
-    assert other[:3] == ("4", False, "3") and "another test split" in other.kept_because
-    assert "set_registered_model_alias('champions', 'champion', 4)" in other.kept_because
-    assert str(client.get_model_version_by_alias("champions", "champion").version) == "3"
-    assert client.get_model_version("champions", "4").tags["test_split"] == "split-b"
+    other = register(1.0, 1.0, test_split="split-b")
+    assert other[:3] == ("7", False, "6") and "another test split" in other.kept_because
+    assert "set_registered_model_alias('champions', 'champion', 7)" in other.kept_because
+    assert str(client.get_model_version_by_alias("champions", "champion").version) == "6"
+    assert client.get_model_version("champions", "7").tags["test_split"] == "split-b"
+    # val_loss is minimised: a lower score is the better one.
+    losses = load_experiment(None, ["name=losses", "metric=val_loss"])
+    first = registry.register(losses, run_id, tmp_path / "model", 0.9, "s", 0.20, "v")
+    higher = registry.register(losses, run_id, tmp_path / "model", 0.99, "s", 0.30, "v")
+    assert first.moved and not higher.moved and "validation val_loss is better (0.2000 against 0.3000" in higher.kept_because
 
 
 def write_digits(data, folder, count=6):

@@ -4,8 +4,9 @@ The best trial by the experiment's validation metric is loaded from its best-epo
 (`torch.load(..., weights_only=True)`), evaluated once on the test split (used for nothing else),
 wrapped in a Predictor, exported to model.pt and model.pt2 (verified in a fresh torch-only process),
 logged to the trial's MLflow run and registered under the experiment's name. The alias `champion`
-moves to the new version only when its test accuracy is at least the current champion's, on the same
-test split (`registry.register`).
+moves to the new version unless the current champion's validation score, on the same metric and val
+split, is better (`registry.register`): the test split chooses nothing. A study's test split is read
+once: another of its runs is promoted only on purpose (`retest`), and the count of reads is said.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Promotion:
     name: str  # the registered model's name: the experiment the run belongs to
     kept_because: str = ""  # why the alias stayed on the previous champion
     again: bool = False  # the run was promoted before: its test split was evaluated once more
+    test_reads: int = 0  # how many times its study's test split has now been read (0: the run is in no study)
+    study: str = ""
 
 
 def best_trial_run(client, experiment: Experiment, study: str | None):
@@ -109,24 +112,31 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
 
 
 def promote(experiment: Experiment, *, study: str | None = None, run_id: str | None = None,
-            overrides: tuple[str, ...] | list[str] = ()) -> Promotion:
+            overrides: tuple[str, ...] | list[str] = (), retest: bool = False) -> Promotion:
     """Evaluate, export, log and register the best trial (or the run `run_id`) as it was recorded: the data
     it trained on, the metric and the registered name come from the settings its study (or, for a
     `cnnopt.train` run, the run itself) recorded (`studies.trained_settings`), with `overrides` on top (the
     data's folder on this machine, say); from `experiment` (its file and overrides) for a run that recorded
-    none. `experiment` also says where to look for `study` (its MLflow experiment first, then any)."""
+    none. `experiment` also says where to look for `study` (its MLflow experiment first, then any).
+    A run of a study that promoted another run already is refused unless `retest`: its test split would
+    be read again, and a choice between the two by test accuracy would make the figure optimistic."""
     client = tracking.make_client()
     try:
         run = client.get_run(run_id) if run_id else best_trial_run(client, experiment, study)
     except MlflowException:
         raise UsageError(f"no MLflow run {run_id!r} in {tracking.tracking_uri()}; check --run-id") from None
-    if run_id is None:  # a study promotes once: its test split is not read again unless a run is named
-        parent_id = run.data.tags.get(tracking.PARENT_TAG)
-        promoted = client.get_run(parent_id).data.tags.get("promoted_run_id") if parent_id else None
-        if promoted:
-            raise UsageError(f"study {run.data.tags.get(tracking.STUDY_TAG)!r} promoted run {promoted} already, and "
-                             "its test split is read once; to evaluate and register a run again, name it: "
-                             f"python -m cnnopt.promote --run-id {promoted}")
+    parent_id = run.data.tags.get(tracking.PARENT_TAG)
+    parent_tags = client.get_run(parent_id).data.tags if parent_id else {}
+    promoted, study_name = parent_tags.get("promoted_run_id"), run.data.tags.get(tracking.STUDY_TAG, "")
+    if run_id is None and promoted:  # a study promotes once: its test split is not read again unless a run is named
+        raise UsageError(f"study {study_name!r} promoted run {promoted} already, and its test split is read once; "
+                         f"to evaluate and register a run again, name it: python -m cnnopt.promote --run-id {promoted}")
+    if promoted and promoted != run.info.run_id and not retest:
+        raise UsageError(f"study {study_name!r} promoted run {promoted} already, and its test split is read once: "
+                         f"promoting run {run.info.run_id} too would read it again, and choosing between the two by "
+                         "test accuracy would make the figure optimistic; to do it anyway, add --retest (the output "
+                         "and the model card then say how many times the test split was read)")
+    reads = int(parent_tags.get("test_reads", "1" if promoted else "0")) + 1 if parent_id else 0
     again = run.data.tags.get("promoted") == "true"  # named by --run-id: evaluated again, and said so
     recorded = studies.trained_settings(client, run)
     settings = with_overrides(recorded, overrides) if recorded else experiment
@@ -168,16 +178,18 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         with exported(Predictor(model, trained), model_dir, data.test_x[:256]) as files:
             result = evaluate_test(model, data)  # the one use of the test split
             plot_confusion(result["confusion"], data.class_names, scratch / "confusion_matrix.png")
-            (model_dir / "model_card.md").write_text(model_card(settings, run, checkpoint, result))
+            (model_dir / "model_card.md").write_text(model_card(settings, run, checkpoint, result, reads))
         metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
                    **tracking.per_name_metrics("test_accuracy_class_", result["per_class"])}
         registered = registry.record_promotion(settings, run, metrics, scratch / "confusion_matrix.png", model_dir,
-                                               tracking.split_digest(data.test_x, data.test_y))
+                                               tracking.split_digest(data.test_x, data.test_y),
+                                               tracking.split_digest(data.val_x, data.val_y), reads)
     return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], registered.version,
-                     registered.moved, registered.previous, files, settings.name, registered.kept_because, again)
+                     registered.moved, registered.previous, files, settings.name, registered.kept_because, again,
+                     reads, study_name)
 
 
-def model_card(settings: Experiment, run, checkpoint: dict, result: dict) -> str:
+def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_reads: int = 1) -> str:
     """The model card: data, selection, metrics, hyperparameters, and the command that reproduces the run
     (from the study's recorded `settings`: its experiment file and every override)."""
     params = run.data.params
@@ -191,7 +203,9 @@ def model_card(settings: Experiment, run, checkpoint: dict, result: dict) -> str
              f"{checkpoint.get('epoch')}", "",
              "## Metrics",
              f"- validation {settings.metric}: {metrics.get('best_' + settings.metric, float('nan')):.4f}",
-             f"- test accuracy: {result['test_accuracy']:.4f} (test split used once, here)",
+             f"- test accuracy: {result['test_accuracy']:.4f} "
+             + (f"(the study's test split read {test_reads} times, by as many promotions: a choice among them by "
+                "test accuracy makes this figure optimistic)" if test_reads > 1 else "(test split used once, here)"),
              f"- test loss: {result['test_loss']:.4f}", "",
              "## Hyperparameters"]
     lines += [f"- {name} = {params.get(name)}" + (" (searched)" if name in searched else "")

@@ -16,11 +16,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from cnnopt.experiment.config import Experiment
+from cnnopt.experiment.config import Experiment, is_better
 from cnnopt.tracking.store import FINISHED, PARENT_TAG, log, make_client, tracking_uri
 
 ALIAS = "champion"
 TEST_SPLIT_TAG = "test_split"  # a version's test split's digest: accuracies compare on one split only
+# What chooses between versions: the validation score its run was selected by, the metric, and the val split.
+VAL_SCORE_TAG, SELECTED_ON_TAG, VAL_SPLIT_TAG = "val_score", "selected_on", "val_split"
 # uint8 images (N, C, H, W) of any size -> float32 probabilities (N, num_classes); stated, not inferred.
 SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
                            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
@@ -35,30 +37,38 @@ class Registered(NamedTuple):
 
 
 def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: Path, model_dir: Path,
-                     test_split: str = "") -> Registered:
-    """Log a promoted trial's test metrics and files, register its model (`register`), and summarise on the
-    parent run. `test_split` is the test split's digest (`provenance.split_digest`)."""
+                     test_split: str = "", val_split: str = "", test_reads: int = 0) -> Registered:
+    """Log a promoted trial's test metrics and files, register its model (`register`, which the run's own
+    validation score places), and summarise on the parent run, with how many times its study's test split
+    has now been read (`test_reads`). `test_split` and `val_split` are the splits' digests
+    (`provenance.split_digest`)."""
     client = make_client()
     run_id = run.info.run_id
     log(client, run_id, metrics=metrics)
     client.log_artifact(run_id, str(confusion_png))
     client.log_artifacts(run_id, str(model_dir), artifact_path="exported")
-    registered = register(experiment, run_id, model_dir, metrics["test_accuracy"], test_split)
+    registered = register(experiment, run_id, model_dir, metrics["test_accuracy"], test_split,
+                          run.data.metrics.get(f"best_{experiment.metric}"), val_split)
     log(client, run_id, tags={"promoted": "true"})  # last: a promotion cut short is redone by a resume
     parent = run.data.tags.get(PARENT_TAG)
     if parent:
         log(client, parent, metrics={"promoted_test_accuracy": metrics["test_accuracy"]},
             tags={"promoted_run_id": run_id, "promoted_trial": trial_of(run),
-                  "model_version": registered.version})
+                  "model_version": registered.version, "test_reads": str(test_reads)})
     return registered
 
 
 def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy: float,
-             test_split: str = "") -> Registered:
-    """Log the pyfunc model to the run, register it, and move `champion` if it is at least as good: its test
-    accuracy at least the champion's, on the same test split (`test_split`, its digest, a version tag). A
-    version tested on another split (other images, other classes: the experiment's data changed) does not
-    compare, and the alias stays; a champion registered before the tag was kept compares by accuracy."""
+             test_split: str = "", val_score: float | None = None, val_split: str = "") -> Registered:
+    """Log the pyfunc model to the run, register it, and move `champion` unless validation says the
+    champion is better: the test split never chooses between models, or its figure would be optimistic.
+
+    The two compare where both were selected on the same metric of the same val split (`val_score`, the
+    run's best validation score, and `val_split`, its digest, tagged on each version): the alias moves when
+    the new version's score is at least the champion's. Where they do not compare (a train+val final has no
+    validation score; a champion registered before these tags), the newest promotion serves, and the
+    output names the version it replaced. A version tested on another test split (`test_split`: the
+    experiment's images or classes changed) leaves the alias where it is, with how to move it."""
     mlflow.set_tracking_uri(tracking_uri())
     client = make_client()
     status = client.get_run(run_id).info.status
@@ -77,7 +87,10 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     with _printed_to_log():  # "Successfully registered model", "Created version": cnnopt's promotion line says so
         version = mlflow.register_model(info.model_uri, experiment.name,
                                         tags={"test_accuracy": shown, "run_id": run_id,
-                                              **({TEST_SPLIT_TAG: test_split} if test_split else {})}).version
+                                              **({TEST_SPLIT_TAG: test_split} if test_split else {}),
+                                              **({VAL_SCORE_TAG: f"{val_score:.6f}", SELECTED_ON_TAG: experiment.metric,
+                                                  VAL_SPLIT_TAG: val_split} if val_score is not None else {})}
+                                        ).version
     try:
         current = client.get_model_version_by_alias(experiment.name, ALIAS)
     except MlflowException:
@@ -91,10 +104,16 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
                           f"which was tested on another test split (other images or classes), so the two test "
                           f"accuracies do not compare; to serve this version instead: mlflow.MlflowClient()"
                           f".set_registered_model_alias({experiment.name!r}, {ALIAS!r}, {version})")
-    if float(shown) >= float(current.tags.get("test_accuracy", "-1")):
-        client.set_registered_model_alias(experiment.name, ALIAS, version)
-        return Registered(str(version), True, previous)
-    return Registered(str(version), False, previous, "whose test accuracy is higher")
+    theirs = current.tags.get(VAL_SCORE_TAG)
+    if (val_score is not None and theirs is not None and current.tags.get(SELECTED_ON_TAG) == experiment.metric
+            and current.tags.get(VAL_SPLIT_TAG) == val_split
+            and is_better(float(theirs), float(f"{val_score:.6f}"), experiment.mode)):  # compared as tagged
+        return Registered(str(version), False, previous,
+                          f"whose validation {experiment.metric} is better ({float(theirs):.4f} against {val_score:.4f}; "
+                          "the test split does not choose between models); to serve this version instead: "
+                          f"mlflow.MlflowClient().set_registered_model_alias({experiment.name!r}, {ALIAS!r}, {version})")
+    client.set_registered_model_alias(experiment.name, ALIAS, version)
+    return Registered(str(version), True, previous)
 
 
 @contextlib.contextmanager
