@@ -335,3 +335,30 @@ def test_predict_bad_inputs_are_one_clear_line(trained, digits_data, tmp_path):
     done = run_predict("models:/digits@champion", image, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert done.returncode == 2 and "the MLflow tracking server http://127.0.0.1:9 does not answer" in done.stderr
     assert time.monotonic() - started < 30
+
+
+def test_the_model_card_says_what_selected_the_model(mlflow_store):
+    """The card said 'Selected on: val_accuracy (max) of the validation split' and 'validation val_accuracy: nan'
+    for a train+val final (its last epoch kept, the val images trained on), and called a train_* metric a
+    validation one."""
+    client = MlflowClient(tracking_uri=mlflow_store)
+    experiment_id = client.create_experiment("cards")
+    checkpoint = {"preprocessing": {"image_size": 8, "channels": 1, "class_names": ["0", "1"]}, "epoch": 16}
+    result = {"test_accuracy": 0.9, "test_loss": 0.3}
+
+    def card(metric, tags, metrics):
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        settings = load_experiment(None, [f"metric={metric}"])
+        return promote_module.model_card(settings, client.get_run(run_id), checkpoint, result).splitlines()
+
+    selected = card("val_accuracy", {}, {"best_val_accuracy": 0.95})
+    assert "Selected on: val_accuracy (max) of the validation split; best epoch 16" in selected
+    assert "- validation val_accuracy: 0.9500" in selected and "- test accuracy: 0.9000 (test split used once, here)" in selected
+    final = card("val_accuracy", {"kept_epoch": "last", "final_data": "train+val"}, {"best_train_loss": 0.1})
+    assert "Selected on: nothing; trained on train+val, its last epoch (16) kept" in final
+    assert not any("nan" in line or line.startswith("- validation") for line in final)
+    on_train = card("train_loss", {}, {"best_train_loss": 0.25})
+    assert "Selected on: train_loss (min) of the train split; best epoch 16" in on_train
+    assert "- train train_loss: 0.2500" in on_train

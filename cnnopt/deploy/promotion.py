@@ -196,13 +196,20 @@ def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_r
     metrics = run.data.metrics
     searched = [n for n in run.data.tags.get("searched", "").split(",") if n]
     study = run.data.tags.get(tracking.STUDY_TAG, "")
+    split = "train" if settings.metric.startswith("train_") else "validation"  # train_*: selected on training data
+    score = metrics.get(f"best_{settings.metric}")
+    if run.data.tags.get("kept_epoch") == "last" or score is None:  # a train+val final: nothing left to select on
+        selected = (f"Selected on: nothing; trained on {run.data.tags.get('final_data', 'its data')}, its last epoch "
+                    f"({checkpoint.get('epoch')}) kept")
+        shown = []
+    else:
+        selected = f"Selected on: {settings.metric} ({settings.mode}) of the {split} split; best epoch {checkpoint.get('epoch')}"
+        shown = [f"- {split} {settings.metric}: {score:.4f}"]
     lines = [f"# {settings.name}: {run.info.run_name}", "",
              f"Dataset: {settings.data.dataset} ({checkpoint['preprocessing']['image_size']}px, "
              f"{checkpoint['preprocessing']['channels']} channel(s), classes {checkpoint['preprocessing']['class_names']})",
-             f"Selected on: {settings.metric} ({settings.mode}) of the validation split; best epoch "
-             f"{checkpoint.get('epoch')}", "",
-             "## Metrics",
-             f"- validation {settings.metric}: {metrics.get('best_' + settings.metric, float('nan')):.4f}",
+             selected, "",
+             "## Metrics", *shown,
              f"- test accuracy: {result['test_accuracy']:.4f} "
              + (f"(the study's test split read {test_reads} times, by as many promotions: a choice among them by "
                 "test accuracy makes this figure optimistic)" if test_reads > 1 else "(test split used once, here)"),
