@@ -270,8 +270,8 @@ def final_training(experiment, outcome, run_id: str, what: str, deadline: float,
     if isinstance(final, str):
         print(f"  no final model: {final}")
         return None
-    shown = "  ".join(f"{key} {final.metrics[key]:.4f}" for key in ("val_accuracy", "train_accuracy")
-                      if key in final.metrics)
+    keys = dict.fromkeys((experiment.metric, "val_accuracy", "train_accuracy"))  # the one it is selected by first
+    shown = "  ".join(f"{key} {final.metrics[key]:.4f}" for key in keys if key in final.metrics)
     print(f"  {final.epochs} epochs (its trial had {final.trial_epochs}), {final.status}: {shown}"
           + ("  (trained before this resume: not trained again)" if final.recorded_before else ""))
     print(f"  MLflow run {final.run_id}")
