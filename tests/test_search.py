@@ -226,6 +226,24 @@ def test_a_resumed_grid_reruns_the_cut_short_point_and_walks_on(ray_session, mlf
     assert trials["batch_size"].tolist() == [point["batch_size"] for point in points]
 
 
+def test_a_setting_cnnopt_gained_after_a_study_began_reads_as_its_default_on_resume(mlflow_store):
+    """A trial recorded before train.global_pool existed logged no such param: its point lacked the now-searched
+    value, so a resumed grid reran its finished points and abandoned the cut-short ones. It trained at the default."""
+    client = MlflowClient(tracking_uri=mlflow_store)
+    space = search_spaces.get("architecture")
+    point = space.grid()[0]
+    run_id = client.create_run(client.create_experiment("old-space")).info.run_id
+    logged = tracking.hyperparameters(space.apply(TrainConfig(), point))
+    del logged["global_pool"]  # as cnnopt logged them before the setting existed
+    for name, value in logged.items():
+        client.log_param(run_id, name, value)
+    old_searched = [name for name in point if name not in ("global_pool", "head_layers")]
+    client.set_tag(run_id, "searched", ",".join(old_searched))
+    values = studies.searched_params(client.get_run(run_id), space)
+    assert values == point, "read back as the grid point it trained"
+    assert values["global_pool"] == "none" and values["head_layers"] == 1
+
+
 def test_a_resume_refuses_a_folder_whose_images_changed_since_the_study_started(ray_session, mlflow_store,
                                                                                tmp_path, capsys):
     """Its trials would mix two datasets, and its best trial be picked across them."""

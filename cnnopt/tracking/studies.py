@@ -118,13 +118,17 @@ def searched_params(run, space=None) -> dict:
     With `space` (the search space as its module reads now), a parameter it searches that the run's record
     does not (the module gained it after the study began: `batch_size` in the architecture space, say)
     is read from the run's logged settings where its condition holds: the trial trained at that value, so
-    a resume finds the grid point or the sampler's trial it was."""
+    a resume finds the grid point or the sampler's trial it was. A setting the run did not log at all (cnnopt
+    gained it later: `global_pool`, say) is its default, which is how the run trained."""
     types = field_types(TrainConfig)
     values = {name: param_value(run.data.params.get(name), types[name])
               for name in run.data.tags.get("searched", "").split(",") if name in types}
+    defaults = TrainConfig()
     for param in space.params if space is not None else ():
-        if param.name not in values and param.active(values) and param.name in run.data.params:
-            values[param.name] = param_value(run.data.params[param.name], types[param.name])
+        if param.name not in values and param.active(values):
+            logged = run.data.params.get(param.name)
+            values[param.name] = (param_value(logged, types[param.name]) if logged is not None
+                                  else getattr(defaults, param.name))
     return values
 
 
