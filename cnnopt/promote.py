@@ -21,9 +21,9 @@ from cnnopt.tracking.registry import ALIAS
 
 
 def print_promotion(promotion: Promotion) -> None:
-    evaluated = ("evaluated again: the run was promoted before" if promotion.again else
-                 f"evaluated again: read {promotion.test_reads} times for study {promotion.study!r}"
-                 if promotion.test_reads > 1 else "evaluated once")
+    reads = f"; read {promotion.test_reads} times for study {promotion.study!r}" if promotion.test_reads > 1 else ""
+    evaluated = ("evaluated again: the run was promoted before" + reads if promotion.again else
+                 "evaluated again" + reads if reads else "evaluated once")
     print(f"promoted run {promotion.run_id}: test_accuracy {promotion.test_accuracy:.4f}, "
           f"test_loss {promotion.test_loss:.4f} (test split {evaluated})")
     differences = promotion.files["max_difference"]
@@ -31,10 +31,11 @@ def print_promotion(promotion: Promotion) -> None:
           f"(max difference {max(differences.values()):.1e})")
     if promotion.champion:
         print(f"  registered {promotion.name} version {promotion.model_version}; alias '{ALIAS}' now points to it"
-              + (f" (was version {promotion.previous_champion})" if promotion.previous_champion else ""))
+              + (f" (was version {promotion.previous_champion}" + (f"; {promotion.reason}" if promotion.reason else "")
+                 + ")" if promotion.previous_champion else ""))
     else:
         print(f"  registered {promotion.name} version {promotion.model_version}; alias '{ALIAS}' stays on version "
-              f"{promotion.previous_champion}, {promotion.kept_because}")
+              f"{promotion.previous_champion}, {promotion.reason}")
     print(f"  predict with: python -m cnnopt.predict models:/{promotion.name}@{ALIAS} IMAGE...")
 
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="promote a run of a study that promoted another already: its test split is read again "
                              "(the output and the model card say how many times)")
     args = parser.parse_args(argv)
+    if args.retest and not args.run_id:
+        parser.error("--retest goes with --run-id: it promotes a named run of a study that promoted another")
     quiet_libraries()
     tracking.require_store(f"run {args.run_id}" if args.run_id else f"study {args.study!r}" if args.study
                            else "a study to promote")

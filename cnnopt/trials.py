@@ -105,3 +105,21 @@ def best(trials: Iterable[T], *, mode: str, value: Callable[[T], float | None],
     """The best completed trial (`ranked`'s first: on a tie, the lowest trial number), or None."""
     order = ranked(trials, mode=mode, value=value, number=number, status=status)
     return order[0] if order else None
+
+
+def validation_score(value: float | None, metric: str, kept_epoch: str = "best") -> float | None:
+    """A run's score as one model is chosen over another (a final training over its trial, a registered
+    version over the champion): its kept epoch's `metric` where that is a validation metric and the epoch was
+    kept by it; None where there is nothing to compare (a train+val final keeps its last epoch; a train_*
+    metric is no validation score; NaN)."""
+    if value is None or kept_epoch == "last" or not metric.startswith("val_") or not math.isfinite(value):
+        return None
+    return value
+
+
+def not_worse(value: float | None, reference: float | None, mode: str) -> bool | None:
+    """Whether a validation score is at least `reference` under `mode`: the one rule by which a model replaces
+    the one chosen before it. None where either is missing (`validation_score`): they do not compare."""
+    if value is None or reference is None:
+        return None
+    return not is_better(reference, value, mode)

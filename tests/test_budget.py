@@ -293,7 +293,14 @@ def test_a_final_training_replaces_its_run_only_with_more_epochs_and_no_worse_va
     assert promotable(experiment, chosen, 10, 10, {metric: better}, "f", before=True) == (
         "it trained 10 epochs, no more than the 10 its trial had (run f, recorded before this resume: not trained "
         "again): the run it repeats is promoted as it is")
-    assert promotable(experiment, chosen, 12, 10, {"train_loss": 0.1}, "f") is None  # train+val: no val score
+    assert promotable(experiment, chosen, 12, 10, {"train_loss": 0.1}, "f") is None  # no val score: epochs decide
+    on_val = load_experiment(None, [f"metric={metric}", "search.final_data=train+val"])  # its val metric is no score
+    assert promotable(on_val, chosen, 12, 10, {metric: worse}, "f") is None
+    # A train_* metric is no validation score either: the final's (on more images) and the trial's do not compare.
+    on_train = client.create_run(chosen.info.experiment_id).info.run_id
+    client.log_metric(on_train, "best_train_loss", 0.1)
+    assert promotable(load_experiment(None, ["metric=train_loss"]), client.get_run(on_train), 12, 10,
+                      {"train_loss": 0.5}, "f") is None
 
 
 def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store, capsys, monkeypatch):

@@ -78,6 +78,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_recorded(tmp_path, args, env, 
     (["--set", "train.epochs=abc"], "--set train.epochs must be int, got 'abc'"),
     # A searched hyperparameter's misspelt value: it was a warning ("outside search space") and a whole study.
     (["--set", "train.optimizer=rmsprop"], "train.optimizer = 'rmsprop' is not one of sgd, adam, adamw"),
+    (["--set", "train.global_pool=sum"], "train.global_pool = 'sum' is not one of none, max, avg"),  # the net's own
 ])
 def test_a_wrong_dataset_path_address_or_value_leaves_nothing_behind(tmp_path, args, expected):
     """Said before the study creates its store, results folder or log: a first run with a typo in a fresh

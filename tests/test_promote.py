@@ -76,7 +76,7 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert len(calls) == 1
     capsys.readouterr()
     assert promote_cli.main(["--experiment", str(other), "--run-id", best.info.run_id]) == 0
-    assert "(test split evaluated again: the run was promoted before)" in capsys.readouterr().out
+    assert "(test split evaluated again: the run was promoted before; read 2 times for study 'p')" in capsys.readouterr().out
     assert len(calls) == 2 and len(client.search_model_versions("name='digits'")) == 2
     assert not client.search_registered_models("name='other'"), "registered under the run's own experiment"
     with pytest.raises(UsageError, match="another split than its recorded settings load now with the --set values"):
@@ -90,13 +90,16 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     # Another run of the promoted study: its test split would be read again for another model (a choice by test
     # accuracy), so only on purpose; then the output, the model card and the study's record say how many reads.
     [second] = [r for r in trials if r.info.run_id != best.info.run_id]
+    with pytest.raises(SystemExit) as usage:  # --retest names nothing by itself
+        promote_cli.main(["--study", "p", "--retest"])
+    assert usage.value.code == 2 and "--retest goes with --run-id" in capsys.readouterr().err
     with pytest.raises(UsageError, match=f"study 'p' promoted run {best.info.run_id} already.*promoting run "
                                          f"{second.info.run_id} too would read it again.*add --retest"):
         promote_cli.main(["--run-id", second.info.run_id])
     assert len(calls) == 2
     assert promote_cli.main(["--run-id", second.info.run_id, "--retest"]) == 0
     out = capsys.readouterr().out
-    assert len(calls) == 3 and "(test split evaluated again: read 3 times for study 'p')" in out
+    assert len(calls) == 3 and "(test split evaluated again; read 3 times for study 'p')" in out
     card = Path(client.download_artifacts(second.info.run_id, "exported/model_card.md", str(tmp_path)))
     assert "the study's test split read 3 times, by as many promotions" in card.read_text()
     parent = client.get_run(parent.info.run_id)
@@ -216,27 +219,39 @@ def test_champion_moves_unless_validation_says_the_champion_is_better(trained, d
 
     assert register(0.90, score) == ("1", True, None, "")
     lucky = register(0.99, 0.95)  # a better test accuracy, a worse validation score: it stays off the alias
-    assert lucky[:3] == ("2", False, "1") and lucky.kept_because.startswith(
+    assert lucky[:3] == ("2", False, "1") and lucky.reason.startswith(
         "whose validation val_accuracy is better (0.9814 against 0.9500; the test split does not choose")
-    assert "set_registered_model_alias('champions', 'champion', 2)" in lucky.kept_because
+    assert "set_registered_model_alias('champions', 'champion', 2)" in lucky.reason
     assert register(0.80, score) == ("3", True, "1", "")  # as good on validation: the newest serves
     assert register(0.70, 0.99) == ("4", True, "3", ""), "a better validation score moves it, whatever the test says"
-    assert register(0.95, 0.50, val_split="val-b") == ("5", True, "4", ""), "another val split: no comparison"
-    assert register(0.60, None) == ("6", True, "5", ""), "a train+val final has no validation score: the newest"
+    assert register(0.95, 0.50, val_split="val-b") == (
+        "5", True, "4", "not compared on validation: version 4 was selected on another val split")
+    assert register(0.60, None) == ("6", True, "5", "not compared on validation: this version has no validation "
+                                                    "score (a train+val final, or a train_* metric)"), "the newest"
     version = client.get_model_version("champions", "4")
     assert version.tags["val_score"] == "0.990000" and version.tags["selected_on"] == "val_accuracy"
     assert version.tags["val_split"] == "val-a" and "val_score" not in client.get_model_version("champions", "6").tags
     # Another test split (the experiment's folder now holds other images or classes): no comparison, no move.
     other = register(1.0, 1.0, test_split="split-b")
-    assert other[:3] == ("7", False, "6") and "another test split" in other.kept_because
-    assert "set_registered_model_alias('champions', 'champion', 7)" in other.kept_because
+    assert other[:3] == ("7", False, "6") and "another test split" in other.reason
+    assert "set_registered_model_alias('champions', 'champion', 7)" in other.reason
     assert str(client.get_model_version_by_alias("champions", "champion").version) == "6"
     assert client.get_model_version("champions", "7").tags["test_split"] == "split-b"
     # val_loss is minimised: a lower score is the better one.
     losses = load_experiment(None, ["name=losses", "metric=val_loss"])
     first = registry.register(losses, run_id, tmp_path / "model", 0.9, "s", 0.20, "v")
     higher = registry.register(losses, run_id, tmp_path / "model", 0.99, "s", 0.30, "v")
-    assert first.moved and not higher.moved and "validation val_loss is better (0.2000 against 0.3000" in higher.kept_because
+    assert first.moved and not higher.moved and "validation val_loss is better (0.2000 against 0.3000" in higher.reason
+    # A champion registered before versions carried their validation score: nothing compares, the newest serves.
+    legacy = registry.register(experiment, run_id, tmp_path / "model", 0.5, "split-a")
+    client.set_registered_model_alias("champions", "champion", legacy.version)
+    after = register(0.1, 0.2)
+    assert after.moved and after.reason == f"not compared on validation: version {legacy.version} carries no validation score"
+    other_metric = registry.register(losses, run_id, tmp_path / "model", 0.9, "s", 0.10, "v")
+    assert other_metric.moved and not other_metric.reason  # the same metric (val_loss): compared, and better
+    accuracy_again = registry.register(load_experiment(None, ["name=losses"]), run_id, tmp_path / "model", 0.9, "s", 0.5, "v")
+    assert accuracy_again.reason == ("not compared on validation: version "
+                                     f"{other_metric.version} was selected on val_loss, not val_accuracy")
 
 
 def write_digits(data, folder, count=6):

@@ -41,7 +41,7 @@ class Promotion:
     previous_champion: str | None
     files: dict
     name: str  # the registered model's name: the experiment the run belongs to
-    kept_because: str = ""  # why the alias stayed on the previous champion
+    reason: str = ""  # why the alias stayed on the previous champion, or moved without a comparison
     again: bool = False  # the run was promoted before: its test split was evaluated once more
     test_reads: int = 0  # how many times its study's test split has now been read (0: the run is in no study)
     study: str = ""
@@ -178,18 +178,19 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         with exported(Predictor(model, trained), model_dir, data.test_x[:256]) as files:
             result = evaluate_test(model, data)  # the one use of the test split
             plot_confusion(result["confusion"], data.class_names, scratch / "confusion_matrix.png")
-            (model_dir / "model_card.md").write_text(model_card(settings, run, checkpoint, result, reads))
+            (model_dir / "model_card.md").write_text(model_card(settings, run, checkpoint, result, reads, again))
         metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
                    **tracking.per_name_metrics("test_accuracy_class_", result["per_class"])}
         registered = registry.record_promotion(settings, run, metrics, scratch / "confusion_matrix.png", model_dir,
                                                tracking.split_digest(data.test_x, data.test_y),
                                                tracking.split_digest(data.val_x, data.val_y), reads)
     return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], registered.version,
-                     registered.moved, registered.previous, files, settings.name, registered.kept_because, again,
+                     registered.moved, registered.previous, files, settings.name, registered.reason, again,
                      reads, study_name)
 
 
-def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_reads: int = 1) -> str:
+def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_reads: int = 1,
+               again: bool = False) -> str:
     """The model card: data, selection, metrics, hyperparameters, and the command that reproduces the run
     (from the study's recorded `settings`: its experiment file and every override)."""
     params = run.data.params
@@ -211,8 +212,10 @@ def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_r
              selected, "",
              "## Metrics", *shown,
              f"- test accuracy: {result['test_accuracy']:.4f} "
-             + (f"(the study's test split read {test_reads} times, by as many promotions: a choice among them by "
-                "test accuracy makes this figure optimistic)" if test_reads > 1 else "(test split used once, here)"),
+             + ("(test split evaluated again: this run was promoted before)" if again and test_reads <= 1 else
+                f"(the study's test split read {test_reads} times, by as many promotions: a choice among their "
+                "models by test accuracy would make this figure optimistic)" if test_reads > 1 else
+                "(test split used once, here)"),
              f"- test loss: {result['test_loss']:.4f}", "",
              "## Hyperparameters"]
     lines += [f"- {name} = {params.get(name)}" + (" (searched)" if name in searched else "")

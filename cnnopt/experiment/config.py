@@ -138,7 +138,8 @@ class SearchConfig:
     confirm_top: int = 3  # configurations re-trained
     confirm_seeds: int = 3  # new seeds (weights, batch order, augmentation) for each
     # After the search, the chosen configuration trained once more for final_epochs (its schedule stretched
-    # to them) and promoted in place of its trial; 0 promotes the trial itself. final_data: "train" keeps
+    # to them) and promoted in place of its trial where it trains more epochs and scores no worse on validation
+    # (`final.promotable`); 0 promotes the trial itself. final_data: "train" keeps
     # the validation split to pick the best epoch; "train+val" trains on both and keeps the last epoch.
     final_epochs: int = 0
     final_data: str = "train"
@@ -322,7 +323,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "search.epoch_limit": (lambda v: v >= 0, ">= 0 seconds (0: no limit)"),
     "search.trial_seconds": (lambda v: v >= 0, ">= 0 seconds (0: train.epochs decides)"),
     "search.grace_seconds": (lambda v: v >= 0, ">= 0 seconds"),
-    "search.final_epochs": (lambda v: v >= 0, ">= 0 (0: promote the chosen trial itself)"),
+    "search.final_epochs": (lambda v: v >= 0, ">= 0 (0: no final training; the chosen trial is promoted)"),
     "search.final_data": (lambda v: v in ("train", "train+val"), "'train' or 'train+val'"),
 }
 

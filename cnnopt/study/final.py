@@ -36,7 +36,7 @@ from cnnopt import tracking, trials
 from cnnopt.data import cache as data_cache
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import last_line
-from cnnopt.experiment.config import Experiment, TrainConfig, is_better
+from cnnopt.experiment.config import Experiment, TrainConfig
 from cnnopt.study.runner import ray_session
 from cnnopt.study.trainable import assigned_device
 from cnnopt.tracking import recorder, studies
@@ -137,14 +137,17 @@ def promotable(experiment: Experiment, chosen, epochs: int, trial_epochs: int, m
     It must have trained more epochs than that run (a deadline can cut it to fewer once it has begun: a busy
     node), and, where it kept its best epoch by validation (`final_data = "train"`), score at least that
     run's best on the same validation split: otherwise the run the study chose is the better model on
-    validation, and validation is what chooses. A train+val final has no validation score: the epochs decide."""
+    validation, and validation is what chooses (`trials.not_worse`). A train+val final, or a train_* metric,
+    has no validation score to compare (`trials.validation_score`): the epochs decide."""
     if epochs <= trial_epochs:
         return (f"it trained {epochs} epochs, no more than the {trial_epochs} its trial had (run {run_id}, "
                 f"{_when(before)}): the run it repeats is promoted as it is")
     metric = experiment.metric
-    theirs = chosen.data.metrics.get(f"best_{metric}")
-    ours = metrics.get(metric)
-    if theirs is not None and ours is not None and is_better(theirs, ours, experiment.mode):
+    theirs = trials.validation_score(chosen.data.metrics.get(f"best_{metric}"), metric,
+                                     chosen.data.tags.get("kept_epoch", "best"))
+    ours = trials.validation_score(metrics.get(metric), metric,
+                                   "last" if experiment.search.final_data == "train+val" else "best")
+    if trials.not_worse(ours, theirs, experiment.mode) is False:
         return (f"its {metric} {ours:.4f} is worse than the {theirs:.4f} of the run it repeats (run {run_id}, "
                 f"{_when(before)}): that run is promoted as it is")
     return None

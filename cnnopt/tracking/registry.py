@@ -16,7 +16,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from cnnopt.experiment.config import Experiment, is_better
+from cnnopt import trials
+from cnnopt.experiment.config import Experiment
 from cnnopt.tracking.store import FINISHED, PARENT_TAG, log, make_client, tracking_uri
 
 ALIAS = "champion"
@@ -33,7 +34,7 @@ class Registered(NamedTuple):
     version: str
     moved: bool  # the alias moved to this version
     previous: str | None  # the champion's version before, if any
-    kept_because: str = ""  # why the alias stayed where it was
+    reason: str = ""  # why the alias stayed where it was, or moved without a validation comparison
 
 
 def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: Path, model_dir: Path,
@@ -47,8 +48,9 @@ def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: 
     log(client, run_id, metrics=metrics)
     client.log_artifact(run_id, str(confusion_png))
     client.log_artifacts(run_id, str(model_dir), artifact_path="exported")
-    registered = register(experiment, run_id, model_dir, metrics["test_accuracy"], test_split,
-                          run.data.metrics.get(f"best_{experiment.metric}"), val_split)
+    score = trials.validation_score(run.data.metrics.get(f"best_{experiment.metric}"), experiment.metric,
+                                    run.data.tags.get("kept_epoch", "best"))
+    registered = register(experiment, run_id, model_dir, metrics["test_accuracy"], test_split, score, val_split)
     log(client, run_id, tags={"promoted": "true"})  # last: a promotion cut short is redone by a resume
     parent = run.data.tags.get(PARENT_TAG)
     if parent:
@@ -105,15 +107,23 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
                           f"accuracies do not compare; to serve this version instead: mlflow.MlflowClient()"
                           f".set_registered_model_alias({experiment.name!r}, {ALIAS!r}, {version})")
     theirs = current.tags.get(VAL_SCORE_TAG)
-    if (val_score is not None and theirs is not None and current.tags.get(SELECTED_ON_TAG) == experiment.metric
-            and current.tags.get(VAL_SPLIT_TAG) == val_split
-            and is_better(float(theirs), float(f"{val_score:.6f}"), experiment.mode)):  # compared as tagged
+    if val_score is None:
+        apart = "this version has no validation score (a train+val final, or a train_* metric)"
+    elif theirs is None:
+        apart = f"version {previous} carries no validation score"
+    elif current.tags.get(SELECTED_ON_TAG) != experiment.metric:
+        apart = f"version {previous} was selected on {current.tags.get(SELECTED_ON_TAG)}, not {experiment.metric}"
+    elif current.tags.get(VAL_SPLIT_TAG) != val_split:
+        apart = f"version {previous} was selected on another val split"
+    elif not trials.not_worse(float(f"{val_score:.6f}"), float(theirs), experiment.mode):  # compared as tagged
         return Registered(str(version), False, previous,
                           f"whose validation {experiment.metric} is better ({float(theirs):.4f} against {val_score:.4f}; "
                           "the test split does not choose between models); to serve this version instead: "
                           f"mlflow.MlflowClient().set_registered_model_alias({experiment.name!r}, {ALIAS!r}, {version})")
+    else:
+        apart = ""
     client.set_registered_model_alias(experiment.name, ALIAS, version)
-    return Registered(str(version), True, previous)
+    return Registered(str(version), True, previous, f"not compared on validation: {apart}" if apart else "")
 
 
 @contextlib.contextmanager

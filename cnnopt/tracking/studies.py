@@ -22,7 +22,7 @@ from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, param_value, 
 
 SETTINGS_ARTIFACT = "settings/experiment.json"
 CONFIRMATION = "confirmation"  # the kind of a run that re-trains a best configuration with a new seed
-FINAL = "final"  # the kind of the run that trains the chosen configuration once more, the one promoted
+FINAL = "final"  # the kind of the run that trains the chosen configuration once more (promoted where it is no worse)
 SUBSET_TAG = "data.subset"  # on a trial or confirmation run that trained on a time budget's train subset
 DATA_TAG = "data_digest"  # on a study's parent run: its train and val splits' digest (`provenance.splits_digest`)
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

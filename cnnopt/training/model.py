@@ -76,7 +76,7 @@ class CNN(nn.Module):
 
     def __init__(self, config: TrainConfig, in_channels: int, image_size: int, num_classes: int):
         super().__init__()
-        _check_choices(config)
+        check_model_choices(config)
         sizes = feature_sizes(config, image_size)
         layers, previous = [], in_channels
         for out in block_channels(config):
@@ -164,7 +164,8 @@ def initialize(model: nn.Module, scheme: str, activation: str = "relu") -> None:
                 nn.init.zeros_(module.bias)
 
 
-def _check_choices(config: TrainConfig) -> None:
+def check_model_choices(config: TrainConfig) -> None:
+    """A named choice (activation, pool, padding, init, block, tta, global_pool) that is not one of its own is one line."""
     check_section("train", config)
     choices = {"activation": ACTIVATIONS, "pool": POOLS, "padding_mode": PADDING_MODES, "init": INITS, "block": BLOCKS,
                "tta": TTAS, "global_pool": GLOBAL_POOLS}

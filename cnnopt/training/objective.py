@@ -22,7 +22,7 @@ from cnnopt.data.augment import CROP_PADDING_MODES, BatchAugment, Normalize
 from cnnopt.experiment.config import TrainConfig, check_section, is_better
 from cnnopt.data.datasets import ImageData
 from cnnopt.errors import UsageError
-from cnnopt.training.model import build_model, predictions_per_image
+from cnnopt.training.model import build_model, check_model_choices, predictions_per_image
 
 Report = Callable[[int, dict], None]
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -421,6 +421,7 @@ def check_choices(config: TrainConfig) -> None:
     """Reject a [train] value that no training takes (a range, an unknown optimizer or schedule), whatever the
     images: a study checks its experiment's own values with it before Ray starts, searched or not."""
     check_section("train", config)
+    check_model_choices(config)  # the net's own choices too: else every trial would fail inside Ray
     if config.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if config.lr_schedule not in SCHEDULES:
