@@ -202,6 +202,12 @@ def test_settings_recorded_with_a_mode_against_the_metric_still_take_a_set():
     assert with_overrides(load_experiment(None), ["metric=val_loss"]).mode == "min"
     with pytest.raises(UsageError, match="would select the worst val_loss"):
         with_overrides(legacy, ["mode=max"])
+    # The recorded mode= goes with the old metric, in the settings and in the command that rebuilds them.
+    recorded = load_experiment(None, ["metric=val_loss", "mode=min"])
+    switched = with_overrides(recorded, ["metric=val_accuracy"])
+    assert switched.mode == "max" and "mode=" not in switched.command_line()
+    rebuilt = load_experiment(None, switched.command_line().split(" --set ")[1:])
+    assert dataclasses.replace(rebuilt, overrides=()) == dataclasses.replace(switched, overrides=())
 
 
 @pytest.mark.parametrize("metric,mode", [("val_accuracy", "max"), ("val_loss", "min"), ("train_loss", "min")])

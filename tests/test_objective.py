@@ -207,3 +207,11 @@ def test_an_epoch_counts_the_mirror_where_tta_predicts_it(digits_data):
     mirrored = epoch_seconds(1e-3, digits_data, TrainConfig(tta="flip"))
     assert plain == pytest.approx(1e-3 * (len(digits_data.train_y) + len(digits_data.val_y) / 3))
     assert mirrored - plain == pytest.approx(1e-3 * len(digits_data.val_y) / 3), "val is predicted twice"
+
+
+def test_a_cutout_as_big_as_the_image_is_refused_before_training():
+    from cnnopt.training.objective import check_config
+
+    check_config(TrainConfig(cutout=31), 32)
+    with pytest.raises(UsageError, match="train.cutout = 32 must be below the 32-pixel image side.*a quarter of it, 8"):
+        check_config(TrainConfig(cutout=32), 32)

@@ -244,6 +244,7 @@ def with_overrides(experiment: Experiment, overrides: list[str] | tuple[str, ...
     keys = {item.partition("=")[0].strip() for item in overrides}
     if "metric" in keys and "mode" not in keys:
         raw["mode"] = ""  # the recorded mode is the old metric's: a new metric takes its own
+        before = tuple(item for item in before if item.partition("=")[0].strip() != "mode")  # and so its command
     for item in overrides:
         _apply_override(raw, item)
     # A study recorded before the mode followed the metric keeps the mode it selected with, unless changed here.

@@ -415,6 +415,9 @@ def check_config(config: TrainConfig, image_size: int) -> None:
     if config.crop_padding_mode == "reflect" and config.crop_padding >= image_size:
         raise UsageError(f"train.crop_padding = {config.crop_padding} must be below the {image_size}-pixel image side "
                          "for reflect padding; lower it or set train.crop_padding_mode=replicate")
+    if config.cutout >= image_size:  # a square as big as the image blanks most or all of every one
+        raise UsageError(f"train.cutout = {config.cutout} must be below the {image_size}-pixel image side (it would "
+                         f"blank most or all of every image); ResNet-9 uses a quarter of it, {max(1, image_size // 4)}")
 
 
 def check_choices(config: TrainConfig) -> None:
