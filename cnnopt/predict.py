@@ -125,8 +125,10 @@ def image_paths(inputs: list[str]) -> list[Path]:
             raise UsageError(f"image {path} not found")
     if not paths:
         raise UsageError(f"no images found in {', '.join(inputs)}")
-    seen: set[Path] = set()  # an image named twice (itself and through its folder) is predicted once
-    return [path for path in paths if not (path.resolve() in seen or seen.add(path.resolve()))]
+    unique: dict[Path, Path] = {}  # an image named twice (itself and through its folder) is predicted once
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def main(argv: list[str] | None = None) -> int:

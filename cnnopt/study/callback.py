@@ -24,13 +24,8 @@ from cnnopt.training.checkpoint import FILENAME
 
 
 def format_value(value) -> str:
-    """A hyperparameter as a person reads it: floats to 3 significant figures, a float read back from MLflow
-    (a string such as '0.21400453314185094') too; the exact value stays on the run."""
-    if isinstance(value, str) and any(mark in value for mark in ".e"):  # not '32' (an int), nor 'True'
-        try:
-            value = float(value)
-        except ValueError:  # 'relu', 'leaky_relu'
-            return value
+    """A hyperparameter as a person reads it: floats to 3 significant figures (the exact value stays on the
+    run; one read back from MLflow is typed first, `studies.searched_params`)."""
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)

@@ -570,6 +570,6 @@ def summarize(recorder: StudyRecorder, experiment: Experiment) -> tuple[dict, di
     if run is None:
         return counts, seconds, None
     best = {"run_id": run.info.run_id, "trial_number": studies.trial_number(run),
-            "params": {name: run.data.params.get(name) for name in run.data.tags.get("searched", "").split(",") if name},
+            "params": studies.searched_params(run),  # typed as declared, as the trial lines show them
             "metrics": {k[len("best_"):]: v for k, v in run.data.metrics.items() if k.startswith("best_")}}
     return counts, seconds, best

@@ -19,7 +19,7 @@ from torch import nn
 
 from cnnopt import trials
 from cnnopt.data.augment import CROP_PADDING_MODES, BatchAugment, Normalize
-from cnnopt.experiment.config import TrainConfig, check_section, is_better
+from cnnopt.experiment.config import TrainConfig, is_better
 from cnnopt.data.datasets import ImageData
 from cnnopt.errors import UsageError
 from cnnopt.training.model import build_model, check_model_choices, predictions_per_image
@@ -423,8 +423,7 @@ def check_config(config: TrainConfig, image_size: int) -> None:
 def check_choices(config: TrainConfig) -> None:
     """Reject a [train] value that no training takes (a range, an unknown optimizer or schedule), whatever the
     images: a study checks its experiment's own values with it before Ray starts, searched or not."""
-    check_section("train", config)
-    check_model_choices(config)  # the net's own choices too: else every trial would fail inside Ray
+    check_model_choices(config)  # the ranges, and the net's own choices: else every trial would fail inside Ray
     if config.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if config.lr_schedule not in SCHEDULES:
