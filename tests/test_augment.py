@@ -40,8 +40,8 @@ def identical_batch(n: int = 16, channels: int = 3, side: int = 12) -> torch.Ten
     return image.repeat(n, 1, 1, 1)
 
 
-def pipeline(channels: int = 3, seed: int = 0, **settings) -> BatchAugment:
-    normalize = Normalize([0.5] * channels, [0.25] * channels, torch.device("cpu"))
+def pipeline(channels: int = 3, seed: int = 0, device: str = "cpu", **settings) -> BatchAugment:
+    normalize = Normalize([0.5] * channels, [0.25] * channels, torch.device(device))
     return BatchAugment(dataclasses.replace(OFF, **settings), normalize, seed=seed)
 
 
@@ -143,13 +143,21 @@ def test_everything_on_together():
     assert out.shape == (16, 3, 12, 12) and distinct(out) == 16
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="gpu: needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("size", [1, 4, 5])
-def test_cutout_sets_one_square_cut_at_the_border_to_the_mean_colour(size):
+def test_cutout_sets_one_square_cut_at_the_border_to_the_mean_colour(size, device):
     """Each image loses one size x size square (fewer pixels where its centre lies near the border), set to
-    0 after normalising: the train split's mean colour. Every other pixel is the eval normalisation's."""
-    x = identical_batch(n=400, side=12)
-    augment = pipeline(cutout=size)
+    0 after normalising: the train split's mean colour. Every other pixel is the eval normalisation's. On
+    CUDA the squares are drawn on the batch's device (not yet run on a GPU: the next GPU session's check)."""
+    x = identical_batch(n=400, side=12).to(device)
+    augment = pipeline(cutout=size, device=device)
     out, plain = augment(x), augment.normalize(x)
+    assert out.device.type == device
+    out, plain = out.cpu(), plain.cpu()
     hole = (out != plain).any(dim=1)  # (N, H, W): where the pipeline changed a pixel
     assert torch.all(out.permute(0, 2, 3, 1)[hole] == 0), "a cut pixel is the mean colour, 0 after normalising"
     for image in hole:
