@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     with tracking_runs.standalone_run(experiment, args.run_name or f"{experiment.name}-train", "train",
                                       params={"metric": experiment.metric, "mode": experiment.mode},
                                       metrics={"num_parameters": model.num_parameters},
-                                      dataset=tracking.train_dataset(experiment.data, data.train_x, data.train_y)) as record:
+                                      dataset=tracking.train_dataset(experiment.data, data.train_x, data.train_y),
+                                      tags=tracking.duplicate_tags(experiment.data, data.duplicates)) as record:
 
         def report(epoch: int, metrics: dict) -> None:
             record.log(metrics=metrics, step=epoch)

@@ -131,7 +131,7 @@ def test_cached_load_equals_uncached_and_does_not_decode(tmp_path, cache_folder,
     uncached = load_data(dataclasses.replace(config, cache=False))
     first = load_data(config)
     entries = [p for p in cache_folder.iterdir()]
-    assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == {"images.npy", "index.json"}
+    assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == {"images.npy", "index.json", "hashes.npy"}
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("a cached folder was decoded again")

@@ -2,7 +2,9 @@
 
 Layout, one entry per folder state: `<cache>/<key>/images.npy` (uint8 `(N, C, S, S)`, every image of
 the folder in listing order, memory-mappable), `<key>/index.json` (class names, labels, relative
-paths, which rows are which part), and `<key>/train-<hash>.npy`, a train split written out once for
+paths, which rows are which part), `<key>/hashes.npy` (each image's hash, `duplicates.image_hashes`:
+what finds val and test images that copy train images without reading the images again), and
+`<key>/train-<hash>.npy`, a train split written out once for
 streaming when it exceeds the memory limit (`train-<hash>+<hash>.npy`: that split with the val
 images after it, for a final training on train + val). `<key>` hashes the folder's absolute path,
 each file's relative path, size and mtime, the image side and the decoder's version, so a changed,
@@ -28,10 +30,12 @@ import numpy as np
 import torch
 
 from cnnopt.data.decode import DECODE_VERSION, unreadable
+from cnnopt.data.duplicates import HASH_BYTES, image_hashes
 from cnnopt.errors import UsageError
 
 CACHE_ENV = "CNNOPT_CACHE"
 COPY_ROWS = 1024  # images per step when writing a train split: bounded memory, large sequential writes
+HASHES = "hashes.npy"
 
 
 @dataclass
@@ -109,6 +113,7 @@ def store(cache: Path, key: str, decode: Callable[[Callable], np.ndarray], index
         images = decode(allocate=allocate)  # decoding's own errors (a pool's, a file's) pass through as they are
         with writing(cache):
             images.flush()
+            np.save(temporary / HASHES, image_hashes(images))  # just written: read back from the page cache
             del images
             (temporary / "index.json").write_text(json.dumps(index))
             try:
@@ -119,6 +124,28 @@ def store(cache: Path, key: str, decode: Callable[[Callable], np.ndarray], index
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return load(cache, key)
+
+
+def stored_hashes(entry: Entry) -> np.ndarray:
+    """The hashes of the entry's images (`duplicates.image_hashes`), `(N, HASH_BYTES)` uint8: stored with the
+    entry, so a load reads 16 bytes an image rather than every image. An entry written before they were
+    (or with a damaged file) has them computed once and added, where the cache can be written."""
+    path = entry.folder / HASHES
+    try:
+        hashes = np.load(path)
+        if hashes.dtype == np.uint8 and hashes.shape == (len(entry.images), HASH_BYTES):
+            return hashes
+    except (OSError, ValueError):
+        pass
+    hashes = image_hashes(entry.images)
+    temporary = path.with_name(f".tmp-{os.getpid()}-{HASHES}")
+    try:
+        np.save(temporary, hashes)
+        os.replace(temporary, path)
+    except OSError:  # a cache shared read-only: they are computed again next time, nothing is lost
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+    return hashes
 
 
 def train_split(entry: Entry, rows: np.ndarray) -> Path:

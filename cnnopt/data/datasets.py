@@ -5,15 +5,17 @@ centre-cropped to `image_size` by the same tensor op the exported Predictor uses
 serving see the same pixels (JPEGs of an image folder within about a gray level: they are decoded
 at reduced scale). Image folders are decoded on threads (`cnnopt.data.decode`) and kept in a cache
 (`cnnopt.data.cache`); a train split larger than `data.memory_limit_mb` stays memory-mapped from
-the cache and is read a batch at a time.
+the cache and is read a batch at a time. Val and test images that copy a train image pixel for pixel
+are found from per-image hashes (`cnnopt.data.duplicates`) and warned about, left out or refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from cnnopt.data import cache as data_cache
+from cnnopt.data import duplicates
 from cnnopt.data.decode import IMAGE_EXTENSIONS, decode_files, default_workers, image_files, resize_center_crop
 from cnnopt.experiment.config import DataConfig, check_section
 from cnnopt.errors import UsageError
@@ -43,6 +46,9 @@ class ImageData:
     mean: list[float]  # per channel, of train pixels scaled to [0, 1]
     std: list[float]
     train_path: str = ""  # set when train_x is memory-mapped from this file (the split exceeded the memory limit)
+    # {"val": n, "test": m}: the images of each that copied a train (test: or val) image when the data loaded;
+    # no longer in the split where data.duplicates = drop. Recorded on runs (`provenance.duplicate_tags`).
+    duplicates: dict[str, int] = field(default_factory=dict)
 
     @property
     def streamed(self) -> bool:
@@ -89,16 +95,17 @@ def load_data(cfg: DataConfig) -> ImageData:
         ImageData with seeded, stratified, disjoint splits.
     """
     check_source(cfg)
-    entry = None
+    entry = files = None
     if cfg.dataset == "digits":
         x, y, names = _load_digits()
         parts = {"pool": (x, y)}
     elif cfg.dataset == "cifar10":
         parts, names = _load_cifar10(cfg)
     else:
-        parts, names, entry = _load_imagefolder(cfg)
+        parts, names, entry, files = _load_imagefolder(cfg)
     size = cfg.image_size or (IMAGEFOLDER_DEFAULT_SIZE if cfg.dataset == "imagefolder" else 0)
-    plan = _plan_splits({name: y for name, (_, y) in parts.items()}, cfg)
+    labels = {name: y for name, (_, y) in parts.items()}
+    plan, copies = _without_copies(cfg, parts, labels, _plan_splits(labels, cfg), entry, files)
     train_path = _streamed_train_path(cfg, entry, plan, parts)
     # An image folder's parts are views of one decoded array (or of the cache file): each split gets
     # its own copy, so it holds only its own images in memory.
@@ -114,7 +121,7 @@ def load_data(cfg: DataConfig) -> ImageData:
     if len(train_x) == 0 or len(val_x) == 0:
         raise UsageError(f"the {cfg.dataset} data left an empty train or val split; add images or change data.val_fraction")
     mean, std = channel_stats(train_x)
-    return ImageData(train_x, train_y, val_x, val_y, test_x, test_y, names, mean, std, train_path)
+    return ImageData(train_x, train_y, val_x, val_y, test_x, test_y, names, mean, std, train_path, copies)
 
 
 def check_source(cfg: DataConfig) -> None:
@@ -198,6 +205,55 @@ def _plan_splits(labels: dict[str, torch.Tensor], cfg: DataConfig) -> dict[str, 
     return out
 
 
+def _without_copies(cfg: DataConfig, parts: dict, labels: dict[str, torch.Tensor], plan: dict, entry,
+                    files: dict[str, list[Path]] | None) -> tuple[dict, dict[str, int]]:
+    """Find the val and test images that copy an earlier split's image (`duplicates.find`) and act as
+    data.duplicates says: the plan without them where it is drop, and how many each split held.
+
+    The hashes are of each part's images as loaded: a folder's decoded images (stored with its cache
+    entry), digits' and CIFAR-10's own pixels (a resize maps equal images to equal images). Val and test
+    are compared with the train split before data.subset samples it, so they stay the same at every
+    subset size (a time budget's search and its final training select on one val split).
+    """
+    hashes = _part_hashes(parts, entry)
+    train = _plan_splits(labels, dataclasses.replace(cfg, subset=0))["train"] if cfg.subset else plan["train"]
+    chosen = {"train": train, "val": plan["val"], "test": plan["test"]}
+    rows = {split: _rows(len(labels[part]), picked) for split, (part, picked) in chosen.items()}
+    found = duplicates.find(*(hashes[chosen[split][0]][rows[split]] for split in ("train", "val", "test")))
+
+    def name(split: str, row: int) -> str:
+        return _image_name(cfg, files, chosen[split][0], int(rows[split][row]))
+
+    duplicates.handle(cfg.duplicates, found, {split: len(rows[split]) for split in ("val", "test")}, name,
+                      cfg.root if files is not None else "")
+    if cfg.duplicates == "drop" and found.count:
+        plan = {**plan, **{split: (chosen[split][0], rows[split][~copied])
+                           for split, copied in (("val", found.val), ("test", found.test)) if copied.any()}}
+    return plan, {"val": int(found.val.sum()), "test": int(found.test.sum())}
+
+
+def _part_hashes(parts: dict, entry) -> dict[str, np.ndarray]:
+    """Each part's image hashes: a cache entry's stored ones, else hashed here."""
+    if entry is None:
+        return {part: duplicates.image_hashes(x) for part, (x, _) in parts.items()}
+    stored = data_cache.stored_hashes(entry)
+    return {part: stored[first:end] for part, (first, end) in entry.index["parts"].items()}
+
+
+def _image_name(cfg: DataConfig, files: dict[str, list[Path]] | None, part: str, row: int) -> str:
+    """How a message names image `row` of `part`: its file, or its index in the dataset's own order."""
+    if files is not None:
+        return str(files[part][row])
+    if cfg.dataset == "cifar10":  # data_batch_1..5 in order, or the official test batch
+        return f"cifar10 {'test_batch' if part == 'test' else 'data_batch'} #{row}"
+    return f"sklearn digits #{row}"  # sklearn.datasets.load_digits()'s order
+
+
+def _rows(count: int, rows: np.ndarray | None) -> np.ndarray:
+    """A plan's rows of a part of `count` images: None stands for all of them."""
+    return np.arange(count) if rows is None else rows
+
+
 def _take(x: torch.Tensor, rows: np.ndarray | None, own: bool) -> torch.Tensor:
     """x's rows (a copy), or all of x: itself, or a copy when `own`."""
     if rows is not None:
@@ -214,7 +270,7 @@ def _streamed_train_path(cfg: DataConfig, entry, plan: dict, parts: dict) -> str
     if entry is None or not limit or count * math.prod(x.shape[1:]) <= limit:
         return ""
     first = entry.index["parts"][part][0]
-    return str(data_cache.train_split(entry, first + (np.arange(count) if rows is None else rows)))
+    return str(data_cache.train_split(entry, first + _rows(count, rows)))
 
 
 def _taken(out: dict, parts: dict, cfg: DataConfig) -> float:
@@ -303,7 +359,9 @@ def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(batch["labels"], dtype=torch.long)
 
 
-def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entry | None]:
+def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entry | None, dict[str, list[Path]]]:
+    """The folder's parts (pool, and val/test where it is pre-split), class names, cache entry (None
+    with data.cache=false) and each part's files, in the order of its images."""
     root = _imagefolder_root(cfg)
     split_dirs = {"pool": root / "train", "val": root / "val", "test": root / "test"}
     if not (root / "val").is_dir() and (root / "valid").is_dir():
@@ -340,7 +398,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
     else:
         images = torch.from_numpy(decode(allocate=partial(_allocate_in_memory, cfg)))
     parts = {name: (images[start:end], labels[start:end]) for name, (start, end) in bounds.items()}
-    return parts, names, entry
+    return parts, names, entry, {name: [path for path, _ in listed] for name, listed in files.items()}
 
 
 def _imagefolder_root(cfg: DataConfig) -> Path:

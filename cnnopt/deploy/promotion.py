@@ -183,7 +183,8 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                    **tracking.per_name_metrics("test_accuracy_class_", result["per_class"])}
         registered = registry.record_promotion(settings, run, metrics, scratch / "confusion_matrix.png", model_dir,
                                                tracking.split_digest(data.test_x, data.test_y),
-                                               tracking.split_digest(data.val_x, data.val_y), reads)
+                                               tracking.split_digest(data.val_x, data.val_y), reads,
+                                               tracking.duplicate_tags(settings.data, data.duplicates))
     return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], registered.version,
                      registered.moved, registered.previous, files, settings.name, registered.reason, again,
                      reads, study_name)

@@ -36,6 +36,9 @@ class DataConfig:
     cache_dir: str = ""  # where; "" = $CNNOPT_CACHE, else ~/.cache/cnnopt. Delete the folder to clear it
     memory_limit_mb: float = 0.0  # a larger train split streams from the cache; 0 = 1/4 of RAM (trials copy it)
     decode_workers: int = 0  # threads decoding a folder (libjpeg and torch release the GIL); 0 = one per usable core
+    # Val or test images that copy a train image pixel for pixel (a photo saved in train/ and test/) score
+    # optimistically: warn (one line) | drop (leave them out of val and test) | error.
+    duplicates: str = "warn"
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.subset": (lambda v: v >= 0, ">= 0 (0 keeps every training image)"),
     "data.memory_limit_mb": (lambda v: v >= 0, ">= 0 (0: a quarter of the machine's memory)"),
     "data.decode_workers": (lambda v: v >= 0, ">= 0 (0: one per core)"),
+    "data.duplicates": (lambda v: v in ("warn", "drop", "error"), "'warn', 'drop' or 'error'"),
     "train.epochs": _at_least(1), "train.batch_size": (lambda v: v >= 2, ">= 2 (BatchNorm needs two images)"),
     "train.lr": (lambda v: v > 0, "> 0"), "train.lr_batch": (lambda v: v >= 0, ">= 0 (0: lr as given at any batch size)"),
     "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -6,6 +6,8 @@
   every run by `store.start_run`.
 - Dataset: the train split a run trained on, as an MLflow dataset input (name, source, digest of the
   split's uint8 images and labels, context `train`). A study computes it once, in the driver.
+- Duplicates: how many val and test images copied a train image when the data loaded, as tags
+  (`duplicate_tags`), so `mlflow.search_runs` shows which scores were optimistic.
 """
 
 from __future__ import annotations
@@ -95,6 +97,21 @@ def splits_digest(train_x, train_y, val_x, val_y) -> str:
     removed, changed or relabelled in the folder changes it."""
     return hashlib.blake2b(f"{split_digest(train_x, train_y)}:{split_digest(val_x, val_y)}".encode(),
                            digest_size=8).hexdigest()
+
+
+def duplicate_tags(config: DataConfig, copies: dict[str, int]) -> dict[str, str]:
+    """Tags saying how many val and test images copied a train (test: or val) image, pixel for pixel, when
+    the data loaded (`ImageData.duplicates`), and whether they were left out of the splits (data.duplicates
+    = drop) or are in the scores; {} where the data holds no count.
+
+    Args:
+        config: the [data] table the data was loaded with.
+        copies: {"val": n, "test": m}.
+    """
+    if not copies:
+        return {}
+    return {"duplicate_val_images": str(copies["val"]), "duplicate_test_images": str(copies["test"]),
+            "duplicates_dropped": str(config.duplicates == "drop" and any(copies.values())).lower()}
 
 
 def train_dataset(config: DataConfig, images, labels) -> DatasetInput:

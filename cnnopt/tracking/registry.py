@@ -38,14 +38,16 @@ class Registered(NamedTuple):
 
 
 def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: Path, model_dir: Path,
-                     test_split: str = "", val_split: str = "", test_reads: int = 0) -> Registered:
+                     test_split: str = "", val_split: str = "", test_reads: int = 0,
+                     data_tags: dict | None = None) -> Registered:
     """Log a promoted trial's test metrics and files, register its model (`register`, which the run's own
     validation score places), and summarise on the parent run, with how many times its study's test split
     has now been read (`test_reads`). `test_split` and `val_split` are the splits' digests
-    (`provenance.split_digest`)."""
+    (`provenance.split_digest`); `data_tags` describe the data the test ran on (`provenance.duplicate_tags`),
+    on the run and its parent."""
     client = make_client()
     run_id = run.info.run_id
-    log(client, run_id, metrics=metrics)
+    log(client, run_id, metrics=metrics, tags=data_tags)
     client.log_artifact(run_id, str(confusion_png))
     client.log_artifacts(run_id, str(model_dir), artifact_path="exported")
     score = trials.validation_score(run.data.metrics.get(f"best_{experiment.metric}"), experiment.metric,
@@ -56,7 +58,7 @@ def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: 
     if parent:
         log(client, parent, metrics={"promoted_test_accuracy": metrics["test_accuracy"]},
             tags={"promoted_run_id": run_id, "promoted_trial": trial_of(run),
-                  "model_version": registered.version, "test_reads": str(test_reads)})
+                  "model_version": registered.version, "test_reads": str(test_reads), **(data_tags or {})})
     return registered
 
 

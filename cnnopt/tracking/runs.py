@@ -19,9 +19,9 @@ class Run:
     """A RUNNING run of the experiment's MLflow experiment; every write is one batched call."""
 
     def __init__(self, experiment: Experiment, name: str, kind: str, params: dict, metrics: dict | None = None,
-                 dataset: DatasetInput | None = None):
+                 dataset: DatasetInput | None = None, tags: dict | None = None):
         self.client = make_client()
-        self.run_id = start_run(self.client, experiment, name, tags={KIND_TAG: kind})
+        self.run_id = start_run(self.client, experiment, name, tags={KIND_TAG: kind, **(tags or {})})
         log(self.client, self.run_id, params={**hyperparameters(experiment.train), **data_params(experiment.data),
                                               **params}, metrics=metrics)
         log_dataset(self.client, self.run_id, dataset)
@@ -44,12 +44,13 @@ class Run:
 
 @contextmanager
 def standalone_run(experiment: Experiment, name: str, kind: str, params: dict | None = None,
-                   metrics: dict | None = None, dataset: DatasetInput | None = None):
+                   metrics: dict | None = None, dataset: DatasetInput | None = None, tags: dict | None = None):
     """Open a run; end it KILLED on Ctrl-C and FAILED on an error (the caller ends it otherwise).
 
-    `dataset` is the train split as a dataset input (`provenance.train_dataset`).
+    `dataset` is the train split as a dataset input (`provenance.train_dataset`); `tags` go on the run as
+    it is created (`provenance.duplicate_tags`, say).
     """
-    run = Run(experiment, name, kind, params or {}, metrics, dataset)
+    run = Run(experiment, name, kind, params or {}, metrics, dataset, tags)
     try:
         yield run
     except KeyboardInterrupt:
