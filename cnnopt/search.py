@@ -238,8 +238,8 @@ def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
     if (outcome.plan.final if outcome.plan is not None else experiment.search.final_epochs):
         with timed(spent, "final"):
             deadline = 0.0
-            if outcome.plan is not None:  # what is left, less the plan's finish (the report is built meanwhile)
-                deadline = time.time() + outcome.plan.budget - (time.perf_counter() - started) - outcome.plan.finish
+            if outcome.plan is not None:  # where the plan's finish begins (the report is built meanwhile)
+                deadline = time.time() + outcome.plan.final_ends - (time.perf_counter() - started)
             final = final_training(experiment, outcome, run_id, what, deadline, address)
         if final is not None:
             run_id, what = final.run_id, f"the final training of {what}"
@@ -281,13 +281,18 @@ def final_training(experiment, outcome, run_id: str, what: str, deadline: float,
 
 def print_budget(outcome, spent: dict, total: float, interrupted: bool = False) -> None:
     """A time budget's plan against what happened, printed and logged on the study's parent run. After a
-    Ctrl-C the phase it cut short shows the seconds it ran, and the later ones none."""
+    Ctrl-C the phase it cut short shows the seconds it ran, and the later ones none. A resume after the
+    search shows (and logs) the phases it ran: the search's seconds on record stay those it took."""
     plan = outcome.plan
     actual = {"start": plan.started, "search": spent.get("search", 0.0), "confirm": spent.get("confirm", 0.0),
               "final": spent.get("final", 0.0), "finish": spent.get("finish", 0.0)}
     planned = {"start": plan.started, "search": plan.search, "confirm": plan.confirm, "final": plan.final,
                "finish": plan.finish}
-    print(f"\ntime budget {plan.budget / 60:g} min, used {total / 60:.1f} min"
+    resumed = ""
+    if plan.resumed:
+        del actual["search"], planned["search"]
+        resumed = f", resumed after its search: {sum(planned.values()) / 60:.1f} min planned"
+    print(f"\ntime budget {plan.budget / 60:g} min{resumed}, used {total / 60:.1f} min"
           f"{', interrupted' if interrupted else ''} (planned / actual seconds):")
     for phase in planned:
         print(f"  {phase:8s}{planned[phase]:6.0f} / {actual[phase]:4.0f}")

@@ -125,7 +125,8 @@ STUDY_LINES = [
      r"( \(--trials \d+ asked for more\))?)?, scheduler \w+, \d+ epochs? each|trials and their "
      r"time planned from a [\d.]+-min time budget)( \(resuming\))?; "
      r"trials on (the CPU, \d+ at once with [\d.]+ CPU\(s\) each|[\d.]+ GPU\(s\), .*)", ""),
-    (r"time budget [\d.]+ min: \d+s to start; a trial's epoch costs ~[\d.]+s here \(\d+ at once\)", "?"),
+    (r"time budget [\d.]+ min: \d+s to start; a trial's epoch costs ~[\d.]+s here \(\d+ at once\)"
+     r"|time budget [\d.]+ min, resumed after its search: \d+s to start, then the plan's \w+ \d+s(, \w+ \d+s)*", "?"),
     (r"  (search|confirm|final|finish) +\d+s  .*", "*"),  # the budget's plan
     (r"resuming: (\d+ of \d+ trials recorded, \d+ interrupted to rerun, \d+ new|the search had ended "
      r"\(\d+ trials recorded\); no trial runs again)", "?"),
@@ -160,7 +161,8 @@ STUDY_LINES = [
     (r"", "?"),
     (r"The study promoted run [0-9a-f]{32} already; .*", "?"),  # a resume that promoted before
     (r"", "?"),
-    (r"time budget [\d.]+ min, used [\d.]+ min(, interrupted)? \(planned / actual seconds\):", "?"),
+    (r"time budget [\d.]+ min(, resumed after its search: [\d.]+ min planned)?, used [\d.]+ min(, interrupted)? "
+     r"\(planned / actual seconds\):", "?"),
     (r"  \w+ +\d+ / +\d+", "*"),  # the budget's plan against what happened
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from types import SimpleNamespace
 
@@ -16,10 +17,11 @@ from optuna.trial import TrialState
 from cnnopt import search, trials
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
-from cnnopt.study.budget import EXIT_SECONDS, MIN_TRIALS, TRIAL_OVERHEAD, last_start, make_plan, shown
-from cnnopt.study.runner import make_searcher
+from cnnopt.study.budget import EXIT_SECONDS, MIN_TRIALS, TRIAL_OVERHEAD, Plan, last_start, make_plan, shown
+from cnnopt.study.runner import StudyOptions, make_searcher, run_study
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.final import final_data, promotable, stretched, train_final
+from cnnopt.tracking import studies
 from cnnopt.training import objective
 from cnnopt.training.objective import train
 
@@ -309,7 +311,8 @@ def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store,
     The Ctrl-C is raised by the final training (stood in for: the real one trains on Ray for minutes)."""
     client = MlflowClient(tracking_uri=mlflow_store)
     parent = client.create_run(client.create_experiment("digits")).info.run_id
-    plan = SimpleNamespace(budget=120.0, started=10.0, search=60.0, confirm=0.0, final=25.0, finish=20.0)
+    plan = SimpleNamespace(budget=120.0, started=10.0, search=60.0, confirm=0.0, final=25.0, finish=20.0,
+                           final_ends=95.0, resumed=False)
     outcome = SimpleNamespace(best={"run_id": "r", "trial_number": 1}, parent_run_id=parent, plan=plan,
                               searched=None, name="cut", wall_seconds=61.0)
 
@@ -409,3 +412,102 @@ def test_a_final_trainings_epochs_grow_to_its_deadline_a_trials_do_not(digits_da
     assert time.time() - started < span + slack, "still held to the deadline"
     assert final.history[-1]["epochs_planned"] == final.epochs_run
     assert final.history[-1]["lr"] < 0.1 * config.lr, "onecycle re-spanned: it ends near zero at the last epoch"
+
+
+def test_a_resume_after_the_search_goes_on_with_the_plans_phases_left():
+    made = plan(epoch=0.5)  # a confirmation and a final training planned
+    assert made.confirm_top and made.final
+    left = made.after_search(4.0, confirm=True, promote=True)
+    assert (left.search, left.confirm, left.final, left.finish) == (0.0, made.confirm, made.final, made.finish)
+    assert left.final_ends == 4.0 + made.confirm + made.final, "the final ends where the plan's finish begins"
+    assert made.final_ends == pytest.approx(made.budget - made.finish)
+    assert left.lines() == [f"time budget 10 min, resumed after its search: 4s to start, then the plan's confirm "
+                            f"{made.confirm:.0f}s, final {made.final:.0f}s, finish {made.finish:.0f}s"]
+    unconfirmed = made.after_search(4.0, confirm=False, promote=True)  # --no-confirm on the resume
+    assert unconfirmed.confirm == 0 and unconfirmed.confirm_top == 0 and unconfirmed.final == made.final
+    alone = made.after_search(4.0, confirm=True, promote=False)  # --no-promote: no confirmation or final either
+    assert alone.confirm == alone.final == 0 and alone.lines()[0].endswith(f"then the plan's finish {made.finish:.0f}s")
+    as_logged = {key[len("plan."):]: str(value) for key, value in made.params().items()}  # MLflow's strings
+    assert Plan.recorded(as_logged) == dataclasses.replace(made, **{key: round(value, 2) for key, value in
+                                                                    dataclasses.asdict(made).items()
+                                                                    if isinstance(value, float)})
+    assert Plan.recorded({}) is None, "a study that recorded no plan"
+
+
+def test_a_budgeted_study_cut_short_after_its_search_resumes_its_plan(ray_session, mlflow_store, capsys, monkeypatch,
+                                                                      study_console):
+    """A resume of a budgeted study interrupted in its final training was planned anew: a probe, a new plan with a
+    new search share, and a confirmation the study's plan had skipped (its epochs measured faster this time). It
+    goes on with the plan it searched with: the final training and the finish, with their planned seconds."""
+    from cnnopt.study import runner
+
+    monkeypatch.setattr(runner, "measure_epoch", lambda *args: 1.0)  # the probe's epoch: no confirmation fits
+    real, given = search.final_training, []
+
+    def ctrl_c(*args):  # in the final training (it trains on Ray for its whole share)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "final_training", ctrl_c)
+    args = ["--time-budget", "1", "--name", "cut", "--set", "train.epochs=3", "--set", "search.reserve=0.5"]
+    assert search.main([*args, "--no-report"]) == 130
+    assert "interrupted after the trials" in capsys.readouterr().err
+    [parent] = children(mlflow_store, "cut", "study")
+    planned = parent.data.params
+    assert planned["plan.confirm_top"] == "0" and float(planned["plan.final"]) > 0
+    searched = parent.data.metrics["budget_search_seconds"]
+    trials_run = len(children(mlflow_store, "cut", "trial"))
+
+    monkeypatch.setattr(runner, "measure_epoch", lambda *args: 0.05)  # 20x faster: a new plan would confirm
+
+    def timed_final(experiment, outcome, run_id, what, deadline, address):
+        given.append(deadline - time.time())
+        return real(experiment, outcome, run_id, what, deadline, address)
+
+    monkeypatch.setattr(search, "final_training", timed_final)
+    assert search.main(["--resume", "--name", "cut", "--no-report"]) == 0
+    out, err = capsys.readouterr()
+    assert study_console(out, err) == []
+    assert "a trial's epoch costs" not in out, "neither measured nor planned again"
+    final, finish = float(planned["plan.final"]), float(planned["plan.finish"])
+    assert "time budget 1 min, resumed after its search: " in out, out
+    assert f"s to start, then the plan's final {final:.0f}s, finish {finish:.0f}s\n" in out, out
+    assert "resuming: the search had ended" in out
+    assert "confirming" not in out and not children(mlflow_store, "cut", "confirmation"), "as the plan skipped it"
+    assert len(children(mlflow_store, "cut", "trial")) == trials_run
+    [left] = given
+    assert final - 10 < left <= final, "the final training gets the seconds its plan gave it"
+    [final_run] = children(mlflow_store, "cut", "final")
+    [parent] = children(mlflow_store, "cut", "study")
+    assert parent.data.tags["promoted_run_id"] in {final_run.info.run_id, final_run.data.tags["trains_run_id"]}
+    assert parent.data.tags["finish"] == "done"
+    table = out[re.search(r"time budget 1 min, resumed after its search: [\d.]+ min planned, used", out).start():]
+    assert "\n  final " in table and "\n  search " not in table, "the phases this resume ran"
+    assert parent.data.metrics["budget_search_seconds"] == searched, "the search's seconds on record stay its own"
+
+
+def test_a_resume_that_searches_plans_anew_and_records_that_plan_for_a_later_resume(ray_session, mlflow_store, capsys,
+                                                                                   monkeypatch):
+    """A budgeted study stopped in its search is planned anew on resume, with the whole budget (it may resume on
+    another machine: epochs cost what the probe measures there). Its plan was not recorded (the `plan.*` params
+    keep the first), so a resume after its search later read the first plan, not the one its trials ran with."""
+    from cnnopt.study import runner
+
+    experiment = load_experiment(None, ["train.epochs=3", "search.time_budget=0.4"])  # 24 seconds
+    options = StudyOptions(name="again", report=False, promote=False)
+    monkeypatch.setattr(runner, "measure_epoch", lambda *args: 1.0)
+    run_study(experiment, options)  # its search ends at its share, with no finish: a resume searches again
+    monkeypatch.setattr(runner, "measure_epoch", lambda *args: 0.5)  # another machine, or a quieter one
+    searched = run_study(experiment, dataclasses.replace(options, resume=True))
+    assert "a trial's epoch costs ~0.5s here" in capsys.readouterr().out, "planned anew"
+    [parent] = children(mlflow_store, "again", "study")
+    assert parent.data.params["plan.epoch"] == "1.0", "the first plan's params stay"
+
+    def probe(*args):
+        raise AssertionError("a resume after its search measured and planned again")
+
+    monkeypatch.setattr(runner, "measure_epoch", probe)
+    studies.mark_finish(MlflowClient(tracking_uri=mlflow_store), parent.info.run_id, "running")  # its finish cut short
+    finished = run_study(experiment, dataclasses.replace(options, resume=True))
+    assert finished.plan.resumed and finished.plan.epoch == searched.plan.epoch == 0.5
+    assert finished.plan.trials == searched.plan.trials and finished.plan.finish == round(searched.plan.finish, 2)
+    assert finished.searched.data.subset == searched.searched.data.subset

@@ -25,12 +25,16 @@ epoch costs. The minutes left are then split:
   its expected epochs at the probe's cost, plus a trial's fixed overhead) is stopped. No trial starts
   once it could not reach the first rung before the search's share ends (`last_start`): it would only
   be cut short, its time spent for nothing ASHA or the sampler could rank.
+
+A resume of a study whose search had ended (what follows it was cut short) does not plan again: it goes on
+with the plan the study searched with, for the phases after the search (`after_search`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 
 import ray
@@ -40,6 +44,7 @@ from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
 from cnnopt.study.trainable import assigned_device
+from cnnopt.tracking import param_value
 from cnnopt.training.objective import epoch_seconds, seconds_per_image
 
 REPORT_SECONDS = 10.0  # the study report's figures and importances (measured 5-10 s)
@@ -80,6 +85,7 @@ class Plan:
     confirm_top: int
     confirm_seeds: int
     scheduler: str  # asha, or fifo when trials get one epoch
+    resumed: bool = False  # a resume's: the study's plan for the phases after its search (`after_search`)
 
     @property
     def trial_seconds(self) -> float:
@@ -106,6 +112,11 @@ class Plan:
 
     def lines(self) -> list[str]:
         """The plan, as printed when the study starts."""
+        if self.resumed:
+            left = [f"{phase} {seconds:.0f}s" for phase, seconds in
+                    (("confirm", self.confirm), ("final", self.final), ("finish", self.finish)) if seconds]
+            return [f"time budget {self.budget / 60:g} min, resumed after its search: {self.started:.0f}s to start, "
+                    f"then the plan's {', '.join(left)}"]
         data = f"{self.subset:,} of the {self.train_images:,} train images" if self.subset else "all train images"
         rungs = (f"ASHA rungs at {', '.join(shown(r * self.epoch) for r in self.rungs())}s of training"
                  if self.scheduler == "asha" else "one epoch each")
@@ -130,8 +141,42 @@ class Plan:
 
     def params(self) -> dict:
         """The plan as MLflow params of the study's parent run."""
-        return {f"plan.{key}": (round(value, 2) if isinstance(value, float) else value)
-                for key, value in dataclasses.asdict(self).items()}
+        return {f"plan.{key}": value for key, value in self.record().items()}
+
+    def record(self) -> dict:
+        """The plan's fields as recorded (`params`, or a tag where a resume planned again), floats to 0.01."""
+        return {key: (round(value, 2) if isinstance(value, float) else value)
+                for key, value in dataclasses.asdict(self).items() if key != "resumed"}
+
+    @classmethod
+    def recorded(cls, values: dict) -> Plan | None:
+        """A plan read back from its `record` (MLflow's strings, or the values themselves); None where it
+        lacks a field or a value does not read (a study that recorded no plan, or an older one)."""
+        kinds = typing.get_type_hints(cls)
+        try:
+            return cls(**{field.name: param_value(str(values[field.name]), kinds[field.name])
+                          for field in dataclasses.fields(cls) if field.name != "resumed"})
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def final_ends(self) -> float:
+        """Seconds from the command's start by which the final training ends: the finish follows it."""
+        return self.started + self.search + self.confirm + self.final
+
+    def after_search(self, started: float, *, confirm: bool, promote: bool) -> Plan:
+        """This plan, as a resume of a study whose search had ended goes on with it: the phases after the
+        search, each with the seconds it was planned (work cut short in it is done again: a final training
+        interrupted is trained anew), after this command's own start (`started` seconds). What was done
+        before is reused as the phases run (recorded confirmation seeds, a recorded final training, a
+        promotion); a confirmation or a final training this command skips (--no-confirm, --no-promote) is
+        dropped with its seconds."""
+        confirms = confirm and promote and self.confirm_top > 0
+        return dataclasses.replace(self, started=started, search=0.0, resumed=True, promote=promote,
+                                   confirm=self.confirm if confirms else 0.0,
+                                   confirm_top=self.confirm_top if confirms else 0,
+                                   confirm_seeds=self.confirm_seeds if confirms else 0,
+                                   final=self.final if promote else 0.0)
 
 
 def shown(seconds: float) -> str:

@@ -109,8 +109,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         print(f"{options.header}; {placement(search)}" if options.header else placement(search), flush=True)
         plan, asked = None, experiment
         if search.time_budget and options.planned:
-            plan, experiment, data = plan_budget(experiment, space, data, search, started, options.promote,
-                                                 options.report)
+            plan, experiment, data = plan_budget(experiment, space, data, search, started, options)
             search = resolve_resources(experiment.search, ray.cluster_resources())
         outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan, digest=digest)
         kept = own_ray and options.keep_ray
@@ -236,14 +235,21 @@ def check_search(search: SearchConfig) -> None:
 
 
 def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: SearchConfig, started: float,
-                promote: bool, report: bool) -> tuple[Plan, Experiment, ImageData]:
-    """Measure a trial's epoch, split the time budget, print the plan; the planned experiment and its data."""
-    slots = concurrency(search)
-    epoch = measure_epoch(experiment, space, data, search, slots)
-    plan = make_plan(search, experiment.train.epochs, budget=search.time_budget * 60,
-                     started=time.perf_counter() - started, epoch=epoch, slots=slots, train_images=len(data.train_y),
-                     classes=data.num_classes,
-                     promote=promote, report=report)
+                options: StudyOptions) -> tuple[Plan, Experiment, ImageData]:
+    """Measure a trial's epoch, split the time budget, print the plan; the planned experiment and its data.
+    A resume of a study whose search had ended goes on with the plan it searched with instead
+    (`Plan.after_search`): its search is not run again, so it is neither measured nor planned anew."""
+    plan = searched_plan(experiment, options.name) if options.resume else None
+    if plan is not None:
+        plan = plan.after_search(time.perf_counter() - started, confirm=search.confirm_top > 0,
+                                 promote=options.promote)
+    else:
+        slots = concurrency(search)
+        epoch = measure_epoch(experiment, space, data, search, slots)
+        plan = make_plan(search, experiment.train.epochs, budget=search.time_budget * 60,
+                         started=time.perf_counter() - started, epoch=epoch, slots=slots,
+                         train_images=len(data.train_y), classes=data.num_classes,
+                         promote=options.promote, report=options.report)
     for line in plan.lines():
         print(line, flush=True)
     planned = plan.apply(experiment)
@@ -251,6 +257,15 @@ def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: S
         data = load_data(planned.data)
         data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
     return plan, planned, data
+
+
+def searched_plan(experiment: Experiment, study: str) -> Plan | None:
+    """The plan a study searched with, where its search had ended (`studies.search_ended`) and it recorded one
+    (`studies.recorded_plan`); else None: a study that searches plans its budget anew."""
+    parent = studies.find_parent(tracking.make_client(), study, experiment.name)
+    if parent is None or not studies.search_ended(parent):
+        return None
+    return Plan.recorded(studies.recorded_plan(parent))
 
 
 def _run(experiment: Experiment, search: SearchConfig, space: Space, data: ImageData,
@@ -262,7 +277,8 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     started = time.perf_counter()
     recorder = _recorder(recorded or experiment, search, space, options.name,
                          tracking.train_dataset(experiment.data, data.train_x, data.train_y),  # once, in the driver
-                         plan.params() if plan else {}, studies.data_tags(experiment), digest)
+                         plan.params() if plan else {}, studies.data_tags(experiment), digest,
+                         tracking.duplicate_tags(experiment.data, data.duplicates))
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
@@ -284,6 +300,8 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     finished, counts, seconds, best = False, {}, {}, None
     try:
         recorder.open(resume=options.resume)
+        if options.resume and plan is not None and not plan.resumed:  # a resume that searches again planned again
+            studies.record_plan(recorder.client, recorder.parent_run_id, plan.record())
         remaining = plan_trials(experiment, space, recorder, options.resume)
         if remaining:
             _fit(_make_tuner(dataclasses.replace(experiment, search=search), space, data, options, callback,
@@ -357,14 +375,15 @@ def resume_command(name: str) -> str:
 
 
 def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str, dataset,
-              plan: dict, trial_tags: dict, digest: str = "") -> StudyRecorder:
+              plan: dict, trial_tags: dict, digest: str = "", copies: dict | None = None) -> StudyRecorder:
     """The study's record: its settings as asked (what a resume re-resolves), its params as resolved here
-    (with a time budget's plan), the digest of the splits it selects on (what a resume checks)."""
+    (with a time budget's plan), the digest of the splits it selects on (what a resume checks), and how
+    many val and test images copied train images (`copies`, `provenance.duplicate_tags`)."""
     return StudyRecorder(
         experiment, name,
         tags={"strategy": search.strategy, "sampler": STRATEGIES[search.strategy].sampler,
               "search_space": space.name, "experiment": experiment.path, "scheduler": search.scheduler,
-              **({studies.DATA_TAG: digest} if digest else {})},
+              **({studies.DATA_TAG: digest} if digest else {}), **(copies or {})},
         params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
                 **tracking.data_params(experiment.data), **plan},
@@ -375,7 +394,7 @@ def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, r
     """How many trials are left to run; on resume, an interrupted trial the space no longer holds is abandoned."""
     search = experiment.search
     strategy = STRATEGIES[search.strategy]
-    if resume and recorder.finish == "running":  # its trials had ended: the resume finishes what follows them
+    if resume and recorder.search_ended:  # the resume finishes what follows the trials
         done = sum(trial.done for trial in recorder.past)
         print(f"resuming: the search had ended ({done} trials recorded); no trial runs again", flush=True)
         return 0

@@ -63,7 +63,7 @@ class StudyRecorder:
         self.best: float | None = None
         self.top: tuple[int, float] | None = None  # (highest step, value) of the parent's best-so-far metric
         self.ended = 0  # trials ended, this session's and a resumed study's earlier ones: the curve's step
-        self.finish = ""  # a resumed study's `studies.FINISH_TAG`: "running" where its finish was cut short
+        self.search_ended = False  # a resumed study's search had ended: what follows it was cut short
         self._client: MlflowClient | None = None
 
     def __getstate__(self):  # Ray pickles the callback that holds this; a client does not travel
@@ -88,7 +88,7 @@ class StudyRecorder:
                              "set MLFLOW_TRACKING_URI to the store the study ran with")
         if found:
             self.parent_run_id = found.info.run_id
-            self.finish = found.data.tags.get(studies.FINISH_TAG, "")
+            self.search_ended = studies.search_ended(found)
             for child in self.trial_runs():
                 trial_id = child.data.tags.get(TRIAL_TAG, "")
                 self.children[trial_id] = child.info.run_id

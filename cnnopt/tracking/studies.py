@@ -141,6 +141,28 @@ def mark_finish(client: MlflowClient, parent_run_id: str, state: str) -> None:
     client.set_tag(parent_run_id, FINISH_TAG, state)
 
 
+def search_ended(parent) -> bool:
+    """Whether a study's search had ended when it stopped: what follows its trials had begun and was cut
+    short (a resume runs no trial again, and goes on with the time budget's plan it searched with)."""
+    return parent.data.tags.get(FINISH_TAG) == "running"
+
+
+PLAN_TAG = "plan"  # on a study's parent: the time budget's plan, as JSON, where a resume that searched planned again
+
+
+def record_plan(client: MlflowClient, parent_run_id: str, plan: dict) -> None:
+    """Record the plan a resumed study searches with: the `plan.*` params hold its first plan and cannot change."""
+    client.set_tag(parent_run_id, PLAN_TAG, json.dumps(plan))
+
+
+def recorded_plan(parent) -> dict:
+    """The time budget's plan the study last searched with: a resume's (`record_plan`) where one planned
+    again, else its `plan.*` params; empty where it had no plan."""
+    if PLAN_TAG in parent.data.tags:
+        return json.loads(parent.data.tags[PLAN_TAG])
+    return {key[len("plan."):]: value for key, value in parent.data.params.items() if key.startswith("plan.")}
+
+
 def epochs_trained(client: MlflowClient, run_id: str) -> int:
     """The epochs a run trained (0 where it logged none): a time budget's trials train as many as fit."""
     return len({metric.step for metric in client.get_metric_history(run_id, "train_loss")})
