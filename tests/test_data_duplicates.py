@@ -206,3 +206,17 @@ def test_the_count_is_a_tag_of_the_run(mlflow_store, tmp_path, capsys):
     runs = mlflow.search_runs([client.get_experiment_by_name("set").experiment_id])
     assert runs["tags.duplicate_test_images"].tolist() == ["1"] and runs["tags.duplicate_val_images"].tolist() == ["0"]
     assert runs["tags.duplicates_dropped"].tolist() == ["true"] and runs["params.data.duplicates"].tolist() == ["drop"]
+
+
+def test_a_study_tags_its_parent_run_with_the_count_before_any_promotion(mlflow_store, ray_session, tmp_path):
+    from cnnopt import search
+
+    root, _, _ = with_a_copy(tmp_path)
+    code = search.main(["--strategy", "random", "--trials", "1", "--name", "copies", "--no-promote", "--no-report",
+                        "--set", "name=copies", "--set", "train.epochs=1", "--set", "train.batch_size=4",
+                        "--set", "data.dataset=imagefolder", "--set", f"data.root={root}", "--set", "data.image_size=8"])
+    assert code == 0
+    client = MlflowClient(tracking_uri=mlflow_store)
+    parents = client.search_runs([client.get_experiment_by_name("copies").experiment_id], "tags.`cnnopt.kind` = 'study'")
+    assert [run.data.tags.get("duplicate_test_images") for run in parents] == ["1"]
+    assert parents[0].data.tags["duplicates_dropped"] == "false" and "promoted_run_id" not in parents[0].data.tags
