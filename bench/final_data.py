@@ -1,7 +1,11 @@
 """What a final training on train + val buys: one configuration trained on each, tested side by side.
 
-    python bench/final_data.py [--experiment experiments/cifar10.toml] [--set data.root=... --set data.subset=5000]
-        [--set train.channels=64 ...] [--epochs 30] [--seeds 0,1,2]
+    python bench/final_data.py [--experiment experiments/cifar10.toml] [--set data.root=...]
+        [--set data.subset=4500 --set data.val_fraction=0.01] [--set train.channels=64 ...] [--epochs 30] [--seeds 0,1,2]
+
+data.subset samples the train split only: pair it with a data.val_fraction that keeps val at the
+study's share of the images (CIFAR-10's 45,000 / 5,000 is 4,500 / 500 at a tenth: val_fraction 0.01
+of the 50,000), or the train + val final gets far more than a tenth more images.
 
 A study's final training (`cnnopt.study.final`) reads either the train split and keeps its best epoch by
 validation (`search.final_data = "train"`) or train + val and keeps its last epoch ("train+val"). Which
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print(f"data: {experiments['train'].data.dataset}: "
-          f"{len(splits['train'].train_y):,} train / {len(tested.val_y):,} val / {len(tested.test_y):,} test images; "
+          f"{len(splits['train'].train_y):,} train / {len(tested.val_y):,} val / {len(tested.test_y):,} test images "
+          f"(train + val: {len(splits['train+val'].train_y):,}); "
           f"{args.epochs} epochs, seeds {seeds}; [train] + {', '.join(args.overrides) or 'nothing'}")
 
     results: dict[str, list[dict]] = {kind: [] for kind in KINDS}

@@ -432,6 +432,9 @@ def test_a_resume_after_the_search_goes_on_with_the_plans_phases_left():
                                                                     dataclasses.asdict(made).items()
                                                                     if isinstance(value, float)})
     assert Plan.recorded({}) is None, "a study that recorded no plan"
+    assert made.serves(promote=True) and made.serves(promote=False)
+    unpromoted = plan(epoch=0.5, promote=False)  # a --no-promote study: no seconds for a final or a promotion
+    assert not unpromoted.serves(promote=True) and unpromoted.serves(promote=False)
 
 
 def test_a_budgeted_study_cut_short_after_its_search_resumes_its_plan(ray_session, mlflow_store, capsys, monkeypatch,

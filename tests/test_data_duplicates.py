@@ -153,7 +153,7 @@ def test_cifar10_copies_are_named_by_their_batch_and_index(tmp_path, capsys):
     data = load_data(settings)
     err = capsys.readouterr().err
     assert "left out 1 of 20 test images" in err
-    assert "test image cifar10 test_batch #5 = train image cifar10 data_batch #17" in err
+    assert "test image cifar10 test_batch #5 = train image cifar10 data_batch_1 #17" in err
     assert len(data.test_y) == 19 and len(data.train_y) == 30 and len(data.val_y) == 10  # train and val as always
 
 
@@ -178,9 +178,15 @@ def test_a_cache_entry_stores_the_hashes_and_a_later_load_reads_them(tmp_path, c
     assert np.array_equal(np.load(entry / data_cache.HASHES), stored)
 
 
-def test_a_streamed_train_split_is_checked_from_the_stored_hashes(tmp_path):
+def test_a_streamed_train_split_is_checked_from_the_stored_hashes(tmp_path, monkeypatch):
     root, _, _ = with_a_copy(tmp_path)
     streamed = load_data(config(root, memory_limit_mb=0.0001, duplicates="drop"))  # 12 images of 192 bytes: over it
+
+    def no_hashing(images):
+        raise AssertionError("a load from the cache hashed the images again instead of reading hashes.npy")
+
+    monkeypatch.setattr(data_cache, "image_hashes", no_hashing)
+    monkeypatch.setattr(data_module.duplicates, "image_hashes", no_hashing)
     in_memory = load_data(config(root, duplicates="drop"))
     assert streamed.streamed and not in_memory.streamed
     assert streamed.duplicates == in_memory.duplicates == {"val": 0, "test": 1}

@@ -135,7 +135,7 @@ def stored_hashes(entry: Entry) -> np.ndarray:
         hashes = np.load(path)
         if hashes.dtype == np.uint8 and hashes.shape == (len(entry.images), HASH_BYTES):
             return hashes
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # EOFError: an empty file
         pass
     hashes = image_hashes(entry.images)
     temporary = path.with_name(f".tmp-{os.getpid()}-{HASHES}")

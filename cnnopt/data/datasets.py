@@ -244,8 +244,8 @@ def _image_name(cfg: DataConfig, files: dict[str, list[Path]] | None, part: str,
     """How a message names image `row` of `part`: its file, or its index in the dataset's own order."""
     if files is not None:
         return str(files[part][row])
-    if cfg.dataset == "cifar10":  # data_batch_1..5 in order, or the official test batch
-        return f"cifar10 {'test_batch' if part == 'test' else 'data_batch'} #{row}"
+    if cfg.dataset == "cifar10":  # data_batch_1..5 in order (10,000 images each), or the official test batch
+        return f"cifar10 test_batch #{row}" if part == "test" else f"cifar10 data_batch_{row // 10000 + 1} #{row % 10000}"
     return f"sklearn digits #{row}"  # sklearn.datasets.load_digits()'s order
 
 

@@ -164,6 +164,12 @@ class Plan:
         """Seconds from the command's start by which the final training ends: the finish follows it."""
         return self.started + self.search + self.confirm + self.final
 
+    def serves(self, promote: bool) -> bool:
+        """Whether a resume after the search can go on with this plan: not one that promotes where the plan
+        was made without a promotion (--no-promote): it has no seconds for a confirmation, a final training
+        or the promotion, so that resume plans again."""
+        return self.promote or not promote
+
     def after_search(self, started: float, *, confirm: bool, promote: bool) -> Plan:
         """This plan, as a resume of a study whose search had ended goes on with it: the phases after the
         search, each with the seconds it was planned (work cut short in it is done again: a final training

@@ -238,9 +238,11 @@ def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: S
                 options: StudyOptions) -> tuple[Plan, Experiment, ImageData]:
     """Measure a trial's epoch, split the time budget, print the plan; the planned experiment and its data.
     A resume of a study whose search had ended goes on with the plan it searched with instead
-    (`Plan.after_search`): its search is not run again, so it is neither measured nor planned anew."""
+    (`Plan.after_search`): its search is not run again, so it is neither measured nor planned anew. A plan
+    made without a promotion (--no-promote) has no seconds for the confirmation, final training and
+    promotion a resume that promotes runs: that resume plans again."""
     plan = searched_plan(experiment, options.name) if options.resume else None
-    if plan is not None:
+    if plan is not None and plan.serves(options.promote):
         plan = plan.after_search(time.perf_counter() - started, confirm=search.confirm_top > 0,
                                  promote=options.promote)
     else:

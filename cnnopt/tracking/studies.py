@@ -157,9 +157,13 @@ def record_plan(client: MlflowClient, parent_run_id: str, plan: dict) -> None:
 
 def recorded_plan(parent) -> dict:
     """The time budget's plan the study last searched with: a resume's (`record_plan`) where one planned
-    again, else its `plan.*` params; empty where it had no plan."""
+    again, else its `plan.*` params; empty where it had no plan or its tag does not read (planned again then)."""
     if PLAN_TAG in parent.data.tags:
-        return json.loads(parent.data.tags[PLAN_TAG])
+        try:
+            plan = json.loads(parent.data.tags[PLAN_TAG])
+        except json.JSONDecodeError:
+            return {}
+        return plan if isinstance(plan, dict) else {}
     return {key[len("plan."):]: value for key, value in parent.data.params.items() if key.startswith("plan.")}
 
 
