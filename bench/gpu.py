@@ -320,7 +320,7 @@ def train_steps(setup, schedule, steps: int) -> None:
     while steps > 0:  # epochs of full batches, the last cut to the steps left
         order = torch.randperm(count, generator=setup.order_generator).to(device)
         starts = list(range(0, count - batch + 1, batch))[:steps]
-        for loss, logits, y in setup.steps(order, starts, batch):
+        for loss, logits, y in setup.steps(order, [(start, start + batch) for start in starts]):
             if schedule is not None and setup.config.lr_schedule == "onecycle":
                 schedule.step()
             loss_sum += loss.detach() * len(y)

@@ -124,10 +124,23 @@ def test_on_improve_is_called_before_the_report(digits_data):
     assert events[0] == ("improve", 1, True) and events[1] == ("report", 1)
 
 
+def test_an_epochs_batches_are_of_equal_size_and_hold_every_image_once():
+    """Cut at batch_size with the rest as a last batch, 5,000 images at 128 left a last batch of 8, whose
+    BatchNorm statistics every checkpoint then carried (1-4 points of test accuracy on CIFAR-10 subsets)."""
+    assert objective._batch_bounds(5000, 128) == [(125 * i, 125 * (i + 1)) for i in range(40)]
+    for count, size in ((1259, 50), (4500, 128), (50000, 512), (129, 128), (7, 2), (3, 2), (2, 128), (300, 300)):
+        bounds = objective._batch_bounds(count, size)
+        sizes = [end - start for start, end in bounds]
+        assert bounds[0][0] == 0 and bounds[-1][1] == count and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 2, (count, size, sizes)
+        assert max(sizes) <= size or min(sizes) < 4, "over the size only where batches of one would be left"
+        assert len(bounds) == max(1, min(-(-count // size), count // 2)), "as few batches as the size allows"
+
+
 def test_batches_augmented_together_train_as_batches_one_at_a_time(digits_data, monkeypatch):
     """On CUDA several batches go through the augmentation in one call (it is launch-bound there: 0.56x on an
     H100 at one batch a call); the model must learn from the same batches. Without augmentation, the same losses."""
-    config = TrainConfig(epochs=2, channels=8, batch_size=50)  # 1,259 images: 26 batches, the last of 9
+    config = TrainConfig(epochs=2, channels=8, batch_size=50)  # 1,259 images: 26 batches of 48 or 49
     assert len(digits_data.train_y) % 50 and len(digits_data.train_y) // 50 % 4, "a partial batch and a partial chunk"
     one = train(config, digits_data)
     calls = []
@@ -135,7 +148,7 @@ def test_batches_augmented_together_train_as_batches_one_at_a_time(digits_data, 
     monkeypatch.setattr(objective, "_batches_per_augment", lambda *args: 4)
     monkeypatch.setattr(objective.Setup, "learn", lambda setup, x, y: calls.append(len(y)) or learn(setup, x, y))
     four = train(config, digits_data)
-    assert calls[:26] == [50] * 25 + [9] and sum(calls) == 2 * len(digits_data.train_y)
+    assert sorted(set(calls)) == [48, 49] and len(calls) == 2 * 26 and sum(calls) == 2 * len(digits_data.train_y)
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         assert [epoch[key] for epoch in four.history] == [epoch[key] for epoch in one.history], key
     augmented = dataclasses.replace(config, flip=True, crop_padding=2, randaugment_ops=2)

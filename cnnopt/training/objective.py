@@ -86,16 +86,16 @@ class Setup:
         images, index = _gather(self.train_x, index, self.streamed, self.device)
         return self.augment(images), self.train_y[index]
 
-    def steps(self, order: torch.Tensor, starts: list[int], size: int):
-        """The optimisation steps of the batches `order[start:start + size]`, in turn, yielding (loss, logits,
-        labels) after each; their images are gathered and augmented `batches_per_augment` batches at a time."""
+    def steps(self, order: torch.Tensor, bounds: list[tuple[int, int]]):
+        """The optimisation steps of the batches `order[start:end]` (`bounds`, consecutive), in turn, yielding
+        (loss, logits, labels) after each; their images are gathered and augmented `batches_per_augment`
+        batches at a time."""
         per_call = self.batches_per_augment
-        for done, first in enumerate(starts):
+        for done, (first, end) in enumerate(bounds):
             if done % per_call == 0:
-                images, labels = self.prepare(order[first:first + per_call * size])
                 chunk = first
-            at = first - chunk
-            yield self.learn(images[at:at + size], labels[at:at + size])
+                images, labels = self.prepare(order[first:bounds[min(done + per_call, len(bounds)) - 1][1]])
+            yield self.learn(images[first - chunk:end - chunk], labels[first - chunk:end - chunk])
 
     def learn(self, images: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step on a batch from `prepare` (augmented, normalised); returns (loss, logits, labels)."""
@@ -163,7 +163,7 @@ def seconds_per_image(config: TrainConfig, data: ImageData, steps: int = 12, war
     order = torch.randint(len(setup.train_y), ((warmup + steps) * size,), generator=setup.order_generator)
     order = order if data.streamed else order.to(setup.device)
     start = time.perf_counter()
-    for index, _ in enumerate(setup.steps(order, list(range(0, len(order), size)), size)):
+    for index, _ in enumerate(setup.steps(order, [(at, at + size) for at in range(0, len(order), size)])):
         if index + 1 == warmup:
             _synchronize(setup.device)
             start = time.perf_counter()
@@ -218,7 +218,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
     setup = set_up(config, data)
     model, device, memory_format = setup.model, setup.device, setup.memory_format
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
-    batches = _batch_starts(len(setup.train_y), config.batch_size)
+    batches = _batch_bounds(len(setup.train_y), config.batch_size)
     schedule = make_schedule(config, setup.optimizer, len(batches))
 
     result = TrainResult(trials.COMPLETED, 0, {}, 0, model.num_parameters)
@@ -237,7 +237,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for done, (loss, logits, y) in enumerate(setup.steps(order, batches, config.batch_size), start=1):
+        for done, (loss, logits, y) in enumerate(setup.steps(order, batches), start=1):
             if config.lr_schedule == "onecycle":
                 schedule.step()
             loss_sum += loss.detach() * len(y)
@@ -401,12 +401,17 @@ def _gather(train_x: torch.Tensor, index: torch.Tensor, streamed: bool, device: 
     return train_x[index].to(device), index.to(device)
 
 
-def _batch_starts(count: int, batch_size: int) -> list[int]:
-    """Start index of every batch; a last batch of one image is dropped (BatchNorm needs two)."""
-    starts = list(range(0, count, batch_size))
-    if len(starts) > 1 and count - starts[-1] < 2:
-        starts.pop()
-    return starts
+def _batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
+    """An epoch's batches as (start, end) of its shuffled order: as few as hold `batch_size` images at most,
+    of equal size but for one image (5,000 images at 128: 40 batches of 125), every image in one.
+
+    Cut at `batch_size` with the rest as a last batch, that batch could hold a few images (8 of 5,000 at
+    128), and BatchNorm's running statistics, which every checkpoint carries, are moved a tenth of the way
+    to those few images' at the end of every epoch: on 4,500 and 5,000 CIFAR-10 images that cost 1-4
+    points of test accuracy (bench/RESULTS.md, "A final on train + val"). At least two images a batch
+    (BatchNorm needs two), so a split of fewer than 2 x 2 images is one batch."""
+    batches = max(1, min(math.ceil(count / batch_size), count // 2))
+    return [(count * i // batches, count * (i + 1) // batches) for i in range(batches)]
 
 
 def check_config(config: TrainConfig, image_size: int) -> None:
