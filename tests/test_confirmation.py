@@ -55,7 +55,11 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     promoted = parent.data.tags["promoted_run_id"]
     chosen_runs = [r for r in trials + confirmations if chosen in (r.data.tags.get("trial_number"),
                                                                     r.data.tags.get("confirms_trial"))]
-    assert promoted == max(chosen_runs, key=lambda r: r.data.metrics["best_val_accuracy"]).info.run_id
+    best = max(r.data.metrics["best_val_accuracy"] for r in chosen_runs)
+    tied = [r.info.run_id for r in chosen_runs if r.data.metrics["best_val_accuracy"] == best]  # digits ties often
+    original = [r.info.run_id for r in chosen_runs if r.data.tags["cnnopt.kind"] == "trial"]
+    assert promoted in tied and (promoted == original[0] or original[0] not in tied), \
+        "the run with the best validation metric; among equals the original trial"
     assert len(tested) == 1, "the test split is read once, for the promoted model only"
     experiment = load_experiment(None, ["train.epochs=2", "search.confirm_top=2", "search.confirm_seeds=2"])
     again = confirm(experiment, "c")  # as a resumed study calls it: every run is recorded already
