@@ -147,6 +147,9 @@ def test_set_with_wrong_type_is_rejected(override, expected_type):
     ("[train]\nlr = \"fast\"\n", "lr must be float"),
     ("[train]\nflip = 1\n", "flip must be bool"),
     ("[train]\nepochs = true\n", "epochs must be int"),
+    ("[train]\nepochs = \"2\"\n", "epochs must be int, got '2'; write it without quotes"),
+    ("[train]\nlr = \"0.1\"\n", "lr must be float, got '0.1'; write it without quotes"),
+    ("[train]\nflip = \"true\"\n", "flip must be bool, got 'true'; write it without quotes"),
     ("[data]\nroot = 3\n", "root must be str"),
     ("name = 3\n", "name must be str"),
     ("train = 3\n", "[train] must be a table"),
@@ -155,6 +158,14 @@ def test_file_with_wrong_type_is_rejected(tmp_path, text, fragment):
     with pytest.raises(UsageError) as caught:
         load_experiment(write(tmp_path, text))
     assert fragment in str(caught.value)
+
+
+def test_set_values_are_typed_and_files_keep_their_types(tmp_path):
+    """--set gives text, typed by the field; a file's value is already typed and kept as written."""
+    experiment = load_experiment(write(tmp_path, "[train]\nepochs = 3\nlr = 1\n"), ["train.flip=no", "train.batch_size=64"])
+    assert (experiment.train.epochs, experiment.train.lr, experiment.train.flip, experiment.train.batch_size) == \
+        (3, 1.0, False, 64)
+    assert isinstance(experiment.train.lr, float)
 
 
 def test_bad_mode_is_rejected():

@@ -382,11 +382,10 @@ def _reject_unknown(values: dict[str, Any], allowed: set[str], where: str) -> No
 
 
 def _coerce(value: Any, kind: Any, name: str) -> Any:
-    """Check a TOML value (or a --set string) against the declared type and convert it."""
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-    if isinstance(value, str) and kind is not str:
-        value = _parse_string(value, kind, name)
+    """Check a typed value (TOML's, or one --set parsed, `_parse_string`) against the declared type and
+    convert an int to a float. A string is not parsed here: in a TOML file `epochs = "2"` is a string, and a
+    file that quotes a number is refused, not read as one."""
+    kind = _declared(kind)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -399,10 +398,22 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise UsageError(f"{name} must be {kind.__name__}, got {value!r}")
+    quoted = "; write it without quotes" if isinstance(value, str) else ""
+    raise UsageError(f"{name} must be {kind.__name__}, got {value!r}{quoted}")
+
+
+def _declared(kind: Any) -> Any:
+    """The type a field declares, without its `| None`."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    return kind
 
 
 def _parse_string(text: str, kind: Any, name: str) -> Any:
+    """A --set value's text as the field's declared type (`true`/`yes`/`1` for a bool)."""
+    kind = _declared(kind)
+    if kind is str:
+        return text
     try:
         if kind is bool:
             lowered = text.strip().lower()
@@ -430,6 +441,6 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not isinstance(table, dict):
         raise UsageError(f"[{section}] must be a table of settings, got {table!r}")
     kind = field_types(SECTIONS[section]).get(name)
-    if kind is not None:  # typed here, so that a wrong value's message names the --set that gave it
-        _coerce(value.strip(), kind, f"--set {section}.{name}")
-    table[name] = value.strip()
+    # Typed here, so that a wrong value's message names the --set that gave it; a key the section lacks stays
+    # text, for _build to refuse by name.
+    table[name] = value.strip() if kind is None else _parse_string(value.strip(), kind, f"--set {section}.{name}")
