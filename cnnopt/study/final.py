@@ -89,7 +89,7 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
             return why or FinalRun(run.info.run_id, epochs, trial_epochs, trials.COMPLETED, kept, recorded_before=True)
         if status in (trials.DIVERGED, trials.STOPPED):  # seeded: it would end the same way again
             return not_promoted(status, int(run.data.params.get("epochs", 0)), run.info.run_id, before=True)
-    if not deadline and experiment.search.final_epochs <= trial_epochs:
+    if not deadline and not adds_epochs(experiment.search.final_epochs, trial_epochs):
         return (f"search.final_epochs = {experiment.search.final_epochs} is no more than the {trial_epochs} epochs "
                 "its trial had: the trial is promoted as it is")
     seed = int(chosen.data.params.get("seed", experiment.train.seed))
@@ -125,6 +125,13 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
             or FinalRun(run_id, config.epochs, trial_epochs, result.status, result.best_metrics))
 
 
+def adds_epochs(epochs: int, trial_epochs: int) -> bool:
+    """The rule a final training is held to before and after it trains (asked for, fitted in the time
+    left, or cut by the deadline): more epochs than the trial it repeats had. No more would give a model
+    no better than that trial's, trained again for nothing."""
+    return epochs > trial_epochs
+
+
 def not_promoted(status: str, epochs: int, run_id: str, before: bool = False) -> str:
     """Why a recorded final training is not promoted: it did not complete."""
     return f"it {status} after {epochs} epochs (run {run_id}, {_when(before)}): the run it repeats is promoted as it is"
@@ -139,7 +146,7 @@ def promotable(experiment: Experiment, chosen, epochs: int, trial_epochs: int, m
     run's best on the same validation split: otherwise the run the study chose is the better model on
     validation, and validation is what chooses (`trials.not_worse`). A train+val final, or a train_* metric,
     has no validation score to compare (`trials.validation_score`): the epochs decide."""
-    if epochs <= trial_epochs:
+    if not adds_epochs(epochs, trial_epochs):
         return (f"it trained {epochs} epochs, no more than the {trial_epochs} its trial had (run {run_id}, "
                 f"{_when(before)}): the run it repeats is promoted as it is")
     metric = experiment.metric
@@ -201,7 +208,7 @@ def _train(config: TrainConfig, data: ImageData, epochs: int, deadline: float, t
         per_image = seconds_per_image(config, data)
         per_epoch = epoch_seconds(min(per_image, trial_per_image) if trial_per_image else per_image, data, config)
         epochs = max(0, math.floor((deadline - time.time()) / per_epoch))
-        if epochs <= trial_epochs:
+        if not adds_epochs(epochs, trial_epochs):
             return dataclasses.replace(config, epochs=epochs), None
     # The timing above is a few steps long: the deadline holds the training to what the epochs really take.
     config = stretched(config, epochs, trial_epochs)
