@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                       params={"metric": experiment.metric, "mode": experiment.mode},
                                       metrics={"num_parameters": model.num_parameters},
                                       dataset=tracking.train_dataset(experiment.data, data.train_x, data.train_y),
-                                      tags=tracking.duplicate_tags(experiment.data, data.duplicates)) as record:
+                                      tags=tracking.duplicate_tags(data.duplicates)) as record:
 
         def report(epoch: int, metrics: dict) -> None:
             record.log(metrics=metrics, step=epoch)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 import shutil
 from collections import Counter
@@ -20,9 +21,11 @@ from cnnopt.cli import run
 from cnnopt.data import cache as data_cache
 from cnnopt.data import datasets as data_module
 from cnnopt.data.datasets import load_data
-from cnnopt.data.duplicates import HASH_BYTES, image_hashes
+from cnnopt.data import duplicates
+from cnnopt.data.duplicates import HASH_BYTES, Counts, image_hashes
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import DataConfig, load_experiment
+from cnnopt.tracking.provenance import duplicate_tags
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +56,18 @@ def config(root: Path, **changes) -> DataConfig:
     return DataConfig(**{"dataset": "imagefolder", "root": str(root), "image_size": 8, **changes})
 
 
+def write_cifar(folder: Path, train: np.ndarray, test: np.ndarray) -> Path:
+    """folder/cifar-10-batches-py in CIFAR-10's python format: one train batch, the test batch, the class names."""
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True, exist_ok=True)
+    for name, data in (("data_batch_1", train), ("test_batch", test)):
+        with open(batches / name, "wb") as handle:
+            pickle.dump({b"data": data, b"labels": [i % 10 for i in range(len(data))]}, handle, protocol=2)
+    with open(batches / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle, protocol=2)
+    return batches
+
+
 def with_a_copy(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A pre-split folder whose test/ holds a train image again, under another name (and class folder)."""
     root = write_presplit(tmp_path / "set")
@@ -67,7 +82,7 @@ def test_a_test_image_that_copies_a_train_image_is_one_warning_line(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: 1 of 7 test images is a copy of train images")
     assert f"test image {copy} = train image {original}" in err and "data.duplicates=drop" in err
-    assert len(data.test_y) == 7 and data.duplicates == {"val": 0, "test": 1}  # warn keeps it
+    assert len(data.test_y) == 7 and data.duplicates == Counts(val=0, test=1, dropped=False)  # warn keeps it
     load_data(config(root))
     assert capsys.readouterr().err == "", "said once, however often the data loads (a study loads it again)"
 
@@ -84,7 +99,7 @@ def test_drop_leaves_the_copy_out_of_test_and_changes_nothing_else(tmp_path, cap
     the_copy = rows(kept.test_x) - rows(dropped.test_x)
     assert len(dropped.test_y) == 6 and sum(the_copy.values()) == 1
     assert next(iter(the_copy)) in rows(kept.train_x), "the image left out is the train image's copy"
-    assert dropped.duplicates == {"val": 0, "test": 1}
+    assert dropped.duplicates == Counts(val=0, test=1, dropped=True)
     assert dropped.test_y.tolist() == [0] * 3 + [1] * 3  # holiday.png sat among b's images
 
 
@@ -113,7 +128,7 @@ def test_a_val_copy_and_a_test_copy_of_val_are_found_too(tmp_path, capsys):
     shutil.copy(root / "val" / "a" / "1.png", root / "test" / "a" / "again.png")  # a val image only
     data = load_data(config(root, duplicates="drop"))
     assert "left out 1 of 7 val images and 1 of 7 test images, copies of train or val images" in capsys.readouterr().err
-    assert data.duplicates == {"val": 1, "test": 1} and len(data.val_y) == 6 and len(data.test_y) == 6
+    assert data.duplicates == Counts(val=1, test=1, dropped=True) and len(data.val_y) == 6 and len(data.test_y) == 6
     assert not set(rows(data.val_x)) & set(rows(data.train_x))
     assert not set(rows(data.test_x)) & (set(rows(data.train_x)) | set(rows(data.val_x)))
 
@@ -124,30 +139,24 @@ def test_without_copies_every_setting_gives_the_same_splits_and_says_nothing(tmp
     for other in loaded[1:]:
         for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
             assert torch.equal(getattr(loaded[0], name), getattr(other, name)), name
-    assert all(data.duplicates == {"val": 0, "test": 0} for data in loaded)
+    assert all(data.duplicates == Counts(val=0, test=0, dropped=False) for data in loaded)
     assert capsys.readouterr().err == ""
 
 
 def test_digits_hold_no_copies_and_say_nothing(capsys):
     """The README's default study stays quiet: no digit scan appears twice, so no split copies another."""
     data = load_data(DataConfig())
-    assert data.duplicates == {"val": 0, "test": 0} and capsys.readouterr().err == ""
+    assert data.duplicates == Counts(val=0, test=0, dropped=False) and capsys.readouterr().err == ""
     sampled = load_data(DataConfig(subset=200, duplicates="error"))  # val and test against every train image
-    assert sampled.duplicates == {"val": 0, "test": 0}
+    assert sampled.duplicates == Counts(val=0, test=0, dropped=False)
 
 
 def test_cifar10_copies_are_named_by_their_batch_and_index(tmp_path, capsys):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
     rng = np.random.default_rng(0)
     train = rng.integers(0, 256, (40, 3072), dtype=np.uint8)
     test = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
     test[5] = train[17]  # the official test batch holds a training image again
-    for name, data in (("data_batch_1", train), ("test_batch", test)):
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": data, b"labels": [i % 10 for i in range(len(data))]}, handle, protocol=2)
-    with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle, protocol=2)
+    write_cifar(tmp_path, train, test)
     settings = DataConfig(dataset="cifar10", root=str(tmp_path), val_fraction=0.25, duplicates="drop")
     data = load_data(settings)
     err = capsys.readouterr().err
@@ -171,9 +180,9 @@ def test_a_cache_entry_stores_the_hashes_and_a_later_load_reads_them(tmp_path, c
         patch.setattr(data_module.duplicates, "image_hashes", no_hashing)
         patch.setattr(data_cache, "image_hashes", no_hashing)
         again = load_data(config(root))
-    assert again.duplicates == first.duplicates == {"val": 0, "test": 1}
+    assert again.duplicates == first.duplicates == Counts(val=0, test=1, dropped=False)
     (entry / data_cache.HASHES).unlink()  # an entry written before the hashes were: they are added once
-    assert load_data(config(root)).duplicates == {"val": 0, "test": 1}
+    assert load_data(config(root)).duplicates == Counts(val=0, test=1, dropped=False)
     assert np.array_equal(np.load(entry / data_cache.HASHES), stored)
 
 
@@ -188,8 +197,99 @@ def test_a_streamed_train_split_is_checked_from_the_stored_hashes(tmp_path, monk
     monkeypatch.setattr(data_module.duplicates, "image_hashes", no_hashing)
     in_memory = load_data(config(root, duplicates="drop"))
     assert streamed.streamed and not in_memory.streamed
-    assert streamed.duplicates == in_memory.duplicates == {"val": 0, "test": 1}
+    assert streamed.duplicates == in_memory.duplicates == Counts(val=0, test=1, dropped=True)
     assert torch.equal(streamed.test_x, in_memory.test_x) and torch.equal(streamed.train_x, in_memory.train_x)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_drop_that_empties_a_split_says_the_copies_did_and_how_to_keep_them(tmp_path, split):
+    root = write_presplit(tmp_path / "set", (("train", 4), ("val", 1), ("test", 1)))
+    for name in ("a", "b"):  # the split's only images, one per class, are train images again
+        shutil.copy(root / "train" / name / "3.png", root / split / name / "0.png")
+    load_data(config(root))  # warn: the split keeps them
+    with pytest.raises(UsageError) as caught:
+        load_data(config(root, duplicates="drop"))
+    message = str(caught.value)
+    assert message.startswith(f"data.duplicates=drop would leave no {split} images: 2 of 2 {split} images are copies "
+                              f"of train images, pixel for pixel (e.g. {split} image {root / split / 'a' / '0.png'} = "
+                              f"train image {root / 'train' / 'a' / '3.png'})")
+    assert f"remove the copies from {root}" in message and "data.duplicates=warn" in message
+    assert "val_fraction" not in message and "\n" not in message
+
+
+def test_the_dropped_flag_is_what_the_load_did_and_the_tags_read_it(tmp_path):
+    root, _, _ = with_a_copy(tmp_path)
+    dropped = load_data(config(root, duplicates="drop")).duplicates
+    kept = load_data(config(root)).duplicates
+    clean = load_data(config(write_presplit(tmp_path / "clean"), duplicates="drop")).duplicates
+    assert (dropped.dropped, kept.dropped, clean.dropped) == (True, False, False)
+    assert duplicate_tags(dropped) == {
+        "duplicate_val_images": "0", "duplicate_test_images": "1", "duplicates_dropped": "true"}
+    assert duplicate_tags(kept)["duplicates_dropped"] == "false"
+    assert duplicate_tags(None) == {}  # data built without a load (a benchmark's): no tags
+
+
+@pytest.fixture
+def hashings(monkeypatch) -> list[int]:
+    """How many images `duplicates.image_hashes` has hashed since the test began, one entry a call."""
+    counted, original = [], duplicates.image_hashes
+
+    def counting(images):
+        counted.append(len(images))
+        return original(images)
+
+    monkeypatch.setattr(duplicates, "image_hashes", counting)
+    return counted
+
+
+def test_digits_are_hashed_once_per_process(hashings):
+    load_data(DataConfig())
+    load_data(DataConfig(subset=200, seed=3))  # a budget's subset, another seed: the same images
+    assert hashings in ([], [1797]), "at most once (none where an earlier test of this process loaded them)"
+
+
+def test_cifar10_is_hashed_once_per_process_until_a_batch_changes(tmp_path, hashings):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (40, 3072), dtype=np.uint8)
+    test = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+    batches = write_cifar(tmp_path, train, test)
+    settings = DataConfig(dataset="cifar10", root=str(tmp_path), val_fraction=0.25)
+    assert load_data(settings).duplicates.test == 0
+    assert load_data(dataclasses.replace(settings, subset=20)).duplicates.test == 0
+    assert hashings == [40, 20], "the train batch and the test batch, once"
+    test[5] = train[17]  # the test batch rewritten with a train image: the same size, another mtime
+    write_cifar(tmp_path, train, test)
+    stat = (batches / "test_batch").stat()  # a later mtime, as a rewrite seconds later has
+    os.utime(batches / "test_batch", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert load_data(settings).duplicates.test == 1
+    assert hashings == [40, 20, 40, 20]
+
+
+def test_an_uncached_folder_is_hashed_once_per_process_until_a_file_changes(tmp_path, hashings):
+    root = write_presplit(tmp_path / "set")
+    settings = config(root, cache=False)
+    assert load_data(settings).duplicates.test == 0
+    assert load_data(dataclasses.replace(settings, subset=4)).duplicates.test == 0
+    assert hashings == [12, 6, 6], "the train, val and test folders' images, once"
+    shutil.copy(root / "train" / "a" / "2.png", root / "test" / "b" / "holiday.png")
+    assert load_data(settings).duplicates.test == 1
+    assert hashings == [12, 6, 6, 12, 6, 7]
+
+
+def test_val_and_test_are_checked_against_every_train_image_not_the_subset(tmp_path):
+    """A budget's subset leaves train images out; a test image copying one is still a copy (and the same
+    val and test images are scored at every subset size)."""
+    root, _, _ = with_a_copy(tmp_path)
+    full = load_data(config(root, duplicates="drop"))
+    [the_copy] = rows(load_data(config(root)).test_x) - rows(full.test_x)
+    for seed in range(8):  # a seed whose subset of 2 leaves the original (train/a/2.png) out
+        small = load_data(config(root, subset=2, seed=seed, duplicates="drop"))
+        if the_copy not in rows(small.train_x):
+            break
+    else:
+        pytest.fail("every seed's subset kept the original")
+    assert small.duplicates == Counts(val=0, test=1, dropped=True)
+    assert torch.equal(small.test_x, full.test_x) and torch.equal(small.val_x, full.val_x)
 
 
 def test_the_setting_is_checked_where_it_enters():

@@ -7,15 +7,17 @@ at reduced scale). Image folders are decoded on threads (`cnnopt.data.decode`) a
 (`cnnopt.data.cache`); a train split larger than `data.memory_limit_mb` stays memory-mapped from
 the cache and is read a batch at a time. Val and test images that copy a train image pixel for pixel
 are found from per-image hashes (`cnnopt.data.duplicates`) and warned about, left out or refused.
+The splits are made in three steps, in this order on one seeded generator: val and test are carved
+(`_plan_splits`), their copies of train images are found (`_without_copies`), and data.subset is drawn
+from the train split (`_draw_subset`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from cnnopt.errors import UsageError
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 IMAGEFOLDER_DEFAULT_SIZE = 64  # photos of any size are brought to this side unless image_size is set
+DIGITS_KEY = "sklearn.datasets.load_digits"  # bundled with scikit-learn: the same pixels for a process's life
 
 
 @dataclass
@@ -46,9 +49,9 @@ class ImageData:
     mean: list[float]  # per channel, of train pixels scaled to [0, 1]
     std: list[float]
     train_path: str = ""  # set when train_x is memory-mapped from this file (the split exceeded the memory limit)
-    # {"val": n, "test": m}: the images of each that copied a train (test: or val) image when the data loaded;
-    # no longer in the split where data.duplicates = drop. Recorded on runs (`provenance.duplicate_tags`).
-    duplicates: dict[str, int] = field(default_factory=dict)
+    # How many val and test images copied a train (test: or val) image when the data loaded, and whether they
+    # were left out (data.duplicates = drop); None where no load made the data. Recorded on runs.
+    duplicates: duplicates.Counts | None = None
 
     @property
     def streamed(self) -> bool:
@@ -98,14 +101,17 @@ def load_data(cfg: DataConfig) -> ImageData:
     entry = files = None
     if cfg.dataset == "digits":
         x, y, names = _load_digits()
-        parts = {"pool": (x, y)}
+        parts, source = {"pool": (x, y)}, DIGITS_KEY
     elif cfg.dataset == "cifar10":
-        parts, names = _load_cifar10(cfg)
+        parts, names, source = _load_cifar10(cfg)
     else:
-        parts, names, entry, files = _load_imagefolder(cfg)
+        parts, names, entry, files, source = _load_imagefolder(cfg)
     size = cfg.image_size or (IMAGEFOLDER_DEFAULT_SIZE if cfg.dataset == "imagefolder" else 0)
     labels = {name: y for name, (_, y) in parts.items()}
-    plan, copies = _without_copies(cfg, parts, labels, _plan_splits(labels, cfg), entry, files)
+    rng = np.random.default_rng(cfg.seed)
+    plan = _plan_splits(labels, cfg, rng)
+    plan, copies = _without_copies(cfg, _part_hashes(parts, entry, source), labels, plan, files)
+    plan = _draw_subset(plan, labels, cfg, rng)
     train_path = _streamed_train_path(cfg, entry, plan, parts)
     # An image folder's parts are views of one decoded array (or of the cache file): each split gets
     # its own copy, so it holds only its own images in memory.
@@ -170,13 +176,15 @@ def channel_stats(x: torch.Tensor, chunk_bytes: int = 2**24) -> tuple[list[float
     return mean, [max(math.sqrt(v), 1e-3) for v in variance]  # a constant channel must not divide by zero
 
 
-def _plan_splits(labels: dict[str, torch.Tensor], cfg: DataConfig) -> dict[str, tuple[str, np.ndarray | None]]:
-    """Which rows of which part make each split: (part, sorted rows), rows None = the whole part.
+def _plan_splits(labels: dict[str, torch.Tensor], cfg: DataConfig,
+                 rng: np.random.Generator) -> dict[str, tuple[str, np.ndarray | None]]:
+    """Which rows of which part make each split: (part, sorted rows), rows None = the whole part; train is
+    every image val and test leave, before `_draw_subset` samples it.
 
-    The missing splits are carved out of the labelled pool, stratified and seeded, from the labels
-    alone, so the split is the same whether the images are in memory, cached or streamed.
+    The missing splits are carved out of the labelled pool, stratified and drawn with `rng` (seeded by
+    data.seed), from the labels alone, so the split is the same whether the images are in memory, cached
+    or streamed.
     """
-    rng = np.random.default_rng(cfg.seed)
     pool_y = labels["pool"].numpy()
     out = {}
     remaining = np.arange(len(pool_y))
@@ -190,52 +198,62 @@ def _plan_splits(labels: dict[str, torch.Tensor], cfg: DataConfig) -> dict[str, 
         out[name] = ("pool", chosen)
         remaining = np.setdiff1d(remaining, chosen)
         carved = True
-    if cfg.subset > len(remaining):  # the README promises exactly that many: more would silently be all of them
-        raise UsageError(f"data.subset = {cfg.subset} is more than the {len(remaining)} training images left once "
-                         "val and test are set apart; lower it (or 0 for every image)")
-    if cfg.subset and cfg.subset < len(remaining):
-        # After val and test are carved, so every subset size is measured on the same val and test images.
-        classes = len(np.unique(pool_y[remaining]))
-        if cfg.subset < classes:
-            raise UsageError(f"data.subset = {cfg.subset} keeps fewer training images than the {classes} classes; "
-                             f"give at least {classes} (or 0 for every image)")
-        remaining = remaining[_stratified_count(pool_y[remaining], cfg.subset, rng)]
-        carved = True
     out["train"] = ("pool", remaining if carved else None)
     return out
 
 
-def _without_copies(cfg: DataConfig, parts: dict, labels: dict[str, torch.Tensor], plan: dict, entry,
-                    files: dict[str, list[Path]] | None) -> tuple[dict, dict[str, int]]:
-    """Find the val and test images that copy an earlier split's image (`duplicates.find`) and act as
-    data.duplicates says: the plan without them where it is drop, and how many each split held.
+def _draw_subset(plan: dict, labels: dict[str, torch.Tensor], cfg: DataConfig, rng: np.random.Generator) -> dict:
+    """The plan with a stratified sample of data.subset train images, drawn with `rng` where `_plan_splits`
+    left it; the plan itself where data.subset is 0 or every train image.
 
-    The hashes are of each part's images as loaded: a folder's decoded images (stored with its cache
-    entry), digits' and CIFAR-10's own pixels (a resize maps equal images to equal images). Val and test
-    are compared with the train split before data.subset samples it, so they stay the same at every
-    subset size (a time budget's search and its final training select on one val split).
+    After val and test are carved and checked for copies, so every subset size is measured on the same val
+    and test images.
     """
-    hashes = _part_hashes(parts, entry)
-    train = _plan_splits(labels, dataclasses.replace(cfg, subset=0))["train"] if cfg.subset else plan["train"]
-    chosen = {"train": train, "val": plan["val"], "test": plan["test"]}
-    rows = {split: _rows(len(labels[part]), picked) for split, (part, picked) in chosen.items()}
-    found = duplicates.find(*(hashes[chosen[split][0]][rows[split]] for split in ("train", "val", "test")))
+    part, picked = plan["train"]
+    part_y = labels[part].numpy()
+    rows = _rows(len(part_y), picked)
+    if cfg.subset > len(rows):  # the README promises exactly that many: more would silently be all of them
+        raise UsageError(f"data.subset = {cfg.subset} is more than the {len(rows)} training images left once "
+                         "val and test are set apart; lower it (or 0 for every image)")
+    if not cfg.subset or cfg.subset == len(rows):
+        return plan
+    classes = len(np.unique(part_y[rows]))
+    if cfg.subset < classes:
+        raise UsageError(f"data.subset = {cfg.subset} keeps fewer training images than the {classes} classes; "
+                         f"give at least {classes} (or 0 for every image)")
+    return {**plan, "train": (part, rows[_stratified_count(part_y[rows], cfg.subset, rng)])}
+
+
+def _without_copies(cfg: DataConfig, hashes: dict[str, np.ndarray], labels: dict[str, torch.Tensor], plan: dict,
+                    files: dict[str, list[Path]] | None) -> tuple[dict, duplicates.Counts]:
+    """Find the val and test images that copy an earlier split's image (`duplicates.find`) and act as
+    data.duplicates says (`duplicates.handle`): the plan without them where they are dropped, and the counts.
+
+    The hashes are of each part's images as loaded (`_part_hashes`): a resize maps equal images to equal
+    images. Val and test are compared with the whole train split, before `_draw_subset` samples it, so
+    they stay the same at every subset size (a time budget's search and its final training select on one
+    val split).
+    """
+    rows = {split: _rows(len(labels[part]), picked) for split, (part, picked) in plan.items()}
+    found = duplicates.find(*(hashes[plan[split][0]][rows[split]] for split in ("train", "val", "test")))
 
     def name(split: str, row: int) -> str:
-        return _image_name(cfg, files, chosen[split][0], int(rows[split][row]))
+        return _image_name(cfg, files, plan[split][0], int(rows[split][row]))
 
-    duplicates.handle(cfg.duplicates, found, {split: len(rows[split]) for split in ("val", "test")}, name,
-                      cfg.root if files is not None else "")
-    if cfg.duplicates == "drop" and found.count:
-        plan = {**plan, **{split: (chosen[split][0], rows[split][~copied])
+    dropped = duplicates.handle(cfg.duplicates, found, {split: len(rows[split]) for split in ("val", "test")}, name,
+                                cfg.root if files is not None else "")
+    if dropped:
+        plan = {**plan, **{split: (plan[split][0], rows[split][~copied])
                            for split, copied in (("val", found.val), ("test", found.test)) if copied.any()}}
-    return plan, {"val": int(found.val.sum()), "test": int(found.test.sum())}
+    return plan, duplicates.Counts(int(found.val.sum()), int(found.test.sum()), dropped)
 
 
-def _part_hashes(parts: dict, entry) -> dict[str, np.ndarray]:
-    """Each part's image hashes: a cache entry's stored ones, else hashed here."""
+def _part_hashes(parts: dict, entry, source) -> dict[str, np.ndarray]:
+    """Each part's image hashes: a cache entry's stored ones, else this process's for `source`, the key of
+    the parts' bytes (`duplicates.source_hashes`): digits' and CIFAR-10's own pixels, an uncached folder's
+    decoded images."""
     if entry is None:
-        return {part: duplicates.image_hashes(x) for part, (x, _) in parts.items()}
+        return duplicates.source_hashes(source, {part: x for part, (x, _) in parts.items()})
     stored = data_cache.stored_hashes(entry)
     return {part: stored[first:end] for part, (first, end) in entry.index["parts"].items()}
 
@@ -312,7 +330,9 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return x, torch.from_numpy(digits.target).long(), [str(d) for d in range(10)]
 
 
-def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str]]:
+def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str], tuple]:
+    """CIFAR-10's parts (pool: the five train batches; test), class names, and what identifies the batches'
+    bytes for `duplicates.source_hashes`: each file's resolved path, size and mtime, taken before it is read."""
     root = Path(cfg.root or "data")
     folder = _cifar_folder(cfg, missing_ok=cfg.download)
     if not (folder / "batches.meta").exists():
@@ -328,10 +348,11 @@ def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str]]:
     train_files = sorted(folder.glob("data_batch_*"))
     if not train_files or not (folder / "test_batch").exists():
         raise UsageError(f"{folder} lacks data_batch_* or test_batch files; re-extract the CIFAR-10 python archive there")
+    source = tuple(_cifar_file_key(path) for path in [*train_files, folder / "test_batch"])
     train = [_cifar_batch(path) for path in train_files]
     parts = {"pool": (torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])),
              "test": _cifar_batch(folder / "test_batch")}
-    return parts, names
+    return parts, names, source
 
 
 def _cifar_folder(cfg: DataConfig, missing_ok: bool = False) -> Path:
@@ -342,6 +363,15 @@ def _cifar_folder(cfg: DataConfig, missing_ok: bool = False) -> Path:
         raise UsageError(f"CIFAR-10 not found in {folder}: set data.root to the folder holding cifar-10-batches-py, "
                          "or set data.download=true to fetch it")
     return folder
+
+
+def _cifar_file_key(path: Path) -> tuple[str, int, int]:
+    """What identifies a batch file's bytes: its resolved path, size and mtime."""
+    try:
+        stat = path.stat()
+    except OSError as exc:  # removed since the folder was listed
+        raise UsageError(f"cannot read CIFAR-10 file {path}: {exc}") from None
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def _unpickle(path: Path) -> dict:
@@ -359,9 +389,10 @@ def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(batch["labels"], dtype=torch.long)
 
 
-def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entry | None, dict[str, list[Path]]]:
+def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entry | None, dict[str, list[Path]], str]:
     """The folder's parts (pool, and val/test where it is pre-split), class names, cache entry (None
-    with data.cache=false) and each part's files, in the order of its images."""
+    with data.cache=false), each part's files, in the order of its images, and the key of the decoded
+    images (`cache.folder_key`: every file's path, size and mtime, taken before decoding)."""
     root = _imagefolder_root(cfg)
     split_dirs = {"pool": root / "train", "val": root / "val", "test": root / "test"}
     if not (root / "val").is_dir() and (root / "valid").is_dir():
@@ -388,9 +419,9 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
     size = cfg.image_size or IMAGEFOLDER_DEFAULT_SIZE
     decode = partial(decode_files, paths, size, workers=cfg.decode_workers or default_workers(), label=str(root))
     entry = None
+    key = data_cache.folder_key(root, paths, size)  # also what an uncached folder's hashes are remembered by
     if cfg.cache:
         cache = data_cache.cache_folder(cfg.cache_dir)
-        key = data_cache.folder_key(root, paths, size)
         index = {"root": str(root.resolve()), "image_size": size, "class_names": names, "parts": bounds,
                  "labels": labels.tolist(), "paths": [str(path.relative_to(root)) for path in paths]}
         entry = data_cache.load(cache, key) or data_cache.store(cache, key, decode, index, len(paths) * 3 * size**2)
@@ -398,7 +429,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
     else:
         images = torch.from_numpy(decode(allocate=partial(_allocate_in_memory, cfg)))
     parts = {name: (images[start:end], labels[start:end]) for name, (start, end) in bounds.items()}
-    return parts, names, entry, {name: [path for path, _ in listed] for name, listed in files.items()}
+    return parts, names, entry, {name: [path for path, _ in listed] for name, listed in files.items()}, key
 
 
 def _imagefolder_root(cfg: DataConfig) -> Path:

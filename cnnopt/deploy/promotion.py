@@ -184,7 +184,7 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         registered = registry.record_promotion(settings, run, metrics, scratch / "confusion_matrix.png", model_dir,
                                                tracking.split_digest(data.test_x, data.test_y),
                                                tracking.split_digest(data.val_x, data.val_y), reads,
-                                               tracking.duplicate_tags(settings.data, data.duplicates))
+                                               tracking.duplicate_tags(data.duplicates))
     return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], registered.version,
                      registered.moved, registered.previous, files, settings.name, registered.reason, again,
                      reads, study_name)

@@ -6,8 +6,8 @@
   every run by `store.start_run`.
 - Dataset: the train split a run trained on, as an MLflow dataset input (name, source, digest of the
   split's uint8 images and labels, context `train`). A study computes it once, in the driver.
-- Duplicates: how many val and test images copied a train image when the data loaded, as tags
-  (`duplicate_tags`), so `mlflow.search_runs` shows which scores were optimistic.
+- Duplicates: how many val and test images copied a train image when the data loaded, and whether the
+  load left them out, as tags (`duplicate_tags`), so `mlflow.search_runs` shows which scores were optimistic.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mlflow.entities import Dataset, DatasetInput, InputTag, SourceType
@@ -26,6 +27,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
 from cnnopt.experiment.config import DataConfig
+
+if TYPE_CHECKING:  # the data package imports torch, which a process that only records runs need not load
+    from cnnopt.data.duplicates import Counts
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the cnnopt package folder
 VERSION_TAG = "cnnopt.version"
@@ -99,19 +103,18 @@ def splits_digest(train_x, train_y, val_x, val_y) -> str:
                            digest_size=8).hexdigest()
 
 
-def duplicate_tags(config: DataConfig, copies: dict[str, int]) -> dict[str, str]:
+def duplicate_tags(copies: Counts | None) -> dict[str, str]:
     """Tags saying how many val and test images copied a train (test: or val) image, pixel for pixel, when
-    the data loaded (`ImageData.duplicates`), and whether they were left out of the splits (data.duplicates
-    = drop) or are in the scores; {} where the data holds no count.
+    the data loaded, and whether the load left them out of the splits or they are in the scores; {} where
+    no load made the data.
 
     Args:
-        config: the [data] table the data was loaded with.
-        copies: {"val": n, "test": m}.
+        copies: `ImageData.duplicates`: the load decided what was dropped, and its record says so.
     """
     if not copies:
         return {}
-    return {"duplicate_val_images": str(copies["val"]), "duplicate_test_images": str(copies["test"]),
-            "duplicates_dropped": str(config.duplicates == "drop" and any(copies.values())).lower()}
+    return {"duplicate_val_images": str(copies.val), "duplicate_test_images": str(copies.test),
+            "duplicates_dropped": str(copies.dropped).lower()}
 
 
 def train_dataset(config: DataConfig, images, labels) -> DatasetInput:
