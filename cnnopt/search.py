@@ -28,7 +28,7 @@ from cnnopt.study.final import train_final
 from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, resume_command, run_study, stop_ray
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import studies
-from cnnopt.tracking.recorder import record_choice
+from cnnopt.tracking.recorder import record_budget, record_choice
 
 # Flags that override the experiment's [search] table, each named like its setting.
 SEARCH_FLAGS = ("strategy", "trials", "concurrency", "scheduler", "cpus_per_trial", "gpus_per_trial", "seed",
@@ -282,7 +282,8 @@ def final_training(experiment, outcome, run_id: str, what: str, deadline: float,
 def print_budget(outcome, spent: dict, total: float, interrupted: bool = False) -> None:
     """A time budget's plan against what happened, printed and logged on the study's parent run. After a
     Ctrl-C the phase it cut short shows the seconds it ran, and the later ones none. A resume after the
-    search shows (and logs) the phases it ran: the search's seconds on record stay those it took."""
+    search shows the phases it ran; on the parent each phase's seconds are summed over the study's commands
+    (`record_budget`): the search's stay those it took."""
     plan = outcome.plan
     actual = {"start": plan.started, "search": spent.get("search", 0.0), "confirm": spent.get("confirm", 0.0),
               "final": spent.get("final", 0.0), "finish": spent.get("finish", 0.0)}
@@ -296,8 +297,8 @@ def print_budget(outcome, spent: dict, total: float, interrupted: bool = False) 
           f"{', interrupted' if interrupted else ''} (planned / actual seconds):")
     for phase in planned:
         print(f"  {phase:8s}{planned[phase]:6.0f} / {actual[phase]:4.0f}")
-    record_choice(outcome.parent_run_id, {**{f"budget_{phase}_seconds": value for phase, value in actual.items()},
-                                          "budget_used_seconds": total}, {})
+    record_budget(outcome.parent_run_id, {**{f"budget_{phase}_seconds": value for phase, value in actual.items()},
+                                          "budget_used_seconds": total})
 
 
 def confirm_best(experiment, outcome, address: str | None):

@@ -458,6 +458,7 @@ def test_a_budgeted_study_cut_short_after_its_search_resumes_its_plan(ray_sessio
     planned = parent.data.params
     assert planned["plan.confirm_top"] == "0" and float(planned["plan.final"]) > 0
     searched = parent.data.metrics["budget_search_seconds"]
+    first = {key: value for key, value in parent.data.metrics.items() if key.startswith("budget_")}
     trials_run = len(children(mlflow_store, "cut", "trial"))
 
     monkeypatch.setattr(runner, "measure_epoch", lambda *args: 0.05)  # 20x faster: a new plan would confirm
@@ -486,6 +487,11 @@ def test_a_budgeted_study_cut_short_after_its_search_resumes_its_plan(ray_sessio
     table = out[re.search(r"time budget 1 min, resumed after its search: [\d.]+ min planned, used", out).start():]
     assert "\n  final " in table and "\n  search " not in table, "the phases this resume ran"
     assert parent.data.metrics["budget_search_seconds"] == searched, "the search's seconds on record stay its own"
+    # Each phase's seconds are summed over the two commands (the resume's start and final add to the first's).
+    assert parent.data.tags["budget_sessions"] == "2"
+    for phase in ("start", "final", "used"):
+        key = f"budget_{phase}_seconds"
+        assert parent.data.metrics[key] > first[key], (key, first[key], parent.data.metrics[key])
 
 
 def test_a_resume_that_searches_plans_anew_and_records_that_plan_for_a_later_resume(ray_session, mlflow_store, capsys,
@@ -509,8 +515,70 @@ def test_a_resume_that_searches_plans_anew_and_records_that_plan_for_a_later_res
         raise AssertionError("a resume after its search measured and planned again")
 
     monkeypatch.setattr(runner, "measure_epoch", probe)
-    studies.mark_finish(MlflowClient(tracking_uri=mlflow_store), parent.info.run_id, "running")  # its finish cut short
+    client = MlflowClient(tracking_uri=mlflow_store)
+    studies.mark_finish(client, parent.info.run_id, "running")  # its finish cut short
+    # Whether the search had ended was read and decided twice (for the plan, then for the trials): two reads of
+    # the parent that could disagree. A resume reads the parent once, and decides once.
+    reads, decisions = counted(monkeypatch, studies, "find_parent"), counted(monkeypatch, studies, "search_ended")
     finished = run_study(experiment, dataclasses.replace(options, resume=True))
+    assert (len(reads), len(decisions)) == (1, 1)
     assert finished.plan.resumed and finished.plan.epoch == searched.plan.epoch == 0.5
     assert finished.plan.trials == searched.plan.trials and finished.plan.finish == round(searched.plan.finish, 2)
     assert finished.searched.data.subset == searched.searched.data.subset
+
+    # A recorded plan that does not read (an older study's, a damaged tag): the resume plans again but searches no
+    # more; that plan is recorded, and a later resume after the search goes on with it.
+    client.set_tag(parent.info.run_id, studies.PLAN_TAG, "{not json")
+    trials_run = len(children(mlflow_store, "again", "trial"))
+    monkeypatch.setattr(runner, "measure_epoch", lambda *args: 0.3)
+    capsys.readouterr()
+    replanned = run_study(experiment, dataclasses.replace(options, resume=True))
+    out = capsys.readouterr().out
+    assert "a trial's epoch costs ~0.3s here" in out and "resuming: the search had ended" in out
+    assert not replanned.plan.resumed and len(children(mlflow_store, "again", "trial")) == trials_run
+    [parent] = children(mlflow_store, "again", "study")
+    assert Plan.recorded(studies.recorded_plan(parent)) == Plan.recorded(replanned.plan.record())
+    monkeypatch.setattr(runner, "measure_epoch", probe)
+    later = run_study(experiment, dataclasses.replace(options, resume=True))
+    assert later.plan.resumed and later.plan.epoch == 0.3 and later.plan.trials == replanned.plan.trials
+
+
+def counted(monkeypatch, module, name: str) -> list:
+    """Count the calls of `module.name` from here on (each call's arguments, in a list)."""
+    calls, real = [], getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_a_resumed_studys_budget_seconds_are_each_phases_over_its_commands(mlflow_store):
+    """After a resume the parent's `budget_*_seconds` mixed two commands: the search's seconds the first's, the
+    start, final, finish and used seconds the resume's alone (the first's overwritten). Each is now the seconds
+    its phase took over every command that ran it, logged at each command's step, with how many commands."""
+    from cnnopt.tracking.recorder import BUDGET_SESSIONS_TAG, record_budget
+
+    client = MlflowClient(tracking_uri=mlflow_store)
+    parent = client.create_run(client.create_experiment("digits")).info.run_id
+    # The first command searched and was cut short in its final training; the resume ran no search.
+    record_budget(parent, {"budget_start_seconds": 10.0, "budget_search_seconds": 60.0, "budget_confirm_seconds": 0.0,
+                           "budget_final_seconds": 5.0, "budget_finish_seconds": 0.0, "budget_used_seconds": 75.0})
+    assert client.get_run(parent).data.tags[BUDGET_SESSIONS_TAG] == "1"
+    record_budget(parent, {"budget_start_seconds": 4.0, "budget_confirm_seconds": 0.0, "budget_final_seconds": 25.0,
+                           "budget_finish_seconds": 20.0, "budget_used_seconds": 49.0})
+    run = client.get_run(parent)
+    assert {key: value for key, value in run.data.metrics.items() if key.startswith("budget_")} == {
+        "budget_start_seconds": 14.0, "budget_search_seconds": 60.0, "budget_confirm_seconds": 0.0,
+        "budget_final_seconds": 30.0, "budget_finish_seconds": 20.0, "budget_used_seconds": 124.0}
+    assert run.data.tags[BUDGET_SESSIONS_TAG] == "2", "resumed once"
+    history = client.get_metric_history(parent, "budget_final_seconds")
+    assert sorted((point.step, point.value) for point in history) == [(1, 5.0), (2, 30.0)]
+    # A study recorded before: its command's seconds at step 0, no tag; a resume adds to them as to one command's.
+    older = client.create_run(client.get_experiment_by_name("digits").experiment_id).info.run_id
+    client.log_metric(older, "budget_used_seconds", 75.0)
+    record_budget(older, {"budget_used_seconds": 49.0})
+    assert client.get_run(older).data.metrics["budget_used_seconds"] == 124.0
+    assert client.get_run(older).data.tags[BUDGET_SESSIONS_TAG] == "2"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ray
 import torch
+from mlflow.entities import Run
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -105,13 +106,17 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     try:
         search = resolve_resources(experiment.search, ray.cluster_resources())
         check_resources(experiment, search)  # what the cluster cannot run is said before the study writes anything
-        data, digest = open_study(experiment, options, space)
+        data, digest, parent = open_study(experiment, options, space)
         print(f"{options.header}; {placement(search)}" if options.header else placement(search), flush=True)
+        # Decided once, from the one read of a resumed study's parent: the plan and the trials follow one answer.
+        ended = parent is not None and studies.search_ended(parent)
         plan, asked = None, experiment
         if search.time_budget and options.planned:
-            plan, experiment, data = plan_budget(experiment, space, data, search, started, options)
+            plan, experiment, data = plan_budget(experiment, space, data, search, started, options,
+                                                 searched=searched_plan(parent) if ended else None)
             search = resolve_resources(experiment.search, ray.cluster_resources())
-        outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan, digest=digest)
+        outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan, digest=digest,
+                       parent=parent, search_ended=ended)
         kept = own_ray and options.keep_ray
         return dataclasses.replace(outcome, plan=plan, searched=experiment, ray_kept=kept)
     finally:
@@ -208,10 +213,13 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
     return space
 
 
-def open_study(experiment: Experiment, options: StudyOptions, space: Space) -> tuple[ImageData, str]:
+def open_study(experiment: Experiment, options: StudyOptions,
+               space: Space) -> tuple[ImageData, str, Run | None]:
     """Open the tracking store and load the data, checking what needs them (the model the data's images
-    build, a study of the same name in the store, a resume's data). Returns the data (no test split) and
-    the train and val splits' digest (`splits_digest`)."""
+    build, a study of the same name in the store, a resume's data). Returns the data (no test split), the
+    train and val splits' digest (`splits_digest`) and, on resume, the study's parent run (None where the
+    store holds none: reopening it says so). That parent is read here once: the data's check, whether the
+    search had ended, the plan it searched with and the record reopened all come from this one read."""
     tracking.make_client()
     data = load_data(experiment.data)
     build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
@@ -220,10 +228,12 @@ def open_study(experiment: Experiment, options: StudyOptions, space: Space) -> t
         raise UsageError(f"MLflow experiment {experiment.name!r} already holds a study named {options.name!r}; "
                          "pick another --name (or --resume it)")
     digest = tracking.splits_digest(data.train_x, data.train_y, data.val_x, data.val_y)
+    parent = None
     if options.resume:
-        studies.check_same_data(tracking.make_client(), options.name, experiment, digest)
+        parent = studies.find_parent(tracking.make_client(), options.name, experiment.name)
+        studies.check_same_data(parent, experiment, digest)
     # Trials get no test split at all: hyperparameters are selected on validation only.
-    return dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0]), digest
+    return dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0]), digest, parent
 
 
 def check_search(search: SearchConfig) -> None:
@@ -235,13 +245,14 @@ def check_search(search: SearchConfig) -> None:
 
 
 def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: SearchConfig, started: float,
-                options: StudyOptions) -> tuple[Plan, Experiment, ImageData]:
+                options: StudyOptions, searched: Plan | None = None) -> tuple[Plan, Experiment, ImageData]:
     """Measure a trial's epoch, split the time budget, print the plan; the planned experiment and its data.
-    A resume of a study whose search had ended goes on with the plan it searched with instead
-    (`Plan.after_search`): its search is not run again, so it is neither measured nor planned anew. A plan
+    A resume of a study whose search had ended goes on with the plan it searched with instead (`searched`,
+    `Plan.after_search`): its search is not run again, so it is neither measured nor planned anew. A plan
     made without a promotion (--no-promote) has no seconds for the confirmation, final training and
-    promotion a resume that promotes runs: that resume plans again."""
-    plan = searched_plan(experiment, options.name) if options.resume else None
+    promotion a resume that promotes runs: that resume plans again, as one does where the study recorded
+    no plan that reads (`searched` None)."""
+    plan = searched
     if plan is not None and plan.serves(options.promote):
         plan = plan.after_search(time.perf_counter() - started, confirm=search.confirm_top > 0,
                                  promote=options.promote)
@@ -261,26 +272,24 @@ def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: S
     return plan, planned, data
 
 
-def searched_plan(experiment: Experiment, study: str) -> Plan | None:
-    """The plan a study searched with, where its search had ended (`studies.search_ended`) and it recorded one
-    (`studies.recorded_plan`); else None: a study that searches plans its budget anew."""
-    parent = studies.find_parent(tracking.make_client(), study, experiment.name)
-    if parent is None or not studies.search_ended(parent):
-        return None
+def searched_plan(parent: Run) -> Plan | None:
+    """The time budget's plan a study last went on with, as its parent run records it (`studies.recorded_plan`);
+    None where it recorded none that reads (an older study, an unreadable tag)."""
     return Plan.recorded(studies.recorded_plan(parent))
 
 
 def _run(experiment: Experiment, search: SearchConfig, space: Space, data: ImageData,
          options: StudyOptions, *, recorded: Experiment | None = None, plan: Plan | None = None,
-         digest: str = "") -> StudyOutcome:
+         digest: str = "", parent: Run | None = None, search_ended: bool = False) -> StudyOutcome:
     """Open the study's record, run the trials it still needs, and close the record however that ended.
     `search` is the experiment's [search] with its resources resolved on this cluster; `recorded` the
-    settings as asked (what a resume starts from), where a time budget's plan changed them."""
+    settings as asked (what a resume starts from), where a time budget's plan changed them; `parent` and
+    `search_ended` what a resume read of its parent run (`open_study`), and decided from it."""
     started = time.perf_counter()
     recorder = _recorder(recorded or experiment, search, space, options.name,
                          tracking.train_dataset(experiment.data, data.train_x, data.train_y),  # once, in the driver
                          plan.params() if plan else {}, studies.data_tags(experiment), digest,
-                         tracking.duplicate_tags(experiment.data, data.duplicates))
+                         tracking.duplicate_tags(data.duplicates))
     callback = StudyCallback(recorder, metric=experiment.metric, epochs=experiment.train.epochs, searched=space.names,
                              hyperparameters=lambda config: tracking.hyperparameters(space.apply(experiment.train, config)))
     previous_sigint = signal.getsignal(signal.SIGINT)  # Ray's handler (and ours on top) must not outlive the study
@@ -301,10 +310,16 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     finished, counts, seconds, best = False, {}, {}, None
     try:
-        recorder.open(resume=options.resume)
-        if options.resume and plan is not None and not plan.resumed:  # a resume that searches again planned again
+        if options.resume:
+            recorder.reopen(parent)
+        else:
+            recorder.open()
+        # A resume that planned again: one that searches again, or one after the search whose recorded plan did
+        # not read or made no room for the promotion it runs (it searches no more, and goes on with this plan's
+        # confirmation and final). Either way this plan is what a later resume after the search goes on with.
+        if options.resume and plan is not None and not plan.resumed:
             studies.record_plan(recorder.client, recorder.parent_run_id, plan.record())
-        remaining = plan_trials(experiment, space, recorder, options.resume)
+        remaining = plan_trials(experiment, space, recorder, options.resume, search_ended)
         if remaining:
             _fit(_make_tuner(dataclasses.replace(experiment, search=search), space, data, options, callback,
                              recorder.past, remaining))
@@ -392,11 +407,13 @@ def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: 
         artifacts=[search_spaces.source_path(space.name)], dataset=dataset, trial_tags=trial_tags, space=space)
 
 
-def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, resume: bool) -> int:
-    """How many trials are left to run; on resume, an interrupted trial the space no longer holds is abandoned."""
+def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, resume: bool,
+                search_ended: bool = False) -> int:
+    """How many trials are left to run; on resume, an interrupted trial the space no longer holds is abandoned.
+    A resumed study whose search had ended (`studies.search_ended`) runs none: it finishes what follows them."""
     search = experiment.search
     strategy = STRATEGIES[search.strategy]
-    if resume and recorder.search_ended:  # the resume finishes what follows the trials
+    if search_ended:
         done = sum(trial.done for trial in recorder.past)
         print(f"resuming: the search had ended ({done} trials recorded); no trial runs again", flush=True)
         return 0

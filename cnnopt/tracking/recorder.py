@@ -63,7 +63,6 @@ class StudyRecorder:
         self.best: float | None = None
         self.top: tuple[int, float] | None = None  # (highest step, value) of the parent's best-so-far metric
         self.ended = 0  # trials ended, this session's and a resumed study's earlier ones: the curve's step
-        self.search_ended = False  # a resumed study's search had ended: what follows it was cut short
         self._client: MlflowClient | None = None
 
     def __getstate__(self):  # Ray pickles the callback that holds this; a client does not travel
@@ -81,32 +80,10 @@ class StudyRecorder:
         return studies.find_parent(make_client(), study, experiment.name) is not None
 
     def open(self, resume: bool = False) -> str:
-        """Create the parent run, or reopen it and read back its trials when the study is resumed."""
+        """Create the parent run, or reopen it and read back its trials when the study is resumed (`reopen`)."""
         found = studies.find_parent(self.client, self.study, self.experiment.name)
-        if resume and not found:
-            raise UsageError(f"the MLflow store {tracking_uri()} holds no study named {self.study!r}; "
-                             "set MLFLOW_TRACKING_URI to the store the study ran with")
-        if found:
-            self.parent_run_id = found.info.run_id
-            self.search_ended = studies.search_ended(found)
-            for child in self.trial_runs():
-                trial_id = child.data.tags.get(TRIAL_TAG, "")
-                self.children[trial_id] = child.info.run_id
-                self.numbers[trial_id] = int(child.data.tags.get("trial_number", 0))
-                self.past.append(self._past_trial(child))
-            self.past.sort(key=lambda past: past.number)
-            self.ended = sum(past.status != trials.INTERRUPTED for past in self.past)
-            self.client.update_run(self.parent_run_id, status="RUNNING")
-            for past in self.past:  # the best-so-far curve goes on from the best recorded trial
-                if past.status == trials.COMPLETED and past.value is not None:
-                    self._note_best(past.value)
-            # The curve's point at its highest step so far (what MLflow shows): steps were trial numbers in
-            # studies recorded before they counted ended trials, so it is read, not assumed.
-            curve = self.client.get_metric_history(self.parent_run_id, f"best_{self.experiment.metric}")
-            if curve:
-                top = max(curve, key=lambda point: (point.step, point.timestamp))
-                self.top = (top.step, top.value)
-            return self.parent_run_id
+        if resume or found:
+            return self.reopen(found)
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
                                        tags={**self.tags, STUDY_TAG: self.study, KIND_TAG: "study"})
         log(self.client, self.parent_run_id, params=self.params)
@@ -115,6 +92,33 @@ class StudyRecorder:
         studies.log_settings(self.client, self.parent_run_id, self.experiment)  # what --resume reads back
         for path in self.artifacts:
             self.client.log_artifact(self.parent_run_id, path, artifact_path="search_space")
+        return self.parent_run_id
+
+    def reopen(self, found) -> str:
+        """Reopen the study's parent run `found` and read back its trials. A resumed study's command reads its
+        parent once (`runner.open_study`) and hands it here: what it reopens is the record it decided from
+        (whether the search had ended, the plan). None: the store holds no such study, which is said."""
+        if found is None:
+            raise UsageError(f"the MLflow store {tracking_uri()} holds no study named {self.study!r}; "
+                             "set MLFLOW_TRACKING_URI to the store the study ran with")
+        self.parent_run_id = found.info.run_id
+        for child in self.trial_runs():
+            trial_id = child.data.tags.get(TRIAL_TAG, "")
+            self.children[trial_id] = child.info.run_id
+            self.numbers[trial_id] = int(child.data.tags.get("trial_number", 0))
+            self.past.append(self._past_trial(child))
+        self.past.sort(key=lambda past: past.number)
+        self.ended = sum(past.status != trials.INTERRUPTED for past in self.past)
+        self.client.update_run(self.parent_run_id, status="RUNNING")
+        for past in self.past:  # the best-so-far curve goes on from the best recorded trial
+            if past.status == trials.COMPLETED and past.value is not None:
+                self._note_best(past.value)
+        # The curve's point at its highest step so far (what MLflow shows): steps were trial numbers in
+        # studies recorded before they counted ended trials, so it is read, not assumed.
+        curve = self.client.get_metric_history(self.parent_run_id, f"best_{self.experiment.metric}")
+        if curve:
+            top = max(curve, key=lambda point: (point.step, point.timestamp))
+            self.top = (top.step, top.value)
         return self.parent_run_id
 
     def _past_trial(self, run) -> PastTrial:
@@ -290,3 +294,21 @@ def _record_retraining(experiment: Experiment, parent, name: str, tags: dict, pa
 def record_choice(parent_run_id: str, summary: dict[str, float], tags: dict) -> None:
     """The confirmation's outcome on the study's parent run: mean and std per configuration, the choice."""
     log(make_client(), parent_run_id, metrics=summary, tags=tags)
+
+
+BUDGET_SESSIONS_TAG = "budget_sessions"  # on a study's parent: how many commands its budget_* metrics sum
+
+
+def record_budget(parent_run_id: str, seconds: dict[str, float]) -> None:
+    """A time budget's seconds by phase (`budget_<phase>_seconds`, `budget_used_seconds`) on the study's parent
+    run, summed over the commands that ran it: a resume adds what it spent to what the earlier commands spent,
+    so each metric is what its phase took in all (the search's stays its own where a resume runs none; a final
+    training cut short and trained again counts both). Each command logs its sums at a step of its own (1, 2,
+    ...), and the tag `budget_sessions` says how many commands they sum: more than 1, the study was resumed."""
+    client = make_client()
+    run = client.get_run(parent_run_id)
+    before = run.data.metrics  # each at its highest step: the sums so far
+    # A study recorded before the tag logged each command's seconds over the last, at step 0: one command's.
+    sessions = int(run.data.tags.get(BUDGET_SESSIONS_TAG, 1 if before.keys() & seconds.keys() else 0)) + 1
+    log(client, parent_run_id, metrics={key: before.get(key, 0.0) + value for key, value in seconds.items()},
+        step=sessions, tags={BUDGET_SESSIONS_TAG: sessions})

@@ -143,20 +143,22 @@ def mark_finish(client: MlflowClient, parent_run_id: str, state: str) -> None:
 
 def search_ended(parent) -> bool:
     """Whether a study's search had ended when it stopped: what follows its trials had begun and was cut
-    short (a resume runs no trial again, and goes on with the time budget's plan it searched with)."""
+    short (a resume runs no trial again, and goes on with the time budget's plan it searched with). A resume
+    decides it once, from its one read of the parent (`runner.run_study`)."""
     return parent.data.tags.get(FINISH_TAG) == "running"
 
 
-PLAN_TAG = "plan"  # on a study's parent: the time budget's plan, as JSON, where a resume that searched planned again
+PLAN_TAG = "plan"  # on a study's parent: the time budget's plan, as JSON, where a resume planned again
 
 
 def record_plan(client: MlflowClient, parent_run_id: str, plan: dict) -> None:
-    """Record the plan a resumed study searches with: the `plan.*` params hold its first plan and cannot change."""
+    """Record the plan a resume planned again (`runner._run`): the `plan.*` params hold the study's first plan and
+    cannot change."""
     client.set_tag(parent_run_id, PLAN_TAG, json.dumps(plan))
 
 
 def recorded_plan(parent) -> dict:
-    """The time budget's plan the study last searched with: a resume's (`record_plan`) where one planned
+    """The time budget's plan the study last went on with: a resume's (`record_plan`) where one planned
     again, else its `plan.*` params; empty where it had no plan or its tag does not read (planned again then)."""
     if PLAN_TAG in parent.data.tags:
         try:
@@ -202,13 +204,14 @@ def load_settings(client: MlflowClient, study: str) -> Experiment:
     return settings
 
 
-def check_same_data(client: MlflowClient, study: str, experiment: Experiment, digest: str) -> None:
-    """A resumed study must train and select on the splits it started with: where the data changed since
-    (images added, removed or changed in the folder), its trials would mix two datasets and its best trial
-    be picked across them, so it is refused. Studies recorded before the digest was kept are not checked."""
-    parent = find_parent(client, study, experiment.name)
+def check_same_data(parent, experiment: Experiment, digest: str) -> None:
+    """A resumed study (its parent run `parent`; None where the store holds none) must train and select on the
+    splits it started with: where the data changed since (images added, removed or changed in the folder), its
+    trials would mix two datasets and its best trial be picked across them, so it is refused. Studies recorded
+    before the digest was kept are not checked."""
     recorded = parent.data.tags.get(DATA_TAG) if parent is not None else None
     if recorded and recorded != digest:
+        study = parent.data.tags.get(STUDY_TAG, "")
         where = f"the images under {experiment.data.root}" if experiment.data.root else "its data"
         raise UsageError(f"study {study!r} cannot be resumed: {where} changed since it started (its train and "
                          f"val splits' digest was {recorded}, now {digest}); restore the images it started with, "
