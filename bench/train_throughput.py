@@ -44,7 +44,7 @@ from torchvision.transforms import InterpolationMode
 
 from cnnopt.cli import run
 from cnnopt.data.augment import BatchAugment
-from cnnopt.experiment.config import TrainConfig, load_experiment, make_section
+from cnnopt.experiment.config import TrainConfig, field_types, load_experiment, make_section, parse_setting
 from cnnopt.data.datasets import ImageData, channel_stats, load_data
 from cnnopt.training import objective
 from cnnopt.training.model import build_model
@@ -251,7 +251,9 @@ def load(args) -> tuple[TrainConfig, ImageData]:
         values, data = {**dataclasses.asdict(TrainConfig()), **CIFAR_SYNTHETIC_TRAIN}, synthetic_cifar(args.seed)
     for item in args.overrides:
         key, _, value = item.partition("=")
-        values[key.strip().removeprefix("train.")] = value.strip()
+        name = key.strip().removeprefix("train.")
+        kind = field_types(TrainConfig).get(name)  # typed as cnnopt's own --set types it; an unknown key is refused
+        values[name] = value.strip() if kind is None else parse_setting(value.strip(), kind, f"--set {name}")
     if args.epochs:
         values["epochs"] = args.epochs
     return make_section(TrainConfig, values, "--set"), data

@@ -150,6 +150,7 @@ def test_set_with_wrong_type_is_rejected(override, expected_type):
     ("[train]\nepochs = \"2\"\n", "epochs must be int, got '2'; write it without quotes"),
     ("[train]\nlr = \"0.1\"\n", "lr must be float, got '0.1'; write it without quotes"),
     ("[train]\nflip = \"true\"\n", "flip must be bool, got 'true'; write it without quotes"),
+    ("[train]\nlr = \"1\"\n", "lr must be float, got '1'; write it without quotes"),
     ("[data]\nroot = 3\n", "root must be str"),
     ("name = 3\n", "name must be str"),
     ("train = 3\n", "[train] must be a table"),
@@ -158,6 +159,14 @@ def test_file_with_wrong_type_is_rejected(tmp_path, text, fragment):
     with pytest.raises(UsageError) as caught:
         load_experiment(write(tmp_path, text))
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["[train]\nlr = \"fast\"\n", "[train]\nflip = \"yes\"\n",
+                                  "[search]\ntime_budget = \"5 min\"\n", "[train]\nepochs = \"true\"\n"])
+def test_a_quoted_value_that_unquoted_would_still_be_wrong_gets_no_hint_to_unquote_it(tmp_path, text):
+    with pytest.raises(UsageError) as caught:
+        load_experiment(write(tmp_path, text))
+    assert "must be" in str(caught.value) and "quotes" not in str(caught.value)
 
 
 def test_set_values_are_typed_and_files_keep_their_types(tmp_path):

@@ -382,7 +382,7 @@ def _reject_unknown(values: dict[str, Any], allowed: set[str], where: str) -> No
 
 
 def _coerce(value: Any, kind: Any, name: str) -> Any:
-    """Check a typed value (TOML's, or one --set parsed, `_parse_string`) against the declared type and
+    """Check a typed value (TOML's, or one --set parsed, `parse_setting`) against the declared type and
     convert an int to a float. A string is not parsed here: in a TOML file `epochs = "2"` is a string, and a
     file that quotes a number is refused, not read as one."""
     kind = _declared(kind)
@@ -398,8 +398,21 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    quoted = "; write it without quotes" if isinstance(value, str) else ""
-    raise UsageError(f"{name} must be {kind.__name__}, got {value!r}{quoted}")
+    raise UsageError(f"{name} must be {kind.__name__}, got {value!r}{_unquote_hint(value, kind)}")
+
+
+def _unquote_hint(value: Any, kind: type) -> str:
+    """"; write it without quotes" where `value` is a TOML string that would be right unquoted (`"2"` for an
+    int); "" otherwise (`"fast"` for a float: no quotes would make it right)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        unquoted = tomllib.loads(f"v = {value}").get("v")
+    except tomllib.TOMLDecodeError:
+        return ""
+    fits = isinstance(unquoted, kind) and not (kind is int and isinstance(unquoted, bool)) or (
+        kind is float and isinstance(unquoted, int) and not isinstance(unquoted, bool))
+    return "; write it without quotes" if fits else ""
 
 
 def _declared(kind: Any) -> Any:
@@ -409,8 +422,9 @@ def _declared(kind: Any) -> Any:
     return kind
 
 
-def _parse_string(text: str, kind: Any, name: str) -> Any:
-    """A --set value's text as the field's declared type (`true`/`yes`/`1` for a bool)."""
+def parse_setting(text: str, kind: Any, name: str) -> Any:
+    """A --set value's text as the field's declared type (`true`/`yes`/`1` for a bool); `name` is what a wrong
+    value's message calls it."""
     kind = _declared(kind)
     if kind is str:
         return text
@@ -443,4 +457,4 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     kind = field_types(SECTIONS[section]).get(name)
     # Typed here, so that a wrong value's message names the --set that gave it; a key the section lacks stays
     # text, for _build to refuse by name.
-    table[name] = value.strip() if kind is None else _parse_string(value.strip(), kind, f"--set {section}.{name}")
+    table[name] = value.strip() if kind is None else parse_setting(value.strip(), kind, f"--set {section}.{name}")
