@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 def after_study(experiment, outcome, args: argparse.Namespace, started: float) -> int:
     """The study's summary, then its report, confirmation, final training and promotion; the exit code."""
     print_summary(experiment, outcome)
+    if outcome.plan is not None and outcome.parent_run_id and (outcome.interrupted or outcome.best is None):
+        record_budget(outcome.parent_run_id, budget_seconds(outcome, {"search": outcome.wall_seconds},  # seconds
+                                                            time.perf_counter() - started))  # are on record too
     if outcome.interrupted:
         print(f"\nThe study was interrupted. Resume it (with the settings it started with, from any machine that "
               f"reaches the tracking store) by:\n  {resume_command(outcome.name)}")
@@ -285,20 +288,29 @@ def print_budget(outcome, spent: dict, total: float, interrupted: bool = False) 
     search shows the phases it ran; on the parent each phase's seconds are summed over the study's commands
     (`record_budget`): the search's stay those it took."""
     plan = outcome.plan
-    actual = {"start": plan.started, "search": spent.get("search", 0.0), "confirm": spent.get("confirm", 0.0),
-              "final": spent.get("final", 0.0), "finish": spent.get("finish", 0.0)}
     planned = {"start": plan.started, "search": plan.search, "confirm": plan.confirm, "final": plan.final,
                "finish": plan.finish}
+    seconds = budget_seconds(outcome, spent, total)
     resumed = ""
-    if plan.resumed:
-        del actual["search"], planned["search"]
+    if "budget_search_seconds" not in seconds:
+        del planned["search"]
         resumed = f", resumed after its search: {sum(planned.values()) / 60:.1f} min planned"
     print(f"\ntime budget {plan.budget / 60:g} min{resumed}, used {total / 60:.1f} min"
           f"{', interrupted' if interrupted else ''} (planned / actual seconds):")
     for phase in planned:
-        print(f"  {phase:8s}{planned[phase]:6.0f} / {actual[phase]:4.0f}")
-    record_budget(outcome.parent_run_id, {**{f"budget_{phase}_seconds": value for phase, value in actual.items()},
-                                          "budget_used_seconds": total})
+        print(f"  {phase:8s}{planned[phase]:6.0f} / {seconds[f'budget_{phase}_seconds']:4.0f}")
+    record_budget(outcome.parent_run_id, seconds)
+
+
+def budget_seconds(outcome, spent: dict, total: float) -> dict[str, float]:
+    """This command's seconds by phase, as the parent run's `budget_<phase>_seconds` and `budget_used_seconds`
+    (`record_budget` sums them over the study's commands). A resume of a study whose search had ended
+    searched nothing: it has no search seconds, whatever its plan (one recorded, or made again)."""
+    actual = {"start": outcome.plan.started, "search": spent.get("search", 0.0), "confirm": spent.get("confirm", 0.0),
+              "final": spent.get("final", 0.0), "finish": spent.get("finish", 0.0)}
+    if outcome.plan.resumed or outcome.search_ended:
+        del actual["search"]
+    return {**{f"budget_{phase}_seconds": value for phase, value in actual.items()}, "budget_used_seconds": total}
 
 
 def confirm_best(experiment, outcome, address: str | None):

@@ -314,7 +314,7 @@ def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store,
     plan = SimpleNamespace(budget=120.0, started=10.0, search=60.0, confirm=0.0, final=25.0, finish=20.0,
                            final_ends=95.0, resumed=False)
     outcome = SimpleNamespace(best={"run_id": "r", "trial_number": 1}, parent_run_id=parent, plan=plan,
-                              searched=None, name="cut", wall_seconds=61.0)
+                              searched=None, name="cut", wall_seconds=61.0, search_ended=False)
 
     def final_training(*args):
         time.sleep(1.2)
@@ -582,3 +582,34 @@ def test_a_resumed_studys_budget_seconds_are_each_phases_over_its_commands(mlflo
     record_budget(older, {"budget_used_seconds": 49.0})
     assert client.get_run(older).data.metrics["budget_used_seconds"] == 124.0
     assert client.get_run(older).data.tags[BUDGET_SESSIONS_TAG] == "2"
+
+
+def test_a_command_cut_short_in_its_search_records_its_seconds_and_a_resume_after_the_search_none(mlflow_store,
+                                                                                                    monkeypatch, capsys):
+    """A command interrupted in its search (or whose trials all failed) never reached the budget's table, so its
+    seconds were on no record, and a resume's budget_search_seconds held the resume's search alone. A resume of a
+    study whose search had ended searched nothing, even where its recorded plan did not read and it planned again:
+    it adds no search seconds."""
+    from cnnopt.study.runner import StudyOutcome
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    client = MlflowClient(tracking_uri=mlflow_store)
+    parent = client.create_run(client.create_experiment("digits")).info.run_id
+    experiment = load_experiment(None)
+    plan = make_plan(SEARCH, 30, budget=600, started=20.0, epoch=10.0, slots=2, train_images=1000)
+    cut = StudyOutcome("cut", parent, {trials.INTERRUPTED: 2}, {}, None, 100.0, True, "", plan=plan)
+    args = SimpleNamespace(no_promote=False, no_report=True, address=None)
+    assert search.after_study(experiment, cut, args, time.perf_counter() - 130.0) == 130
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["budget_search_seconds"] == 100.0 and metrics["budget_start_seconds"] == 20.0
+    assert 130.0 <= metrics["budget_used_seconds"] < 140.0
+    # The resume searched again (its 50 s add to the first's 100 s), and its trials all failed.
+    failed = dataclasses.replace(cut, counts={trials.FAILED: 3}, wall_seconds=50.0, interrupted=False)
+    assert search.after_study(experiment, failed, args, time.perf_counter() - 60.0) == 1
+    run = client.get_run(parent)
+    assert run.data.metrics["budget_search_seconds"] == 150.0 and run.data.tags["budget_sessions"] == "2"
+    # A resume after the search, planned again (plan.resumed is False): no search seconds, whatever it spent.
+    ended = dataclasses.replace(cut, search_ended=True, wall_seconds=7.0)
+    seconds = search.budget_seconds(ended, {"search": 7.0, "final": 30.0}, 60.0)
+    assert "budget_search_seconds" not in seconds and seconds["budget_final_seconds"] == 30.0
+    capsys.readouterr()

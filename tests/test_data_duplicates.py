@@ -217,6 +217,15 @@ def test_drop_that_empties_a_split_says_the_copies_did_and_how_to_keep_them(tmp_
     assert "val_fraction" not in message and "\n" not in message
 
 
+def test_drop_that_empties_val_and_test_names_both(tmp_path):
+    root = write_presplit(tmp_path / "set", (("train", 4), ("val", 1), ("test", 1)))
+    for split in ("val", "test"):
+        for name in ("a", "b"):
+            shutil.copy(root / "train" / name / "3.png", root / split / name / "0.png")
+    with pytest.raises(UsageError, match="^data.duplicates=drop would leave no val and no test images: "):
+        load_data(config(root, duplicates="drop"))
+
+
 def test_the_dropped_flag_is_what_the_load_did_and_the_tags_read_it(tmp_path):
     root, _, _ = with_a_copy(tmp_path)
     dropped = load_data(config(root, duplicates="drop")).duplicates

@@ -370,8 +370,12 @@ def _cifar_file_key(path: Path) -> tuple[str, int, int]:
     try:
         stat = path.stat()
     except OSError as exc:  # removed since the folder was listed
-        raise UsageError(f"cannot read CIFAR-10 file {path}: {exc}") from None
+        raise _unreadable_cifar(path, exc) from None
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _unreadable_cifar(path: Path, error: Exception) -> UsageError:
+    return UsageError(f"cannot read CIFAR-10 file {path}: {error}; re-extract the CIFAR-10 python archive there")
 
 
 def _unpickle(path: Path) -> dict:
@@ -379,7 +383,7 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as handle:
             raw = pickle.load(handle, encoding="bytes")
     except Exception as exc:
-        raise UsageError(f"cannot read CIFAR-10 file {path}: {exc}") from None
+        raise _unreadable_cifar(path, exc) from None
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 

@@ -6,7 +6,8 @@ exact equality only, no near-duplicate search); a val image is a copy where its 
 a test image where it is a train or a val image's. `data.duplicates` says what follows: `warn` (one
 line), `drop` (the copies leave val and test, one line) or `error`. The train split never changes.
 A source without a cache entry to store its hashes in (digits, CIFAR-10, an uncached folder) is hashed
-once per process (`source_hashes`): a study loads its data up to four times.
+once per process (`source_hashes`): a budgeted study loads its data up to five times (its start, the
+search's subset, the confirmation, the final training, the promotion).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _remembered: dict[Hashable, dict[str, np.ndarray]] = {}  # source -> its parts' 
 
 def image_hashes(images: np.ndarray | torch.Tensor) -> np.ndarray:
     """Each image's hash: `(N, HASH_BYTES)` uint8 rows, of uint8 images `(N, ...)` in memory or memory-mapped
-    (read once, in order). 50,000 CIFAR-10 images take 0.2-0.3 s on one core of the 2-core CI machine."""
+    (read once, in order). CIFAR-10's 60,000 images take 0.2-0.3 s on one core of the 2-core CI machine."""
     array = images.numpy() if isinstance(images, torch.Tensor) else images
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
@@ -39,8 +40,8 @@ def image_hashes(images: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def source_hashes(source: Hashable, parts: dict[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:
     """Each part's `image_hashes`, computed once per process for a source: later loads of it (a budget's subset,
-    the confirmation, the final training) reuse them rather than read every image again (0.2-0.3 s for
-    CIFAR-10's 60,000 on the 2-core CI machine).
+    the confirmation, the final training, the promotion) reuse them rather than read every image again
+    (`image_hashes`' 0.2-0.3 s for CIFAR-10).
 
     Args:
         source: what identifies the parts' bytes, taken before they were read (each file's resolved path, size
@@ -58,7 +59,7 @@ def source_hashes(source: Hashable, parts: dict[str, np.ndarray | torch.Tensor])
     _remembered[source] = hashes  # the most recently used last
     while len(_remembered) > REMEMBERED_SOURCES:
         del _remembered[next(iter(_remembered))]
-    return hashes
+    return dict(hashes)  # the caller's own dict: what it does to it leaves the remembered one as it is
 
 
 @dataclass(frozen=True)
@@ -124,14 +125,13 @@ def handle(policy: str, copies: Copies, sizes: dict[str, int], name: Callable[[s
     copy_of = (f"{'a copy' if copies.count == 1 else 'copies'} of {sources} images, pixel for pixel "
                f"(e.g. {split} image {name(split, row)} = {source} image {name(source, source_row)})")
     what = f"{counts} {'is' if copies.count == 1 else 'are'} {copy_of}"
+    remove = f"remove the copies from {where}, or " if where else ""
     if policy == "error":
-        remove = f"remove the copies from {where}, or " if where else ""
         raise UsageError(f"{what}, so their scores would be optimistic; {remove}set data.duplicates=drop to leave "
                          "them out of val and test (or warn to keep them)")
     emptied = [split for split, mask in (("val", copies.val), ("test", copies.test)) if len(mask) and mask.all()]
     if policy == "drop" and emptied:  # not the generic empty-split error, which would blame val_fraction
-        remove = f"remove the copies from {where}, or " if where else ""
-        raise UsageError(f"data.duplicates=drop would leave no {emptied[0]} images: {what}; {remove}set "
+        raise UsageError(f"data.duplicates=drop would leave no {' and no '.join(emptied)} images: {what}; {remove}set "
                          "data.duplicates=warn to keep them in the scores (which are then optimistic)")
     line = (f"data.duplicates=drop: left out {counts}, {copy_of}" if policy == "drop" else
             f"warning: {what}: their scores are optimistic; remove the copies{f' from {where}' if where else ''} or "

@@ -73,6 +73,7 @@ class StudyOutcome:
     plan: Plan | None = None  # how a time budget was split (None without one)
     searched: Experiment | None = None  # the settings the trials ran with: the plan's, where a budget was planned
     ray_kept: bool = False  # the study started Ray and left it running (StudyOptions.keep_ray): stop it with stop_ray
+    search_ended: bool = False  # a resume of a study whose search had ended: this command searched nothing
 
 
 def default_study_name(experiment: Experiment) -> str:
@@ -118,7 +119,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan, digest=digest,
                        parent=parent, search_ended=ended)
         kept = own_ray and options.keep_ray
-        return dataclasses.replace(outcome, plan=plan, searched=experiment, ray_kept=kept)
+        return dataclasses.replace(outcome, plan=plan, searched=experiment, ray_kept=kept, search_ended=ended)
     finally:
         if own_ray and not kept:
             stop_ray()

@@ -304,7 +304,8 @@ def record_budget(parent_run_id: str, seconds: dict[str, float]) -> None:
     run, summed over the commands that ran it: a resume adds what it spent to what the earlier commands spent,
     so each metric is what its phase took in all (the search's stays its own where a resume runs none; a final
     training cut short and trained again counts both). Each command logs its sums at a step of its own (1, 2,
-    ...), and the tag `budget_sessions` says how many commands they sum: more than 1, the study was resumed."""
+    ...), and the tag `budget_sessions` says how many commands they sum: more than 1, the study was resumed.
+    Every command that ends its search, or is stopped in it, records its seconds (`search.after_study`)."""
     client = make_client()
     run = client.get_run(parent_run_id)
     before = run.data.metrics  # each at its highest step: the sums so far
