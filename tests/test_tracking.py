@@ -11,7 +11,7 @@ import pytest
 
 import search_spaces
 from cnnopt import tracking
-from cnnopt.tracking import provenance
+from cnnopt.tracking import provenance, studies
 from cnnopt.tracking.recorder import StudyRecorder
 from cnnopt.experiment.config import DataConfig, TrainConfig
 from cnnopt.experiment.config import load_experiment
@@ -25,6 +25,13 @@ def recorder(study: str = "s") -> StudyRecorder:
     return StudyRecorder(load_experiment(None), study, tags={}, params={}, artifacts=[])
 
 
+def reopened(study: str = "s") -> StudyRecorder:
+    """The study's record as a resume reopens it: from the parent run the runner read (`runner.open_study`)."""
+    record = recorder(study)
+    record.reopen(studies.find_parent(record.client, study, record.experiment.name))
+    return record
+
+
 def test_a_resume_reads_back_finished_and_cut_short_trials(mlflow_store):
     first = recorder()
     first.open()
@@ -36,8 +43,7 @@ def test_a_resume_reads_back_finished_and_cut_short_trials(mlflow_store):
     other = {**PARAMS, "lr": "0.1"}
     first.start_trial("t2", other, list(other))  # the driver dies here: run and parent stay RUNNING
 
-    second = recorder()
-    second.open(resume=True)
+    second = reopened()
     assert second.parent_run_id == first.parent_run_id
     assert [(p.number, p.status) for p in second.past] == [(1, "pruned"), (2, "interrupted")]
     assert second.past[0].params == {"lr": 0.01, "batch_size": 64, "optimizer": "sgd", "momentum": 0.9}
@@ -55,7 +61,7 @@ def test_a_resume_reads_back_finished_and_cut_short_trials(mlflow_store):
 
 def test_resume_of_a_study_the_store_lacks_says_which_store(mlflow_store):
     with pytest.raises(UsageError, match="MLFLOW_TRACKING_URI"):
-        recorder("missing").open(resume=True)
+        recorder("missing").reopen(None)  # what the runner's one read of the store found for it
 
 
 def test_a_rerun_is_recognised_from_the_params_as_logged(mlflow_store):
@@ -67,8 +73,7 @@ def test_a_rerun_is_recognised_from_the_params_as_logged(mlflow_store):
     first = recorder()
     first.open()
     first.start_trial("t1", logged, list(point))
-    second = recorder()
-    second.open(resume=True)
+    second = reopened()
     assert second.past[0].params == point and second.past[0].status == "interrupted"
     assert second.number("rerun", {name: logged[name] for name in point}) == 1
 
@@ -80,8 +85,7 @@ def test_the_best_so_far_goes_on_from_the_record(mlflow_store):
         first.start_trial(trial_id, PARAMS, list(PARAMS))
         first.end_trial(trial_id, "completed", {"val_accuracy": value})
     first.close(tracking.KILLED)
-    second = recorder()
-    second.open(resume=True)
+    second = reopened()
     assert second.best == 0.9, "the best completed trial, not the last point logged"
     second.start_trial("c", PARAMS, list(PARAMS))
     second.end_trial("c", "completed", {"val_accuracy": 0.85})
@@ -108,12 +112,10 @@ def test_an_abandoned_trial_is_neither_done_nor_rerun(mlflow_store):
     first = recorder()
     first.open()
     first.start_trial("t1", PARAMS, list(PARAMS))
-    second = recorder()
-    second.open(resume=True)
+    second = reopened()
     second.abandon(second.past[0], "optimizer='rmsprop' is outside search space 'lesson'")
     assert second.number("new", PARAMS) == 2, "no longer matched as a rerun"
-    third = recorder()
-    third.open(resume=True)
+    third = reopened()
     assert third.past[0].status == "abandoned" and not third.past[0].done
     assert "rmsprop" in third.client.get_run(third.past[0].run_id).data.tags["error"]
 
@@ -129,8 +131,7 @@ def test_the_parent_shows_the_best_even_when_a_rerun_logs_below_the_top_step(mlf
     first.end_trial("b", "completed", {"val_accuracy": 0.8})  # trial 2
     first.kill_unfinished()
     first.close(tracking.KILLED)
-    second = recorder()
-    second.open(resume=True)
+    second = reopened()
     assert second.number("rerun", other) == 1
     second.start_trial("rerun", other, list(other))
     second.end_trial("rerun", "completed", {"val_accuracy": 0.95})  # logged at step 1, below step 2

@@ -79,10 +79,10 @@ class StudyRecorder:
         """Whether the MLflow experiment already holds a study of this name."""
         return studies.find_parent(make_client(), study, experiment.name) is not None
 
-    def open(self, resume: bool = False) -> str:
-        """Create the parent run, or reopen it and read back its trials when the study is resumed (`reopen`)."""
+    def open(self) -> str:
+        """Create the parent run (or reopen one of the same study the store holds already: `reopen`)."""
         found = studies.find_parent(self.client, self.study, self.experiment.name)
-        if resume or found:
+        if found:
             return self.reopen(found)
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
                                        tags={**self.tags, STUDY_TAG: self.study, KIND_TAG: "study"})
