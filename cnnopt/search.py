@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 def after_study(experiment, outcome, args: argparse.Namespace, started: float) -> int:
     """The study's summary, then its report, confirmation, final training and promotion; the exit code."""
     print_summary(experiment, outcome)
+    # No finish follows (it logs the budget's table): this command's seconds are put on record here.
     if outcome.plan is not None and outcome.parent_run_id and (outcome.interrupted or outcome.best is None):
-        record_budget(outcome.parent_run_id, budget_seconds(outcome, {"search": outcome.wall_seconds},  # seconds
-                                                            time.perf_counter() - started))  # are on record too
+        record_budget(outcome.parent_run_id, budget_seconds(outcome, {}, time.perf_counter() - started))
     if outcome.interrupted:
         print(f"\nThe study was interrupted. Resume it (with the settings it started with, from any machine that "
               f"reaches the tracking store) by:\n  {resume_command(outcome.name)}")
@@ -180,7 +180,7 @@ def finish(experiment, outcome, *, report: bool, promotion: bool, address: str |
     """What follows the trials: the study report, the confirmation of the best configurations, the final
     training of the chosen one, promotion; and, under a time budget, its plan against what happened."""
     started = started or time.perf_counter() - outcome.wall_seconds
-    spent = {"search": outcome.wall_seconds}
+    spent: dict[str, float] = {}  # the phases after the search (`timed`)
     interrupted = False
     try:
         return _finish(experiment, outcome, report, promotion, address, started, spent)
@@ -304,11 +304,12 @@ def print_budget(outcome, spent: dict, total: float, interrupted: bool = False) 
 
 def budget_seconds(outcome, spent: dict, total: float) -> dict[str, float]:
     """This command's seconds by phase, as the parent run's `budget_<phase>_seconds` and `budget_used_seconds`
-    (`record_budget` sums them over the study's commands). A resume of a study whose search had ended
-    searched nothing: it has no search seconds, whatever its plan (one recorded, or made again)."""
-    actual = {"start": outcome.plan.started, "search": spent.get("search", 0.0), "confirm": spent.get("confirm", 0.0),
+    (`record_budget` sums them over the study's commands): the search's are the study's run
+    (`outcome.wall_seconds`), the later phases' what `spent` holds of them. A resume of a study whose search
+    had ended searched nothing: it has no search seconds, whatever its plan (one recorded, or made again)."""
+    actual = {"start": outcome.plan.started, "search": outcome.wall_seconds, "confirm": spent.get("confirm", 0.0),
               "final": spent.get("final", 0.0), "finish": spent.get("finish", 0.0)}
-    if outcome.plan.resumed or outcome.search_ended:
+    if outcome.search_ended:  # a plan goes on after its search (`Plan.resumed`) only where the search had ended
         del actual["search"]
     return {**{f"budget_{phase}_seconds": value for phase, value in actual.items()}, "budget_used_seconds": total}
 
