@@ -168,6 +168,18 @@ def test_edges_rank_by_the_mode_and_judge_the_top_trials_only():
     assert find_edges(frame[frame["status"] == "failed"], SPACE, "val_accuracy", "max") == []
 
 
+def test_no_edge_is_judged_on_fewer_completed_trials_than_the_top():
+    """Two completed trials at a bound, the rest pruned (as under ASHA or a time budget), were reported as an
+    edge of "the best 2 trials"; the rule judges the 3 best completed trials, so it says nothing yet."""
+    frame = trials_frame([{"lr": 0.45}, {"lr": 0.48}], rest=0)
+    pruned = frame.iloc[:1].assign(status="pruned", trial=9, lr=0.001, best_val_accuracy=0.2)
+    frame = pd.concat([frame, pruned], ignore_index=True)
+    assert (frame["status"] == "completed").sum() == 2
+    assert find_edges(frame, SPACE, "val_accuracy", "max") == []
+    assert find_edges(frame, SPACE, "val_accuracy", "max", top=2) == [
+        "lr: the best 2 trials sit at the upper bound 0.5 (0.45-0.48, log scale); try 0.0001-5"]
+
+
 # --- the report of a recorded study --------------------------------------------------------------
 
 def record_study(name: str, points: list[tuple[str, dict, float | None]]):
@@ -261,6 +273,29 @@ def test_a_hyperparameter_no_trial_varied_is_left_out_of_the_importances_not_ran
     report = build_report(experiment, "fixed", out_dir=tmp_path)
     assert report.importances and "channels" not in report.importances, report.importances
     assert re.search(r"\bchannels\b[^;]* left out: the same value in every completed trial", report.importance_note)
+
+
+def test_the_importance_figure_shows_the_logged_importances_and_no_fixed_hyperparameter(mlflow_store, tmp_path,
+                                                                                      monkeypatch):
+    """importance.png drew every hyperparameter, one that kept a single value at 0.00 and the others' bars off
+    the logged importance_* values; it shows what `importance` ranked, at the values logged."""
+    drawn = {}
+    save = report_module._save
+
+    def record(axes, path, size):
+        if path.name == "importance.png":
+            drawn.update({label.get_text(): bar.get_width() for label, bar in zip(axes.get_yticklabels(), axes.patches)})
+        return save(axes, path, size)
+
+    monkeypatch.setattr(report_module, "_save", record)
+    points = [(status, {**params, "channels": 16} if status == "completed" else params, value)
+              for status, params, value in lr_at_the_top()]
+    experiment, _ = record_study("fixed-figure", points)
+    report = build_report(experiment, "fixed-figure", out_dir=tmp_path)
+    assert "importance.png" in {p.name for p in report.figures} and "channels" not in report.importances
+    assert set(drawn) == set(report.importances), (drawn, report.importances)
+    for name, value in report.importances.items():  # Optuna labels its bars with 2 decimals
+        assert abs(drawn[name] - value) < 0.006, (name, drawn[name], value)
 
 
 def test_a_report_cut_short_leaves_no_temporary_folder(mlflow_store, tmp_path):

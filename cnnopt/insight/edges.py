@@ -38,14 +38,15 @@ def find_edges(trials: pd.DataFrame, space: Space, metric: str, mode: str, *, to
         space: the search space the study sampled from.
         metric: the experiment's metric, e.g. "val_accuracy" (trials are ranked by `best_<metric>`).
         mode: "max" or "min".
-        top: how many of the best completed trials to judge (fewer if fewer completed, at least 1).
+        top: how many of the best completed trials to judge; with fewer completed there is no edge to judge
+            (one or two trials at a bound, the rest pruned or failed, are not "the best trials crowd there").
         margin: the share of a numeric range's width (log width on a log scale) that counts as "at" a bound.
     Returns:
         Lines like "lr: the best 3 trials sit at the upper bound 0.5 (...); try 0.0001-5", in the
-        space's order; empty when no best trial sits at an edge (or no trial completed).
+        space's order; empty when no best trial sits at an edge (or fewer than `top` trials completed).
     """
     best = top_trials(trials, f"best_{metric}", mode, max(1, top))
-    if best.empty:
+    if len(best) < max(1, top):
         return []
     lines = []
     for param in space.params:

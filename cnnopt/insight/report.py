@@ -108,7 +108,7 @@ def build_report(experiment: str | Experiment, study: str | None = None, out_dir
                     importances, used, note, find_edges(trials, space, metric, mode), out, notes=notes)
 
     report.figures = draw_figures(optuna_trials, trials, space, client, metric, mode, out,
-                                  with_importance=bool(importances))
+                                  importance_of=list(importances))
     (out / "report.md").write_text(markdown(report, space))
     return report
 
@@ -179,6 +179,18 @@ def importance(study: optuna.Study) -> tuple[dict[str, float], int, str]:
     return {name: float(value) for name, value in values.items()}, len(completed), "; ".join(notes)
 
 
+def plot_importance(study: optuna.Study, names: list[str], metric: str):
+    """Optuna's importance figure of `names` (what `importance` ranked), with the same evaluator and seed."""
+    from optuna.visualization import matplotlib as optuna_plots
+
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    axes = optuna_plots.plot_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=names, target_name=metric)
+    axes.set_title(f"Hyperparameter importance for {metric}\n(fANOVA over {len(completed)} completed trials)",
+                   loc="left")  # replaces Optuna's title, which sits on the left
+    return axes
+
+
 def best_trial(trials: pd.DataFrame, metric: str, mode: str, searched: dict[str, list[str]]) -> dict | None:
     """The best completed trial by validation (what the confirmation starts from): its number, value, searched hyperparameters, run."""
     row = best_row(trials, f"best_{metric}", mode)
@@ -190,8 +202,10 @@ def best_trial(trials: pd.DataFrame, metric: str, mode: str, searched: dict[str,
 
 
 def draw_figures(study: optuna.Study, trials: pd.DataFrame, space: Space, client: MlflowClient, metric: str,
-                 mode: str, out: Path, *, with_importance: bool) -> list[Path]:
-    """Optuna's figures of the study, the best trials' learning curves; one PNG each, in `out`."""
+                 mode: str, out: Path, *, importance_of: list[str]) -> list[Path]:
+    """Optuna's figures of the study, the best trials' learning curves; one PNG each, in `out`. The importance
+    figure ranks `importance_of`, the hyperparameters `importance` ranked (none: no figure), so it shows the
+    logged values and no hyperparameter that kept one value as if it were unimportant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,12 +224,8 @@ def draw_figures(study: optuna.Study, trials: pd.DataFrame, space: Space, client
         mark_unfinished(axes, trials, metric)
         axes.xaxis.get_major_locator().set_params(integer=True)  # trial numbers: no tick at 1.5 on a small study
         figures.append(_save(axes, out / "history.png", (9, 5)))
-        if with_importance:
-            axes = optuna_plots.plot_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target_name=metric)
-            axes.set_title(f"Hyperparameter importance for {metric}\n(fANOVA over {len(completed)} completed trials)",
-                           loc="left")  # replaces Optuna's title, which sits on the left
-            figures.append(_save(axes, out / "importance.png", (8, 5)))
+        if importance_of:
+            figures.append(_save(plot_importance(study, importance_of, metric), out / "importance.png", (8, 5)))
         # Parallel coordinates over unconditional parameters only: one unset in a trial drops the trial.
         shown = [p.name for p in space.params if not p.when and p.name in varied]
         axes = optuna_plots.plot_parallel_coordinate(study, params=shown, target_name=metric)
