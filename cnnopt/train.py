@@ -13,7 +13,7 @@ from cnnopt.tracking import runs as tracking_runs
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment, same_name_warning
-from cnnopt.data.datasets import load_data
+from cnnopt.data.datasets import load_data, why_no_test
 from cnnopt.training.model import build_model
 from cnnopt.training.objective import check_choices, check_config, resolve_device, train
 
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(experiment.data)
     if warning := same_name_warning(experiment):
         print(warning, file=sys.stderr)
+    if why := why_no_test(experiment.data, data):
+        print(f"warning: {why}: this run cannot be tested once, so python -m cnnopt.promote will refuse it",
+              file=sys.stderr)
     model = build_model(config, data.preprocessing())  # rejects an impossible architecture before any run exists
     check_config(config, data.image_size)
     print(f"{experiment.name}: {len(data.train_y)} train / {len(data.val_y)} val images, "

@@ -132,6 +132,21 @@ def test_bad_fractions_are_rejected(val, test):
         load_data(DataConfig(val_fraction=val, test_fraction=test))
 
 
+def test_why_no_test_names_a_zero_fraction_and_one_that_rounds_every_class_to_nothing(digits_data):
+    """A small share of a small dataset rounds each class's test images to 0: the fraction is above 0, so
+    "set data.test_fraction above 0" (what promotion said) did not say what to change."""
+    from cnnopt.data.datasets import why_no_test
+
+    assert why_no_test(DataConfig(), digits_data) is None
+    cfg = DataConfig(test_fraction=0.001)
+    data = load_data(cfg)
+    assert len(data.test_y) == 0 and len(data.train_y) + len(data.val_y) == 1797
+    assert why_no_test(cfg, data) == ("data.test_fraction = 0.001 leaves no test image (1797 images: each class's "
+                                      "share rounds to 0)")
+    cfg = DataConfig(test_fraction=0)
+    assert why_no_test(cfg, load_data(cfg)) == "data.test_fraction = 0 leaves no test split"
+
+
 def test_channel_stats_match_the_double_precision_definition_across_chunks():
     x = torch.randint(0, 256, (700, 3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     flat = x.transpose(0, 1).reshape(3, -1).double() / 255

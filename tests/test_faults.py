@@ -70,6 +70,23 @@ def test_bad_input_is_one_line_exit_2_and_nothing_recorded(tmp_path, args, env, 
     assert not runs(tmp_path), "nothing is recorded for a study that never started"
 
 
+def test_a_study_that_could_not_test_its_model_is_refused_before_its_trials(tmp_path):
+    """data.test_fraction = 0 was found after the last trial, at promotion: a whole study that could not promote
+    its model. Refused before any trial; with --no-promote (nothing to test) the study runs."""
+    command = [sys.executable, "-m", "cnnopt.search", "--no-report", "--no-confirm", "--trials", "1",
+               "--set", "train.epochs=1", "--set", "data.test_fraction=0"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert ("data.test_fraction = 0 leaves no test split, so the study's best model could not be tested once and "
+            "promoted; set data.test_fraction above 0 (the default is 0.15), or add --no-promote") in error_line(done.stderr)
+    assert "trial " not in done.stdout and not runs(tmp_path)
+    done = subprocess.run([*command, "--no-promote"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [run.data.tags.get("status") for run in runs(tmp_path) if run.data.tags.get("cnnopt.kind") == "trial"] == \
+        ["completed"]
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--set", "data.dataset=foo"], "unknown dataset 'foo'; set data.dataset to one of digits, cifar10, imagefolder"),
     (["--set", "data.dataset=cifar10", "--set", "data.root=nowhere"], "CIFAR-10 not found in nowhere/cifar-10-batches-py"),

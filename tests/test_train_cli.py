@@ -142,6 +142,19 @@ def test_class_names_mlflow_refuses_in_a_key_are_promoted_under_the_runs_experim
     assert [m.name for m in client.search_registered_models()] == ["pets"]
 
 
+def test_a_run_with_no_test_split_is_warned_of_and_its_promotion_says_why(mlflow_store, capsys):
+    """Promotion said "the test split is empty; set data.test_fraction above 0", and promoting with that --set
+    was then refused as other data: the run could never be promoted, and nothing had said so when it trained."""
+    from cnnopt import promote as promote_cli
+
+    assert train_cli.main(FAST + ["--set", "data.test_fraction=0"]) == 0
+    assert "warning: data.test_fraction = 0 leaves no test split: this run cannot be tested once" in capsys.readouterr().err
+    _, found = only_run(mlflow_store)
+    with pytest.raises(UsageError, match=rf"run {found.info.run_id} cannot be tested: data.test_fraction = 0 leaves no "
+                                         r"test split \(the split it was trained with.*train it again"):
+        promote_cli.main(["--run-id", found.info.run_id])
+
+
 def empty_class_folder(tmp_path: Path) -> str:
     root = write_image_folder(tmp_path / "pets", per_class=2)
     (root / "empty").mkdir()

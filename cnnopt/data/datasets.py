@@ -130,6 +130,18 @@ def load_data(cfg: DataConfig) -> ImageData:
     return ImageData(train_x, train_y, val_x, val_y, test_x, test_y, names, mean, std, train_path, copies)
 
 
+def why_no_test(cfg: DataConfig, data: ImageData) -> str | None:
+    """Why the data leave an empty test split (None where they leave a test image): a model trained on them
+    can never be tested once, so never promoted. Said before a study trains, not after its last trial."""
+    if len(data.test_y):
+        return None
+    if cfg.test_fraction == 0:
+        return "data.test_fraction = 0 leaves no test split"
+    images = len(data.train_y) + len(data.val_y)
+    return (f"data.test_fraction = {cfg.test_fraction:g} leaves no test image ({images} images: each class's "
+            "share rounds to 0)")
+
+
 def check_source(cfg: DataConfig) -> None:
     """What can be checked of `[data]` without reading an image: the dataset's name, its settings and where
     its files are. A study checks it before it creates anything (its tracking store, Ray), so a wrong

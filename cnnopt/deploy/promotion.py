@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from cnnopt import tracking
 from cnnopt.data.augment import Normalize
-from cnnopt.data.datasets import ImageData, load_data
+from cnnopt.data.datasets import ImageData, load_data, why_no_test
 from cnnopt.deploy.export import exported
 from cnnopt.deploy.predictor import Predictor
 from cnnopt.errors import UsageError
@@ -171,8 +171,9 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
             raise UsageError(f"run {run_id} was trained on other data or another split than {where} now"
                              f"{' with the --set values given' if recorded else ''}; promote with "
                              "the --set values it was trained with")
-        if len(data.test_y) == 0:
-            raise UsageError("the test split is empty; set data.test_fraction above 0")
+        if why := why_no_test(settings.data, data):  # the same split the run trained beside: it had no test images
+            raise UsageError(f"run {run_id} cannot be tested: {why} (the split it was trained with, which a "
+                             "promotion keeps); train it again with data.test_fraction above 0 (the default is 0.15)")
         model_dir = scratch / "model"
         # The exported files are checked in a fresh process while the test pass runs; registering waits for it.
         with exported(Predictor(model, trained), model_dir, data.test_x[:256]) as files:

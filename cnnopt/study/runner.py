@@ -30,7 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 import search_spaces
 from cnnopt import tracking, trials
 from cnnopt.cli import sigterm_as_interrupt
-from cnnopt.data.datasets import ImageData, check_source, load_data
+from cnnopt.data.datasets import ImageData, check_source, load_data, why_no_test
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
@@ -223,6 +223,9 @@ def open_study(experiment: Experiment, options: StudyOptions,
     search had ended, the plan it searched with and the record reopened all come from this one read."""
     tracking.make_client()
     data = load_data(experiment.data)
+    if options.promote and (why := why_no_test(experiment.data, data)):  # else found after the last trial
+        raise UsageError(f"{why}, so the study's best model could not be tested once and promoted; set "
+                         f"data.test_fraction above 0 (the default is 0.15), or add --no-promote")
     build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
     check_config(space.apply(experiment.train, space.grid()[0]), data.image_size)  # so do bad [train] values
     if not options.resume and StudyRecorder.exists(experiment, options.name):
