@@ -173,3 +173,20 @@ def test_bad_plans_are_one_line_before_anything_runs(mlflow_store, tmp_path, cap
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and fragment in captured.err
     assert captured.out == "" and not (tmp_path / "ray_results").exists()
+
+
+@pytest.mark.parametrize("name", ["it's", "a/b", "x" * 125])
+def test_a_name_no_study_can_take_is_one_line_where_the_experiment_exists(mlflow_store, capsys, name):
+    """With the MLflow experiment there, --name "it's" went into an MLflow filter unchecked: a traceback
+    ("Invalid clause(s) in filter string") rather than one line."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_store)
+    if client.get_experiment_by_name("digits") is None:
+        client.create_experiment("digits")
+    with pytest.raises(SystemExit) as caught:
+        run(compare_cli.main, ["--name", name, "--strategies", "random,bayes"])
+    assert caught.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: --name {name!r} is not allowed: it begins each study's name"), captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""

@@ -39,6 +39,7 @@ from cnnopt.study.runner import StudyOptions, check_search, ray_session, results
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import comparisons
 from cnnopt.tracking.recorder import StudyRecorder
+from cnnopt.tracking.studies import check_study_name
 
 DEFAULT_STRATEGIES = ("random", "bayes", "gp")
 # On accuracy metrics: a target most configurations of a good space reach on digits within a few
@@ -203,6 +204,14 @@ def check_plan(experiment: Experiment, strategies: list[str], seeds: int, prefix
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {seeds}")
     check_search(experiment.search)
+    for strategy in strategies:  # before the name is looked up: it is an MLflow filter value there
+        name = study_name(prefix, strategy, seeds - 1)
+        try:
+            check_study_name(name)
+        except UsageError:
+            raise UsageError(f"--name {prefix!r} is not allowed: it begins each study's name ({name!r}); use "
+                             "letters, digits, '.', '_' and '-' (no path separators or '..'), the study names up "
+                             "to 128 characters") from None
     if comparisons.comparison_exists(experiment, prefix):
         raise UsageError(f"MLflow experiment {experiment.name!r} already holds a comparison named {prefix!r}; "
                          "pick another --name")
