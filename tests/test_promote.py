@@ -106,6 +106,18 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert parent.data.tags["test_reads"] == "3" and parent.data.tags["promoted_run_id"] == second.info.run_id
 
 
+def test_a_class_with_no_test_image_has_no_per_class_accuracy(trained, digits_data):
+    """It was logged as test_accuracy_class_<name> = 0.0, as if every one of its images were wrong."""
+    import dataclasses
+
+    model, _ = trained
+    kept = digits_data.test_y != 7
+    data = dataclasses.replace(digits_data, test_x=digits_data.test_x[kept], test_y=digits_data.test_y[kept])
+    result = promote_module.evaluate_test(model, data)
+    assert "7" not in result["per_class"] and set(result["per_class"]) == set(digits_data.class_names) - {"7"}
+    assert result["confusion"][7].sum() == 0 and min(result["per_class"].values()) > 0.5
+
+
 def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_path):
     _, predictor = trained
     files = export(predictor, tmp_path, digits_data.test_x[:64])

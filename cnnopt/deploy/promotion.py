@@ -80,10 +80,12 @@ def evaluate_test(model, data: ImageData) -> dict:
     predictions = logits.argmax(1)
     confusion = torch.zeros(data.num_classes, data.num_classes, dtype=torch.long)
     confusion.index_put_((data.test_y, predictions), torch.ones_like(predictions), accumulate=True)
-    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
+    counts = confusion.sum(1)
+    per_class = confusion.diag().double() / counts.clamp_min(1)
     return {"test_loss": F.cross_entropy(logits, data.test_y).item(),
             "test_accuracy": (predictions == data.test_y).double().mean().item(),
-            "per_class": {name: per_class[i].item() for i, name in enumerate(data.class_names)},
+            # A class with no test image has no accuracy (it read 0.0, as if every one were wrong): left out.
+            "per_class": {name: per_class[i].item() for i, name in enumerate(data.class_names) if counts[i]},
             "confusion": confusion}
 
 
