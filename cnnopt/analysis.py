@@ -27,7 +27,8 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
         study: the study name; None means the most recently started study.
     Returns:
         Columns: study, trial, status, run_id, duration_s, every hyperparameter as its declared type
-        (bool, int, float, str), the best epoch's metrics as `best_*` and the last epoch's as `last_*`.
+        (bool, int, float, str), the best epoch's metrics as `best_*`, the last epoch's as `last_*`, and
+        the promoted trial's `test_*` (NaN on the others) under their own names.
     """
     name = experiment.name if isinstance(experiment, Experiment) else experiment
     client = tracking.make_client()  # the store cnnopt writes to (MLFLOW_TRACKING_URI, else ./mlflow.db)
@@ -42,8 +43,8 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
                "duration_s": (info.end_time - info.start_time) / 1000 if info.end_time else float("nan")}
         row.update({field: tracking.param_value(data.params[field], kind) for field, kind in types.items()
                     if field in data.params})
-        # best_* as logged; the last epoch's values as last_*
-        row.update({key if key.startswith("best_") else f"last_{key}": value for key, value in data.metrics.items()})
+        # The epoch metrics' last values as last_*; the rest as logged: best_*, and a promoted trial's test_*
+        row.update({f"last_{key}" if key in tracking.EPOCH_METRICS else key: value for key, value in data.metrics.items()})
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=["study", "trial", "status", "run_id"])

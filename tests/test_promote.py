@@ -60,6 +60,14 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert parent.data.metrics["promoted_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
     output = capsys.readouterr().out
     assert "alias 'champion' now points to it" in output
+    # In pandas the promoted trial's test figures keep their names (they read as last-epoch values, last_test_*).
+    from cnnopt.analysis import load_trials
+
+    frame = load_trials("digits", "p").set_index("run_id")
+    assert not [column for column in frame if column.startswith("last_test")], list(frame)
+    assert frame.at[best.info.run_id, "test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
+    assert frame.drop(index=best.info.run_id)["test_accuracy"].isna().all()
+    assert {"last_val_accuracy", "best_val_accuracy", "test_accuracy_class_3"} <= set(frame)
     # Resuming the finished study runs nothing new: its best trial is not evaluated on test again.
     assert search.main(["--resume", "--name", "p"]) == 0
     assert len(calls) == 1 and "already; its test split is not evaluated again" in capsys.readouterr().out
