@@ -148,6 +148,12 @@ def test_asha_prunes_and_the_sampler_is_told_pruned(ray_session, mlflow_store):
     states = [t.state for t in study.trials]
     assert states.count(TrialState.PRUNED) == len(pruned)
     assert states.count(TrialState.COMPLETE) == outcome.counts["completed"]
+    # Each pruned trial reaches the sampler with its curve up to the epoch ASHA stopped it on: Ray hands that
+    # result to on_trial_complete alone, and the first rung's trials were told with no curve at all.
+    client = MlflowClient(tracking_uri=mlflow_store)
+    epochs = sorted(len(client.get_metric_history(c.info.run_id, "val_accuracy")) for c in pruned)
+    told = sorted(max(t.intermediate_values, default=0) for t in study.trials if t.state == TrialState.PRUNED)
+    assert told == epochs and min(told) >= 1, (told, epochs)
 
 
 def test_prune_aware_search_tells_optuna_the_truth():

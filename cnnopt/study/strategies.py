@@ -91,6 +91,7 @@ class OptunaSearcher(PickledSearcher):
         for params in reruns:  # asked first, with exactly these values
             self.study.enqueue_trial(params)
         self.live: dict[str, optuna.trial.Trial] = {}
+        self.reported: dict[str, int] = {}  # the last step told of each live trial
 
     def suggest(self, trial_id: str) -> dict | None:
         if self.closed():
@@ -102,10 +103,18 @@ class OptunaSearcher(PickledSearcher):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         trial, value = self.live.get(trial_id), result.get(self.metric)
         step = result.get("training_iteration")
-        if trial is not None and value is not None and not math.isnan(value) and step is not None:
+        if (trial is not None and value is not None and not math.isnan(value) and step is not None
+                and step > self.reported.get(trial_id, 0)):
             trial.report(value, step)
+            self.reported[trial_id] = step
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Ray hands the result a scheduler stops a trial on (ASHA's pruning rung) to on_trial_complete alone, not
+        # to on_trial_result: reported here, a trial pruned at its first rung reaches TPE with its score, not as
+        # a trial with no curve (ranked with the too-slow ones, a pruned 0.9 no better than a pruned 0.1).
+        if result is not None:
+            self.on_trial_result(trial_id, result)
+        self.reported.pop(trial_id, None)
         trial = self.live.pop(trial_id, None)
         if trial is None:  # told already, or never asked by this searcher
             return
