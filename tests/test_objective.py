@@ -178,6 +178,47 @@ def test_lr_batch_makes_lr_a_rate_per_that_many_images(digits_data, optimizer):
     assert [m["train_loss"] for m in uncoupled.history] != [m["train_loss"] for m in plain.history]
 
 
+def test_sgd_momentum_is_the_onecycle_cycles_top_and_changes_the_training(digits_data):
+    """OneCycleLR's own 0.95-0.85 cycle overwrote train.momentum: momentum 0.8 and 0.99 trained identically
+    under onecycle (the default), though the lesson space searches it."""
+    def momenta(momentum: float) -> list[float]:
+        config = dataclasses.replace(QUICK, optimizer="sgd", momentum=momentum, lr_schedule="onecycle", epochs=2)
+        schedule = objective.make_schedule(config, objective.make_optimizer(config, [torch.nn.Parameter(torch.zeros(1))]), 10)
+        seen = [schedule.optimizer.param_groups[0]["momentum"]]
+        for _ in range(19):
+            schedule.optimizer.step()
+            schedule.step()
+            seen.append(schedule.optimizer.param_groups[0]["momentum"])
+        return seen
+
+    seen = momenta(0.8)
+    assert seen[0] == pytest.approx(0.8) and min(seen) == pytest.approx(0.7, abs=1e-3) and max(seen) == pytest.approx(0.8)
+    assert set(momenta(0.0)) == {0.0}, "plain SGD stays plain"
+    low, _ = run(dataclasses.replace(QUICK, epochs=2, optimizer="sgd", momentum=0.8, lr_schedule="onecycle"), digits_data)
+    high, _ = run(dataclasses.replace(QUICK, epochs=2, optimizer="sgd", momentum=0.99, lr_schedule="onecycle"), digits_data)
+    assert [m["val_loss"] for m in low.history] != [m["val_loss"] for m in high.history]
+
+
+def test_a_cosine_schedule_respanned_mid_training_is_the_cosine_of_its_new_length():
+    """A re-plan (a deadline's, or grow's) built the new CosineAnnealingLR from the rate already decayed, so its
+    decay compounded on the old one (0.0549 against 0.0691 going from 10 to 8 epochs after 3)."""
+    config = dataclasses.replace(QUICK, optimizer="sgd", lr=0.1, lr_schedule="cosine", epochs=10, lr_batch=0)
+    optimizer = objective.make_optimizer(config, [torch.nn.Parameter(torch.zeros(1))])
+    schedule = objective.make_schedule(config, optimizer, 5)
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi * 3 / 10)))
+    schedule = objective._respan(config, optimizer, schedule, 8, 15, 5, 3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi * 3 / 8)))
+    for epoch in (4, 5):
+        optimizer.step()
+        schedule.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi * epoch / 8)))
+    schedule = objective._respan(config, optimizer, schedule, 12, 25, 5, 5)  # grown again: the same rule
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi * 5 / 12)))
+
+
 def test_augmentation_and_every_option_together(digits_data):
     config = dataclasses.replace(QUICK, epochs=1, flip=True, crop_padding=1, affine_degrees=10.0,
                                  jitter_brightness=0.2, randaugment_ops=1, label_smoothing=0.1,

@@ -350,8 +350,15 @@ def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
 def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """onecycle steps per batch; step and cosine step per epoch; none is constant."""
     if config.lr_schedule == "onecycle":
+        # SGD's momentum cycles inversely to the rate, from train.momentum down by 0.1 at the peak (Smith's 0.95-0.85
+        # at 0.95); OneCycleLR's own 0.95-0.85 overwrote train.momentum, so the searched momentum did nothing.
+        # Adam's and AdamW's beta1 keep OneCycleLR's cycle: they have no momentum setting.
+        moms = dict(max_momentum=config.momentum, base_momentum=max(0.0, config.momentum - 0.1)) \
+            if config.optimizer == "sgd" else {}
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate(config),
-                                                   total_steps=config.epochs * steps_per_epoch)
+                                                   total_steps=config.epochs * steps_per_epoch,
+                                                   cycle_momentum=config.optimizer != "sgd" or config.momentum > 0,
+                                                   **moms)
     if config.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
     if config.lr_schedule == "cosine":
@@ -378,6 +385,9 @@ def _respan(config: TrainConfig, optimizer: torch.optim.Optimizer, schedule, epo
     whole epochs) leave it."""
     if config.lr_schedule not in ("onecycle", "cosine"):
         return schedule  # constant and step schedules do not depend on the number of epochs
+    if config.lr_schedule == "cosine":  # CosineAnnealingLR goes on from the rate it finds: start it from the base
+        for group in optimizer.param_groups:  # rate, or its decay compounds on the decay so far at every re-plan
+            group["lr"] = group["initial_lr"]
     schedule = make_schedule(dataclasses.replace(config, epochs=epochs), optimizer, steps_per_epoch)
     with warnings.catch_warnings():  # moving a new schedule on without optimizer steps is the point here
         warnings.simplefilter("ignore", UserWarning)
