@@ -526,6 +526,17 @@ def test_concurrency_is_at_most_what_the_cluster_holds(ray_session):
     assert concurrency(cpu) == 2
     assert concurrency(dataclasses.replace(cpu, concurrency=1)) == 1
     assert concurrency(dataclasses.replace(cpu, concurrency=0)) == 2
+    # Counted as Ray counts shares (units of 1e-4): concurrency(cpus_per_trial=0.2) on this 2-CPU instance is 10
+    # trials, where float division (2 // 0.2 = 9.0) made 9, as it made 4 of five 0.2 GPU shares on one GPU.
+    assert concurrency(dataclasses.replace(cpu, concurrency=0, cpus_per_trial=0.2)) == 10
+
+
+@pytest.mark.parametrize("total, share, expected", [(1, 0.2, 5), (1, 0.1, 10), (2, 0.2, 10), (2, 0.1, 20),
+                                                    (1, 1 / 3, 3), (1, 0.25, 4), (1, 0.3, 3), (2, 1, 2), (1, 2, 0)])
+def test_a_resource_holds_as_many_shares_as_ray_fits_on_it(total, share, expected):
+    from cnnopt.study.runner import fits
+
+    assert fits(total, share) == expected
 
 
 def test_asking_for_a_missing_gpu_is_an_error_not_a_hang(ray_session, mlflow_store):

@@ -591,10 +591,19 @@ def concurrency(search: SearchConfig) -> int:
     that would not run at once anyway, while a sampler would be asked for them all before it learns from
     any, and a time budget would plan for slots that do not exist (`check_resources` says so)."""
     available = ray.cluster_resources()
-    slots = int(available.get("CPU", 1) // search.cpus_per_trial)
+    slots = fits(available.get("CPU", 1), search.cpus_per_trial)
     if search.gpus_per_trial:
-        slots = min(slots, int(available.get("GPU", 0) // search.gpus_per_trial))
+        slots = min(slots, fits(available.get("GPU", 0), search.gpus_per_trial))
     return min(search.concurrency, max(1, slots)) if search.concurrency else max(1, slots)
+
+
+def fits(total: float, share: float) -> int:
+    """How many `share`s of a resource `total` holds, counted as Ray counts them: in units of 1e-4 (five 0.2
+    GPU shares fit one GPU, where float division, 1 // 0.2 = 4.0, made one slot fewer)."""
+    return int(round(total * RESOURCE_UNITS)) // max(1, int(round(share * RESOURCE_UNITS)))
+
+
+RESOURCE_UNITS = 10_000  # Ray's fixed-point resource granularity: requests are whole multiples of 1e-4
 
 
 def summarize(recorder: StudyRecorder, experiment: Experiment) -> tuple[dict, dict, dict | None]:
