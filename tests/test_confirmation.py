@@ -26,6 +26,14 @@ def test_the_choice_is_by_the_mean_of_the_new_seeds_not_the_lucky_trial():
     assert failed.promote_run_id == "a" and "no confirmation run completed" in failed.reason
 
 
+def test_among_tied_seeds_the_lowest_seed_is_promoted_whichever_finished_first():
+    """The seeds' runs were kept in the order they finished (ray.wait): of two tied seeds the one that finished
+    first was promoted, so the promoted model depended on timing."""
+    finished_late_first = Candidate(1, "t", 0.90, {3: ("seed3", 0.95), 2: ("seed2", 0.95)})
+    assert _choose([finished_late_first], "max").promote_run_id == "seed2"
+    assert _choose([Candidate(1, "t", 0.95, {3: ("seed3", 0.95), 2: ("seed2", 0.95)})], "max").promote_run_id == "t"
+
+
 def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session, mlflow_store, monkeypatch, capsys):
     tested = []
     real = promotion.evaluate_test

@@ -59,6 +59,65 @@ def test_a_resume_reads_back_finished_and_cut_short_trials(mlflow_store):
     assert len(second.trial_runs()) == 2, "the replaced run is gone from the study"
 
 
+def test_a_trial_whose_first_writes_fail_is_still_ended_not_left_running(mlflow_store, monkeypatch):
+    """start_trial knew its run only after logging params and dataset: a failed write there (a server hiccup)
+    left the run RUNNING for good, unseen by kill_unfinished and by end_trial."""
+    from cnnopt.tracking import recorder as recorder_module
+
+    record = recorder("hiccup")
+    record.open()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the tracking server went away")
+
+    monkeypatch.setattr(recorder_module, "log_dataset", failing)
+    with pytest.raises(RuntimeError):
+        record.start_trial("t1", PARAMS, list(PARAMS))
+    monkeypatch.undo()
+    record.start_trial("t2", PARAMS, list(PARAMS))
+    record.end_trial("t1", "completed", {"val_accuracy": 0.5})
+    record.kill_unfinished()
+    statuses = {run.data.tags["trial_id"]: (run.info.status, run.data.tags["status"]) for run in record.trial_runs()}
+    assert statuses == {"t1": ("FINISHED", "completed"), "t2": ("KILLED", "interrupted")}, statuses
+
+
+def test_a_retraining_recorded_halfway_is_ended_and_trained_again_on_resume(mlflow_store, monkeypatch):
+    """A Ctrl-C between a confirmation run's writes left it RUNNING for good: a resume skips RUNNING runs as cut
+    short, so nothing ever ended it. Ended KILLED, tagged interrupted, and a resume still trains that seed again."""
+    from types import SimpleNamespace
+
+    from cnnopt.tracking import recorder as recorder_module
+
+    record = recorder("halfway")
+    record.open()
+    record.start_trial("t1", PARAMS, list(PARAMS))
+    record.end_trial("t1", "completed", {"val_accuracy": 0.9})
+    parent = record.client.get_run(record.parent_run_id)
+    trial = record.trial_runs()[0]
+    result = SimpleNamespace(status="completed", history=[{"val_accuracy": 0.8}, {"val_accuracy": 0.9}],
+                             best_metrics={"val_accuracy": 0.9}, best_epoch=2)
+    real, calls = recorder_module.log, []
+
+    def interrupted_at_the_second_epoch(client, run_id, **kwargs):
+        calls.append(kwargs.get("step"))
+        if kwargs.get("step") == 2:
+            raise KeyboardInterrupt
+        return real(client, run_id, **kwargs)
+
+    monkeypatch.setattr(recorder_module, "log", interrupted_at_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        recorder_module.record_confirmation(record.experiment, parent, trial, 1, PARAMS, result, None)
+    monkeypatch.undo()
+    [cut] = studies.confirmation_runs(record.client, parent)
+    assert (cut.info.status, cut.data.tags["status"]) == ("KILLED", "interrupted")
+    from cnnopt.study import confirmation
+
+    candidates = {trial.info.run_id: confirmation.Candidate(1, trial.info.run_id, 0.9)}
+    assert confirmation.recorded_seeds(record.client, parent, candidates, "val_accuracy") == set(), \
+        "trained again on resume"
+    assert candidates[trial.info.run_id].runs == {}
+
+
 def test_resume_of_a_study_the_store_lacks_says_which_store(mlflow_store):
     with pytest.raises(UsageError, match="MLFLOW_TRACKING_URI"):
         recorder("missing").reopen(None)  # what the runner's one read of the store found for it

@@ -88,22 +88,29 @@ def confirm(experiment: Experiment, study: str, address: str | None = None) -> C
         return None
     candidates = {run.info.run_id: Candidate(studies.trial_number(run), run.info.run_id,
                                              run.data.metrics[f"best_{metric}"]) for run in top}
-    recorded = set()  # (trial run, seed) trained before (a resumed study): not trained again
-    for run in studies.confirmation_runs(client, parent):
-        candidate = candidates.get(run.data.tags.get("confirms_run_id"))
-        if candidate is None or run.info.status == "RUNNING":  # a recording cut short: trained again
-            continue
-        if run.data.tags.get("status") == trials.FAILED:  # it raised (a lost worker, memory): tried again, kept
-            continue
-        recorded.add((candidate.run_id, int(run.data.tags["seed"])))
-        # Counted as when it was trained: a seed that diverged or was stopped is in no mean.
-        if run.data.tags.get("status") == trials.COMPLETED and f"best_{metric}" in run.data.metrics:
-            candidate.runs[int(run.data.tags["seed"])] = (run.info.run_id, run.data.metrics[f"best_{metric}"])
+    recorded = recorded_seeds(client, parent, candidates, metric)
     seeds = [experiment.train.seed + 1 + i for i in range(search.confirm_seeds)]  # never the trials' own seed
     todo = [(run, seed) for run in top for seed in seeds if (run.info.run_id, seed) not in recorded]
     if todo:
         _train_all(experiment, client, parent, todo, candidates, address)
     return _choose(list(candidates.values()), mode)
+
+
+def recorded_seeds(client, parent, candidates: dict[str, Candidate], metric: str) -> set[tuple[str, int]]:
+    """The (trial run, seed) pairs a resumed study recorded whole (not trained again), each completed one's
+    score put in its candidate's `runs`. A recording cut short (RUNNING after a kill -9, or ended interrupted)
+    and a seed that raised (a lost worker, memory: its failed run stays on record) are trained again."""
+    recorded = set()
+    for run in studies.confirmation_runs(client, parent):
+        candidate = candidates.get(run.data.tags.get("confirms_run_id"))
+        status = run.data.tags.get("status")
+        if candidate is None or run.info.status == "RUNNING" or status in (trials.INTERRUPTED, trials.FAILED):
+            continue
+        recorded.add((candidate.run_id, int(run.data.tags["seed"])))
+        # Counted as when it was trained: a seed that diverged or was stopped is in no mean.
+        if status == trials.COMPLETED and f"best_{metric}" in run.data.metrics:
+            candidate.runs[int(run.data.tags["seed"])] = (run.info.run_id, run.data.metrics[f"best_{metric}"])
+    return recorded
 
 
 def _train_all(experiment: Experiment, client, parent, todo: list, candidates: dict[str, Candidate],
@@ -171,8 +178,9 @@ def _choose(candidates: list[Candidate], mode: str) -> Confirmation:
         return Confirmation(candidates, best, best.run_id, "no confirmation run completed; the study's best trial")
     chosen = trials.best(scored, mode=mode, value=lambda c: c.mean, number=lambda c: candidates.index(c),
                          status=lambda c: trials.COMPLETED)
-    runs = [(chosen.run_id, chosen.value)] + list(chosen.runs.values())
+    # In seed order, not the order the seeds finished in: among equals the original trial, then the lowest seed.
+    runs = [(chosen.run_id, chosen.value)] + [chosen.runs[seed] for seed in sorted(chosen.runs)]
     pick = min if mode == "min" else max
-    run_id = pick(runs, key=lambda item: item[1])[0]  # first among equals: the original trial
+    run_id = pick(runs, key=lambda item: item[1])[0]
     return Confirmation(candidates, chosen, run_id,
                         "best validation metric among the chosen configuration's runs (the original and its seeds)")

@@ -164,9 +164,9 @@ class StudyRecorder:
                            tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
                                  "status": trials.RUNNING, "searched": ",".join(searched), KIND_TAG: "trial",
                                  **self.trial_tags})
+        self.children[trial_id] = run_id  # known before its first write: one that fails leaves it RUNNING otherwise
         log(self.client, run_id, params=params)
         log_dataset(self.client, run_id, self.dataset)
-        self.children[trial_id] = run_id
         return run_id
 
     def log_epoch(self, trial_id: str, epoch: int, result: dict, where: dict | None = None) -> None:
@@ -280,13 +280,21 @@ def _record_retraining(experiment: Experiment, parent, name: str, tags: dict, pa
     client = make_client()
     run_id = start_run(client, experiment, name, parent_run_id=parent.info.run_id,
                        tags={STUDY_TAG: parent.data.tags.get(STUDY_TAG, ""), "status": result.status, **tags})
-    log(client, run_id, params=params)
-    log_dataset(client, run_id, dataset)
-    for epoch, metrics in enumerate(result.history, start=1):
-        log(client, run_id, metrics={key: metrics[key] for key in EPOCH_METRICS if key in metrics}, step=epoch)
-    log(client, run_id, metrics={**best_metrics(result.best_metrics), "best_epoch": result.best_epoch})
-    if checkpoint:
-        client.log_artifact(run_id, checkpoint, artifact_path="checkpoint")
+    try:
+        log(client, run_id, params=params)
+        log_dataset(client, run_id, dataset)
+        for epoch, metrics in enumerate(result.history, start=1):
+            log(client, run_id, metrics={key: metrics[key] for key in EPOCH_METRICS if key in metrics}, step=epoch)
+        log(client, run_id, metrics={**best_metrics(result.best_metrics), "best_epoch": result.best_epoch})
+        if checkpoint:
+            client.log_artifact(run_id, checkpoint, artifact_path="checkpoint")
+    except BaseException as exc:  # a Ctrl-C, SIGTERM or failed write midway: not left RUNNING, and not read back
+        try:  # as a whole recording (its status tag says interrupted: a resume trains it again)
+            log(client, run_id, tags={"status": trials.INTERRUPTED})
+            end_run(client, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except Exception:  # the store itself is what failed: the original error is the one to say
+            pass
+        raise
     end_run(client, run_id, trials.run_status(result.status))
     return run_id
 
