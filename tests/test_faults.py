@@ -355,6 +355,29 @@ def test_sigterm_still_ends_a_command_a_script_started_with_sigint_ignored(tmp_p
     assert job.returncode == -signal.SIGTERM
 
 
+@pytest.mark.parametrize("ignore_sigint, code", [(False, 130), (True, -signal.SIGTERM)])
+def test_sigterms_while_the_record_closes_wait_for_the_close(tmp_path, ignore_sigint, code):
+    """A SIGTERM repeated while the record closed (SIGINT held ignored then) was read as "a job started with &"
+    and killed the process mid-close: exit -15, the study's runs left RUNNING. It now waits for the step to end,
+    then acts as it would have: a Ctrl-C (exit 130), or, in a job really started with SIGINT ignored, the end."""
+    script = (
+        "import os, signal, time\n"
+        "from cnnopt.cli import run\n"
+        "from cnnopt.study.runner import interrupts_held\n"
+        "def main(argv):\n"
+        "    with interrupts_held():\n"
+        "        for _ in range(3):\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            time.sleep(0.05)\n"
+        "        print('record closed', flush=True)\n"
+        "    print('after the step', flush=True)\n"
+        "    return 0\n"
+        "run(main, [])\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None)
+    assert done.stdout == "record closed\n" and done.returncode == code, (done.returncode, done.stdout, done.stderr)
+
+
 def test_a_ctrl_c_after_the_trials_gives_the_report_thread_a_bounded_wait(monkeypatch, capsys):
     """A Ctrl-C while the report's daemon thread drew in matplotlib's C code aborted the process at exit (exit 134,
     once in three tries). The command now waits for that thread, a bounded time, before it ends."""

@@ -145,15 +145,23 @@ def ray_session(address: str | None):
 
 @contextlib.contextmanager
 def interrupts_held():
-    """Ignore Ctrl-C for a short step that must finish (closing the record, stopping Ray)."""
+    """Ignore Ctrl-C for a short step that must finish (closing the record, stopping Ray); a SIGTERM meanwhile
+    waits for the step's end, then acts as it would have. (Its handler turns SIGTERM into a Ctrl-C, unless
+    SIGINT is ignored, as for a job started with `&`, where it ends the process: held as Ctrl-C is here, a
+    repeated SIGTERM killed the process mid-step, exit -15, record open.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    caught: list = []
+    previous_term = signal.signal(signal.SIGTERM, lambda *_: caught.append(True))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
