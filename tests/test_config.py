@@ -263,14 +263,43 @@ def test_a_set_into_a_section_given_as_a_value_is_a_usage_error(tmp_path):
         load_experiment(write(tmp_path, "train = 5\n"), ["train.epochs=1"])
 
 
-@pytest.mark.parametrize("name", ["a/b", "", "x..y"])
+@pytest.mark.parametrize("name", ["my photos", "x..y", "café"])
 def test_an_experiment_name_that_cannot_begin_a_study_name_asks_for_a_study_name(name):
     from cnnopt.study.runner import default_study_name
 
-    experiment = load_experiment(None, [f"name={name}"])  # any name still names an MLflow experiment
+    experiment = load_experiment(None, [f"name={name}"])  # it still names an MLflow experiment and a model
     with pytest.raises(UsageError, match=f"the experiment's name {name!r} cannot begin a study's name.*--name"):
         default_study_name(experiment)
     assert default_study_name(load_experiment(None, ["name=My_Digits.v2"])).startswith("My_Digits.v2-bayes-")
+
+
+@pytest.mark.parametrize("name, why", [("team/photos", "holds '/' or ':'"), ("a:b", "holds '/' or ':'"),
+                                       ("", "is empty"), ("  ", "is empty"), (" photos", "begins or ends with a space"),
+                                       ("..", "is a path"), ("x" * 257, "is longer than the 256 characters")])
+def test_a_name_mlflow_refuses_for_the_experiment_or_model_is_one_line_when_the_experiment_is_built(tmp_path, name,
+                                                                                                     why):
+    """name=team/photos ran a whole study, read its test split, then failed to register the model (a 57-line
+    traceback); an empty or 700-character name failed after Ray started."""
+    import json
+
+    with pytest.raises(UsageError, match=rf"name = .* {why}.*: it names the MLflow experiment and the registered model"):
+        load_experiment(write(tmp_path, f"name = {json.dumps(name)}\n"))
+    if name.strip() == name:  # --set strips its value
+        with pytest.raises(UsageError, match=rf"name = .* {why}"):
+            load_experiment(None, [f"name={name}"])
+
+
+@pytest.mark.parametrize("setting", ["train.lr=inf", "train.weight_decay=inf", "train.growth=inf", "search.epoch_limit=inf",
+                                     "data.memory_limit_mb=inf", "train.lr=-inf"])
+def test_an_infinite_number_is_refused_where_a_rule_reads_only_above_zero(setting):
+    key = setting.partition("=")[0]
+    with pytest.raises(UsageError, match=rf"{key} = -?inf is not allowed: it must be a finite number"):
+        load_experiment(None, [setting])
+
+
+def test_an_infinite_number_in_a_file_is_refused_too(tmp_path):
+    with pytest.raises(UsageError, match="train.lr = inf is not allowed: it must be a finite number"):
+        load_experiment(write(tmp_path, "[train]\nlr = 1e400\n"))
 
 
 def test_an_image_size_beyond_memory_is_refused_before_anything_allocates():

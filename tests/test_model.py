@@ -205,6 +205,20 @@ def test_sizes_below_one_are_rejected(name):
         CNN(dataclasses.replace(TINY, **{name: 0}), 1, 8, 10)
 
 
+@pytest.mark.parametrize("setting, fragment", [
+    ({"channels": 100_000_000}, "is too big to build: .* parameters, more than 1,000,000,000; lower them"),
+    ({"head_width": 2_000_000_000}, "is too big to build"),
+    ({"growth": 1e30}, r"cannot be built \("),  # sizes past what a tensor can hold
+])
+def test_a_network_too_big_to_build_is_one_line_before_anything_allocates(setting, fragment):
+    """The allocator's error (720,000,000,000,000,000 bytes) or an overflow was a traceback."""
+    from cnnopt.training.model import build_model
+
+    config = dataclasses.replace(TINY, **setting)
+    with pytest.raises(UsageError, match=rf"the network train.channels = .* describe {fragment}"):
+        build_model(config, {"channels": 1, "image_size": 8, "class_names": list("0123456789")})
+
+
 def test_num_parameters_counts_every_weight():
     config = dataclasses.replace(TINY, blocks=1, channels=2, batch_norm=True, head_layers=1, head_width=3)
     model = CNN(config, 1, 4, 5)

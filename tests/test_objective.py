@@ -269,3 +269,13 @@ def test_a_cutout_as_big_as_the_image_is_refused_before_training():
     check_config(TrainConfig(cutout=31), 32)
     with pytest.raises(UsageError, match="train.cutout = 32 must be below the 32-pixel image side.*a quarter of it, 8"):
         check_config(TrainConfig(cutout=32), 32)
+
+
+@pytest.mark.parametrize("device", ["gpu", "mps", "CPU", "", "cuda:x"])
+def test_a_device_torch_would_refuse_is_one_line(device):
+    """torch's RuntimeError ("Expected one of cpu, cuda, ...") was a traceback in cnnopt.train, and inside Ray it
+    failed every trial of a study."""
+    with pytest.raises(UsageError, match=rf"train.device = {device!r} is not one of auto, cpu, cuda, cuda:N"):
+        objective.check_choices(dataclasses.replace(QUICK, device=device))
+    with pytest.raises(UsageError, match="is not one of auto, cpu, cuda, cuda:N"):
+        objective.resolve_device(device)

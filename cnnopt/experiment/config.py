@@ -276,8 +276,25 @@ def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = (), chec
                          f"{'minimised' if direction == 'min' else 'maximised'}; set mode = {direction!r} or "
                          "leave mode out (it follows the metric)")
     experiment = dataclasses.replace(experiment, mode=experiment.mode or direction)
+    check_name(experiment.name)
     check_ranges(experiment)
     return experiment
+
+
+MAX_NAME_LENGTH = 256  # what MLflow's store keeps of a registered model's name
+
+
+def check_name(name: str) -> None:
+    """The experiment's `name` names its MLflow experiment and the model a promotion registers: one MLflow
+    refuses there (empty, '/' or ':', too long) was found after the trials, at registration, with a traceback."""
+    why = ("is empty" if not name.strip() else "begins or ends with a space" if name != name.strip()
+           else "holds '/' or ':', which MLflow refuses in a registered model's name" if "/" in name or ":" in name
+           else "is a path ('.' or '..')" if name in (".", "..")
+           else f"is longer than the {MAX_NAME_LENGTH} characters MLflow keeps" if len(name) > MAX_NAME_LENGTH
+           else "")
+    if why:
+        raise UsageError(f"name = {name[:60]!r}{'...' if len(name) > 60 else ''} {why}: it names the MLflow "
+                         "experiment and the registered model; set name to a plain name such as 'photos'")
 
 
 def _at_least(low):
@@ -350,6 +367,11 @@ def check_flag(flag: str, key: str, value) -> None:
 def check_section(section: str, values) -> None:
     """`check_ranges` for one section (`data`, `train` or `search`): also what the code that takes a
     section directly (the objective, the model, the data loader) checks first."""
+    for field in dataclasses.fields(values):  # inf passed every "> 0" rule (lr = inf trained, and diverged)
+        value = getattr(values, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{section}.{field.name} = {value!r} is not allowed: it must be a finite number; "
+                             f"fix it in the experiment file or with --set {section}.{field.name}=...")
     for key, (allowed, description) in RANGES.items():
         if key.startswith(f"{section}."):
             value = getattr(values, key.split(".", 1)[1])

@@ -143,9 +143,25 @@ def conv_unit(config: TrainConfig, in_channels: int, out_channels: int) -> list[
     return layers + [ACTIVATIONS[config.activation]()]
 
 
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of fp32 weights, before gradients and the optimizer's state
+
+
 def build_model(config: TrainConfig, preprocessing: dict) -> CNN:
-    """Build the CNN for a dataset described by `ImageData.preprocessing()`."""
-    return CNN(config, preprocessing["channels"], preprocessing["image_size"], len(preprocessing["class_names"]))
+    """Build the CNN for a dataset described by `ImageData.preprocessing()`; one too big to build (counted first
+    on PyTorch's meta device, which allocates nothing) is a UsageError, not an allocator's traceback."""
+    shape = (preprocessing["channels"], preprocessing["image_size"], len(preprocessing["class_names"]))
+    try:
+        with torch.device("meta"):
+            count = CNN(config, *shape).num_parameters
+    except (RuntimeError, OverflowError, TypeError) as exc:  # sizes past what a tensor can have (growth = 1e30)
+        count, reason = None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if count is None or count > MAX_PARAMETERS:
+        net = (f"the network train.channels = {config.channels}, growth = {config.growth:g}, blocks = {config.blocks}, "
+               f"head_width = {config.head_width} describe")
+        why = f"is too big to build: {count:,} parameters, more than {MAX_PARAMETERS:,}" if count is not None \
+            else f"cannot be built ({reason})"
+        raise UsageError(f"{net} {why}; lower them")
+    return CNN(config, *shape)
 
 
 def initialize(model: nn.Module, scheme: str, activation: str = "relu") -> None:

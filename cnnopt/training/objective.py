@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,8 +50,20 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what train.device takes
+
+
+def check_device(name: str) -> None:
+    """train.device against what it takes: torch's own error for 'gpu' or 'mps' was a traceback, in `cnnopt.train`
+    and at each trial's start inside Ray (every trial failed)."""
+    if not DEVICE.fullmatch(name):
+        raise UsageError(f"train.device = {name!r} is not one of auto, cpu, cuda, cuda:N (auto: the GPU whenever "
+                         "there is one, else the CPU)")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present; an unavailable CUDA request is a usage error."""
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -441,6 +454,7 @@ def check_choices(config: TrainConfig) -> None:
     check_model_choices(config)  # the ranges, and the net's own choices: else every trial would fail inside Ray
     if config.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    check_device(config.device)
     if config.lr_schedule not in SCHEDULES:
         raise UsageError(f"train.lr_schedule = {config.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
     if config.crop_padding > 0 and config.crop_padding_mode not in CROP_PADDING_MODES:
