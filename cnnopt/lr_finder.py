@@ -11,6 +11,7 @@ module knows nothing of Ray or MLflow until `main` records the run.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,9 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     output = Path(args.output)
     formats = plot_formats()
+    if output.is_dir() or output.name in ("", ".", "..") or args.output.endswith(("/", os.sep)):
+        # The plot went to "<folder>.png" and MLflow then logged the whole folder as the run's artifacts.
+        parser.error(f"argument --output: {args.output} is a folder; give the plot's file, such as "
+                     f"{Path(args.output) / 'lr_finder.png'}")
     if output.suffix and output.suffix[1:].lower() not in formats:  # checked before the sweep, not after it
         parser.error(f"argument --output: {args.output} is no plot format matplotlib writes ({', '.join(formats)}; "
                      "no suffix: png)")
+    output = output if output.suffix else output.with_name(output.name + ".png")  # the file written and logged
     tracking.check_writable(output.resolve().parent, f"the plot's folder for --output {args.output}",
                             "give --output a path in a writable folder")
 
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                         params={"steps": args.steps, "start_lr": args.start_lr, "end_lr": args.end_lr},
                         dataset=tracking.train_dataset(experiment.data, data.train_x, data.train_y)) as record:
         result = find_lr(config, data, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
-        path = plot(result, args.output)
+        path = plot(result, output)
         record.log_artifact(path)
         record.log(metrics={"suggested_lr": result.suggested_lr, "min_loss_lr": result.min_loss_lr,
                             "suggested_lr_setting": lr_setting(config, result.suggested_lr),  # the train.lr to set

@@ -119,6 +119,23 @@ def test_an_output_it_cannot_write_is_refused_before_the_sweep(mlflow_store, tmp
         [e.experiment_id for e in client.search_experiments()]), "no run was started, nothing swept"
 
 
+def test_an_output_with_no_suffix_is_a_png_logged_as_such_and_a_folder_is_refused(mlflow_store, tmp_path, capsys):
+    """--output sweep (the help: "no suffix: png") saved sweep.png, then logged "sweep": a traceback, the run
+    FAILED. --output <a folder> saved <folder>.png and logged the whole folder as the run's artifacts."""
+    (tmp_path / "photos").mkdir()
+    for folder in ("photos", "photos/", "."):
+        with pytest.raises(SystemExit) as exited:
+            main(["--steps", str(STEPS), "--output", folder])
+        assert exited.value.code == 2 and "is a folder; give the plot's file" in capsys.readouterr().err
+    assert main(["--steps", str(STEPS), "--output", "sweep"]) == 0
+    assert Path("sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not Path("sweep").exists()
+    assert "plot saved to sweep.png" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=mlflow_store)
+    [run] = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    logged = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert run.info.status == "FINISHED" and "sweep.png" in logged and "sweep" not in logged, logged
+
+
 def test_any_format_matplotlib_writes_is_an_output():
     from cnnopt.lr_finder import plot_formats
 
