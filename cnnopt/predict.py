@@ -8,7 +8,9 @@ are read with PIL and handed over as uint8 tensors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import tempfile
 import warnings
 import zipfile
@@ -37,10 +39,12 @@ class LoadedModel:
             raise UsageError(f"model file {path} not found; pass a model.pt, a model.pt2 or models:/NAME@champion")
         if not zipfile.is_zipfile(path):
             raise UsageError(f"{path} is not a model.pt or model.pt2 file (not a torch archive)")
+        told: list[str] = []  # what torch.export logs of a file it cannot read: the cause, not a console dump
         try:
             if path.suffix == ".pt2":
                 extra = {CLASS_NAMES_FILE: "", INPUT_SPEC_FILE: ""}
-                self.module = torch.export.load(str(path), extra_files=extra).module()
+                with logged_to(told, "torch.export"):
+                    self.module = torch.export.load(str(path), extra_files=extra).module()
                 self.class_names = json.loads(extra[CLASS_NAMES_FILE])
                 spec = json.loads(extra[INPUT_SPEC_FILE])
                 self.fixed_size = int(spec["image_size"])
@@ -54,8 +58,9 @@ class LoadedModel:
         except UsageError:
             raise
         except Exception as exc:
-            raise UsageError(f"{path} is not a model cnnopt exported ({type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'unreadable'})") from None
+            cause = told[-1].split(". ")[0] if told else (  # torch's first sentence: its others are boilerplate
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'unreadable'}")
+            raise UsageError(f"{path} is not a model cnnopt exported ({cause})") from None
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -67,6 +72,32 @@ class LoadedModel:
         except Exception as exc:
             raise UsageError(f"{self.path} cannot take a {tuple(image.shape[1:])} image: "
                              f"{str(exc).strip().splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def logged_to(lines: list[str], name: str):
+    """The logger `name`'s records during the block, as the last line of each (an exception's last line where it
+    carries one), into `lines` instead of its own handlers (torch.export printed an 18-line traceback on stderr
+    for a .pt2 that is no torch.export archive, before cnnopt's one line)."""
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = self.format(record).strip()
+            lines.append(text.splitlines()[-1] if text else record.getMessage())
+
+    logger = logging.getLogger(name)
+    handlers, propagate = list(logger.handlers), logger.propagate
+    for handler in handlers:
+        logger.removeHandler(handler)
+    logger.addHandler(Keep())
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.propagate = propagate
 
 
 def resolve_model(spec: str, scratch: Path) -> Path:

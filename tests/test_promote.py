@@ -348,9 +348,12 @@ def test_predict_bad_inputs_are_one_clear_line(trained, digits_data, tmp_path):
     image = write_digits(digits_data, tmp_path / "images", count=1)[0]
     (tmp_path / "corrupt.pt").write_bytes(b"\x00not a model at all")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt")
-    (tmp_path / "broken.png").write_bytes(b"PNG? no")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt2")  # a zip, no torch.export archive: torch.export
+    (tmp_path / "broken.png").write_bytes(b"PNG? no")                 # printed an 18-line traceback before our line
     cases = [((tmp_path / "corrupt.pt", image), "not a model.pt"),
              ((tmp_path / "state.pt", image), "is not a model cnnopt exported"),
+             ((tmp_path / "state.pt2", image), "state.pt2 is not a model cnnopt exported (RuntimeError: "
+                                               "PytorchStreamReader failed locating file archive_format"),
              ((tmp_path / "model" / "model.pt", tmp_path / "broken.png"), "cannot read image"),
              ((tmp_path / "model" / "model.pt", tmp_path / "missing.png"), "not found"),
              ((tmp_path / "model" / "model.pt", image, "--top-k", "0"), "argument --top-k: 0 is not a number"),
