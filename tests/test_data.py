@@ -260,6 +260,17 @@ def test_cifar10_corrupt_batch_names_the_file(tmp_path):
         load_data(DataConfig(dataset="cifar10", root=str(tmp_path)))
 
 
+@pytest.mark.parametrize("batch, fragment", [({b"data": np.zeros((10, 1000), np.uint8), b"labels": [0] * 10},
+                                              r"data \(10, 1000\)"),
+                                             ({b"data": np.zeros((10, 3072), np.uint8)}, "KeyError 'labels'")])
+def test_a_cifar10_batch_of_another_shape_or_without_its_keys_names_the_file(tmp_path, batch, fragment):
+    """It unpickled, then reshape (or a missing key) raised: a traceback."""
+    folder = write_cifar(tmp_path)
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batch))
+    with pytest.raises(UsageError, match=rf"cannot read CIFAR-10 file .*data_batch_2: no CIFAR-10 batch: .*{fragment}"):
+        load_data(DataConfig(dataset="cifar10", root=str(tmp_path)))
+
+
 # ----- image folders, written with PIL -----
 
 
@@ -282,6 +293,37 @@ def write_flat_folder(root: Path, modes=("L", "RGB", "RGBA", "P"), per_class: in
         for index in range(per_class):
             save(root / name / f"{index}.png", modes[index % len(modes)], sizes[index % len(sizes)], 40 * index)
     return root
+
+
+def test_a_file_name_that_is_no_utf8_loads_and_a_class_folder_so_named_is_one_line(tmp_path):
+    """A Latin-1 name (an old zip's) broke every load: the cache key encoded it as UTF-8 (a traceback). A file so
+    named is an image like any; a class folder so named is refused (TorchScript cannot hold it as a class name)."""
+    import os
+
+    for name in ("a", "b"):
+        for i in range(6):
+            save(tmp_path / "f" / name / f"{i}.png", "L", (8, 8), value=40 * i)
+    save(Path(os.fsdecode(bytes(tmp_path / "f" / "a") + b"/caf\xe9.png")), "L", (8, 8))
+    for cache in (True, False):
+        data = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "f"), image_size=8, cache=cache,
+                                    cache_dir=str(tmp_path / "cache")))
+        assert len(data.train_y) + len(data.val_y) + len(data.test_y) == 13
+    for i in range(6):
+        save(Path(os.fsdecode(bytes(tmp_path / "f") + b"/\xe9l\xe9phant/") + f"{i}.png"), "L", (8, 8))
+    with pytest.raises(UsageError, match=r"class folder b'.*/f/\\xe9l\\xe9phant' is not named in UTF-8.*rename it"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "f"), image_size=8, cache=False))
+
+
+@pytest.mark.parametrize("splits", [("Train", "Test"), ("training", "validation"), ("val", "test")])
+def test_split_folders_not_named_train_val_test_are_refused_not_read_as_classes(tmp_path, splits):
+    """Train/ and Test/ (or val/ and test/ without train/) were read as two classes: it trained "Train vs Test"."""
+    for split in splits:
+        for name in ("cat", "dog"):
+            for i in range(3):
+                save(tmp_path / split / name / f"{i}.png", "L", (8, 8), value=40 * i)
+    with pytest.raises(UsageError, match=rf"holds {sorted(splits)[0]}/, {sorted(splits)[1]}/: split folders, read as "
+                                         r"classes here; name them train/, val/ \(or valid/\) and test/, in lower case"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, cache=False))
 
 
 def test_hidden_files_and_folders_in_class_folders_are_not_images(tmp_path):

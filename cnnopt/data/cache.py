@@ -66,7 +66,8 @@ def folder_key(root: Path, files: list[Path], size: int) -> str:
             stat = path.stat()
         except OSError as exc:  # a broken link, a file removed since the folder was listed
             raise unreadable(path, exc) from None
-        digest.update(f"\n{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
+        # surrogateescape: a name that is no UTF-8 (Latin-1 from an old zip) is hashed by its bytes, not refused
+        digest.update(f"\n{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:24]
 
 

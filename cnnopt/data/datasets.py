@@ -401,8 +401,14 @@ def _unpickle(path: Path) -> dict:
 
 def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     batch = _unpickle(path)
-    x = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-    return x, torch.tensor(batch["labels"], dtype=torch.long)
+    try:  # a pickle of another shape or without its keys: one line naming the file, not a reshape's traceback
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+            raise ValueError(f"data {data.shape} and labels {labels.shape}, not (N, 3072) and (N,)")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise _unreadable_cifar(path, f"no CIFAR-10 batch: {type(exc).__name__} {exc}") from None
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
 def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entry | None, dict[str, list[Path]], str]:
@@ -466,8 +472,21 @@ def _allocate_in_memory(cfg: DataConfig, shape: tuple[int, ...]) -> np.ndarray:
     return np.empty(shape, np.uint8)
 
 
+SPLIT_LIKE = {"train", "training", "val", "valid", "validation", "test", "testing"}  # a split's name, any case
+
+
 def _class_names(folder: Path, at_least: int = 2) -> list[str]:
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in names:  # a Latin-1 name from an old zip: the exported model (TorchScript) cannot hold it
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"class folder {os.fsencode(folder / name)!r} is not named in UTF-8, which the model's "
+                             f"class names must be; rename it (convmv -f latin1 -t utf8 -r --notest {folder} "
+                             "renames them all)") from None
+    if len(names) >= 2 and {name.lower() for name in names} <= SPLIT_LIKE:  # Train/ and Test/: two "classes"
+        raise UsageError(f"{folder} holds {', '.join(n + '/' for n in names)}: split folders, read as classes here; "
+                         "name them train/, val/ (or valid/) and test/, in lower case, each holding class folders")
     if len(names) < at_least:
         loose = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         more = (f" and {loose} loose image{'s' * (loose != 1)}: move each class's images into a folder named "
