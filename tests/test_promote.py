@@ -321,6 +321,22 @@ def test_sixteen_bit_gray_images_are_scaled_not_clipped(tmp_path):
     assert pixels.max() == 245 and pixels.min() == 0 and len(pixels.unique()) > 50
 
 
+def test_a_dark_sixteen_bit_pgm_is_scaled_by_its_depth_as_a_png_is(tmp_path):
+    """Pillow reads a PGM of more than 8 bits as mode I (scaled to 16 bits), whose depth was then guessed per
+    image: values up to 250 were read as 8-bit (mean 124.5), up to 260 as 16-bit (mean 0.5)."""
+    from cnnopt.data.decode import decode_image
+    from cnnopt.predict import read_image
+
+    def pgm(name: str, top: int) -> Path:
+        values = np.linspace(0, top, 64).astype(">u2").reshape(8, 8)
+        (tmp_path / name).write_bytes(b"P5\n8 8\n65535\n" + values.tobytes())
+        return tmp_path / name
+
+    for path in (pgm("dark250.pgm", 250), pgm("dark260.pgm", 260)):
+        assert decode_image(path, 1, 8).max() <= 1 and read_image(path).max() <= 1, path.name
+    assert decode_image(pgm("bright.pgm", 65535), 1, 8).max() == 255
+
+
 def test_predict_from_the_registry(trained, digits_data, mlflow_store, tmp_path):
     _, predictor = trained
     export(predictor, tmp_path / "model", digits_data.test_x[:16])

@@ -30,8 +30,9 @@ GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # 1 = full-scale decode (before the cache existed); 2 = JPEG draft at DRAFT_MARGIN x the target side;
 # 3 = 16-bit gray scaled by its bit depth (a dark image was scaled by 255 as if it were 8-bit);
 # 4 = 16-bit gray with a transparency key scaled too, its key as alpha (it was clipped to 8 bits: white);
-# 5 = float gray within [0, 1] scaled by 1 (it was read as 0..255: black).
-DECODE_VERSION = 5
+# 5 = float gray within [0, 1] scaled by 1 (it was read as 0..255: black);
+# 6 = a PGM of more than 8 bits (Pillow's mode I) scaled by 16 bits (a dark one was read as 8-bit: x257).
+DECODE_VERSION = 6
 # JPEGs are drafted (libjpeg's DCT scaling to 1/2, 1/4 or 1/8) to at least 2x the target side, and
 # the antialiased resize does the rest. On photos that differs from the full-scale decode by a mean
 # of ~0.5 gray levels per pixel (worst image ~0.8, tests/test_data_cache.py bounds it at 1.0); a
@@ -51,14 +52,15 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(x, [size, size])
 
 
-def to_uint8(array: np.ndarray, mode: str = "") -> np.ndarray:
+def to_uint8(array: np.ndarray, mode: str = "", file_format: str = "") -> np.ndarray:
     """Gray pixels of a wider type (16-bit, 32-bit, float) scaled into 0..255: a 16-bit file (Pillow mode
-    I;16...) by its bit depth, so a dark image stays dark; a float one within [0, 1] (the usual range of
-    float images) by 1; other 32-bit or float ones, whose depth the file does not say, by the smallest of
-    8 bits, 16 bits or their own maximum that holds them."""
+    I;16..., or a PGM of more than 8 bits, which Pillow reads as mode I scaled to 16 bits) by its bit depth,
+    so a dark image stays dark; a float one within [0, 1] (the usual range of float images) by 1; other
+    32-bit or float ones, whose depth the file does not say, by the smallest of 8 bits, 16 bits or their own
+    maximum that holds them."""
     if array.dtype == np.uint8:
         return array
-    if mode.startswith("I;16"):
+    if mode.startswith("I;16") or (mode == "I" and file_format == "PPM"):  # a dark 16-bit PGM read as 8-bit: x257
         top = 65535.0
     elif array.dtype.kind == "f" and array.max(initial=0) <= 1.0:
         top = 1.0
@@ -74,7 +76,7 @@ def eight_bit_gray(image):
     from PIL import Image
 
     array = np.asarray(image)
-    gray = Image.fromarray(to_uint8(array, image.mode))
+    gray = Image.fromarray(to_uint8(array, image.mode, image.format or ""))
     key = image.info.get("transparency")
     if not isinstance(key, int):
         return gray
