@@ -326,6 +326,24 @@ def test_split_folders_not_named_train_val_test_are_refused_not_read_as_classes(
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, cache=False))
 
 
+def test_a_linked_folder_inside_a_class_is_followed_once_and_a_loop_ends(tmp_path):
+    """Path.rglob does not follow a link to a folder: dog/linked -> extra/ lost its 5 images without a word
+    (while a linked class folder was read)."""
+    from cnnopt.data.decode import image_files
+
+    for i in range(5):
+        save(tmp_path / "extra" / f"{i}.png", "L", (8, 8))
+    for name in ("cat", "dog"):
+        for i in range(3):
+            save(tmp_path / "f" / name / f"{i}.png", "L", (8, 8))
+    (tmp_path / "f" / "dog" / "linked").symlink_to(tmp_path / "extra", target_is_directory=True)
+    (tmp_path / "f" / "dog" / "again").symlink_to(tmp_path / "extra", target_is_directory=True)  # once, not twice
+    (tmp_path / "f" / "cat" / "loop").symlink_to(tmp_path / "f", target_is_directory=True)  # back up the tree
+    dog = image_files(tmp_path / "f" / "dog")
+    assert len(dog) == 8 and sum(path.parent.name in ("linked", "again") for path in dog) == 5, dog
+    assert len(image_files(tmp_path / "f" / "cat")) >= 3  # it ends
+
+
 def test_hidden_files_and_folders_in_class_folders_are_not_images(tmp_path):
     """A notebook's checkpoints folder, macOS's AppleDouble copies and a folder named like an image are
     skipped, at any depth, by training and predict alike (they would be mislabelled or unreadable)."""

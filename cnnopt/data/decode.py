@@ -86,10 +86,23 @@ def eight_bit_gray(image):
 def image_files(folder: Path) -> list[Path]:
     """The image files under `folder`, at any depth, sorted: by extension (IMAGE_EXTENSIONS), skipping hidden
     files and folders (`.ipynb_checkpoints/`, macOS's `._name.png` copies) and folders named like images.
-    A broken link stays listed, so that reading it says so."""
-    return sorted(path for path in folder.rglob("*")
-                  if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()
-                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    Linked folders are followed, each real folder once (Path.rglob skipped a link to a folder inside a class
+    folder without a word); a folder that cannot be listed is an error, not skipped. A broken link stays
+    listed, so that reading it says so."""
+    def refuse(error: OSError) -> None:
+        raise UsageError(f"cannot list folder {error.filename}: {error.strerror}; make it readable or remove it")
+
+    found, seen = [], set()
+    for top, folders, files in os.walk(folder, onerror=refuse, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(top) / name for name in files  # a broken link is among the files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
 
 
 def unreadable(path: Path, error: Exception) -> UsageError:
