@@ -39,6 +39,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _log_handler: logging.Handler | None = None
 
 
+def counted(number: int, noun: str) -> str:
+    """'1 trial', '3 trials'."""
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
 def log_file() -> Path:
     """Where library messages go: CNNOPT_LOG when set, else cnnopt.log in the working directory."""
     return Path(os.environ.get("CNNOPT_LOG") or "cnnopt.log").resolve()

@@ -58,6 +58,10 @@ class LoadedModel:
         except UsageError:
             raise
         except Exception as exc:
+            if _is_checkpoint(path):
+                raise UsageError(f"{path} is a torch.save file (a run's checkpoint/checkpoint.pt, say), not an exported "
+                                 "model: pass the run's exported/model.pt or model.pt2 (python -m cnnopt.promote "
+                                 "--run-id RUN exports them)") from None
             cause = told[-1].split(". ")[0] if told else (  # torch's first sentence: its others are boilerplate
                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'unreadable'}")
             raise UsageError(f"{path} is not a model cnnopt exported ({cause})") from None
@@ -72,6 +76,14 @@ class LoadedModel:
         except Exception as exc:
             raise UsageError(f"{self.path} cannot take a {tuple(image.shape[1:])} image: "
                              f"{str(exc).strip().splitlines()[0]}") from None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether a torch archive is a torch.save file (a pickle and its tensors) rather than an export: a
+    TorchScript archive holds code/, a torch.export one its archive_format record."""
+    names = zipfile.ZipFile(path).namelist()
+    return any(name.endswith("/data.pkl") for name in names) and not any(
+        "/code/" in name or name.endswith("archive_format") for name in names)
 
 
 @contextlib.contextmanager

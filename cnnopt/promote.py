@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="promote a run of a study that promoted another already: its test split is read again "
                              "(the output and the model card say how many times)")
     args = parser.parse_args(argv)
+    for flag, value in (("--run-id", args.run_id), ("--study", args.study)):
+        if value is not None and not value.strip():  # an empty $RUN_ID promoted the latest study's best trial
+            parser.error(f"argument {flag}: empty; give a {'run id' if flag == '--run-id' else 'study name'}, "
+                         "or leave the flag out to promote the latest study")
     if args.retest and not args.run_id:
         parser.error("--retest goes with --run-id: it promotes a named run of a study that promoted another")
     quiet_libraries()

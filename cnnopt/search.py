@@ -17,7 +17,7 @@ STARTED = time.perf_counter()  # before the heavy imports below: a time budget c
 
 import search_spaces  # noqa: E402 - after STARTED on purpose
 from cnnopt import tracking, trials
-from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, counted, quiet_libraries, run
 from cnnopt.experiment.config import check_flag, load_experiment, same_name_warning
 from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
@@ -72,11 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "confirmation and the final training, which only serve the promotion")
     parser.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
     return parser
-
-
-def counted(number: int, noun: str) -> str:
-    """'1 trial', '3 trials'."""
-    return f"{number} {noun}{'s' * (number != 1)}"
 
 
 def list_spaces() -> None:
@@ -317,7 +312,8 @@ def budget_seconds(outcome, spent: dict, total: float) -> dict[str, float]:
 def confirm_best(experiment, outcome, address: str | None):
     """Re-train the best configurations with new seeds, print mean ± std, record and return the choice."""
     search, metric = experiment.search, experiment.metric
-    print(f"\nconfirming the {search.confirm_top} best configurations with {search.confirm_seeds} new seeds each "
+    print(f"\nconfirming the {counted(search.confirm_top, 'best configuration').removeprefix('1 ')} with "
+          f"{counted(search.confirm_seeds, 'new seed')} each "
           f"(--no-confirm skips this)...", flush=True)
     confirmation = confirm(experiment, outcome.name, address)
     if confirmation is None:
@@ -325,7 +321,7 @@ def confirm_best(experiment, outcome, address: str | None):
     for candidate in confirmation.candidates:
         mark = "  <- chosen" if candidate is confirmation.chosen else ""
         print(f"  trial {candidate.trial_number:3d}: {metric} {candidate.mean:.4f} ± {candidate.std:.4f} over "
-              f"{len(candidate.values)} new seeds (the trial itself: {candidate.value:.4f}){mark}")
+              f"{counted(len(candidate.values), 'new seed')} (the trial itself: {candidate.value:.4f}){mark}")
     # Where a final training follows, it trains this run's configuration and seed, and its model is promoted.
     print(f"  chosen run {confirmation.promote_run_id}: {confirmation.reason}")
     record_choice(outcome.parent_run_id,

@@ -140,10 +140,10 @@ STUDY_LINES = [
     (r"  MLflow run [0-9a-f]{32}", "?"),
     (r"Browse the study: (mlflow ui --backend-store-uri sqlite:///mlflow\.db|http://127\.0\.0\.1:\d+)", ""),
     (r"", "?"),
-    (r"confirming the \d+ best configurations with \d+ new seeds each \(--no-confirm skips this\)\.\.\.", "?"),
+    (r"confirming the (\d+ )?best configurations? with \d+ new seeds? each \(--no-confirm skips this\)\.\.\.", "?"),
     (r"  confirm trial +\d+ seed \d+: val_accuracy (\d\.\d{4}|nan)  "
-     r"\(\w+(, \d+ epochs as its trial|, \d+ of its trial's \d+ epochs)?\)", "*"),
-    (r"  trial +\d+: val_accuracy \d\.\d{4} ± \d\.\d{4} over \d+ new seeds \(the trial itself: \d\.\d{4}\)(  <- chosen)?", "*"),
+     r"\(\w+(, \d+ epochs? as its trial|, \d+ of its trial's \d+ epochs)?\)", "*"),
+    (r"  trial +\d+: val_accuracy \d\.\d{4} ± \d\.\d{4} over \d+ new seeds? \(the trial itself: \d\.\d{4}\)(  <- chosen)?", "*"),
     (r"  chosen run [0-9a-f]{32}: .*", "?"),
     (r"", "?"),
     (r"final training of .*: .*, on a whole node, on (the train split|train \+ val)\.\.\.", "?"),

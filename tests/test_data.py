@@ -492,6 +492,12 @@ def test_missing_image_folder_is_an_error(tmp_path, root):
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / root) if root else ""))
 
 
+def test_a_data_root_that_is_a_file_says_so_not_not_found(tmp_path):
+    save(tmp_path / "photo.png", "L", (8, 8))
+    with pytest.raises(UsageError, match=r"data.root '.*photo.png' is a file, not a folder: set data.root to the folder"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "photo.png")))
+
+
 def test_image_folder_subset(tmp_path):
     root = write_flat_folder(tmp_path / "pets", modes=("L",), per_class=20)
     config = DataConfig(dataset="imagefolder", root=str(root), image_size=4, val_fraction=0.2, test_fraction=0.2)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,13 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert len(calls) == 2
     with pytest.raises(UsageError, match="study name \"p'\" is not allowed"):  # never an MLflow filter's traceback
         promote_cli.main(["--study", "p'"])
+    # The study's parent run named by --run-id: it said "no checkpoint artifact", not what to pass instead.
+    with pytest.raises(UsageError, match=f"run {parent.info.run_id} has no checkpoint artifact to promote; it is "
+                                         "study 'p''s parent run: promote the study with --study p"):
+        promote_cli.main(["--run-id", parent.info.run_id])
+    with pytest.raises(SystemExit) as usage:  # an empty $RUN_ID promoted the latest study's best trial instead
+        promote_cli.main(["--run-id", ""])
+    assert usage.value.code == 2 and "argument --run-id: empty" in capsys.readouterr().err
     # Another run of the promoted study: its test split would be read again for another model (a choice by test
     # accuracy), so only on purpose; then the output, the model card and the study's record say how many reads.
     [second] = [r for r in trials if r.info.run_id != best.info.run_id]
@@ -364,12 +372,14 @@ def test_predict_bad_inputs_are_one_clear_line(trained, digits_data, tmp_path):
     image = write_digits(digits_data, tmp_path / "images", count=1)[0]
     (tmp_path / "corrupt.pt").write_bytes(b"\x00not a model at all")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt2")  # a zip, no torch.export archive: torch.export
-    (tmp_path / "broken.png").write_bytes(b"PNG? no")                 # printed an 18-line traceback before our line
+    with zipfile.ZipFile(tmp_path / "other.pt2", "w") as archive:  # a zip, no torch.export archive: torch.export
+        archive.writestr("other/notes.txt", "hello")                 # printed an 18-line traceback before our line
+    (tmp_path / "broken.png").write_bytes(b"PNG? no")
     cases = [((tmp_path / "corrupt.pt", image), "not a model.pt"),
-             ((tmp_path / "state.pt", image), "is not a model cnnopt exported"),
-             ((tmp_path / "state.pt2", image), "state.pt2 is not a model cnnopt exported (RuntimeError: "
-                                               "PytorchStreamReader failed locating file archive_format"),
+             # A run's training checkpoint, the likeliest wrong file: said as such, with the file to pass.
+             ((tmp_path / "state.pt", image), "state.pt is a torch.save file (a run's checkpoint/checkpoint.pt, say), "
+                                              "not an exported model: pass the run's exported/model.pt"),
+             ((tmp_path / "other.pt2", image), "other.pt2 is not a model cnnopt exported (RuntimeError: "),
              ((tmp_path / "model" / "model.pt", tmp_path / "broken.png"), "cannot read image"),
              ((tmp_path / "model" / "model.pt", tmp_path / "missing.png"), "not found"),
              ((tmp_path / "model" / "model.pt", image, "--top-k", "0"), "argument --top-k: 0 is not a number"),

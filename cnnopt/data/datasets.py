@@ -456,6 +456,9 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
 
 def _imagefolder_root(cfg: DataConfig) -> Path:
     root = Path(cfg.root)
+    if cfg.root and root.exists() and not root.is_dir():  # "not found" of a file that is there
+        raise UsageError(f"data.root {cfg.root!r} is a file, not a folder: set data.root to the folder of class "
+                         "folders (or of train/, val/, test/ folders of class folders)")
     if not cfg.root or not root.is_dir():
         raise UsageError(f"image folder {cfg.root!r} not found: set data.root to a folder of class folders "
                          "(or of train/, val/, test/ folders of class folders)")

@@ -153,7 +153,12 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         try:
             checkpoint_path = client.download_artifacts(run_id, f"checkpoint/{FILENAME}", str(scratch))
         except MlflowException:
-            raise UsageError(f"run {run_id} has no checkpoint artifact to promote") from None
+            kind = run.data.tags.get(tracking.KIND_TAG, "")
+            hint = (f"it is study {run.data.tags.get(tracking.STUDY_TAG, '')!r}'s parent run: promote the study "
+                    f"with --study {run.data.tags.get(tracking.STUDY_TAG, '')}" if kind == "study"
+                    else "pass a run that trained (a trial, a confirmation seed, a final training or a "
+                         "cnnopt.train run)")
+            raise UsageError(f"run {run_id} has no checkpoint artifact to promote; {hint}") from None
         model, checkpoint = load_checkpoint(checkpoint_path)
         data = load_data(settings.data)
         trained = checkpoint["preprocessing"]

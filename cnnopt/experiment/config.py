@@ -367,11 +367,11 @@ def check_flag(flag: str, key: str, value) -> None:
 def check_section(section: str, values) -> None:
     """`check_ranges` for one section (`data`, `train` or `search`): also what the code that takes a
     section directly (the objective, the model, the data loader) checks first."""
-    for field in dataclasses.fields(values):  # inf passed every "> 0" rule (lr = inf trained, and diverged)
-        value = getattr(values, field.name)
+    for item in dataclasses.fields(values):  # inf passed every "> 0" rule (lr = inf trained, and diverged)
+        value = getattr(values, item.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{section}.{field.name} = {value!r} is not allowed: it must be a finite number; "
-                             f"fix it in the experiment file or with --set {section}.{field.name}=...")
+            raise UsageError(f"{section}.{item.name} = {value!r} is not allowed: it must be a finite number; "
+                             f"fix it in the experiment file or with --set {section}.{item.name}=...")
     for key, (allowed, description) in RANGES.items():
         if key.startswith(f"{section}."):
             value = getattr(values, key.split(".", 1)[1])

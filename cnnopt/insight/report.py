@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 import search_spaces
 from cnnopt import tracking, trials as trial_status
+from cnnopt.cli import counted
 from cnnopt.analysis import best_trial as best_row, load_trials, top_trials
 from cnnopt.experiment.config import Experiment
 from cnnopt.experiment.space import Space
@@ -59,7 +60,7 @@ class Report:
     def summary_lines(self) -> list[str]:
         """The report in a few lines, for a terminal."""
         counts = ", ".join(f"{n} {status}" for status, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        lines = [f"study {self.study}: {sum(self.counts.values())} trials ({counts or 'none'})"]
+        lines = [f"study {self.study}: {counted(sum(self.counts.values()), 'trial')} ({counts or 'none'})"]
         if self.best:
             lines.append(f"best: trial {self.best['trial']}, {self.metric} {self.best['value']:.4f}")
         if self.importances:

@@ -25,6 +25,7 @@ import ray
 
 import search_spaces
 from cnnopt import tracking, trials
+from cnnopt.cli import counted
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import last_line
 from cnnopt.experiment.config import Experiment
@@ -147,7 +148,7 @@ def _train_all(experiment: Experiment, client, parent, todo: list, candidates: d
                 candidates[run.info.run_id].runs[seed] = (run_id, value)
             epochs = ""
             if result.epochs_run:  # as many as its trial's, or fewer where it diverged
-                epochs = (f", {config.epochs} epochs as its trial" if result.epochs_run == config.epochs
+                epochs = (f", {counted(config.epochs, 'epoch')} as its trial" if result.epochs_run == config.epochs
                           else f", {result.epochs_run} of its trial's {config.epochs} epochs")
             print(f"  confirm trial {studies.trial_number(run):3d} seed {seed}: {experiment.metric} "
                   f"{value if value is not None else float('nan'):.4f}  ({result.status}{epochs})"
