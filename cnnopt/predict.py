@@ -81,7 +81,8 @@ class LoadedModel:
 def _is_checkpoint(path: Path) -> bool:
     """Whether a torch archive is a torch.save file (a pickle and its tensors) rather than an export: a
     TorchScript archive holds code/, a torch.export one its archive_format record."""
-    names = zipfile.ZipFile(path).namelist()
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
     return any(name.endswith("/data.pkl") for name in names) and not any(
         "/code/" in name or name.endswith("archive_format") for name in names)
 

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if warning := same_name_warning(experiment):
         print(warning, file=sys.stderr)
     if why := why_no_test(experiment.data, data):
-        print(f"warning: {why}: this run cannot be tested once, so python -m cnnopt.promote will refuse it",
+        print(f"warning: {why[0]}: this run cannot be tested once, so python -m cnnopt.promote will refuse it "
+              f"({why[1]} to train one it can test)",
               file=sys.stderr)
     model = build_model(config, data.preprocessing())  # rejects an impossible architecture before any run exists
     check_config(config, data.image_size)

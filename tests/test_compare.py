@@ -188,5 +188,15 @@ def test_a_name_no_study_can_take_is_one_line_where_the_experiment_exists(mlflow
         run(compare_cli.main, ["--name", name, "--strategies", "random,bayes"])
     assert caught.value.code == 2
     captured = capsys.readouterr()
-    assert captured.err.startswith(f"error: --name {name!r} is not allowed: it begins each study's name"), captured.err
-    assert captured.err.count("\n") == 1 and captured.out == ""
+    assert captured.err.startswith(f"error: --name {name!r} cannot begin the comparison's study names (study name "), \
+        captured.err
+    assert captured.err.count("\n") == 1 and captured.out == "" and "pick another --name" in captured.err
+
+
+def test_without_name_an_experiment_name_no_study_can_begin_is_blamed_not_a_name_never_given(mlflow_store, capsys):
+    with pytest.raises(SystemExit) as caught:
+        run(compare_cli.main, ["--set", "name=my photos", "--strategies", "random"])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.startswith("error: the experiment's name 'my photos' cannot begin the "
+                                                     "comparison's study names (study name 'my photos-compare-"), err
+    assert err.rstrip().endswith("give --name")

@@ -275,7 +275,8 @@ def test_an_experiment_name_that_cannot_begin_a_study_name_asks_for_a_study_name
 
 @pytest.mark.parametrize("name, why", [("team/photos", "holds '/' or ':'"), ("a:b", "holds '/' or ':'"),
                                        ("", "is empty"), ("  ", "is empty"), (" photos", "begins or ends with a space"),
-                                       ("..", "is a path"), ("x" * 257, "is longer than the 256 characters")])
+                                       ("..", "begins with '..'"), ("..photos", "begins with '..'"),
+                                       ("x" * 257, "is longer than the 256 characters")])
 def test_a_name_mlflow_refuses_for_the_experiment_or_model_is_one_line_when_the_experiment_is_built(tmp_path, name,
                                                                                                      why):
     """name=team/photos ran a whole study, read its test split, then failed to register the model (a 57-line
@@ -287,6 +288,19 @@ def test_a_name_mlflow_refuses_for_the_experiment_or_model_is_one_line_when_the_
     if name.strip() == name:  # --set strips its value
         with pytest.raises(UsageError, match=rf"name = .* {why}"):
             load_experiment(None, [f"name={name}"])
+
+
+def test_a_study_that_will_promote_checks_a_recorded_name_too():
+    """A resumed study's settings are its record's, built without the new experiment's checks: an older study
+    named team/photos trained on, then failed at registration."""
+    import dataclasses
+
+    from cnnopt.study.runner import StudyOptions, check_settings
+
+    recorded = dataclasses.replace(load_experiment(None), name="team/photos")
+    with pytest.raises(UsageError, match="name = 'team/photos' holds '/' or ':'"):
+        check_settings(recorded, StudyOptions(name="old-study", resume=True))
+    check_settings(recorded, StudyOptions(name="old-study", resume=True, promote=False))  # registers nothing
 
 
 @pytest.mark.parametrize("setting", ["train.lr=inf", "train.weight_decay=inf", "train.growth=inf", "search.epoch_limit=inf",

@@ -142,9 +142,10 @@ def test_why_no_test_names_a_zero_fraction_and_one_that_rounds_every_class_to_no
     data = load_data(cfg)
     assert len(data.test_y) == 0 and len(data.train_y) + len(data.val_y) == 1797
     assert why_no_test(cfg, data) == ("data.test_fraction = 0.001 leaves no test image (1797 images: each class's "
-                                      "share rounds to 0)")
+                                      "share rounds to 0)", "raise data.test_fraction, or add images")
     cfg = DataConfig(test_fraction=0)
-    assert why_no_test(cfg, load_data(cfg)) == "data.test_fraction = 0 leaves no test split"
+    assert why_no_test(cfg, load_data(cfg)) == ("data.test_fraction = 0 leaves no test split",
+                                                "set data.test_fraction above 0 (the default is 0.15)")
 
 
 def test_channel_stats_match_the_double_precision_definition_across_chunks():
@@ -324,6 +325,13 @@ def test_split_folders_not_named_train_val_test_are_refused_not_read_as_classes(
     with pytest.raises(UsageError, match=rf"holds {sorted(splits)[0]}/, {sorted(splits)[1]}/: split folders, read as "
                                          r"classes here; name them train/, val/ \(or valid/\) and test/, in lower case"):
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, cache=False))
+    # Beside a lower-case train/, they were left out without a word (20 images read as 20 of 36).
+    for split in ("train", "validation", "Test"):
+        for name in ("cat", "dog"):
+            for i in range(3):
+                save(tmp_path / "beside" / split / name / f"{i}.png", "L", (8, 8), value=40 * i)
+    with pytest.raises(UsageError, match=r"holds Test/, validation/ beside train/, which are not read: name split "):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "beside"), image_size=8, cache=False))
 
 
 def test_a_linked_folder_inside_a_class_is_followed_once_and_a_loop_ends(tmp_path):
@@ -338,10 +346,13 @@ def test_a_linked_folder_inside_a_class_is_followed_once_and_a_loop_ends(tmp_pat
             save(tmp_path / "f" / name / f"{i}.png", "L", (8, 8))
     (tmp_path / "f" / "dog" / "linked").symlink_to(tmp_path / "extra", target_is_directory=True)
     (tmp_path / "f" / "dog" / "again").symlink_to(tmp_path / "extra", target_is_directory=True)  # once, not twice
-    (tmp_path / "f" / "cat" / "loop").symlink_to(tmp_path / "f", target_is_directory=True)  # back up the tree
+    (tmp_path / "f" / "cat" / "loop").symlink_to(tmp_path / "f", target_is_directory=True)  # up: the root
+    (tmp_path / "f" / "cat" / "self").symlink_to(tmp_path / "f" / "cat", target_is_directory=True)  # itself
+    (tmp_path / "f" / "cat" / "root").symlink_to("/", target_is_directory=True)  # the whole machine
     dog = image_files(tmp_path / "f" / "dog")
     assert len(dog) == 8 and sum(path.parent.name in ("linked", "again") for path in dog) == 5, dog
-    assert len(image_files(tmp_path / "f" / "cat")) >= 3  # it ends
+    cat = image_files(tmp_path / "f" / "cat")  # the dog images under loop/dog were read as cats
+    assert [path.name for path in cat] == ["0.png", "1.png", "2.png"], cat
 
 
 def test_hidden_files_and_folders_in_class_folders_are_not_images(tmp_path):

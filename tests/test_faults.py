@@ -378,6 +378,33 @@ def test_sigterms_while_the_record_closes_wait_for_the_close(tmp_path, ignore_si
     assert done.stdout == "record closed\n" and done.returncode == code, (done.returncode, done.stdout, done.stderr)
 
 
+@pytest.mark.parametrize("body, code, out, err", [
+    # An error the held step raises stays that error: the held SIGTERM turned it into "interrupted", exit 130.
+    ("os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05); raise UsageError('the store failed')", 2, "",
+     "error: the store failed"),
+    # Cleared by its caller (the record of a study already stopping): the command goes on to its summary.
+    ("os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05); held.clear()", 0, "after the step\n", ""),
+    # A step that has not ended HELD_TERM_SECONDS after the first SIGTERM is stuck: a later one ends the process.
+    ("os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.3); os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)",
+     -signal.SIGTERM, "", ""),
+])
+def test_a_held_sigterm_keeps_the_steps_error_can_be_dropped_and_ends_a_stuck_step(tmp_path, body, code, out, err):
+    script = (
+        "import os, signal, time\n"
+        "from cnnopt.cli import run\n"
+        "from cnnopt.errors import UsageError\n"
+        "from cnnopt.study import runner\n"
+        "runner.HELD_TERM_SECONDS = 0.2\n"
+        "def main(argv):\n"
+        "    with runner.interrupts_held() as held:\n"
+        f"        {body}\n"
+        "    print('after the step', flush=True)\n"
+        "    return 0\n"
+        "run(main, [])\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr.strip()) == (code, out, err), done
+
+
 def test_a_ctrl_c_after_the_trials_gives_the_report_thread_a_bounded_wait(monkeypatch, capsys):
     """A Ctrl-C while the report's daemon thread drew in matplotlib's C code aborted the process at exit (exit 134,
     once in three tries). The command now waits for that thread, a bounded time, before it ends."""

@@ -271,11 +271,19 @@ def test_a_cutout_as_big_as_the_image_is_refused_before_training():
         check_config(TrainConfig(cutout=32), 32)
 
 
-@pytest.mark.parametrize("device", ["gpu", "mps", "CPU", "", "cuda:x"])
+@pytest.mark.parametrize("device", ["gpu", "xpu", "CPU", "", "cuda:x"])
 def test_a_device_torch_would_refuse_is_one_line(device):
     """torch's RuntimeError ("Expected one of cpu, cuda, ...") was a traceback in cnnopt.train, and inside Ray it
     failed every trial of a study."""
-    with pytest.raises(UsageError, match=rf"train.device = {device!r} is not one of auto, cpu, cuda, cuda:N"):
+    with pytest.raises(UsageError, match=rf"train.device = {device!r} is not one of auto, cpu, cuda, cuda:N, mps"):
         objective.check_choices(dataclasses.replace(QUICK, device=device))
-    with pytest.raises(UsageError, match="is not one of auto, cpu, cuda, cuda:N"):
+    with pytest.raises(UsageError, match="is not one of auto, cpu, cuda, cuda:N, mps"):
         objective.resolve_device(device)
+
+
+def test_mps_is_taken_where_torch_has_it_and_one_line_where_not():
+    if torch.backends.mps.is_available():
+        assert objective.resolve_device("mps").type == "mps"
+    else:
+        with pytest.raises(UsageError, match="train.device = 'mps' but this machine's torch has no Apple GPU"):
+            objective.check_choices(dataclasses.replace(QUICK, device="mps"))

@@ -70,15 +70,24 @@ def test_a_trial_whose_first_writes_fail_is_still_ended_not_left_running(mlflow_
     def failing(*args, **kwargs):
         raise RuntimeError("the tracking server went away")
 
-    monkeypatch.setattr(recorder_module, "log_dataset", failing)
+    monkeypatch.setattr(recorder_module, "log", failing)
     with pytest.raises(RuntimeError):
         record.start_trial("t1", PARAMS, list(PARAMS))
+    with pytest.raises(RuntimeError):
+        record.start_trial("t3", PARAMS, list(PARAMS))
     monkeypatch.undo()
     record.start_trial("t2", PARAMS, list(PARAMS))
-    record.end_trial("t1", "completed", {"val_accuracy": 0.5})
+    record.end_trial("t1", "completed", {"val_accuracy": 0.5})  # the store is back: its params are written now
+    monkeypatch.setattr(recorder_module, "log_dataset", failing)  # and here they cannot be: failed, not completed
+    record.end_trial("t3", "completed", {"val_accuracy": 0.9})
+    monkeypatch.undo()
     record.kill_unfinished()
-    statuses = {run.data.tags["trial_id"]: (run.info.status, run.data.tags["status"]) for run in record.trial_runs()}
-    assert statuses == {"t1": ("FINISHED", "completed"), "t2": ("KILLED", "interrupted")}, statuses
+    runs = {run.data.tags["trial_id"]: run for run in record.trial_runs()}
+    statuses = {trial: (run.info.status, run.data.tags["status"]) for trial, run in runs.items()}
+    assert statuses == {"t1": ("FINISHED", "completed"), "t2": ("KILLED", "interrupted"),
+                        "t3": ("FAILED", "failed")}, statuses
+    assert runs["t1"].data.params == PARAMS, "read back as a completed trial, with its hyperparameters"
+    assert runs["t3"].data.tags["error"].startswith("its hyperparameters could not be recorded")
 
 
 def test_a_retraining_recorded_halfway_is_ended_and_trained_again_on_resume(mlflow_store, monkeypatch):

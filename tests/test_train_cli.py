@@ -151,7 +151,8 @@ def test_a_run_with_no_test_split_is_warned_of_and_its_promotion_says_why(mlflow
     assert "warning: data.test_fraction = 0 leaves no test split: this run cannot be tested once" in capsys.readouterr().err
     _, found = only_run(mlflow_store)
     with pytest.raises(UsageError, match=rf"run {found.info.run_id} cannot be tested: data.test_fraction = 0 leaves no "
-                                         r"test split \(the split it was trained with.*train it again"):
+                                         r"test split \(the split it was trained with.*train it again once you set "
+                                         r"data.test_fraction above 0"):
         promote_cli.main(["--run-id", found.info.run_id])
 
 

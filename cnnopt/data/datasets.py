@@ -130,16 +130,17 @@ def load_data(cfg: DataConfig) -> ImageData:
     return ImageData(train_x, train_y, val_x, val_y, test_x, test_y, names, mean, std, train_path, copies)
 
 
-def why_no_test(cfg: DataConfig, data: ImageData) -> str | None:
-    """Why the data leave an empty test split (None where they leave a test image): a model trained on them
-    can never be tested once, so never promoted. Said before a study trains, not after its last trial."""
+def why_no_test(cfg: DataConfig, data: ImageData) -> tuple[str, str] | None:
+    """Why the data leave an empty test split, and what gives them one (None where they leave a test image):
+    a model trained on them can never be tested once, so never promoted. Said before a study trains, not
+    after its last trial."""
     if len(data.test_y):
         return None
     if cfg.test_fraction == 0:
-        return "data.test_fraction = 0 leaves no test split"
+        return "data.test_fraction = 0 leaves no test split", "set data.test_fraction above 0 (the default is 0.15)"
     images = len(data.train_y) + len(data.val_y)
     return (f"data.test_fraction = {cfg.test_fraction:g} leaves no test image ({images} images: each class's "
-            "share rounds to 0)")
+            "share rounds to 0)", "raise data.test_fraction, or add images")
 
 
 def check_source(cfg: DataConfig) -> None:
@@ -421,6 +422,12 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
         split_dirs["val"] = root / "valid"
     if not split_dirs["pool"].is_dir():
         split_dirs = {"pool": root}
+    else:  # beside train/, a validation/ or Test/ folder would be left out without a word
+        odd = sorted(p.name + "/" for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_LIKE
+                     and p.name not in ("train", "val", "valid", "test"))
+        if odd:
+            raise UsageError(f"{root} holds {', '.join(odd)} beside train/, which are not read: name split folders "
+                             "train/, val/ (or valid/) and test/, in lower case")
     split_dirs = {name: path for name, path in split_dirs.items() if path.is_dir()}
     names = _class_names(split_dirs["pool"])
     for name, path in split_dirs.items():  # a class only val/ or test/ has would be scored as nothing at all

@@ -25,7 +25,7 @@ from cnnopt.data.datasets import ImageData, load_data, why_no_test
 from cnnopt.deploy.export import exported
 from cnnopt.deploy.predictor import Predictor
 from cnnopt.errors import UsageError
-from cnnopt.experiment.config import Experiment, with_overrides
+from cnnopt.experiment.config import Experiment, check_name, with_overrides
 from cnnopt.tracking import registry, studies
 from cnnopt.training.checkpoint import FILENAME, load_checkpoint
 
@@ -142,6 +142,7 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
     again = run.data.tags.get("promoted") == "true"  # named by --run-id: evaluated again, and said so
     recorded = studies.trained_settings(client, run)
     settings = with_overrides(recorded, overrides) if recorded else experiment
+    check_name(settings.name)  # it names the registered model: said before the test split is read
     run_id = run.info.run_id
     own = client.get_experiment(run.info.experiment_id).name
     if own != settings.name:  # the registered model is named after the run's experiment (--set name=... too)
@@ -179,8 +180,8 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                              f"{' with the --set values given' if recorded else ''}; promote with "
                              "the --set values it was trained with")
         if why := why_no_test(settings.data, data):  # the same split the run trained beside: it had no test images
-            raise UsageError(f"run {run_id} cannot be tested: {why} (the split it was trained with, which a "
-                             "promotion keeps); train it again with data.test_fraction above 0 (the default is 0.15)")
+            raise UsageError(f"run {run_id} cannot be tested: {why[0]} (the split it was trained with, which a "
+                             f"promotion keeps); train it again once you {why[1]}")
         model_dir = scratch / "model"
         # The exported files are checked in a fresh process while the test pass runs; registering waits for it.
         with exported(Predictor(model, trained), model_dir, data.test_x[:256]) as files:

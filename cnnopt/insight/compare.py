@@ -193,8 +193,10 @@ class Comparison:
         return markdown(self)
 
 
-def check_plan(experiment: Experiment, strategies: list[str], seeds: int, prefix: str, storage: str = "") -> None:
-    """Say what is wrong before any study starts: strategies, seeds, and names already taken."""
+def check_plan(experiment: Experiment, strategies: list[str], seeds: int, prefix: str, storage: str = "",
+               named: bool = True) -> None:
+    """Say what is wrong before any study starts: strategies, seeds, the studies' names (`prefix` is --name where
+    `named`, else made of the experiment's name) and names already taken."""
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
         raise UsageError(f"unknown strategy {', '.join(unknown) or '(none given)'}; --strategies takes a comma-"
@@ -208,10 +210,10 @@ def check_plan(experiment: Experiment, strategies: list[str], seeds: int, prefix
         name = study_name(prefix, strategy, seeds - 1)
         try:
             check_study_name(name)
-        except UsageError:
-            raise UsageError(f"--name {prefix!r} is not allowed: it begins each study's name ({name!r}); use "
-                             "letters, digits, '.', '_' and '-' (no path separators or '..'), the study names up "
-                             "to 128 characters") from None
+        except UsageError as exc:
+            which = f"--name {prefix!r}" if named else f"the experiment's name {experiment.name!r}"
+            raise UsageError(f"{which} cannot begin the comparison's study names ({exc}); "
+                             f"{'pick another --name' if named else 'give --name'}") from None
     if comparisons.comparison_exists(experiment, prefix):
         raise UsageError(f"MLflow experiment {experiment.name!r} already holds a comparison named {prefix!r}; "
                          "pick another --name")

@@ -32,7 +32,7 @@ from cnnopt import tracking, trials
 from cnnopt.cli import sigterm_as_interrupt
 from cnnopt.data.datasets import ImageData, check_source, load_data, why_no_test
 from cnnopt.errors import UsageError
-from cnnopt.experiment.config import Experiment, SearchConfig
+from cnnopt.experiment.config import Experiment, SearchConfig, check_name
 from cnnopt.experiment.space import Space
 from cnnopt.study.budget import Plan, allowances, last_start, make_plan, measure_epoch, shown
 from cnnopt.study.callback import StudyCallback
@@ -143,24 +143,40 @@ def ray_session(address: str | None):
             stop_ray()
 
 
+HELD_TERM_SECONDS = 10.0  # a step held against SIGTERM that has not ended this long after one is stuck
+
+
 @contextlib.contextmanager
 def interrupts_held():
     """Ignore Ctrl-C for a short step that must finish (closing the record, stopping Ray); a SIGTERM meanwhile
-    waits for the step's end, then acts as it would have. (Its handler turns SIGTERM into a Ctrl-C, unless
-    SIGINT is ignored, as for a job started with `&`, where it ends the process: held as Ctrl-C is here, a
-    repeated SIGTERM killed the process mid-step, exit -15, record open.)"""
+    waits for the step's end, then acts as it would have (its handler turns SIGTERM into a Ctrl-C, unless SIGINT
+    is ignored, as for a job started with `&`: held as Ctrl-C is here, a repeated SIGTERM killed the process
+    mid-step, exit -15, record open). Yields the list of SIGTERMs held: a caller that clears it drops them (the
+    stop they ask for is under way). An error the step raises goes on as it is; a SIGTERM that comes
+    HELD_TERM_SECONDS after the first held one ends the process, as the step is stuck (a store that hangs)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    caught: list = []
-    previous_term = signal.signal(signal.SIGTERM, lambda *_: caught.append(True))
+    caught: list[float] = []
+
+    def hold(*_) -> None:
+        if caught and time.monotonic() - caught[0] >= HELD_TERM_SECONDS:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+        caught.append(time.monotonic())
+
+    previous_term = signal.signal(signal.SIGTERM, hold)
+    failed = False
     try:
-        yield
+        yield caught
+    except BaseException:
+        failed = True
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
-        if caught:
+        if caught and not failed:
             signal.raise_signal(signal.SIGTERM)
 
 
@@ -169,6 +185,8 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
     leaves no store, folder or log behind); returns the search space."""
     search = experiment.search
     studies.check_study_name(options.name)
+    if options.promote:  # a resumed study's recorded name is not checked as a new experiment's is
+        check_name(experiment.name)
     check_search(search)
     if search.time_budget and options.planned:  # hopeless before Ray starts: say so now, not after the probe
         spent = time.perf_counter() - options.started if options.started else 0.0
@@ -232,8 +250,8 @@ def open_study(experiment: Experiment, options: StudyOptions,
     tracking.make_client()
     data = load_data(experiment.data)
     if options.promote and (why := why_no_test(experiment.data, data)):  # else found after the last trial
-        raise UsageError(f"{why}, so the study's best model could not be tested once and promoted; set "
-                         f"data.test_fraction above 0 (the default is 0.15), or add --no-promote")
+        raise UsageError(f"{why[0]}, so the study's best model could not be tested once and promoted; {why[1]}, "
+                         "or add --no-promote")
     build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
     check_config(space.apply(experiment.train, space.grid()[0]), data.image_size)  # so do bad [train] values
     if not options.resume and StudyRecorder.exists(experiment, options.name):
@@ -341,12 +359,14 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
         signal.signal(signal.SIGTERM, previous_sigterm)
-        with interrupts_held(), closing:  # closing the record takes a moment: let nothing cut it short
+        with interrupts_held() as held, closing:  # closing the record takes a moment: let nothing cut it short
             try:
                 interrupted = not finished or callback.interrupted or callback.unfinished()
                 callback.drain()
                 if recorder.parent_run_id:
                     counts, seconds, best = close_record(recorder, experiment, interrupted)
+                if interrupted:  # a SIGTERM meanwhile asked for the stop this is: the summary and resume line follow
+                    held.clear()
             finally:
                 closed.set()
     return StudyOutcome(options.name, recorder.parent_run_id, counts, seconds, best, time.perf_counter() - started,

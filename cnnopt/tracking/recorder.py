@@ -57,6 +57,7 @@ class StudyRecorder:
         self.children: dict[str, str] = {}  # trial_id -> child run id
         self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
         self.closed: set[str] = set()  # child runs this session ended
+        self.unwritten: dict[str, dict] = {}  # trial_id -> params a failed write at its start did not record
         self.past: list[PastTrial] = []  # trials recorded before this session (on resume)
         self.replaced: dict[str, str] = {}  # trial_id of a rerun -> the interrupted run it replaces
         self.deleted: set[str] = set()
@@ -165,8 +166,10 @@ class StudyRecorder:
                                  "status": trials.RUNNING, "searched": ",".join(searched), KIND_TAG: "trial",
                                  **self.trial_tags})
         self.children[trial_id] = run_id  # known before its first write: one that fails leaves it RUNNING otherwise
+        self.unwritten[trial_id] = params
         log(self.client, run_id, params=params)
         log_dataset(self.client, run_id, self.dataset)
+        del self.unwritten[trial_id]
         return run_id
 
     def log_epoch(self, trial_id: str, epoch: int, result: dict, where: dict | None = None) -> None:
@@ -182,6 +185,13 @@ class StudyRecorder:
         run_id = self.children.get(trial_id)
         if run_id is None:
             return
+        if trial_id in self.unwritten:  # its start's writes failed (a server hiccup): a run without its
+            try:  # hyperparameters must not be read back as a completed trial, so they are written now, or it fails
+                log(self.client, run_id, params=self.unwritten[trial_id])
+                log_dataset(self.client, run_id, self.dataset)
+                del self.unwritten[trial_id]
+            except Exception as exc:
+                status, error = trials.FAILED, f"its hyperparameters could not be recorded: {exc}"
         tags = {"status": status, "pruned": str(status == trials.PRUNED).lower()}
         if error:
             tags["error"] = error[-5000:]

@@ -50,15 +50,18 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what train.device takes
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")  # what train.device takes
 
 
 def check_device(name: str) -> None:
-    """train.device against what it takes: torch's own error for 'gpu' or 'mps' was a traceback, in `cnnopt.train`
-    and at each trial's start inside Ray (every trial failed)."""
+    """train.device against what it takes: torch's own error for 'gpu' (or 'mps' where torch has no MPS) was a
+    traceback, in `cnnopt.train` and at each trial's start inside Ray (every trial failed)."""
     if not DEVICE.fullmatch(name):
-        raise UsageError(f"train.device = {name!r} is not one of auto, cpu, cuda, cuda:N (auto: the GPU whenever "
-                         "there is one, else the CPU)")
+        raise UsageError(f"train.device = {name!r} is not one of auto, cpu, cuda, cuda:N, mps (auto: the GPU "
+                         "whenever there is one, else the CPU)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("train.device = 'mps' but this machine's torch has no Apple GPU (MPS); use train.device=auto "
+                         "or cpu")
 
 
 def resolve_device(name: str) -> torch.device:
