@@ -361,7 +361,8 @@ def deadline_span(data) -> tuple[float, float]:
     """Seconds for a deadline that fits about 20 of TINY's epochs at this machine's pace now, at least 3, and
     the slack past it that a test allows: a loaded machine (CI beside other work) slows the epochs, and a fixed
     3 s then fits one or two, where the schedule's shape cannot be judged."""
-    started = time.perf_counter()
+    train(dataclasses.replace(TINY, epochs=1), data)  # warm: a process's first training pays ~1.2 s once, which
+    started = time.perf_counter()                      # made the span fit all 200 epochs where this test ran alone
     train(dataclasses.replace(TINY, epochs=1), data)
     epoch = time.perf_counter() - started
     return max(3.0, 20 * epoch), max(2.0, 2 * epoch)
@@ -375,7 +376,11 @@ def test_a_deadline_trains_the_epochs_that_fit_with_the_schedule_respanned(digit
     assert result.status == trials.COMPLETED and 1 <= result.epochs_run < 200
     assert time.time() - started < span + slack, "planned a tenth into the first epoch, held after each"
     assert result.history[-1]["epochs_planned"] == result.epochs_run
-    assert result.history[-1]["lr"] < 0.1 * config.lr, "onecycle ends near zero over the epochs it really had"
+    # Where the last epoch began as the plan's last, onecycle ends near zero over the epochs it really had. (On a
+    # loaded machine the epoch before it can find that no more fit after all: the schedule cannot be annealed
+    # back, and the rate ends where that plan had it; CI once saw 0.018 so.)
+    if len(result.history) < 2 or result.history[-2]["epochs_planned"] == result.epochs_run:
+        assert result.history[-1]["lr"] < 0.1 * config.lr, "onecycle ends near zero over the epochs it really had"
     assert max(epoch["lr"] for epoch in result.history) > 0.5 * config.lr, "and peaks within them"
 
 
