@@ -178,7 +178,7 @@ def test_lr_batch_makes_lr_a_rate_per_that_many_images(digits_data, optimizer):
     assert [m["train_loss"] for m in uncoupled.history] != [m["train_loss"] for m in plain.history]
 
 
-def test_sgd_momentum_is_the_onecycle_cycles_top_and_changes_the_training(digits_data):
+def test_sgd_momentum_is_the_middle_of_the_onecycle_cycle_and_changes_the_training(digits_data):
     """OneCycleLR's own 0.95-0.85 cycle overwrote train.momentum: momentum 0.8 and 0.99 trained identically
     under onecycle (the default), though the lesson space searches it."""
     def momenta(momentum: float) -> list[float]:
@@ -191,8 +191,11 @@ def test_sgd_momentum_is_the_onecycle_cycles_top_and_changes_the_training(digits
             seen.append(schedule.optimizer.param_groups[0]["momentum"])
         return seen
 
-    seen = momenta(0.8)
-    assert seen[0] == pytest.approx(0.8) and min(seen) == pytest.approx(0.7, abs=1e-3) and max(seen) == pytest.approx(0.8)
+    seen = momenta(0.8)  # high while the rate is low, low at its peak
+    assert seen[0] == pytest.approx(0.85) and min(seen) == pytest.approx(0.75, abs=1e-3) and max(seen) == pytest.approx(0.85)
+    default = momenta(TrainConfig().momentum)
+    assert (max(default), min(default)) == (pytest.approx(0.95), pytest.approx(0.85, abs=1e-3)), "Smith's, as before"
+    assert max(momenta(0.99)) == pytest.approx(0.999), "below 1"
     assert set(momenta(0.0)) == {0.0}, "plain SGD stays plain"
     low, _ = run(dataclasses.replace(QUICK, epochs=2, optimizer="sgd", momentum=0.8, lr_schedule="onecycle"), digits_data)
     high, _ = run(dataclasses.replace(QUICK, epochs=2, optimizer="sgd", momentum=0.99, lr_schedule="onecycle"), digits_data)

@@ -54,7 +54,7 @@ class TrainConfig:
     # batch size a space searches. 0: lr as given.
     lr_batch: int = 0
     optimizer: str = "sgd"  # sgd | adam | adamw
-    momentum: float = 0.95  # sgd only; under onecycle its cycle's top, 0.1 less at the peak rate (Smith's 0.95-0.85)
+    momentum: float = 0.9  # sgd only; under onecycle the middle of its cycle, ±0.05 (Smith's 0.95-0.85 at 0.9)
     nesterov: bool = True  # sgd only; needs momentum > 0
     weight_decay: float = 5e-4  # L2 for sgd/adam, decoupled for adamw
     lr_schedule: str = "onecycle"  # none | step | cosine | onecycle

@@ -363,14 +363,17 @@ def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
+MAX_MOMENTUM = 0.999  # the top of a onecycle momentum cycle: 1 or more never forgets a gradient
+
+
 def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """onecycle steps per batch; step and cosine step per epoch; none is constant."""
     if config.lr_schedule == "onecycle":
-        # SGD's momentum cycles inversely to the rate, from train.momentum down by 0.1 at the peak (Smith's 0.95-0.85
-        # at 0.95); OneCycleLR's own 0.95-0.85 overwrote train.momentum, so the searched momentum did nothing.
-        # Adam's and AdamW's beta1 keep OneCycleLR's cycle: they have no momentum setting.
-        moms = dict(max_momentum=config.momentum, base_momentum=max(0.0, config.momentum - 0.1)) \
-            if config.optimizer == "sgd" else {}
+        # SGD's momentum cycles inversely to the rate, 0.05 either side of train.momentum (Smith's 0.95-0.85 at the
+        # default 0.9; below 1); OneCycleLR's own 0.95-0.85 overwrote train.momentum, so the searched momentum did
+        # nothing. Adam's and AdamW's beta1 keep OneCycleLR's cycle: they have no momentum setting.
+        moms = dict(max_momentum=min(config.momentum + 0.05, MAX_MOMENTUM),
+                    base_momentum=max(0.0, config.momentum - 0.05)) if config.optimizer == "sgd" else {}
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate(config),
                                                    total_steps=config.epochs * steps_per_epoch,
                                                    cycle_momentum=config.optimizer != "sgd" or config.momentum > 0,
