@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"argument {flag}: {value:g} is no {experiment.metric}: a loss is finite and >= 0")
     target = args.target if args.target is not None else default_target(experiment.metric)
     waste = args.waste_threshold if args.waste_threshold is not None else default_waste_threshold(experiment.metric)
-    check_plan(experiment, strategies, args.seeds, prefix, named=args.name is not None)  # before anything runs
+    check_plan(experiment, strategies, args.seeds, prefix, named=bool(args.name))  # before anything runs
     print(f"comparison {prefix}: {', '.join(strategies)} x {args.seeds} seeds, {experiment.search.trials} trials "
           f"per study ({study_name(prefix, '<strategy>', 0)}, ...), scheduler {experiment.search.scheduler}, "
           f"{experiment.train.epochs} epoch(s) per trial, metric {experiment.metric}", flush=True)

@@ -332,6 +332,13 @@ def test_split_folders_not_named_train_val_test_are_refused_not_read_as_classes(
                 save(tmp_path / "beside" / split / name / f"{i}.png", "L", (8, 8), value=40 * i)
     with pytest.raises(UsageError, match=r"holds Test/, validation/ beside train/, which are not read: name split "):
         load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "beside"), image_size=8, cache=False))
+    for name in ("cat", "dog"):  # val/ and valid/ both: valid/ was left out
+        for split in ("val", "valid"):
+            save(tmp_path / "both" / split / name / "0.png", "L", (8, 8))
+        for i in range(3):
+            save(tmp_path / "both" / "train" / name / f"{i}.png", "L", (8, 8), value=40 * i)
+    with pytest.raises(UsageError, match=r"holds valid/ beside train/, which are not read"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "both"), image_size=8, cache=False))
 
 
 def test_a_linked_folder_inside_a_class_is_followed_once_and_a_loop_ends(tmp_path):

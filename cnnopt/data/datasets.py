@@ -423,8 +423,9 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
     if not split_dirs["pool"].is_dir():
         split_dirs = {"pool": root}
     else:  # beside train/, a validation/ or Test/ folder would be left out without a word
+        read = {"train", "test", split_dirs["val"].name}  # valid/ is read only where there is no val/
         odd = sorted(p.name + "/" for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_LIKE
-                     and p.name not in ("train", "val", "valid", "test"))
+                     and p.name not in read)
         if odd:
             raise UsageError(f"{root} holds {', '.join(odd)} beside train/, which are not read: name split folders "
                              "train/, val/ (or valid/) and test/, in lower case")

@@ -168,8 +168,8 @@ class StudyRecorder:
         self.children[trial_id] = run_id  # known before its first write: one that fails leaves it RUNNING otherwise
         self.unwritten[trial_id] = params
         log(self.client, run_id, params=params)
-        log_dataset(self.client, run_id, self.dataset)
         del self.unwritten[trial_id]
+        log_dataset(self.client, run_id, self.dataset)  # provenance: a failure here loses no hyperparameter
         return run_id
 
     def log_epoch(self, trial_id: str, epoch: int, result: dict, where: dict | None = None) -> None:
@@ -185,11 +185,9 @@ class StudyRecorder:
         run_id = self.children.get(trial_id)
         if run_id is None:
             return
-        if trial_id in self.unwritten:  # its start's writes failed (a server hiccup): a run without its
+        if trial_id in self.unwritten:  # its start's params write failed (a server hiccup): a run without its
             try:  # hyperparameters must not be read back as a completed trial, so they are written now, or it fails
-                log(self.client, run_id, params=self.unwritten[trial_id])
-                log_dataset(self.client, run_id, self.dataset)
-                del self.unwritten[trial_id]
+                log(self.client, run_id, params=self.unwritten.pop(trial_id))
             except Exception as exc:
                 status, error = trials.FAILED, f"its hyperparameters could not be recorded: {exc}"
         tags = {"status": status, "pruned": str(status == trials.PRUNED).lower()}

@@ -190,6 +190,8 @@ def seconds_per_image(config: TrainConfig, data: ImageData, steps: int = 12, war
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":  # asynchronous too: unsynchronised, the probe would time the dispatch only
+        torch.mps.synchronize()
 
 
 def epoch_seconds(per_image: float, data: ImageData, config: TrainConfig) -> float:
