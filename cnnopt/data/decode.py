@@ -87,10 +87,16 @@ def image_files(folder: Path) -> list[Path]:
     """The image files under `folder`, at any depth, sorted: by extension (IMAGE_EXTENSIONS), skipping hidden
     files and folders (`.ipynb_checkpoints/`, macOS's `._name.png` copies) and folders named like images.
     Linked folders are followed, each real folder once (Path.rglob skipped a link to a folder inside a class
-    folder without a word), except a link up the tree; a folder that cannot be listed is an error, not skipped. A broken link stays
-    listed, so that reading it says so."""
+    folder without a word), except a link up the tree; a folder that cannot be listed is an error, not skipped.
+    A broken link stays listed, so that reading it says so."""
     def refuse(error: OSError) -> None:
         raise UsageError(f"cannot list folder {error.filename}: {error.strerror}; make it readable or remove it")
+
+    def up_the_tree(real_top: str, name: str) -> bool:
+        """A folder that is `real_top` or holds it: a link to the class's own folder, or to the root above it
+        (its sibling classes' images would be read as this class's), or to / or ~."""
+        real = os.path.realpath(os.path.join(real_top, name))
+        return os.path.commonpath([real, real_top]) == real
 
     found, seen = [], set()
     for top, folders, files in os.walk(folder, onerror=refuse, followlinks=True):
@@ -99,11 +105,7 @@ def image_files(folder: Path) -> list[Path]:
             folders[:] = []
             continue
         seen.add(real)
-        # A link up the tree (to the class's own folder, or to the root above it: its sibling classes' images
-        # would be read as this class's) is not followed; nor, so, is a link to / or ~.
-        folders[:] = [name for name in folders if not name.startswith(".")
-                      and os.path.commonpath([os.path.realpath(os.path.join(top, name)), real])
-                      != os.path.realpath(os.path.join(top, name))]
+        folders[:] = [name for name in folders if not name.startswith(".") and not up_the_tree(real, name)]
         found += [Path(top) / name for name in files  # a broken link is among the files
                   if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(found)

@@ -157,6 +157,11 @@ def optuna_study(trials: pd.DataFrame, space: Space, searched: dict[str, list[st
     return study, notes
 
 
+def importance_evaluator() -> optuna.importance.FanovaImportanceEvaluator:
+    """fANOVA, seeded: the logged importances and the figure's bars are the same numbers."""
+    return optuna.importance.FanovaImportanceEvaluator(seed=0)
+
+
 def importance(study: optuna.Study) -> tuple[dict[str, float], int, str]:
     """fANOVA importances (seeded), the completed trials they rest on, and a note saying what they leave out."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -174,19 +179,19 @@ def importance(study: optuna.Study) -> tuple[dict[str, float], int, str]:
     if len({trial.value for trial in completed}) == 1:
         return {}, len(completed), "skipped: every completed trial scored the same"
     values = optuna.importance.get_param_importances(
-        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=varied)
+        study, evaluator=importance_evaluator(), params=varied)
     notes = ([f"{', '.join(conditional)} left out: conditional, not set in every trial"] if conditional else []) + (
         [f"{', '.join(fixed)} left out: the same value in every completed trial"] if fixed else [])
     return {name: float(value) for name, value in values.items()}, len(completed), "; ".join(notes)
 
 
 def plot_importance(study: optuna.Study, names: list[str], metric: str):
-    """Optuna's importance figure of `names` (what `importance` ranked), with the same evaluator and seed."""
+    """Optuna's importance figure of `names` (what `importance` ranked), with the same evaluator."""
     from optuna.visualization import matplotlib as optuna_plots
 
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     axes = optuna_plots.plot_param_importances(
-        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=names, target_name=metric)
+        study, evaluator=importance_evaluator(), params=names, target_name=metric)
     axes.set_title(f"Hyperparameter importance for {metric}\n(fANOVA over {len(completed)} completed trials)",
                    loc="left")  # replaces Optuna's title, which sits on the left
     return axes
