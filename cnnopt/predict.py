@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cnnopt.cli import Parser, quiet_libraries, run
-from cnnopt.data.decode import eight_bit_gray, image_files, resize_center_crop, unreadable
+from cnnopt.data.decode import eight_bit_gray, image_files, resize_center_crop, unreadable, upright
 from cnnopt.errors import UsageError
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
 from cnnopt.deploy.predictor import match_channels
@@ -144,6 +144,7 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image.load()
+            image = upright(image)[0]  # by its EXIF orientation, as training reads it
             if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
                 image = eight_bit_gray(image)  # L, or LA with a transparency key, as training reads it
             if image.mode not in ("L", "RGB", "RGBA") or "transparency" in image.info:  # a tRNS key: as training

@@ -101,6 +101,33 @@ def test_drafted_decode_gives_the_target_side_for_any_jpeg_size(tmp_path):
             assert decode.decode_image(path, 3, size).shape == (3, size, size), path.name
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_an_exif_orientation_is_applied_by_training_and_predict_alike(tmp_path, orientation):
+    """A phone stores a portrait photo as landscape pixels tagged "rotate 90": both readers show it upright."""
+    from PIL import ExifTags, ImageOps
+
+    from cnnopt.predict import read_image
+
+    rows, cols = np.mgrid[0:400, 0:600]  # landscape pixels, no two corners alike: red grows right, green down
+    pixels = np.stack([cols * 255 // 599, rows * 255 // 399, np.full_like(rows, 60)], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    with Image.open(path) as stored:  # what a viewer shows: Pillow's own reading of the tag, full scale
+        shown = torch.from_numpy(np.array(ImageOps.exif_transpose(stored))).permute(2, 0, 1).unsqueeze(0)
+    as_stored = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).unsqueeze(0)
+    assert shown.shape[2:] == ((600, 400) if orientation >= 5 else (400, 600))
+    assert torch.equal(read_image(path), shown)
+    for size, drafted in ((16, True), (64, True), (16, False)):  # 1/8 and 1/2 JPEG drafts, and the full decode
+        decoded = decode.decode_image(path, 3, size, draft=drafted).astype(int)
+        upright = decode.resize_center_crop(shown, size)[0].numpy().astype(int)
+        assert np.abs(decoded - upright).mean() <= 1.0, (size, drafted)
+        if orientation != 1:  # and it is not the stored pixels' picture
+            stored_picture = decode.resize_center_crop(as_stored, size)[0].numpy().astype(int)
+            assert np.abs(decoded - stored_picture).mean() > 10, (size, drafted)
+
+
 def test_parallel_decode_equals_serial_and_shows_progress(tmp_path, monkeypatch, capsys):
     root = write_photos(tmp_path / "photos", per_class=8)
     paths = sorted(root.rglob("*.jpg"))

@@ -31,8 +31,9 @@ GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # 3 = 16-bit gray scaled by its bit depth (a dark image was scaled by 255 as if it were 8-bit);
 # 4 = 16-bit gray with a transparency key scaled too, its key as alpha (it was clipped to 8 bits: white);
 # 5 = float gray within [0, 1] scaled by 1 (it was read as 0..255: black);
-# 6 = a PGM of more than 8 bits (Pillow's mode I) scaled by 16 bits (a dark one was read as 8-bit: x257).
-DECODE_VERSION = 6
+# 6 = a PGM of more than 8 bits (Pillow's mode I) scaled by 16 bits (a dark one was read as 8-bit: x257);
+# 7 = turned upright by its EXIF orientation, as a viewer shows it (a phone's portrait photo was on its side).
+DECODE_VERSION = 7
 # JPEGs are drafted (libjpeg's DCT scaling to 1/2, 1/4 or 1/8) to at least 2x the target side, and
 # the antialiased resize does the rest. On photos that differs from the full-scale decode by a mean
 # of ~0.5 gray levels per pixel (worst image ~0.8, tests/test_data_cache.py bounds it at 1.0); a
@@ -111,6 +112,18 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def upright(image):
+    """The image as a viewer shows it: turned or mirrored by its EXIF orientation tag (a phone stores a portrait
+    photo as landscape pixels tagged "rotate 90"), and whether that swapped its width and height. Training and
+    `cnnopt.predict` both read images through this, so they agree."""
+    from PIL import ExifTags, ImageOps
+
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation not in range(2, 9):  # 1 is upright; a value out of the standard's range means nothing
+        return image, False
+    return ImageOps.exif_transpose(image), orientation in (5, 6, 7, 8)
+
+
 def unreadable(path: Path, error: Exception) -> UsageError:
     """What an image file that cannot be read (or listed: a broken link) says, wherever it is met."""
     return UsageError(f"cannot read image {path}: {error}; remove or replace the file")
@@ -147,6 +160,11 @@ def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) ->
             # Only JPEGs implement draft (None elsewhere); it returns the full image's box in drafted pixels.
             drafted = image.draft(image.mode, (size * DRAFT_MARGIN, size * DRAFT_MARGIN)) if draft else None
             image.load()
+            image, turned = upright(image)
+            if turned:  # a quarter turn: the full image's sides, and the drafted box's, swap as its pixels did
+                full_size = full_size[::-1]
+                if drafted is not None:
+                    drafted = (drafted[0], (drafted[1][1], drafted[1][0], drafted[1][3], drafted[1][2]))
             if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
                 image = eight_bit_gray(image)
             if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
