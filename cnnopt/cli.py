@@ -39,9 +39,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _log_handler: logging.Handler | None = None
 
 
-def counted(number: int, noun: str) -> str:
-    """'1 trial', '3 trials'."""
-    return f"{number} {noun}{'s' * (number != 1)}"
+def counted(number: float, noun: str) -> str:
+    """'1 trial', '3 trials', '0.5 CPUs'."""
+    shown = f"{number:g}" if isinstance(number, float) else number
+    return f"{shown} {noun}{'s' * (number != 1)}"
 
 
 def log_file() -> Path:

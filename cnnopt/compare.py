@@ -16,7 +16,7 @@ import math
 import time
 
 from cnnopt import tracking
-from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, counted, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
 from cnnopt.insight.compare import (DEFAULT_STRATEGIES, check_plan, default_target, default_waste_threshold,
                                     run_comparison, study_name)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     check_plan(experiment, strategies, args.seeds, prefix, named=bool(args.name))  # before anything runs
     print(f"comparison {prefix}: {', '.join(strategies)} x {args.seeds} seeds, {experiment.search.trials} trials "
           f"per study ({study_name(prefix, '<strategy>', 0)}, ...), scheduler {experiment.search.scheduler}, "
-          f"{experiment.train.epochs} epoch(s) per trial, metric {experiment.metric}", flush=True)
+          f"{counted(experiment.train.epochs, 'epoch')} per trial, metric {experiment.metric}", flush=True)
 
     comparison = run_comparison(experiment, strategies, args.seeds, prefix=prefix, target=target,
                                 waste_threshold=waste, address=args.address, verbose=args.verbose,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cnnopt import tracking
-from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, counted, quiet_libraries, run
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import TrainConfig, load_experiment
@@ -167,7 +167,7 @@ def _check(start_lr: float, end_lr: float, steps: int, smoothing: float, diverge
     if not 0 < smoothing <= 1 or diverge_factor <= 1:
         raise UsageError("smoothing must be in (0, 1] and diverge_factor greater than 1")
     if count < 2:
-        raise UsageError(f"the train split holds {count} image(s); BatchNorm needs at least 2 per batch")
+        raise UsageError(f"the train split holds {counted(count, 'image')}; BatchNorm needs at least 2 per batch")
 
 
 def plot_formats() -> list[str]:

@@ -11,7 +11,7 @@ from cnnopt import tracking
 from cnnopt import trials as trial_status
 from cnnopt.tracking import runs as tracking_runs
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
-from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
+from cnnopt.cli import Parser, add_experiment_args, counted, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment, same_name_warning
 from cnnopt.data.datasets import load_data, why_no_test
 from cnnopt.training.model import build_model
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     best = result.best_metrics.get(experiment.metric, float("nan"))
     kept = (f"best epoch {result.best_epoch}: {experiment.metric} {best:.4f}" if result.best_epoch else
             "no epoch to keep")
-    print(f"\n{result.status}: {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} in "
+    print(f"\n{result.status}: {counted(result.epochs_run, 'epoch')} in "
           f"{time.perf_counter() - started:.1f}s; {kept}")
     if result.status == trial_status.DIVERGED:
         print("training diverged (loss became NaN or inf): lower train.lr")

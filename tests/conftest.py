@@ -124,7 +124,7 @@ STUDY_LINES = [
     (r"study \S+: \w+ over search space '\w+', (\d+ trials?( of its \d+ grid points|: every grid point"
      r"( \(--trials \d+ asked for more\))?)?, scheduler \w+, \d+ epochs? each|trials and their "
      r"time planned from a [\d.]+-min time budget)( \(resuming\))?; "
-     r"trials on (the CPU, \d+ at once with [\d.]+ CPU\(s\) each|[\d.]+ GPU\(s\), .*)", ""),
+     r"trials on (the CPU, \d+ at once with [\d.]+ CPUs? each|[\d.]+ GPUs?, .*)", ""),
     (r"time budget [\d.]+ min: \d+s to start; a trial's epoch costs ~[\d.]+s here \(\d+ at once\)"
      r"|time budget [\d.]+ min, resumed after its search: \d+s to start, then the plan's \w+ \d+s(, \w+ \d+s)*", "?"),
     (r"  (search|confirm|final|finish) +\d+s  .*", "*"),  # the budget's plan

@@ -34,3 +34,10 @@ def test_a_study_prints_only_its_own_lines(tmp_path, study_console):
         assert said in log, said
     # Ray says "Token authentication is enabled" when it starts with a new token (not on every machine and
     # run); wherever it says it, the console check above has kept it off the console.
+
+
+def test_counts_are_worded_in_the_singular_and_plural():
+    from cnnopt.cli import counted
+
+    assert [counted(1, "trial"), counted(0, "trial"), counted(3, "trial")] == ["1 trial", "0 trials", "3 trials"]
+    assert [counted(1.0, "GPU"), counted(0.5, "CPU"), counted(2.0, "CPU")] == ["1 GPU", "0.5 CPUs", "2 CPUs"]

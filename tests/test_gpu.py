@@ -76,7 +76,7 @@ def test_by_default_a_study_packs_its_trials_on_the_gpu(mlflow_store, capsys):
         experiment = load_experiment(None, ["train.epochs=1", "search.strategy=random", "search.trials=2"])
         assert experiment.search.gpus_per_trial == -1, "no flag: auto"
         run_study(experiment, StudyOptions(name="gpu-auto", header="study gpu-auto"))
-        assert "study gpu-auto; trials on 1 GPU(s), 8 per GPU" in capsys.readouterr().out
+        assert "study gpu-auto; trials on 1 GPU, 8 per GPU" in capsys.readouterr().out
         assert set(trials_devices("gpu-auto")) == {"cuda"}
     finally:
         ray.shutdown()

@@ -24,6 +24,7 @@ from cnnopt.data.augment import Normalize
 from cnnopt.data.datasets import ImageData, load_data, why_no_test
 from cnnopt.deploy.export import exported
 from cnnopt.deploy.predictor import Predictor
+from cnnopt.cli import counted
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, check_name, with_overrides
 from cnnopt.tracking import registry, studies
@@ -218,7 +219,7 @@ def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_r
         shown = [f"- {split} {settings.metric}: {score:.4f}"]
     lines = [f"# {settings.name}: {run.info.run_name}", "",
              f"Dataset: {settings.data.dataset} ({checkpoint['preprocessing']['image_size']}px, "
-             f"{checkpoint['preprocessing']['channels']} channel(s), classes {checkpoint['preprocessing']['class_names']})",
+             f"{counted(checkpoint['preprocessing']['channels'], 'channel')}, classes {checkpoint['preprocessing']['class_names']})",
              selected, "",
              "## Metrics", *shown,
              f"- test accuracy: {result['test_accuracy']:.4f} "

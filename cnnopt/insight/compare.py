@@ -33,6 +33,7 @@ import pandas as pd
 
 from cnnopt import tracking, trials as trial_status
 from cnnopt.analysis import load_trials
+from cnnopt.cli import counted
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment
 from cnnopt.study.runner import StudyOptions, check_search, ray_session, results_folder, run_study
@@ -388,7 +389,7 @@ def checkpoints(budget: int) -> list[int]:
 def markdown(comparison: Comparison) -> str:
     """The comparison's tables: the median curve at a few k, and the summary per strategy."""
     c, ks = comparison, checkpoints(comparison.budget)
-    seeds = f"{c.seeds} seed{'s' if c.seeds > 1 else ''}"
+    seeds = counted(c.seeds, "seed")
     lines = [f"# Strategy comparison {c.name}", "",
              f"{', '.join(c.strategies)} x {seeds} (sampler seeds 0-{c.seeds - 1}), {c.budget} trials per study, "
              f"metric {c.metric} ({c.mode}).", "",

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import ray
 
 from cnnopt.data.datasets import ImageData
+from cnnopt.cli import counted
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
@@ -128,7 +129,7 @@ class Plan:
         return [f"time budget {self.budget / 60:g} min: {self.started:.0f}s to start; a trial's epoch costs "
                 f"~{self.epoch:.1f}s here ({self.slots} at once)",
                 f"  search  {self.search:5.0f}s  ~{self.trials} trials of up to {self.trial_seconds:.0f}s of training "
-                f"(the probe's configuration: {self.max_epochs} epoch{'s' if self.max_epochs > 1 else ''}; a faster "
+                f"(the probe's configuration: {counted(self.max_epochs, 'epoch')}; a faster "
                 f"one trains more), {rungs}, {data}; an epoch over {self.epoch_limit:.0f}s is stopped",
                 f"  confirm {self.confirm:5.0f}s  {confirm}",
                 f"  final   {self.final:5.0f}s  " + ("the chosen configuration trained again on a whole node, epochs "

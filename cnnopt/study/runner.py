@@ -29,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 import search_spaces
 from cnnopt import tracking, trials
-from cnnopt.cli import sigterm_as_interrupt
+from cnnopt.cli import counted, sigterm_as_interrupt
 from cnnopt.data.datasets import ImageData, check_source, load_data, why_no_test
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig, check_name
@@ -593,8 +593,8 @@ def placement(search: SearchConfig) -> str:
         gpus = ray.cluster_resources().get("GPU", 0)
         per_gpu = f"{1 / search.gpus_per_trial:g} per GPU" if search.gpus_per_trial < 1 else \
             f"{search.gpus_per_trial:g} GPUs each"
-        return f"trials on {gpus:g} GPU(s), {per_gpu}, {slots} at once"
-    return f"trials on the CPU, {slots} at once with {search.cpus_per_trial:g} CPU(s) each"
+        return f"trials on {counted(float(gpus), 'GPU')}, {per_gpu}, {slots} at once"
+    return f"trials on the CPU, {slots} at once with {counted(float(search.cpus_per_trial), 'CPU')} each"
 
 
 def check_resources(experiment: Experiment, search: SearchConfig) -> None:

@@ -6,6 +6,8 @@ import queue
 import sys
 import threading
 
+from cnnopt.cli import counted
+
 
 class BackgroundWriter:
     """Runs MLflow writes in order on one thread of the driver.
@@ -27,7 +29,7 @@ class BackgroundWriter:
         """Wait for every submitted write; report (once) any that failed."""
         self.queue.join()
         if self.errors:
-            print(f"warning: {len(self.errors)} MLflow write(s) failed; first: {self.errors[0]}", file=sys.stderr)
+            print(f"warning: {counted(len(self.errors), 'MLflow write')} failed; first: {self.errors[0]}", file=sys.stderr)
             self.errors.clear()
 
     def _run(self) -> None:
