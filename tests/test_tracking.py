@@ -70,22 +70,23 @@ def test_a_trial_whose_first_writes_fail_is_still_ended_not_left_running(mlflow_
     def failing(*args, **kwargs):
         raise RuntimeError("the tracking server went away")
 
+    real_log, real_log_dataset = recorder_module.log, recorder_module.log_dataset
     monkeypatch.setattr(recorder_module, "log", failing)
     with pytest.raises(RuntimeError):
         record.start_trial("t1", PARAMS, list(PARAMS))
     with pytest.raises(RuntimeError):
         record.start_trial("t3", PARAMS, list(PARAMS))
-    monkeypatch.undo()
+    monkeypatch.setattr(recorder_module, "log", real_log)  # (monkeypatch.undo would also leave the test's store)
     record.start_trial("t2", PARAMS, list(PARAMS))
     record.end_trial("t1", "completed", {"val_accuracy": 0.5})  # the store is back: its params are written now
     monkeypatch.setattr(recorder_module, "log", failing)  # and here they cannot be: failed, not completed
     with pytest.raises(RuntimeError):  # its closing writes fail too; kill_unfinished then ends it
         record.end_trial("t3", "completed", {"val_accuracy": 0.9})
-    monkeypatch.undo()
+    monkeypatch.setattr(recorder_module, "log", real_log)
     monkeypatch.setattr(recorder_module, "log_dataset", failing)  # provenance lost, hyperparameters written:
     with pytest.raises(RuntimeError):  # not a failed trial
         record.start_trial("t4", PARAMS, list(PARAMS))
-    monkeypatch.undo()
+    monkeypatch.setattr(recorder_module, "log_dataset", real_log_dataset)
     record.end_trial("t4", "completed", {"val_accuracy": 0.7})
     record.kill_unfinished()
     runs = {run.data.tags["trial_id"]: run for run in record.trial_runs()}
@@ -93,7 +94,12 @@ def test_a_trial_whose_first_writes_fail_is_still_ended_not_left_running(mlflow_
     assert statuses == {"t1": ("FINISHED", "completed"), "t2": ("KILLED", "interrupted"),
                         "t3": ("KILLED", "interrupted"), "t4": ("FINISHED", "completed")}, statuses
     assert runs["t1"].data.params == runs["t4"].data.params == PARAMS, "read back as completed, with hyperparameters"
-    assert not runs["t3"].data.params, "never read back as completed without its hyperparameters"
+    # t3 is never read back as completed (its record was lost), and its hyperparameters, written as it was ended
+    # with the store back, let a resume rerun it rather than abandon it
+    assert runs["t3"].data.params == PARAMS
+    resumed = reopened("hiccup")
+    t3 = next(past for past in resumed.past if past.trial_id == "t3")
+    assert t3.status == "interrupted" and resumed.number("rerun", {**PARAMS}) == t3.number
 
 
 def test_a_retraining_recorded_halfway_is_ended_and_trained_again_on_resume(mlflow_store, monkeypatch):
@@ -122,7 +128,7 @@ def test_a_retraining_recorded_halfway_is_ended_and_trained_again_on_resume(mlfl
     monkeypatch.setattr(recorder_module, "log", interrupted_at_the_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         recorder_module.record_confirmation(record.experiment, parent, trial, 1, PARAMS, result, None)
-    monkeypatch.undo()
+    monkeypatch.setattr(recorder_module, "log", real)  # (monkeypatch.undo would also leave the test's store)
     [cut] = studies.confirmation_runs(record.client, parent)
     assert (cut.info.status, cut.data.tags["status"]) == ("KILLED", "interrupted")
     from cnnopt.study import confirmation

@@ -187,7 +187,8 @@ class StudyRecorder:
             return
         if trial_id in self.unwritten:  # its start's params write failed (a server hiccup): a run without its
             try:  # hyperparameters must not be read back as a completed trial, so they are written now, or it fails
-                log(self.client, run_id, params=self.unwritten.pop(trial_id))
+                log(self.client, run_id, params=self.unwritten[trial_id])
+                del self.unwritten[trial_id]  # kept until written: where this close fails too, kill_unfinished tries
             except Exception as exc:
                 status, error = trials.FAILED, f"its hyperparameters could not be recorded: {exc}"
         tags = {"status": status, "pruned": str(status == trials.PRUNED).lower()}
@@ -226,12 +227,19 @@ class StudyRecorder:
         return studies.trial_runs(self.client, self.client.get_run(self.parent_run_id))
 
     def kill_unfinished(self) -> None:
-        """End any child left running (a trial cut short by an interrupt) as KILLED."""
+        """End any child left running (a trial cut short by an interrupt) as KILLED, with the hyperparameters its
+        start could not write (a server hiccup) written now where the store allows: a resume reruns an interrupted
+        trial by them (without them it could only abandon it)."""
         ended = {past.run_id for past in self.past if past.status != trials.INTERRUPTED}  # in an earlier session
-        for run_id in list(self.children.values()):  # the writer thread may still add one
+        for trial_id, run_id in list(self.children.items()):  # the writer thread may still add one
             if run_id in self.closed or run_id in self.deleted or run_id in ended:
                 continue
             if self.client.get_run(run_id).info.status == "RUNNING":
+                if trial_id in self.unwritten:
+                    try:
+                        log(self.client, run_id, params=self.unwritten.pop(trial_id))
+                    except Exception:  # still away: ended without them, and abandoned on resume
+                        pass
                 log(self.client, run_id, tags={"status": trials.INTERRUPTED})
                 end_run(self.client, run_id, trials.run_status(trials.INTERRUPTED))
 
