@@ -56,6 +56,12 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
         by_trial.setdefault(run.data.tags["confirms_trial"], []).append(run.data.metrics["best_val_accuracy"])
+    # The configurations confirmed are the 2 best trials on validation (a tie to the lower trial number), no others.
+    completed = [r for r in trials if r.data.tags["status"] == "completed"]
+    best_two = sorted(completed, key=lambda r: (-r.data.metrics["best_val_accuracy"],
+                                                int(r.data.tags["trial_number"])))[:2]
+    assert set(by_trial) == {r.data.tags["trial_number"] for r in best_two}, (by_trial, [
+        (r.data.tags["trial_number"], r.data.metrics["best_val_accuracy"]) for r in completed])
     means = {number: sum(values) / len(values) for number, values in by_trial.items()}
     chosen = parent.data.tags["confirmed_trial"]
     assert means[chosen] == max(means.values()), "the configuration with the best mean is chosen"

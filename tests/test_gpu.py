@@ -63,6 +63,13 @@ def test_fractional_gpu_trials_share_one_gpu(mlflow_store):
         outcome = run_study(experiment, StudyOptions(name="gpu-share"))
         assert outcome.counts == {"completed": 4}
         assert set(trials_devices("gpu-share")) == {"cuda"}, "a trial given a GPU trains on it"
+        from cnnopt.analysis import load_trials
+        from cnnopt.tracking import make_client
+
+        client = make_client()  # shared, not one after another: some two trials' runs overlap in time
+        spans = [(run.info.start_time, run.info.end_time) for run in
+                 (client.get_run(run_id) for run_id in load_trials("digits", "gpu-share")["run_id"])]
+        assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), spans
     finally:
         ray.shutdown()
 

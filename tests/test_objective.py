@@ -104,11 +104,43 @@ def test_bf16_runs_on_the_cpu(digits_data):
     assert all(tensor.dtype != torch.bfloat16 for tensor in result.state_dict.values())  # weights stay fp32
 
 
+class Untouchable:
+    """A split that fails any use: its length, an index, an attribute, a torch operation."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read ({name})")
+
+    def __len__(self):
+        raise AssertionError("the test split was read (len)")
+
+    def __getitem__(self, index):
+        raise AssertionError("the test split was read (an index)")
+
+    @classmethod
+    def __torch_function__(cls, *args, **kwargs):
+        raise AssertionError("the test split was read (a torch operation)")
+
+
 def test_the_test_split_is_never_read(digits_data):
-    blind = dataclasses.replace(digits_data, test_x=torch.empty(0), test_y=torch.empty(0))
-    result, _ = run(dataclasses.replace(QUICK, epochs=2), blind)
-    reference, _ = run(dataclasses.replace(QUICK, epochs=2), digits_data)
-    assert result.best_metrics["val_accuracy"] == reference.best_metrics["val_accuracy"]
+    """Training reads train and val only: a test split that fails any use leaves the run exactly as it was."""
+    blind = dataclasses.replace(digits_data, test_x=Untouchable(), test_y=Untouchable())
+    result, reports = run(dataclasses.replace(QUICK, epochs=2), blind)
+    reference, expected = run(dataclasses.replace(QUICK, epochs=2), digits_data)
+    timings = ("epoch_seconds", "images_per_second")
+    learned = [{k: v for k, v in metrics.items() if k not in timings} for _, metrics in reports]
+    assert learned == [{k: v for k, v in metrics.items() if k not in timings} for _, metrics in expected]
+    assert result.best_epoch == reference.best_epoch and learned[-1]["val_accuracy"] > 0
+
+
+def test_a_worker_refuses_data_that_holds_the_test_split(digits_data):
+    """The driver sends trainings the data without its test split; a worker that got it anyway stops."""
+    from cnnopt.study.trainable import check_no_test
+
+    with pytest.raises(RuntimeError, match="269-image test split"):
+        check_no_test(digits_data)
+    withheld = digits_data.without_test()
+    assert check_no_test(withheld) is withheld and len(withheld.test_y) == 0 and len(digits_data.test_y) == 269
+    assert torch.equal(withheld.val_x, digits_data.val_x) and torch.equal(withheld.train_x, digits_data.train_x)
 
 
 def test_metric_and_mode_choose_the_best_epoch(digits_data):

@@ -143,6 +143,24 @@ def test_exports_reload_in_a_fresh_process_and_match(trained, digits_data, tmp_p
         verify(broken.eval(), tmp_path / "model.pt", tmp_path / "model.pt2", digits_data.test_x[:64])
 
 
+def test_an_export_is_refused_where_its_class_names_or_its_torch_only_load_do_not_hold(trained, digits_data, tmp_path,
+                                                                                        monkeypatch):
+    _, predictor = trained
+    sample = digits_data.test_x[:16]
+    export(predictor, tmp_path, sample)
+    renamed = Predictor(predictor.model, {**digits_data.preprocessing(),
+                                          "class_names": [f"digit {name}" for name in digits_data.class_names]})
+    with pytest.raises(UsageError, match="class names did not survive"):  # same outputs, other names
+        verify(renamed.eval(), tmp_path / "model.pt", tmp_path / "model.pt2", sample)
+    # A fresh process in which loading the model brings cnnopt in (here a sitecustomize that imports it): a
+    # deployment without cnnopt could not load it.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("import cnnopt\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), str(Path(__file__).resolve().parents[1])]))
+    with pytest.raises(UsageError, match="needed cnnopt to load"):
+        verify(predictor, tmp_path / "model.pt", tmp_path / "model.pt2", sample)
+
+
 def test_deployment_sees_the_pixels_training_saw(trained, digits_data, tmp_path, monkeypatch):
     """model.pt, model.pt2 (through cnnopt.predict's conversion) and training's decode resize, composite and
     scale an image to the same pixels: the exported model predicts what the evaluated one did."""

@@ -61,8 +61,8 @@ def test_each_strategy_runs_a_study_recorded_in_mlflow(strategy, ray_session, ml
     assert len(children) == 3
     # The parent and every trial: one dataset input (the train split, digested once by the driver) and
     # MLflow's source tags (tests/test_tracking.py checks their values).
-    digests = {run.inputs.dataset_inputs[0].dataset.digest for run in [parent, *children]
-               if [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits"]}
+    assert all([d.dataset.name for d in run.inputs.dataset_inputs] == ["digits"] for run in [parent, *children])
+    digests = {run.inputs.dataset_inputs[0].dataset.digest for run in [parent, *children]}
     assert len(digests) == 1, "every run of the study names the same train split"
     assert all(run.data.tags["mlflow.source.type"] == "LOCAL" and "mlflow.source.name" in run.data.tags
                for run in [parent, *children])
@@ -77,6 +77,11 @@ def test_each_strategy_runs_a_study_recorded_in_mlflow(strategy, ray_session, ml
         assert sorted(m.step for m in history) == [1, 2]
         assert "best_val_accuracy" in child.data.metrics
         assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
+    if strategy != "grid":  # a sampled study asks the experiment's own [train] values first (its baseline trial;
+        # trials are numbered as they start, so with 2 at once it may be trial 2)
+        baseline = search_spaces.get("lesson").point_of(load_experiment(None, ["train.epochs=2"]).train)
+        searched = [{name: child.data.params[name] for name in baseline} for child in children]
+        assert searched.count({k: str(v) for k, v in baseline.items()}) == 1, searched
     steps = client.get_metric_history(parent.info.run_id, "best_val_accuracy")
     # one point per ended trial (closing the study may re-log the highest step with the final best)
     assert {point.step for point in steps} == {1, 2, 3}
@@ -169,6 +174,49 @@ def test_prune_aware_search_tells_optuna_the_truth():
     assert [t.state for t in searcher.study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                                                         TrialState.FAIL]
     assert searcher.study.trials[0].value == 0.9
+
+
+def test_each_strategy_samples_with_the_optuna_sampler_it_names():
+    """random draws, bayes (TPE) and gp (a Gaussian process) learn: told 16 trials whose score peaks at lr = 0.01,
+    the model-based ones then ask for rates nearer it than random does, in the direction the metric asks."""
+    import math
+
+    import optuna
+
+    space = search_spaces.get("lesson")
+    expected = {"random": optuna.samplers.RandomSampler, "bayes": optuna.samplers.TPESampler,
+                "gp": optuna.samplers.GPSampler}
+    distance = {}
+    for strategy, sampler in expected.items():
+        for mode, sign in (("max", 1), ("min", -1)):
+            searcher = make_searcher(strategy, space, metric="best_val_loss", mode=mode, seed=3, trials=24,
+                                     max_epochs=1)
+            assert isinstance(searcher.study.sampler, sampler), strategy
+            assert searcher.study.direction == (optuna.study.StudyDirection.MAXIMIZE if mode == "max"
+                                                else optuna.study.StudyDirection.MINIMIZE)
+            for i in range(16):
+                lr = searcher.suggest(f"t{i}")["lr"]
+                searcher.on_trial_complete(f"t{i}", {"best_val_loss": sign * -abs(math.log10(lr) + 2),
+                                                     "training_iteration": 1})
+            asked = [abs(math.log10(searcher.suggest(f"n{i}")["lr"]) + 2) for i in range(8)]
+            distance[strategy, mode] = sorted(asked)[len(asked) // 2]
+            best = searcher.study.best_trial.params["lr"]
+            assert abs(math.log10(best) + 2) == min(abs(math.log10(t.params["lr"]) + 2)
+                                                    for t in searcher.study.trials if t.value is not None), mode
+    for mode in ("max", "min"):
+        assert max(distance["bayes", mode], distance["gp", mode]) < distance["random", mode], distance
+
+
+def test_a_sampled_searcher_asks_the_baseline_first_and_not_on_a_resume():
+    space = search_spaces.get("lesson")
+    baseline = space.point_of(load_experiment(None).train)
+    for strategy in ("random", "bayes", "gp"):
+        fresh = make_searcher(strategy, space, metric="best_val_accuracy", mode="max", seed=0, trials=8, max_epochs=2,
+                              baseline=baseline)
+        assert fresh.suggest("first") == baseline and fresh.suggest("second") != baseline, strategy
+        resumed = make_searcher(strategy, space, metric="best_val_accuracy", mode="max", seed=0, trials=8,
+                                max_epochs=2, baseline=baseline, past=past_trials(space, ["completed"]))
+        assert resumed.suggest("next") != baseline, "a resumed study's baseline trial ran in its first session"
 
 
 def past_trials(space, statuses: list[str]) -> list[PastTrial]:

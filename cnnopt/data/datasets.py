@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -82,6 +82,12 @@ class ImageData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def without_test(self) -> ImageData:
+        """What a training is sent (a trial, a confirmation seed, the final training, a budget's probe): the
+        test split left out, so hyperparameters and epochs are selected on validation only. The test split is
+        read once, by the promotion (`cnnopt.study.trainable.check_no_test` refuses it in a worker)."""
+        return replace(self, test_x=self.test_x[:0], test_y=self.test_y[:0])
 
     def preprocessing(self) -> dict:
         """What a checkpoint needs to rebuild the eval preprocessing."""

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cnnopt import tracking, trials as trial_status
-from cnnopt.analysis import load_trials
+from cnnopt.analysis import best_so_far, load_trials
 from cnnopt.cli import counted
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment
@@ -84,10 +84,8 @@ def best_so_far_curves(trials: pd.DataFrame, column: str, mode: str, length: int
     """
     curves = {}
     for (strategy, seed), study in trials.groupby(["strategy", "seed"], sort=False):
-        ordered = study.sort_values("trial")
-        values = ordered[column].where(ordered["status"] == trial_status.COMPLETED).astype(float)
-        running = values.cummax() if mode == "max" else values.cummin()
-        by_trial = pd.Series(running.to_numpy(), index=ordered["trial"].to_numpy())
+        running = best_so_far(study, column, mode)  # the one rule: completed trials only, in trial order
+        by_trial = pd.Series(running["best_so_far"].to_numpy(), index=running["trial"].to_numpy())
         curves[(strategy, seed)] = by_trial.reindex(range(1, length + 1)).ffill()
     frame = pd.DataFrame(curves, index=pd.RangeIndex(1, length + 1, name="trials"))
     frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=["strategy", "seed"])

@@ -30,7 +30,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import last_line
 from cnnopt.experiment.config import Experiment
 from cnnopt.study.runner import ray_session, resolve_resources
-from cnnopt.study.trainable import assigned_device
+from cnnopt.study.trainable import assigned_device, check_no_test
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.training.objective import TrainResult, train
@@ -119,8 +119,7 @@ def _train_all(experiment: Experiment, client, parent, todo: list, candidates: d
     """Train every (trial run, seed) on Ray, as many at once as the cluster holds, recording each as it ends."""
     search = experiment.search
     space = search_spaces.get(experiment.search_space)
-    data = load_data(experiment.data)
-    data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])  # validation only
+    data = load_data(experiment.data).without_test()
     with ray_session(address):
         search = resolve_resources(search, ray.cluster_resources())
         shared = ray.put(data)
@@ -157,7 +156,7 @@ def _train_all(experiment: Experiment, client, parent, todo: list, candidates: d
 
 def _train_seed(config, data: ImageData, metric: str, mode: str) -> TrainResult:
     """In a Ray worker: train one configuration with its seed (the GPU when Ray assigned one), `config.epochs`."""
-    return train(assigned_device(config), data, metric=metric, mode=mode)
+    return train(assigned_device(config), check_no_test(data), metric=metric, mode=mode)
 
 
 def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageData, result: TrainResult,

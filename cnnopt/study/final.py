@@ -38,7 +38,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import last_line
 from cnnopt.experiment.config import Experiment, TrainConfig
 from cnnopt.study.runner import ray_session
-from cnnopt.study.trainable import assigned_device
+from cnnopt.study.trainable import assigned_device, check_no_test
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.training.objective import TrainResult, epoch_seconds, seconds_per_image, train
@@ -167,8 +167,7 @@ def _when(before: bool) -> str:
 def final_data(experiment: Experiment) -> ImageData:
     """The splits a final training reads: no test; with final_data = "train+val", the val images join the
     train split (its normalisation stays the train split's, as promotion checks)."""
-    data = load_data(experiment.data)
-    data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
+    data = load_data(experiment.data).without_test()
     if experiment.search.final_data != "train+val":
         return data
     if data.streamed:  # over the memory limit: joined in a file beside the train split's, and streamed too
@@ -203,7 +202,7 @@ def _train(config: TrainConfig, data: ImageData, epochs: int, deadline: float, t
     on the driver): 4x slower than the trial was, in one 2-core study. A whole node trains at least as fast
     as the trial's share of one did, so the trial's own pace (`trial_per_image`, 0 when unknown) bounds it;
     the deadline then holds the training to the pace its epochs really take."""
-    config = assigned_device(config)
+    config, data = assigned_device(config), check_no_test(data)
     if deadline:
         per_image = seconds_per_image(config, data)
         per_epoch = epoch_seconds(min(per_image, trial_per_image) if trial_per_image else per_image, data, config)

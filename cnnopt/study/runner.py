@@ -262,8 +262,7 @@ def open_study(experiment: Experiment, options: StudyOptions,
     if options.resume:
         parent = studies.find_parent(tracking.make_client(), options.name, experiment.name)
         studies.check_same_data(parent, experiment, digest)
-    # Trials get no test split at all: hyperparameters are selected on validation only.
-    return dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0]), digest, parent
+    return data.without_test(), digest, parent
 
 
 def check_search(search: SearchConfig) -> None:
@@ -297,8 +296,7 @@ def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: S
         print(line, flush=True)
     planned = plan.apply(experiment)
     if plan.subset:  # the search trains on a stratified subset; val (and the unused test) stay the same
-        data = load_data(planned.data)
-        data = dataclasses.replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0])
+        data = load_data(planned.data).without_test()
     return plan, planned, data
 
 

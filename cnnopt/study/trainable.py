@@ -58,8 +58,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_no_test(data: ImageData) -> ImageData:
+    """The data a Ray worker trains on, refused where it holds a test split: the driver leaves it out
+    (`ImageData.without_test`), since selection reads validation only and the promotion alone reads test."""
+    if len(data.test_y):
+        raise RuntimeError(f"a training was sent the {len(data.test_y)}-image test split; only the promotion reads it")
+    return data
+
+
 def run_trial(config: dict, *, experiment: Experiment, space: Space, data: ImageData) -> None:
     """Train the trial's configuration; `data` arrives once per node through Ray's object store."""
+    check_no_test(data)
     train_config = assigned_device(space.apply(experiment.train, config))
     node = ray.get_runtime_context().get_node_id()  # which machine of a cluster ran the trial
     folder = checkpoint_folder()
