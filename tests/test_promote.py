@@ -257,11 +257,11 @@ def test_champion_moves_unless_validation_says_the_champion_is_better(trained, d
     export(predictor, tmp_path / "model", digits_data.test_x[:16])
     experiment = load_experiment(None, ["name=champions"])
     client = tracking.make_client()
-    run_id = tracking.start_run(client, experiment, "r")
+    fresh = lambda: tracking.start_run(client, experiment, "r")  # a run per promotion, as a study has  # noqa: E731
     score = 475 / 484  # 0.98140495...: its tag reads 0.981405, above it (a re-promotion of one run tied it)
 
     def register(test_accuracy, val_score, test_split="split-a", val_split="val-a"):
-        return registry.register(experiment, run_id, tmp_path / "model", test_accuracy, test_split, val_score, val_split)
+        return registry.register(experiment, fresh(), tmp_path / "model", test_accuracy, test_split, val_score, val_split)
 
     assert register(0.90, score) == ("1", True, None, "")
     lucky = register(0.99, 0.95)  # a better test accuracy, a worse validation score: it stays off the alias
@@ -285,19 +285,36 @@ def test_champion_moves_unless_validation_says_the_champion_is_better(trained, d
     assert client.get_model_version("champions", "7").tags["test_split"] == "split-b"
     # val_loss is minimised: a lower score is the better one.
     losses = load_experiment(None, ["name=losses", "metric=val_loss"])
-    first = registry.register(losses, run_id, tmp_path / "model", 0.9, "s", 0.20, "v")
-    higher = registry.register(losses, run_id, tmp_path / "model", 0.99, "s", 0.30, "v")
+    first = registry.register(losses, fresh(), tmp_path / "model", 0.9, "s", 0.20, "v")
+    higher = registry.register(losses, fresh(), tmp_path / "model", 0.99, "s", 0.30, "v")
     assert first.moved and not higher.moved and "validation val_loss is better (0.2000 against 0.3000" in higher.reason
     # A champion registered before versions carried their validation score: nothing compares, the newest serves.
-    legacy = registry.register(experiment, run_id, tmp_path / "model", 0.5, "split-a")
+    legacy = registry.register(experiment, fresh(), tmp_path / "model", 0.5, "split-a")
     client.set_registered_model_alias("champions", "champion", legacy.version)
     after = register(0.1, 0.2)
     assert after.moved and after.reason == f"not compared on validation: version {legacy.version} carries no validation score"
-    other_metric = registry.register(losses, run_id, tmp_path / "model", 0.9, "s", 0.10, "v")
+    other_metric = registry.register(losses, fresh(), tmp_path / "model", 0.9, "s", 0.10, "v")
     assert other_metric.moved and not other_metric.reason  # the same metric (val_loss): compared, and better
-    accuracy_again = registry.register(load_experiment(None, ["name=losses"]), run_id, tmp_path / "model", 0.9, "s", 0.5, "v")
+    accuracy_again = registry.register(load_experiment(None, ["name=losses"]), fresh(), tmp_path / "model", 0.9, "s", 0.5, "v")
     assert accuracy_again.reason == ("not compared on validation: version "
                                      f"{other_metric.version} was selected on val_loss, not val_accuracy")
+
+
+def test_a_promotion_cut_short_after_registering_is_resumed_with_its_version_not_a_copy(trained, digits_data,
+                                                                                         mlflow_store, tmp_path):
+    """A Ctrl-C between registering a run's model and tagging the run promoted left a version the resume
+    registered again: two identical versions of one run."""
+    _, predictor = trained
+    export(predictor, tmp_path / "model", digits_data.test_x[:16])
+    experiment = load_experiment(None, ["name=cut"])
+    client = tracking.make_client()
+    run_id = tracking.start_run(client, experiment, "r")
+    first = registry.register(experiment, run_id, tmp_path / "model", 0.9, "s", 0.9, "v")
+    again = registry.register(experiment, run_id, tmp_path / "model", 0.9, "s", 0.9, "v")  # the resume's
+    assert (first.version, again.version, again.moved) == ("1", "1", True)
+    assert [str(v.version) for v in client.search_model_versions("name = 'cut'")] == ["1"]
+    client.set_tag(run_id, "promoted", "true")  # promoted: a deliberate re-promotion (--run-id) registers anew
+    assert registry.register(experiment, run_id, tmp_path / "model", 0.9, "s", 0.9, "v").version == "2"
 
 
 def write_digits(data, folder, count=6):

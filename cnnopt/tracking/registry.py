@@ -75,31 +75,14 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     experiment's images or classes changed) leaves the alias where it is, with how to move it."""
     mlflow.set_tracking_uri(tracking_uri())
     client = make_client()
-    status = client.get_run(run_id).info.status
-    try:
-        mlflow.start_run(run_id=run_id)
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_MODEL),
-                                       artifacts={name: str(model_dir / name) for name in
-                                                  ("model.pt", "model.pt2", "model_card.md", "input_spec.json")
-                                                  if (model_dir / name).exists()},
-                                       pip_requirements=["torch", "numpy", "mlflow"], signature=SIGNATURE,
-                                       input_example=_blank_example(model_dir))
-    finally:  # reopening the trial's run must not change how it ended
-        mlflow.end_run()
-        client.set_terminated(run_id, status=status if status != "RUNNING" else FINISHED)
-    shown = f"{test_accuracy:.6f}"  # the version's tag; compared as written, so an equal model ties
-    with _printed_to_log():  # "Successfully registered model", "Created version": cnnopt's promotion line says so
-        version = mlflow.register_model(info.model_uri, experiment.name,
-                                        tags={"test_accuracy": shown, "run_id": run_id,
-                                              **({TEST_SPLIT_TAG: test_split} if test_split else {}),
-                                              **({VAL_SCORE_TAG: f"{val_score:.6f}", SELECTED_ON_TAG: experiment.metric,
-                                                  VAL_SPLIT_TAG: val_split} if val_score is not None else {})}
-                                        ).version
+    version = cut_short_version(client, experiment.name, run_id)
+    if version is None:
+        version = _registered(experiment, run_id, model_dir, test_accuracy, test_split, val_score, val_split)
     try:
         current = client.get_model_version_by_alias(experiment.name, ALIAS)
     except MlflowException:
         current = None
-    if current is None:
+    if current is None or str(current.version) == str(version):  # new, or moved there before a cut
         client.set_registered_model_alias(experiment.name, ALIAS, version)
         return Registered(str(version), True, None)
     previous = str(current.version)
@@ -126,6 +109,41 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
         apart = ""
     client.set_registered_model_alias(experiment.name, ALIAS, version)
     return Registered(str(version), True, previous, f"not compared on validation: {apart}" if apart else "")
+
+
+def _registered(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy: float, test_split: str,
+                val_score: float | None, val_split: str) -> str:
+    """The pyfunc model logged to the run and registered: the new version."""
+    client = make_client()
+    status = client.get_run(run_id).info.status
+    try:
+        mlflow.start_run(run_id=run_id)
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_MODEL),
+                                       artifacts={name: str(model_dir / name) for name in
+                                                  ("model.pt", "model.pt2", "model_card.md", "input_spec.json")
+                                                  if (model_dir / name).exists()},
+                                       pip_requirements=["torch", "numpy", "mlflow"], signature=SIGNATURE,
+                                       input_example=_blank_example(model_dir))
+    finally:  # reopening the trial's run must not change how it ended
+        mlflow.end_run()
+        client.set_terminated(run_id, status=status if status != "RUNNING" else FINISHED)
+    shown = f"{test_accuracy:.6f}"  # the version's tag; compared as written, so an equal model ties
+    with _printed_to_log():  # "Successfully registered model", "Created version": cnnopt's promotion line says so
+        return mlflow.register_model(info.model_uri, experiment.name,
+                                     tags={"test_accuracy": shown, "run_id": run_id,
+                                           **({TEST_SPLIT_TAG: test_split} if test_split else {}),
+                                           **({VAL_SCORE_TAG: f"{val_score:.6f}", SELECTED_ON_TAG: experiment.metric,
+                                               VAL_SPLIT_TAG: val_split} if val_score is not None else {})}
+                                     ).version
+
+
+def cut_short_version(client, name: str, run_id: str) -> str | None:
+    """The version a promotion of `run_id` registered before it was cut short (the run is not yet tagged
+    promoted): its resume goes on with that version rather than registering a copy. None where there is none."""
+    if client.get_run(run_id).data.tags.get("promoted") == "true":  # promoted before: a --run-id re-promotion
+        return None
+    versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+    return str(max(int(v.version) for v in versions)) if versions else None
 
 
 @contextlib.contextmanager
