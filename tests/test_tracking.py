@@ -139,6 +139,28 @@ def test_a_retraining_recorded_halfway_is_ended_and_trained_again_on_resume(mlfl
     assert candidates[trial.info.run_id].runs == {}
 
 
+def test_a_confirmation_run_orphaned_as_mlflow_created_it_is_ended_by_the_next_confirmation(ray_session, mlflow_store):
+    """A Ctrl-C inside MLflow's create_run (the server made the run; its id never came back) left a confirmation
+    run RUNNING for good, tagged completed, with no params or metrics; the resume trained the seed again beside
+    it. The next confirmation ends it KILLED, tagged interrupted."""
+    from cnnopt.study import confirmation
+    from cnnopt.tracking.store import KIND_TAG, STUDY_TAG, start_run
+
+    record = recorder("orphan")
+    record.open()
+    record.start_trial("t1", PARAMS, list(PARAMS))
+    record.end_trial("t1", "completed", {"val_accuracy": 0.9})
+    orphan = start_run(record.client, record.experiment, "orphan-trial-001-seed1", parent_run_id=record.parent_run_id,
+                       tags={STUDY_TAG: "orphan", KIND_TAG: studies.CONFIRMATION, "status": "completed"})
+    experiment = load_experiment(None, ["train.epochs=1", "search.confirm_top=1", "search.confirm_seeds=1"])
+    chosen = confirmation.confirm(experiment, "orphan")
+    assert chosen is not None and chosen.chosen.trial_number == 1
+    ended = record.client.get_run(orphan)
+    assert (ended.info.status, ended.data.tags["status"]) == ("KILLED", "interrupted")
+    parent = record.client.get_run(record.parent_run_id)
+    assert [r.info.status for r in studies.confirmation_runs(record.client, parent)] == ["KILLED", "FINISHED"]
+
+
 def test_resume_of_a_study_the_store_lacks_says_which_store(mlflow_store):
     with pytest.raises(UsageError, match="MLFLOW_TRACKING_URI"):
         recorder("missing").reopen(None)  # what the runner's one read of the store found for it

@@ -89,6 +89,7 @@ def confirm(experiment: Experiment, study: str, address: str | None = None) -> C
         return None
     candidates = {run.info.run_id: Candidate(studies.trial_number(run), run.info.run_id,
                                              run.data.metrics[f"best_{metric}"]) for run in top}
+    recorder.end_cut_short(client, parent, studies.CONFIRMATION)  # an earlier command's, left RUNNING
     recorded = recorded_seeds(client, parent, candidates, metric)
     seeds = [experiment.train.seed + 1 + i for i in range(search.confirm_seeds)]  # never the trials' own seed
     todo = [(run, seed) for run in top for seed in seeds if (run.info.run_id, seed) not in recorded]

@@ -78,6 +78,7 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
     paces = sorted(1 / metric.value for metric in client.get_metric_history(chosen_run_id, "images_per_second")
                    if metric.value > 0)
     trial_per_image = paces[len(paces) // 2] if paces else 0.0  # its median epoch's seconds per training image
+    recorder.end_cut_short(client, parent, studies.FINAL)  # an earlier command's, left RUNNING
     for run in reversed(studies.child_runs(client, parent, studies.FINAL)):  # a resumed study's, recorded whole
         if run.data.tags.get("trains_run_id") != chosen_run_id or run.info.status == "RUNNING":
             continue  # another run's, or one whose recording was cut short

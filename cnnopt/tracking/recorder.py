@@ -254,6 +254,16 @@ class StudyRecorder:
         end_run(self.client, self.parent_run_id, status)
 
 
+def end_cut_short(client, parent, kind: str) -> None:
+    """End as KILLED, tagged interrupted, the study's `kind` runs (confirmation seeds, final trainings) that an
+    earlier command left RUNNING: one cut while MLflow created it (the run exists, its id never came back) or
+    killed outright. The command that resumes the study trains them again; the orphans must not stay RUNNING."""
+    for run in studies.child_runs(client, parent, kind):
+        if run.info.status == "RUNNING":
+            log(client, run.info.run_id, tags={"status": trials.INTERRUPTED})
+            end_run(client, run.info.run_id, trials.run_status(trials.INTERRUPTED))
+
+
 def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, params: dict, result,
                         checkpoint: str | None, dataset: DatasetInput | None = None, error: str | None = None) -> str:
     """One confirmation run: the configuration of `trial_run` re-trained with `seed`, a child of the study.
