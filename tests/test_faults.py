@@ -405,6 +405,84 @@ def test_a_held_sigterm_keeps_the_steps_error_can_be_dropped_and_ends_a_stuck_st
     assert (done.returncode, done.stdout, done.stderr.strip()) == (code, out, err), done
 
 
+@pytest.mark.parametrize("body, code, out, err", [
+    # Held, not ignored (a Ctrl-C while a study's record closed was lost: it went on to promote): the caller sees it.
+    ("os.kill(os.getpid(), signal.SIGINT); time.sleep(0.05); print(len(held), flush=True); held.clear()", 0,
+     "1\nafter the step\n", ""),
+    # Not cleared: a Ctrl-C once the step is done.
+    ("os.kill(os.getpid(), signal.SIGINT); time.sleep(0.05)", 130, "", "interrupted"),
+    # A second one HELD_TERM_SECONDS after the first stops a stuck step (a store that does not answer).
+    ("os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3); os.kill(os.getpid(), signal.SIGINT); time.sleep(5); "
+     "print('not stopped')", 130, "", "interrupted"),
+])
+def test_a_held_ctrl_c_is_kept_for_the_caller_and_stops_a_stuck_step(tmp_path, body, code, out, err):
+    script = (
+        "import os, signal, time\n"
+        "from cnnopt.cli import run\n"
+        "from cnnopt.study import runner\n"
+        "runner.HELD_TERM_SECONDS = 0.2\n"
+        "def main(argv):\n"
+        "    with runner.interrupts_held(ctrl_c=True) as held:\n"
+        f"        {body}\n"
+        "    print('after the step', flush=True)\n"
+        "    return 0\n"
+        "run(main, [])\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr.strip()) == (code, out, err), done
+
+
+def test_a_slow_drain_says_what_it_waits_for():
+    from cnnopt.tracking.writer import BackgroundWriter
+
+    writer, said = BackgroundWriter(), []
+    writer.submit(time.sleep, 0.6)  # a write the store takes its time over
+    writer.submit(time.sleep, 0.1)
+    writer.drain(lambda pending: said.append(pending) or "waiting", after=0.2)
+    assert said == [2] and writer.pending == 0, "said once, with the writes still to go"
+    writer.submit(time.sleep, 0.05)
+    writer.drain(lambda pending: said.append(pending) or "waiting", after=0.2)
+    assert said == [2], "a drain that is quick says nothing"
+
+
+def test_a_ctrl_c_while_the_writes_drain_stops_the_study_before_its_promotion(ray_session, mlflow_store, monkeypatch,
+                                                                               capsys):
+    """It was ignored (SIGINT held as SIG_IGN while the record closed): a study whose store hung went on, once
+    the store was back, to its confirmation and promotion, and exited 0."""
+    from cnnopt import search as command
+    from cnnopt.study.callback import StudyCallback
+
+    real = StudyCallback.drain
+
+    def pressed(self, *args):
+        os.kill(os.getpid(), signal.SIGINT)  # the person's Ctrl-C while the writes go in
+        time.sleep(0.05)
+        return real(self, *args)
+
+    monkeypatch.setattr(StudyCallback, "drain", pressed)
+    code = command.main(["--strategy", "random", "--trials", "2", "--name", "held", "--set", "train.epochs=1"])
+    out = capsys.readouterr().out
+    assert code == 130 and "The study was interrupted" in out and "promoting" not in out, out
+    client = MlflowClient(tracking_uri=mlflow_store)
+    [parent] = client.search_runs([client.get_experiment_by_name("digits").experiment_id], "tags.`cnnopt.kind` = 'study'")
+    assert parent.info.status == "KILLED" and "promoted_run_id" not in parent.data.tags
+
+
+def test_a_store_that_fails_as_the_record_closes_is_one_line_with_the_way_back(ray_session, mlflow_store,
+                                                                                 monkeypatch):
+    """A server gone when the record closed printed a traceback from kill_unfinished, and no resume command."""
+    from cnnopt import search as command
+    from cnnopt.errors import UsageError
+    from cnnopt.tracking.recorder import StudyRecorder
+
+    def refused(self):
+        raise ConnectionError("Max retries exceeded with url: /api/2.0/mlflow/runs/get (Connection refused)")
+
+    monkeypatch.setattr(StudyRecorder, "kill_unfinished", refused)
+    with pytest.raises(UsageError, match=r"failed while the study's record was closed \(Max retries exceeded.*"
+                                         r"once the store answers, python -m cnnopt.search --resume --name gone"):
+        command.main(["--strategy", "random", "--trials", "2", "--name", "gone", "--set", "train.epochs=1"])
+
+
 def test_a_ctrl_c_after_the_trials_gives_the_report_thread_a_bounded_wait(monkeypatch, capsys):
     """A Ctrl-C while the report's daemon thread drew in matplotlib's C code aborted the process at exit (exit 134,
     once in three tries). The command now waits for that thread, a bounded time, before it ends."""

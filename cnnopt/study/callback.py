@@ -55,10 +55,10 @@ class StudyCallback(tune.Callback):
         """Whether a trial that Ray started never ended (the study was stopped while it ran)."""
         return any(trial.status not in ("TERMINATED", "ERROR") for trial in self.trials.values())
 
-    def drain(self) -> None:
-        """Wait until every MLflow write this callback submitted is in the store."""
+    def drain(self, waiting_line=None) -> None:
+        """Wait until every MLflow write this callback submitted is in the store (`BackgroundWriter.drain`)."""
         if self.writer is not None:
-            self.writer.drain()
+            self.writer.drain(waiting_line)
 
     def _watch_interrupts(self) -> None:
         """Note a Ctrl-C (or the SIGTERM turned into one) on top of Ray's handler, which stops the study cleanly."""

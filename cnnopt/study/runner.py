@@ -31,7 +31,7 @@ import search_spaces
 from cnnopt import tracking, trials
 from cnnopt.cli import counted, sigterm_as_interrupt
 from cnnopt.data.datasets import ImageData, check_source, load_data, why_no_test
-from cnnopt.errors import UsageError
+from cnnopt.errors import UsageError, last_line
 from cnnopt.experiment.config import Experiment, SearchConfig, check_name
 from cnnopt.experiment.space import Space
 from cnnopt.study.budget import Plan, allowances, last_start, make_plan, measure_epoch, shown
@@ -147,25 +147,29 @@ HELD_TERM_SECONDS = 10.0  # a step held against SIGTERM that has not ended this 
 
 
 @contextlib.contextmanager
-def interrupts_held():
+def interrupts_held(ctrl_c: bool = False):
     """Ignore Ctrl-C for a short step that must finish (closing the record, stopping Ray); a SIGTERM meanwhile
     waits for the step's end, then acts as it would have (its handler turns SIGTERM into a Ctrl-C, unless SIGINT
     is ignored, as for a job started with `&`: held as Ctrl-C is here, a repeated SIGTERM killed the process
-    mid-step, exit -15, record open). Yields the list of SIGTERMs held: a caller that clears it drops them (the
+    mid-step, exit -15, record open). Yields the list of signals held: a caller that clears it drops them (the
     stop they ask for is under way). An error the step raises goes on as it is; a SIGTERM that comes
-    HELD_TERM_SECONDS after the first held one ends the process, as the step is stuck (a store that hangs)."""
+    HELD_TERM_SECONDS after the first held one ends the process, as the step is stuck (a store that hangs).
+    With `ctrl_c`, a Ctrl-C is held as a SIGTERM is, not ignored (one while a study's record closed was lost: the
+    command went on to promote), and one HELD_TERM_SECONDS after the first raises KeyboardInterrupt in the step."""
     if threading.current_thread() is not threading.main_thread():
         yield []
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     caught: list[float] = []
 
-    def hold(*_) -> None:
+    def hold(signum, _frame) -> None:
         if caught and time.monotonic() - caught[0] >= HELD_TERM_SECONDS:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.raise_signal(signal.SIGTERM)
         caught.append(time.monotonic())
 
+    previous = signal.signal(signal.SIGINT, hold if ctrl_c else signal.SIG_IGN)
     previous_term = signal.signal(signal.SIGTERM, hold)
     failed = False
     try:
@@ -335,6 +339,11 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
             watched[0].start()
         sigterm_as_interrupt()
 
+    def waiting_line(pending: int) -> str:
+        return (f"waiting for {counted(pending, 'MLflow write')} that the store {tracking.tracking_uri()} has not "
+                f"taken yet (MLflow retries each for minutes); a Ctrl-C stops the study once they are in, another "
+                f"{HELD_TERM_SECONDS:.0f}s later stops waiting")
+
     previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     finished, counts, seconds, best = False, {}, {}, None
     try:
@@ -357,14 +366,25 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
         signal.signal(signal.SIGTERM, previous_sigterm)
-        with interrupts_held() as held, closing:  # closing the record takes a moment: let nothing cut it short
+        with interrupts_held(ctrl_c=True) as held, closing:  # closing the record takes a moment: nothing cuts it
             try:
-                interrupted = not finished or callback.interrupted or callback.unfinished()
-                callback.drain()
+                callback.drain(waiting_line)
+                # A Ctrl-C or SIGTERM held while the writes went in is a stop too: the study ends as interrupted.
+                interrupted = not finished or callback.interrupted or callback.unfinished() or bool(held)
                 if recorder.parent_run_id:
-                    counts, seconds, best = close_record(recorder, experiment, interrupted)
-                if interrupted:  # a SIGTERM meanwhile asked for the stop this is: the summary and resume line follow
-                    held.clear()
+                    try:
+                        counts, seconds, best = close_record(recorder, experiment, interrupted)
+                    except Exception as exc:  # the store went away: one line and the way back, no traceback
+                        raise UsageError(f"the MLflow store {tracking.tracking_uri()} failed while the study's record "
+                                         f"was closed ({last_line(exc)}); runs may show RUNNING until the study is "
+                                         f"resumed: once the store answers, {resume_command(options.name)}") from None
+                interrupted = interrupted or bool(held)  # one during the close: the study stops before what follows
+                held.clear()  # the stop it asked for is this one: the summary and the resume line follow
+            except KeyboardInterrupt:  # a second Ctrl-C, HELD_TERM_SECONDS after the first: stop waiting for the store
+                print(f"\nstopped waiting for the MLflow store {tracking.tracking_uri()}: runs may show RUNNING until "
+                      f"the study is resumed; once the store answers, resume it by:\n  {resume_command(options.name)}",
+                      file=sys.stderr, flush=True)
+                raise
             finally:
                 closed.set()
     return StudyOutcome(options.name, recorder.parent_run_id, counts, seconds, best, time.perf_counter() - started,

@@ -5,8 +5,11 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+from collections.abc import Callable
 
 from cnnopt.cli import counted
+
+WAITING_SECONDS = 10.0  # a drain longer than this says what it waits for
 
 
 class BackgroundWriter:
@@ -20,14 +23,25 @@ class BackgroundWriter:
     def __init__(self):
         self.queue: queue.Queue = queue.Queue()
         self.errors: list[str] = []
+        self.pending = 0  # submitted and not yet done
+        self.done = threading.Condition()
         threading.Thread(target=self._run, name="cnnopt-mlflow-writer", daemon=True).start()
 
     def submit(self, function, *args, **kwargs) -> None:
+        with self.done:
+            self.pending += 1
         self.queue.put((function, args, kwargs))
 
-    def drain(self) -> None:
-        """Wait for every submitted write; report (once) any that failed."""
-        self.queue.join()
+    def drain(self, waiting_line: Callable[[int], str] | None = None, after: float = WAITING_SECONDS) -> None:
+        """Wait for every submitted write; report (once) any that failed. Where that takes over `after` seconds
+        (a store that does not answer: MLflow retries each write for minutes), `waiting_line(pending)` is printed
+        once, so a wait is not silence. The wait can be interrupted (a Ctrl-C raises in it)."""
+        with self.done:
+            if not self.done.wait_for(lambda: self.pending == 0, timeout=after):
+                if waiting_line is not None:
+                    print(waiting_line(self.pending), file=sys.stderr, flush=True)
+                while not self.done.wait_for(lambda: self.pending == 0, timeout=1.0):
+                    pass
         if self.errors:
             print(f"warning: {counted(len(self.errors), 'MLflow write')} failed; first: {self.errors[0]}", file=sys.stderr)
             self.errors.clear()
@@ -41,3 +55,6 @@ class BackgroundWriter:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
             finally:
                 self.queue.task_done()
+                with self.done:
+                    self.pending -= 1
+                    self.done.notify_all()
