@@ -76,11 +76,13 @@ def test_a_trial_whose_first_writes_fail_is_still_ended_not_left_running(mlflow_
         record.start_trial("t1", PARAMS, list(PARAMS))
     with pytest.raises(RuntimeError):
         record.start_trial("t3", PARAMS, list(PARAMS))
+    with pytest.raises(RuntimeError):
+        record.start_trial("t5", PARAMS, list(PARAMS))  # and then cut short by an interrupt: never ended
     monkeypatch.setattr(recorder_module, "log", real_log)  # (monkeypatch.undo would also leave the test's store)
     record.start_trial("t2", PARAMS, list(PARAMS))
     record.end_trial("t1", "completed", {"val_accuracy": 0.5})  # the store is back: its params are written now
-    monkeypatch.setattr(recorder_module, "log", failing)  # and here they cannot be: failed, not completed
-    with pytest.raises(RuntimeError):  # its closing writes fail too; kill_unfinished then ends it
+    monkeypatch.setattr(recorder_module, "log", failing)  # and here they cannot be: its closing writes fail too;
+    with pytest.raises(RuntimeError):  # kill_unfinished closes it again, the store back by then
         record.end_trial("t3", "completed", {"val_accuracy": 0.9})
     monkeypatch.setattr(recorder_module, "log", real_log)
     monkeypatch.setattr(recorder_module, "log_dataset", failing)  # provenance lost, hyperparameters written:
@@ -92,14 +94,39 @@ def test_a_trial_whose_first_writes_fail_is_still_ended_not_left_running(mlflow_
     runs = {run.data.tags["trial_id"]: run for run in record.trial_runs()}
     statuses = {trial: (run.info.status, run.data.tags["status"]) for trial, run in runs.items()}
     assert statuses == {"t1": ("FINISHED", "completed"), "t2": ("KILLED", "interrupted"),
-                        "t3": ("KILLED", "interrupted"), "t4": ("FINISHED", "completed")}, statuses
-    assert runs["t1"].data.params == runs["t4"].data.params == PARAMS, "read back as completed, with hyperparameters"
-    # t3 is never read back as completed (its record was lost), and its hyperparameters, written as it was ended
-    # with the store back, let a resume rerun it rather than abandon it
-    assert runs["t3"].data.params == PARAMS
+                        "t3": ("FINISHED", "completed"), "t4": ("FINISHED", "completed"),
+                        "t5": ("KILLED", "interrupted")}, statuses
+    assert runs["t1"].data.params == runs["t3"].data.params == runs["t4"].data.params == PARAMS, \
+        "read back as completed, with hyperparameters"
+    # t5's hyperparameters, written as it was ended with the store back, let a resume rerun it, not abandon it
+    assert runs["t5"].data.params == PARAMS
     resumed = reopened("hiccup")
-    t3 = next(past for past in resumed.past if past.trial_id == "t3")
-    assert t3.status == "interrupted" and resumed.number("rerun", {**PARAMS}) == t3.number
+    t5 = next(past for past in resumed.past if past.trial_id == "t5")
+    assert t5.status == "interrupted" and resumed.number("rerun", {**PARAMS}) == t5.number
+
+
+def test_a_trial_whose_closing_writes_fail_is_closed_again_as_the_study_ends(mlflow_store, monkeypatch):
+    """A completed trial whose end_run the store lost (a server gone for a moment) was ended interrupted by
+    kill_unfinished: the console said completed, MLflow interrupted, and the confirmation left it out."""
+    from cnnopt.tracking import recorder as recorder_module
+
+    record = recorder("lost-close")
+    record.open()
+    record.start_trial("t1", PARAMS, list(PARAMS))
+    record.log_epoch("t1", 1, {"val_accuracy": 0.9})
+    real_end_run = recorder_module.end_run
+
+    def refused(*args, **kwargs):
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(recorder_module, "end_run", refused)
+    with pytest.raises(ConnectionError):
+        record.end_trial("t1", "completed", {"val_accuracy": 0.9})
+    monkeypatch.setattr(recorder_module, "end_run", real_end_run)  # the store is back as the study ends
+    record.kill_unfinished()
+    [run] = record.trial_runs()
+    assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "completed")
+    assert run.data.metrics["best_val_accuracy"] == 0.9 and record.best == 0.9
 
 
 def test_a_retraining_recorded_halfway_is_ended_and_trained_again_on_resume(mlflow_store, monkeypatch):

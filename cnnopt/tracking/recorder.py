@@ -58,6 +58,7 @@ class StudyRecorder:
         self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
         self.closed: set[str] = set()  # child runs this session ended
         self.unwritten: dict[str, dict] = {}  # trial_id -> params a failed write at its start did not record
+        self.unended: dict[str, dict] = {}  # trial_id -> the end_trial arguments of a close the store failed
         self.past: list[PastTrial] = []  # trials recorded before this session (on resume)
         self.replaced: dict[str, str] = {}  # trial_id of a rerun -> the interrupted run it replaces
         self.deleted: set[str] = set()
@@ -181,7 +182,18 @@ class StudyRecorder:
 
     def end_trial(self, trial_id: str, status: str, best: dict, *, checkpoint: str | None = None,
                   error: str | None = None) -> None:
-        """Close a trial's run with its status (`trials.status_of`), its best epoch and its checkpoint."""
+        """Close a trial's run with its status (`trials.status_of`), its best epoch and its checkpoint. Where
+        the store fails meanwhile, the close is kept for `kill_unfinished` to try again: a completed trial whose
+        closing writes were lost was recorded interrupted, and left out of the confirmation's candidates."""
+        try:
+            self._end_trial(trial_id, status, best, checkpoint=checkpoint, error=error)
+        except Exception:
+            self.unended[trial_id] = {"status": status, "best": best, "checkpoint": checkpoint, "error": error}
+            raise
+        self.unended.pop(trial_id, None)
+
+    def _end_trial(self, trial_id: str, status: str, best: dict, *, checkpoint: str | None = None,
+                   error: str | None = None) -> None:
         run_id = self.children.get(trial_id)
         if run_id is None:
             return
@@ -231,6 +243,12 @@ class StudyRecorder:
         start could not write (a server hiccup) written now where the store allows: a resume reruns an interrupted
         trial by them (without them it could only abandon it)."""
         ended = {past.run_id for past in self.past if past.status != trials.INTERRUPTED}  # in an earlier session
+        for trial_id, closing in list(self.unended.items()):  # a trial that ended, whose close the store lost
+            if self.children.get(trial_id) not in self.closed:
+                try:
+                    self._end_trial(trial_id, **closing)
+                except Exception:  # still away: ended as interrupted below, where the store allows
+                    pass
         for trial_id, run_id in list(self.children.items()):  # the writer thread may still add one
             if run_id in self.closed or run_id in self.deleted or run_id in ended:
                 continue
