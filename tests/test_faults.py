@@ -288,6 +288,29 @@ def test_ctrl_c_during_promotion_stops_it_and_a_resume_promotes(tmp_path, sig):
 
 
 @pytest.mark.slow
+def test_a_resume_beside_the_running_study_is_refused(tmp_path):
+    """It was not: the resume deleted the live trials as cut short and ran them again, both commands drew a
+    trial 12, and the study held 13 completed trials for 12 asked."""
+    study = start(["--strategy", "random", "--trials", "2", "--concurrency", "1", "--set", "train.epochs=400",
+                   "--name", "live", "--no-promote"], tmp_path)  # a minute or more: it runs while the resume tries
+    try:
+        for line in study.stdout:
+            if line.startswith("study live"):
+                break
+        time.sleep(3)  # the parent run is written once Ray is up and the data loaded
+        beside = search(["--resume", "--name", "live"], tmp_path)
+        assert beside.returncode == 2 and f"in process {study.pid} on this machine" in error_line(beside.stderr)
+    finally:
+        out, err = interrupt_when(study, "")
+    assert study.returncode == 130, out + err
+    from cnnopt.tracking import studies
+
+    [parent] = [run for run in runs(tmp_path) if run.data.tags.get("cnnopt.kind") == "study"]
+    assert parent.data.tags[studies.DRIVER_TAG].split(":")[1] == str(study.pid)
+    assert studies.running_driver(parent) is None, "its command ended: a resume may go on"
+
+
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_and_leaves_a_consistent_record(tmp_path):
     study = start(["--strategy", "random", "--trials", "3", "--concurrency", "1", "--set", "train.epochs=30",
                    "--name", "twice", "--no-promote"], tmp_path)

@@ -265,6 +265,10 @@ def open_study(experiment: Experiment, options: StudyOptions,
     parent = None
     if options.resume:
         parent = studies.find_parent(tracking.make_client(), options.name, experiment.name)
+        if parent is not None and (pid := studies.running_driver(parent)):
+            raise UsageError(f"study {options.name!r} is running now, in process {pid} on this machine: a resume "
+                             f"beside it would rerun its live trials; wait for it to end, or stop it (kill -INT {pid}) "
+                             "and resume then")
         studies.check_same_data(parent, experiment, digest)
     return data.without_test(), digest, parent
 

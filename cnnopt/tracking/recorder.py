@@ -87,7 +87,8 @@ class StudyRecorder:
         if found:
             return self.reopen(found)
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
-                                       tags={**self.tags, STUDY_TAG: self.study, KIND_TAG: "study"})
+                                       tags={**self.tags, STUDY_TAG: self.study, KIND_TAG: "study",
+                                             studies.DRIVER_TAG: studies.this_driver()})
         log(self.client, self.parent_run_id, params=self.params)
         log_dataset(self.client, self.parent_run_id, self.dataset)
         log_experiment_file(self.client, self.parent_run_id, self.experiment)
@@ -112,6 +113,7 @@ class StudyRecorder:
         self.past.sort(key=lambda past: past.number)
         self.ended = sum(past.status != trials.INTERRUPTED for past in self.past)
         self.client.update_run(self.parent_run_id, status="RUNNING")
+        log(self.client, self.parent_run_id, tags={studies.DRIVER_TAG: studies.this_driver()})
         for past in self.past:  # the best-so-far curve goes on from the best recorded trial
             if past.status == trials.COMPLETED and past.value is not None:
                 self._note_best(past.value)

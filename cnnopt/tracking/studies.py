@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 
@@ -133,6 +135,42 @@ def searched_params(run, space=None) -> dict:
 
 
 FINISH_TAG = "finish"  # on a study's parent: what follows its trials is "running" (begun, not ended) or "done"
+
+
+DRIVER_TAG = "cnnopt.driver"  # on a study's parent run: the process of the command that runs it now, host:pid:start
+
+
+def this_driver() -> str:
+    """This process, as DRIVER_TAG names it: its host, its pid and when it started (a pid is reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"
+
+
+def _started(pid: int) -> str:
+    """A process's start, in clock ticks since boot (Linux's /proc); '' where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+    except (OSError, IndexError):
+        return ""
+
+
+def running_driver(parent) -> int | None:
+    """The pid of another process on this machine that runs the study now (it tagged the parent run and is
+    alive, started when it was), or None: a study's resume beside its running command corrupted it (both
+    drew trials, the resume deleted the live ones as cut short). A command on another machine is not seen."""
+    host, _, rest = parent.data.tags.get(DRIVER_TAG, "").partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    if parent.info.status != "RUNNING" and parent.data.tags.get(FINISH_TAG) != "running":
+        return None  # ended: its command is over (or the process holds another study now)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's process
+        pass
+    return int(pid) if started == _started(int(pid)) else None
 
 
 def mark_finish(client: MlflowClient, parent_run_id: str, state: str) -> None:
