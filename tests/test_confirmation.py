@@ -26,6 +26,18 @@ def test_the_choice_is_by_the_mean_of_the_new_seeds_not_the_lucky_trial():
     assert failed.promote_run_id == "a" and "no confirmation run completed" in failed.reason
 
 
+def test_equal_means_are_a_tie_that_the_better_original_trial_takes():
+    """0.1 + 0.7 and 0.3 + 0.5 are equal, their floats not (0.7999999999999999 and 0.8): the second candidate
+    won a tie by rounding."""
+    first = Candidate(1, "first", 0.9, {1: ("f1", 0.1), 2: ("f2", 0.7)})
+    second = Candidate(2, "second", 0.8, {1: ("s1", 0.3), 2: ("s2", 0.5)})
+    assert first.mean < second.mean, "as floats"
+    assert _choose([first, second], "max").chosen is first
+    assert _choose([first, second], "min").chosen is first
+    assert _choose([first, Candidate(2, "better", 0.8, {1: ("b1", 0.3), 2: ("b2", 0.50001)})], "max").chosen.run_id \
+        == "better", "a real difference still counts"
+
+
 def test_among_tied_seeds_the_lowest_seed_is_promoted_whichever_finished_first():
     """The seeds' runs were kept in the order they finished (ray.wait): of two tied seeds the one that finished
     first was promoted, so the promoted model depended on timing."""

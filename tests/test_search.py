@@ -244,6 +244,17 @@ def test_resumed_sampler_learns_the_record_and_reruns_interrupted_trials_first(s
     assert searcher.suggest("new") != fresh.suggest("second"), "a resumed sampler does not redraw the first draws"
 
 
+@pytest.mark.parametrize("space_name", ["lesson", "architecture"])
+def test_a_grid_takes_each_parameters_values_in_their_declared_order(space_name):
+    """The lesson space declares optimizer ("sgd", "adamw"), but its grid ran every adamw point first: sgd's
+    conditional momentum, absent from adamw's points, sorted before any value of it."""
+    space = search_spaces.get(space_name)
+    points = space.grid()
+    for param in space.params:
+        seen = list(dict.fromkeys(point[param.name] for point in points if param.name in point))
+        assert seen == list(param.grid_values()), param.name
+
+
 def test_resumed_grid_skips_finished_points_and_keeps_the_order():
     space = search_spaces.get("lesson")
     past = past_trials(space, ["completed", "interrupted", "failed"])

@@ -53,7 +53,9 @@ def test_a_resume_reads_back_finished_and_cut_short_trials(mlflow_store):
     assert second.number("same-draw", other) == 4, "a later draw of the same point is a new trial"
     second.start_trial("rerun", other, list(other))
     old = first.children["t2"]
-    assert second.client.get_run(old).info.lifecycle_stage == "deleted"
+    replaced = second.client.get_run(old)
+    assert replaced.info.lifecycle_stage == "deleted" and replaced.info.status == "KILLED"
+    assert replaced.data.tags["status"] == "interrupted", "restored, it must not claim to be running"
     second.kill_unfinished()
     assert second.client.get_run(second.children["rerun"]).info.status == "KILLED"
     assert len(second.trial_runs()) == 2, "the replaced run is gone from the study"

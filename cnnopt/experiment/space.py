@@ -146,9 +146,10 @@ class Space:
             if key not in seen:
                 seen.add(key)
                 unique.append(point)
-        # The first-declared parameter varies fastest, so `--trials N` on a grid spreads over it.
+        # The first-declared parameter varies fastest, so `--trials N` on a grid spreads over it. A conditional
+        # parameter a point lacks ranks as its first value: at -1, sgd's momentum put every adamw point first.
         def order(point):
-            return tuple(p.grid_values().index(point[p.name]) if p.name in point else -1 for p in reversed(self.params))
+            return tuple(p.grid_values().index(point[p.name]) if p.name in point else 0 for p in reversed(self.params))
         return sorted(unique, key=order)
 
     def middle(self) -> dict[str, Any]:

@@ -160,7 +160,8 @@ class StudyRecorder:
         number = self.number(trial_id)
         previous = self.replaced.get(trial_id)
         if previous is not None:  # the cut-short attempt this rerun replaces: ended (a killed driver left it
-            end_run(self.client, previous, trials.run_status(trials.INTERRUPTED))  # RUNNING), then deleted
+            log(self.client, previous, tags={"status": trials.INTERRUPTED})  # RUNNING, tagged running), then deleted
+            end_run(self.client, previous, trials.run_status(trials.INTERRUPTED))
             self.client.delete_run(previous)
             self.deleted.add(previous)
         run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
