@@ -208,3 +208,16 @@ def test_the_run_names_the_command_that_made_it(mlflow_store, tmp_path):
     client, found = only_run(mlflow_store)
     assert found.data.tags["mlflow.source.name"] == "python -m cnnopt.train"
     assert found.data.tags["mlflow.source.type"] == "LOCAL"
+
+
+@pytest.mark.parametrize("raised, ended", [(KeyboardInterrupt, ("KILLED", "interrupted", None)),
+                                           (RuntimeError("out of memory"), ("FAILED", "failed", "out of memory"))])
+def test_a_run_stopped_by_a_ctrl_c_or_an_error_says_so_in_its_status_tag(mlflow_store, raised, ended):
+    """Ended KILLED or FAILED, as before, but with no `status` tag: a study's runs say interrupted or failed."""
+    from cnnopt.tracking.runs import standalone_run
+
+    with pytest.raises(type(raised) if isinstance(raised, Exception) else raised):
+        with standalone_run(load_experiment(None), "stopped", "train") as record:
+            raise raised
+    run = MlflowClient(tracking_uri=mlflow_store).get_run(record.run_id)
+    assert (run.info.status, run.data.tags.get("status"), run.data.tags.get("error")) == ended

@@ -363,7 +363,8 @@ def plot(comparison: Comparison, path: Path) -> Path:
         seeds = comparison.curves[strategy]
         axes.fill_between(k, seeds.min(axis=1), seeds.max(axis=1), step="post", color=colour, alpha=0.15)
         axes.plot(k, comparison.medians[strategy], drawstyle="steps-post", marker="o", markersize=3, color=colour,
-                  linewidth=2, label=f"{strategy} (median of {seeds.shape[1]} seeds)")
+                  linewidth=2, label=f"{strategy} (one study: it ignores the seed)" if strategy == "grid" else
+                  f"{strategy} (median of {counted(seeds.shape[1], 'seed')})")
     if comparison.target is not None:
         axes.axhline(comparison.target, color="black", linestyle="--", linewidth=1,
                      label=f"target {comparison.target:g}")

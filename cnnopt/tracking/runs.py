@@ -8,6 +8,8 @@ from pathlib import Path
 
 from mlflow.entities import DatasetInput
 
+from cnnopt import trials
+from cnnopt.errors import last_line
 from cnnopt.experiment.config import Experiment
 from cnnopt.tracking.provenance import log_dataset
 from cnnopt.tracking.studies import log_settings
@@ -41,6 +43,14 @@ class Run:
     def end(self, status: str = FINISHED) -> None:
         end_run(self.client, self.run_id, status)
 
+    def stopped(self, status: str, run_status: str, error: str = "") -> None:
+        """Ended by a Ctrl-C or an error: its `status` tag says which, as a study's runs' do (and `error` why)."""
+        try:
+            self.log(tags={"status": status, **({"error": error[-5000:]} if error else {})})
+        except Exception:  # the store itself failed: the error that stopped the run is the one to say
+            pass
+        self.end(run_status)
+
 
 @contextmanager
 def standalone_run(experiment: Experiment, name: str, kind: str, params: dict | None = None,
@@ -54,8 +64,8 @@ def standalone_run(experiment: Experiment, name: str, kind: str, params: dict | 
     try:
         yield run
     except KeyboardInterrupt:
-        run.end(KILLED)
+        run.stopped(trials.INTERRUPTED, KILLED)
         raise
-    except BaseException:
-        run.end(FAILED)
+    except BaseException as exc:
+        run.stopped(trials.FAILED, FAILED, error=last_line(exc))
         raise
