@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 def after_study(experiment, outcome, args: argparse.Namespace, started: float) -> int:
     """The study's summary, then its report, confirmation, final training and promotion; the exit code."""
     print_summary(experiment, outcome)
-    # No finish follows (it logs the budget's table): this command's seconds are put on record here.
+    # No finish follows (it prints and logs the budget's table): this command's table is printed and logged here.
     if outcome.plan is not None and outcome.parent_run_id and (outcome.interrupted or outcome.best is None):
-        record_budget(outcome.parent_run_id, budget_seconds(outcome, {}, time.perf_counter() - started))
+        print_budget(outcome, {}, time.perf_counter() - started, outcome.interrupted)
     if outcome.interrupted:
         print(f"\nThe study was interrupted. Resume it (with the settings it started with, from any machine that "
               f"reaches the tracking store) by:\n  {resume_command(outcome.name)}")
@@ -159,15 +159,29 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
         return 1
     client = tracking.make_client()
     studies.mark_finish(client, outcome.parent_run_id, "running")
+    done = False
     try:
         code = finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
                       address=args.address, started=started)
         studies.mark_finish(client, outcome.parent_run_id, "done")
+        done = True
         return code
     except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
-        print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
-              f"  {resume_command(outcome.name)}", file=sys.stderr)
+        if done or finish_done(client, outcome.parent_run_id):  # it came as the command ended: nothing is left
+            print("\ninterrupted as the command ended; the study is complete and recorded", file=sys.stderr)
+        else:
+            print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
+                  f"  {resume_command(outcome.name)}", file=sys.stderr)
         return 130
+
+
+def finish_done(client, parent_run_id: str) -> bool:
+    """Whether the study's record says what follows its trials is done (read after a Ctrl-C, which may have come
+    inside the very write that said so, the server having taken it)."""
+    try:
+        return client.get_run(parent_run_id).data.tags.get(studies.FINISH_TAG) == "done"
+    except Exception:  # the store cannot say: the resume line is the safe advice
+        return False
 
 
 def finish(experiment, outcome, *, report: bool, promotion: bool, address: str | None = None,

@@ -605,6 +605,7 @@ def test_a_command_cut_short_in_its_search_records_its_seconds_and_a_resume_afte
     cut = StudyOutcome("cut", parent, {trials.INTERRUPTED: 2}, {}, None, 100.0, True, "", plan=plan)
     args = SimpleNamespace(no_promote=False, no_report=True, address=None)
     assert search.after_study(experiment, cut, args, time.perf_counter() - 130.0) == 130
+    assert "time budget 10 min, used 2.2 min, interrupted (planned / actual seconds):" in capsys.readouterr().out
     metrics = client.get_run(parent).data.metrics
     assert metrics["budget_search_seconds"] == 100.0 and metrics["budget_start_seconds"] == 20.0
     assert 130.0 <= metrics["budget_used_seconds"] < 140.0

@@ -506,6 +506,35 @@ def test_a_store_that_fails_as_the_record_closes_is_one_line_with_the_way_back(r
         command.main(["--strategy", "random", "--trials", "2", "--name", "gone", "--set", "train.epochs=1"])
 
 
+def test_a_signal_as_the_finish_is_recorded_done_says_the_study_is_complete(mlflow_store, monkeypatch, capsys):
+    """A SIGTERM landing inside the write that recorded the finish as done (the server had taken it) printed
+    "interrupted after the trials ... Finish its report and promotion by --resume": nothing was left to do."""
+    from types import SimpleNamespace
+
+    from cnnopt import search as command
+    from cnnopt.experiment.config import load_experiment
+    from cnnopt.study.runner import StudyOutcome
+    from cnnopt.tracking import studies
+
+    client = MlflowClient(tracking_uri=mlflow_store)
+    parent = client.create_run(client.create_experiment("digits")).info.run_id
+    real = studies.mark_finish
+
+    def written_then_interrupted(client, run_id, state):
+        real(client, run_id, state)
+        if state == "done":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(studies, "mark_finish", written_then_interrupted)
+    monkeypatch.setattr(command, "finish", lambda *args, **kwargs: 0)
+    best = {"trial_number": 1, "metrics": {"val_accuracy": 0.9}, "params": {}, "run_id": parent}
+    outcome = StudyOutcome("s", parent, {"completed": 1}, {}, best, 10.0, False, "")
+    args = SimpleNamespace(no_promote=False, no_report=True, address=None)
+    assert command.after_study(load_experiment(None), outcome, args, time.perf_counter()) == 130
+    err = capsys.readouterr().err
+    assert "the study is complete and recorded" in err and "--resume" not in err, err
+
+
 def test_a_ctrl_c_after_the_trials_gives_the_report_thread_a_bounded_wait(monkeypatch, capsys):
     """A Ctrl-C while the report's daemon thread drew in matplotlib's C code aborted the process at exit (exit 134,
     once in three tries). The command now waits for that thread, a bounded time, before it ends."""
