@@ -144,7 +144,7 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image.load()
-            image = upright(image)[0]  # by its EXIF orientation, as training reads it
+            image = upright(image)  # by its EXIF orientation, as training reads it
             if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
                 image = eight_bit_gray(image)  # L, or LA with a transparency key, as training reads it
             if image.mode not in ("L", "RGB", "RGBA") or "transparency" in image.info:  # a tRNS key: as training

@@ -159,15 +159,18 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
         return 1
     client = tracking.make_client()
     studies.mark_finish(client, outcome.parent_run_id, "running")
-    done = False
+    recording = done = False
     try:
         code = finish(experiment, outcome, report=not args.no_report, promotion=not args.no_promote,
                       address=args.address, started=started)
+        recording = True
         studies.mark_finish(client, outcome.parent_run_id, "done")
         done = True
         return code
     except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
-        if done or finish_done(client, outcome.parent_run_id):  # it came as the command ended: nothing is left
+        # Only where it came inside the write that says done is the store read (a store that hangs is a common
+        # reason for a Ctrl-C: the resume line must not wait on it).
+        if done or (recording and finish_done(client, outcome.parent_run_id)):  # nothing is left to do
             print("\ninterrupted as the command ended; the study is complete and recorded", file=sys.stderr)
         else:
             print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
@@ -180,7 +183,7 @@ def finish_done(client, parent_run_id: str) -> bool:
     inside the very write that said so, the server having taken it)."""
     try:
         return client.get_run(parent_run_id).data.tags.get(studies.FINISH_TAG) == "done"
-    except Exception:  # the store cannot say: the resume line is the safe advice
+    except BaseException:  # the store cannot say, or another Ctrl-C came: the resume line is the safe advice
         return False
 
 

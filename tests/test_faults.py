@@ -490,6 +490,36 @@ def test_a_ctrl_c_while_the_writes_drain_stops_the_study_before_its_promotion(ra
     assert parent.info.status == "KILLED" and "promoted_run_id" not in parent.data.tags
 
 
+def test_an_error_of_cnnopts_own_while_the_record_closes_is_not_blamed_on_the_store(ray_session, mlflow_store,
+                                                                                    monkeypatch):
+    from cnnopt import search as command
+    from cnnopt.study import runner
+
+    def broken(*args):
+        raise KeyError("val_accuracy")
+
+    monkeypatch.setattr(runner, "summarize", broken)
+    with pytest.raises(KeyError):
+        command.main(["--strategy", "random", "--trials", "1", "--name", "own", "--set", "train.epochs=1"])
+
+
+def test_a_ctrl_c_between_counting_a_write_and_queueing_it_leaves_nothing_to_wait_for(monkeypatch):
+    from cnnopt.tracking.writer import BackgroundWriter
+
+    writer = BackgroundWriter()
+
+    def interrupted(item):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.queue, "put", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        writer.submit(time.sleep, 0)
+    monkeypatch.undo()
+    started = time.monotonic()
+    writer.drain(lambda pending: pytest.fail(f"waiting for {pending} writes"), after=0.5)
+    assert time.monotonic() - started < 0.5 and writer.pending == 0
+
+
 def test_a_store_that_fails_as_the_record_closes_is_one_line_with_the_way_back(ray_session, mlflow_store,
                                                                                  monkeypatch):
     """A server gone when the record closed printed a traceback from kill_unfinished, and no resume command."""
@@ -533,6 +563,14 @@ def test_a_signal_as_the_finish_is_recorded_done_says_the_study_is_complete(mlfl
     assert command.after_study(load_experiment(None), outcome, args, time.perf_counter()) == 130
     err = capsys.readouterr().err
     assert "the study is complete and recorded" in err and "--resume" not in err, err
+    # A Ctrl-C in the finish itself: the resume line at once, the store not read (it may be what hangs).
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "finish", cut)
+    monkeypatch.setattr(command, "finish_done", lambda *args: pytest.fail("the store was read"))
+    assert command.after_study(load_experiment(None), outcome, args, time.perf_counter()) == 130
+    assert "Finish its report and promotion by:\n  python -m cnnopt.search --resume --name s" in capsys.readouterr().err
 
 
 def test_a_ctrl_c_after_the_trials_gives_the_report_thread_a_bounded_wait(monkeypatch, capsys):

@@ -136,10 +136,17 @@ def test_a_worker_refuses_data_that_holds_the_test_split(digits_data):
     """The driver sends trainings the data without its test split; a worker that got it anyway stops."""
     from cnnopt.study.trainable import check_no_test
 
-    with pytest.raises(RuntimeError, match="269-image test split"):
+    with pytest.raises(RuntimeError, match=r"test split \(269 images"):
         check_no_test(digits_data)
     withheld = digits_data.without_test()
     assert check_no_test(withheld) is withheld and len(withheld.test_y) == 0 and len(digits_data.test_y) == 269
+    import pickle
+
+    sent = pickle.loads(pickle.dumps(withheld))  # as Ray sends it: an empty view would carry the split's storage
+    assert sent.test_x.untyped_storage().nbytes() == sent.test_y.untyped_storage().nbytes() == 0
+    with pytest.raises(RuntimeError, match="0 images, 17216 bytes"):
+        check_no_test(dataclasses.replace(digits_data, test_x=digits_data.test_x[:0],
+                                          test_y=digits_data.test_y.new_empty((0,))))
     assert torch.equal(withheld.val_x, digits_data.val_x) and torch.equal(withheld.train_x, digits_data.train_x)
 
 

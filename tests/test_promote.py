@@ -313,8 +313,10 @@ def test_a_promotion_cut_short_after_registering_is_resumed_with_its_version_not
     again = registry.register(experiment, run_id, tmp_path / "model", 0.9, "s", 0.9, "v")  # the resume's
     assert (first.version, again.version, again.moved) == ("1", "1", True)
     assert [str(v.version) for v in client.search_model_versions("name = 'cut'")] == ["1"]
+    other = registry.register(experiment, run_id, tmp_path / "model", 0.5, "s2", 0.9, "v")  # tested on other images
+    assert other.version == "2" and client.get_model_version("cut", "2").tags["test_split"] == "s2"
     client.set_tag(run_id, "promoted", "true")  # promoted: a deliberate re-promotion (--run-id) registers anew
-    assert registry.register(experiment, run_id, tmp_path / "model", 0.9, "s", 0.9, "v").version == "2"
+    assert registry.register(experiment, run_id, tmp_path / "model", 0.9, "s", 0.9, "v").version == "3"
 
 
 def write_digits(data, folder, count=6):

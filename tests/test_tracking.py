@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,35 @@ def test_a_run_is_promoted_on_the_settings_it_trained_with(mlflow_store):
     assert moved.data.root == "/elsewhere" and moved.data.seed == 3 and moved.overrides[-1] == "data.root=/elsewhere"
     with pytest.raises(UsageError, match="data.val_fraction"):
         with_overrides(final, ["data.val_fraction=2"])
+
+
+def test_the_running_driver_is_a_live_process_of_this_machine_started_when_it_tagged_the_study():
+    import os
+    import signal
+    import socket
+    import sys
+    from types import SimpleNamespace
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(f"/proc/{child.pid}/stat") as stat:
+            started = stat.read().rsplit(")", 1)[1].split()[19]
+
+        def parent(driver: str, status: str = "RUNNING", finish: str | None = None):
+            tags = {studies.DRIVER_TAG: driver, **({studies.FINISH_TAG: finish} if finish else {})}
+            return SimpleNamespace(data=SimpleNamespace(tags=tags), info=SimpleNamespace(status=status))
+
+        host = socket.gethostname()
+        assert studies.running_driver(parent(f"{host}:{child.pid}:{started}")) == child.pid
+        assert studies.running_driver(parent(f"{host}:{child.pid}:{started}", "FINISHED", "running")) == child.pid
+        assert studies.running_driver(parent(f"{host}:{child.pid}:{started}", "FINISHED", "done")) is None
+        assert studies.running_driver(parent(f"{host}:{child.pid}:1")) is None, "the pid reused by another process"
+        assert studies.running_driver(parent(f"{host}:{child.pid}:")) is None, "no start known (no /proc)"
+        assert studies.running_driver(parent(f"elsewhere:{child.pid}:{started}")) is None
+        assert studies.running_driver(parent(studies.this_driver())) is None, "this very process resumes"
+        os.kill(child.pid, signal.SIGKILL)  # killed outright, not yet reaped: a zombie
+        time.sleep(0.5)
+        assert studies.running_driver(parent(f"{host}:{child.pid}:{started}")) is None
+    finally:
+        child.kill()
+        child.wait()

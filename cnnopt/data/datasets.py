@@ -87,7 +87,9 @@ class ImageData:
         """What a training is sent (a trial, a confirmation seed, the final training, a budget's probe): the
         test split left out, so hyperparameters and epochs are selected on validation only. The test split is
         read once, by the promotion (`cnnopt.study.trainable.check_no_test` refuses it in a worker)."""
-        return replace(self, test_x=self.test_x[:0], test_y=self.test_y[:0])
+        # New empty tensors, not [:0]: a view pickles its whole storage, so every worker got the test pixels.
+        return replace(self, test_x=self.test_x.new_empty((0, *self.test_x.shape[1:])),
+                       test_y=self.test_y.new_empty((0,)))
 
     def preprocessing(self) -> dict:
         """What a checkpoint needs to rebuild the eval preprocessing."""

@@ -112,16 +112,38 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def orientation_of(image) -> int:
+    """The image's EXIF orientation, 1 (as stored) to 8; 1 where it has none, or none Pillow can read (a PNG's or
+    WebP's malformed EXIF raises in Pillow, where one odd file must not stop a whole folder's load)."""
+    from PIL import ExifTags
+
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return 1
+    return orientation if orientation in range(1, 9) else 1  # out of the standard's range: means nothing
+
+
 def upright(image):
     """The image as a viewer shows it: turned or mirrored by its EXIF orientation tag (a phone stores a portrait
-    photo as landscape pixels tagged "rotate 90"), and whether that swapped its width and height. Training and
-    `cnnopt.predict` both read images through this, so they agree."""
-    from PIL import ExifTags, ImageOps
+    photo as landscape pixels tagged "rotate 90"). Training and `cnnopt.predict` both read images so, and agree."""
+    from PIL import Image
 
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    if orientation not in range(2, 9):  # 1 is upright; a value out of the standard's range means nothing
-        return image, False
-    return ImageOps.exif_transpose(image), orientation in (5, 6, 7, 8)
+    orientation = orientation_of(image)
+    if orientation == 1:
+        return image
+    methods = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}  # EXIF's meaning of each value, as ImageOps.exif_transpose reads it
+    return image.transpose(methods[orientation])
+
+
+def _oriented(x: torch.Tensor, orientation: int) -> torch.Tensor:
+    """`upright`'s turn of a (..., H, W) tensor: the same pixels as turning the image first."""
+    if orientation in (5, 6, 7, 8):
+        x = x.transpose(-1, -2)
+    flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(orientation, ())
+    return x.flip(flips) if flips else x
 
 
 def unreadable(path: Path, error: Exception) -> UsageError:
@@ -160,11 +182,12 @@ def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) ->
             # Only JPEGs implement draft (None elsewhere); it returns the full image's box in drafted pixels.
             drafted = image.draft(image.mode, (size * DRAFT_MARGIN, size * DRAFT_MARGIN)) if draft else None
             image.load()
-            image, turned = upright(image)
-            if turned:  # a quarter turn: the full image's sides, and the drafted box's, swap as its pixels did
-                full_size = full_size[::-1]
-                if drafted is not None:
-                    drafted = (drafted[0], (drafted[1][1], drafted[1][0], drafted[1][3], drafted[1][2]))
+            # A drafted JPEG is turned upright after its resize (`_resize_drafted`): its last drafted row and column
+            # are partial, at the bottom and right as stored, which a turn would move to the top or left.
+            drafting = drafted is not None and drafted[1][2] < full_size[0]
+            orientation = orientation_of(image)
+            if not drafting:
+                image = upright(image)
             if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
                 image = eight_bit_gray(image)
             if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
@@ -174,18 +197,22 @@ def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) ->
     except Exception as exc:
         raise unreadable(path, exc) from None
     x = torch.from_numpy(array).unsqueeze(0) if channels == 1 else torch.from_numpy(array).permute(2, 0, 1)
-    if drafted is not None and drafted[1][2] < full_size[0]:
-        return _resize_drafted(x.unsqueeze(0), full_size, drafted[1], size)[0].contiguous().numpy()
+    if drafting:
+        return _resize_drafted(x.unsqueeze(0), full_size, drafted[1], size, orientation)[0].contiguous().numpy()
     return resize_center_crop(x.unsqueeze(0), size)[0].contiguous().numpy()
 
 
-def _resize_drafted(x: torch.Tensor, full_size: tuple[int, int], box: tuple, size: int) -> torch.Tensor:
-    """`resize_center_crop` of the full image, computed from its drafted copy `x` (1, C, h, w).
+def _resize_drafted(x: torch.Tensor, full_size: tuple[int, int], box: tuple, size: int,
+                    orientation: int = 1) -> torch.Tensor:
+    """`resize_center_crop` of the full image turned upright by its EXIF `orientation`, computed from its drafted
+    copy `x` (1, C, h, w) as stored.
 
     A drafted pixel covers k x k full pixels, but the drafted side is rounded up (a 812 px side at 1/8
     is 102 px, not 101.5), so resizing it to a size would stretch the image by up to half a drafted
     pixel and move the crop. Scaling by the full image's exact factors instead keeps every output
-    pixel where the full-scale resize puts it (mean difference ~0.5 levels instead of ~3-6).
+    pixel where the full-scale resize puts it (mean difference ~0.5 levels instead of ~3-6); the partial
+    pixels' overhang is trimmed, then the image turned, then centre-cropped (the resize rule is the same for
+    both sides swapped).
     """
     width, height = full_size
     if width <= height:  # torchvision's rule for resize([size]): the long side is truncated
@@ -197,6 +224,8 @@ def _resize_drafted(x: torch.Tensor, full_size: tuple[int, int], box: tuple, siz
                     for full, drafted, new in ((height, box[3], new_height), (width, box[2], new_width)))
     x = torch.nn.functional.interpolate(x, scale_factor=factors, mode="bilinear", antialias=True,
                                         align_corners=False, recompute_scale_factor=False)
+    x = _oriented(x[..., :new_height, :new_width], orientation)
+    new_height, new_width = x.shape[-2:]
     top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
     return x[..., top:top + size, left:left + size]
 

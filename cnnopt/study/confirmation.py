@@ -36,7 +36,7 @@ from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.training.objective import TrainResult, train
 
 
-MEAN_DECIMALS = 9  # a confirmation's means are compared to this many decimals: closer is a tie
+MEAN_TOLERANCE = 1e-9  # a confirmation's means closer than this are a tie (float rounding, not a difference)
 
 
 @dataclass
@@ -180,10 +180,10 @@ def _choose(candidates: list[Candidate], mode: str) -> Confirmation:
     if not scored:  # every confirmation run failed or diverged: fall back on the study's best trial
         best = candidates[0]
         return Confirmation(candidates, best, best.run_id, "no confirmation run completed; the study's best trial")
-    # Means compared to 9 decimals: equal scores (796 of 807 twice) summed in another order differ in the last
-    # bit (0.98636926889715 and 0.9863692688971498), which decided a tie the better original trial should take.
-    chosen = trials.best(scored, mode=mode, value=lambda c: round(c.mean, MEAN_DECIMALS),
-                         number=lambda c: candidates.index(c), status=lambda c: trials.COMPLETED)
+    # Means within MEAN_TOLERANCE are a tie: equal scores (796 of 807 twice) summed in another order differ in the
+    # last bit (0.98636926889715 and 0.9863692688971498), which decided a tie the better original trial should take.
+    top = (max if mode == "max" else min)(c.mean for c in scored)
+    chosen = next(c for c in scored if abs(c.mean - top) <= MEAN_TOLERANCE)  # scored keeps the study's order
     # In seed order, not the order the seeds finished in: among equals the original trial, then the lowest seed.
     runs = [(chosen.run_id, chosen.value)] + [chosen.runs[seed] for seed in sorted(chosen.runs)]
     pick = min if mode == "min" else max

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 import ray
 import torch
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -169,7 +171,8 @@ def interrupts_held(ctrl_c: bool = False):
             signal.raise_signal(signal.SIGTERM)
         caught.append(time.monotonic())
 
-    previous = signal.signal(signal.SIGINT, hold if ctrl_c else signal.SIG_IGN)
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a job started with `&`: it stays ignored
+    previous = signal.signal(signal.SIGINT, hold if ctrl_c and not ignored else signal.SIG_IGN)
     previous_term = signal.signal(signal.SIGTERM, hold)
     failed = False
     try:
@@ -378,10 +381,12 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
                 if recorder.parent_run_id:
                     try:
                         counts, seconds, best = close_record(recorder, experiment, interrupted)
-                    except Exception as exc:  # the store went away: one line and the way back, no traceback
-                        raise UsageError(f"the MLflow store {tracking.tracking_uri()} failed while the study's record "
-                                         f"was closed ({last_line(exc)}); runs may show RUNNING until the study is "
-                                         f"resumed: once the store answers, {resume_command(options.name)}") from None
+                    except (MlflowException, OSError) as exc:  # the store went away (requests' errors are OSErrors):
+                        logging.getLogger(__name__).error("closing the study's record failed", exc_info=exc)
+                        raise UsageError(  # one line and the way back; the whole chain in the log file
+                            f"the MLflow store {tracking.tracking_uri()} failed while the study's record was closed "
+                            f"({last_line(exc)}); runs may show RUNNING until the study is resumed: once the store "
+                            f"answers, {resume_command(options.name)}") from None
                 interrupted = interrupted or bool(held)  # one during the close: the study stops before what follows
                 held.clear()  # the stop it asked for is this one: the summary and the resume line follow
             except KeyboardInterrupt:  # a second Ctrl-C, HELD_TERM_SECONDS after the first: stop waiting for the store
@@ -614,7 +619,7 @@ def placement(search: SearchConfig) -> str:
     if search.gpus_per_trial:
         gpus = ray.cluster_resources().get("GPU", 0)
         per_gpu = f"{1 / search.gpus_per_trial:g} per GPU" if search.gpus_per_trial < 1 else \
-            f"{search.gpus_per_trial:g} GPUs each"
+            f"{counted(float(search.gpus_per_trial), 'GPU')} each"
         return f"trials on {counted(float(gpus), 'GPU')}, {per_gpu}, {slots} at once"
     return f"trials on the CPU, {slots} at once with {counted(float(search.cpus_per_trial), 'CPU')} each"
 

@@ -61,8 +61,10 @@ def _alive(pid: int) -> bool:
 def check_no_test(data: ImageData) -> ImageData:
     """The data a Ray worker trains on, refused where it holds a test split: the driver leaves it out
     (`ImageData.without_test`), since selection reads validation only and the promotion alone reads test."""
-    if len(data.test_y):
-        raise RuntimeError(f"a training was sent the {len(data.test_y)}-image test split; only the promotion reads it")
+    held = data.test_x.untyped_storage().nbytes() + data.test_y.untyped_storage().nbytes()
+    if len(data.test_y) or held:  # an empty view still holds (and pickles) the whole split's storage
+        raise RuntimeError(f"a training was sent the test split ({len(data.test_y)} images, {held} bytes); only the "
+                           "promotion reads it")
     return data
 
 

@@ -172,7 +172,7 @@ class StudyRecorder:
         self.children[trial_id] = run_id  # known before its first write: one that fails leaves it RUNNING otherwise
         self.unwritten[trial_id] = params
         log(self.client, run_id, params=params)
-        del self.unwritten[trial_id]
+        self.unwritten.pop(trial_id, None)
         log_dataset(self.client, run_id, self.dataset)  # provenance: a failure here loses no hyperparameter
         return run_id
 
@@ -200,11 +200,12 @@ class StudyRecorder:
         run_id = self.children.get(trial_id)
         if run_id is None:
             return
-        if trial_id in self.unwritten:  # its start's params write failed (a server hiccup): a run without its
+        unwritten = self.unwritten.get(trial_id)
+        if unwritten is not None:  # its start's params write failed (a server hiccup): a run without its
             try:  # hyperparameters must not be read back as a completed trial, so they are written now, or it fails
-                log(self.client, run_id, params=self.unwritten[trial_id])
-                del self.unwritten[trial_id]  # kept until written: where this close fails too, kill_unfinished tries
-            except Exception as exc:
+                log(self.client, run_id, params=unwritten)
+                self.unwritten.pop(trial_id, None)  # kept until written: where this close fails too, kill_unfinished
+            except Exception as exc:  # tries (the SIGTERM watchdog's may have taken them meanwhile: pop, not del)
                 status, error = trials.FAILED, f"its hyperparameters could not be recorded: {exc}"
         tags = {"status": status, "pruned": str(status == trials.PRUNED).lower()}
         if error:

@@ -75,9 +75,13 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     experiment's images or classes changed) leaves the alias where it is, with how to move it."""
     mlflow.set_tracking_uri(tracking_uri())
     client = make_client()
-    version = cut_short_version(client, experiment.name, run_id)
+    shown = f"{test_accuracy:.6f}"  # the version's tag; compared as written, so an equal model ties
+    tags = {"test_accuracy": shown, "run_id": run_id, **({TEST_SPLIT_TAG: test_split} if test_split else {}),
+            **({VAL_SCORE_TAG: f"{val_score:.6f}", SELECTED_ON_TAG: experiment.metric, VAL_SPLIT_TAG: val_split}
+               if val_score is not None else {})}
+    version = cut_short_version(client, experiment.name, run_id, tags)
     if version is None:
-        version = _registered(experiment, run_id, model_dir, test_accuracy, test_split, val_score, val_split)
+        version = _registered(experiment, run_id, model_dir, tags)
     try:
         current = client.get_model_version_by_alias(experiment.name, ALIAS)
     except MlflowException:
@@ -111,9 +115,8 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     return Registered(str(version), True, previous, f"not compared on validation: {apart}" if apart else "")
 
 
-def _registered(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy: float, test_split: str,
-                val_score: float | None, val_split: str) -> str:
-    """The pyfunc model logged to the run and registered: the new version."""
+def _registered(experiment: Experiment, run_id: str, model_dir: Path, tags: dict) -> str:
+    """The pyfunc model logged to the run and registered with `tags`: the new version."""
     client = make_client()
     status = client.get_run(run_id).info.status
     try:
@@ -127,22 +130,19 @@ def _registered(experiment: Experiment, run_id: str, model_dir: Path, test_accur
     finally:  # reopening the trial's run must not change how it ended
         mlflow.end_run()
         client.set_terminated(run_id, status=status if status != "RUNNING" else FINISHED)
-    shown = f"{test_accuracy:.6f}"  # the version's tag; compared as written, so an equal model ties
     with _printed_to_log():  # "Successfully registered model", "Created version": cnnopt's promotion line says so
-        return mlflow.register_model(info.model_uri, experiment.name,
-                                     tags={"test_accuracy": shown, "run_id": run_id,
-                                           **({TEST_SPLIT_TAG: test_split} if test_split else {}),
-                                           **({VAL_SCORE_TAG: f"{val_score:.6f}", SELECTED_ON_TAG: experiment.metric,
-                                               VAL_SPLIT_TAG: val_split} if val_score is not None else {})}
-                                     ).version
+        return mlflow.register_model(info.model_uri, experiment.name, tags=tags).version
 
 
-def cut_short_version(client, name: str, run_id: str) -> str | None:
+def cut_short_version(client, name: str, run_id: str, tags: dict) -> str | None:
     """The version a promotion of `run_id` registered before it was cut short (the run is not yet tagged
-    promoted): its resume goes on with that version rather than registering a copy. None where there is none."""
+    promoted), with this promotion's `tags` (the same test split, test accuracy and validation score): its
+    resume goes on with that version rather than registering a copy. None where there is none: a version
+    tested on other data (a promotion retried with another data.root) is not this one."""
     if client.get_run(run_id).data.tags.get("promoted") == "true":  # promoted before: a --run-id re-promotion
         return None
-    versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+    versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'")
+                if v.name == name and all(v.tags.get(key) == str(value) for key, value in tags.items())]
     return str(max(int(v.version) for v in versions)) if versions else None
 
 

@@ -142,35 +142,34 @@ DRIVER_TAG = "cnnopt.driver"  # on a study's parent run: the process of the comm
 
 def this_driver() -> str:
     """This process, as DRIVER_TAG names it: its host, its pid and when it started (a pid is reused)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"
+    return f"{socket.gethostname()}:{os.getpid()}:{_process(os.getpid())[1]}"
 
 
-def _started(pid: int) -> str:
-    """A process's start, in clock ticks since boot (Linux's /proc); '' where it cannot be read."""
+def _process(pid: int) -> tuple[str, str]:
+    """A process's state letter and start (clock ticks since boot), from Linux's /proc; ('', '') where there is
+    no such process or no /proc (macOS)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+            fields = stat.read().rsplit(")", 1)[1].split()  # the name before ")" may hold spaces
+        return fields[0], fields[19]  # fields 3 and 22
     except (OSError, IndexError):
-        return ""
+        return "", ""
 
 
 def running_driver(parent) -> int | None:
-    """The pid of another process on this machine that runs the study now (it tagged the parent run and is
-    alive, started when it was), or None: a study's resume beside its running command corrupted it (both
-    drew trials, the resume deleted the live ones as cut short). A command on another machine is not seen."""
+    """The pid of another process on this machine that runs the study now (it tagged the parent run, and a
+    process of that pid, started when it did, is alive), or None: a study's resume beside its running command
+    corrupted it (both drew trials, the resume deleted the live ones as cut short). Only where /proc tells a
+    process's start (Linux): elsewhere a reused pid would refuse the resume of a study whose command died. A
+    command on another machine is not seen."""
     host, _, rest = parent.data.tags.get(DRIVER_TAG, "").partition(":")
     pid, _, started = rest.partition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    if host != socket.gethostname() or not pid.isdigit() or not started or int(pid) == os.getpid():
         return None
     if parent.info.status != "RUNNING" and parent.data.tags.get(FINISH_TAG) != "running":
         return None  # ended: its command is over (or the process holds another study now)
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # another user's process
-        pass
-    return int(pid) if started == _started(int(pid)) else None
+    state, now = _process(int(pid))
+    return int(pid) if now == started and state not in ("Z", "X") else None  # a zombie is dead, not yet reaped
 
 
 def mark_finish(client: MlflowClient, parent_run_id: str, state: str) -> None:

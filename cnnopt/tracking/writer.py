@@ -30,7 +30,13 @@ class BackgroundWriter:
     def submit(self, function, *args, **kwargs) -> None:
         with self.done:
             self.pending += 1
-        self.queue.put((function, args, kwargs))
+        try:
+            self.queue.put((function, args, kwargs))
+        except BaseException:  # a Ctrl-C between the count and the put: nothing queued, nothing to wait for
+            with self.done:
+                self.pending -= 1
+                self.done.notify_all()
+            raise
 
     def drain(self, waiting_line: Callable[[int], str] | None = None, after: float = WAITING_SECONDS) -> None:
         """Wait for every submitted write; report (once) any that failed. Where that takes over `after` seconds
