@@ -18,6 +18,7 @@ from PIL import Image
 import search_spaces
 from cnnopt import tracking
 from cnnopt.experiment.config import load_experiment
+from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import StudyRecorder
 
 pytestmark = pytest.mark.slow
@@ -107,6 +108,12 @@ def test_resume_reads_its_settings_from_the_server(mlflow_server, tmp_path, monk
     point = space.grid()[0]
     params = tracking.hyperparameters(space.apply(experiment.train, point))
     cut_short = recorder.start_trial("first", params, list(point))
+    # The driver that died: this test's process made the record, so its tag is made to name one that has ended.
+    import socket
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    recorder.client.set_tag(recorder.parent_run_id, studies.DRIVER_TAG,
+                            f"{socket.gethostname()}:{ended.stdout.strip()}:1")
 
     machine = tmp_path / "another-machine"
     machine.mkdir()
