@@ -412,6 +412,13 @@ def test_sigterms_while_the_record_closes_wait_for_the_close(tmp_path, ignore_si
      -signal.SIGTERM, "", ""),
 ])
 def test_a_held_sigterm_keeps_the_steps_error_can_be_dropped_and_ends_a_stuck_step(tmp_path, body, code, out, err):
+    done = held_step(tmp_path, body)
+    assert (done.returncode, done.stdout, done.stderr.strip()) == (code, out, err), done
+
+
+def held_step(tmp_path, body: str, ctrl_c: bool = False) -> subprocess.CompletedProcess:
+    """A command whose one step, `body`, runs under `runner.interrupts_held` (a stuck step: 0.2 s after the first
+    signal held), then prints 'after the step'."""
     script = (
         "import os, signal, time\n"
         "from cnnopt.cli import run\n"
@@ -419,13 +426,12 @@ def test_a_held_sigterm_keeps_the_steps_error_can_be_dropped_and_ends_a_stuck_st
         "from cnnopt.study import runner\n"
         "runner.HELD_TERM_SECONDS = 0.2\n"
         "def main(argv):\n"
-        "    with runner.interrupts_held() as held:\n"
+        f"    with runner.interrupts_held(ctrl_c={ctrl_c}) as held:\n"
         f"        {body}\n"
         "    print('after the step', flush=True)\n"
         "    return 0\n"
         "run(main, [])\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stdout, done.stderr.strip()) == (code, out, err), done
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("body, code, out, err", [
@@ -439,18 +445,7 @@ def test_a_held_sigterm_keeps_the_steps_error_can_be_dropped_and_ends_a_stuck_st
      "print('not stopped')", 130, "", "interrupted"),
 ])
 def test_a_held_ctrl_c_is_kept_for_the_caller_and_stops_a_stuck_step(tmp_path, body, code, out, err):
-    script = (
-        "import os, signal, time\n"
-        "from cnnopt.cli import run\n"
-        "from cnnopt.study import runner\n"
-        "runner.HELD_TERM_SECONDS = 0.2\n"
-        "def main(argv):\n"
-        "    with runner.interrupts_held(ctrl_c=True) as held:\n"
-        f"        {body}\n"
-        "    print('after the step', flush=True)\n"
-        "    return 0\n"
-        "run(main, [])\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = held_step(tmp_path, body, ctrl_c=True)
     assert (done.returncode, done.stdout, done.stderr.strip()) == (code, out, err), done
 
 
