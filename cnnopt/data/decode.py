@@ -124,12 +124,13 @@ def orientation_of(image) -> int:
     return orientation if orientation in range(1, 9) else 1  # out of the standard's range: means nothing
 
 
-def upright(image):
+def upright(image, orientation: int | None = None):
     """The image as a viewer shows it: turned or mirrored by its EXIF orientation tag (a phone stores a portrait
-    photo as landscape pixels tagged "rotate 90"). Training and `cnnopt.predict` both read images so, and agree."""
+    photo as landscape pixels tagged "rotate 90"), or by `orientation` where the caller read it already.
+    Training and `cnnopt.predict` both read images so, and agree."""
     from PIL import Image
 
-    orientation = orientation_of(image)
+    orientation = orientation_of(image) if orientation is None else orientation
     if orientation == 1:
         return image
     methods = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -187,7 +188,7 @@ def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) ->
             drafting = drafted is not None and drafted[1][2] < full_size[0]
             orientation = orientation_of(image)
             if not drafting:
-                image = upright(image)
+                image = upright(image, orientation)
             if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
                 image = eight_bit_gray(image)
             if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:

@@ -160,8 +160,7 @@ class StudyRecorder:
         number = self.number(trial_id)
         previous = self.replaced.get(trial_id)
         if previous is not None:  # the cut-short attempt this rerun replaces: ended (a killed driver left it
-            log(self.client, previous, tags={"status": trials.INTERRUPTED})  # RUNNING, tagged running), then deleted
-            end_run(self.client, previous, trials.run_status(trials.INTERRUPTED))
+            end_interrupted(self.client, previous)  # RUNNING, tagged running), then deleted
             self.client.delete_run(previous)
             self.deleted.add(previous)
         run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
@@ -262,8 +261,7 @@ class StudyRecorder:
                         log(self.client, run_id, params=self.unwritten.pop(trial_id))
                     except Exception:  # still away: ended without them, and abandoned on resume
                         pass
-                log(self.client, run_id, tags={"status": trials.INTERRUPTED})
-                end_run(self.client, run_id, trials.run_status(trials.INTERRUPTED))
+                end_interrupted(self.client, run_id)
 
     def close(self, status: str, summary: dict | None = None) -> None:
         """End the parent run as FINISHED or KILLED, with the study's summary as tags."""
@@ -282,8 +280,14 @@ def end_cut_short(client, parent, kind: str) -> None:
     killed outright. The command that resumes the study trains them again; the orphans must not stay RUNNING."""
     for run in studies.child_runs(client, parent, kind):
         if run.info.status == "RUNNING":
-            log(client, run.info.run_id, tags={"status": trials.INTERRUPTED})
-            end_run(client, run.info.run_id, trials.run_status(trials.INTERRUPTED))
+            end_interrupted(client, run.info.run_id)
+
+
+def end_interrupted(client, run_id: str, run_status: str | None = None) -> None:
+    """End a run cut short: tagged `status` interrupted (a resume trains it again), ended KILLED (or
+    `run_status`), so that it is neither left RUNNING nor read back as a whole recording."""
+    log(client, run_id, tags={"status": trials.INTERRUPTED})
+    end_run(client, run_id, run_status or trials.run_status(trials.INTERRUPTED))
 
 
 def record_confirmation(experiment: Experiment, parent, trial_run, seed: int, params: dict, result,
@@ -338,8 +342,7 @@ def _record_retraining(experiment: Experiment, parent, name: str, tags: dict, pa
             client.log_artifact(run_id, checkpoint, artifact_path="checkpoint")
     except BaseException as exc:  # a Ctrl-C, SIGTERM or failed write midway: not left RUNNING, and not read back
         try:  # as a whole recording (its status tag says interrupted: a resume trains it again)
-            log(client, run_id, tags={"status": trials.INTERRUPTED})
-            end_run(client, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            end_interrupted(client, run_id, None if isinstance(exc, KeyboardInterrupt) else "FAILED")
         except Exception:  # the store itself is what failed: the original error is the one to say
             pass
         raise

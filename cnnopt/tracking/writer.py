@@ -46,8 +46,7 @@ class BackgroundWriter:
             if not self.done.wait_for(lambda: self.pending == 0, timeout=after):
                 if waiting_line is not None:
                     print(waiting_line(self.pending), file=sys.stderr, flush=True)
-                while not self.done.wait_for(lambda: self.pending == 0, timeout=1.0):
-                    pass
+                self.done.wait_for(lambda: self.pending == 0)
         if self.errors:
             print(f"warning: {counted(len(self.errors), 'MLflow write')} failed; first: {self.errors[0]}", file=sys.stderr)
             self.errors.clear()
