@@ -69,9 +69,10 @@ def write_cifar(folder: Path, train: np.ndarray, test: np.ndarray) -> Path:
 
 
 def with_a_copy(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A pre-split folder whose test/ holds a train image again, under another name (and class folder)."""
+    """A pre-split folder whose test/ holds a train image again, under another name (in its own class: under
+    another, it is also a label conflict, `test_an_image_under_two_classes_is_one_warning_line`)."""
     root = write_presplit(tmp_path / "set")
-    original, copy = root / "train" / "a" / "2.png", root / "test" / "b" / "holiday.png"
+    original, copy = root / "train" / "a" / "2.png", root / "test" / "a" / "holiday.png"
     shutil.copy(original, copy)
     return root, original, copy
 
@@ -100,7 +101,7 @@ def test_drop_leaves_the_copy_out_of_test_and_changes_nothing_else(tmp_path, cap
     assert len(dropped.test_y) == 6 and sum(the_copy.values()) == 1
     assert next(iter(the_copy)) in rows(kept.train_x), "the image left out is the train image's copy"
     assert dropped.duplicates == Counts(val=0, test=1, dropped=True)
-    assert dropped.test_y.tolist() == [0] * 3 + [1] * 3  # holiday.png sat among b's images
+    assert dropped.test_y.tolist() == [0] * 3 + [1] * 3  # holiday.png sat among a's images
 
 
 def test_error_is_one_line_naming_the_copy_and_the_fix(tmp_path):
@@ -233,7 +234,8 @@ def test_the_dropped_flag_is_what_the_load_did_and_the_tags_read_it(tmp_path):
     clean = load_data(config(write_presplit(tmp_path / "clean"), duplicates="drop")).duplicates
     assert (dropped.dropped, kept.dropped, clean.dropped) == (True, False, False)
     assert duplicate_tags(dropped) == {
-        "duplicate_val_images": "0", "duplicate_test_images": "1", "duplicates_dropped": "true"}
+        "duplicate_val_images": "0", "duplicate_test_images": "1", "duplicates_dropped": "true",
+        "conflicting_label_images": "0"}
     assert duplicate_tags(kept)["duplicates_dropped"] == "false"
     assert duplicate_tags(None) == {}  # data built without a load (a benchmark's): no tags
 
@@ -334,3 +336,51 @@ def test_a_study_tags_its_parent_run_with_the_count_before_any_promotion(mlflow_
     parents = client.search_runs([client.get_experiment_by_name("copies").experiment_id], "tags.`cnnopt.kind` = 'study'")
     assert [run.data.tags.get("duplicate_test_images") for run in parents] == ["1"]
     assert parents[0].data.tags["duplicates_dropped"] == "false" and "promoted_run_id" not in parents[0].data.tags
+
+
+def test_an_image_under_two_classes_is_one_warning_line_and_a_tag(tmp_path, capsys):
+    """The same photo in two class folders (here train/a and test/b: also a test copy of a train image): said
+    in one line naming both files, counted on the data and its runs' tags, refused under data.duplicates=error."""
+    root = write_presplit(tmp_path / "set")
+    original, other = root / "train" / "a" / "2.png", root / "test" / "b" / "holiday.png"
+    shutil.copy(original, other)
+    data = load_data(config(root))
+    err = capsys.readouterr().err.splitlines()
+    conflict = [line for line in err if "under two or more classes" in line]
+    assert conflict == [f"warning: 2 images are under two or more classes, pixel for pixel (e.g. {original} = "
+                        f"{other}): a model cannot get both labels right, and its scores count the one it gets "
+                        f"wrong; keep each image in one class folder of {root}"]
+    assert data.duplicates == Counts(val=0, test=1, dropped=False, conflicts=2)
+    assert duplicate_tags(data.duplicates)["conflicting_label_images"] == "2"
+    with pytest.raises(UsageError, match=r"^2 images are under two or more classes.*data.duplicates=warn"):
+        load_data(config(root, duplicates="error"))
+
+
+def test_images_under_two_classes_within_one_split_are_found_and_the_same_class_twice_is_not(tmp_path, capsys):
+    """Within train: a copy in the other class is a conflict (both images counted); a copy in the same class
+    is not (it is a duplicate, not a contradiction)."""
+    root = write_presplit(tmp_path / "set")
+    shutil.copy(root / "train" / "a" / "0.png", root / "train" / "a" / "again.png")
+    assert load_data(config(root)).duplicates.conflicts == 0 and capsys.readouterr().err == ""
+    for copy in ("x.png", "y.png"):
+        shutil.copy(root / "train" / "b" / "1.png", root / "train" / "a" / copy)
+    assert load_data(config(root, cache=False)).duplicates.conflicts == 3  # b/1.png and its two copies in a/
+
+
+def test_conflicts_marks_every_image_of_pixels_seen_under_two_labels():
+    hashes = np.zeros((6, HASH_BYTES), np.uint8)
+    hashes[:, 0] = [1, 2, 1, 3, 2, 1]
+    mixed, pair = duplicates.conflicts(hashes, np.array([0, 0, 1, 0, 0, 0]))
+    assert mixed.tolist() == [True, False, True, False, False, True] and pair == (0, 2)
+    assert duplicates.conflicts(hashes, np.zeros(6, int))[0].sum() == 0
+    assert duplicates.conflicts(hashes[:0], np.zeros(0, int))[1] is None
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_a_class_folder_linking_to_another_is_refused_naming_the_link(tmp_path):
+    root = write_presplit(tmp_path / "set", counts=(("train", 6),))
+    (root / "train" / "c").symlink_to(root / "train" / "a", target_is_directory=True)
+    with pytest.raises(UsageError) as error:
+        load_data(config(root))
+    assert str(error.value).startswith(f"class folders a/ and c/ of {root / 'train'} are one folder (c/ links to "
+                                       f"{(root / 'train' / 'a').resolve()}): each of its images would be both classes")

@@ -6,7 +6,8 @@ serving see the same pixels (JPEGs of an image folder within about a gray level:
 at reduced scale). Image folders are decoded on threads (`cnnopt.data.decode`) and kept in a cache
 (`cnnopt.data.cache`); a train split larger than `data.memory_limit_mb` stays memory-mapped from
 the cache and is read a batch at a time. Val and test images that copy a train image pixel for pixel
-are found from per-image hashes (`cnnopt.data.duplicates`) and warned about, left out or refused.
+are found from per-image hashes (`cnnopt.data.duplicates`) and warned about, left out or refused, as
+are images found under two classes (`_label_conflicts`).
 The splits are made in three steps, in this order on one seeded generator: val and test are carved
 (`_plan_splits`), their copies of train images are found (`_without_copies`), and data.subset is drawn
 from the train split (`_draw_subset`).
@@ -118,7 +119,10 @@ def load_data(cfg: DataConfig) -> ImageData:
     labels = {name: y for name, (_, y) in parts.items()}
     rng = np.random.default_rng(cfg.seed)
     plan = _plan_splits(labels, cfg, rng)
-    plan, copies = _without_copies(cfg, _part_hashes(parts, entry, source), labels, plan, files)
+    hashes = _part_hashes(parts, entry, source)
+    conflicts = _label_conflicts(cfg, hashes, labels, files)
+    plan, copies = _without_copies(cfg, hashes, labels, plan, files)
+    copies = replace(copies, conflicts=conflicts)
     plan = _draw_subset(plan, labels, cfg, rng)
     train_path = _streamed_train_path(cfg, entry, plan, parts)
     # An image folder's parts are views of one decoded array (or of the cache file): each split gets
@@ -267,6 +271,25 @@ def _without_copies(cfg: DataConfig, hashes: dict[str, np.ndarray], labels: dict
         plan = {**plan, **{split: (plan[split][0], rows[split][~copied])
                            for split, copied in (("val", found.val), ("test", found.test)) if copied.any()}}
     return plan, duplicates.Counts(int(found.val.sum()), int(found.test.sum()), dropped)
+
+
+def _label_conflicts(cfg: DataConfig, hashes: dict[str, np.ndarray], labels: dict[str, torch.Tensor],
+                     files: dict[str, list[Path]] | None) -> int:
+    """How many images, in any part, share their pixels with another class's image (`duplicates.conflicts`),
+    said or refused as data.duplicates asks (`duplicates.handle_conflicts`)."""
+    names = list(hashes)
+    mixed, pair = duplicates.conflicts(np.concatenate([hashes[part] for part in names]),
+                                       np.concatenate([labels[part].numpy() for part in names]))
+    example = None
+    if pair is not None:
+        starts = np.cumsum([0] + [len(hashes[part]) for part in names])
+
+        def name(row: int) -> str:
+            index = int(np.searchsorted(starts, row, side="right")) - 1
+            return _image_name(cfg, files, names[index], row - int(starts[index]))
+
+        example = (name(pair[0]), name(pair[1]))
+    return duplicates.handle_conflicts(cfg.duplicates, mixed, example, cfg.root if files is not None else "")
 
 
 def _part_hashes(parts: dict, entry, source) -> dict[str, np.ndarray]:
@@ -506,6 +529,14 @@ def _class_names(folder: Path, at_least: int = 2) -> list[str]:
     if len(names) >= 2 and {name.lower() for name in names} <= SPLIT_LIKE:  # Train/ and Test/: two "classes"
         raise UsageError(f"{folder} holds {', '.join(n + '/' for n in names)}: split folders, read as classes here; "
                          "name them train/, val/ (or valid/) and test/, in lower case, each holding class folders")
+    seen: dict[Path, str] = {}
+    for name in names:  # two names for one folder: each of its images would be two classes
+        real = (folder / name).resolve()
+        if real in seen:
+            link = name if (folder / name).is_symlink() else seen[real]
+            raise UsageError(f"class folders {seen[real]}/ and {name}/ of {folder} are one folder ({link}/ links to "
+                             f"{real}): each of its images would be both classes; remove the link")
+        seen[real] = name
     if len(names) < at_least:
         loose = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         more = (f" and {loose} loose image{'s' * (loose != 1)}: move each class's images into a folder named "

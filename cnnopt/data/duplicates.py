@@ -70,6 +70,7 @@ class Counts:
     val: int
     test: int
     dropped: bool  # the splits no longer hold them: data.duplicates = drop, and there were some
+    conflicts: int = 0  # images whose pixels are also another class's image (`conflicts`), in any split
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,56 @@ def find(train: np.ndarray, val: np.ndarray, test: np.ndarray) -> Copies:
             example = (split, row, source, int(np.flatnonzero(keys[source] == keys[split][row])[0]))
             break
     return Copies(val_copies, test_copies, example, bool((test_copies & ~test_of_train).any()))
+
+
+def conflicts(hashes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """The images whose pixels appear under two or more classes, in any split: the same photo in cat/ and
+    dog/, or a class folder linking to another's images. A model cannot get both labels right, and its
+    scores count the one it gets wrong.
+
+    Args:
+        hashes: `image_hashes` rows of every image, `(N, HASH_BYTES)`.
+        labels: each image's class, `(N,)`.
+    Returns:
+        A bool per image (it shares its pixels with another class's image), and the first such pair of rows.
+    """
+    keys = np.ascontiguousarray(hashes).view(f"V{HASH_BYTES}").ravel()
+    if not len(keys):
+        return np.zeros(0, bool), None
+    _, group = np.unique(keys, return_inverse=True)
+    group, labels = group.ravel(), np.asarray(labels).ravel()
+    distinct = np.unique(np.stack([group, labels]), axis=1)[0]  # one column per (pixels, class) seen
+    mixed = np.bincount(distinct, minlength=group.max() + 1)[group] > 1
+    if not mixed.any():
+        return mixed, None
+    first = int(np.flatnonzero(mixed)[0])
+    other = int(np.flatnonzero((group == group[first]) & (labels != labels[first]))[0])
+    return mixed, (first, other)
+
+
+def handle_conflicts(policy: str, mixed: np.ndarray, example: tuple[str, str] | None, where: str = "") -> int:
+    """Say or refuse the images `conflicts` found under two classes, as `policy` (data.duplicates) asks: error
+    refuses, warn and drop say it in one line (drop leaves val and test copies of train out, never train).
+
+    Args:
+        mixed, example: from `conflicts`, the example's two images named as a message names them.
+        where: the folder they can be removed from ("" for a built-in dataset).
+    Returns:
+        How many images share their pixels with another class's image.
+    """
+    count = int(mixed.sum())
+    if not count:
+        return 0
+    what = (f"{count} images are under two or more classes, pixel for pixel (e.g. {example[0]} = {example[1]}): "
+            "a model cannot get both labels right, and its scores count the one it gets wrong")
+    fix = f"keep each image in one class folder{f' of {where}' if where else ''}"
+    if policy == "error":
+        raise UsageError(f"{what}; {fix} (or set data.duplicates=warn to keep them)")
+    line = f"warning: {what}; {fix}"
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr, flush=True)
+    return count
 
 
 def handle(policy: str, copies: Copies, sizes: dict[str, int], name: Callable[[str, int], str],

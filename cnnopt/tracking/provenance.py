@@ -105,8 +105,8 @@ def splits_digest(train_x, train_y, val_x, val_y) -> str:
 
 def duplicate_tags(copies: Counts | None) -> dict[str, str]:
     """Tags saying how many val and test images copied a train (test: or val) image, pixel for pixel, when
-    the data loaded, and whether the load left them out of the splits or they are in the scores; {} where
-    no load made the data.
+    the data loaded, whether the load left them out of the splits or they are in the scores, and how many
+    images were found under two or more classes; {} where no load made the data.
 
     Args:
         copies: `ImageData.duplicates`: the load decided what was dropped, and its record says so.
@@ -114,7 +114,7 @@ def duplicate_tags(copies: Counts | None) -> dict[str, str]:
     if not copies:
         return {}
     return {"duplicate_val_images": str(copies.val), "duplicate_test_images": str(copies.test),
-            "duplicates_dropped": str(copies.dropped).lower()}
+            "duplicates_dropped": str(copies.dropped).lower(), "conflicting_label_images": str(copies.conflicts)}
 
 
 def train_dataset(config: DataConfig, images, labels) -> DatasetInput:
