@@ -298,6 +298,33 @@ def test_the_importance_figure_shows_the_logged_importances_and_no_fixed_hyperpa
         assert abs(drawn[name] - value) < 0.006, (name, drawn[name], value)
 
 
+def test_the_learning_curves_show_the_other_trials_in_grey_a_pruned_one_ending_where_it_was_stopped(
+        mlflow_store, tmp_path, monkeypatch):
+    """The 5 best completed trials in colour; the 5 other completed and the pruned one thin and grey behind them
+    (the pruned one's curve one epoch long, as it was stopped); the failed trial nowhere."""
+    drawn = {}
+    save = report_module._save
+
+    def record(axes, path, size):
+        if path.name == "learning_curves.png":
+            drawn["lines"] = [(line.get_color(), len(line.get_xdata()), line.get_label()) for line in axes.lines]
+            drawn["ends"] = sorted(len(line.get_xdata()) for line in axes.lines if line.get_marker() == "v")
+        return save(axes, path, size)
+
+    monkeypatch.setattr(report_module, "_save", record)
+    experiment, _ = record_study("curves", lr_at_the_top())
+    build_report(experiment, "curves", out_dir=tmp_path)
+    grey = [(length, label) for colour, length, label in drawn["lines"] if colour == "grey"]
+    assert sorted(length for length, _ in grey) == [1, 2, 2, 2, 2, 2], "5 completed (2 epochs) and the pruned one (1)"
+    assert drawn["ends"] == [1], "the pruned trial's end is marked: a one-epoch line alone would not show"
+    assert [label for _, label in grey if not label.startswith("_")] == [
+        "the other 6 trials (\u25bc: where a pruned one was stopped)"], "one legend entry"
+    coloured = [label for colour, _, label in drawn["lines"] if colour != "grey" and not label.startswith("_")]
+    assert [label.split(" (")[0] for label in coloured] == [f"trial {n}" for n in (1, 2, 3, 4, 5)]
+    assert report_module.other_label(100, 140) == "the best 100 of the other 140 trials (\u25bc: where a pruned one was stopped)"
+    assert report_module.other_label(1, 1) == "the other 1 trial (\u25bc: where a pruned one was stopped)"
+
+
 def test_a_report_cut_short_leaves_no_temporary_folder(mlflow_store, tmp_path):
     """A command that ends while its report is built in a temporary folder (a Ctrl-C: the report thread is a
     daemon) removes the folder at exit; it was left in /tmp, one per interrupted study."""

@@ -34,6 +34,7 @@ from cnnopt.tracking import reports, studies
 
 MIN_IMPORTANCE_TRIALS = 5  # fANOVA's forest on fewer completed trials ranks noise
 TOP_CURVES = 5  # learning curves of this many best trials: more lines are unreadable
+OTHER_CURVES = 100  # of the other ended trials, the best this many are drawn thin and grey behind them
 
 
 @dataclass
@@ -109,7 +110,7 @@ def build_report(experiment: str | Experiment, study: str | None = None, out_dir
                     importances, used, note, find_edges(trials, space, metric, mode), out, notes=notes)
 
     report.figures = draw_figures(optuna_trials, trials, space, client, metric, mode, out,
-                                  importance_of=list(importances))
+                                  importance_of=list(importances), curves=curves)
     (out / "report.md").write_text(markdown(report, space))
     return report
 
@@ -208,10 +209,11 @@ def best_trial(trials: pd.DataFrame, metric: str, mode: str, searched: dict[str,
 
 
 def draw_figures(study: optuna.Study, trials: pd.DataFrame, space: Space, client: MlflowClient, metric: str,
-                 mode: str, out: Path, *, importance_of: list[str]) -> list[Path]:
-    """Optuna's figures of the study, the best trials' learning curves; one PNG each, in `out`. The importance
+                 mode: str, out: Path, *, importance_of: list[str], curves: dict[str, dict] | None = None) -> list[Path]:
+    """Optuna's figures of the study, the trials' learning curves; one PNG each, in `out`. The importance
     figure ranks `importance_of`, the hyperparameters `importance` ranked (none: no figure), so it shows the
-    logged values and no hyperparameter that kept one value as if it were unimportant."""
+    logged values and no hyperparameter that kept one value as if it were unimportant. `curves`: run id ->
+    per-epoch `metric` already read (`history`), not read again."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,7 +244,7 @@ def draw_figures(study: optuna.Study, trials: pd.DataFrame, space: Space, client
             axes.set_title(f"{metric} against {name}")
             _recolour(axes)
             figures.append(_save(axes, out / f"slice_{name}.png", (6, 4.5)))
-    figures.append(plot_learning_curves(client, trials, metric, mode, out / "learning_curves.png"))
+    figures.append(plot_learning_curves(client, trials, metric, mode, out / "learning_curves.png", curves))
     return figures
 
 
@@ -261,22 +263,51 @@ def mark_unfinished(axes, trials: pd.DataFrame, metric: str) -> None:
 
 
 def plot_learning_curves(client: MlflowClient, trials: pd.DataFrame, metric: str, mode: str, path: Path,
-                         top: int = TOP_CURVES) -> Path:
-    """The `top` best completed trials' metric per epoch (solid) and its train counterpart (dashed)."""
+                         curves: dict[str, dict] | None = None, top: int = TOP_CURVES) -> Path:
+    """`learning_axes` saved to `path`."""
+    return _save(learning_axes(client, trials, metric, mode, curves, top), path, (8, 5))
+
+
+def other_label(drawn: int, ended: int) -> str:
+    """The legend's line for the grey curves: how many, of how many, and what a short one means."""
+    some = f"the best {drawn} of the other {ended} trials" if drawn < ended else \
+        f"the other {drawn} trial{'s' * (drawn != 1)}"
+    return f"{some} (\u25bc: where a pruned one was stopped)"
+
+
+def learning_axes(client: MlflowClient, trials: pd.DataFrame, metric: str, mode: str,
+                  curves: dict[str, dict] | None = None, top: int = TOP_CURVES):
+    """The `top` best completed trials' metric per epoch (solid, coloured) and its train counterpart (dashed);
+    behind them, thin and grey, the other completed, pruned and stopped trials (the best `OTHER_CURVES`): a
+    pruned one ends in a triangle where the scheduler stopped it, so the figure shows whether a stopped trial
+    was climbing past the winners. `curves`: run id -> per-epoch `metric` already read; the others are read here."""
     import matplotlib.pyplot as plt
 
     column = f"best_{metric}"
     best = top_trials(trials, column, mode, top)
     train_metric = metric.replace("val_", "train_", 1)
     figure, axes = plt.subplots(figsize=(8, 5))
+    curves = dict(curves or {})
+    if column in trials:
+        ended = trials[trials["status"].isin([trial_status.COMPLETED, trial_status.PRUNED, trial_status.STOPPED])
+                       & ~trials["run_id"].isin(best["run_id"]) & trials[column].notna()]
+        others = ended.sort_values(column, ascending=mode != "max", kind="stable")[:OTHER_CURVES]
+        for index, row in enumerate(others.itertuples()):
+            curve = curves.get(row.run_id)
+            if curve is None:
+                curve = history(client, row.run_id, metric)
+            stopped = row.status != trial_status.COMPLETED  # its last epoch marked, seen even where it is its first
+            axes.plot(list(curve), list(curve.values()), color="grey", alpha=0.4, linewidth=0.8, zorder=1,
+                      marker="v" if stopped else None, markevery=[-1] if stopped else None, markersize=4,
+                      label=None if index else other_label(len(others), len(ended)))
     for index, row in enumerate(best.itertuples()):
         colour = f"C{index}"
-        curve = history(client, row.run_id, metric)
-        axes.plot(list(curve), list(curve.values()), marker="o", color=colour,
+        curve = curves.get(row.run_id) or history(client, row.run_id, metric)
+        axes.plot(list(curve), list(curve.values()), marker="o", color=colour, zorder=3,
                   label=f"trial {row.trial} ({metric} {getattr(row, column):.4f})")
         if train_metric != metric:
             train = history(client, row.run_id, train_metric)
-            axes.plot(list(train), list(train.values()), linestyle="--", color=colour, alpha=0.6)
+            axes.plot(list(train), list(train.values()), linestyle="--", color=colour, alpha=0.6, zorder=2)
     axes.set_xlabel("epoch")
     axes.set_ylabel(metric)
     axes.xaxis.get_major_locator().set_params(integer=True)
@@ -284,7 +315,7 @@ def plot_learning_curves(client: MlflowClient, trials: pd.DataFrame, metric: str
                    (f" (dashed: {train_metric})" if train_metric != metric else ""))
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
-    return _save(axes, path, (8, 5))
+    return axes
 
 
 def _recolour(axes) -> None:
