@@ -2,6 +2,8 @@
 
     python -m cnnopt.report [--experiment experiments/digits.toml] [--study STUDY] [--out DIR]
 
+A study named alone (--study, no --experiment or --set) is found in whichever MLflow experiment holds it.
+
 Optimization history, fANOVA hyperparameter importance, parallel coordinates, one slice plot per
 hyperparameter, the best trials' learning curves and the edges of the space, as PNGs and `report.md`
 under `report/` on the study's parent run (see `cnnopt.insight.report`).
@@ -16,6 +18,7 @@ from cnnopt import tracking
 from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
 from cnnopt.experiment.config import load_experiment
 from cnnopt.insight.report import log_report
+from cnnopt.tracking import studies
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         tracking.check_writable(Path(args.out).resolve(), f"the --out folder {args.out}", "give --out a writable folder")
     experiment = load_experiment(args.experiment, args.overrides)
+    if args.study and args.experiment is None and not args.overrides:  # a study named alone: in its own experiment
+        experiment = studies.experiment_of(tracking.make_client(), args.study) or experiment
     report = log_report(experiment, args.study, args.out)
     print("\n".join(report.summary_lines))
     print(f"report logged to the study's parent run {report.parent_run_id}: {report.artifact_dir}"

@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         studies.check_study_name(args.name)  # a name that is no name is said as such, store or not
         tracking.require_store(f"study {args.name!r}")
         experiment = studies.load_settings(tracking.make_client(), args.name)
+        if (complete := complete_line(tracking.make_client(), args.name)) is not None:
+            print(complete)
+            return 0
         if args.no_confirm:  # like the report and the promotion, what follows the trials is this command's choice
             experiment = dataclasses.replace(experiment, search=dataclasses.replace(experiment.search, confirm_top=0))
     else:
@@ -135,6 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if outcome.ray_kept:
             stop_ray()
+
+
+def complete_line(client, name: str) -> str | None:
+    """What a resume of a study with nothing left says, before Ray starts: its trials ran, what followed them is
+    done and its winner promoted (so its test split is not read again); None where anything is left."""
+    parent = studies.find_parent(client, name)
+    promoted = parent.data.tags.get("promoted_run_id") if parent is not None else None
+    if not promoted or parent.data.tags.get(studies.FINISH_TAG) != "done":
+        return None
+    score = parent.data.metrics.get("promoted_test_accuracy")
+    return (f"study {name!r} is complete: it promoted run {promoted}"
+            + (f" (test accuracy {score:.4f})" if score is not None else "") + "; nothing is left to resume. "
+            f"Its report again: python -m cnnopt.report --study {name}; a promotion again, on purpose: "
+            f"python -m cnnopt.promote --run-id {promoted}; more trials: a new study")
 
 
 def after_study(experiment, outcome, args: argparse.Namespace, started: float) -> int:

@@ -69,9 +69,15 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert frame.at[best.info.run_id, "test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
     assert frame.drop(index=best.info.run_id)["test_accuracy"].isna().all()
     assert {"last_val_accuracy", "best_val_accuracy", "test_accuracy_class_3"} <= set(frame)
-    # Resuming the finished study runs nothing new: its best trial is not evaluated on test again.
+    # Resuming the finished study runs nothing new: its best trial is not evaluated on test again, and nothing
+    # starts (no study line, no report rebuilt): one line says it is complete and how to redo each part of it.
     assert search.main(["--resume", "--name", "p"]) == 0
-    assert len(calls) == 1 and "already; its test split is not evaluated again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert len(calls) == 1 and out.startswith(
+        f"study 'p' is complete: it promoted run {best.info.run_id} (test accuracy "
+        f"{best.data.metrics['test_accuracy']:.4f}); nothing is left to resume. Its report again: python -m "
+        f"cnnopt.report --study p; a promotion again, on purpose: python -m cnnopt.promote --run-id {best.info.run_id}")
+    assert out.count("\n") == 1, out
     assert len(client.search_model_versions("name='digits'")) == 1
     # A study promotes once: promoting it again by its name is refused before the test split is read, and says
     # how to do it on purpose. Named by --run-id, from another experiment file and with no --set, the run's

@@ -16,6 +16,7 @@ import search_spaces
 from cnnopt import report as report_cli
 from cnnopt import search, tracking
 from cnnopt.analysis import load_trials
+from cnnopt.errors import UsageError
 from cnnopt.experiment.config import load_experiment
 from cnnopt.insight import report as report_module
 from cnnopt.insight.edges import find_edges
@@ -182,12 +183,13 @@ def test_no_edge_is_judged_on_fewer_completed_trials_than_the_top():
 
 # --- the report of a recorded study --------------------------------------------------------------
 
-def record_study(name: str, points: list[tuple[str, dict, float | None]]):
-    """A study's MLflow record as the study writes it: (status, overrides of MIDDLE, value) per trial.
+def record_study(name: str, points: list[tuple[str, dict, float | None]], experiment_name: str = "digits"):
+    """A study's MLflow record as the study writes it: (status, overrides of MIDDLE, value) per trial, in the
+    MLflow experiment `experiment_name`.
 
     Each trial logs two epochs; a completed trial's second epoch reaches `value`.
     """
-    experiment = load_experiment(None, ["train.epochs=2"])
+    experiment = load_experiment(None, ["train.epochs=2", f"name={experiment_name}"])
     space = search_spaces.get("lesson")
     recorder = StudyRecorder(experiment, name, tags={"search_space": "lesson", "strategy": "random"},
                                       params={"metric": "val_accuracy", "mode": "max", "search_space": "lesson"},
@@ -387,3 +389,14 @@ def test_cli_prints_the_summary_and_where_it_was_logged(mlflow_store, capsys):
     assert "report logged to the study's parent run" in out
     assert report_cli.main(["--experiment", str(ROOT / "experiments/digits.toml"), "--out", "kept"]) == 0
     assert f"; its files also in {Path('kept').resolve()}" in capsys.readouterr().out  # where --out put them
+
+
+def test_cli_finds_a_study_named_alone_in_the_experiment_holding_it(mlflow_store, capsys):
+    """`--study NAME` alone (what a study's retry line and a finished study's resume print) read the default
+    experiment (digits) only, so a study of another experiment file was "not found"; an experiment file given
+    is still where it looks."""
+    record_study("elsewhere", lr_at_the_top(6), experiment_name="pets")
+    assert report_cli.main(["--study", "elsewhere"]) == 0
+    assert "study elsewhere: 8 trials (6 completed, 1 failed, 1 pruned)" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="no MLflow experiment named 'digits'|holds no study"):
+        report_cli.main(["--experiment", str(ROOT / "experiments/digits.toml"), "--study", "elsewhere"])

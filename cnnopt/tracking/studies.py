@@ -59,6 +59,13 @@ def find_parent(client: MlflowClient, study: str | None, experiment_name: str | 
     return found[0] if found else None
 
 
+def experiment_of(client: MlflowClient, study: str) -> str | None:
+    """The name of the MLflow experiment holding study `study`, wherever it ran (None where no experiment does);
+    a UsageError where several hold one of that name."""
+    parent = find_parent(client, study)
+    return client.get_experiment(parent.info.experiment_id).name if parent is not None else None
+
+
 def require_parent(client: MlflowClient, experiment: str, study: str | None):
     """The study's parent run (the latest study when `study` is None); a UsageError names what is missing,
     with the latest studies' names where the one asked for is not there."""
