@@ -245,7 +245,9 @@ def test_stopped_trials_are_recorded_and_counted(ray_session, mlflow_store, caps
     runs = children(mlflow_store, "slow", "trial")
     assert sorted(run.data.tags["status"] for run in runs) == ["stopped", "stopped"]
     assert all(run.info.status == "FINISHED" for run in runs)
-    assert children(mlflow_store, "slow", "study")[0].data.tags["stopped_trials"] == "2"
+    [parent] = children(mlflow_store, "slow", "study")
+    assert parent.data.tags["stopped_trials"] == "2"
+    assert parent.info.status == "FAILED", "a study no trial completed in is failed, as its exit code says"
 
 
 def test_a_final_training_is_its_own_run_and_the_one_promoted(ray_session, mlflow_store, capsys):

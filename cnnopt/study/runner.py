@@ -503,10 +503,12 @@ def _fit(tuner: tune.Tuner) -> None:
 
 
 def close_record(recorder: StudyRecorder, experiment: Experiment, interrupted: bool) -> tuple[dict, dict, dict | None]:
-    """End cut-short trials and the parent run; return trial counts and seconds by status, and the best trial."""
+    """End cut-short trials and the parent run (KILLED where interrupted, FAILED where no trial completed: the
+    command exits non-zero, and the MLflow UI says so too); return trial counts and seconds by status, and the
+    best trial."""
     recorder.kill_unfinished()
     counts, seconds, best = summarize(recorder, experiment)
-    recorder.close(tracking.KILLED if interrupted else tracking.FINISHED,
+    recorder.close(tracking.KILLED if interrupted else tracking.FINISHED if best is not None else tracking.FAILED,
                    {f"{status}_trials": counts.get(status, 0) for status in trials.STATUSES})
     return counts, seconds, best
 
