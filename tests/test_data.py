@@ -486,6 +486,21 @@ def test_truncated_image_is_reported_with_its_path(tmp_path):
     assert str(truncated) in str(caught.value)
 
 
+def test_an_image_over_pillows_pixel_limit_says_so_and_how_to_shrink_it(tmp_path, monkeypatch):
+    """Pillow refuses an image of more than twice `Image.MAX_IMAGE_PIXELS` (179 megapixels; a 200-megapixel phone
+    photo) as a possible decompression bomb; the line said "could be decompression bomb DOS attack.; remove or
+    replace the file". The limit is lowered here (Pillow's public setting) so a small image is over it."""
+    root = write_flat_folder(tmp_path / "pets")  # its biggest image is 40x40: 1600 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1700)  # a warning over it (none of them), refused over 3400
+    big = root / "dog" / "panorama.png"
+    Image.new("RGB", (90, 40)).save(big)
+    with pytest.raises(UsageError) as caught:
+        load_data(DataConfig(dataset="imagefolder", root=str(root), cache=False))
+    assert str(caught.value) == (f"cannot read image {big}: Image size (3600 pixels) exceeds limit of 3400 pixels, "
+                                 "Pillow's guard against decompression bombs; shrink it (e.g. mogrify -resize "
+                                 "'8000x8000>' with ImageMagick: training resizes it far smaller) or remove it")
+
+
 def test_empty_class_folder_is_an_error(tmp_path):
     root = write_flat_folder(tmp_path / "pets")
     (root / "bird").mkdir()

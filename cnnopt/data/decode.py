@@ -149,6 +149,13 @@ def _oriented(x: torch.Tensor, orientation: int) -> torch.Tensor:
 
 def unreadable(path: Path, error: Exception) -> UsageError:
     """What an image file that cannot be read (or listed: a broken link) says, wherever it is met."""
+    from PIL import Image
+
+    if isinstance(error, Image.DecompressionBombError):  # a real photo can be this big (200-megapixel phones)
+        size = str(error).split(", could be")[0].rstrip(".")
+        return UsageError(f"cannot read image {path}: {size}, Pillow's guard against decompression bombs; shrink "
+                          f"it (e.g. mogrify -resize '8000x8000>' with ImageMagick: training resizes it far smaller) "
+                          "or remove it")
     return UsageError(f"cannot read image {path}: {error}; remove or replace the file")
 
 
