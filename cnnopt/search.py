@@ -360,7 +360,8 @@ def confirm_best(experiment, outcome, address: str | None):
     print(f"  chosen run {confirmation.promote_run_id}: {confirmation.reason}")
     record_choice(outcome.parent_run_id,
                   {**{f"confirm_mean_trial_{c.trial_number}": c.mean for c in confirmation.candidates},
-                   **{f"confirm_std_trial_{c.trial_number}": c.std for c in confirmation.candidates}},
+                   **{f"confirm_std_trial_{c.trial_number}": c.std for c in confirmation.candidates},
+                   **{f"confirm_seeds_trial_{c.trial_number}": len(c.values) for c in confirmation.candidates}},
                   {"confirmed_trial": confirmation.chosen.trial_number, "confirmed_run_id": confirmation.promote_run_id,
                    "confirmation": confirmation.reason})
     return confirmation

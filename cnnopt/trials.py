@@ -107,12 +107,12 @@ def best(trials: Iterable[T], *, mode: str, value: Callable[[T], float | None],
     return order[0] if order else None
 
 
-def validation_score(value: float | None, metric: str, kept_epoch: str = "best") -> float | None:
+def validation_score(value: float | None, metric: str) -> float | None:
     """A run's score as one model is chosen over another (a final training over its trial, a registered
-    version over the champion): its kept epoch's `metric` where that is a validation metric and the epoch was
-    kept by it; None where there is nothing to compare (a train+val final keeps its last epoch; a train_*
-    metric is no validation score; NaN)."""
-    if value is None or kept_epoch == "last" or not metric.startswith("val_") or not math.isfinite(value):
+    version over the champion): its kept epoch's `metric` where that is a validation metric; None where there
+    is nothing to compare (a train+val final has no validation split; a train_* metric is no validation score;
+    NaN)."""
+    if value is None or not metric.startswith("val_") or not math.isfinite(value):
         return None
     return value
 

@@ -275,6 +275,14 @@ def test_a_final_training_is_its_own_run_and_the_one_promoted(ray_session, mlflo
     why = train_final(short, "fin", other.info.run_id)
     assert why == "search.final_epochs = 2 is no more than the 2 epochs its trial had: the trial is promoted as it is"
     assert len(children(mlflow_store, "fin", "final")) == 1
+    # On the train split it keeps its last epoch, where its schedule ends, scored on val there: the best of its
+    # epochs is picked partly by luck (a digits final kept epoch 52 of 482 at val 1.0, its lr still high).
+    train_final(load_experiment(None, ["train.epochs=2", "search.final_epochs=4"]), "fin", other.info.run_id)
+    [on_train] = [run for run in children(mlflow_store, "fin", "final") if run.info.run_id != final.info.run_id]
+    history = MlflowClient(tracking_uri=mlflow_store).get_metric_history(on_train.info.run_id, "val_accuracy")
+    assert on_train.data.tags["kept_epoch"] == "last" and on_train.data.tags["final_data"] == "train"
+    assert on_train.data.metrics["best_val_accuracy"] == max(history, key=lambda m: m.step).value
+    assert on_train.data.metrics["best_epoch"] == 4 == len(history)
 
 
 @pytest.mark.parametrize("metric,theirs,better,worse", [("val_accuracy", 0.9, 0.91, 0.89),

@@ -469,3 +469,18 @@ def test_the_model_card_says_what_selected_the_model(mlflow_store):
     on_train = card("train_loss", {}, {"best_train_loss": 0.25})
     assert "Selected on: train_loss (min) of the train split; best epoch 16" in on_train
     assert "- train train_loss: 0.2500" in on_train
+    # A final on the train split keeps its last epoch and is scored on val there, not selected by it; where its
+    # configuration was confirmed, the card gives the seeds' mean ± sd (the figure with less luck in it).
+    parent = client.create_run(experiment_id).info.run_id
+    for key, value in {"confirm_mean_trial_12": 0.9864, "confirm_std_trial_12": 0.0043, "confirm_seeds_trial_12": 3,
+                       "confirm_mean_trial_24": 0.9864}.items():
+        client.log_metric(parent, key, value)
+    client.set_tag(parent, "confirmed_trial", "12")
+    final = card("val_accuracy", {"kept_epoch": "last", "final_data": "train", "trains_trial": "12",
+                                  "mlflow.parentRunId": parent}, {"best_val_accuracy": 0.9963})
+    assert "Selected on: nothing; trained on train, its last epoch (16) kept, where its schedule ends" in final
+    assert "- validation val_accuracy at that epoch: 0.9963" in final
+    assert ("- confirmed: trial 12's configuration scored val_accuracy 0.9864 ± 0.0043 over 3 new seeds (mean ± "
+            "standard deviation at its trial's epochs: what to expect of it; a single run's best is luckier)") in final
+    seed = card("val_accuracy", {"confirms_trial": "24", "mlflow.parentRunId": parent}, {"best_val_accuracy": 0.99})
+    assert not any(line.startswith("- confirmed") for line in seed), "trial 24 was not the configuration chosen"

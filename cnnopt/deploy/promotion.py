@@ -200,6 +200,35 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                      reads, study_name)
 
 
+def confirmed(run) -> tuple[int, float, float, int] | None:
+    """The confirmation of the configuration `run` trains, from its study's parent run: (its trial, the mean and
+    the standard deviation over the new seeds, how many seeds); None where none was recorded for it."""
+    parent_id = run.data.tags.get(tracking.PARENT_TAG)
+    tags = run.data.tags
+    trial = tags.get("trains_trial") or tags.get("confirms_trial") or tags.get("trial_number")  # final, seed, trial
+    if not parent_id or not trial:
+        return None
+    parent = tracking.make_client().get_run(parent_id)
+    mean = parent.data.metrics.get(f"confirm_mean_trial_{trial}")
+    std = parent.data.metrics.get(f"confirm_std_trial_{trial}")
+    seeds = parent.data.metrics.get(f"confirm_seeds_trial_{trial}")
+    if mean is None or parent.data.tags.get("confirmed_trial") != str(trial):
+        return None
+    return int(trial), mean, std or 0.0, int(seeds or 0)
+
+
+def confirmed_lines(run, metric: str) -> list[str]:
+    """The model card's line on its configuration's confirmation: a figure with less selection in it than the
+    run's own best epoch (the best of its study's trials, and of their epochs)."""
+    found = confirmed(run)
+    if found is None:
+        return []
+    trial, mean, std, seeds = found
+    over = f" over {counted(seeds, 'new seed')}" if seeds else " over its new seeds"
+    return [f"- confirmed: trial {trial}'s configuration scored {metric} {mean:.4f} ± {std:.4f}{over} (mean ± "
+            "standard deviation at its trial's epochs: what to expect of it; a single run's best is luckier)"]
+
+
 def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_reads: int = 1,
                again: bool = False) -> str:
     """The model card: data, selection, metrics, hyperparameters, and the command that reproduces the run
@@ -210,13 +239,19 @@ def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_r
     study = run.data.tags.get(tracking.STUDY_TAG, "")
     split = "train" if settings.metric.startswith("train_") else "validation"  # train_*: selected on training data
     score = metrics.get(f"best_{settings.metric}")
-    if run.data.tags.get("kept_epoch") == "last" or score is None:  # a train+val final: nothing left to select on
+    last = run.data.tags.get("kept_epoch") == "last"  # a final training: its last epoch, where its schedule ends
+    if last and score is not None and split == "validation":  # on the train split: scored on val, not selected by it
+        selected = (f"Selected on: nothing; trained on {run.data.tags.get('final_data', 'its data')}, its last epoch "
+                    f"({checkpoint.get('epoch')}) kept, where its schedule ends")
+        shown = [f"- validation {settings.metric} at that epoch: {score:.4f}"]
+    elif last or score is None:  # a train+val final: nothing left to select on, or to score on
         selected = (f"Selected on: nothing; trained on {run.data.tags.get('final_data', 'its data')}, its last epoch "
                     f"({checkpoint.get('epoch')}) kept")
         shown = []
     else:
         selected = f"Selected on: {settings.metric} ({settings.mode}) of the {split} split; best epoch {checkpoint.get('epoch')}"
         shown = [f"- {split} {settings.metric}: {score:.4f}"]
+    shown += confirmed_lines(run, settings.metric)
     lines = [f"# {settings.name}: {run.info.run_name}", "",
              f"Dataset: {settings.data.dataset} ({checkpoint['preprocessing']['image_size']}px, "
              f"{counted(checkpoint['preprocessing']['channels'], 'channel')}, classes {checkpoint['preprocessing']['class_names']})",

@@ -50,8 +50,7 @@ def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: 
     log(client, run_id, metrics=metrics, tags=data_tags)
     client.log_artifact(run_id, str(confusion_png))
     client.log_artifacts(run_id, str(model_dir), artifact_path="exported")
-    score = trials.validation_score(run.data.metrics.get(f"best_{experiment.metric}"), experiment.metric,
-                                    run.data.tags.get("kept_epoch", "best"))
+    score = trials.validation_score(run.data.metrics.get(f"best_{experiment.metric}"), experiment.metric)
     registered = register(experiment, run_id, model_dir, metrics["test_accuracy"], test_split, score, val_split)
     log(client, run_id, tags={"promoted": "true"})  # last: a promotion cut short is redone by a resume
     parent = run.data.tags.get(PARENT_TAG)
