@@ -435,7 +435,11 @@ def print_summary(experiment, outcome) -> None:
         metrics = best["metrics"]
         shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("val_accuracy", "val_loss", "train_accuracy")
                           if k in metrics and not math.isnan(metrics[k]))
-        print(f"best trial {best['trial_number']} (epoch {int(metrics.get('epoch', 0))}): {shown}")
+        ties = best.get("ties") or []
+        tied = (f"  (tied on {experiment.metric} with trial{'s' * (len(ties) > 1)} {', '.join(map(str, ties))}: the "
+                "lowest number is named" + ("; the confirmation tells them apart)" if experiment.search.confirm_top
+                                            else ")")) if ties else ""
+        print(f"best trial {best['trial_number']} (epoch {int(metrics.get('epoch', 0))}): {shown}{tied}")
         print("  " + "  ".join(f"{k}={format_value(v)}" for k, v in best["params"].items()))  # as the trial lines
         print(f"  MLflow run {best['run_id']}")
     else:

@@ -40,6 +40,25 @@ def test_equal_means_are_a_tie_that_the_better_original_trial_takes():
         == "better", "a real difference still counts"
 
 
+def test_the_choice_says_when_it_is_a_tie_or_within_noise():
+    """QA: trials 12 and 24 both scored 796 of 807 (0.9864), trial 20 0.9839 ± 0.0057; the console marked trial 12
+    "chosen" and said nothing of the tie, or that trial 20 was within noise of both."""
+    base = "best validation metric among the chosen configuration's runs (the original and its seeds)"
+    twelve = Candidate(12, "t12", 0.9926, {1: ("a", 0.9814), 2: ("b", 0.9888), 3: ("c", 0.9888)})
+    twenty = Candidate(20, "t20", 0.9926, {1: ("d", 0.9777), 2: ("e", 0.9851), 3: ("f", 0.9888)})
+    twenty_four = Candidate(24, "t24", 0.9926, {1: ("g", 0.9851), 2: ("h", 0.9888), 3: ("i", 0.9851)})
+    far = Candidate(7, "t7", 0.99, {1: ("j", 0.90), 2: ("k", 0.91), 3: ("l", 0.90)})
+    assert twelve.mean == pytest.approx(twenty_four.mean, abs=1e-9)
+    choice = _choose([twelve, twenty, twenty_four, far], "max")
+    assert choice.chosen is twelve
+    assert choice.reason == (f"{base}; its mean ties that of trial 24, and a tie goes to the better original trial; "
+                             "the mean of trial 20 is within one standard error of the difference from it: more seeds "
+                             "(search.confirm_seeds) would tell them apart")
+    assert _choose([twelve, far], "max").reason == base, "a clear difference needs no note"
+    assert "trials 20 and 24" in _choose([twelve, dataclasses.replace(twenty, runs=dict(twelve.runs)),
+                                          dataclasses.replace(twenty_four, runs=dict(twelve.runs))], "max").reason
+
+
 def test_among_tied_seeds_the_lowest_seed_is_promoted_whichever_finished_first():
     """The seeds' runs were kept in the order they finished (ray.wait): of two tied seeds the one that finished
     first was promoted, so the promoted model depended on timing."""

@@ -136,6 +136,28 @@ def test_a_study_whose_every_trial_failed_exits_1_saying_nothing_was_promoted(ml
     assert "error: no trial completed, so there is nothing to promote" in err.splitlines()[-1]
 
 
+def test_the_summary_says_when_the_best_trial_ties_others(mlflow_store, capsys):
+    """QA: trials 12, 20 and 24 all scored 0.9926 (267 of 269) and the summary named trial 12 alone."""
+    experiment = load_experiment(None, ["train.epochs=1"])
+    record = StudyRecorder(experiment, "tied", tags={}, params={}, artifacts=[])
+    record.open()
+    space = search_spaces.get("lesson")
+    for trial_id, status, value in (("a", "completed", 0.95), ("b", "completed", 0.99), ("c", "pruned", 0.99),
+                                    ("d", "completed", 0.99), ("e", "completed", 0.99)):
+        record.start_trial(trial_id, tracking.hyperparameters(space.apply(experiment.train, space.grid()[0])), [])
+        record.end_trial(trial_id, status, {"val_accuracy": value, "epoch": 1})
+    counts, seconds, best = summarize(record, experiment)
+    record.close(tracking.FINISHED)
+    numbers = {trial_id: record.numbers[trial_id] for trial_id in "abcde"}
+    assert best["trial_number"] == numbers["b"] and best["ties"] == [numbers["d"], numbers["e"]], "not the pruned one"
+    from cnnopt.study.runner import StudyOutcome
+
+    search.print_summary(experiment, StudyOutcome("tied", record.parent_run_id, counts, seconds, best, 1.0, False, ""))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("best trial"))
+    assert line.endswith(f"(tied on val_accuracy with trials {numbers['d']}, {numbers['e']}: the lowest number is "
+                         "named; the confirmation tells them apart)"), line
+
+
 def test_asha_prunes_and_the_sampler_is_told_pruned(ray_session, mlflow_store):
     experiment = load_experiment(None, ["train.epochs=4", "search.strategy=random", "search.trials=6",
                                         "search.concurrency=1", "search.scheduler=asha", "search.seed=3",

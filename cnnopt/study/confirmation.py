@@ -16,6 +16,7 @@ best validation metric is promoted. The test split is not read here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -188,5 +189,32 @@ def _choose(candidates: list[Candidate], mode: str) -> Confirmation:
     runs = [(chosen.run_id, chosen.value)] + [chosen.runs[seed] for seed in sorted(chosen.runs)]
     pick = min if mode == "min" else max
     run_id = pick(runs, key=lambda item: item[1])[0]
-    return Confirmation(candidates, chosen, run_id,
-                        "best validation metric among the chosen configuration's runs (the original and its seeds)")
+    reason = "best validation metric among the chosen configuration's runs (the original and its seeds)"
+    return Confirmation(candidates, chosen, run_id, "; ".join([reason, *_closeness(chosen, scored)]))
+
+
+def _closeness(chosen: Candidate, scored: list[Candidate]) -> list[str]:
+    """What the choice rests on where it is not clear: the configurations whose mean ties the chosen one's (the
+    better original trial took it), and those within one standard error of the difference (noise: more seeds
+    would tell them apart)."""
+    tied = [c.trial_number for c in scored if c is not chosen and abs(c.mean - chosen.mean) <= MEAN_TOLERANCE]
+    close = [c.trial_number for c in scored if c is not chosen and c.trial_number not in tied
+             and abs(c.mean - chosen.mean) <= math.hypot(_error(c), _error(chosen))]
+    notes = []
+    if tied:
+        notes.append(f"its mean ties that of {_trials(tied)}, and a tie goes to the better original trial")
+    if close:
+        notes.append(f"the mean of {_trials(close)} is within one standard error of the difference from it: "
+                     "more seeds (search.confirm_seeds) would tell them apart")
+    return notes
+
+
+def _error(candidate: Candidate) -> float:
+    """The standard error of a candidate's mean over its seeds."""
+    return candidate.std / math.sqrt(len(candidate.values)) if candidate.values else 0.0
+
+
+def _trials(numbers: list[int]) -> str:
+    """trial 3; trials 3 and 5; trials 3, 5 and 8."""
+    return ("trials " + ", ".join(str(n) for n in numbers[:-1]) + f" and {numbers[-1]}" if len(numbers) > 1
+            else f"trial {numbers[0]}")

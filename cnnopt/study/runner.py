@@ -680,4 +680,8 @@ def summarize(recorder: StudyRecorder, experiment: Experiment) -> tuple[dict, di
     best = {"run_id": run.info.run_id, "trial_number": studies.trial_number(run),
             "params": studies.searched_params(run),  # typed as declared, as the trial lines show them
             "metrics": {k[len("best_"):]: v for k, v in run.data.metrics.items() if k.startswith("best_")}}
+    key = f"best_{experiment.metric}"  # completed trials with the very same score: the lowest number is named
+    best["ties"] = sorted(studies.trial_number(other) for other in runs if other is not run
+                          and other.data.tags.get("status") == trials.COMPLETED
+                          and other.data.metrics.get(key) == run.data.metrics.get(key))
     return counts, seconds, best
