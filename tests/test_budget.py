@@ -352,10 +352,15 @@ def test_a_budgeted_study_plans_trains_the_winner_and_ends_near_its_budget(ray_s
     assert "time budget 1.5 min, used" in out  # and against what happened, at the end
     [parent] = children(mlflow_store, "budgeted", "study")
     assert float(parent.data.params["plan.epoch"]) > 0 and int(parent.data.params["plan.max_epochs"]) >= 1
+    assert parent.data.params["search.time_budget"] == "1.5", "the budget as asked, not the search's share of it"
     client = MlflowClient(tracking_uri=mlflow_store)
     trial_runs = children(mlflow_store, "budgeted", "trial")
     trained = {run.info.run_id: len(client.get_metric_history(run.info.run_id, "train_loss")) for run in trial_runs}
     assert trial_runs and max(trained.values()) <= 10, "a trial trains for its time, at most train.epochs"
+    assert {run.info.run_id: run.data.metrics.get("epochs_trained") for run in trial_runs
+            if run.data.tags["status"] != "interrupted"} == {
+        run.info.run_id: trained[run.info.run_id] for run in trial_runs if run.data.tags["status"] != "interrupted"}, \
+        "each trial's epochs as trained (its param epochs is the most it could)"
     assert parent.data.metrics["budget_used_seconds"] > 0
     [final] = children(mlflow_store, "budgeted", "final")
     # It trains the chosen configuration from the run the confirmation promotes: the trial or one of its seeds

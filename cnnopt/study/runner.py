@@ -460,7 +460,9 @@ def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: 
         tags={"strategy": search.strategy, "sampler": STRATEGIES[search.strategy].sampler,
               "search_space": space.name, "experiment": experiment.path, "scheduler": search.scheduler,
               **({studies.DATA_TAG: digest} if digest else {}), **(copies or {})},
+        # The whole budget as asked: a plan's search runs under its share of it (plan.search, in seconds).
         params={**{f"search.{k}": v for k, v in dataclasses.asdict(search).items()},
+                "search.time_budget": experiment.search.time_budget,
                 "metric": experiment.metric, "mode": experiment.mode, "search_space": space.name,
                 **tracking.data_params(experiment.data), **plan},
         artifacts=[search_spaces.source_path(space.name)], dataset=dataset, trial_tags=trial_tags, space=space)

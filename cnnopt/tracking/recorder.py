@@ -58,6 +58,7 @@ class StudyRecorder:
         self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
         self.closed: set[str] = set()  # child runs this session ended
         self.unwritten: dict[str, dict] = {}  # trial_id -> params a failed write at its start did not record
+        self.trained: dict[str, int] = {}  # trial_id -> the epochs it has logged (its param `epochs` is the most)
         self.unended: dict[str, dict] = {}  # trial_id -> the end_trial arguments of a close the store failed
         self.past: list[PastTrial] = []  # trials recorded before this session (on resume)
         self.replaced: dict[str, str] = {}  # trial_id of a rerun -> the interrupted run it replaces
@@ -181,6 +182,7 @@ class StudyRecorder:
         # Synchronous on purpose: MLflow's async queue made ending the run wait ~1 s for it (measured).
         tags = {key: value for key, value in (where or {}).items() if value}
         log(self.client, self.children[trial_id], metrics=metrics, step=epoch, tags=tags or None)
+        self.trained[trial_id] = max(epoch, self.trained.get(trial_id, 0))
 
     def end_trial(self, trial_id: str, status: str, best: dict, *, checkpoint: str | None = None,
                   error: str | None = None) -> None:
@@ -212,7 +214,8 @@ class StudyRecorder:
         if checkpoint:  # a file in Ray's results folder, on the driver's disk: the tag names the uploaded copy
             self.client.log_artifact(run_id, checkpoint, artifact_path="checkpoint")
             tags["checkpoint"] = f"runs:/{run_id}/checkpoint/{Path(checkpoint).name}"
-        log(self.client, run_id, metrics=best_metrics(best), tags=tags)
+        trained = {"epochs_trained": self.trained[trial_id]} if trial_id in self.trained else {}
+        log(self.client, run_id, metrics={**best_metrics(best), **trained}, tags=tags)  # a budget's trials: as fitted
         end_run(self.client, run_id, trials.run_status(status))
         self.closed.add(run_id)
         value = best.get(self.experiment.metric)
