@@ -169,6 +169,25 @@ def test_edges_rank_by_the_mode_and_judge_the_top_trials_only():
     assert find_edges(frame[frame["status"] == "failed"], SPACE, "val_accuracy", "max") == []
 
 
+def test_an_edge_where_most_other_trials_sit_too_is_said_to_be_weak_evidence():
+    """QA: GP put 13 of 24 completed trials at weight_decay's lower bound 1e-06, scoring 0.13 to 0.99; the report
+    said "the best 3 trials sit at the lower bound ... try 1e-07-0.01" as if the bound held them back."""
+    frame = trials_frame([{"lr": 0.45}, {"lr": 0.3}, {"lr": 0.48}], rest=4)
+    crowded = frame.assign(lr=[0.45, 0.3, 0.48, 0.42, 0.5, 0.0003, 0.001, 0.5])  # 2 of the other 4 completed: half
+    assert find_edges(crowded, SPACE, "val_accuracy", "max") == [
+        "lr: the best 3 trials sit at the upper bound 0.5 (0.3-0.48, log scale); try 0.0001-5 (but so do 2 of the "
+        "other 4 completed trials, the sampler having dwelt there: weak evidence that the bound holds them back)"]
+    fewer = frame.assign(lr=[0.45, 0.3, 0.48, 0.42, 0.002, 0.0003, 0.001, 0.5])  # 1 of 4 (the failed one not counted)
+    assert find_edges(fewer, SPACE, "val_accuracy", "max") == [
+        "lr: the best 3 trials sit at the upper bound 0.5 (0.3-0.48, log scale); try 0.0001-5"]
+    on_a_choice = trials_frame([{"channels": 64}] * 3, rest=2).assign(channels=64)
+    assert find_edges(on_a_choice, SPACE, "val_accuracy", "max") == [], "one value in every trial: nothing to judge"
+    on_a_choice.loc[4, "channels"] = 8
+    assert find_edges(on_a_choice, SPACE, "val_accuracy", "max")[0].endswith(
+        "(but so do 1 of the other 2 completed trials, the sampler having dwelt there: weak evidence that the bound "
+        "holds them back)")
+
+
 def test_no_edge_is_judged_on_fewer_completed_trials_than_the_top():
     """Two completed trials at a bound, the rest pruned (as under ASHA or a time budget), were reported as an
     edge of "the best 2 trials"; the rule judges the 3 best completed trials, so it says nothing yet."""
