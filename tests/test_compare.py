@@ -35,6 +35,27 @@ TRIALS = frame({
 })
 
 
+def test_equal_curves_stay_visible_one_over_the_other(tmp_path, monkeypatch):
+    """QA: random's and bayes' medians were equal from k=2 (bayes samples at random until 4 trials end), and bayes'
+    line, drawn last in the same style, hid random's: it read as if random had stopped."""
+    import matplotlib.pyplot as plt
+
+    from cnnopt.insight.compare import Comparison, plot
+
+    same = [("completed", 0.5), ("completed", 0.9), ("completed", 0.92), ("completed", 0.95)]
+    trials = frame({("random", 0): same, ("bayes", 0): same})
+    curves = best_so_far_curves(trials, "best_val_accuracy", "max", 4)
+    comparison = Comparison("c", "r", "val_accuracy", "max", ["random", "bayes"], 1, 4, None, None, {}, trials, curves,
+                            median_curves(curves, "max"), pd.DataFrame())
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    plot(comparison, tmp_path / "best_so_far.png")
+    random, bayes = closed[0].axes[0].lines
+    assert list(random.get_ydata()) == list(bayes.get_ydata())
+    assert random.get_linewidth() > bayes.get_linewidth(), "the one drawn first is wider: it shows around the other"
+    assert random.get_linestyle() != bayes.get_linestyle() and random.get_marker() != bayes.get_marker()
+
+
 def test_best_so_far_counts_completed_trials_only_and_keeps_a_short_study_final():
     curves = best_so_far_curves(TRIALS, "best_val_accuracy", "max", 4)
     assert list(curves.index) == [1, 2, 3, 4]

@@ -349,6 +349,10 @@ def log_comparison(comparison: Comparison, out_dir: Path | None = None) -> None:
             shutil.rmtree(out, ignore_errors=True)
 
 
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v")
+
+
 def plot(comparison: Comparison, path: Path) -> Path:
     """The median best-so-far curve per strategy, the band between its best and worst seed, and the target."""
     import matplotlib
@@ -362,8 +366,11 @@ def plot(comparison: Comparison, path: Path) -> Path:
         colour = f"C{index}"
         seeds = comparison.curves[strategy]
         axes.fill_between(k, seeds.min(axis=1), seeds.max(axis=1), step="post", color=colour, alpha=0.15)
-        axes.plot(k, comparison.medians[strategy], drawstyle="steps-post", marker="o", markersize=3, color=colour,
-                  linewidth=2, label=f"{strategy} (one study: it ignores the seed)" if strategy == "grid" else
+        # Each later strategy thinner, in its own dashes and marker: equal curves (random and bayes alike until
+        # the sampler's start-up ends) stay visible one over the other, where one line hid the other.
+        axes.plot(k, comparison.medians[strategy], drawstyle="steps-post", color=colour,
+                  linestyle=LINESTYLES[index % len(LINESTYLES)], marker=MARKERS[index % len(MARKERS)],
+                  markersize=max(2.5, 6 - 1.2 * index), linewidth=max(1.0, 3.2 - 0.7 * index), label=f"{strategy} (one study: it ignores the seed)" if strategy == "grid" else
                   f"{strategy} (median of {counted(seeds.shape[1], 'seed')})")
     if comparison.target is not None:
         axes.axhline(comparison.target, color="black", linestyle="--", linewidth=1,

@@ -231,7 +231,7 @@ def draw_figures(study: optuna.Study, trials: pd.DataFrame, space: Space, client
         axes = optuna_plots.plot_optimization_history(study, target_name=metric)
         mark_unfinished(axes, trials, metric)
         axes.xaxis.get_major_locator().set_params(integer=True)  # trial numbers: no tick at 1.5 on a small study
-        figures.append(_save(axes, out / "history.png", (9, 5)))
+        figures.append(_save(axes, out / "history.png", (11, 5)))  # its legend beside the plot
         if importance_of:
             figures.append(_save(plot_importance(study, importance_of, metric), out / "importance.png", (8, 5)))
         # Parallel coordinates over unconditional parameters only: one unset in a trial drops the trial.
@@ -259,7 +259,7 @@ def mark_unfinished(axes, trials: pd.DataFrame, metric: str) -> None:
     if not failed.empty:  # no value to plot: a mark on the x axis at the trial's number
         axes.scatter(failed["trial"], [0.02] * len(failed), marker="x", color="black", zorder=3,
                      transform=axes.get_xaxis_transform(), label="failed, diverged or too slow")
-    axes.legend(loc="best")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside the points, not over them
 
 
 def plot_learning_curves(client: MlflowClient, trials: pd.DataFrame, metric: str, mode: str, path: Path,
