@@ -34,15 +34,39 @@ def mlflow_store(tmp_path, monkeypatch):
     return uri
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance, sized for the 2-core CI machine, shared by every test that needs it."""
+def start_session_ray():
+    """The session's local Ray: sized for the 2-core CI machine, and with no GPU, so trials run on the CPU."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance, shared by every test that needs it (`start_session_ray`)."""
+    yield start_session_ray()
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture
+def gpu_ray():
+    """A local Ray that sees the GPU, for one test; the session's (CPU-only) Ray is put back after it, so the tests
+    after it find theirs (they broke on a GPU machine: "Ray has not been started yet", trials on CUDA)."""
+    import ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if was_running:
+            start_session_ray()
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,12 @@ def test_the_test_pass_runs_on_the_gpu_and_agrees_with_the_cpu(digits_data):
     model = build_model(TrainConfig(), digits_data.preprocessing())
     cpu = build_model(TrainConfig(), digits_data.preprocessing())
     cpu.load_state_dict(model.state_dict())
-    on_gpu = evaluate_test(model, digits_data)
+    moved = []
+    with pytest.MonkeyPatch.context() as patch:  # where the model was taken: the test must see the GPU used
+        to = torch.nn.Module.to
+        patch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(str(a[0]) if a else "") or to(self, *a, **k))
+        on_gpu = evaluate_test(model, digits_data)
+    assert moved and moved[0] == "cuda", moved
     assert next(model.parameters()).device.type == "cpu", "handed back on the CPU, where export expects it"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: False)
@@ -52,41 +57,40 @@ def test_the_exported_model_resizes_on_the_gpu_as_on_the_cpu(digits_data, tmp_pa
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4)
 
 
-def test_fractional_gpu_trials_share_one_gpu(mlflow_store):
-    import ray
+def test_fractional_gpu_trials_share_one_gpu(mlflow_store, gpu_ray):
+    experiment = load_experiment(None, ["train.epochs=2", "search.strategy=random", "search.trials=4",
+                                        "search.gpus_per_trial=0.25", "search.cpus_per_trial=1"])
+    outcome = run_study(experiment, StudyOptions(name="gpu-share"))
+    assert outcome.counts == {"completed": 4}
+    assert set(trials_devices("gpu-share")) == {"cuda"}, "a trial given a GPU trains on it"
+    from cnnopt.analysis import load_trials
+    from cnnopt.tracking import make_client
 
-    ray.shutdown()  # this test needs a Ray instance that sees the GPU
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        experiment = load_experiment(None, ["train.epochs=2", "search.strategy=random", "search.trials=4",
-                                            "search.gpus_per_trial=0.25", "search.cpus_per_trial=1"])
-        outcome = run_study(experiment, StudyOptions(name="gpu-share"))
-        assert outcome.counts == {"completed": 4}
-        assert set(trials_devices("gpu-share")) == {"cuda"}, "a trial given a GPU trains on it"
-        from cnnopt.analysis import load_trials
-        from cnnopt.tracking import make_client
-
-        client = make_client()  # shared, not one after another: some two trials' runs overlap in time
-        spans = [(run.info.start_time, run.info.end_time) for run in
-                 (client.get_run(run_id) for run_id in load_trials("digits", "gpu-share")["run_id"])]
-        assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), spans
-    finally:
-        ray.shutdown()
+    client = make_client()  # shared, not one after another: some two trials' runs overlap in time
+    spans = [(run.info.start_time, run.info.end_time) for run in
+             (client.get_run(run_id) for run_id in load_trials("digits", "gpu-share")["run_id"])]
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), spans
 
 
-def test_by_default_a_study_packs_its_trials_on_the_gpu(mlflow_store, capsys):
-    import ray
+def test_by_default_a_study_packs_its_trials_on_the_gpu(mlflow_store, capsys, gpu_ray):
+    experiment = load_experiment(None, ["train.epochs=1", "search.strategy=random", "search.trials=2"])
+    assert experiment.search.gpus_per_trial == -1, "no flag: auto"
+    run_study(experiment, StudyOptions(name="gpu-auto", header="study gpu-auto"))
+    assert "study gpu-auto; trials on 1 GPU, 8 per GPU" in capsys.readouterr().out
+    assert set(trials_devices("gpu-auto")) == {"cuda"}
 
-    ray.shutdown()
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        experiment = load_experiment(None, ["train.epochs=1", "search.strategy=random", "search.trials=2"])
-        assert experiment.search.gpus_per_trial == -1, "no flag: auto"
-        run_study(experiment, StudyOptions(name="gpu-auto", header="study gpu-auto"))
-        assert "study gpu-auto; trials on 1 GPU, 8 per GPU" in capsys.readouterr().out
-        assert set(trials_devices("gpu-auto")) == {"cuda"}
-    finally:
-        ray.shutdown()
+
+def test_a_study_on_the_cpu_by_its_device_setting_holds_no_gpu_share(mlflow_store, capsys, gpu_ray):
+    """train.device = cpu on a GPU cluster: its trials each held 1/8 of the GPU (8 at once on 16 CPUs, not 16),
+    and the final training took the whole GPU."""
+    experiment = load_experiment(None, ["train.epochs=1", "search.strategy=random", "search.trials=2",
+                                        "train.device=cpu"])
+    run_study(experiment, StudyOptions(name="gpu-cpu", header="study gpu-cpu"))
+    assert "study gpu-cpu; trials on the CPU, 2 at once" in capsys.readouterr().out
+    assert set(trials_devices("gpu-cpu")) == {"cpu"}
+    from cnnopt.study.final import whole_node
+
+    assert whole_node(False) == (4.0, 0.0) and whole_node(True) == (4.0, 1.0)
 
 
 def trials_devices(study: str) -> list[str]:

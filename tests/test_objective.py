@@ -323,6 +323,19 @@ def test_a_device_torch_would_refuse_is_one_line(device):
         objective.resolve_device(device)
 
 
+def test_a_cuda_index_past_the_machines_gpus_is_one_line(monkeypatch):
+    """cuda:3 on a one-GPU machine passed (only is_available was asked) and failed in torch with a traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert objective.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(UsageError, match=r"^train.device = 'cuda:3' but this machine shows 1 CUDA GPU \(cuda:0\); "
+                                         "name one of those, or use train.device=cuda$"):
+        objective.resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UsageError, match=r"shows 2 CUDA GPUs \(cuda:0 to cuda:1\)"):
+        objective.resolve_device("cuda:2")
+
+
 def test_mps_is_taken_where_torch_has_it_and_one_line_where_not():
     if torch.backends.mps.is_available():
         assert objective.resolve_device("mps").type == "mps"

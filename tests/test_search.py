@@ -596,6 +596,19 @@ def test_gpus_per_trial_auto_packs_trials_per_gpu_or_takes_the_cpu():
     assert resolve_resources(search, {"CPU": 2.0}).gpus_per_trial == 0
     explicit = load_experiment(None, ["search.gpus_per_trial=0.5"]).search
     assert resolve_resources(explicit, {"CPU": 16.0, "GPU": 2.0}).gpus_per_trial == 0.5
+    # train.device naming the CPU (or an Apple GPU): no GPU share, which only held trials back (8 at once on 16
+    # CPUs); cuda or auto take the share.
+    for device, share in (("cpu", 0), ("mps", 0), ("cuda", 0.25), ("auto", 0.25)):
+        assert resolve_resources(search, {"CPU": 16.0, "GPU": 2.0}, device).gpus_per_trial == share, device
+
+
+def test_a_study_refuses_a_numbered_cuda_device_in_one_line(ray_session, mlflow_store):
+    """Inside a trial, the GPU Ray gives it is cuda:0; train.device = cuda:1 failed every trial ("invalid device
+    ordinal"), and the budget's probe with a traceback."""
+    experiment = load_experiment(None, ["train.device=cuda:1", "search.trials=1", "search.gpus_per_trial=0"])
+    with pytest.raises(UsageError, match=r"^train.device = 'cuda:1' names one GPU, but each trial trains on the GPU "
+                                         r"Ray gives it; set train.device=cuda \(or auto\)"):
+        run_study(experiment, StudyOptions(name="numbered"))
 
 
 def test_concurrency_is_at_most_what_the_cluster_holds(ray_session):

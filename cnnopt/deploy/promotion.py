@@ -67,10 +67,12 @@ def best_trial_run(client, experiment: Experiment, study: str | None):
 
 
 @torch.no_grad()
-def evaluate_test(model, data: ImageData) -> dict:
-    """Loss, accuracy, per-class accuracy and the confusion matrix on the test split (in eval mode), on
-    the GPU where there is one (the model is handed back on the CPU, where export expects it)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a VGG's 10,000 images: ~15 s on 2 cores
+def evaluate_test(model, data: ImageData, device: str = "auto") -> dict:
+    """Loss, accuracy, per-class accuracy and the confusion matrix on the test split (in eval mode), on the GPU
+    where there is one and train.device (`device`) does not name the CPU or an Apple GPU (the model is handed back
+    on the CPU, where export expects it)."""
+    on_gpu = torch.cuda.is_available() and device not in ("cpu", "mps")
+    device = torch.device("cuda" if on_gpu else "cpu")  # a VGG's 10,000 images: ~15 s on 2 cores
     model.eval().to(device)
     normalize = Normalize(data.mean, data.std, device)
     try:
@@ -186,7 +188,7 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         model_dir = scratch / "model"
         # The exported files are checked in a fresh process while the test pass runs; registering waits for it.
         with exported(Predictor(model, trained), model_dir, data.test_x[:256]) as files:
-            result = evaluate_test(model, data)  # the one use of the test split
+            result = evaluate_test(model, data, settings.train.device)  # the one use of the test split
             plot_confusion(result["confusion"], data.class_names, scratch / "confusion_matrix.png")
             (model_dir / "model_card.md").write_text(model_card(settings, run, checkpoint, result, reads, again))
         metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],

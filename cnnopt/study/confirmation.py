@@ -126,7 +126,7 @@ def _train_all(experiment: Experiment, client, parent, todo: list, candidates: d
     space = search_spaces.get(experiment.search_space)
     data = load_data(experiment.data).without_test()
     with ray_session(address):
-        search = resolve_resources(search, ray.cluster_resources())
+        search = resolve_resources(search, ray.cluster_resources(), experiment.train.device)
         shared = ray.put(data)
         dataset = tracking.train_dataset(experiment.data, data.train_x, data.train_y)  # once, in the driver
         task = ray.remote(num_cpus=search.cpus_per_trial, num_gpus=search.gpus_per_trial)(_train_seed)

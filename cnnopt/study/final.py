@@ -40,7 +40,7 @@ from cnnopt.data import cache as data_cache
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import last_line
 from cnnopt.experiment.config import Experiment, TrainConfig
-from cnnopt.study.runner import ray_session
+from cnnopt.study.runner import ray_session, uses_cuda
 from cnnopt.study.trainable import assigned_device, check_no_test
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
@@ -101,7 +101,7 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
     data = final_data(experiment)
     keep = "last"  # where its schedule ends; a best epoch picked among hundreds of val passes is picked by luck too
     with ray_session(address):
-        cpus, gpus = whole_node()
+        cpus, gpus = whole_node(uses_cuda(experiment.train.device) and experiment.search.gpus_per_trial != 0)
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_train)
         try:
             config, result = ray.get(task.remote(config, ray.put(data), experiment.search.final_epochs, deadline,
@@ -188,11 +188,12 @@ def stretched(config: TrainConfig, epochs: int, trial_epochs: int) -> TrainConfi
     return dataclasses.replace(config, epochs=epochs, step_size=step_size)
 
 
-def whole_node() -> tuple[float, float]:
-    """The resources of the largest live node: all its CPUs, and one GPU where it has any."""
+def whole_node(gpu: bool = True) -> tuple[float, float]:
+    """The resources of the largest live node: all its CPUs, and one GPU where it has any and the study trains on
+    GPUs (`gpu`: not where train.device names the CPU, or --gpus-per-trial 0 kept its trials off them)."""
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    largest = max(nodes, key=lambda resources: (resources.get("GPU", 0), resources.get("CPU", 0)))
-    return largest.get("CPU", 1), min(1.0, largest.get("GPU", 0))
+    largest = max(nodes, key=lambda resources: (resources.get("GPU", 0) if gpu else 0, resources.get("CPU", 0)))
+    return largest.get("CPU", 1), min(1.0, largest.get("GPU", 0)) if gpu else 0.0
 
 
 def _train(config: TrainConfig, data: ImageData, epochs: int, deadline: float, trial_epochs: int,

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -107,7 +108,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
     own_ray = start_ray(options.address)
     kept = False
     try:
-        search = resolve_resources(experiment.search, ray.cluster_resources())
+        search = resolve_resources(experiment.search, ray.cluster_resources(), experiment.train.device)
         check_resources(experiment, search)  # what the cluster cannot run is said before the study writes anything
         data, digest, parent = open_study(experiment, options, space)
         print(f"{options.header}; {placement(search)}" if options.header else placement(search), flush=True)
@@ -117,7 +118,7 @@ def run_study(experiment: Experiment, options: StudyOptions) -> StudyOutcome:
         if search.time_budget and options.planned:
             plan, experiment, data = plan_budget(experiment, space, data, search, started, options,
                                                  searched=searched_plan(parent) if ended else None)
-            search = resolve_resources(experiment.search, ray.cluster_resources())
+            search = resolve_resources(experiment.search, ray.cluster_resources(), experiment.train.device)
         outcome = _run(experiment, search, space, data, options, recorded=asked, plan=plan, digest=digest,
                        parent=parent, search_ended=ended)
         kept = own_ray and options.keep_ray
@@ -205,6 +206,10 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
     if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
         raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs}); "
                          "lower it or raise train.epochs")
+    if re.fullmatch(r"cuda:\d+", experiment.train.device):  # inside a trial, Ray's GPU is cuda:0 whichever it is
+        raise UsageError(f"train.device = {experiment.train.device!r} names one GPU, but each trial trains on the "
+                         "GPU Ray gives it; set train.device=cuda (or auto), and pick a machine's GPUs with "
+                         "CUDA_VISIBLE_DEVICES before Ray starts")
     if experiment.train.device.startswith("cuda") and search.gpus_per_trial == 0:
         raise UsageError(f"train.device = {experiment.train.device!r} but --gpus-per-trial 0 gives trials no GPU; "
                          "set train.device=auto (the GPU whenever Ray gives a trial one), or give trials a GPU")
@@ -608,13 +613,20 @@ def make_searcher(experiment: Experiment, space: Space, past: list[PastTrial]) -
     return searcher
 
 
-def resolve_resources(search: SearchConfig, available: dict) -> SearchConfig:
+def resolve_resources(search: SearchConfig, available: dict, device: str = "auto") -> SearchConfig:
     """[search] with gpus_per_trial resolved: auto (-1) packs trials_per_gpu trials on each GPU the
-    cluster has, or trains on the CPU where it has none; any other value stays as asked."""
+    cluster has, or trains on the CPU where it has none or where train.device (`device`) names the CPU or
+    an Apple GPU (a GPU share would only hold trials back: 8 at once on 16 CPUs); any other value stays as
+    asked."""
     if search.gpus_per_trial != -1:
         return search
-    share = 1 / search.trials_per_gpu if available.get("GPU", 0) > 0 else 0.0
+    share = 1 / search.trials_per_gpu if available.get("GPU", 0) > 0 and uses_cuda(device) else 0.0
     return dataclasses.replace(search, gpus_per_trial=share)
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether train.device lets a run train on a CUDA GPU it is given (auto, cuda)."""
+    return device not in ("cpu", "mps")
 
 
 def placement(search: SearchConfig) -> str:

@@ -71,6 +71,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device = {name!r} but no CUDA GPU is visible; use train.device=auto or cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= (count := torch.cuda.device_count()):
+        raise UsageError(f"train.device = {name!r} but this machine shows {count} CUDA GPU"
+                         f"{'s' * (count != 1)} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); "
+                         "name one of those, or use train.device=cuda")
     return torch.device(name)
 
 
