@@ -557,7 +557,12 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     code = subprocess.call([sys.executable, "-m", "cnnopt.search", "--address", cluster.address, "--strategy",
                             "random", "--trials", "4", "--concurrency", "2", "--name", "cluster",
                             "--set", "train.epochs=2", "--no-promote", "--no-report"])
+    # Two CPUs in all, one a node: a 2-CPU trial passed the check and waited forever for a node to hold it.
+    big = subprocess.run([sys.executable, "-m", "cnnopt.search", "--address", cluster.address, "--trials", "1",
+                          "--cpus-per-trial", "2", "--name", "too-big", "--no-promote"], capture_output=True,
+                         text=True, timeout=120)
     cluster.shutdown()
+    print("too big:", big.returncode, big.stderr.strip())
     sys.exit(code)
 """)
 
@@ -571,6 +576,21 @@ def test_two_node_cluster_runs_trials_on_both_nodes(mlflow_store, tmp_path):
     _, _, children = study_runs(mlflow_store, "cluster")
     assert len(children) == 4 and all(c.data.tags["status"] == "completed" for c in children)
     assert len({c.data.tags["node_id"] for c in children}) == 2
+    assert ("too big: 2 error: each trial asks for 2 CPUs but no node of the Ray cluster has more than 1 (the "
+            "cluster's 2 are spread over 2 nodes, and a trial runs on one); lower --cpus-per-trial") in done.stdout, \
+        done.stdout
+
+
+def test_trials_at_once_are_counted_node_by_node():
+    """Three 1-GPU nodes hold six 0.4-GPU trials (two a node), not the seven 3 GPUs in all would make; a node with
+    no CPU for the trials (a head node started with num_cpus=0) holds none."""
+    from cnnopt.study.runner import slots_on
+
+    nodes = [{"CPU": 8.0, "GPU": 1.0}] * 3
+    assert slots_on(nodes, 1, 0.4) == 6
+    assert slots_on(nodes, 1, 0) == 24, "no GPU asked: the CPUs decide"
+    assert slots_on([{"CPU": 0.0}, {"CPU": 2.0}], 1, 0) == 2
+    assert slots_on([{"CPU": 3.0, "GPU": 1.0}], 2, 0.25) == 1
 
 
 def test_bad_search_input_is_one_clear_line(tmp_path):

@@ -641,14 +641,23 @@ def placement(search: SearchConfig) -> str:
 
 
 def check_resources(experiment: Experiment, search: SearchConfig) -> None:
-    """A trial that asks for more than the cluster has would wait forever: say so now."""
+    """A trial that asks for more than the cluster has, or than any one node has (a trial runs on one node), would
+    wait forever: say so now."""
     available = ray.cluster_resources()
+    nodes = node_resources()
     if search.gpus_per_trial > available.get("GPU", 0):
         raise UsageError(f"each trial asks for {search.gpus_per_trial:g} GPU but the Ray cluster has "
                          f"{available.get('GPU', 0):g}; pass --gpus-per-trial 0 to train on the CPU")
     if search.cpus_per_trial > available.get("CPU", 0):
         raise UsageError(f"each trial asks for {search.cpus_per_trial:g} CPUs but the Ray cluster has "
                          f"{available.get('CPU', 0):g}; lower --cpus-per-trial")
+    for key, asked, flag in (("GPU", search.gpus_per_trial, "--gpus-per-trial"),
+                             ("CPU", search.cpus_per_trial, "--cpus-per-trial")):
+        most = max((resources.get(key, 0) for resources in nodes), default=0)
+        if asked > most:
+            raise UsageError(f"each trial asks for {asked:g} {key}s but no node of the Ray cluster has more than "
+                             f"{most:g} (the cluster's {available.get(key, 0):g} are spread over "
+                             f"{len(nodes)} nodes, and a trial runs on one); lower {flag}")
     if experiment.train.device.startswith("cuda") and not search.gpus_per_trial:
         raise UsageError(f"train.device = {experiment.train.device!r} but the Ray cluster has no GPU for the "
                          "trials; set train.device=auto to train on the CPU")
@@ -661,11 +670,20 @@ def concurrency(search: SearchConfig) -> int:
     """Trials at once: as many as the cluster's CPUs (or GPU shares) hold, or fewer where asked. More than
     that would not run at once anyway, while a sampler would be asked for them all before it learns from
     any, and a time budget would plan for slots that do not exist (`check_resources` says so)."""
-    available = ray.cluster_resources()
-    slots = fits(available.get("CPU", 1), search.cpus_per_trial)
-    if search.gpus_per_trial:
-        slots = min(slots, fits(available.get("GPU", 0), search.gpus_per_trial))
+    slots = slots_on(node_resources(), search.cpus_per_trial, search.gpus_per_trial)
     return min(search.concurrency, max(1, slots)) if search.concurrency else max(1, slots)
+
+
+def node_resources() -> list[dict]:
+    """Each live node's resources (CPU, GPU, ...), as Ray places tasks: one node at a time."""
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def slots_on(nodes: list[dict], cpus: float, gpus: float) -> int:
+    """Trials of `cpus` CPUs and `gpus` GPUs that fit at once, node by node: three 1-GPU nodes hold six 0.4-GPU
+    trials, not the seven the cluster's 3 GPUs in all would suggest."""
+    return sum(min(fits(resources.get("CPU", 0), cpus), fits(resources.get("GPU", 0), gpus) if gpus else math.inf)
+               for resources in nodes)
 
 
 def fits(total: float, share: float) -> int:
