@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return against(args)
     import torch
 
-    from _machine import cpu_description  # bench/ is on sys.path when a script runs
+    from _machine import cpu_description, gpu_description  # bench/ is on sys.path when a script runs
     import cnnopt.search
     from cnnopt.cli import quiet_libraries
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     random_images = not (root / "cifar-10-batches-py" / "batches.meta").exists()
     if random_images:
         write_random_cifar(root)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    gpu = gpu_description()  # not torch.cuda.get_device_name: it would start CUDA in the study's own driver
     lines = [f"command: python {shlex.join(sys.argv)}", f"machine: {cpu_description()}; {gpu}; torch {torch.__version__}",
              f"data: {'random CIFAR-shaped images in ' if random_images else 'CIFAR-10 in '}{root}"]
     for line in lines:

@@ -200,14 +200,14 @@ def run_bare(config, data, augment: bool) -> float:
 
     from cnnopt.data.augment import random_crop, random_flip
     from cnnopt.training.model import build_model
-    from cnnopt.training.objective import make_optimizer, make_schedule
-    from train_throughput import epoch_plan
+    from cnnopt.training.objective import batch_bounds, make_optimizer, make_schedule
 
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     cuda = device.type == "cuda"
     model = build_model(config, data.preprocessing()).to(device, memory_format=torch.channels_last)
-    images, steps, _ = epoch_plan(len(data.train_y), config.batch_size)  # train's rule for a last batch of one
+    bounds = batch_bounds(len(data.train_y), config.batch_size)  # train's batches: equal sizes, every image
+    images, steps = len(data.train_y), len(bounds)
     optimizer = make_optimizer(config, model.parameters())
     schedule = make_schedule(config, optimizer, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
@@ -221,8 +221,8 @@ def run_bare(config, data, augment: bool) -> float:
     synchronize(device)
     start = time.perf_counter()
     order = torch.randperm(len(train_y), device=device, generator=generator)
-    for first in range(0, images, config.batch_size):
-        index = order[first:min(first + config.batch_size, images)]
+    for first, end in bounds:
+        index = order[first:end]
         x, y = train_x[index], train_y[index]
         if augment:
             x = x.float() / 255

@@ -166,9 +166,9 @@ def test_on_improve_is_called_before_the_report(digits_data):
 def test_an_epochs_batches_are_of_equal_size_and_hold_every_image_once():
     """Cut at batch_size with the rest as a last batch, 5,000 images at 128 left a last batch of 8, whose
     BatchNorm statistics every checkpoint then carried (1-4 points of test accuracy on CIFAR-10 subsets)."""
-    assert objective._batch_bounds(5000, 128) == [(125 * i, 125 * (i + 1)) for i in range(40)]
+    assert objective.batch_bounds(5000, 128) == [(125 * i, 125 * (i + 1)) for i in range(40)]
     for count, size in ((1259, 50), (4500, 128), (50000, 512), (129, 128), (7, 2), (3, 2), (2, 128), (300, 300)):
-        bounds = objective._batch_bounds(count, size)
+        bounds = objective.batch_bounds(count, size)
         sizes = [end - start for start, end in bounds]
         assert bounds[0][0] == 0 and bounds[-1][1] == count and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
         assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 2, (count, size, sizes)

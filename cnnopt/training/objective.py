@@ -240,7 +240,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
     setup = set_up(config, data)
     model, device, memory_format = setup.model, setup.device, setup.memory_format
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
-    batches = _batch_bounds(len(setup.train_y), config.batch_size)
+    batches = batch_bounds(len(setup.train_y), config.batch_size)
     schedule = make_schedule(config, setup.optimizer, len(batches))
 
     result = TrainResult(trials.COMPLETED, 0, {}, 0, model.num_parameters)
@@ -436,7 +436,7 @@ def _gather(train_x: torch.Tensor, index: torch.Tensor, streamed: bool, device: 
     return train_x[index].to(device), index.to(device)
 
 
-def _batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
+def batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
     """An epoch's batches as (start, end) of its shuffled order: as few as hold `batch_size` images at most,
     of equal size but for one image (5,000 images at 128: 40 batches of 125), every image in one.
 
