@@ -33,6 +33,7 @@ def test_the_test_pass_runs_on_the_gpu_and_agrees_with_the_cpu(digits_data):
         patch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(str(a[0]) if a else "") or to(self, *a, **k))
         on_gpu = evaluate_test(model, digits_data)
     assert moved and moved[0] == "cuda", moved
+    assert torch.backends.cudnn.allow_tf32, "cuDNN's TF32 setting is put back after the fp32 test pass"
     assert next(model.parameters()).device.type == "cpu", "handed back on the CPU, where export expects it"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: False)

@@ -75,10 +75,13 @@ def evaluate_test(model, data: ImageData, device: str = "auto") -> dict:
     device = torch.device("cuda" if on_gpu else "cpu")  # a VGG's 10,000 images: ~15 s on 2 cores
     model.eval().to(device)
     normalize = Normalize(data.mean, data.std, device)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, as on the CPU (cuDNN's default is TF32 on Ampere+)
     try:
         logits = torch.cat([model(normalize(data.test_x[i:i + 1024].to(device))).cpu()
                             for i in range(0, len(data.test_y), 1024)])
     finally:
+        torch.backends.cudnn.allow_tf32 = tf32
         model.cpu()
     predictions = logits.argmax(1)
     confusion = torch.zeros(data.num_classes, data.num_classes, dtype=torch.long)
