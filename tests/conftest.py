@@ -153,7 +153,8 @@ STUDY_LINES = [
      r"|time budget [\d.]+ min, resumed after its search: \d+s to start, then the plan's \w+ \d+s(, \w+ \d+s)*", "?"),
     (r"  (search|confirm|final|finish) +\d+s  .*", "*"),  # the budget's plan
     (r"resuming: (\d+ of \d+ trials recorded, \d+ interrupted to rerun, \d+ new|the search had ended "
-     r"\(\d+ trials recorded\); no trial runs again)", "?"),
+     r"\(\d+ trials recorded\); no trial runs again|\d+ trials recorded, \d+ interrupted to rerun, then new ones "
+     r"until the search's share of the time budget ends \(at most \d+\))", "?"),
     (r"trial +\d+  \w+ +\w+ (\d\.\d{4}|nan|-)  .*  \(\d+\.\ds\)|search: no new trial in its last [\d.]+s: .*"
      r"|    too slow: an epoch would take ~\d+s, over search\.epoch_limit", "*"),
     (r"", ""),

@@ -495,8 +495,12 @@ def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, r
     if resume:
         interrupted = sum(trial.status == trials.INTERRUPTED for trial in recorder.past)
         reruns = min(interrupted, max(0, planned - done))
-        print(f"resuming: {done} of {planned} trials recorded, {reruns} interrupted to rerun, "
-              f"{max(0, planned - done - reruns)} new", flush=True)
+        new = max(0, planned - done - reruns)
+        if search.time_budget:  # the planned count is a cap: trials go on until the plan's search ends
+            print(f"resuming: {done} trials recorded, {reruns} interrupted to rerun, then new ones until the "
+                  f"search's share of the time budget ends (at most {new})", flush=True)
+        else:
+            print(f"resuming: {done} of {planned} trials recorded, {reruns} interrupted to rerun, {new} new", flush=True)
     return max(0, planned - done)
 
 
