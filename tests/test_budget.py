@@ -294,14 +294,15 @@ def test_a_final_training_replaces_its_run_only_with_more_epochs_and_no_worse_va
     judged a model that validation ranked second."""
     client = MlflowClient(tracking_uri=mlflow_store)
     chosen = client.create_run(client.create_experiment("choose")).info.run_id
-    client.log_metric(chosen, f"best_{metric}", theirs)
+    client.log_metric(chosen, f"best_{metric}", better)  # its best epoch: a lucky figure, not what is compared
+    client.log_metric(chosen, metric, theirs, step=10)  # its last epoch's
     chosen = client.get_run(chosen)
     experiment = load_experiment(None, [f"metric={metric}"])
     assert promotable(experiment, chosen, 12, 10, {metric: better}, "f") is None
     assert promotable(experiment, chosen, 12, 10, {metric: theirs}, "f") is None  # as good, and trained longer
     assert promotable(experiment, chosen, 12, 10, {metric: worse}, "f") == (
-        f"its {metric} {worse:.4f} is worse than the {theirs:.4f} of the run it repeats (run f, recorded): "
-        "that run is promoted as it is")
+        f"its {metric} {worse:.4f} at its last epoch is worse than the {theirs:.4f} of the run it repeats at its "
+        "last epoch (run f, recorded): that run is promoted as it is")
     assert promotable(experiment, chosen, 10, 10, {metric: better}, "f", before=True) == (
         "it trained 10 epochs, no more than the 10 its trial had (run f, recorded before this resume: not trained "
         "again): the run it repeats is promoted as it is")
@@ -313,6 +314,30 @@ def test_a_final_training_replaces_its_run_only_with_more_epochs_and_no_worse_va
     client.log_metric(on_train, "best_train_loss", 0.1)
     assert promotable(load_experiment(None, ["metric=train_loss"]), client.get_run(on_train), 12, 10,
                       {"train_loss": 0.5}, "f") is None
+
+
+def test_a_final_training_is_held_to_its_configurations_confirmed_mean(mlflow_store):
+    """QA: a final's last epoch (0.9814) had to beat its trial's best epoch (0.9851: the best of the study's best
+    trial's epochs), where the configuration's new seeds scored 0.9758 ± 0.0026: it lost to a lucky figure."""
+    client = MlflowClient(tracking_uri=mlflow_store)
+    experiment_id = client.create_experiment("held")
+    parent = client.create_run(experiment_id).info.run_id
+    for key, value in {"confirm_mean_trial_64": 0.9758, "confirm_std_trial_64": 0.0026, "confirm_seeds_trial_64": 2,
+                       "confirm_mean_trial_44": 0.99}.items():
+        client.log_metric(parent, key, value)
+    client.set_tag(parent, "confirmed_trial", "64")
+    chosen = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "trial_number": "64"}).info.run_id
+    client.log_metric(chosen, "best_val_accuracy", 0.9851)
+    client.log_metric(chosen, "val_accuracy", 0.9851, step=9)
+    chosen = client.get_run(chosen)
+    experiment = load_experiment(None)
+    assert promotable(experiment, chosen, 30, 9, {"val_accuracy": 0.9814}, "f") is None
+    assert promotable(experiment, chosen, 30, 9, {"val_accuracy": 0.97}, "f") == (
+        "its val_accuracy 0.9700 at its last epoch is worse than the 0.9758 trial 64's configuration scored over 2 "
+        "new seeds (run f, recorded): that run is promoted as it is")
+    seed = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "confirms_trial": "64"}).info.run_id
+    assert promotable(experiment, client.get_run(seed), 30, 9, {"val_accuracy": 0.9814}, "f") is None, \
+        "a seed of the configuration is held to the same mean"
 
 
 def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store, capsys, monkeypatch):

@@ -205,27 +205,10 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                      reads, study_name)
 
 
-def confirmed(run) -> tuple[int, float, float, int] | None:
-    """The confirmation of the configuration `run` trains, from its study's parent run: (its trial, the mean and
-    the standard deviation over the new seeds, how many seeds); None where none was recorded for it."""
-    parent_id = run.data.tags.get(tracking.PARENT_TAG)
-    tags = run.data.tags
-    trial = tags.get("trains_trial") or tags.get("confirms_trial") or tags.get("trial_number")  # final, seed, trial
-    if not parent_id or not trial:
-        return None
-    parent = tracking.make_client().get_run(parent_id)
-    mean = parent.data.metrics.get(f"confirm_mean_trial_{trial}")
-    std = parent.data.metrics.get(f"confirm_std_trial_{trial}")
-    seeds = parent.data.metrics.get(f"confirm_seeds_trial_{trial}")
-    if mean is None or parent.data.tags.get("confirmed_trial") != str(trial):
-        return None
-    return int(trial), mean, std or 0.0, int(seeds or 0)
-
-
 def confirmed_lines(run, metric: str) -> list[str]:
     """The model card's line on its configuration's confirmation: a figure with less selection in it than the
     run's own best epoch (the best of its study's trials, and of their epochs)."""
-    found = confirmed(run)
+    found = studies.confirmation_of(tracking.make_client(), run)
     if found is None:
         return []
     trial, mean, std, seeds = found

@@ -222,6 +222,22 @@ def trial_number(run) -> int:
     return int(run.data.tags.get("trial_number", 0))
 
 
+def confirmation_of(client: MlflowClient, run) -> tuple[int, float, float, int] | None:
+    """The confirmation of the configuration `run` trains (a trial, one of its seeds, or its final training), from
+    its study's parent run: (its trial, the mean and the standard deviation over the new seeds, how many seeds);
+    None where the study recorded none for it, or chose another configuration."""
+    tags = run.data.tags
+    trial = tags.get("trains_trial") or tags.get("confirms_trial") or tags.get("trial_number")  # final, seed, trial
+    if not tags.get(PARENT_TAG) or not trial:
+        return None
+    parent = client.get_run(tags[PARENT_TAG])
+    mean = parent.data.metrics.get(f"confirm_mean_trial_{trial}")
+    if mean is None or parent.data.tags.get("confirmed_trial") != str(trial):
+        return None
+    return (int(trial), mean, parent.data.metrics.get(f"confirm_std_trial_{trial}", 0.0),
+            int(parent.data.metrics.get(f"confirm_seeds_trial_{trial}", 0)))
+
+
 def best_trial_run(runs: list, metric: str, mode: str):
     """The best completed trial run by `best_<metric>` (`trials.best`: ties go to the lowest trial number)."""
     key = f"best_{metric}"
