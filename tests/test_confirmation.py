@@ -55,7 +55,10 @@ def test_the_choice_says_when_it_is_a_tie_or_within_noise():
                              "the mean of trial 20 is within one standard error of the difference from it: more seeds "
                              "(search.confirm_seeds) would tell them apart")
     assert _choose([twelve, far], "max").reason == base, "a clear difference needs no note"
-    assert "trials 20 and 24" in _choose([twelve, dataclasses.replace(twenty, runs=dict(twelve.runs)),
+    assert "the means of trials 20 and 24 are within one standard error" in _choose(
+        [twelve, twenty, dataclasses.replace(twenty_four, runs={1: ("g", 0.9851), 2: ("h", 0.9851), 3: ("i", 0.9851)})],
+        "max").reason
+    assert "its mean ties those of trials 20 and 24" in _choose([twelve, dataclasses.replace(twenty, runs=dict(twelve.runs)),
                                           dataclasses.replace(twenty_four, runs=dict(twelve.runs))], "max").reason
 
 

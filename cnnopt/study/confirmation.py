@@ -202,10 +202,12 @@ def _closeness(chosen: Candidate, scored: list[Candidate]) -> list[str]:
              and abs(c.mean - chosen.mean) <= math.hypot(_error(c), _error(chosen))]
     notes = []
     if tied:
-        notes.append(f"its mean ties that of {_trials(tied)}, and a tie goes to the better original trial")
+        notes.append(f"its mean ties {'those' if len(tied) > 1 else 'that'} of {_trials(tied)}, and a tie goes to "
+                     "the better original trial")
     if close:
-        notes.append(f"the mean of {_trials(close)} is within one standard error of the difference from it: "
-                     "more seeds (search.confirm_seeds) would tell them apart")
+        notes.append(f"the mean{'s' * (len(close) > 1)} of {_trials(close)} {'are' if len(close) > 1 else 'is'} "
+                     "within one standard error of the difference from it: more seeds (search.confirm_seeds) would "
+                     "tell them apart")
     return notes
 
 
