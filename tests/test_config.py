@@ -311,6 +311,18 @@ def test_an_infinite_number_is_refused_where_a_rule_reads_only_above_zero(settin
         load_experiment(None, [setting])
 
 
+@pytest.mark.parametrize("setting", ["data.seed=-1", "train.seed=-1", "search.seed=-1",
+                                     "train.seed=99999999999999999999", "search.seed=4294967296"])
+def test_a_seed_numpy_torch_or_optuna_would_refuse_is_one_line(setting):
+    """data.seed = -1 ("random", a common habit) was numpy's traceback in cnnopt.train, and after the store had
+    opened in cnnopt.search; a train.seed past int64 failed the run with torch's overflow traceback."""
+    key, _, value = setting.partition("=")
+    with pytest.raises(UsageError, match=rf"^{key} = {value} is not allowed: it must be a whole number from 0 to "
+                                         r"2147483647 \(-1 is not 'random': pick one\)"):
+        load_experiment(None, [setting])
+    load_experiment(None, [f"{key}=2147483647"])
+
+
 def test_an_infinite_number_in_a_file_is_refused_too(tmp_path):
     with pytest.raises(UsageError, match="train.lr = inf is not allowed: it must be a finite number"):
         load_experiment(write(tmp_path, "[train]\nlr = 1e400\n"))

@@ -501,6 +501,14 @@ def test_an_image_over_pillows_pixel_limit_says_so_and_how_to_shrink_it(tmp_path
                                  "'8000x8000>' with ImageMagick: training resizes it far smaller) or remove it")
 
 
+def test_a_data_root_under_the_home_folder_may_be_written_with_a_tilde(tmp_path, monkeypatch):
+    """data.root = "~/pets" was "image folder '~/pets' not found" (data.cache_dir took ~ already)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_flat_folder(tmp_path / "pets")
+    data = load_data(DataConfig(dataset="imagefolder", root="~/pets", image_size=8, cache=False))
+    assert data.class_names == ["cat", "dog"] and len(data.train_y) + len(data.val_y) + len(data.test_y) == 12
+
+
 def test_empty_class_folder_is_an_error(tmp_path):
     root = write_flat_folder(tmp_path / "pets")
     (root / "bird").mkdir()

@@ -377,7 +377,7 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str], tuple]:
     """CIFAR-10's parts (pool: the five train batches; test), class names, and what identifies the batches'
     bytes for `duplicates.source_hashes`: each file's resolved path, size and mtime, taken before it is read."""
-    root = Path(cfg.root or "data")
+    root = Path(cfg.root or "data").expanduser()
     folder = _cifar_folder(cfg, missing_ok=cfg.download)
     if not (folder / "batches.meta").exists():
         from torchvision.datasets import CIFAR10
@@ -401,7 +401,7 @@ def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str], tuple]:
 
 def _cifar_folder(cfg: DataConfig, missing_ok: bool = False) -> Path:
     """The folder of CIFAR-10's python batches: data.root itself or its cifar-10-batches-py."""
-    root = Path(cfg.root or "data")
+    root = Path(cfg.root or "data").expanduser()
     folder = root if (root / "batches.meta").exists() else root / "cifar-10-batches-py"
     if not missing_ok and not (folder / "batches.meta").exists():
         raise UsageError(f"CIFAR-10 not found in {folder}: set data.root to the folder holding cifar-10-batches-py, "
@@ -494,7 +494,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
 
 
 def _imagefolder_root(cfg: DataConfig) -> Path:
-    root = Path(cfg.root)
+    root = Path(cfg.root).expanduser()  # ~/photos, as a shell would read it (a quoted TOML string is not)
     if cfg.root and root.exists() and not root.is_dir():  # "not found" of a file that is there
         raise UsageError(f"data.root {cfg.root!r} is a file, not a folder: set data.root to the folder of class "
                          "folders (or of train/, val/, test/ folders of class folders)")

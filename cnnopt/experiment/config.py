@@ -305,6 +305,8 @@ def _fraction(value) -> bool:
     return 0 <= value < 1
 
 
+MAX_SEED = 2**31 - 1  # numpy's split generator takes no negative seed; Optuna's samplers none of 2**32 or more
+SEED_RULE = ((lambda v: 0 <= v <= MAX_SEED), f"a whole number from 0 to {MAX_SEED} (-1 is not 'random': pick one)")
 MAX_IMAGE_SIZE = 4096  # larger is no image a CNN here trains on (100,000 px once tried to allocate 2.7 TB)
 # Every numeric setting's allowed values, checked one setting at a time wherever an experiment is built
 # (a file, --set, a study's recorded settings), so a message names the one value that is wrong.
@@ -317,6 +319,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.memory_limit_mb": (lambda v: v >= 0, ">= 0 (0: a quarter of the machine's memory)"),
     "data.decode_workers": (lambda v: v >= 0, ">= 0 (0: one per core)"),
     "data.duplicates": (lambda v: v in ("warn", "drop", "error"), "'warn', 'drop' or 'error'"),
+    "data.seed": SEED_RULE, "train.seed": SEED_RULE, "search.seed": SEED_RULE,
     "train.epochs": _at_least(1), "train.batch_size": (lambda v: v >= 2, ">= 2 (BatchNorm needs two images)"),
     "train.lr": (lambda v: v > 0, "> 0"), "train.lr_batch": (lambda v: v >= 0, ">= 0 (0: lr as given at any batch size)"),
     "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),

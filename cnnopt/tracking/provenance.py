@@ -132,7 +132,7 @@ def train_dataset(config: DataConfig, images, labels) -> DatasetInput:
         images.cpu().numpy(), targets=labels.cpu().numpy(), name=config.dataset, digest=split_digest(images, labels),
         source=CodeDatasetSource({"dataset": DIGITS_SOURCE, "loader": "sklearn.datasets.load_digits"})).to_dict()
     if config.dataset != "digits":  # a folder on this machine: MLflow's 'local' source type, by its path
-        root = Path(config.root).resolve()
+        root = Path(config.root).expanduser().resolve()
         fields.update(source_type="local", source=json.dumps({"uri": str(root)}),
                       name=config.dataset if config.dataset == "cifar10" else root.name)
     return DatasetInput(Dataset(**fields), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train")])
