@@ -106,11 +106,19 @@ def test_a_wrong_dataset_path_address_or_value_leaves_nothing_behind(tmp_path, a
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("uri", ["./mlruns", "foo://bar"])
-def test_a_tracking_uri_mlflow_refuses_leaves_nothing_behind(tmp_path, uri):
+@pytest.mark.parametrize("uri,expected", [
+    ("./mlruns", "the MLflow tracking URI ./mlruns cannot be used"),
+    ("foo://bar", "the MLflow tracking URI foo://bar cannot be used"),
+    # In memory (two slashes, a typo for three): the study ran and its record vanished, "no trial completed".
+    ("sqlite://", "MLFLOW_TRACKING_URI = sqlite:// is a database in memory: nothing recorded there outlives"),
+    # A server's database whose driver is not installed: a traceback ending in "No module named 'psycopg'".
+    ("postgresql://u@127.0.0.1:1/db", "the MLflow store postgresql://u@127.0.0.1:1/db needs the Python package "
+                                      "psycopg[binary], which is not installed here: pip install psycopg[binary]"),
+])
+def test_a_tracking_uri_mlflow_refuses_leaves_nothing_behind(tmp_path, uri, expected):
     """Said before Ray starts: it was said once Ray was up, leaving cnnopt.log and an empty ray_results/."""
     done = search([], tmp_path, MLFLOW_TRACKING_URI=uri)
-    assert done.returncode == 2 and f"the MLflow tracking URI {uri} cannot be used" in error_line(done.stderr)
+    assert done.returncode == 2 and expected in error_line(done.stderr), done.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 

@@ -61,6 +61,11 @@ def make_client() -> MlflowClient:
         why = exc.message.strip().splitlines()[0].split(". ")[0].strip()
         raise UsageError(f"the MLflow tracking URI {uri} cannot be used ({why}); "
                          "set MLFLOW_TRACKING_URI to a sqlite:///PATH/mlflow.db or an http:// server") from None
+    except ModuleNotFoundError as exc:  # a database whose driver is not installed: postgresql://, mysql://
+        package = DRIVER_PACKAGES.get((exc.name or "").split(".")[0], exc.name)
+        raise UsageError(f"the MLflow store {uri} needs the Python package {package}, which is not installed here: "
+                         f"pip install {package}, or set MLFLOW_TRACKING_URI to a sqlite:///PATH/mlflow.db or an "
+                         "http:// server") from None
     except Exception as exc:  # SQLAlchemy's own: a database MLflow cannot open or bring up to date
         if not uri.startswith("sqlite:///"):
             raise
@@ -75,6 +80,8 @@ def make_client() -> MlflowClient:
 
 
 _checked_stores: set[str] = set()
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                   "pymysql": "pymysql", "pymssql": "pymssql", "pyodbc": "pyodbc"}  # module -> what pip installs
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -96,6 +103,10 @@ def check_store(uri: str, timeout: float = 5.0, create: bool = True) -> None:
     """Raise a UsageError naming the store if a local one cannot be written or a server does not answer;
     a local store's folders are made, unless create=False (a check that leaves nothing behind)."""
     fix = "set MLFLOW_TRACKING_URI to a writable sqlite:///PATH/mlflow.db or a reachable http:// server"
+    if uri.startswith("sqlite:") and (uri.partition("?")[0] in ("sqlite:", "sqlite://", "sqlite:///")
+                                      or ":memory:" in uri or "mode=memory" in uri):
+        raise UsageError(f"MLFLOW_TRACKING_URI = {uri} is a database in memory: nothing recorded there outlives the "
+                         "command; name a file, with three slashes: sqlite:///mlflow.db (or sqlite:////abs/path.db)")
     database = sqlite_file(uri)
     if database is not None:
         check_writable(database.parent, f"the MLflow store {uri}", fix, create)
