@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def list_spaces() -> None:
     for name in search_spaces.names():
-        space = search_spaces.get(name)
+        try:
+            space = search_spaces.get(name)
+        except UsageError as exc:  # one broken module: the others are still listed
+            print(f"{name}: cannot be used: {exc}")
+            continue
         summary = space.description.strip().split("\n\n")[0]  # the first paragraph, which may wrap over lines
         print(f"{name}: {' '.join(summary.split())}")
         print(f"    {', '.join(space.names)}")

@@ -189,6 +189,9 @@ def validate(space: Space) -> None:
     types = field_types(TrainConfig)
     seen: set[str] = set()
     for param in space.params:
+        if not isinstance(param, Param):
+            raise UsageError(f"search space {space.name!r}: its params must be Float, Int or Choice, found "
+                             f"{type(param).__name__} {param!r}")
         if param.name not in types:
             raise UsageError(f"search space {space.name!r}: {param.name!r} is not a [train] field")
         if param.name in seen:
@@ -197,8 +200,50 @@ def validate(space: Space) -> None:
             if name not in seen:
                 raise UsageError(f"search space {space.name!r}: {param.name!r} depends on {name!r}, "
                                  "which must be declared before it")
-        if isinstance(param, (Float, Int)) and not (param.low < param.high and (param.low > 0 or not param.log)):
-            raise UsageError(f"search space {space.name!r}: {param.name!r} needs low < high (and low > 0 on a log scale)")
+        where = f"search space {space.name!r}: {param.name!r}"
+        if isinstance(param, (Float, Int)):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in (param.low, param.high)):
+                raise UsageError(f"{where} needs finite numbers for low and high, got {param.low!r} and {param.high!r}")
+            if not (param.low < param.high and (param.low > 0 or not param.log)):
+                raise UsageError(f"{where} needs low < high (and low > 0 on a log scale)")
+            outside = [v for v in param.grid if not param.contains(v)]
+            if outside:  # a grid point outside the range trained all the same (lr = 5 in 1e-4..0.5)
+                raise UsageError(f"{where} has grid values {outside} outside its range {param.low:g}..{param.high:g}")
         if isinstance(param, Choice) and not param.choices:
-            raise UsageError(f"search space {space.name!r}: {param.name!r} has no choices")
+            raise UsageError(f"{where} has no choices")
+        kind = types[param.name]
+        values = param.choices if isinstance(param, Choice) else ()
+        wrong = [v for v in values if not _of_type(v, kind)]
+        if wrong:  # bool('no') is True: batch_norm = 'no' trained with BatchNorm
+            raise UsageError(f"{where} has choices {wrong} that are not {kind.__name__} values, as train.{param.name} "
+                             "takes" + (" (True or False, not strings)" if kind is bool else ""))
+        for name, allowed in param.when.items():
+            condition = next(p for p in space.params if p.name == name)
+            never = [v for v in allowed if isinstance(condition, Choice) and v not in condition.choices]
+            if never:  # the parameter would never be sampled
+                raise UsageError(f"{where} depends on {name} being {never}, which is not among {name}'s choices "
+                                 f"{list(condition.choices)}")
         seen.add(param.name)
+
+
+def _of_type(value: Any, kind: type) -> bool:
+    """Whether a declared choice is a value of the [train] field's type (an int is a float; a bool is no number)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def edge_values(space: Space) -> list[tuple[Param, Any, str]]:
+    """The values a space can give each parameter at its edges: a range's low and high (a setting's rule is an
+    interval, so they are enough), its grid values and every choice; (param, value, what it is)."""
+    found = []
+    for param in space.params:
+        if isinstance(param, Choice):
+            found += [(param, value, "a choice") for value in param.choices]
+        else:
+            found += [(param, param.low, "its low"), (param, param.high, "its high")]
+            found += [(param, value, "a grid value") for value in param.grid]
+    return found

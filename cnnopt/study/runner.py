@@ -35,8 +35,8 @@ from cnnopt import tracking, trials
 from cnnopt.cli import counted, sigterm_as_interrupt
 from cnnopt.data.datasets import ImageData, check_source, load_data, why_no_test
 from cnnopt.errors import UsageError, last_line
-from cnnopt.experiment.config import Experiment, SearchConfig, check_name
-from cnnopt.experiment.space import Space
+from cnnopt.experiment.config import Experiment, SearchConfig, TrainConfig, check_name, field_types
+from cnnopt.experiment.space import Space, edge_values
 from cnnopt.study.budget import Plan, allowances, last_start, make_plan, measure_epoch, shown
 from cnnopt.study.callback import StudyCallback
 from cnnopt.study.strategies import STRATEGIES, PickledSearcher
@@ -215,6 +215,7 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
                          "set train.device=auto (the GPU whenever Ray gives a trial one), or give trials a GPU")
     space = search_spaces.get(experiment.search_space)
     check_choices(experiment.train)  # a value no training takes is an error, searched or not (not "outside the space")
+    check_space_values(space, experiment.train)
     # A --set of a searched hyperparameter sets only the baseline trial (the experiment's own [train] values, the
     # first trial of a new random, bayes or gp study), or nothing: say which, rather than let it pass unseen.
     baseline = search.baseline_trial and search.strategy != "grid" and not options.resume
@@ -279,6 +280,19 @@ def open_study(experiment: Experiment, options: StudyOptions,
                              "and resume then")
         studies.check_same_data(parent, experiment, digest)
     return data.without_test(), digest, parent
+
+
+def check_space_values(space: Space, train: TrainConfig) -> None:
+    """Every value the space can give a parameter (its ranges' ends, grid values, choices: `space.edge_values`)
+    against the rules its [train] setting has (`check_choices`): a range past a rule (dropout up to 1.5), or a
+    choice no training takes (optimizer 'rmsprop'), failed trial by trial, or every trial of the study."""
+    for param, value, what in edge_values(space):
+        try:
+            check_choices(dataclasses.replace(train, **{param.name: field_types(TrainConfig)[param.name](value)}))
+        except UsageError as exc:
+            why = str(exc).split("; fix it")[0]
+            raise UsageError(f"search space {space.name!r} gives {param.name} = {value!r} ({what}), which no trial "
+                             f"could train: {why}; change it in {search_spaces.source_path(space.name)}") from None
 
 
 def check_search(search: SearchConfig) -> None:
