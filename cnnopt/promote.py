@@ -12,6 +12,7 @@ study that promoted another run already is refused unless --retest.
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from cnnopt import tracking
 from cnnopt.cli import Parser, add_experiment_args, quiet_libraries, run
@@ -36,7 +37,7 @@ def print_promotion(promotion: Promotion) -> None:
     else:
         print(f"  registered {promotion.name} version {promotion.model_version}; alias '{ALIAS}' stays on version "
               f"{promotion.previous_champion}, {promotion.reason}")
-    print(f"  predict with: python -m cnnopt.predict models:/{promotion.name}@{ALIAS} IMAGE...")
+    print(f"  predict with: python -m cnnopt.predict {shlex.quote(f'models:/{promotion.name}@{ALIAS}')} IMAGE...")
 
 
 def main(argv: list[str] | None = None) -> int:

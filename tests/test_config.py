@@ -276,7 +276,10 @@ def test_an_experiment_name_that_cannot_begin_a_study_name_asks_for_a_study_name
 @pytest.mark.parametrize("name, why", [("team/photos", "holds '/' or ':'"), ("a:b", "holds '/' or ':'"),
                                        ("", "is empty"), ("  ", "is empty"), (" photos", "begins or ends with a space"),
                                        ("..", "begins with '..'"), ("..photos", "begins with '..'"),
-                                       ("x" * 257, "is longer than the 256 characters")])
+                                       ("x" * 257, "is longer than the 256 characters"),
+                                       # QA: a?b registered, then models:/a?b@champion loaded model 'a' (not found)
+                                       ("a?b", r"holds '\?', which breaks its model's address"),
+                                       ("a#b", "holds '#'"), ("me@work", "holds '@'"), ("50%", "holds '%'")])
 def test_a_name_mlflow_refuses_for_the_experiment_or_model_is_one_line_when_the_experiment_is_built(tmp_path, name,
                                                                                                      why):
     """name=team/photos ran a whole study, read its test split, then failed to register the model (a 57-line

@@ -284,11 +284,16 @@ def _build(raw: dict[str, Any], path: str, overrides: tuple[str, ...] = (), chec
 MAX_NAME_LENGTH = 256  # what MLflow's store keeps of a registered model's name
 
 
+URI_BREAKERS = "?#@%\\"  # in models:/NAME@ALIAS they end or escape the name: a?b registered, then loaded as 'a'
+
+
 def check_name(name: str) -> None:
     """The experiment's `name` names its MLflow experiment and the model a promotion registers: one MLflow
     refuses there (empty, '/' or ':', too long) was found after the trials, at registration, with a traceback."""
     why = ("is empty" if not name.strip() else "begins or ends with a space" if name != name.strip()
            else "holds '/' or ':', which MLflow refuses in a registered model's name" if "/" in name or ":" in name
+           else (f"holds {next(c for c in name if c in URI_BREAKERS)!r}, which breaks its model's address "
+                 "(models:/NAME@champion)") if any(c in URI_BREAKERS for c in name)
            else "begins with '..' or is '.'" if name.startswith("..") or name == "."
            else f"is longer than the {MAX_NAME_LENGTH} characters MLflow keeps" if len(name) > MAX_NAME_LENGTH
            else "")
