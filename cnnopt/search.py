@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import statistics
 import sys
 import threading
 import time
@@ -358,14 +359,23 @@ def confirm_best(experiment, outcome, address: str | None):
         return None
     for candidate in confirmation.candidates:
         mark = "  <- chosen" if candidate is confirmation.chosen else ""
-        print(f"  trial {candidate.trial_number:3d}: {metric} {candidate.mean:.4f} ± {candidate.std:.4f} over "
-              f"{counted(len(candidate.values), 'new seed')} (the trial itself: {candidate.value:.4f}){mark}")
+        spread = f" ± {candidate.std:.4f}" if len(candidate.values) > 1 else ""
+        alone = " (one seed: no spread measured)" if len(candidate.values) == 1 else ""
+        print(f"  trial {candidate.trial_number:3d}: {metric} {candidate.mean:.4f}{spread} over "
+              f"{counted(len(candidate.values), 'new seed')}{alone} (the trial itself: {candidate.value:.4f}){mark}")
     # Where a final training follows, it trains this run's configuration and seed, and its model is promoted.
     print(f"  chosen run {confirmation.promote_run_id}: {confirmation.reason}")
-    record_choice(outcome.parent_run_id,
-                  {**{f"confirm_mean_trial_{c.trial_number}": c.mean for c in confirmation.candidates},
-                   **{f"confirm_std_trial_{c.trial_number}": c.std for c in confirmation.candidates},
-                   **{f"confirm_seeds_trial_{c.trial_number}": len(c.values) for c in confirmation.candidates}},
+    client = tracking.make_client()
+    metrics = {}
+    for c in confirmation.candidates:
+        if not c.values:  # no seed completed: no figure (NaN read as a mean, and held a final to nothing)
+            continue
+        last = [client.get_run(run_id).data.metrics.get(metric) for run_id, _ in c.runs.values()]  # last epochs
+        last = [value for value in last if value is not None and math.isfinite(value)]
+        metrics.update({f"confirm_mean_trial_{c.trial_number}": c.mean, f"confirm_std_trial_{c.trial_number}": c.std,
+                        f"confirm_seeds_trial_{c.trial_number}": len(c.values),
+                        **({f"confirm_last_mean_trial_{c.trial_number}": statistics.fmean(last)} if last else {})})
+    record_choice(outcome.parent_run_id, metrics,
                   {"confirmed_trial": confirmation.chosen.trial_number, "confirmed_run_id": confirmation.promote_run_id,
                    "confirmation": confirmation.reason})
     return confirmation
@@ -441,8 +451,7 @@ def print_summary(experiment, outcome) -> None:
                           if k in metrics and not math.isnan(metrics[k]))
         ties = best.get("ties") or []
         tied = (f"  (tied on {experiment.metric} with trial{'s' * (len(ties) > 1)} {', '.join(map(str, ties))}: the "
-                "lowest number is named" + ("; the confirmation tells them apart)" if experiment.search.confirm_top
-                                            else ")")) if ties else ""
+                "lowest number is named)") if ties else ""
         print(f"best trial {best['trial_number']} (epoch {int(metrics.get('epoch', 0))}): {shown}{tied}")
         print("  " + "  ".join(f"{k}={format_value(v)}" for k, v in best["params"].items()))  # as the trial lines
         print(f"  MLflow run {best['run_id']}")

@@ -302,10 +302,14 @@ def test_a_final_training_replaces_its_run_only_with_more_epochs_and_no_worse_va
     assert promotable(experiment, chosen, 12, 10, {metric: theirs}, "f") is None  # as good, and trained longer
     assert promotable(experiment, chosen, 12, 10, {metric: worse}, "f") == (
         f"its {metric} {worse:.4f} at its last epoch is worse than the {theirs:.4f} of the run it repeats at its "
-        "last epoch (run f, recorded): that run is promoted as it is")
+        "last epoch (final run f, recorded): the run it repeats is promoted as it is")
     assert promotable(experiment, chosen, 10, 10, {metric: better}, "f", before=True) == (
-        "it trained 10 epochs, no more than the 10 its trial had (run f, recorded before this resume: not trained "
-        "again): the run it repeats is promoted as it is")
+        "it trained 10 epochs, no more than the 10 its trial had (final run f, recorded before this resume: not "
+        "trained again): the run it repeats is promoted as it is")
+    # A final recorded before finals kept their last epoch holds its best epoch's score: held to the run's best.
+    assert promotable(experiment, chosen, 12, 10, {metric: theirs}, "f", kept_epoch="best") == (
+        f"its {metric} {theirs:.4f} at its best epoch is worse than the {better:.4f} of the run it repeats at its "
+        "best epoch (final run f, recorded): the run it repeats is promoted as it is")
     assert promotable(experiment, chosen, 12, 10, {"train_loss": 0.1}, "f") is None  # no val score: epochs decide
     on_val = load_experiment(None, [f"metric={metric}", "search.final_data=train+val"])  # its val metric is no score
     assert promotable(on_val, chosen, 12, 10, {metric: worse}, "f") is None
@@ -322,8 +326,8 @@ def test_a_final_training_is_held_to_its_configurations_confirmed_mean(mlflow_st
     client = MlflowClient(tracking_uri=mlflow_store)
     experiment_id = client.create_experiment("held")
     parent = client.create_run(experiment_id).info.run_id
-    for key, value in {"confirm_mean_trial_64": 0.9758, "confirm_std_trial_64": 0.0026, "confirm_seeds_trial_64": 2,
-                       "confirm_mean_trial_44": 0.99}.items():
+    for key, value in {"confirm_mean_trial_64": 0.9777, "confirm_std_trial_64": 0.0026, "confirm_seeds_trial_64": 2,
+                       "confirm_last_mean_trial_64": 0.9758, "confirm_mean_trial_44": 0.99}.items():
         client.log_metric(parent, key, value)
     client.set_tag(parent, "confirmed_trial", "64")
     chosen = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "trial_number": "64"}).info.run_id
@@ -333,11 +337,17 @@ def test_a_final_training_is_held_to_its_configurations_confirmed_mean(mlflow_st
     experiment = load_experiment(None)
     assert promotable(experiment, chosen, 30, 9, {"val_accuracy": 0.9814}, "f") is None
     assert promotable(experiment, chosen, 30, 9, {"val_accuracy": 0.97}, "f") == (
-        "its val_accuracy 0.9700 at its last epoch is worse than the 0.9758 trial 64's configuration scored over 2 "
-        "new seeds (run f, recorded): that run is promoted as it is")
+        "its val_accuracy 0.9700 at its last epoch is worse than the 0.9758 trial 64's configuration scored at its "
+        "last epoch over 2 new seeds (final run f, recorded): the run it repeats is promoted as it is")
     seed = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "confirms_trial": "64"}).info.run_id
     assert promotable(experiment, client.get_run(seed), 30, 9, {"val_accuracy": 0.9814}, "f") is None, \
         "a seed of the configuration is held to the same mean"
+    # No seed completed (the confirmation fell back on the trial, and logged a NaN mean): the run's last epoch,
+    # not nothing (a final at 0.50 replaced a chosen run at 0.99).
+    client.log_metric(parent, "confirm_mean_trial_64", float("nan"), step=1)
+    client.log_metric(parent, "confirm_last_mean_trial_64", float("nan"), step=1)
+    assert promotable(experiment, chosen, 30, 9, {"val_accuracy": 0.50}, "f").startswith(
+        "its val_accuracy 0.5000 at its last epoch is worse than the 0.9851 of the run it repeats at its last epoch")
 
 
 def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store, capsys, monkeypatch):

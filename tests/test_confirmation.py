@@ -55,6 +55,9 @@ def test_the_choice_says_when_it_is_a_tie_or_within_noise():
                              "the mean of trial 20 is within one standard error of the difference from it: more seeds "
                              "(search.confirm_seeds) would tell them apart")
     assert _choose([twelve, far], "max").reason == base, "a clear difference needs no note"
+    one_seed = Candidate(3, "t3", 0.99, {1: ("m", 0.9814)})
+    assert _choose([twelve, one_seed], "max").reason == (f"{base}; trial 3 had one seed, so no spread was measured "
+                                                         "and how far apart the means lie is not judged")
     assert "the means of trials 20 and 24 are within one standard error" in _choose(
         [twelve, twenty, dataclasses.replace(twenty_four, runs={1: ("g", 0.9851), 2: ("h", 0.9851), 3: ("i", 0.9851)})],
         "max").reason
@@ -88,10 +91,13 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     assert len(confirmations) == 4 and all(r.info.status == "FINISHED" for r in confirmations)
     assert {r.data.tags["seed"] for r in confirmations} == {"1", "2"}, "new seeds, never the trials' seed 0"
     by_trial: dict[str, list[float]] = {}
+    last_by_trial: dict[str, list[float]] = {}
     for run in confirmations:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
         by_trial.setdefault(run.data.tags["confirms_trial"], []).append(run.data.metrics["best_val_accuracy"])
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        last_by_trial.setdefault(run.data.tags["confirms_trial"], []).append(max(history, key=lambda m: m.step).value)
     # The configurations confirmed are the 2 best trials on validation (a tie to the lower trial number), no others.
     completed = [r for r in trials if r.data.tags["status"] == "completed"]
     best_two = sorted(completed, key=lambda r: (-r.data.metrics["best_val_accuracy"],
@@ -102,6 +108,9 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     chosen = parent.data.tags["confirmed_trial"]
     assert means[chosen] >= max(means.values()) - 1e-9, "the configuration with the best mean is chosen (or tied)"
     assert parent.data.metrics[f"confirm_mean_trial_{chosen}"] == pytest.approx(means[chosen])
+    for number, values in last_by_trial.items():  # what a final's last epoch is held to: the seeds' last epochs
+        assert parent.data.metrics[f"confirm_last_mean_trial_{number}"] == pytest.approx(sum(values) / len(values))
+        assert parent.data.metrics[f"confirm_seeds_trial_{number}"] == 2
     promoted = parent.data.tags["promoted_run_id"]
     chosen_runs = [r for r in trials + confirmations if chosen in (r.data.tags.get("trial_number"),
                                                                     r.data.tags.get("confirms_trial"))]

@@ -52,6 +52,8 @@ def runs(cwd: Path) -> list:
     (["--resume", "--name", "a'b"], {}, "study name \"a'b\" is not allowed"),  # looked up: an MLflow filter value
     (["--set", "train.device=cuda"], {}, "train.device = 'cuda' but the Ray cluster has no GPU for the trials"),
     (["--set", "train.device=cuda", "--gpus-per-trial", "0"], {}, "train.device = 'cuda' but --gpus-per-trial 0"),
+    (["--set", "train.device=cpu", "--gpus-per-trial", "0.5"], {},
+     "train.device = 'cpu' but --gpus-per-trial 0.5 gives each trial a GPU share it would not use"),
     (["--address", "127.0.0.1:9"], {}, "cannot reach the Ray cluster at '127.0.0.1:9'"),
     (["--address", "ray://127.0.0.1:9"], {}, "cannot reach the Ray cluster at 'ray://127.0.0.1:9'"),
     ([], {"MLFLOW_TRACKING_URI": "sqlite:///{cwd}/a_file/mlflow.db"}, "the MLflow store sqlite:///"),

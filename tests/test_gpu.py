@@ -27,12 +27,14 @@ def test_the_test_pass_runs_on_the_gpu_and_agrees_with_the_cpu(digits_data):
     model = build_model(TrainConfig(), digits_data.preprocessing())
     cpu = build_model(TrainConfig(), digits_data.preprocessing())
     cpu.load_state_dict(model.state_dict())
-    moved = []
+    moved, tf32 = [], []
+    model.register_forward_pre_hook(lambda module, inputs: tf32.append(torch.backends.cudnn.allow_tf32))
     with pytest.MonkeyPatch.context() as patch:  # where the model was taken: the test must see the GPU used
         to = torch.nn.Module.to
         patch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(str(a[0]) if a else "") or to(self, *a, **k))
         on_gpu = evaluate_test(model, digits_data)
     assert moved and moved[0] == "cuda", moved
+    assert tf32 and not any(tf32), "the test pass's convolutions run in fp32, not TF32"
     assert torch.backends.cudnn.allow_tf32, "cuDNN's TF32 setting is put back after the fp32 test pass"
     assert next(model.parameters()).device.type == "cpu", "handed back on the CPU, where export expects it"
     with pytest.MonkeyPatch.context() as patch:

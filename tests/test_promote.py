@@ -304,6 +304,16 @@ def test_champion_moves_unless_validation_says_the_champion_is_better(trained, d
     accuracy_again = registry.register(load_experiment(None, ["name=losses"]), fresh(), tmp_path / "model", 0.9, "s", 0.5, "v")
     assert accuracy_again.reason == ("not compared on validation: version "
                                      f"{other_metric.version} was selected on val_loss, not val_accuracy")
+    # A best epoch's score against a last epoch's (a final training's): they do not compare. QA: an older final's
+    # best epoch, 1.0 of 482, held the alias against every later model.
+    lucky_final = register(0.96, 1.0)  # tagged best (as before the tag: versions without it read as best)
+    assert lucky_final.moved
+    final = registry.register(experiment, fresh(), tmp_path / "model", 0.98, "split-a", 0.9963, "val-a", "last")
+    assert final.moved and final.reason == (f"not compared on validation: version {lucky_final.version}'s validation "
+                                            "score is of its best epoch, this one's of its last")
+    assert client.get_model_version("champions", final.version).tags["val_epoch"] == "last"
+    later = registry.register(experiment, fresh(), tmp_path / "model", 0.97, "split-a", 0.99, "val-a", "last")
+    assert not later.moved and "better (0.9963 against 0.9900" in later.reason, "last against last: compared"
 
 
 def test_a_promotion_cut_short_after_registering_is_resumed_with_its_version_not_a_copy(trained, digits_data,
@@ -481,6 +491,14 @@ def test_the_model_card_says_what_selected_the_model(mlflow_store):
     assert "Selected on: nothing; trained on train, its last epoch (16) kept, where its schedule ends" in final
     assert "- validation val_accuracy at that epoch: 0.9963" in final
     assert ("- confirmed: trial 12's configuration scored val_accuracy 0.9864 ± 0.0043 over 3 new seeds (mean ± "
-            "standard deviation at its trial's epochs: what to expect of it; a single run's best is luckier)") in final
+            "standard deviation of their best epochs, at its trial's length: one run's best is luckier)") in final
     seed = card("val_accuracy", {"confirms_trial": "24", "mlflow.parentRunId": parent}, {"best_val_accuracy": 0.99})
     assert not any(line.startswith("- confirmed") for line in seed), "trial 24 was not the configuration chosen"
+    # One seed: no spread shown as if measured; no completed seed (a NaN mean, as a fallback logged it): no line.
+    client.log_metric(parent, "confirm_seeds_trial_12", 1, step=1)
+    one = card("val_accuracy", {"trains_trial": "12", "mlflow.parentRunId": parent}, {"best_val_accuracy": 0.99})
+    assert ("- confirmed: trial 12's configuration scored val_accuracy 0.9864 with 1 new seed (one seed: no spread "
+            "measured)") in one
+    client.log_metric(parent, "confirm_mean_trial_12", float("nan"), step=2)
+    none = card("val_accuracy", {"trains_trial": "12", "mlflow.parentRunId": parent}, {"best_val_accuracy": 0.99})
+    assert not any(line.startswith("- confirmed") or "nan" in line for line in none)

@@ -29,6 +29,7 @@ from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, check_name, with_overrides
 from cnnopt.tracking import registry, studies
 from cnnopt.training.checkpoint import FILENAME, load_checkpoint
+from cnnopt.training.objective import uses_cuda
 
 
 @dataclass
@@ -71,8 +72,9 @@ def evaluate_test(model, data: ImageData, device: str = "auto") -> dict:
     """Loss, accuracy, per-class accuracy and the confusion matrix on the test split (in eval mode), on the GPU
     where there is one and train.device (`device`) does not name the CPU or an Apple GPU (the model is handed back
     on the CPU, where export expects it)."""
-    on_gpu = torch.cuda.is_available() and device not in ("cpu", "mps")
-    device = torch.device("cuda" if on_gpu else "cpu")  # a VGG's 10,000 images: ~15 s on 2 cores
+    on_gpu = torch.cuda.is_available() and uses_cuda(device)
+    numbered = device.startswith("cuda:") and int(device[5:]) < torch.cuda.device_count()  # cnnopt.train's cuda:1
+    device = torch.device(device if on_gpu and numbered else "cuda" if on_gpu else "cpu")  # a VGG's 10,000 images: ~15 s on 2 cores
     model.eval().to(device)
     normalize = Normalize(data.mean, data.std, device)
     tf32 = torch.backends.cudnn.allow_tf32
@@ -211,10 +213,12 @@ def confirmed_lines(run, metric: str) -> list[str]:
     found = studies.confirmation_of(tracking.make_client(), run)
     if found is None:
         return []
-    trial, mean, std, seeds = found
-    over = f" over {counted(seeds, 'new seed')}" if seeds else " over its new seeds"
-    return [f"- confirmed: trial {trial}'s configuration scored {metric} {mean:.4f} ± {std:.4f}{over} (mean ± "
-            "standard deviation at its trial's epochs: what to expect of it; a single run's best is luckier)"]
+    if found.seeds == 1:
+        return [f"- confirmed: trial {found.trial}'s configuration scored {metric} {found.mean:.4f} with 1 new seed "
+                "(one seed: no spread measured)"]
+    return [f"- confirmed: trial {found.trial}'s configuration scored {metric} {found.mean:.4f} ± {found.std:.4f} "
+            f"over {found.seeds} new seeds (mean ± standard deviation of their best epochs, at its trial's length: "
+            "one run's best is luckier)"]
 
 
 def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_reads: int = 1,

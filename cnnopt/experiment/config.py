@@ -142,8 +142,8 @@ class SearchConfig:
     confirm_seeds: int = 3  # new seeds (weights, batch order, augmentation) for each
     # After the search, the chosen configuration trained once more for final_epochs (its schedule stretched
     # to them) and promoted in place of its trial where it trains more epochs and scores no worse on validation
-    # (`final.promotable`); 0 promotes the trial itself. final_data: "train" keeps
-    # the validation split to pick the best epoch; "train+val" trains on both and keeps the last epoch.
+    # (`final.promotable`); 0 promotes the trial itself. It keeps its last epoch. final_data: "train" keeps
+    # the validation split to score that epoch; "train+val" trains on both (a tenth more images, scored by nothing).
     final_epochs: int = 0
     final_data: str = "train"
 

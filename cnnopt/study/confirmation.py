@@ -198,9 +198,15 @@ def _closeness(chosen: Candidate, scored: list[Candidate]) -> list[str]:
     better original trial took it), and those within one standard error of the difference (noise: more seeds
     would tell them apart)."""
     tied = [c.trial_number for c in scored if c is not chosen and abs(c.mean - chosen.mean) <= MEAN_TOLERANCE]
-    close = [c.trial_number for c in scored if c is not chosen and c.trial_number not in tied
+    single = [c.trial_number for c in scored if len(c.values) < 2 and c.trial_number not in tied]
+    close = [c.trial_number for c in scored if c is not chosen and c.trial_number not in tied + single
              and abs(c.mean - chosen.mean) <= math.hypot(_error(c), _error(chosen))]
     notes = []
+    if single:  # a standard error of 0 is no measured spread: a one-seed choice is not clear-cut
+        notes.append(f"{_trials(single)} had one seed, so no spread was measured and how far apart the means lie "
+                     "is not judged")
+        if chosen.trial_number in single:
+            close = []
     if tied:
         notes.append(f"its mean ties {'those' if len(tied) > 1 else 'that'} of {_trials(tied)}, and a tie goes to "
                      "the better original trial")

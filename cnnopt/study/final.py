@@ -18,8 +18,9 @@ whole node and the epochs left. It is trained once more:
   compared with its configuration's, `reference`), or on train + val (`"train+val"`: a tenth more images,
   compared by nothing);
 - recorded as the study's child run of kind `final`, which promotion then tests once and registers, in
-  place of the run it repeats only where it is at least as good on validation as that run (`promotable`):
-  the choice between the two is made on validation, as the study's others are.
+  place of the run it repeats only where its last epoch is at least as good on validation as its configuration
+  at the last epoch of the trial's length (`promotable`, `reference`): the choice between the two is made on
+  validation, as the study's others are.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ import search_spaces
 from cnnopt import tracking, trials
 from cnnopt.data import cache as data_cache
 from cnnopt.data.datasets import ImageData, load_data
+from cnnopt.cli import counted
 from cnnopt.errors import last_line
 from cnnopt.experiment.config import Experiment, TrainConfig
-from cnnopt.study.runner import ray_session, uses_cuda
+from cnnopt.study.runner import ray_session
 from cnnopt.study.trainable import assigned_device, check_no_test
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
-from cnnopt.training.objective import TrainResult, epoch_seconds, seconds_per_image, train
+from cnnopt.training.objective import TrainResult, epoch_seconds, seconds_per_image, train, uses_cuda
 
 
 @dataclass
@@ -90,7 +92,8 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
         if status == trials.COMPLETED and run.info.status == "FINISHED":
             kept = {key[len("best_"):]: value for key, value in run.data.metrics.items() if key.startswith("best_")}
             epochs = int(run.data.params.get("epochs", 0))
-            why = promotable(experiment, chosen, epochs, trial_epochs, kept, run.info.run_id, before=True)
+            why = promotable(experiment, chosen, epochs, trial_epochs, kept, run.info.run_id, before=True,
+                             kept_epoch=run.data.tags.get("kept_epoch", "best"))
             return why or FinalRun(run.info.run_id, epochs, trial_epochs, trials.COMPLETED, kept, recorded_before=True)
         if status in (trials.DIVERGED, trials.STOPPED):  # seeded: it would end the same way again
             return not_promoted(status, int(run.data.params.get("epochs", 0)), run.info.run_id, before=True)
@@ -143,39 +146,44 @@ def not_promoted(status: str, epochs: int, run_id: str, before: bool = False) ->
 
 
 def promotable(experiment: Experiment, chosen, epochs: int, trial_epochs: int, metrics: dict, run_id: str,
-               before: bool = False) -> str | None:
-    """Why a completed final training is not promoted in place of the run it repeats (`chosen`), or None.
+               before: bool = False, kept_epoch: str = "last") -> str | None:
+    """Why a completed final training (run `run_id`) is not promoted in place of the run it repeats (`chosen`),
+    or None.
 
     It must have trained more epochs than that run (a deadline can cut it to fewer once it has begun: a busy
     node), and, where it has a validation split (`final_data = "train"`), its last epoch must score at least what
-    its configuration scores without the extra epochs, by a figure with no more selection in it than its own
-    (`reference`): otherwise validation says the longer training did not help, and validation is what chooses
-    (`trials.not_worse`). A train+val final, or a train_* metric, has no validation score to compare
-    (`trials.validation_score`): the epochs decide."""
+    its configuration scores at the last epoch of its trial's length (`reference`): otherwise validation says the
+    longer training did not help, and validation is what chooses (`trials.not_worse`). A train+val final, or a
+    train_* metric, has no validation score to compare (`trials.validation_score`): the epochs decide. A final
+    recorded before finals kept their last epoch (`kept_epoch` "best") is held to its run's best, as then."""
     if not adds_epochs(epochs, trial_epochs):
-        return (f"it trained {epochs} epochs, no more than the {trial_epochs} its trial had (run {run_id}, "
+        return (f"it trained {epochs} epochs, no more than the {trial_epochs} its trial had (final run {run_id}, "
                 f"{_when(before)}): the run it repeats is promoted as it is")
     metric = experiment.metric
-    theirs, what = reference(chosen, metric)
+    if kept_epoch == "best":
+        theirs, what, ours_at = (trials.validation_score(chosen.data.metrics.get(f"best_{metric}"), metric),
+                                 "of the run it repeats at its best epoch", "its best epoch")
+    else:
+        (theirs, what), ours_at = reference(chosen, metric), "its last epoch"
     ours = (None if experiment.search.final_data == "train+val"  # trained on val: no score of it compares
             else trials.validation_score(metrics.get(metric), metric))
     if trials.not_worse(ours, theirs, experiment.mode) is False:
-        return (f"its {metric} {ours:.4f} at its last epoch is worse than the {theirs:.4f} {what} (run {run_id}, "
-                f"{_when(before)}): that run is promoted as it is")
+        return (f"its {metric} {ours:.4f} at {ours_at} is worse than the {theirs:.4f} {what} (final run {run_id}, "
+                f"{_when(before)}): the run it repeats is promoted as it is")
     return None
 
 
 def reference(chosen, metric: str) -> tuple[float | None, str]:
-    """What a final training's last epoch must reach on validation, and how a message names it: its configuration's
-    mean over the confirmation's new seeds where the study confirmed it, else the run it repeats at its own last
-    epoch. Not that run's best epoch: the best of its epochs, of the study's best trial, is a lucky figure, which
-    the final's one last epoch would have to beat (QA: 0.9814 lost to a trial's 0.9851, where the configuration's
-    seeds scored 0.9758 ± 0.0026)."""
+    """What a final training's last epoch must reach on validation, and how a message names it, like with like:
+    its configuration's mean over the confirmation's new seeds at their last epochs where the study confirmed it,
+    else the run it repeats at its own last epoch. Not a best epoch: the best of a run's epochs (of the study's
+    best trial, at that) is a lucky figure, which the final's one last epoch would have to beat (QA: 0.9814 lost
+    to a trial's 0.9851, where the configuration's seeds scored 0.9758 ± 0.0026)."""
     confirmed = studies.confirmation_of(tracking.make_client(), chosen)
-    if confirmed is not None:
-        trial, mean, _, seeds = confirmed
-        return (trials.validation_score(mean, metric),
-                f"trial {trial}'s configuration scored over {seeds or 'its'} new seed{'s' * (seeds != 1)}")
+    if confirmed is not None and confirmed.last_mean is not None:
+        return (trials.validation_score(confirmed.last_mean, metric),
+                f"trial {confirmed.trial}'s configuration scored at its last epoch over "
+                f"{counted(confirmed.seeds, 'new seed')}")
     return trials.validation_score(chosen.data.metrics.get(metric), metric), "of the run it repeats at its last epoch"
 
 

@@ -44,7 +44,7 @@ from cnnopt.study.trainable import best_key, run_trial
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import PastTrial, StudyRecorder
 from cnnopt.training.model import build_model
-from cnnopt.training.objective import check_choices, check_config
+from cnnopt.training.objective import check_choices, check_config, uses_cuda
 
 SCHEDULERS = ("fifo", "asha")
 
@@ -210,6 +210,10 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
         raise UsageError(f"train.device = {experiment.train.device!r} names one GPU, but each trial trains on the "
                          "GPU Ray gives it; set train.device=cuda (or auto), and pick a machine's GPUs with "
                          "CUDA_VISIBLE_DEVICES before Ray starts")
+    if not uses_cuda(experiment.train.device) and search.gpus_per_trial > 0:  # a share held, never used
+        raise UsageError(f"train.device = {experiment.train.device!r} but --gpus-per-trial {search.gpus_per_trial:g} "
+                         "gives each trial a GPU share it would not use; drop --gpus-per-trial (auto: none), or set "
+                         "train.device=auto")
     if experiment.train.device.startswith("cuda") and search.gpus_per_trial == 0:
         raise UsageError(f"train.device = {experiment.train.device!r} but --gpus-per-trial 0 gives trials no GPU; "
                          "set train.device=auto (the GPU whenever Ray gives a trial one), or give trials a GPU")
@@ -510,9 +514,12 @@ def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, r
         interrupted = sum(trial.status == trials.INTERRUPTED for trial in recorder.past)
         reruns = min(interrupted, max(0, planned - done))
         new = max(0, planned - done - reruns)
-        if search.time_budget:  # the planned count is a cap: trials go on until the plan's search ends
+        if search.time_budget and new:  # the planned count is a cap: trials go on until the plan's search ends
             print(f"resuming: {done} trials recorded, {reruns} interrupted to rerun, then new ones until the "
                   f"search's share of the time budget ends (at most {new})", flush=True)
+        elif search.time_budget:
+            print(f"resuming: {done} trials recorded, {reruns} interrupted to rerun, and no new one (the plan's "
+                  "trials are all recorded)", flush=True)
         else:
             print(f"resuming: {done} of {planned} trials recorded, {reruns} interrupted to rerun, {new} new", flush=True)
     return max(0, planned - done)
@@ -642,11 +649,6 @@ def resolve_resources(search: SearchConfig, available: dict, device: str = "auto
     return dataclasses.replace(search, gpus_per_trial=share)
 
 
-def uses_cuda(device: str) -> bool:
-    """Whether train.device lets a run train on a CUDA GPU it is given (auto, cuda)."""
-    return device not in ("cpu", "mps")
-
-
 def placement(search: SearchConfig) -> str:
     """Where the trials run, in words: the second half of the study's first line."""
     slots = min(concurrency(search), search.trials)  # --trials 1 runs one at a time, whatever the cluster holds
@@ -669,6 +671,18 @@ def check_resources(experiment: Experiment, search: SearchConfig) -> None:
     if search.cpus_per_trial > available.get("CPU", 0):
         raise UsageError(f"each trial asks for {search.cpus_per_trial:g} CPUs but the Ray cluster has "
                          f"{available.get('CPU', 0):g}; lower --cpus-per-trial")
+    check_nodes(nodes, available, search)
+    if experiment.train.device.startswith("cuda") and not search.gpus_per_trial:
+        raise UsageError(f"train.device = {experiment.train.device!r} but the Ray cluster has no GPU for the "
+                         "trials; set train.device=auto to train on the CPU")
+    if search.concurrency > concurrency(search):
+        print(f"warning: --concurrency {search.concurrency} is more than the Ray cluster holds at once; "
+              f"{concurrency(search)} trials run at a time", file=sys.stderr)
+
+
+def check_nodes(nodes: list[dict], available: dict, search: SearchConfig) -> None:
+    """A trial is placed on one node: one that asks for more CPUs or GPUs than any node has, or for CPUs and GPUs
+    that no one node has together, would wait forever."""
     for key, asked, flag in (("GPU", search.gpus_per_trial, "--gpus-per-trial"),
                              ("CPU", search.cpus_per_trial, "--cpus-per-trial")):
         most = max((resources.get(key, 0) for resources in nodes), default=0)
@@ -676,12 +690,10 @@ def check_resources(experiment: Experiment, search: SearchConfig) -> None:
             raise UsageError(f"each trial asks for {asked:g} {key}s but no node of the Ray cluster has more than "
                              f"{most:g} (the cluster's {available.get(key, 0):g} are spread over "
                              f"{len(nodes)} nodes, and a trial runs on one); lower {flag}")
-    if experiment.train.device.startswith("cuda") and not search.gpus_per_trial:
-        raise UsageError(f"train.device = {experiment.train.device!r} but the Ray cluster has no GPU for the "
-                         "trials; set train.device=auto to train on the CPU")
-    if search.concurrency > concurrency(search):
-        print(f"warning: --concurrency {search.concurrency} is more than the Ray cluster holds at once; "
-              f"{concurrency(search)} trials run at a time", file=sys.stderr)
+    if not slots_on(nodes, search.cpus_per_trial, search.gpus_per_trial):  # enough CPUs here, GPUs there
+        raise UsageError(f"each trial asks for {search.cpus_per_trial:g} CPUs and {search.gpus_per_trial:g} GPU on "
+                         "one node, and no node of the Ray cluster has both (a CPU-only head beside GPU workers, say); "
+                         "lower --cpus-per-trial")
 
 
 def concurrency(search: SearchConfig) -> int:

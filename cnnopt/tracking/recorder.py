@@ -267,7 +267,8 @@ class StudyRecorder:
                 end_interrupted(self.client, run_id)
 
     def close(self, status: str, summary: dict | None = None) -> None:
-        """End the parent run as FINISHED or KILLED, with the study's summary as tags."""
+        """End the parent run as `status` (FINISHED, FAILED where no trial completed, KILLED where interrupted),
+        with the study's summary as tags."""
         if summary:
             log(self.client, self.parent_run_id, tags=summary)
         # MLflow shows a metric's value at its highest step; where a resumed study's earlier session logged a

@@ -18,12 +18,14 @@ from mlflow.types import Schema, TensorSpec
 
 from cnnopt import trials
 from cnnopt.experiment.config import Experiment
+from cnnopt.tracking import studies
 from cnnopt.tracking.store import FINISHED, PARENT_TAG, log, make_client, tracking_uri
 
 ALIAS = "champion"
 TEST_SPLIT_TAG = "test_split"  # a version's test split's digest: accuracies compare on one split only
 # What chooses between versions: the validation score its run was selected by, the metric, and the val split.
 VAL_SCORE_TAG, SELECTED_ON_TAG, VAL_SPLIT_TAG = "val_score", "selected_on", "val_split"
+VAL_EPOCH_TAG = "val_epoch"  # the epoch the score is of: "best" (a trial's, a seed's) or "last" (a final's)
 # uint8 images (N, C, H, W) of any size -> float32 probabilities (N, num_classes); stated, not inferred.
 SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
                            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
@@ -51,23 +53,27 @@ def record_promotion(experiment: Experiment, run, metrics: dict, confusion_png: 
     client.log_artifact(run_id, str(confusion_png))
     client.log_artifacts(run_id, str(model_dir), artifact_path="exported")
     score = trials.validation_score(run.data.metrics.get(f"best_{experiment.metric}"), experiment.metric)
-    registered = register(experiment, run_id, model_dir, metrics["test_accuracy"], test_split, score, val_split)
+    registered = register(experiment, run_id, model_dir, metrics["test_accuracy"], test_split, score, val_split,
+                          run.data.tags.get("kept_epoch", "best"))
     log(client, run_id, tags={"promoted": "true"})  # last: a promotion cut short is redone by a resume
     parent = run.data.tags.get(PARENT_TAG)
     if parent:
         log(client, parent, metrics={"promoted_test_accuracy": metrics["test_accuracy"]},
-            tags={"promoted_run_id": run_id, "promoted_trial": trial_of(run),
+            tags={"promoted_run_id": run_id, "promoted_trial": studies.trial_of(run),
                   "model_version": registered.version, "test_reads": str(test_reads), **(data_tags or {})})
     return registered
 
 
 def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy: float,
-             test_split: str = "", val_score: float | None = None, val_split: str = "") -> Registered:
+             test_split: str = "", val_score: float | None = None, val_split: str = "",
+             val_epoch: str = "best") -> Registered:
     """Log the pyfunc model to the run, register it, and move `champion` unless validation says the
     champion is better: the test split never chooses between models, or its figure would be optimistic.
 
-    The two compare where both were selected on the same metric of the same val split (`val_score`, the
-    run's best validation score, and `val_split`, its digest, tagged on each version): the alias moves when
+    The two compare where both were selected on the same metric of the same val split, and their scores are of
+    the same kind of epoch (`val_score`, the run's kept epoch's validation score; `val_split`, its digest;
+    `val_epoch`, "best" for a trial's or a seed's best epoch, "last" for a final training's last: a best epoch's
+    lucky maximum, 1.0 over 482 epochs once, held the alias against every later model): the alias moves when
     the new version's score is at least the champion's. Where they do not compare (a train+val final has no
     validation score; a champion registered before these tags), the newest promotion serves, and the
     output names the version it replaced. A version tested on another test split (`test_split`: the
@@ -76,8 +82,8 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     client = make_client()
     shown = f"{test_accuracy:.6f}"  # the version's tag; compared as written, so an equal model ties
     tags = {"test_accuracy": shown, "run_id": run_id, **({TEST_SPLIT_TAG: test_split} if test_split else {}),
-            **({VAL_SCORE_TAG: f"{val_score:.6f}", SELECTED_ON_TAG: experiment.metric, VAL_SPLIT_TAG: val_split}
-               if val_score is not None else {})}
+            **({VAL_SCORE_TAG: f"{val_score:.6f}", SELECTED_ON_TAG: experiment.metric, VAL_SPLIT_TAG: val_split,
+                VAL_EPOCH_TAG: val_epoch} if val_score is not None else {})}
     version = cut_short_version(client, experiment.name, run_id, tags)
     if version is None:
         version = _registered(experiment, run_id, model_dir, tags)
@@ -103,6 +109,9 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
         apart = f"version {previous} was selected on {current.tags.get(SELECTED_ON_TAG)}, not {experiment.metric}"
     elif current.tags.get(VAL_SPLIT_TAG) != val_split:
         apart = f"version {previous} was selected on another val split"
+    elif current.tags.get(VAL_EPOCH_TAG, "best") != val_epoch:  # versions before the tag: all best epochs
+        apart = (f"version {previous}'s validation score is of its {current.tags.get(VAL_EPOCH_TAG, 'best')} epoch, "
+                 f"this one's of its {val_epoch}")
     elif not trials.not_worse(float(f"{val_score:.6f}"), float(theirs), experiment.mode):  # compared as tagged
         return Registered(str(version), False, previous,
                           f"whose validation {experiment.metric} is better ({float(theirs):.4f} against {val_score:.4f}; "
@@ -166,7 +175,3 @@ def _blank_example(model_dir: Path) -> np.ndarray:
     return np.zeros((1, spec["channels_trained"], spec["image_size"], spec["image_size"]), dtype=np.uint8)
 
 
-def trial_of(run) -> str:
-    """The trial whose configuration a run trained: the trial itself, or the one a confirmation or final run repeats."""
-    tags = run.data.tags
-    return tags.get("trial_number") or tags.get("confirms_trial") or tags.get("trains_trial", "")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -222,20 +224,39 @@ def trial_number(run) -> int:
     return int(run.data.tags.get("trial_number", 0))
 
 
-def confirmation_of(client: MlflowClient, run) -> tuple[int, float, float, int] | None:
-    """The confirmation of the configuration `run` trains (a trial, one of its seeds, or its final training), from
-    its study's parent run: (its trial, the mean and the standard deviation over the new seeds, how many seeds);
-    None where the study recorded none for it, or chose another configuration."""
+def trial_of(run) -> str:
+    """The trial whose configuration a run trained: the trial itself, or the one a confirmation seed or a final
+    training repeats ("" for a run of no study)."""
     tags = run.data.tags
-    trial = tags.get("trains_trial") or tags.get("confirms_trial") or tags.get("trial_number")  # final, seed, trial
-    if not tags.get(PARENT_TAG) or not trial:
+    return tags.get("trial_number") or tags.get("confirms_trial") or tags.get("trains_trial", "")
+
+
+@dataclass(frozen=True)
+class Confirmed:
+    """A configuration's confirmation, as its study's parent run records it (`search.confirm_best`)."""
+
+    trial: int
+    mean: float  # over its new seeds' best epochs: the confirmation's figure
+    std: float
+    seeds: int  # new seeds that completed
+    last_mean: float | None  # over the same seeds' last epochs: what a run's last epoch compares with
+
+
+def confirmation_of(client: MlflowClient, run) -> Confirmed | None:
+    """The confirmation of the configuration `run` trains (a trial, one of its seeds, or its final training);
+    None where the study recorded none for it, chose another configuration, or no seed of it completed (the
+    study then fell back on its best trial, and logged no figure worth reading)."""
+    trial = trial_of(run)
+    if not run.data.tags.get(PARENT_TAG) or not trial:
         return None
-    parent = client.get_run(tags[PARENT_TAG])
-    mean = parent.data.metrics.get(f"confirm_mean_trial_{trial}")
-    if mean is None or parent.data.tags.get("confirmed_trial") != str(trial):
+    parent = client.get_run(run.data.tags[PARENT_TAG])
+    metrics = parent.data.metrics
+    mean, seeds = metrics.get(f"confirm_mean_trial_{trial}"), int(metrics.get(f"confirm_seeds_trial_{trial}", 0))
+    if parent.data.tags.get("confirmed_trial") != str(trial) or mean is None or not math.isfinite(mean) or not seeds:
         return None
-    return (int(trial), mean, parent.data.metrics.get(f"confirm_std_trial_{trial}", 0.0),
-            int(parent.data.metrics.get(f"confirm_seeds_trial_{trial}", 0)))
+    last = metrics.get(f"confirm_last_mean_trial_{trial}")
+    return Confirmed(int(trial), mean, metrics.get(f"confirm_std_trial_{trial}", 0.0), seeds,
+                     last if last is not None and math.isfinite(last) else None)
 
 
 def best_trial_run(runs: list, metric: str, mode: str):

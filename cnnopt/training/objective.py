@@ -64,6 +64,12 @@ def check_device(name: str) -> None:
                          "or cpu")
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether train.device lets a run train on a CUDA GPU it is given (auto, cuda, cuda:N), not the CPU or an
+    Apple GPU."""
+    return device not in ("cpu", "mps")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present; an unavailable CUDA request is a usage error."""
     check_device(name)
@@ -223,8 +229,8 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             The pace is timed after a warm-up (`_pace_window`: from half of that tenth, over at least
             `MIN_PACED` batches): the first batches pay once for the device's start (CUDA's kernels
             loading, the allocator growing, trials starting beside this one), which later epochs do not.
-        keep: 'best' keeps the best epoch by `metric`; 'last' keeps the last epoch (a run with no
-            validation split to select by).
+        keep: 'best' keeps the best epoch by `metric`; 'last' keeps the last epoch (a final training: where
+            its schedule ends, scored on validation where it has a split, not selected by it).
         deadline: time.time() by which training must end (0: none): `config.epochs` is then the most it
             trains. A tenth into the first epoch, the epochs become as many as fit at this configuration's
             pace; after each epoch, where the epochs left would not end in time at the pace measured so
