@@ -159,6 +159,8 @@ def _batches(count: int, batch_size: int, generator: torch.Generator):
 def _check(start_lr: float, end_lr: float, steps: int, smoothing: float, diverge_factor: float,
            count: int = 2) -> None:
     """The sweep's settings; `count`, the train split's images, once the data is loaded."""
+    if not (math.isfinite(start_lr) and math.isfinite(end_lr)):  # inf "ran" and suggested 1e-06
+        raise UsageError(f"--start-lr and --end-lr must be finite numbers, got {start_lr:g} and {end_lr:g}")
     if not 0 < start_lr < end_lr:
         raise UsageError(f"the learning-rate range must satisfy 0 < --start-lr < --end-lr, got {start_lr:g} to "
                          f"{end_lr:g}")

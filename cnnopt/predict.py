@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cnnopt.cli import Parser, quiet_libraries, run
-from cnnopt.data.decode import eight_bit_gray, image_files, resize_center_crop, unreadable, upright
+from cnnopt.data.decode import IMAGE_EXTENSIONS, eight_bit_gray, image_files, resize_center_crop, unreadable, upright
 from cnnopt.errors import UsageError
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
 from cnnopt.deploy.predictor import match_channels
@@ -163,7 +163,11 @@ def image_paths(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += image_files(path)
+            found = image_files(path)
+            if not found:  # beside other images it was skipped without a word; alone, it was an error
+                raise UsageError(f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); name a folder of "
+                                 "images, or leave it out")
+            paths += found
         elif path.is_file():
             paths.append(path)
         else:

@@ -71,6 +71,13 @@ def test_a_loss_that_climbs_back_to_chance_has_run_away():
     assert not ran_away(early, min(early), 10, 4.0)
 
 
+def test_an_infinite_end_is_a_usage_error(digits_config, digits_data):
+    """--end-lr inf ran, exited 0 and suggested 1e-06 after two steps."""
+    for bounds in ({"end_lr": math.inf}, {"start_lr": -math.inf}, {"end_lr": math.nan}):
+        with pytest.raises(UsageError, match="--start-lr and --end-lr must be finite numbers"):
+            find_lr(digits_config, digits_data, **bounds)
+
+
 def test_an_inverted_range_is_a_usage_error(digits_config, digits_data):
     with pytest.raises(UsageError, match="start-lr < --end-lr"):
         find_lr(digits_config, digits_data, start_lr=1.0, end_lr=0.1, steps=STEPS)

@@ -438,7 +438,11 @@ def test_predict_bad_inputs_are_one_clear_line(trained, digits_data, tmp_path):
              ((tmp_path / "model" / "model.pt", image, "--top-k", "0"), "argument --top-k: 0 is not a number"),
              # The exported folder itself: it said "not found" of a folder that is there.
              ((tmp_path / "model", image), f"model {tmp_path / 'model'} is a folder, not a model file; pass "
-                                           f"{tmp_path / 'model' / 'model.pt'}")]
+                                           f"{tmp_path / 'model' / 'model.pt'}"),
+             # A folder with no images beside an image: it was skipped without a word (alone, an error).
+             ((tmp_path / "model" / "model.pt", image, tmp_path / "empty"), f"folder {tmp_path / 'empty'} holds no "
+                                                                           "images (")]
+    (tmp_path / "empty").mkdir()
     for args, message in cases:
         done = run_predict(*args)
         assert done.returncode == 2 and message in done.stderr, done.stderr
