@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import cpu_description  # noqa: E402
 from cnnopt.data.datasets import channel_stats  # noqa: E402
+from cnnopt.cli import run  # noqa: E402
 
 
 def sums_of_squares(x: torch.Tensor, rows: int = 256) -> tuple[list[float], list[float]]:
@@ -81,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a UsageError is one line, exit 2

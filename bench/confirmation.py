@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_description  # noqa: E402
 
 from cnnopt import tracking  # noqa: E402
-from cnnopt.cli import quiet_libraries  # noqa: E402
+from cnnopt.cli import run, quiet_libraries  # noqa: E402
 from cnnopt.data.datasets import load_data  # noqa: E402
 from cnnopt.deploy.promotion import evaluate_test  # noqa: E402
 from cnnopt.experiment.config import load_experiment  # noqa: E402
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a UsageError is one line, exit 2

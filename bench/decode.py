@@ -45,6 +45,7 @@ from cnnopt.data.decode import DRAFT_MARGIN, decode_files, decode_image, default
 from cnnopt.training.objective import train
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
 from train_throughput import busy_seconds, _children_seconds
+from cnnopt.cli import run  # noqa: E402
 
 CACHED_START = """
 import sys, time
@@ -188,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)  # a UsageError is one line, exit 2

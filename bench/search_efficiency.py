@@ -27,7 +27,7 @@ import optuna
 import ray
 import torch
 
-from cnnopt.cli import quiet_libraries
+from cnnopt.cli import run, quiet_libraries
 from cnnopt.experiment.config import load_experiment
 from cnnopt.insight.compare import run_comparison
 from cnnopt.study.strategies import STRATEGIES
@@ -86,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)  # a UsageError is one line, exit 2

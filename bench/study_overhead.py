@@ -46,7 +46,7 @@ import torch
 import cnnopt.study.runner
 from cnnopt import tracking
 from cnnopt.analysis import load_trials
-from cnnopt.cli import quiet_libraries
+from cnnopt.cli import run, quiet_libraries
 from cnnopt.experiment.config import TrainConfig, field_types, load_experiment
 from cnnopt.data.datasets import load_data
 from cnnopt.training.objective import train
@@ -326,4 +326,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)  # a UsageError is one line, exit 2

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import platform
 import resource
 import shlex
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.randaugment and args.bf16:
         parser.error("--randaugment and --bf16 are separate comparisons; run them one at a time")
+    if args.randaugment and not re.fullmatch(r"\d+,\d+", args.randaugment):
+        parser.error(f"--randaugment takes OPS,MAGNITUDE such as 2,9, got {args.randaugment!r}")
     config, data = load(args)
     device = resolve_device(config.device)
 

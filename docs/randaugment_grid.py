@@ -61,10 +61,23 @@ def main() -> None:
     parser.add_argument("--magnitude", type=int, default=9)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    x = load_rows(args.images, args.rows)
+    for name in ("rows", "draws", "scale"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be 1 or more, got {getattr(args, name)}")
+    if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        parser.error(f"--out {args.out}: name a .png (or .jpg, .webp) file")
+    if args.images is not None and not args.images.is_dir():
+        parser.error(f"--images {args.images} is not a folder of class folders")
+    try:
+        x = load_rows(args.images, args.rows)
+    except (OSError, ValueError, IndexError) as exc:  # no class folder, an empty one, an unreadable image
+        parser.error(f"--images {args.images}: cannot take one image of each class folder ({exc})")
     image = grid(x, args.draws, args.scale, gap=2 * args.scale, seed=args.seed, ops=args.ops,
                  magnitude=args.magnitude)
-    image.save(args.out, optimize=True)
+    try:
+        image.save(args.out, optimize=True)
+    except OSError as exc:
+        parser.error(f"--out {args.out} cannot be written ({exc.strerror or exc})")
     print(f"{args.out}: {image.width}x{image.height}, {args.out.stat().st_size / 1024:.0f} KB")
 
 
