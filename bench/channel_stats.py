@@ -60,10 +60,10 @@ def peak_mb(function: str) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"machine: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     x = torch.randint(0, 256, (45000, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert channel_stats(x) == sums_of_squares(x), "the two ways must agree exactly"

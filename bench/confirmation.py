@@ -71,11 +71,11 @@ def one_study(setting: str, seed: int) -> dict:
             "same_config": confirmation.chosen.run_id == outcome.best["run_id"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--setting", choices=[*SETTINGS, "both"], default="both")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     quiet_libraries()
     print(f"$ python bench/confirmation.py {shlex.join(sys.argv[1:])}")
     print(f"machine: {cpu_description()}; {args.seeds} study seeds; bayes, 24 trials, the lesson space")
