@@ -103,14 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + [f"search.{flag}={getattr(args, flag)}"
                                         for flag in SEARCH_FLAGS if getattr(args, flag) is not None]
     if args.resume:
-        if overrides or args.experiment:
+        flags = [flag for flag in SEARCH_FLAGS if getattr(args, flag) is not None and flag != "time_budget"]
+        if args.overrides or flags or args.experiment:
             given = ((["--experiment"] if args.experiment else []) + [f"--set {item}" for item in args.overrides]
-                     + [f"--{flag.replace('_', '-')}" for flag in SEARCH_FLAGS if getattr(args, flag) is not None])
+                     + [f"--{flag.replace('_', '-')}" for flag in flags])
             parser.error(f"--resume continues a study with the settings it started with; drop {', '.join(given)} "
-                         "(only --address, --no-report, --no-confirm and --no-promote go with it)")
+                         "(only --address, --time-budget, --no-report, --no-confirm and --no-promote go with it)")
         studies.check_study_name(args.name)  # a name that is no name is said as such, store or not
         tracking.require_store(f"study {args.name!r}")
         experiment = studies.load_settings(tracking.make_client(), args.name)
+        if args.time_budget is not None:  # a new budget for this command: the recorded one may no longer fit here
+            if not experiment.search.time_budget:
+                parser.error(f"study {args.name!r} has no time budget, and its resume cannot add one; drop --time-budget")
+            if not args.time_budget:
+                parser.error("--time-budget 0 would drop the study's budget on its resume; give it the minutes this "
+                             "command may take")
+            experiment = dataclasses.replace(experiment, search=dataclasses.replace(
+                experiment.search, time_budget=args.time_budget))
         if (complete := complete_line(tracking.make_client(), args.name)) is not None:
             print(complete)
             return 0
