@@ -133,8 +133,27 @@ def resolve_model(spec: str, scratch: Path) -> Path:
                          "check the name and alias (python -m cnnopt.promote registers NAME@champion)") from None
     found = sorted(local.rglob("model.pt"))
     if not found:
-        raise UsageError(f"{spec} holds no model.pt; promote a study with python -m cnnopt.promote")
+        from cnnopt.tracking.store import missing_artifacts
+
+        where = missing_artifacts(_download_uri(spec))
+        raise UsageError(f"{spec} holds no model.pt{where}; " + ("restore the artifact folder" if where else
+                                                                   "promote a study with python -m cnnopt.promote"))
     return found[0]
+
+
+def _download_uri(spec: str) -> str:
+    """Where the files of `models:/NAME@ALIAS` (or `models:/NAME/VERSION`) are kept; "" where that cannot be read."""
+    import mlflow
+
+    name, _, rest = spec[len("models:/"):].partition("@")
+    client = mlflow.MlflowClient()
+    try:
+        version = (client.get_model_version_by_alias(name, rest).version if rest
+                   else spec[len("models:/"):].rpartition("/")[2])
+        name = name if rest else spec[len("models:/"):].rpartition("/")[0]
+        return client.get_model_version_download_uri(name, version)
+    except Exception:  # the registry cannot say: the message goes without it
+        return ""
 
 
 def read_image(path: Path) -> torch.Tensor:

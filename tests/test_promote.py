@@ -408,6 +408,15 @@ def test_predict_from_the_registry(trained, digits_data, mlflow_store, tmp_path)
     done = run_predict("models:/registry@champion", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().splitlines()) == 2
+    # The database kept, its artifact folder gone (moved, deleted): said so, not "promote a study".
+    import shutil
+
+    shutil.move("mlruns", "mlruns-away")
+    done = run_predict("models:/registry@champion", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})
+    shutil.rmtree("mlruns", ignore_errors=True)  # the store's check makes an empty one, where it writes artifacts
+    shutil.move("mlruns-away", "mlruns")
+    assert done.returncode == 2 and "its files are missing: the artifact folder" in done.stderr, done.stderr
+    assert "restore the artifact folder" in done.stderr and "Traceback" not in done.stderr
     done = run_predict("models:/registry@nope", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "alias nope not found; check the name and alias (python -m cnnopt.promote registers" in done.stderr

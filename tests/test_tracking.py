@@ -391,3 +391,14 @@ def test_the_running_driver_is_a_live_process_of_this_machine_started_when_it_ta
     finally:
         child.kill()
         child.wait()
+
+
+def test_missing_artifacts_names_a_local_folder_that_is_gone_and_nothing_else(tmp_path):
+    from cnnopt.tracking.store import missing_artifacts
+
+    assert missing_artifacts(tmp_path.as_uri()) == "" and missing_artifacts(str(tmp_path)) == ""
+    gone = tmp_path / "mlruns" / "1" / "abc" / "artifacts"
+    assert missing_artifacts(gone.as_uri()) == (f" (its files are missing: the artifact folder {gone} is not there; the "
+                                                "store's database outlived its artifacts, moved or deleted)")
+    assert missing_artifacts("mlflow-artifacts:/1/abc/artifacts") == ""  # a server's: not this disk's to look at
+    assert missing_artifacts("s3://bucket/1/abc") == ""

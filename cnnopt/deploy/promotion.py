@@ -28,6 +28,7 @@ from cnnopt.cli import counted
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, check_name, with_overrides
 from cnnopt.tracking import registry, studies
+from cnnopt.tracking.store import missing_artifacts
 from cnnopt.training.checkpoint import FILENAME, load_checkpoint
 from cnnopt.training.objective import uses_cuda
 
@@ -167,7 +168,10 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                     f"with --study {run.data.tags.get(tracking.STUDY_TAG, '')}" if kind == "study"
                     else "pass a run that trained (a trial, a confirmation seed, a final training or a "
                          "cnnopt.train run)")
-            raise UsageError(f"run {run_id} has no checkpoint artifact to promote; {hint}") from None
+            missing = missing_artifacts(run.info.artifact_uri)
+            raise UsageError(f"run {run_id} has no checkpoint artifact to promote{missing}; "
+                             + ("restore the artifact folder, or promote a run whose files are there" if missing
+                                else hint)) from None
         model, checkpoint = load_checkpoint(checkpoint_path)
         data = load_data(settings.data)
         trained = checkpoint["preprocessing"]

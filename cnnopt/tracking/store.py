@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -87,6 +88,17 @@ DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", 
 def sqlite_file(uri: str) -> Path | None:
     """The database file of a `sqlite:///PATH[?options]` URI; None for any other store."""
     return Path(uri[len("sqlite:///"):].partition("?")[0]) if uri.startswith("sqlite:///") else None
+
+
+def missing_artifacts(artifact_uri: str) -> str:
+    """Where a run's artifacts should be and are not, said for a message ("" where they are there, or not on this
+    machine's disk to look at): an mlruns/ folder deleted or moved, its database kept."""
+    if urllib.parse.urlparse(artifact_uri).scheme not in ("", "file"):  # a server's, a bucket's: not this disk's
+        return ""
+    folder = Path(urllib.parse.unquote(urllib.parse.urlparse(artifact_uri).path) if artifact_uri.startswith("file:")
+                  else artifact_uri)
+    return "" if folder.exists() else (f" (its files are missing: the artifact folder {folder} is not there; the "
+                                       "store's database outlived its artifacts, moved or deleted)")
 
 
 def require_store(what: str) -> None:

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, TrainConfig, field_types
 from cnnopt import trials
-from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, param_value, tracking_uri
+from cnnopt.tracking.store import KIND_TAG, PARENT_TAG, STUDY_TAG, missing_artifacts, param_value, tracking_uri
 
 SETTINGS_ARTIFACT = "settings/experiment.json"
 CONFIRMATION = "confirmation"  # the kind of a run that re-trains a best configuration with a new seed
@@ -281,7 +281,7 @@ def load_settings(client: MlflowClient, study: str) -> Experiment:
     settings = settings_of(client, parent.info.run_id)
     if settings is None:
         raise UsageError(f"study {study!r} recorded no settings ({SETTINGS_ARTIFACT} on its parent run "
-                         f"{parent.info.run_id}); it cannot be resumed")
+                         f"{parent.info.run_id}){missing_artifacts(parent.info.artifact_uri)}; it cannot be resumed")
     return settings
 
 
