@@ -31,7 +31,7 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
         the promoted trial's `test_*` (NaN on the others) under their own names.
     """
     name = experiment.name if isinstance(experiment, Experiment) else experiment
-    client = tracking.make_client()  # the store cnnopt writes to (MLFLOW_TRACKING_URI, else ./mlflow.db)
+    client = tracking.make_client(write=False)  # the store cnnopt writes to (MLFLOW_TRACKING_URI, else ./mlflow.db)
     parent = studies.require_parent(client, name, study)
     study = study or parent.data.tags[tracking.STUDY_TAG]
     types = field_types(TrainConfig)

@@ -124,7 +124,7 @@ def resolve_model(spec: str, scratch: Path) -> Path:
 
     quiet_libraries()  # again: MLflow put its own console handler back when it was imported, just now
     tracking.require_store(f"the registered model {spec}")
-    tracking.make_client()  # a server that does not answer is said in seconds, not after MLflow's retries (~250 s)
+    tracking.make_client(write=False)  # a server that does not answer is said in seconds, not after MLflow's retries (~250 s)
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(scratch)))

@@ -402,3 +402,27 @@ def test_missing_artifacts_names_a_local_folder_that_is_gone_and_nothing_else(tm
                                                 "store's database outlived its artifacts, moved or deleted)")
     assert missing_artifacts("mlflow-artifacts:/1/abc/artifacts") == ""  # a server's: not this disk's to look at
     assert missing_artifacts("s3://bucket/1/abc") == ""
+
+
+def test_a_store_that_can_only_be_read_serves_the_commands_that_only_read(mlflow_store, monkeypatch):
+    """On a read-only mount, cnnopt.analysis.load_trials and cnnopt.predict models:/... were refused ("cannot be
+    written"), though they only read (checked by hand on a read-only bind mount; here no folder is writable)."""
+    from cnnopt.analysis import load_trials
+    from cnnopt.tracking import store
+
+    experiment = load_experiment(None)
+    recorder = StudyRecorder(experiment, "read", tags={}, params={}, artifacts=[])
+    recorder.open()
+    recorder.close(tracking.FINISHED)
+    store._checked_stores.clear()  # as a new process: nothing checked yet
+
+    def unwritable(folder, what, fix, create=True):
+        raise UsageError(f"{what} cannot be written (read-only file system); {fix}")
+
+    monkeypatch.setattr(store, "check_writable", unwritable)
+    assert load_trials("digits", "read").empty  # read: no trial, and no refusal
+    with pytest.raises(UsageError, match="cannot be written"):
+        tracking.make_client()  # a command that writes is still refused
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store + ".missing")
+    with pytest.raises(UsageError, match=r"the MLflow store sqlite:///.*missing cannot be read \(no such file"):
+        tracking.make_client(write=False)

@@ -46,13 +46,14 @@ def ui_command() -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def make_client() -> MlflowClient:
+def make_client(write: bool = True) -> MlflowClient:
     """A client of the tracking store, checked once per store to fail in seconds (not after MLflow's
-    retries) where it cannot be written or reached."""
+    retries) where it cannot be written (or, with write=False, for a command that only reads it: a results
+    store on a read-only mount, say, read) or reached."""
     uri = tracking_uri()
-    first = uri not in _checked_stores
+    first = (uri, True) not in _checked_stores and (uri, write) not in _checked_stores  # a write check serves reads
     if first:
-        check_store(uri)
+        check_store(uri, create=write, write=write)
     try:
         # The first client of a SQLite store creates or migrates its database: a Ctrl-C in the middle would
         # leave it broken for good (seen: "table _alembic_tmp_latest_metrics already exists"), so it waits.
@@ -76,11 +77,11 @@ def make_client() -> MlflowClient:
                "if another command is creating it now, wait for it and retry; else check the file, or set "
                "MLFLOW_TRACKING_URI to another store")
         raise UsageError(f"the MLflow store {uri} cannot be opened ({why}); {fix}") from None
-    _checked_stores.add(uri)
+    _checked_stores.add((uri, write))
     return client
 
 
-_checked_stores: set[str] = set()
+_checked_stores: set[tuple[str, bool]] = set()  # (uri, checked for writing)
 DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
                    "pymysql": "pymysql", "pymssql": "pymssql", "pyodbc": "pyodbc"}  # module -> what pip installs
 
@@ -111,16 +112,19 @@ def require_store(what: str) -> None:
                          "(where its mlflow.db is), or set MLFLOW_TRACKING_URI to its store")
 
 
-def check_store(uri: str, timeout: float = 5.0, create: bool = True) -> None:
-    """Raise a UsageError naming the store if a local one cannot be written or a server does not answer;
-    a local store's folders are made, unless create=False (a check that leaves nothing behind)."""
+def check_store(uri: str, timeout: float = 5.0, create: bool = True, write: bool = True) -> None:
+    """Raise a UsageError naming the store if a local one cannot be written (with write=False: read) or a server
+    does not answer; a local store's folders are made, unless create=False (a check that leaves nothing behind)."""
     fix = "set MLFLOW_TRACKING_URI to a writable sqlite:///PATH/mlflow.db or a reachable http:// server"
     if uri.startswith("sqlite:") and (uri.partition("?")[0] in ("sqlite:", "sqlite://", "sqlite:///")
                                       or ":memory:" in uri or "mode=memory" in uri):
         raise UsageError(f"MLFLOW_TRACKING_URI = {uri} is a database in memory: nothing recorded there outlives the "
                          "command; name a file, with three slashes: sqlite:///mlflow.db (or sqlite:////abs/path.db)")
     database = sqlite_file(uri)
-    if database is not None:
+    if database is not None and not write:
+        if not os.access(database, os.R_OK):
+            raise UsageError(f"the MLflow store {uri} cannot be read (no such file, or no permission); {fix}")
+    elif database is not None:
         check_writable(database.parent, f"the MLflow store {uri}", fix, create)
         if database.exists():
             try:
