@@ -509,6 +509,13 @@ def test_a_data_root_under_the_home_folder_may_be_written_with_a_tilde(tmp_path,
     assert data.class_names == ["cat", "dog"] and len(data.train_y) + len(data.val_y) + len(data.test_y) == 12
 
 
+def test_an_uncached_folder_over_a_small_memory_limit_says_its_size_in_kilobytes(tmp_path):
+    """QA: data.memory_limit_mb=0.001 with data.cache=false said "take 0 MB, more than the 0 MB memory limit"."""
+    root = write_flat_folder(tmp_path / "pets")  # 12 images of 3x8x8 bytes: 2.25 KB
+    with pytest.raises(UsageError, match=r"take 2.2 KB, more than the 1.0 KB memory limit, and data.cache=false"):
+        load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8, cache=False, memory_limit_mb=0.001))
+
+
 def test_empty_class_folder_is_an_error(tmp_path):
     root = write_flat_folder(tmp_path / "pets")
     (root / "bird").mkdir()

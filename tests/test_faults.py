@@ -56,6 +56,7 @@ def runs(cwd: Path) -> list:
      "train.device = 'cpu' but --gpus-per-trial 0.5 gives each trial a GPU share it would not use"),
     (["--address", "127.0.0.1:9"], {}, "cannot reach the Ray cluster at '127.0.0.1:9'"),
     (["--address", "ray://127.0.0.1:9"], {}, "cannot reach the Ray cluster at 'ray://127.0.0.1:9'"),
+    (["--address", "http://127.0.0.1:8265"], {}, "--address http://127.0.0.1:8265 is a web address (Ray's dashboard?)"),
     ([], {"MLFLOW_TRACKING_URI": "sqlite:///{cwd}/a_file/mlflow.db"}, "the MLflow store sqlite:///"),
     ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "the MLflow tracking server http://127.0.0.1:9 does not answer"),
     ([], {"MLFLOW_TRACKING_URI": "./mlruns"}, "the MLflow tracking URI ./mlruns cannot be used (The filesystem"),

@@ -572,6 +572,9 @@ def start_ray(address: str | None) -> bool:
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """An address with no cluster behind it would make ray.init retry for minutes: knock first."""
+    if address.startswith(("http://", "https://")):  # the dashboard's URL, the likeliest thing pasted
+        raise UsageError(f"--address {address} is a web address (Ray's dashboard?); give the cluster's host:port "
+                         "(the GCS, port 6379 by default), ray://host:10001, or auto")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if address == "auto" or not host or not port.isdigit():
         return  # 'auto' finds a local cluster or fails at once; Ray names a malformed address itself

@@ -36,8 +36,8 @@ def check_study_name(name: str) -> None:
     """A study's name becomes a folder of the results folder and an MLflow filter value: keep it plain
     (checked where a study is started and wherever one is looked up by name)."""
     if not STUDY_NAME.fullmatch(name) or ".." in name:
-        raise UsageError(f"study name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (no path "
-                         "separators or '..'), up to 128 characters")
+        raise UsageError(f"study name {name!r} is not allowed: use ASCII letters (a-z, A-Z), digits, '.', '_' and "
+                         "'-' (no path separators or '..'), up to 128 characters")
 
 
 def find_parent(client: MlflowClient, study: str | None, experiment_name: str | None = None):
