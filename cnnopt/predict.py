@@ -191,8 +191,6 @@ def image_paths(inputs: list[str]) -> list[Path]:
             paths.append(path)
         else:
             raise UsageError(f"image {path} not found")
-    if not paths:
-        raise UsageError(f"no images found in {', '.join(inputs)}")
     unique: dict[Path, Path] = {}  # an image named twice (itself and through its folder) is predicted once
     for path in paths:
         unique.setdefault(path.resolve(), path)

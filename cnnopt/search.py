@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.time_budget:
                 parser.error("--time-budget 0 would drop the study's budget on its resume; give it the minutes this "
                              "command may take")
+            parent = studies.find_parent(tracking.make_client(), args.name)
+            if parent is not None and studies.search_ended(parent):  # it goes on with the plan it searched with
+                parser.error(f"study {args.name!r} had ended its search: its resume goes on with the plan the search "
+                             "ran with (its confirmation, final training and promotion), which a new budget would "
+                             "not change; drop --time-budget")
             experiment = dataclasses.replace(experiment, search=dataclasses.replace(
                 experiment.search, time_budget=args.time_budget))
         if (complete := complete_line(tracking.make_client(), args.name)) is not None:

@@ -11,13 +11,13 @@ Each draw is one call of cnnopt's batched RandAugment on all rows, so every cell
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from cnnopt.cli import Parser
 from cnnopt.data.randaugment import RandAugment
 
 
@@ -51,7 +51,7 @@ def grid(x: torch.Tensor, draws: int, scale: int, gap: int, seed: int, ops: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(prog="python docs/randaugment_grid.py", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=Path, help="a folder of class folders; default: scikit-learn's digits")
     parser.add_argument("--out", type=Path, default=Path("docs/randaugment.png"))
     parser.add_argument("--rows", type=int, default=8)
@@ -64,6 +64,10 @@ def main() -> None:
     for name in ("rows", "draws", "scale"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be 1 or more, got {getattr(args, name)}")
+    if args.ops < 0 or not 0 <= args.magnitude <= 30:
+        parser.error(f"--ops must be 0 or more and --magnitude from 0 to 30, got {args.ops} and {args.magnitude}")
+    if args.images is None and args.rows > 10:
+        parser.error(f"--rows {args.rows}: the digits have 10 classes, a row each; give 10 or fewer")
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         parser.error(f"--out {args.out}: name a .png (or .jpg, .webp) file")
     if args.images is not None and not args.images.is_dir():

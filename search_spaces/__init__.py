@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 
 from cnnopt.errors import UsageError, last_line
 from cnnopt.experiment.space import Space
@@ -28,8 +29,9 @@ def get(name: str) -> Space:
         module = importlib.import_module(f"{__name__}.{name}")
     except UsageError as exc:  # the Space's own checks (`space.validate`), as it was declared
         raise UsageError(f"{where}: {exc}") from None
-    except Exception as exc:  # a syntax error, a failed import, a bad argument: the module's own code
-        detail = f"line {exc.lineno}: {exc.msg}" if isinstance(exc, SyntaxError) else last_line(exc)
+    except (Exception, SystemExit) as exc:  # a syntax error, a failed import, a bad argument, an exit: its own code
+        detail = (f"{Path(exc.filename or where).name} line {exc.lineno}: {exc.msg}" if isinstance(exc, SyntaxError)
+                  else last_line(exc) if str(exc) else type(exc).__name__)
         raise UsageError(f"{where} cannot be loaded ({type(exc).__name__}: {detail}); fix the file") from None
     space = getattr(module, "SPACE", None)
     if not isinstance(space, Space):

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from cnnopt import search
 from cnnopt.deploy import promotion
 from cnnopt.experiment.config import load_experiment
-from cnnopt.study.confirmation import Candidate, _choose, confirm
+from cnnopt.study.confirmation import Candidate, _choose, confirm, new_seeds
 from cnnopt.study.final import train_final
 
 
@@ -172,3 +172,12 @@ def test_a_study_confirms_its_best_configurations_before_it_promotes(ray_session
     again = train_final(diverging, "c", failing.promote_run_id)  # as a resume after a cut promotion calls it
     assert "recorded before this resume: not trained again" in again, again
     assert len(client.search_runs([parent.info.experiment_id], "tags.`cnnopt.kind` = 'final'")) == 1
+
+
+def test_the_new_seeds_are_not_the_trials_and_stay_seeds_a_setting_takes():
+    from cnnopt.experiment.config import MAX_SEED, TrainConfig, check_section
+
+    assert new_seeds(0, 3) == [1, 2, 3]
+    assert new_seeds(MAX_SEED, 2) == [0, 1], "2147483648 was refused inside every seed's task"
+    for seed in new_seeds(MAX_SEED - 1, 3):
+        check_section("train", TrainConfig(seed=seed))

@@ -514,6 +514,9 @@ def test_an_uncached_folder_over_a_small_memory_limit_says_its_size_in_kilobytes
     root = write_flat_folder(tmp_path / "pets")  # 12 images of 3x8x8 bytes: 2.25 KB
     with pytest.raises(UsageError, match=r"take 2.2 KB, more than the 1.0 KB memory limit, and data.cache=false"):
         load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8, cache=False, memory_limit_mb=0.001))
+    from cnnopt.data.cache import megabytes
+
+    assert (megabytes(1.4 * 2**20), megabytes(1.2 * 2**20), megabytes(2**20 - 100)) == ("1.4 MB", "1.2 MB", "1.0 MB")
 
 
 def test_empty_class_folder_is_an_error(tmp_path):

@@ -114,6 +114,7 @@ def test_a_wrong_dataset_path_address_or_value_leaves_nothing_behind(tmp_path, a
     ("foo://bar", "the MLflow tracking URI foo://bar cannot be used"),
     # In memory (two slashes, a typo for three): the study ran and its record vanished, "no trial completed".
     ("sqlite://", "MLFLOW_TRACKING_URI = sqlite:// is a database in memory: nothing recorded there outlives"),
+    ("sqlite://mlflow.db", "MLFLOW_TRACKING_URI = sqlite://mlflow.db is no SQLite file's address: it takes three"),
     # A server's database whose driver is not installed: a traceback ending in "No module named 'psycopg'".
     ("postgresql://u@127.0.0.1:1/db", "the MLflow store postgresql://u@127.0.0.1:1/db needs the Python package "
                                       "psycopg[binary], which is not installed here: pip install psycopg[binary]"),

@@ -705,6 +705,7 @@ def test_time_budget_ends_the_study_and_a_resume_continues_it(ray_session, mlflo
     assert search.main(["--resume", "--name", "budget", "--time-budget", "0.5", "--no-promote", "--no-report"]) == 0
     out = capsys.readouterr().out
     assert "resuming:" in out and "planned from a 0.5-min time budget (resuming)" in out, out
+    assert "time budget 0.5 min: " in out, "planned from the new budget, not only said in the header"
     _, parent_after, children = study_runs(mlflow_store, "budget")
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
     numbers = sorted(int(c.data.tags["trial_number"]) for c in children)

@@ -46,7 +46,10 @@ def refused(name: str) -> str:
 
 @pytest.mark.parametrize("body, expected", [
     ("SPACE = Space(name='broken', params=(Float('lr', 1e-3, 0.1),)\n",
-     r"^search_spaces/broken.py cannot be loaded \(SyntaxError: line \d+: .*\); fix the file$"),
+     r"^search_spaces/broken.py cannot be loaded \(SyntaxError: broken.py line \d+: .*\); fix the file$"),
+    ("import sys\nsys.exit(3)\n", r"^search_spaces/broken.py cannot be loaded \(SystemExit: 3\); fix the file$"),
+    ("SPACE = Space(name='broken', params=(Float('lr', 1e-3, 0.1),), description=None)\n",
+     r"its description must be text, got None"),
     ("import not_a_module\n", r"cannot be loaded \(ModuleNotFoundError: No module named 'not_a_module'\)"),
     ("LR = Float('lr', 1e-3, 0.1)\n", r"^search_spaces/broken.py defines no SPACE = Space\(...\) \(found NoneType\)"),
     ("SPACE = Space(name='other', params=(Float('lr', 1e-3, 0.1),))\n",
@@ -62,6 +65,11 @@ def refused(name: str) -> str:
     ("SPACE = Space(name='broken', params=(Choice('optimizer', ('sgd', 'adam')),\n"
      "                                    Float('momentum', 0.8, 0.99, when={'optimizer': ('SGD',)})))\n",
      r"'momentum' depends on optimizer being \['SGD'\], which is not among optimizer's choices \['sgd', 'adam'\]"),
+    ("SPACE = Space(name='broken', params=(Choice('optimizer', ('sgd', 'adam'), grid=('sgd', 'rmsprop')),))\n",
+     r"'optimizer' has grid values \['rmsprop'\] that are not among its choices \['sgd', 'adam'\]"),
+    ("SPACE = Space(name='broken', params=(Choice('optimizer', ('sgd', 'adam')),\n"
+     "                                    Float('momentum', 0.8, 0.99, when={'optimizer': 'sgd'})))\n",
+     r"'momentum': when=\{'optimizer': 'sgd'\} must name a tuple of values, such as \{'optimizer': \('sgd',\)\}"),
 ])
 def test_a_space_module_that_cannot_be_used_is_one_line(write_space, body, expected):
     import re
@@ -73,11 +81,12 @@ def test_a_space_module_that_cannot_be_used_is_one_line(write_space, body, expec
 
 
 @pytest.mark.parametrize("param, expected", [
-    ("Float('dropout', 0.5, 1.5)", "gives dropout = 1.5 (its high), which no trial could train: train.dropout = 1.5 "
-                                   "is not allowed: it must be in [0, 1); change it in "),
-    ("Choice('optimizer', ('sgd', 'rmsprop'))", "gives optimizer = 'rmsprop' (a choice), which no trial could train: "
-                                                "train.optimizer = 'rmsprop' is not one of sgd, adam, adamw"),
-    ("Choice('device', ('cpu', 'gpu'))", "gives device = 'gpu' (a choice), which no trial could train"),
+    ("Float('dropout', 0.5, 1.5)", "gives dropout = 1.5 (its high), which its setting does not take: train.dropout = "
+                                   "1.5 is not allowed: it must be in [0, 1); change it in "),
+    ("Choice('optimizer', ('sgd', 'rmsprop'))", "gives optimizer = 'rmsprop' (a choice), which its setting does not "
+                                                "take: train.optimizer = 'rmsprop' is not one of sgd, adam, adamw"),
+    ("Choice('device', ('cpu', 'gpu'))", "gives device = 'gpu' (a choice), which its setting does not take"),
+
 ])
 def test_a_space_giving_values_no_trial_could_train_is_refused_before_any_trial(write_space, param, expected):
     """dropout up to 1.5: every trial failed, and the study ended 'no trial completed'; 'rmsprop' failed trial by
@@ -114,5 +123,17 @@ def test_a_broken_space_from_the_command_line_is_one_line_exit_2(tmp_path):
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{ROOT}",
                                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
     assert done.returncode == 2, done.stdout + done.stderr
-    assert done.stderr.startswith("error: search_spaces/mine.py cannot be loaded (SyntaxError: line 2:"), done.stderr
+    assert done.stderr.startswith("error: search_spaces/mine.py cannot be loaded (SyntaxError: mine.py line 2:"), \
+        done.stderr
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_values_that_only_clash_with_another_settings_value_are_the_trials_to_combine(write_space):
+    """A residual block needs an odd kernel: a space giving kernel 4 only with the plain block, beside an experiment
+    whose own block is residual, was refused ("which no trial could train"), though no trial would take both."""
+    write_space("joint", """
+        SPACE = Space(name='joint', params=(Choice('block', ('plain', 'residual')),
+                                            Choice('kernel_size', (3, 4), when={'block': ('plain',)})))
+    """)
+    experiment = load_experiment(None, ["search_space=joint", "train.block=residual", "train.convs_per_block=2"])
+    check_settings(experiment, StudyOptions(name="s"))

@@ -400,6 +400,9 @@ def test_missing_artifacts_names_a_local_folder_that_is_gone_and_nothing_else(tm
     gone = tmp_path / "mlruns" / "1" / "abc" / "artifacts"
     assert missing_artifacts(gone.as_uri()) == (f" (its files are missing: the artifact folder {gone} is not there; the "
                                                 "store's database outlived its artifacts, moved or deleted)")
+    (tmp_path / "mlruns" / "1").mkdir(parents=True)  # its experiment's folder is there: the run logged no file
+    assert missing_artifacts(gone.as_uri()) == "", "a failed trial's folder is never made: nothing is missing"
+    assert missing_artifacts(gone.as_uri().replace("file:", "FILE:")) == ""
     assert missing_artifacts("mlflow-artifacts:/1/abc/artifacts") == ""  # a server's: not this disk's to look at
     assert missing_artifacts("s3://bucket/1/abc") == ""
 

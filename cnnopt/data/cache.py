@@ -239,9 +239,14 @@ def writing(folder: Path):
                          f"${CACHE_ENV}) to a writable folder, or data.cache=false") from None
 
 
+def megabytes(count: float) -> str:
+    """Bytes as a message says them: megabytes to one decimal, kilobytes below one."""
+    return f"{count / 2**20:,.1f} MB" if count >= 2**20 - 2**9 else f"{count / 2**10:,.1f} KB"
+
+
 def _check_space(folder: Path, needed: int) -> None:
     """Fail before writing: a memory-mapped write to a full disk kills the process (SIGBUS)."""
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise UsageError(f"the decoded images need {needed / 2**20:,.0f} MB in {folder} but {free / 2**20:,.0f} MB "
-                         "are free; free space there or set data.cache_dir to another disk")
+        raise UsageError(f"the decoded images need {megabytes(needed)} in {folder} but {megabytes(free)} are "
+                         "free; free space there or set data.cache_dir to another disk")

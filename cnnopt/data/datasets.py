@@ -504,17 +504,12 @@ def _imagefolder_root(cfg: DataConfig) -> Path:
     return root
 
 
-def megabytes(count: int) -> str:
-    """Bytes as a message says them: whole megabytes, or kilobytes below one ('take 0 MB, more than the 0 MB')."""
-    return f"{count / 2**20:,.0f} MB" if count >= 2**20 else f"{count / 2**10:,.1f} KB"
-
-
 def _allocate_in_memory(cfg: DataConfig, shape: tuple[int, ...]) -> np.ndarray:
     """The decoded images' array, refused before decoding when it would exceed the memory limit."""
     needed, limit = math.prod(shape), memory_limit_bytes(cfg)
     if limit and needed > limit:
-        raise UsageError(f"the decoded images of {cfg.root} take {megabytes(needed)}, more than the "
-                         f"{megabytes(limit)} memory limit, and data.cache=false; set data.cache=true so the "
+        raise UsageError(f"the decoded images of {cfg.root} take {data_cache.megabytes(needed)}, more than the "
+                         f"{data_cache.megabytes(limit)} memory limit, and data.cache=false; set data.cache=true so the "
                          "train split streams from disk, or raise data.memory_limit_mb")
     return np.empty(shape, np.uint8)
 

@@ -188,6 +188,8 @@ def validate(space: Space) -> None:
     """Every parameter names a [train] field, conditions refer to earlier parameters, ranges are sane."""
     types = field_types(TrainConfig)
     seen: set[str] = set()
+    if not isinstance(space.description, str):  # --list-spaces prints its first paragraph
+        raise UsageError(f"search space {space.name!r}: its description must be text, got {space.description!r}")
     for param in space.params:
         if not isinstance(param, Param):
             raise UsageError(f"search space {space.name!r}: its params must be Float, Int or Choice, found "
@@ -212,6 +214,9 @@ def validate(space: Space) -> None:
                 raise UsageError(f"{where} has grid values {outside} outside its range {param.low:g}..{param.high:g}")
         if isinstance(param, Choice) and not param.choices:
             raise UsageError(f"{where} has no choices")
+        if isinstance(param, Choice) and [v for v in param.grid if v not in param.choices]:  # a grid trained them
+            raise UsageError(f"{where} has grid values {[v for v in param.grid if v not in param.choices]} that are "
+                             f"not among its choices {list(param.choices)}")
         kind = types[param.name]
         values = param.choices if isinstance(param, Choice) else ()
         wrong = [v for v in values if not _of_type(v, kind)]
@@ -219,6 +224,9 @@ def validate(space: Space) -> None:
             raise UsageError(f"{where} has choices {wrong} that are not {kind.__name__} values, as train.{param.name} "
                              "takes" + (" (True or False, not strings)" if kind is bool else ""))
         for name, allowed in param.when.items():
+            if not isinstance(allowed, (tuple, list, set, frozenset)):  # "sgd" read as the values 's', 'g', 'd'
+                raise UsageError(f"{where}: when={{{name!r}: {allowed!r}}} must name a tuple of values, such as "
+                                 f"{{{name!r}: ({allowed!r},)}}")
             condition = next(p for p in space.params if p.name == name)
             never = [v for v in allowed if isinstance(condition, Choice) and v not in condition.choices]
             if never:  # the parameter would never be sampled

@@ -29,7 +29,7 @@ from cnnopt import tracking, trials
 from cnnopt.cli import counted
 from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import last_line
-from cnnopt.experiment.config import Experiment
+from cnnopt.experiment.config import MAX_SEED, Experiment
 from cnnopt.study.runner import ray_session, resolve_resources
 from cnnopt.study.trainable import assigned_device, check_no_test
 from cnnopt.tracking import recorder, studies
@@ -95,7 +95,7 @@ def confirm(experiment: Experiment, study: str, address: str | None = None) -> C
                                              run.data.metrics[f"best_{metric}"]) for run in top}
     recorder.end_cut_short(client, parent, studies.CONFIRMATION)  # an earlier command's, left RUNNING
     recorded = recorded_seeds(client, parent, candidates, metric)
-    seeds = [experiment.train.seed + 1 + i for i in range(search.confirm_seeds)]  # never the trials' own seed
+    seeds = new_seeds(experiment.train.seed, search.confirm_seeds)
     todo = [(run, seed) for run in top for seed in seeds if (run.info.run_id, seed) not in recorded]
     if todo:
         _train_all(experiment, client, parent, todo, candidates, address)
@@ -173,6 +173,12 @@ def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageD
                                              result.best_epoch, result.best_metrics))
         return recorder.record_confirmation(experiment, parent, run, seed, tracking.hyperparameters(config), result,
                                             checkpoint, dataset, error)
+
+
+def new_seeds(seed: int, count: int) -> list[int]:
+    """The confirmation's seeds: never the trials' own `seed`, and past the largest seed a setting takes
+    (`train.seed` may be it: every seed's run was refused inside Ray) they go on from 0."""
+    return [(seed + 1 + i) % (MAX_SEED + 1) for i in range(count)]
 
 
 def _choose(candidates: list[Candidate], mode: str) -> Confirmation:

@@ -44,7 +44,7 @@ from cnnopt.study.trainable import best_key, run_trial
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import PastTrial, StudyRecorder
 from cnnopt.training.model import build_model
-from cnnopt.training.objective import check_choices, check_config, uses_cuda
+from cnnopt.training.objective import check_choices, check_config, check_values, uses_cuda
 
 SCHEDULERS = ("fifo", "asha")
 
@@ -85,8 +85,9 @@ def default_study_name(experiment: Experiment) -> str:
     try:
         studies.check_study_name(name)
     except UsageError:
-        raise UsageError(f"the experiment's name {experiment.name!r} cannot begin a study's name (letters, digits, "
-                         "'.', '_' and '-', no '..'); give the study one with --name, or rename the experiment") from None
+        raise UsageError(f"the experiment's name {experiment.name!r} cannot begin a study's name (ASCII letters, "
+                         "digits, '.', '_' and '-', no '..'); give the study one with --name, or rename the "
+                         "experiment") from None
     return name
 
 
@@ -288,15 +289,16 @@ def open_study(experiment: Experiment, options: StudyOptions,
 
 def check_space_values(space: Space, train: TrainConfig) -> None:
     """Every value the space can give a parameter (its ranges' ends, grid values, choices: `space.edge_values`)
-    against the rules its [train] setting has (`check_choices`): a range past a rule (dropout up to 1.5), or a
-    choice no training takes (optimizer 'rmsprop'), failed trial by trial, or every trial of the study."""
+    against its [train] setting's own rule (`check_values`): a range past a rule (dropout up to 1.5), or a
+    choice no training takes (optimizer 'rmsprop'), failed trial by trial, or every trial of the study. Rules
+    that join two values (a residual block's odd kernel) are the trials' to meet, as they combine values."""
     for param, value, what in edge_values(space):
         try:
-            check_choices(dataclasses.replace(train, **{param.name: field_types(TrainConfig)[param.name](value)}))
+            check_values(dataclasses.replace(train, **{param.name: field_types(TrainConfig)[param.name](value)}))
         except UsageError as exc:
             why = str(exc).split("; fix it")[0]
-            raise UsageError(f"search space {space.name!r} gives {param.name} = {value!r} ({what}), which no trial "
-                             f"could train: {why}; change it in {search_spaces.source_path(space.name)}") from None
+            raise UsageError(f"search space {space.name!r} gives {param.name} = {value!r} ({what}), which its "
+                             f"setting does not take: {why}; change it in {search_spaces.source_path(space.name)}") from None
 
 
 def check_search(search: SearchConfig) -> None:

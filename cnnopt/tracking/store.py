@@ -93,13 +93,17 @@ def sqlite_file(uri: str) -> Path | None:
 
 def missing_artifacts(artifact_uri: str) -> str:
     """Where a run's artifacts should be and are not, said for a message ("" where they are there, or not on this
-    machine's disk to look at): an mlruns/ folder deleted or moved, its database kept."""
-    if urllib.parse.urlparse(artifact_uri).scheme not in ("", "file"):  # a server's, a bucket's: not this disk's
+    machine's disk to look at): an mlruns/ folder deleted or moved, its database kept. A run's own folder is made
+    with its first file (a failed trial has none), so it is the experiment's folder above it that must be gone."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme.lower() not in ("", "file") or len(parsed.scheme) == 1:  # a server's, a bucket's (C: a drive)
         return ""
-    folder = Path(urllib.parse.unquote(urllib.parse.urlparse(artifact_uri).path) if artifact_uri.startswith("file:")
-                  else artifact_uri)
-    return "" if folder.exists() else (f" (its files are missing: the artifact folder {folder} is not there; the "
-                                       "store's database outlived its artifacts, moved or deleted)")
+    folder = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else artifact_uri)
+    experiment = folder.parents[1] if len(folder.parents) > 1 else folder  # mlruns/<experiment>/<run>/artifacts
+    if os.path.exists(experiment):
+        return ""
+    return (f" (its files are missing: the artifact folder {folder} is not there; the store's database outlived its "
+            "artifacts, moved or deleted)")
 
 
 def require_store(what: str) -> None:
@@ -120,6 +124,9 @@ def check_store(uri: str, timeout: float = 5.0, create: bool = True, write: bool
                                       or ":memory:" in uri or "mode=memory" in uri):
         raise UsageError(f"MLFLOW_TRACKING_URI = {uri} is a database in memory: nothing recorded there outlives the "
                          "command; name a file, with three slashes: sqlite:///mlflow.db (or sqlite:////abs/path.db)")
+    if uri.lower().startswith("sqlite:") and not uri.startswith("sqlite:///"):  # sqlite://mlflow.db: SQLAlchemy's traceback
+        raise UsageError(f"MLFLOW_TRACKING_URI = {uri} is no SQLite file's address: it takes three slashes before the "
+                         "path, sqlite:///mlflow.db (relative) or sqlite:////abs/path/mlflow.db")
     database = sqlite_file(uri)
     if database is not None and not write:
         if not os.access(database, os.R_OK):

@@ -180,14 +180,21 @@ def initialize(model: nn.Module, scheme: str, activation: str = "relu") -> None:
                 nn.init.zeros_(module.bias)
 
 
-def check_model_choices(config: TrainConfig) -> None:
-    """A named choice (activation, pool, padding, init, block, tta, global_pool) that is not one of its own is one line."""
+def check_model_values(config: TrainConfig) -> None:
+    """Each [train] value alone against its own rule (a range, or a named choice: activation, pool, padding,
+    init, block, tta, global_pool), without the rules that join two values (`check_model_choices`)."""
     check_section("train", config)
     choices = {"activation": ACTIVATIONS, "pool": POOLS, "padding_mode": PADDING_MODES, "init": INITS, "block": BLOCKS,
                "tta": TTAS, "global_pool": GLOBAL_POOLS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise UsageError(f"train.{name} = {getattr(config, name)!r} is not one of {', '.join(allowed)}")
+
+
+def check_model_choices(config: TrainConfig) -> None:
+    """A named choice that is not one of its own (`check_model_values`), or two values that do not go together,
+    is one line."""
+    check_model_values(config)
     if config.block == "residual" and config.convs_per_block > 1 and config.kernel_size % 2 == 0:
         raise UsageError(f"train.block = 'residual' needs an odd train.kernel_size (an even one, "
                          f"{config.kernel_size}, changes the feature map's size, so x + convs(x) cannot add up)")

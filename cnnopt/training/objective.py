@@ -23,7 +23,7 @@ from cnnopt.data.augment import CROP_PADDING_MODES, BatchAugment, Normalize
 from cnnopt.experiment.config import TrainConfig, is_better
 from cnnopt.data.datasets import ImageData
 from cnnopt.errors import UsageError
-from cnnopt.training.model import build_model, check_model_choices, predictions_per_image
+from cnnopt.training.model import build_model, check_model_choices, check_model_values, predictions_per_image
 
 Report = Callable[[int, dict], None]
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -470,11 +470,19 @@ def check_choices(config: TrainConfig) -> None:
     """Reject a [train] value that no training takes (a range, an unknown optimizer or schedule), whatever the
     images: a study checks its experiment's own values with it before Ray starts, searched or not."""
     check_model_choices(config)  # the ranges, and the net's own choices: else every trial would fail inside Ray
+    check_values(config)
+
+
+def check_values(config: TrainConfig) -> None:
+    """Each [train] value alone against its own rule: its range, and the training's named choices (optimizer,
+    device, schedule, crop padding mode) with the net's (`check_model_values`); not the rules that join two
+    values, which a search space's values are checked by only as its trials combine them."""
+    check_model_values(config)
     if config.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.optimizer = {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     check_device(config.device)
     if config.lr_schedule not in SCHEDULES:
         raise UsageError(f"train.lr_schedule = {config.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if config.crop_padding > 0 and config.crop_padding_mode not in CROP_PADDING_MODES:
+    if config.crop_padding_mode not in CROP_PADDING_MODES:  # a bad name is one, with the padding off too
         raise UsageError(f"train.crop_padding_mode = {config.crop_padding_mode!r} is not one of "
                          f"{', '.join(CROP_PADDING_MODES)}")
