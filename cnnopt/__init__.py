@@ -5,13 +5,18 @@ before `cnnopt.cli.run` is reached: a Ctrl-C then ends it with one line and exit
 traceback (`interrupted_while_starting`, handed back to Python's own handler by `cnnopt.cli.run`).
 """
 
+import os
 import signal
 import sys
 
 
 def interrupted_while_starting(signum, frame):
+    """Nothing is started yet (no store opened, no Ray): the process ends here. Not by raising SystemExit: raised
+    from a signal handler it lands in whatever code the import runs next, and where that code catches
+    BaseException it is lost (once in CI the command said "interrupted", then ran its whole study and exited 0)."""
     sys.stderr.write("interrupted\n")
-    raise SystemExit(130)
+    sys.stderr.flush()
+    os._exit(130)
 
 
 # runpy imports a module's package with sys.argv[0] == "-m": this is `python -m cnnopt.<command>` starting.
