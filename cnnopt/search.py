@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import statistics
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
 from cnnopt.study.callback import format_value
-from cnnopt.study.confirmation import confirm
+from cnnopt.study.confirmation import confirm, figures
 from cnnopt.study.final import train_final
 from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, resume_command, run_study, stop_ray
 from cnnopt.study.strategies import STRATEGIES
@@ -111,21 +110,20 @@ def main(argv: list[str] | None = None) -> int:
                          "(only --address, --time-budget, --no-report, --no-confirm and --no-promote go with it)")
         studies.check_study_name(args.name)  # a name that is no name is said as such, store or not
         tracking.require_store(f"study {args.name!r}")
-        experiment = studies.load_settings(tracking.make_client(), args.name)
+        parent, experiment = studies.resume_record(tracking.make_client(), args.name)  # one read of the parent
         if args.time_budget is not None:  # a new budget for this command: the recorded one may no longer fit here
             if not experiment.search.time_budget:
                 parser.error(f"study {args.name!r} has no time budget, and its resume cannot add one; drop --time-budget")
             if not args.time_budget:
                 parser.error("--time-budget 0 would drop the study's budget on its resume; give it the minutes this "
                              "command may take")
-            parent = studies.find_parent(tracking.make_client(), args.name)
-            if parent is not None and studies.search_ended(parent):  # it goes on with the plan it searched with
+            if studies.search_ended(parent):  # it goes on with the plan it searched with
                 parser.error(f"study {args.name!r} had ended its search: its resume goes on with the plan the search "
                              "ran with (its confirmation, final training and promotion), which a new budget would "
                              "not change; drop --time-budget")
             experiment = dataclasses.replace(experiment, search=dataclasses.replace(
                 experiment.search, time_budget=args.time_budget))
-        if (complete := complete_line(tracking.make_client(), args.name)) is not None:
+        if (complete := complete_line(parent, args.name)) is not None:
             print(complete)
             return 0
         if args.no_confirm:  # like the report and the promotion, what follows the trials is this command's choice
@@ -159,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             stop_ray()
 
 
-def complete_line(client, name: str) -> str | None:
-    """What a resume of a study with nothing left says, before Ray starts: its trials ran, what followed them is
-    done and its winner promoted (so its test split is not read again); None where anything is left."""
-    parent = studies.find_parent(client, name)
-    promoted = parent.data.tags.get("promoted_run_id") if parent is not None else None
+def complete_line(parent, name: str) -> str | None:
+    """What a resume of study `name` (its parent run `parent`) says where nothing is left, before Ray starts: its
+    trials ran, what followed them is done and its winner promoted (so its test split is not read again); None
+    where anything is left."""
+    promoted = parent.data.tags.get("promoted_run_id")
     if not promoted or parent.data.tags.get(studies.FINISH_TAG) != "done":
         return None
     score = parent.data.metrics.get("promoted_test_accuracy")
@@ -379,17 +377,7 @@ def confirm_best(experiment, outcome, address: str | None):
               f"{counted(len(candidate.values), 'new seed')}{alone} (the trial itself: {candidate.value:.4f}){mark}")
     # Where a final training follows, it trains this run's configuration and seed, and its model is promoted.
     print(f"  chosen run {confirmation.promote_run_id}: {confirmation.reason}")
-    client = tracking.make_client()
-    metrics = {}
-    for c in confirmation.candidates:
-        if not c.values:  # no seed completed: no figure (NaN read as a mean, and held a final to nothing)
-            continue
-        last = [client.get_run(run_id).data.metrics.get(metric) for run_id, _ in c.runs.values()]  # last epochs
-        last = [value for value in last if value is not None and math.isfinite(value)]
-        metrics.update({f"confirm_mean_trial_{c.trial_number}": c.mean, f"confirm_std_trial_{c.trial_number}": c.std,
-                        f"confirm_seeds_trial_{c.trial_number}": len(c.values),
-                        **({f"confirm_last_mean_trial_{c.trial_number}": statistics.fmean(last)} if last else {})})
-    record_choice(outcome.parent_run_id, metrics,
+    record_choice(outcome.parent_run_id, figures(tracking.make_client(), confirmation, metric),
                   {"confirmed_trial": confirmation.chosen.trial_number, "confirmed_run_id": confirmation.promote_run_id,
                    "confirmation": confirmation.reason})
     return confirmation

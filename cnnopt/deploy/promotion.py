@@ -73,9 +73,10 @@ def evaluate_test(model, data: ImageData, device: str = "auto") -> dict:
     """Loss, accuracy, per-class accuracy and the confusion matrix on the test split (in eval mode), on the GPU
     where there is one and train.device (`device`) does not name the CPU or an Apple GPU (the model is handed back
     on the CPU, where export expects it)."""
-    on_gpu = torch.cuda.is_available() and uses_cuda(device)
-    numbered = device.startswith("cuda:") and int(device[5:]) < torch.cuda.device_count()  # cnnopt.train's cuda:1
-    device = torch.device(device if on_gpu and numbered else "cuda" if on_gpu else "cpu")  # a VGG's 10,000 images: ~15 s on 2 cores
+    wanted, device = device, torch.device("cpu")  # a VGG's 10,000 images: ~15 s on 2 cores
+    if torch.cuda.is_available() and uses_cuda(wanted):  # cnnopt.train's cuda:1 where this machine has it
+        numbered = wanted.startswith("cuda:") and int(wanted[5:]) < torch.cuda.device_count()
+        device = torch.device(wanted if numbered else "cuda")
     model.eval().to(device)
     normalize = Normalize(data.mean, data.std, device)
     tf32 = torch.backends.cudnn.allow_tf32

@@ -214,9 +214,9 @@ def validate(space: Space) -> None:
                 raise UsageError(f"{where} has grid values {outside} outside its range {param.low:g}..{param.high:g}")
         if isinstance(param, Choice) and not param.choices:
             raise UsageError(f"{where} has no choices")
-        if isinstance(param, Choice) and [v for v in param.grid if v not in param.choices]:  # a grid trained them
-            raise UsageError(f"{where} has grid values {[v for v in param.grid if v not in param.choices]} that are "
-                             f"not among its choices {list(param.choices)}")
+        strays = [v for v in param.grid if v not in param.choices] if isinstance(param, Choice) else []
+        if strays:  # a grid trained them
+            raise UsageError(f"{where} has grid values {strays} that are not among its choices {list(param.choices)}")
         kind = types[param.name]
         values = param.choices if isinstance(param, Choice) else ()
         wrong = [v for v in values if not _of_type(v, kind)]

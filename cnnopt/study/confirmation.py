@@ -175,6 +175,24 @@ def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageD
                                             checkpoint, dataset, error)
 
 
+def figures(client, confirmation: Confirmation, metric: str) -> dict[str, float]:
+    """The confirmation's figures, as the study's parent run records them: per configuration with a completed
+    seed, `confirm_mean_trial_<n>` and `confirm_std_trial_<n>` over its seeds' best epochs, `confirm_seeds_trial_<n>`,
+    and `confirm_last_mean_trial_<n>` over their last epochs (what a final's last epoch is held to,
+    `studies.confirmation_of`). Nothing for a configuration no seed of which completed: a NaN mean held a final to
+    nothing."""
+    recorded = {}
+    for c in confirmation.candidates:
+        if not c.values:
+            continue
+        last = [client.get_run(run_id).data.metrics.get(metric) for run_id, _ in c.runs.values()]  # last epochs
+        last = [value for value in last if value is not None and math.isfinite(value)]
+        recorded.update({f"confirm_mean_trial_{c.trial_number}": c.mean, f"confirm_std_trial_{c.trial_number}": c.std,
+                         f"confirm_seeds_trial_{c.trial_number}": len(c.values),
+                         **({f"confirm_last_mean_trial_{c.trial_number}": statistics.fmean(last)} if last else {})})
+    return recorded
+
+
 def new_seeds(seed: int, count: int) -> list[int]:
     """The confirmation's seeds: never the trials' own `seed`, and past the largest seed a setting takes
     (`train.seed` may be it: every seed's run was refused inside Ray) they go on from 0."""

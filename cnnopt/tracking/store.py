@@ -120,13 +120,14 @@ def check_store(uri: str, timeout: float = 5.0, create: bool = True, write: bool
     """Raise a UsageError naming the store if a local one cannot be written (with write=False: read) or a server
     does not answer; a local store's folders are made, unless create=False (a check that leaves nothing behind)."""
     fix = "set MLFLOW_TRACKING_URI to a writable sqlite:///PATH/mlflow.db or a reachable http:// server"
-    if uri.startswith("sqlite:") and (uri.partition("?")[0] in ("sqlite:", "sqlite://", "sqlite:///")
-                                      or ":memory:" in uri or "mode=memory" in uri):
-        raise UsageError(f"MLFLOW_TRACKING_URI = {uri} is a database in memory: nothing recorded there outlives the "
-                         "command; name a file, with three slashes: sqlite:///mlflow.db (or sqlite:////abs/path.db)")
-    if uri.lower().startswith("sqlite:") and not uri.startswith("sqlite:///"):  # sqlite://mlflow.db: SQLAlchemy's traceback
-        raise UsageError(f"MLFLOW_TRACKING_URI = {uri} is no SQLite file's address: it takes three slashes before the "
-                         "path, sqlite:///mlflow.db (relative) or sqlite:////abs/path/mlflow.db")
+    if uri.lower().startswith("sqlite:"):
+        if uri.partition("?")[0] in ("sqlite:", "sqlite://", "sqlite:///") or ":memory:" in uri or "mode=memory" in uri:
+            raise UsageError(f"MLFLOW_TRACKING_URI = {uri} is a database in memory: nothing recorded there outlives "
+                             "the command; name a file, with three slashes: sqlite:///mlflow.db (or "
+                             "sqlite:////abs/path.db)")
+        if not uri.startswith("sqlite:///"):  # sqlite://mlflow.db: SQLAlchemy's traceback
+            raise UsageError(f"MLFLOW_TRACKING_URI = {uri} is no SQLite file's address: it takes three slashes before "
+                             "the path, sqlite:///mlflow.db (relative) or sqlite:////abs/path/mlflow.db")
     database = sqlite_file(uri)
     if database is not None and not write:
         if not os.access(database, os.R_OK):

@@ -274,6 +274,11 @@ def log_settings(client: MlflowClient, run_id: str, experiment: Experiment) -> N
 
 def load_settings(client: MlflowClient, study: str) -> Experiment:
     """The settings a study started with, from its parent run: a resumed study trains and splits as before."""
+    return resume_record(client, study)[1]
+
+
+def resume_record(client: MlflowClient, study: str) -> tuple:
+    """A study's parent run and the settings it started with (`load_settings`), read once for a resume."""
     parent = find_parent(client, study)
     if parent is None:
         raise UsageError(f"the MLflow store {tracking_uri()} holds no study named {study!r}; check --name, "
@@ -282,7 +287,7 @@ def load_settings(client: MlflowClient, study: str) -> Experiment:
     if settings is None:
         raise UsageError(f"study {study!r} recorded no settings ({SETTINGS_ARTIFACT} on its parent run "
                          f"{parent.info.run_id}){missing_artifacts(parent.info.artifact_uri)}; it cannot be resumed")
-    return settings
+    return parent, settings
 
 
 def check_same_data(parent, experiment: Experiment, digest: str) -> None:

@@ -192,9 +192,14 @@ def check_model_values(config: TrainConfig) -> None:
 
 
 def check_model_choices(config: TrainConfig) -> None:
-    """A named choice that is not one of its own (`check_model_values`), or two values that do not go together,
-    is one line."""
+    """A named choice that is not one of its own (`check_model_values`), or two values that do not go together
+    (`check_model_pairs`), is one line."""
     check_model_values(config)
+    check_model_pairs(config)
+
+
+def check_model_pairs(config: TrainConfig) -> None:
+    """The net's rules that join two [train] values."""
     if config.block == "residual" and config.convs_per_block > 1 and config.kernel_size % 2 == 0:
         raise UsageError(f"train.block = 'residual' needs an odd train.kernel_size (an even one, "
                          f"{config.kernel_size}, changes the feature map's size, so x + convs(x) cannot add up)")

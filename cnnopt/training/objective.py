@@ -23,7 +23,7 @@ from cnnopt.data.augment import CROP_PADDING_MODES, BatchAugment, Normalize
 from cnnopt.experiment.config import TrainConfig, is_better
 from cnnopt.data.datasets import ImageData
 from cnnopt.errors import UsageError
-from cnnopt.training.model import build_model, check_model_choices, check_model_values, predictions_per_image
+from cnnopt.training.model import build_model, check_model_pairs, check_model_values, predictions_per_image
 
 Report = Callable[[int, dict], None]
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -469,8 +469,8 @@ def check_config(config: TrainConfig, image_size: int) -> None:
 def check_choices(config: TrainConfig) -> None:
     """Reject a [train] value that no training takes (a range, an unknown optimizer or schedule), whatever the
     images: a study checks its experiment's own values with it before Ray starts, searched or not."""
-    check_model_choices(config)  # the ranges, and the net's own choices: else every trial would fail inside Ray
-    check_values(config)
+    check_values(config)  # the ranges, and the named choices: else every trial would fail inside Ray
+    check_model_pairs(config)
 
 
 def check_values(config: TrainConfig) -> None:
