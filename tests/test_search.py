@@ -770,7 +770,8 @@ def test_a_study_records_its_settings_and_resumes_from_them(mlflow_store):
         studies.load_settings(client, "other")
 
 
-def test_list_spaces(capsys):
+def test_list_spaces(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the command's log file (cnnopt.log) goes to the working directory, not the repository's
     assert search.main(["--list-spaces"]) == 0
     output = capsys.readouterr().out
     assert all(name in output for name in search_spaces.names())

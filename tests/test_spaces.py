@@ -97,7 +97,8 @@ def test_a_space_giving_values_no_trial_could_train_is_refused_before_any_trial(
     assert message.endswith("wide.py"), message
 
 
-def test_the_listing_names_a_broken_space_and_goes_on(write_space, capsys):
+def test_the_listing_names_a_broken_space_and_goes_on(write_space, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the command's log file (cnnopt.log) goes to the working directory
     write_space("aaa_broken", "SPACE = 1\n")
     assert search.main(["--list-spaces"]) == 0
     out = capsys.readouterr().out
