@@ -254,6 +254,23 @@ def test_cifar10_without_batches_is_rejected(tmp_path):
         load_data(DataConfig(dataset="cifar10", root=str(tmp_path)))
 
 
+def test_a_part_extracted_cifar10_is_one_warning_and_stray_copies_are_not_batches(tmp_path, capsys):
+    """Two of the five train batches trained silently on 20,000 images; a data_batch_1.bak (a copy kept by
+    hand) was read as a sixth batch, every image twice."""
+    folder = write_cifar(tmp_path, batches=2, per_batch=30)
+    (folder / "data_batch_1.bak").write_bytes((folder / "data_batch_1").read_bytes())
+    for _ in range(2):  # a study loads its data several times: one line
+        data = load_data(DataConfig(dataset="cifar10", root=str(tmp_path), val_fraction=0.2))
+    assert len(data.train_y) + len(data.val_y) == 60
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1, err
+    assert f"{folder} holds data_batch_1, data_batch_2 of CIFAR-10's five train batches" in err
+    for index in range(3, 6):
+        (folder / f"data_batch_{index}").write_bytes((folder / "data_batch_1").read_bytes())
+    load_data(DataConfig(dataset="cifar10", root=str(tmp_path), val_fraction=0.2, duplicates="warn"))
+    assert "five train batches" not in capsys.readouterr().err
+
+
 def test_cifar10_corrupt_batch_names_the_file(tmp_path):
     folder = write_cifar(tmp_path)
     (folder / "data_batch_2").write_bytes(b"not a pickle")

@@ -29,7 +29,7 @@ from cnnopt.data import cache as data_cache
 from cnnopt.data import duplicates
 from cnnopt.data.decode import IMAGE_EXTENSIONS, decode_files, default_workers, image_files, resize_center_crop
 from cnnopt.experiment.config import DataConfig, check_section
-from cnnopt.errors import UsageError
+from cnnopt.errors import UsageError, warn_once
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 IMAGEFOLDER_DEFAULT_SIZE = 64  # photos of any size are brought to this side unless image_size is set
@@ -389,9 +389,12 @@ def _load_cifar10(cfg: DataConfig) -> tuple[dict, list[str], tuple]:
                              f"hand, extract it there and set data.download=false") from None
         folder = _cifar_folder(cfg)
     names = [n.decode() if isinstance(n, bytes) else n for n in _unpickle(folder / "batches.meta")["label_names"]]
-    train_files = sorted(folder.glob("data_batch_*"))
+    train_files = [folder / f"data_batch_{index}" for index in range(1, 6) if (folder / f"data_batch_{index}").exists()]
     if not train_files or not (folder / "test_batch").exists():
         raise UsageError(f"{folder} lacks data_batch_* or test_batch files; re-extract the CIFAR-10 python archive there")
+    if len(train_files) < 5:  # a part-extracted archive trains on fewer images than the person believes
+        warn_once(f"{folder} holds {', '.join(path.name for path in train_files)} of CIFAR-10's five train "
+                  "batches: the studies train on a subset; re-extract the CIFAR-10 python archive there for all 50,000")
     source = tuple(_cifar_file_key(path) for path in [*train_files, folder / "test_batch"])
     train = [_cifar_batch(path) for path in train_files]
     parts = {"pool": (torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])),

@@ -13,18 +13,16 @@ search's subset, the confirmation, the final training, the promotion).
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cnnopt.errors import UsageError
+from cnnopt.errors import UsageError, say_once
 
 HASH_BYTES = 16  # 128 bits: no two different images of any dataset share one by chance
 REMEMBERED_SOURCES = 4  # a study's one source, with room for a notebook's few; 16 bytes an image each
-_said: set[str] = set()  # a study loads its data several times (search, confirmation, promotion): one line each
 _remembered: dict[Hashable, dict[str, np.ndarray]] = {}  # source -> its parts' hashes, the least recently used first
 
 
@@ -147,10 +145,7 @@ def handle_conflicts(policy: str, mixed: np.ndarray, example: tuple[str, str] | 
     fix = f"keep each image in one class folder{f' of {where}' if where else ''}"
     if policy == "error":
         raise UsageError(f"{what}; {fix} (or set data.duplicates=warn to keep them)")
-    line = f"warning: {what}; {fix}"
-    if line not in _said:
-        _said.add(line)
-        print(line, file=sys.stderr, flush=True)
+    say_once(f"warning: {what}; {fix}")
     return count
 
 
@@ -187,7 +182,5 @@ def handle(policy: str, copies: Copies, sizes: dict[str, int], name: Callable[[s
     line = (f"data.duplicates=drop: left out {counts}, {copy_of}" if policy == "drop" else
             f"warning: {what}: their scores are optimistic; remove the copies{f' from {where}' if where else ''} or "
             "set data.duplicates=drop to leave them out of val and test")
-    if line not in _said:
-        _said.add(line)
-        print(line, file=sys.stderr, flush=True)
+    say_once(line)
     return policy == "drop"
