@@ -289,9 +289,10 @@ def _run_studies(experiment: Experiment, strategies: list[str], seeds: int, pref
                 progress(f"{name}: interrupted; the comparison stops here")
                 raise KeyboardInterrupt
             studies[(strategy, seed)], walls[(strategy, seed)] = name, outcome.wall_seconds
-            best = (outcome.best or {}).get("metrics", {}).get(experiment.metric, math.nan)
-            counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.counts.items()))
-            progress(f"{name}: best {experiment.metric} {best:.4f} ({counts}) in {outcome.wall_seconds:.0f}s")
+            best = (outcome.best or {}).get("metrics", {}).get(experiment.metric)
+            counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.counts.items())) or "no trial started"
+            result = "no trial completed" if best is None else f"best {experiment.metric} {best:.4f}"
+            progress(f"{name}: {result} ({counts}) in {outcome.wall_seconds:.0f}s")
     return studies, walls
 
 
