@@ -102,3 +102,19 @@ def trials_devices(study: str) -> list[str]:
 
     client = make_client()
     return [client.get_run(run_id).data.tags["device"] for run_id in load_trials("digits", study)["run_id"]]
+
+
+def test_splits_larger_than_the_runs_share_of_the_gpu_stay_on_the_host_and_train_there(digits_data):
+    """8 trials on one GPU each copying a train split of more than an eighth of its memory all failed out of
+    memory: a split over `DEVICE_DATA_SHARE` of the run's share stays on the host, a batch moved at a time."""
+    from cnnopt.training.objective import held_on_device, set_up
+
+    config = TrainConfig(epochs=5, device="cuda")
+    whole = torch.cuda.get_device_properties(0).total_memory
+    assert held_on_device(int(whole * 0.125 * 0.5), torch.device("cuda"), 0.125)
+    assert not held_on_device(int(whole * 0.125 * 0.5) + 1, torch.device("cuda"), 0.125)
+    assert set_up(config, digits_data).train_x.device.type == "cuda"
+    held = set_up(config, digits_data, device_share=1e-9)
+    assert held.streamed and held.train_x.device.type == "cpu" and held.batches_per_augment == 1
+    result = train(config, digits_data, device_share=1e-9)
+    assert result.status == "completed" and result.best_metrics["val_accuracy"] > 0.9

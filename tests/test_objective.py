@@ -342,3 +342,17 @@ def test_mps_is_taken_where_torch_has_it_and_one_line_where_not():
     else:
         with pytest.raises(UsageError, match="train.device = 'mps' but this machine's torch has no Apple GPU"):
             objective.check_choices(dataclasses.replace(QUICK, device="mps"))
+
+
+def test_a_ray_task_knows_its_share_of_a_gpu_and_its_splits_stay_on_a_cpu(gpu_ray, digits_data):
+    """`gpu_share` is what `held_on_device` divides a GPU's memory by: Ray's fractional share, read in the
+    task (here of a GPU Ray is told of: no CUDA is touched); 1 for none or a whole GPU. On the CPU the
+    splits are where they are, whatever the share."""
+    from cnnopt.study.trainable import gpu_share
+    from cnnopt.training.objective import held_on_device, set_up
+
+    shares = [gpu_ray.get(gpu_ray.remote(num_cpus=1, num_gpus=gpus)(gpu_share).remote()) for gpus in (0.25, 0, 1)]
+    assert shares == [0.25, 1.0, 1.0]
+    assert held_on_device(2**60, torch.device("cpu"), 1e-9)
+    setup = set_up(TrainConfig(epochs=1, device="cpu"), digits_data, device_share=1e-9)
+    assert not setup.streamed and setup.train_x.data_ptr() == digits_data.train_x.data_ptr()

@@ -44,7 +44,7 @@ from cnnopt.cli import counted
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, SearchConfig
 from cnnopt.experiment.space import Space
-from cnnopt.study.trainable import assigned_device, check_no_test
+from cnnopt.study.trainable import assigned_device, check_no_test, gpu_share
 from cnnopt.tracking import param_value
 from cnnopt.training.objective import epoch_seconds, seconds_per_image
 
@@ -299,4 +299,4 @@ def measure_epoch(experiment: Experiment, space: Space, data: ImageData, search:
 
 def _per_image(config, data: ImageData) -> float:
     """In a Ray worker: seconds per training image (the GPU when Ray assigned one)."""
-    return seconds_per_image(assigned_device(config), check_no_test(data))
+    return seconds_per_image(assigned_device(config), check_no_test(data), device_share=gpu_share())

@@ -31,7 +31,7 @@ from cnnopt.data.datasets import ImageData, load_data
 from cnnopt.errors import last_line
 from cnnopt.experiment.config import MAX_SEED, Experiment
 from cnnopt.study.runner import ray_session, resolve_resources
-from cnnopt.study.trainable import assigned_device, check_no_test
+from cnnopt.study.trainable import assigned_device, check_no_test, gpu_share
 from cnnopt.tracking import recorder, studies
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.training.objective import TrainResult, train
@@ -161,7 +161,7 @@ def _train_all(experiment: Experiment, client, parent, todo: list, candidates: d
 
 def _train_seed(config, data: ImageData, metric: str, mode: str) -> TrainResult:
     """In a Ray worker: train one configuration with its seed (the GPU when Ray assigned one), `config.epochs`."""
-    return train(assigned_device(config), check_no_test(data), metric=metric, mode=mode)
+    return train(assigned_device(config), check_no_test(data), metric=metric, mode=mode, device_share=gpu_share())
 
 
 def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageData, result: TrainResult,

@@ -34,6 +34,13 @@ def assigned_device(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, device="cuda" if ray.get_gpu_ids() else "cpu")
 
 
+def gpu_share() -> float:
+    """In a Ray worker: the share of one GPU Ray assigned this task (`set_up`'s device_share); 1 where it was
+    given none, or one GPU or more."""
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    return share if 0 < share < 1 else 1.0
+
+
 CHECKPOINT_PREFIX = "cnnopt-ckpt-"
 
 
@@ -94,7 +101,8 @@ def run_trial(config: dict, *, experiment: Experiment, space: Space, data: Image
     try:
         # A time budget's trials train for a time (search.trial_seconds), not a number of epochs.
         train(train_config, data, report, metric=experiment.metric, mode=experiment.mode, on_improve=on_improve,
-              epoch_limit=experiment.search.epoch_limit, deadline=deadline_in(experiment.search.trial_seconds))
+              epoch_limit=experiment.search.epoch_limit, deadline=deadline_in(experiment.search.trial_seconds),
+              device_share=gpu_share())
     finally:
         for leftover in folder.glob("*"):
             leftover.unlink()

@@ -37,6 +37,10 @@ PROJECT_AT = 0.1  # of the first epoch's batches, those after which its length i
 MIN_PACED = 4  # the fewest batches the pace is timed over (digits' 20-batch epochs timed one: 10x spread)
 AUGMENT_IMAGES = 1024  # on CUDA, the most images augmented in one call (see `_batches_per_augment`)
 AUGMENT_BYTES = 64 * 2**20  # and the most bytes they take as float32
+# Of a run's share of its GPU's memory, the most its train and val images may take there; the rest is for the
+# weights, activations and the allocator's cache. Larger splits stay on the host, a batch moved at a time: 8
+# trials on one 80 GB GPU (the default packing) each copying a 30 GB folder would all fail out of memory.
+DEVICE_DATA_SHARE = 0.5
 
 
 @dataclass
@@ -100,7 +104,7 @@ class Setup:
     order_generator: torch.Generator  # batch order, seeded
     train_x: torch.Tensor  # (N, C, H, W) uint8, on the device; memory-mapped on the host when streamed
     train_y: torch.Tensor
-    streamed: bool  # the train split is larger than the memory limit: gathered a batch at a time
+    streamed: bool  # the splits stay on the host (`held_on_device`), each batch gathered and moved alone
     batches_per_augment: int  # batches gathered and augmented in one call (`_batches_per_augment`)
 
     def step(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,21 +140,37 @@ class Setup:
         return loss, logits, y
 
 
-def set_up(config: TrainConfig, data: ImageData) -> Setup:
-    """Check the configuration, seed, and build the model, augmentation and optimiser on the device."""
+def set_up(config: TrainConfig, data: ImageData, device_share: float = 1.0) -> Setup:
+    """Check the configuration, seed, and build the model, augmentation and optimiser on the device.
+    `device_share`: the share of its GPU the run was given (a Ray trial's fraction; 1 for a whole one)."""
     check_config(config, data.image_size)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = build_model(config, data.preprocessing()).to(device, memory_format=memory_format)
     normalize = Normalize(data.mean, data.std, device)
+    # A streamed train split stays memory-mapped on the host, and splits the device cannot hold stay in host
+    # memory: each batch is gathered and moved alone.
+    streamed = data.streamed or not held_on_device(_split_bytes(data), device, device_share)
     return Setup(config, device, memory_format, model, normalize, BatchAugment(config, normalize, seed=config.seed),
                  make_optimizer(config, model.parameters()), _autocast(config, device),
                  torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
                  torch.Generator(device="cpu").manual_seed(config.seed),
-                 # A streamed train split stays memory-mapped on the host; each batch is gathered and moved alone.
-                 data.train_x if data.streamed else data.train_x.to(device), data.train_y.to(device), data.streamed,
-                 _batches_per_augment(config, data, device))
+                 data.train_x if streamed else data.train_x.to(device), data.train_y.to(device), streamed,
+                 _batches_per_augment(config, data, device, streamed))
+
+
+def _split_bytes(data: ImageData) -> int:
+    """The bytes of the train and val images, as uint8 (what a run would copy to its device)."""
+    return sum(x.numel() * x.element_size() for x in (data.train_x, data.val_x))
+
+
+def held_on_device(nbytes: int, device: torch.device, share: float = 1.0) -> bool:
+    """Whether a run's train and val images (`nbytes`) are copied to its device: everywhere but on a CUDA GPU
+    where they would take more than `DEVICE_DATA_SHARE` of the run's `share` of its memory."""
+    if device.type != "cuda":
+        return True  # the CPU's tensors are where they are; an Apple GPU shares the host's memory
+    return nbytes <= torch.cuda.get_device_properties(device).total_memory * share * DEVICE_DATA_SHARE
 
 
 def _pace_window(batches: int, per_call: int) -> tuple[int, int]:
@@ -166,28 +186,29 @@ def _pace_window(batches: int, per_call: int) -> tuple[int, int]:
     return warm_at, check_at if check_at > warm_at else 0
 
 
-def _batches_per_augment(config: TrainConfig, data: ImageData, device: torch.device) -> int:
+def _batches_per_augment(config: TrainConfig, data: ImageData, device: torch.device, streamed: bool) -> int:
     """Batches whose images are gathered and augmented in one call. On CUDA the batched augmentation is a
     fixed set of small kernels per call whatever its size, so it is launch-bound: on an H100, RandAugment(2, 9)
     on 128 images a call ran the trial at 0.56x its speed without it. There several batches go through at once,
     up to `AUGMENT_IMAGES` images and `AUGMENT_BYTES` of a float copy of them. One elsewhere: the CPU computes
     image by image anyway, and a streamed split is gathered in file order (batches would be neighbours)."""
-    if device.type != "cuda" or data.streamed:
+    if device.type != "cuda" or streamed:
         return 1
     per_batch = config.batch_size * data.train_x[0].numel() * 4  # bytes of one batch as float32
     return max(1, min(AUGMENT_IMAGES // config.batch_size, AUGMENT_BYTES // per_batch))
 
 
-def seconds_per_image(config: TrainConfig, data: ImageData, steps: int = 12, warmup: int = 3) -> float:
+def seconds_per_image(config: TrainConfig, data: ImageData, steps: int = 12, warmup: int = 3,
+                      device_share: float = 1.0) -> float:
     """What training `config` costs here: seconds per training image, timed over `steps` optimisation
-    steps after `warmup` untimed ones (allocation, kernel selection)."""
-    setup = set_up(config, data)
+    steps after `warmup` untimed ones (allocation, kernel selection); `device_share` as `set_up`'s."""
+    setup = set_up(config, data, device_share)
     setup.model.train()
     size = min(config.batch_size, len(setup.train_y))
     per_call = setup.batches_per_augment  # as `train` runs them: whole augmentation calls in each part
     warmup, steps = (per_call * math.ceil(count / per_call) for count in (warmup, steps))
     order = torch.randint(len(setup.train_y), ((warmup + steps) * size,), generator=setup.order_generator)
-    order = order if data.streamed else order.to(setup.device)
+    order = order if setup.streamed else order.to(setup.device)
     start = time.perf_counter()
     for index, _ in enumerate(setup.steps(order, [(at, at + size) for at in range(0, len(order), size)])):
         if index + 1 == warmup:
@@ -212,7 +233,8 @@ def epoch_seconds(per_image: float, data: ImageData, config: TrainConfig) -> flo
 
 def train(config: TrainConfig, data: ImageData, report: Report | None = None, *, metric: str = "val_accuracy",
           mode: str = "max", on_improve: Callable[[int, dict], None] | None = None,
-          epoch_limit: float = 0.0, keep: str = "best", deadline: float = 0.0, grow: bool = False) -> TrainResult:
+          epoch_limit: float = 0.0, keep: str = "best", deadline: float = 0.0, grow: bool = False,
+          device_share: float = 1.0) -> TrainResult:
     """Train one configuration and keep its best epoch by `metric`.
 
     Args:
@@ -240,12 +262,13 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             over them each time. Every epoch's metrics carry `epochs_planned`.
         grow: with a deadline, `config.epochs` is an estimate rather than the most (a final training's,
             from a few steps' timing): as many epochs as fit are trained, more than it too.
+        device_share: the share of its GPU the run was given (`held_on_device`).
     Returns:
         TrainResult with status 'completed', 'diverged' or 'stopped' and the kept epoch's weights.
     """
-    setup = set_up(config, data)
+    setup = set_up(config, data, device_share)
     model, device, memory_format = setup.model, setup.device, setup.memory_format
-    val_x, val_y = data.val_x.to(device), data.val_y.to(device)
+    val_x, val_y = data.val_x if setup.streamed else data.val_x.to(device), data.val_y.to(device)
     batches = batch_bounds(len(setup.train_y), config.batch_size)
     schedule = make_schedule(config, setup.optimizer, len(batches))
 
@@ -261,7 +284,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
         start = time.perf_counter()
         model.train()
         order = torch.randperm(len(setup.train_y), generator=setup.order_generator)
-        order = order if data.streamed else order.to(device)
+        order = order if setup.streamed else order.to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
@@ -328,11 +351,12 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Normalize,
              memory_format=torch.channels_last, amp=None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on uint8 images `x`, in eval mode."""
+    """Mean cross-entropy and accuracy of `model` on uint8 images `x` (on `y`'s device, or moved there a batch at
+    a time), in eval mode."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for first in range(0, len(y), EVAL_BATCH):
-        batch = normalize(x[first:first + EVAL_BATCH]).contiguous(memory_format=memory_format)
+        batch = normalize(x[first:first + EVAL_BATCH].to(y.device)).contiguous(memory_format=memory_format)
         with amp if amp is not None else torch.autocast("cpu", enabled=False):
             logits = model(batch).float()
         target = y[first:first + EVAL_BATCH]
