@@ -1,8 +1,8 @@
 """GPU benchmark (issue 9, item 4): a trial against a bare loop, trials sharing one GPU, RandAugment on
-vs off, a trial by batch size, and a time-budgeted study on CIFAR-10, printed in one run with a block for
+vs off, a trial by batch size, its images on the GPU or held on the host, and a time-budgeted study on CIFAR-10, printed in one run with a block for
 bench/RESULTS.md.
 
-    python bench/gpu.py [--only trial|packing|randaugment|batch|study ...] [--data cifar10|synthetic]
+    python bench/gpu.py [--only trial|packing|randaugment|batch|host|study ...] [--data cifar10|synthetic]
         [--cifar-root /tmp/cifar] [--minutes 5] [--steps N] [--rounds 3] [--packing 1,2,4,8]
         [--wall-limit SECONDS] [--results FILE]
 
@@ -21,6 +21,9 @@ channels_last, the data on the GPU as uint8.
 (c) randaugment: the trial of (a) without and with RandAugment(2, 9), interleaved (goal: >= 0.6x).
 (e) batch (run before d): the trial of (a) at the batch sizes the architecture space searches (128, 256,
     512; lr per 128 images, train.lr_batch), interleaved: what a bigger batch buys in img/s for this net.
+(f) host (run before d): the trial of (a) with its images on the GPU and held in host memory, a batch
+    moved at a time (what a trial does where its splits take over half its share of the GPU's memory,
+    `objective.held_on_device`), interleaved.
 (d) study: `python -m cnnopt.search --experiment experiments/cifar10.toml --time-budget MINUTES` on the
     CIFAR-10 in --cifar-root, with a throwaway MLflow store and results folder; its wall time, the GPU's
     utilisation once a second (nvidia-smi, else pynvml), and from MLflow: the best val accuracy, the
@@ -59,7 +62,7 @@ from cnnopt.cli import run  # light: cnnopt.errors only
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "cifar10.toml"
-PARTS = ("trial", "packing", "randaugment", "batch", "study")
+PARTS = ("trial", "packing", "randaugment", "batch", "host", "study")
 BATCH_SIZES = (128, 256, 512)  # search_spaces/architecture.py's choices
 SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training set: 45,000 train / 5,000 val at the experiment's val_fraction
 PACKING_STEPS = 400  # per worker: 51,200 images, ~2 s for one trial on an H100
@@ -75,9 +78,9 @@ STUDY_OVERHEAD_S = 45  # the budget counts the whole command; this covers its im
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", action="append", choices=PARTS,
-                        help="run only this part (repeatable; default: all five)")
+                        help="run only this part (repeatable; default: all six)")
     parser.add_argument("--data", choices=("cifar10", "synthetic"), default="cifar10",
-                        help="parts a, c and e: CIFAR-10 from --cifar-root, or 50,000 random 32x32 images made here "
+                        help="parts a, c, e and f: CIFAR-10 from --cifar-root, or 50,000 random 32x32 images made here "
                              "(the study always needs CIFAR-10)")
     parser.add_argument("--cifar-root", default="/tmp/cifar", help="the folder holding cifar-10-batches-py "
                         "(default: /tmp/cifar, where the device kit puts it)")
@@ -125,22 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine(device)}{gpu}", flush=True)
     results = []  # markdown lines for bench/RESULTS.md
     config = data = None
-    if {"trial", "packing", "randaugment", "batch"} & set(args.only):
+    if {"trial", "packing", "randaugment", "batch", "host"} & set(args.only):
         config = trial_config(args)
         print(f"config: {EXPERIMENT.relative_to(REPO)} [train]: blocks={config.blocks} "
               f"convs_per_block={config.convs_per_block} channels={config.channels}, {config.optimizer} "
               f"lr {config.lr:g}, {config.lr_schedule}, batch {config.batch_size}, flip={config.flip} "
               f"crop {config.crop_padding} ({config.crop_padding_mode}), channels_last={config.channels_last}; "
               f"device {device}" + (", fp16 autocast" if device.type == "cuda" else ""))
-    if {"trial", "randaugment", "batch"} & set(args.only):
+    if {"trial", "randaugment", "batch", "host"} & set(args.only):
         data = load_images(args)
         if args.steps:
             data = cut(data, args.steps * config.batch_size)
         print(f"data: {describe(args)}: {len(data.train_y):,} train / {len(data.val_y):,} val images "
-              f"in parts a, c and e", flush=True)
+              f"in parts a, c, e and f", flush=True)
     parts = {"trial": lambda: trial_vs_bare(config, data, args.rounds), "packing": lambda: packing(args, config),
              "randaugment": lambda: randaugment(config, data, args.rounds),
-             "batch": lambda: batch_sizes(config, data, args.rounds), "study": lambda: study(args, started)}
+             "batch": lambda: batch_sizes(config, data, args.rounds), "host": lambda: held_on_host(config, data, args.rounds),
+             "study": lambda: study(args, started)}
     for part in PARTS:
         if part in args.only:
             results += parts[part]()
@@ -244,11 +248,11 @@ def run_bare(config, data, augment: bool) -> float:
     return images / (time.perf_counter() - start)
 
 
-def trial_img_s(config, data) -> float:
+def trial_img_s(config, data, device_share: float = 1.0) -> float:
     """A trial: `train` itself; img/s of its training pass as it reports it."""
     from train_throughput import run_cnnopt
 
-    return run_cnnopt(config, data)["img_s"]
+    return run_cnnopt(config, data, device_share)["img_s"]
 
 
 def interleave(variants: dict[str, Callable[[int], float]], rounds: int) -> dict[str, list[float]]:
@@ -415,6 +419,21 @@ def batch_sizes(config, data, rounds: int) -> list[str]:
     print("\n".join(lines))
     return ["", f"(e) a trial's img/s by batch size, {rounds} interleaved rounds:", "",
             f"| trial | img/s median (min-max) | vs {first} |", "|---|---|---|"] + lines
+
+
+def held_on_host(config, data, rounds: int) -> list[str]:
+    """(f) The splits on the GPU (a trial's default where they fit) against held in host memory, a batch moved at a
+    time (`objective.held_on_device`: where they take over half the trial's share of the GPU's memory)."""
+    print(f"\n(f) a trial with its images on the GPU and held on the host: 1 epoch per run, {rounds} rounds after "
+          "a warm-up", flush=True)
+    rates = interleave({"on GPU": lambda seed: trial_img_s(dataclasses.replace(config, seed=seed), data),
+                        "on host": lambda seed: trial_img_s(dataclasses.replace(config, seed=seed), data, 1e-12)},
+                       rounds)
+    line = (f"| held on the host / on the GPU | {spread(rates['on host'])} / {spread(rates['on GPU'])} | "
+            f"**{ratio(rates['on host'], rates['on GPU'])}** |")
+    print(line)
+    return ["", f"(f) a trial's images held on the host (a batch moved at a time) or on the GPU, {rounds} interleaved "
+            "rounds:", "", "| trial | img/s host / GPU, median (min-max) | ratio |", "|---|---|---|", line]
 
 
 # ---- (d) the study -----------------------------------------------------------------------------------
@@ -619,8 +638,8 @@ def skipped(reason: str) -> list[str]:
 def results_block(args, device: torch.device, results: list[str]) -> str:
     name = (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})" if device.type == "cuda"
             else "the CPU (--device cpu: a check of the code paths, not a GPU result)")
-    data = (f"; data for a-c and e: {describe(args)}" if {"trial", "packing", "randaugment", "batch"} & set(args.only)
-            else "")
+    data = (f"; data for a-c, e and f: {describe(args)}"
+            if {"trial", "packing", "randaugment", "batch", "host"} & set(args.only) else "")
     head = ["## GPU: `python bench/gpu.py`", "",
             f"Measured on {name} ({cpu_description()}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
             f"{data}; experiments/cifar10.toml's VGG-style net, batch 128, flip + crop 4.",

@@ -126,9 +126,9 @@ def epoch_plan(count: int, batch_size: int) -> tuple[int, int, bool]:
     return images, -(-images // batch_size), drop
 
 
-def run_cnnopt(config: TrainConfig, data: ImageData) -> dict:
+def run_cnnopt(config: TrainConfig, data: ImageData, device_share: float = 1.0) -> dict:
     """cnnopt's loop; img/s over all epochs = images / summed training-pass seconds, from its report."""
-    result = train(config, data)
+    result = train(config, data, device_share=device_share)
     rates = [epoch["images_per_second"] for epoch in result.history]
     return {"img_s": len(rates) / sum(1 / rate for rate in rates),  # same images every epoch: harmonic mean
             "val_accuracy": result.history[-1]["val_accuracy"], "val_loss": result.history[-1]["val_loss"]}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cnnopt.errors import UsageError
 
@@ -23,3 +25,18 @@ def test_train_throughputs_set_types_its_values_as_cnnopts_own_set_does():
     assert (config.blocks, config.convs_per_block, config.flip) == (3, 2, False)
     with pytest.raises(UsageError, match="--set blocks must be int, got 'many'"):
         train_throughput.load(argparse.Namespace(**{**vars(args), "overrides": ["blocks=many"]}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU benchmark's path without a GPU")
+def test_the_gpu_benchmark_without_a_gpu_says_so_and_its_parts_run_on_the_cpu(tmp_path):
+    """No GPU: one line and exit 0 (the issue asks it). Its developer check on the CPU runs a part's code
+    path end to end, here (f): a trial's images on the device against held on the host."""
+    script = str(Path(__file__).resolve().parents[1] / "bench" / "gpu.py")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip().endswith("no CUDA GPU: nothing to measure"), done
+    done = subprocess.run([sys.executable, script, "--device", "cpu", "--only", "host", "--data", "synthetic",
+                           "--steps", "1", "--rounds", "1", "--results", str(tmp_path / "block.md")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    block = (tmp_path / "block.md").read_text()
+    assert "| held on the host / on the GPU | " in block and "not a GPU result" in block, block
