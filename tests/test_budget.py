@@ -371,7 +371,9 @@ def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store,
                       started=time.perf_counter() - 71.0)
     out = capsys.readouterr().out
     assert "time budget 2 min, used 1.2 min, interrupted (planned / actual seconds):" in out
-    assert "  final       25 /    1" in out and "  finish      20 /    0" in out
+    # The final's 1.2 s, and next to nothing for the finish (a second or two on a loaded machine).
+    assert re.search(r"^  final       25 /    [12]$", out, re.M) and re.search(r"^  finish      20 /    [0-2]$", out,
+                                                                             re.M), out
     assert 1.2 <= client.get_run(parent).data.metrics["budget_final_seconds"] < 5
 
 
