@@ -173,13 +173,15 @@ def complete_line(parent, name: str) -> str | None:
 
 def after_study(experiment, outcome, args: argparse.Namespace, started: float) -> int:
     """The study's summary, then its report, confirmation, final training and promotion; the exit code."""
+    resume = resume_command(StudyOptions(name=outcome.name, address=args.address, report=not args.no_report,
+                                         promote=not args.no_promote), experiment)
     print_summary(experiment, outcome)
     # No finish follows (it prints and logs the budget's table): this command's table is printed and logged here.
     if outcome.plan is not None and outcome.parent_run_id and (outcome.interrupted or outcome.best is None):
         print_budget(outcome, {}, time.perf_counter() - started, outcome.interrupted)
     if outcome.interrupted:
         print(f"\nThe study was interrupted. Resume it (with the settings it started with, from any machine that "
-              f"reaches the tracking store) by:\n  {resume_command(outcome.name)}")
+              f"reaches the tracking store) by:\n  {resume}")
         return 130
     if experiment.search.time_budget and not any(outcome.counts.get(status) for status in trials.ENDED):
         print(f"error: the time budget ({experiment.search.time_budget:g} min) ended before any trial finished; "
@@ -208,7 +210,7 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
             print("\ninterrupted as the command ended; the study is complete and recorded", file=sys.stderr)
         else:
             print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
-                  f"  {resume_command(outcome.name)}", file=sys.stderr)
+                  f"  {resume}", file=sys.stderr)
         return 130
 
 

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -446,7 +447,10 @@ def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
     first.send_signal(signal.SIGTERM)
     output = first.communicate(timeout=120)[0]
     assert first.returncode == 130, output
-    assert "--resume --name resumable" in output
+    # The line printed carries what this command left out: its resume, as printed, reported, tested and
+    # promoted a study started with --no-promote.
+    printed = next(line.strip() for line in output.splitlines() if "--resume --name resumable" in line)
+    assert printed == "python -m cnnopt.search --resume --name resumable --no-report --no-promote", output
     _, parent, children = study_runs(mlflow_store, "resumable")
     assert parent.info.status == "KILLED"
     assert not [c for c in children if c.info.status == "RUNNING"]
@@ -458,7 +462,7 @@ def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
     done_before = {c.data.tags["trial_id"]: c for c in by_status.pop("completed")}
     assert 1 <= len(done_before) < 4 and not by_status
 
-    second = run_cli(["--resume", "--name", "resumable", "--no-promote", "--no-report"], tmp_path, env)  # its saved settings
+    second = run_cli(shlex.split(printed)[3:], tmp_path, env)  # the line as printed: its saved settings
     try:
         output = second.communicate(timeout=240)[0]
     except subprocess.TimeoutExpired:
@@ -466,6 +470,7 @@ def test_interrupted_study_resumes_without_duplicates(mlflow_store, tmp_path):
         second.communicate()
         raise
     assert second.returncode == 0, output
+    assert "promoted" not in output and not client.search_registered_models(), output
     assert (f"resuming: {len(done_before)} of 4 trials recorded, {len(interrupted)} interrupted to rerun, "
             f"{4 - len(done_before) - len(interrupted)} new") in output
     _, parent_after, children = study_runs(mlflow_store, "resumable")

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -366,7 +367,8 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
 
     def on_sigterm(*_) -> None:
         if not watched:  # one watchdog, however many signals
-            watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, options.name, gcs,
+            resume = resume_command(options, experiment)
+            watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, resume, gcs,
                                                                           callback.drain), daemon=True))
             watched[0].start()
         sigterm_as_interrupt()
@@ -411,12 +413,12 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
                         raise UsageError(  # one line and the way back; the whole chain in the log file
                             f"the MLflow store {tracking.tracking_uri()} failed while the study's record was closed "
                             f"({last_line(exc)}); runs may show RUNNING until the study is resumed: once the store "
-                            f"answers, {resume_command(options.name)}") from None
+                            f"answers, {resume_command(options, experiment)}") from None
                 interrupted = interrupted or bool(held)  # one during the close: the study stops before what follows
                 held.clear()  # the stop it asked for is this one: the summary and the resume line follow
             except KeyboardInterrupt:  # a second Ctrl-C, HELD_TERM_SECONDS after the first: stop waiting for the store
                 print(f"\nstopped waiting for the MLflow store {tracking.tracking_uri()}: runs may show RUNNING until "
-                      f"the study is resumed; once the store answers, resume it by:\n  {resume_command(options.name)}",
+                      f"the study is resumed; once the store answers, resume it by:\n  {resume_command(options, experiment)}",
                       file=sys.stderr, flush=True)
                 raise
             finally:
@@ -429,7 +431,7 @@ TERM_GRACE = 30.0  # seconds a SIGTERM'd study has to stop its trials in order b
 DRAIN_SECONDS = 5.0  # the most the watchdog waits for the study's queued MLflow writes
 
 
-def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, name: str,
+def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, resume: str,
                     gcs: str = "", drain=None) -> None:
     """After a SIGTERM: where the study has not begun closing its record when Ray's GCS (at `gcs`) stops
     answering, or in TERM_GRACE, close it from here and exit. A signal to the whole process group (`timeout`,
@@ -456,7 +458,7 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
             recorder.close(tracking.KILLED)
     finally:
         print(f"\nstopped: Ray's processes ended with the signal too, so the trials could not be stopped in order; "
-              f"the study is recorded as interrupted. Resume it by:\n  {resume_command(name)}", file=sys.stderr,
+              f"the study is recorded as interrupted. Resume it by:\n  {resume}", file=sys.stderr,
               flush=True)
         os._exit(130)
 
@@ -471,8 +473,15 @@ def _answers(address: str, timeout: float = 0.5) -> bool:
         return False
 
 
-def resume_command(name: str) -> str:
-    return f"python -m cnnopt.search --resume --name {name}"
+def resume_command(options: StudyOptions, experiment: Experiment | None = None) -> str:
+    """The command that resumes study `options.name`, told again what this command was told that its record does
+    not hold: its Ray cluster, and what it leaves out after the trials (--no-report, --no-promote, and --no-confirm
+    where the settings confirm nothing; each command's choice, so a resume without them reported, tested and
+    promoted a study started with --no-promote)."""
+    flags = ["--address", options.address] if options.address else []
+    flags += (["--no-report"] * (not options.report) + ["--no-promote"] * (not options.promote)
+              + ["--no-confirm"] * (experiment is not None and not experiment.search.confirm_top))
+    return shlex.join(["python", "-m", "cnnopt.search", "--resume", "--name", options.name, *flags])
 
 
 def _recorder(experiment: Experiment, search: SearchConfig, space: Space, name: str, dataset,
