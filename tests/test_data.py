@@ -503,6 +503,37 @@ def test_truncated_image_is_reported_with_its_path(tmp_path):
     assert str(truncated) in str(caught.value)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_unreadable_image_of_a_folder_is_named_in_one_line(tmp_path, workers, caplog):
+    """A real folder with several bad files said one a run, and each run decoded the folder again up to the
+    next (a QA folder of 20,000 photos: 34 s a run, one truncated JPEG each). Files whose header does not read
+    are all named by the header pass, those that break mid-decode all by the decode pass."""
+    root = write_flat_folder(tmp_path / "pets", per_class=40)  # 80 files: the passes go in several chunks
+    headless = [root / "cat" / "empty.png", root / "dog" / "notes.jpg", root / "dog" / "zz.png"]
+    headless[0].write_bytes(b"")
+    headless[1].write_text("not a photo")
+    headless[2].write_bytes(b"\x89PNG broken")
+    config = DataConfig(dataset="imagefolder", root=str(root), decode_workers=workers, cache=False)
+    with pytest.raises(UsageError) as caught:
+        load_data(config)
+    message = str(caught.value)
+    assert message.startswith("3 images cannot be read (") and message.endswith("; remove or replace them"), message
+    assert all(str(path) in message for path in headless) and "\n" not in message
+    for path in headless:
+        path.unlink()
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    cut = [root / "cat" / f"cut{i}.png" for i in range(7)]
+    for path in cut:
+        noisy.save(path)
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(UsageError) as caught, caplog.at_level("ERROR"):
+        load_data(config)
+    message = str(caught.value)
+    assert message.startswith("7 images cannot be read (") and "; and 2 more (all in the log file)" in message
+    assert sum(str(path) in message for path in cut) == 5
+    assert all(str(path) in caplog.text for path in cut), "the whole list where the line points"
+
+
 def test_an_image_over_pillows_pixel_limit_says_so_and_how_to_shrink_it(tmp_path, monkeypatch):
     """Pillow refuses an image of more than twice `Image.MAX_IMAGE_PIXELS` (179 megapixels; a 200-megapixel phone
     photo) as a possible decompression bomb; the line said "could be decompression bomb DOS attack.; remove or

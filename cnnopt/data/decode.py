@@ -12,6 +12,7 @@ photos. The resize to the training side stays the tensor op the exported Predict
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cnnopt.errors import UsageError
+from cnnopt.errors import UsageError, last_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -39,6 +40,7 @@ DECODE_VERSION = 7
 # of ~0.5 gray levels per pixel (worst image ~0.8, tests/test_data_cache.py bounds it at 1.0); a
 # margin of 1 drafts further and differs by up to ~2.4 at 64 px.
 DRAFT_MARGIN = 2
+NAMED_FAILURES = 5  # unreadable files named in the error line; all of them go to the log file
 CHUNK = 32  # images per task: big enough that a task's overhead vanishes, small for even load balance
 PROGRESS_SECONDS = 5.0  # a progress line this often, so only folders that take longer show one
 
@@ -159,15 +161,32 @@ def unreadable(path: Path, error: Exception) -> UsageError:
     return UsageError(f"cannot read image {path}: {error}; remove or replace the file")
 
 
+def unreadable_files(failures: list[tuple[Path, Exception]]) -> UsageError:
+    """All the files of a folder that cannot be read, in one line: one file as `unreadable` says it; more, counted
+    with the first `NAMED_FAILURES` and their reasons (all of them in the log file), so that one run finds every
+    file to remove or replace, not one a run (each run decoding the folder again up to the next)."""
+    if len(failures) == 1:
+        return unreadable(*failures[0])
+    for path, error in failures:
+        logging.getLogger(__name__).error("cannot read image %s: %s", path, last_line(error))
+    named = "; ".join(f"{path}: {last_line(error)}" for path, error in failures[:NAMED_FAILURES])
+    more = f"; and {len(failures) - NAMED_FAILURES} more (all in the log file)" if len(failures) > NAMED_FAILURES else ""
+    return UsageError(f"{len(failures)} images cannot be read ({named}{more}); remove or replace them")
+
+
 def image_mode(path: Path) -> str:
     """The file's Pillow mode, read from its header only."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
-            return image.mode
+        return _mode(path)
     except Exception as exc:
         raise unreadable(path, exc) from None
+
+
+def _mode(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.mode
 
 
 def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) -> np.ndarray:
@@ -182,28 +201,33 @@ def decode_image(path: Path, channels: int, size: int, *, draft: bool = True) ->
     Returns:
         The image as a C-contiguous uint8 array.
     """
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
-            full_size = image.size  # (width, height) before any draft
-            # Only JPEGs implement draft (None elsewhere); it returns the full image's box in drafted pixels.
-            drafted = image.draft(image.mode, (size * DRAFT_MARGIN, size * DRAFT_MARGIN)) if draft else None
-            image.load()
-            # A drafted JPEG is turned upright after its resize (`_resize_drafted`): its last drafted row and column
-            # are partial, at the bottom and right as stored, which a turn would move to the top or left.
-            drafting = drafted is not None and drafted[1][2] < full_size[0]
-            orientation = orientation_of(image)
-            if not drafting:
-                image = upright(image, orientation)
-            if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
-                image = eight_bit_gray(image)
-            if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-                image = _flatten_alpha(image.convert("RGBA"), Image)
-            image = image.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(image, dtype=np.uint8).copy()
+        return _decode(path, channels, size, draft)
     except Exception as exc:
         raise unreadable(path, exc) from None
+
+
+def _decode(path: Path, channels: int, size: int, draft: bool) -> np.ndarray:
+    """`decode_image`, raising what Pillow (or the file system) raised."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        full_size = image.size  # (width, height) before any draft
+        # Only JPEGs implement draft (None elsewhere); it returns the full image's box in drafted pixels.
+        drafted = image.draft(image.mode, (size * DRAFT_MARGIN, size * DRAFT_MARGIN)) if draft else None
+        image.load()
+        # A drafted JPEG is turned upright after its resize (`_resize_drafted`): its last drafted row and column
+        # are partial, at the bottom and right as stored, which a turn would move to the top or left.
+        drafting = drafted is not None and drafted[1][2] < full_size[0]
+        orientation = orientation_of(image)
+        if not drafting:
+            image = upright(image, orientation)
+        if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: scale to 8 bits, not clip
+            image = eight_bit_gray(image)
+        if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+            image = _flatten_alpha(image.convert("RGBA"), Image)
+        image = image.convert("L" if channels == 1 else "RGB")
+        array = np.asarray(image, dtype=np.uint8).copy()
     x = torch.from_numpy(array).unsqueeze(0) if channels == 1 else torch.from_numpy(array).permute(2, 0, 1)
     if drafting:
         return _resize_drafted(x.unsqueeze(0), full_size, drafted[1], size, orientation)[0].contiguous().numpy()
@@ -257,17 +281,22 @@ def decode_files(paths: Sequence[Path], size: int, *, workers: int,
     pool = ThreadPoolExecutor(workers) if workers > 1 and len(chunks) > 1 else None
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # each decoding thread resizes alone: N threads x N torch threads would oversubscribe
-    try:
+    try:  # each pass goes through every file, and names all it could not read
         modes = [mode for chunk in _in_order(pool, _modes, [(chunk,) for chunk in chunks], workers) for mode in chunk]
+        if failures := [(path, mode) for path, mode in zip(paths, modes) if isinstance(mode, Exception)]:
+            raise unreadable_files(failures)
         channels = 1 if all(mode in GRAYSCALE_MODES for mode in modes) else 3
         out = allocate((len(paths), channels, size, size))
         progress = _Progress(len(paths), label)
         first = 0
-        for images in _in_order(pool, _decode_chunk, [(chunk, channels, size) for chunk in chunks], workers):
+        for images, failed in _in_order(pool, _decode_chunk, [(chunk, channels, size) for chunk in chunks], workers):
             out[first:first + len(images)] = images
+            failures += failed
             first += len(images)
             progress.update(first)
         progress.finish()
+        if failures:
+            raise unreadable_files(failures)
     finally:
         torch.set_num_threads(torch_threads)
         if pool is not None:
@@ -295,12 +324,26 @@ def _in_order(pool: ThreadPoolExecutor | None, function, tasks: list[tuple], wor
         yield pending.pop(index).result()
 
 
-def _modes(paths: list[Path]) -> list[str]:
-    return [image_mode(path) for path in paths]
+def _modes(paths: list[Path]) -> list[str | Exception]:
+    """Each file's mode, or what reading its header raised."""
+    modes: list[str | Exception] = []
+    for path in paths:
+        try:
+            modes.append(_mode(path))
+        except Exception as exc:
+            modes.append(exc)
+    return modes
 
 
-def _decode_chunk(paths: list[Path], channels: int, size: int) -> np.ndarray:
-    return np.stack([decode_image(path, channels, size) for path in paths])
+def _decode_chunk(paths: list[Path], channels: int, size: int) -> tuple[np.ndarray, list[tuple[Path, Exception]]]:
+    """The files decoded (zeros for one that cannot be), and those that could not be, with what was raised."""
+    images, failures = np.zeros((len(paths), channels, size, size), np.uint8), []
+    for row, path in enumerate(paths):
+        try:
+            images[row] = _decode(path, channels, size, draft=True)
+        except Exception as exc:
+            failures.append((path, exc))
+    return images, failures
 
 
 def _flatten_alpha(image, Image):
