@@ -503,6 +503,24 @@ def test_truncated_image_is_reported_with_its_path(tmp_path):
     assert str(truncated) in str(caught.value)
 
 
+def test_a_class_too_small_for_a_share_of_val_and_test_is_one_warning(tmp_path, capsys):
+    """A class of one image went to train alone: the scores never measured it, and nothing said so."""
+    root = write_flat_folder(tmp_path / "pets", per_class=12)
+    save(root / "hamster" / "0.png", "RGB", (16, 16), 77)
+    data = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8, cache=False))
+    assert 2 not in data.val_y.tolist() + data.test_y.tolist()
+    err = capsys.readouterr().err
+    assert ("warning: 1 class is missing from a split: 'hamster' (1 image, none in val or test); each split takes "
+            "its share of each class, rounded to whole images, and a class with none in train is never learned, one "
+            "with none in val or test never scored; add images to them (or remove them)") in err
+    load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8, cache=False, val_fraction=0.5,
+                         test_fraction=0.25, duplicates="warn"))  # its one image rounds into val: never learned
+    assert "'hamster' (1 image, none in train or test)" in capsys.readouterr().err
+    write_flat_folder(tmp_path / "even", per_class=12)
+    load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "even"), image_size=8, cache=False))
+    assert "never scored" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_unreadable_image_of_a_folder_is_named_in_one_line(tmp_path, workers, caplog):
     """A real folder with several bad files said one a run, and each run decoded the folder again up to the

@@ -138,8 +138,30 @@ def load_data(cfg: DataConfig) -> ImageData:
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
     if len(train_x) == 0 or len(val_x) == 0:
         raise UsageError(f"the {cfg.dataset} data left an empty train or val split; add images or change data.val_fraction")
+    _unmeasured_classes(names, {"train": train_y, "val": val_y, "test": test_y})
     mean, std = channel_stats(train_x)
     return ImageData(train_x, train_y, val_x, val_y, test_x, test_y, names, mean, std, train_path, copies)
+
+
+def _unmeasured_classes(names: list[str], splits: dict[str, torch.Tensor]) -> None:
+    """Say the classes that a split (train, and val or test where it has images) holds none of: a class of one or
+    two images gets no share of a split carved from them (each class's share is rounded to whole images), and
+    without a word the scores never measured it (a QA folder's class of one image: a test accuracy over 3 of
+    its 4 classes), or, where its one image went to val, the model never learned it."""
+    present = {split: set(np.unique(y.numpy()).tolist()) for split, y in splits.items() if len(y)}
+    counts = np.bincount(torch.cat(list(splits.values())).numpy(), minlength=len(names))
+    missing = {label: [split for split, labels in present.items() if label not in labels]
+               for label in range(len(names)) if counts[label]}
+    missing = {label: lacking for label, lacking in missing.items() if lacking}
+    if not missing:
+        return
+    named = ", ".join(f"{names[label]!r} ({counts[label]} image{'' if counts[label] == 1 else 's'}, none in "
+                      f"{' or '.join(lacking)})" for label, lacking in list(missing.items())[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    warn_once(f"{len(missing)} class{'es' * (len(missing) > 1)} {'are' if len(missing) > 1 else 'is'} missing from a "
+              f"split: {named}{more}; each split takes its share of each class, rounded to whole images, and a class "
+              "with none in train is never learned, one with none in val or test never scored; add images to them "
+              "(or remove them)")
 
 
 def why_no_test(cfg: DataConfig, data: ImageData) -> tuple[str, str] | None:
