@@ -81,7 +81,7 @@ class StudyCallback(tune.Callback):
         params = self.hyperparameters(trial.config)
         # Numbered here, in start order, before the write is queued; a rerun keeps its old number.
         self.recorder.number(trial.trial_id, {name: params[name] for name in searched})
-        self.writer.submit(self.recorder.start_trial, trial.trial_id, params, searched)
+        self.writer.submit(self.recorder.start_trial, trial.trial_id, params, searched, started=now_ms())
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         epoch = int(result.get("training_iteration", 0))
@@ -105,7 +105,7 @@ class StudyCallback(tune.Callback):
             path = Path(trial.checkpoint.path) / FILENAME
             checkpoint = str(path) if path.is_file() else None
         self.writer.submit(self.recorder.end_trial, trial.trial_id, status, dict(best), checkpoint=checkpoint,
-                           error=error)
+                           error=error, ended=now_ms())
         value = best.get(self.metric, math.nan)
         shown = " ".join(f"{name}={format_value(trial.config[name])}" for name in self.searched if name in trial.config)
         seconds = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
@@ -117,6 +117,11 @@ class StudyCallback(tune.Callback):
             projected = (trial.last_result or {}).get("projected_epoch_seconds", math.nan)
             line += f"\n    too slow: an epoch would take ~{projected:.0f}s, over search.epoch_limit"
         print(line, flush=True)
+
+
+def now_ms() -> int:
+    """Now, as MLflow times a run: what a trial's queued writes carry, so its run spans the trial, not the writes."""
+    return int(time.time() * 1000)
 
 
 def _error_text(trial) -> str:

@@ -156,8 +156,10 @@ class StudyRecorder:
                 self.numbers[trial_id] = max(self.numbers.values(), default=0) + 1
         return self.numbers[trial_id]
 
-    def start_trial(self, trial_id: str, params: dict, searched: list[str]) -> str:
-        """A RUNNING child run for the trial; a rerun's cut-short run is deleted."""
+    def start_trial(self, trial_id: str, params: dict, searched: list[str], started: int | None = None) -> str:
+        """A RUNNING child run for the trial, begun at `started` (ms since the epoch: when the trial started, not
+        when its queued write reached the store; a slow server's trials showed 10x their time); a rerun's
+        cut-short run is deleted."""
         number = self.number(trial_id)
         previous = self.replaced.get(trial_id)
         if previous is not None:  # the cut-short attempt this rerun replaces: ended (a killed driver left it
@@ -168,7 +170,7 @@ class StudyRecorder:
                            parent_run_id=self.parent_run_id,
                            tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
                                  "status": trials.RUNNING, "searched": ",".join(searched), KIND_TAG: "trial",
-                                 **self.trial_tags})
+                                 **self.trial_tags}, start_time=started)
         self.children[trial_id] = run_id  # known before its first write: one that fails leaves it RUNNING otherwise
         self.unwritten[trial_id] = params
         log(self.client, run_id, params=params)
@@ -185,19 +187,20 @@ class StudyRecorder:
         self.trained[trial_id] = max(epoch, self.trained.get(trial_id, 0))
 
     def end_trial(self, trial_id: str, status: str, best: dict, *, checkpoint: str | None = None,
-                  error: str | None = None) -> None:
+                  error: str | None = None, ended: int | None = None) -> None:
         """Close a trial's run with its status (`trials.status_of`), its best epoch and its checkpoint. Where
         the store fails meanwhile, the close is kept for `kill_unfinished` to try again: a completed trial whose
         closing writes were lost was recorded interrupted, and left out of the confirmation's candidates."""
         try:
-            self._end_trial(trial_id, status, best, checkpoint=checkpoint, error=error)
+            self._end_trial(trial_id, status, best, checkpoint=checkpoint, error=error, ended=ended)
         except Exception:
-            self.unended[trial_id] = {"status": status, "best": best, "checkpoint": checkpoint, "error": error}
+            self.unended[trial_id] = {"status": status, "best": best, "checkpoint": checkpoint, "error": error,
+                                      "ended": ended}
             raise
         self.unended.pop(trial_id, None)
 
     def _end_trial(self, trial_id: str, status: str, best: dict, *, checkpoint: str | None = None,
-                   error: str | None = None) -> None:
+                   error: str | None = None, ended: int | None = None) -> None:
         run_id = self.children.get(trial_id)
         if run_id is None:
             return
@@ -216,7 +219,7 @@ class StudyRecorder:
             tags["checkpoint"] = f"runs:/{run_id}/checkpoint/{Path(checkpoint).name}"
         trained = {"epochs_trained": self.trained[trial_id]} if trial_id in self.trained else {}
         log(self.client, run_id, metrics={**best_metrics(best), **trained}, tags=tags)  # a budget's trials: as fitted
-        end_run(self.client, run_id, trials.run_status(status))
+        end_run(self.client, run_id, trials.run_status(status), ended)
         self.closed.add(run_id)
         value = best.get(self.experiment.metric)
         if status == trials.COMPLETED and value is not None:  # what promotion can pick
@@ -334,8 +337,10 @@ def _record_retraining(experiment: Experiment, parent, name: str, tags: dict, pa
                        checkpoint: str | None, dataset: DatasetInput | None) -> str:
     """A configuration trained again outside the trials: a finished child run of the study, written at once."""
     client = make_client()
-    run_id = start_run(client, experiment, name, parent_run_id=parent.info.run_id,
-                       tags={STUDY_TAG: parent.data.tags.get(STUDY_TAG, ""), "status": result.status, **tags})
+    started, ended = (int(at * 1000) if at else None for at in (result.started, result.ended))
+    run_id = start_run(client, experiment, name, parent_run_id=parent.info.run_id,  # the span it trained, not now
+                       tags={STUDY_TAG: parent.data.tags.get(STUDY_TAG, ""), "status": result.status, **tags},
+                       start_time=started)
     try:
         log(client, run_id, params=params)
         log_dataset(client, run_id, dataset)
@@ -350,7 +355,7 @@ def _record_retraining(experiment: Experiment, parent, name: str, tags: dict, pa
         except Exception:  # the store itself is what failed: the original error is the one to say
             pass
         raise
-    end_run(client, run_id, trials.run_status(result.status))
+    end_run(client, run_id, trials.run_status(result.status), ended)
     return run_id
 
 

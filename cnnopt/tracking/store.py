@@ -234,22 +234,25 @@ def best_metrics(metrics: dict) -> dict[str, float]:
 
 
 def start_run(client: MlflowClient, experiment: Experiment, run_name: str, *, parent_run_id: str | None = None,
-              tags: dict | None = None) -> str:
+              tags: dict | None = None, start_time: int | None = None) -> str:
     """Create a RUNNING run in the experiment's MLflow experiment and return its id.
 
     Every run carries MLflow's source tags (the command, LOCAL, the git commit) and cnnopt's version.
+    `start_time` (ms since the epoch) is when what the run records began, where the write comes later (a
+    queued write to a slow store); None: now.
     """
     # Tag values as strings: SQLite takes an int, a tracking server's REST API refuses it (TypeError).
     all_tags = {"mlflow.runName": run_name, **source_tags(), **{key: str(value) for key, value in (tags or {}).items()}}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
-    run = client.create_run(experiment_id(client, experiment.name), run_name=run_name, tags=all_tags)
+    run = client.create_run(experiment_id(client, experiment.name), run_name=run_name, tags=all_tags,
+                            start_time=start_time)
     return run.info.run_id
 
 
-def end_run(client: MlflowClient, run_id: str, status: str) -> None:
-    """End a run as FINISHED, FAILED or KILLED."""
-    client.set_terminated(run_id, status=status)
+def end_run(client: MlflowClient, run_id: str, status: str, end_time: int | None = None) -> None:
+    """End a run as FINISHED, FAILED or KILLED; at `end_time` (ms since the epoch; None: now)."""
+    client.set_terminated(run_id, status=status, end_time=end_time)
 
 
 def log_experiment_file(client: MlflowClient, run_id: str, experiment: Experiment) -> None:

@@ -52,6 +52,8 @@ class TrainResult:
     num_parameters: int
     state_dict: dict | None = None  # the best epoch's weights, on the CPU
     history: list[dict] = field(default_factory=list)
+    started: float = 0.0  # time.time() when training began, and when it last reported: the span its record shows
+    ended: float = 0.0
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")  # what train.device takes
@@ -272,7 +274,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
     batches = batch_bounds(len(setup.train_y), config.batch_size)
     schedule = make_schedule(config, setup.optimizer, len(batches))
 
-    result = TrainResult(trials.COMPLETED, 0, {}, 0, model.num_parameters)
+    result = TrainResult(trials.COMPLETED, 0, {}, 0, model.num_parameters, started=time.time())
     best = None
     warm_at, check_at = _pace_window(len(batches), setup.batches_per_augment)
     epochs = config.epochs
@@ -341,6 +343,7 @@ def train(config: TrainConfig, data: ImageData, report: Report | None = None, *,
             if on_improve is not None:
                 on_improve(epoch, result.state_dict)
         result.history.append(metrics)
+        result.ended = time.time()
         if report is not None:
             report(epoch, metrics)
         if diverged:
