@@ -453,3 +453,22 @@ def test_a_trials_run_spans_the_trial_not_its_queued_writes(mlflow_store):
                          started=started / 1000, ended=started / 1000 + 30)
     confirmed = record.client.get_run(record_confirmation(record.experiment, parent, run, 7, PARAMS, result, None))
     assert (confirmed.info.start_time, confirmed.info.end_time) == (started, started + 30_000)
+
+
+def test_two_commands_starting_one_study_name_at_once_leave_it_to_the_first(mlflow_store, monkeypatch):
+    """Both found no study of the name (each checks before loading its data and starting Ray), and the later one's
+    `open` reopened the first's parent: both ran their trials into it, trial numbers 1-3 twice. Each command now
+    checks again as it creates its parent, and where another created one meanwhile, the first created keeps it."""
+    first = recorder("race")
+    first.open()
+    with pytest.raises(UsageError, match=r"^MLflow experiment 'digits' already holds a study named 'race'; pick "):
+        recorder("race").open()
+    late = recorder("race")
+    real = studies.find_parent
+    monkeypatch.setattr(studies, "find_parent", lambda *args, **kwargs: None)  # its check came before the first's
+    with pytest.raises(UsageError, match=r"already holds a study named 'race' \(another command started it just now\)"):
+        late.open()
+    monkeypatch.setattr(studies, "find_parent", real)
+    assert late.parent_run_id == ""
+    assert studies.find_parent(first.client, "race", "digits").info.run_id == first.parent_run_id, "one parent"
+    first.close("FINISHED")

@@ -273,9 +273,8 @@ def open_study(experiment: Experiment, options: StudyOptions,
                          "or add --no-promote")
     build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
     check_config(space.apply(experiment.train, space.grid()[0]), data.image_size)  # so do bad [train] values
-    if not options.resume and StudyRecorder.exists(experiment, options.name):
-        raise UsageError(f"MLflow experiment {experiment.name!r} already holds a study named {options.name!r}; "
-                         "pick another --name (or --resume it)")
+    if not options.resume and StudyRecorder.exists(experiment, options.name):  # again as its record is created
+        raise studies.name_taken(experiment.name, options.name)
     digest = tracking.splits_digest(data.train_x, data.train_y, data.val_x, data.val_y)
     parent = None
     if options.resume:

@@ -83,13 +83,20 @@ class StudyRecorder:
         return studies.find_parent(make_client(), study, experiment.name) is not None
 
     def open(self) -> str:
-        """Create the parent run (or reopen one of the same study the store holds already: `reopen`)."""
-        found = studies.find_parent(self.client, self.study, self.experiment.name)
-        if found:
-            return self.reopen(found)
+        """Create the parent run of a new study; refused where the store holds a study of that name, also one that
+        another command created meanwhile (two commands started at once under one name both ran their trials
+        into one parent run, trial numbers twice over): the parent created first keeps the name."""
+        if studies.find_parent(self.client, self.study, self.experiment.name) is not None:
+            raise studies.name_taken(self.experiment.name, self.study)
         self.parent_run_id = start_run(self.client, self.experiment, self.study,
                                        tags={**self.tags, STUDY_TAG: self.study, KIND_TAG: "study",
                                              studies.DRIVER_TAG: studies.this_driver()})
+        first = studies.first_parent(self.client, self.study, self.experiment.name)
+        if first is not None and first.info.run_id != self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status="KILLED")
+            self.client.delete_run(self.parent_run_id)
+            self.parent_run_id = ""
+            raise studies.name_taken(self.experiment.name, self.study, "another command started it just now")
         log(self.client, self.parent_run_id, params=self.params)
         log_dataset(self.client, self.parent_run_id, self.dataset)
         log_experiment_file(self.client, self.parent_run_id, self.experiment)

@@ -61,6 +61,21 @@ def find_parent(client: MlflowClient, study: str | None, experiment_name: str | 
     return found[0] if found else None
 
 
+def first_parent(client: MlflowClient, study: str, experiment_name: str):
+    """Of the parent runs named `study` in the experiment, the one created first (by start time, then run id),
+    or None: the one that keeps the name where two commands created one at once (`StudyRecorder.open`)."""
+    ids = _experiment_ids(client, experiment_name)
+    query = f"tags.`{KIND_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'"
+    found = client.search_runs(ids, query, order_by=["attributes.start_time ASC"], max_results=10) if ids else []
+    return min(found, key=lambda run: (run.info.start_time, run.info.run_id), default=None)
+
+
+def name_taken(experiment_name: str, study: str, why: str = "") -> UsageError:
+    """What a new study whose name the experiment holds already says."""
+    return UsageError(f"MLflow experiment {experiment_name!r} already holds a study named {study!r}"
+                      f"{f' ({why})' if why else ''}; pick another --name (or --resume it)")
+
+
 def experiment_of(client: MlflowClient, study: str) -> str | None:
     """The name of the MLflow experiment holding study `study`, wherever it ran (None where no experiment does);
     a UsageError where several hold one of that name."""
