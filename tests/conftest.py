@@ -3,6 +3,7 @@ per session, tiny data, and what a study may print."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -92,7 +93,22 @@ def mlflow_server(tmp_path_factory):
     Started once per session in a temporary folder on a free port, waited for (bounded), and stopped at the
     end whatever happened; its output is in `log` (and in the failure message when it does not start).
     """
-    folder = tmp_path_factory.mktemp("mlflow-server")
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (server, _):
+        yield server
+
+
+@pytest.fixture
+def own_mlflow_server(tmp_path):
+    """An `mlflow server` of one test's own, for a test that stops it: (TrackingServer, its process)."""
+    with start_mlflow_server(tmp_path / "server") as started:
+        yield started
+
+
+@contextlib.contextmanager
+def start_mlflow_server(folder: Path):
+    """Start an `mlflow server` in `folder` (see `mlflow_server`); yields (TrackingServer, its process), stopped
+    at the end. A test that stops the server itself starts its own."""
+    folder.mkdir(parents=True, exist_ok=True)
     with socket.socket() as probe:  # a free port; the server binds it a moment later
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -116,9 +132,9 @@ def mlflow_server(tmp_path_factory):
                 pytest.fail(f"mlflow server did not start on {uri} (exit code {server.poll()}):\n"
                             + log.read_text()[-3000:])
             time.sleep(0.5)
-        yield TrackingServer(uri, folder / "artifacts", log)
+        yield TrackingServer(uri, folder / "artifacts", log), server
     finally:
-        _stop(server)
+        stop_process_group(server)
 
 
 def _answers(url: str) -> bool:
@@ -129,7 +145,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen) -> None:
     """SIGTERM to the process group we started, SIGKILL if it is still there after 10 s."""
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:

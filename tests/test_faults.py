@@ -474,6 +474,42 @@ def test_a_slow_drain_says_what_it_waits_for():
     assert said == [2], "a drain that is quick says nothing"
 
 
+def test_writes_queued_behind_one_that_failed_on_a_silent_server_fail_at_once_until_it_answers(monkeypatch, capsys):
+    """A server that died mid-study held its 48 queued writes ~4 min each (MLflow's retries): the drain waited
+    some 3 hours. After a write failed where the server does not answer, the next fail at once while it still
+    does not; once it answers, they are written again. The server here is a port nothing listens on."""
+    import socket
+
+    from cnnopt.tracking.store import store_answers
+    from cnnopt.tracking.writer import BackgroundWriter
+
+    with socket.socket() as probe:  # a free port, closed again: nothing answers there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    assert not store_answers()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///nowhere/mlflow.db")
+    assert store_answers(), "a local store's failures are not an absence"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+
+    def lost_connection():
+        raise ConnectionError("Max retries exceeded")
+
+    writer, written = BackgroundWriter(store_answers), []
+    writer.submit(lost_connection)
+    for index in range(20):
+        writer.submit(lambda index=index: time.sleep(1) or written.append(index))  # each would take its retries
+    started = time.monotonic()
+    writer.drain()
+    assert time.monotonic() - started < 10 and not written
+    assert "warning: 21 MLflow writes failed; first: ConnectionError: Max retries exceeded" in capsys.readouterr().err
+    answering = BackgroundWriter(lambda: True)
+    answering.submit(lost_connection)  # a failure where the server answers (a bad request): the next are tried
+    answering.submit(written.append, "next")
+    answering.drain()
+    assert written == ["next"]
+
+
 def test_a_ctrl_c_while_the_writes_drain_stops_the_study_before_its_promotion(ray_session, mlflow_store, monkeypatch,
                                                                                capsys):
     """It was ignored (SIGINT held as SIG_IGN while the record closed): a study whose store hung went on, once

@@ -4,6 +4,7 @@ every artifact sent through the server to its artifact destination and nothing w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -138,3 +139,37 @@ def test_resume_reads_its_settings_from_the_server(mlflow_server, tmp_path, monk
         assert trial.data.tags["status"] == "completed"
         assert (stored(mlflow_server, trial) / "checkpoint" / "checkpoint.pt").is_file()
     assert_nothing_local(machine)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_the_server_gone_still_says_how_to_resume(own_mlflow_server, tmp_path):
+    """`timeout` with the server down: the SIGTERM watchdog's close of the record waited on MLflow's retries for
+    minutes, until Ray's own abort ended the driver (60 s) without a resume line, exit 124. The close now has
+    CLOSE_SECONDS; then the line says the runs may show RUNNING, and how to resume, and the command exits 130."""
+    import signal
+    import time
+
+    from conftest import stop_process_group
+
+    server, process = own_mlflow_server
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+    job = subprocess.Popen([sys.executable, "-m", "cnnopt.search", "--strategy", "random", "--trials", "3",
+                            "--concurrency", "1", "--name", "gone", "--set", "train.epochs=30", "--no-promote",
+                            "--no-report"], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = MlflowClient(tracking_uri=server.uri)
+        deadline = time.monotonic() + 300
+        while job.poll() is None and time.monotonic() < deadline and not client.search_runs(
+                [e.experiment_id for e in client.search_experiments()], "tags.`cnnopt.kind` = 'trial'"):
+            time.sleep(0.5)
+        stop_process_group(process)  # the server goes away mid-trial
+        sent = time.monotonic()
+        os.killpg(job.pid, signal.SIGTERM)
+        output = job.communicate(timeout=120)[0]
+        assert job.returncode == 130 and time.monotonic() - sent < 55, output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert f"the MLflow store {server.uri} did not answer in 10s: runs may show RUNNING" in output, output
+    assert "Resume it by:\n  python -m cnnopt.search --resume --name gone --no-report --no-promote" in output

@@ -18,7 +18,7 @@ from ray import tune
 from cnnopt import trials as trial_status
 from cnnopt.errors import last_line
 from cnnopt.tracking.recorder import StudyRecorder
-from cnnopt.tracking.store import EPOCH_METRICS
+from cnnopt.tracking.store import EPOCH_METRICS, store_answers
 from cnnopt.tracking.writer import BackgroundWriter
 from cnnopt.training.checkpoint import FILENAME
 
@@ -48,7 +48,7 @@ class StudyCallback(tune.Callback):
         return {**self.__dict__, "writer": None, "trials": {}}
 
     def setup(self, **info) -> None:  # the study has opened the recorder
-        self.writer = BackgroundWriter()
+        self.writer = BackgroundWriter(store_answers)
         self._watch_interrupts()
 
     def unfinished(self) -> bool:

@@ -428,6 +428,7 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
 
 TERM_GRACE = 30.0  # seconds a SIGTERM'd study has to stop its trials in order before its record is closed anyway
 DRAIN_SECONDS = 5.0  # the most the watchdog waits for the study's queued MLflow writes
+CLOSE_SECONDS = 10.0  # and for the record's close, before it says how to resume and exits
 
 
 def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, resume: str,
@@ -451,15 +452,20 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
         waiter = threading.Thread(target=drain, daemon=True)
         waiter.start()
         waiter.join(DRAIN_SECONDS)
-    try:
+    def close() -> None:
         if recorder.parent_run_id:
             recorder.kill_unfinished()
             recorder.close(tracking.KILLED)
-    finally:
-        print(f"\nstopped: Ray's processes ended with the signal too, so the trials could not be stopped in order; "
-              f"the study is recorded as interrupted. Resume it by:\n  {resume}", file=sys.stderr,
-              flush=True)
-        os._exit(130)
+
+    closer = threading.Thread(target=close, daemon=True)
+    closer.start()
+    closer.join(CLOSE_SECONDS)  # a store that does not answer would hold it for MLflow's retries: minutes, past
+    recorded = ("the study is recorded as interrupted" if not closer.is_alive() else  # Ray's own abort (60 s)
+                f"the MLflow store {tracking.tracking_uri()} did not answer in {CLOSE_SECONDS:.0f}s: runs may show "
+                "RUNNING until the study is resumed")
+    print(f"\nstopped: Ray's processes ended with the signal too, so the trials could not be stopped in order; "
+          f"{recorded}. Resume it by:\n  {resume}", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 def _answers(address: str, timeout: float = 0.5) -> bool:

@@ -149,6 +149,19 @@ def check_store(uri: str, timeout: float = 5.0, create: bool = True, write: bool
                              "start it or fix MLFLOW_TRACKING_URI") from None
 
 
+def store_answers(timeout: float = 2.0) -> bool:
+    """Whether the tracking server answers its health check within `timeout` seconds now; a local store: True
+    (its failures are not an absence)."""
+    uri = tracking_uri()
+    if not uri.lower().startswith(("http://", "https://")):
+        return True
+    try:
+        check_store(uri, timeout=timeout, create=False, write=False)
+    except UsageError:
+        return False
+    return True
+
+
 def check_writable(folder: Path, what: str, fix: str, create: bool = True) -> None:
     """Create `folder` if needed and write a scratch file in it (as root, permission bits say nothing);
     with create=False nothing is left behind: a missing folder's nearest existing parent is tried instead."""
