@@ -137,7 +137,7 @@ def plot(result: LRFinderResult, path: str | Path) -> Path:
     axes.set_xlabel("learning rate")
     axes.set_ylabel("training loss")
     top = max(result.losses[0], result.losses[suggested]) * 1.5  # the runaway tail would flatten the useful part
-    axes.set_ylim(top=top)
+    axes.set_ylim(bottom=0, top=top)  # a loss is >= 0: autoscaled on the diverged tail, half the plot was below 0
     stop = "stopped early: loss diverged" if result.diverged else "full sweep"
     axes.set_title(f"learning-rate range test: {len(result.lrs)} of {result.steps} steps, {stop}")
     axes.grid(True, which="both", alpha=0.3)

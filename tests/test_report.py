@@ -344,6 +344,7 @@ def test_the_learning_curves_show_the_other_trials_in_grey_a_pruned_one_ending_w
     assert [label.split(" (")[0] for label in coloured] == [f"trial {n}" for n in (1, 2, 3, 4, 5)]
     assert report_module.other_label(100, 140) == "the best 100 of the other 140 trials (\u25bc: where a pruned one was stopped)"
     assert report_module.other_label(1, 1) == "the other 1 trial (\u25bc: where a pruned one was stopped)"
+    assert report_module.other_label(3, 3, stopped=False) == "the other 3 trials", "no \u25bc where none was pruned"
 
 
 def test_a_report_cut_short_leaves_no_temporary_folder(mlflow_store, tmp_path):

@@ -107,15 +107,16 @@ def plot_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
 
     size = max(4.0, 0.5 * len(class_names) + 2)
     figure, axes = plt.subplots(figsize=(size, size))
-    axes.imshow(confusion.numpy(), cmap="Blues")
+    image = axes.imshow(confusion.numpy(), cmap="Blues")
     axes.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     axes.set_yticks(range(len(class_names)), class_names)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     for (row, col), count in zip(torch.cartesian_prod(torch.arange(len(class_names)), torch.arange(len(class_names))).tolist(),
                                  confusion.flatten().tolist()):
-        if count:
-            axes.text(col, row, str(count), ha="center", va="center", fontsize=8)
+        if count:  # white on the dark cells (the diagonal, mostly), where black could not be read
+            dark = image.norm(count) > 0.5
+            axes.text(col, row, str(count), ha="center", va="center", fontsize=8, color="white" if dark else "black")
     axes.set_title("test split confusion matrix")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

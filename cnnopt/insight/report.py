@@ -265,14 +265,15 @@ def mark_unfinished(axes, trials: pd.DataFrame, metric: str) -> None:
 def plot_learning_curves(client: MlflowClient, trials: pd.DataFrame, metric: str, mode: str, path: Path,
                          curves: dict[str, dict] | None = None, top: int = TOP_CURVES) -> Path:
     """`learning_axes` saved to `path`."""
-    return _save(learning_axes(client, trials, metric, mode, curves, top), path, (8, 5))
+    return _save(learning_axes(client, trials, metric, mode, curves, top), path, (10, 5))
 
 
-def other_label(drawn: int, ended: int) -> str:
-    """The legend's line for the grey curves: how many, of how many, and what a short one means."""
+def other_label(drawn: int, ended: int, stopped: bool = True) -> str:
+    """The legend's line for the grey curves: how many, of how many, and what a short one means (where one of
+    them was `stopped`: pruned or too slow)."""
     some = f"the best {drawn} of the other {ended} trials" if drawn < ended else \
         f"the other {drawn} trial{'s' * (drawn != 1)}"
-    return f"{some} (\u25bc: where a pruned one was stopped)"
+    return f"{some} (\u25bc: where a pruned one was stopped)" if stopped else some
 
 
 def learning_axes(client: MlflowClient, trials: pd.DataFrame, metric: str, mode: str,
@@ -292,6 +293,7 @@ def learning_axes(client: MlflowClient, trials: pd.DataFrame, metric: str, mode:
         ended = trials[trials["status"].isin([trial_status.COMPLETED, trial_status.PRUNED, trial_status.STOPPED])
                        & ~trials["run_id"].isin(best["run_id"]) & trials[column].notna()]
         others = ended.sort_values(column, ascending=mode != "max", kind="stable")[:OTHER_CURVES]
+        any_stopped = bool((others["status"] != trial_status.COMPLETED).any())
         for index, row in enumerate(others.itertuples()):
             curve = curves.get(row.run_id)
             if curve is None:
@@ -299,7 +301,7 @@ def learning_axes(client: MlflowClient, trials: pd.DataFrame, metric: str, mode:
             stopped = row.status != trial_status.COMPLETED  # its last epoch marked, seen even where it is its first
             axes.plot(list(curve), list(curve.values()), color="grey", alpha=0.4, linewidth=0.8, zorder=1,
                       marker="v" if stopped else None, markevery=[-1] if stopped else None, markersize=4,
-                      label=None if index else other_label(len(others), len(ended)))
+                      label=None if index else other_label(len(others), len(ended), any_stopped))
     for index, row in enumerate(best.itertuples()):
         colour = f"C{index}"
         curve = curves.get(row.run_id) or history(client, row.run_id, metric)
@@ -314,7 +316,7 @@ def learning_axes(client: MlflowClient, trials: pd.DataFrame, metric: str, mode:
     axes.set_title(f"Learning curves of the best {len(best)} trials" +
                    (f" (dashed: {train_metric})" if train_metric != metric else ""))
     axes.grid(alpha=0.3)
-    axes.legend(loc="best", fontsize="small")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside the curves, not over them
     return axes
 
 
