@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray stays up from the search to the end of the command: the confirmation and the final training run on
     # the same instance and its warm workers instead of starting and stopping their own (~6 s each here).
     options = StudyOptions(name=name, address=args.address, resume=args.resume, header=header, started=started,
-                           report=not args.no_report, promote=not args.no_promote,
+                           report=not args.no_report, promote=not args.no_promote, confirm=not args.no_confirm,
                            keep_ray=True)
     outcome = run_study(experiment, options)
     try:
@@ -174,7 +174,7 @@ def complete_line(parent, name: str) -> str | None:
 def after_study(experiment, outcome, args: argparse.Namespace, started: float) -> int:
     """The study's summary, then its report, confirmation, final training and promotion; the exit code."""
     resume = resume_command(StudyOptions(name=outcome.name, address=args.address, report=not args.no_report,
-                                         promote=not args.no_promote), experiment)
+                                         promote=not args.no_promote, confirm=not args.no_confirm))
     print_summary(experiment, outcome)
     # No finish follows (it prints and logs the budget's table): this command's table is printed and logged here.
     if outcome.plan is not None and outcome.parent_run_id and (outcome.interrupted or outcome.best is None):
@@ -209,7 +209,7 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
         if done or (recording and finish_done(client, outcome.parent_run_id)):  # nothing is left to do
             print("\ninterrupted as the command ended; the study is complete and recorded", file=sys.stderr)
         else:
-            print(f"\ninterrupted after the trials; the study is recorded. Finish its report and promotion by:\n"
+            print(f"\ninterrupted after the trials; the study is recorded. Finish what follows them by:\n"
                   f"  {resume}", file=sys.stderr)
         return 130
 

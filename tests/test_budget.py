@@ -659,7 +659,7 @@ def test_a_command_cut_short_in_its_search_records_its_seconds_and_a_resume_afte
     experiment = load_experiment(None)
     plan = make_plan(SEARCH, 30, budget=600, started=20.0, epoch=10.0, slots=2, train_images=1000)
     cut = StudyOutcome("cut", parent, {trials.INTERRUPTED: 2}, {}, None, 100.0, True, "", plan=plan)
-    args = SimpleNamespace(no_promote=False, no_report=True, address=None)
+    args = SimpleNamespace(no_promote=False, no_report=True, no_confirm=False, address=None)
     assert search.after_study(experiment, cut, args, time.perf_counter() - 130.0) == 130
     assert "time budget 10 min, used 2.2 min, interrupted (planned / actual seconds):" in capsys.readouterr().out
     metrics = client.get_run(parent).data.metrics

@@ -510,9 +510,9 @@ def test_a_class_too_small_for_a_share_of_val_and_test_is_one_warning(tmp_path, 
     data = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8, cache=False))
     assert 2 not in data.val_y.tolist() + data.test_y.tolist()
     err = capsys.readouterr().err
-    assert ("warning: 1 class is missing from a split: 'hamster' (1 image, none in val or test); each split takes "
-            "its share of each class, rounded to whole images, and a class with none in train is never learned, one "
-            "with none in val or test never scored; add images to them (or remove them)") in err
+    assert ("warning: 1 class is missing from a split: 'hamster' (1 image, none in val or test); a class with none in "
+            "train is never learned, one with none in val or test never scored (a split carved from the images takes "
+            "a rounded share of each class); add images to them (or remove them)") in err
     load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8, cache=False, val_fraction=0.5,
                          test_fraction=0.25, duplicates="warn"))  # its one image rounds into val: never learned
     assert "'hamster' (1 image, none in train or test)" in capsys.readouterr().err

@@ -131,7 +131,7 @@ def test_a_study_whose_every_trial_failed_exits_1_saying_nothing_was_promoted(ml
     record.close(tracking.FINISHED)
     assert best is None and counts == {"failed": 2}
     outcome = StudyOutcome("all-failed", record.parent_run_id, counts, seconds, best, 1.0, False, "")
-    args = argparse.Namespace(no_report=True, no_promote=False, address=None)
+    args = argparse.Namespace(no_report=True, no_promote=False, no_confirm=False, address=None)
     assert search.after_study(experiment, outcome, args, time.perf_counter()) == 1
     err = capsys.readouterr().err
     assert "error: no trial completed, so there is nothing to promote" in err.splitlines()[-1]

@@ -171,5 +171,5 @@ def test_sigterm_to_the_process_group_with_the_server_gone_still_says_how_to_res
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
-    assert f"the MLflow store {server.uri} did not answer in 10s: runs may show RUNNING" in output, output
+    assert f"the MLflow store {server.uri} did not take the study's close in 10s: runs may show RUNNING" in output, output
     assert "Resume it by:\n  python -m cnnopt.search --resume --name gone --no-report --no-promote" in output

@@ -159,9 +159,9 @@ def _unmeasured_classes(names: list[str], splits: dict[str, torch.Tensor]) -> No
                       f"{' or '.join(lacking)})" for label, lacking in list(missing.items())[:5])
     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
     warn_once(f"{len(missing)} class{'es' * (len(missing) > 1)} {'are' if len(missing) > 1 else 'is'} missing from a "
-              f"split: {named}{more}; each split takes its share of each class, rounded to whole images, and a class "
-              "with none in train is never learned, one with none in val or test never scored; add images to them "
-              "(or remove them)")
+              f"split: {named}{more}; a class with none in train is never learned, one with none in val or test never "
+              "scored (a split carved from the images takes a rounded share of each class); add images to them (or "
+              "remove them)")
 
 
 def why_no_test(cfg: DataConfig, data: ImageData) -> tuple[str, str] | None:

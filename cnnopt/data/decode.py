@@ -154,11 +154,22 @@ def unreadable(path: Path, error: Exception) -> UsageError:
     from PIL import Image
 
     if isinstance(error, Image.DecompressionBombError):  # a real photo can be this big (200-megapixel phones)
-        size = str(error).split(", could be")[0].rstrip(".")
-        return UsageError(f"cannot read image {path}: {size}, Pillow's guard against decompression bombs; shrink "
-                          f"it (e.g. mogrify -resize '8000x8000>' with ImageMagick: training resizes it far smaller) "
-                          "or remove it")
+        return UsageError(f"cannot read image {path}: {_reason(error)}; shrink it ({SHRINK}) or remove it")
     return UsageError(f"cannot read image {path}: {error}; remove or replace the file")
+
+
+SHRINK = "e.g. mogrify -resize '8000x8000>' with ImageMagick: training resizes it far smaller"
+
+
+def _reason(error: Exception) -> str:
+    """Why an image cannot be read, in a few words: Pillow's own, or what its guard against decompression bombs
+    means."""
+    from PIL import Image
+
+    if isinstance(error, Image.DecompressionBombError):
+        size = str(error).split(", could be")[0].rstrip(".")
+        return f"{size}, Pillow's guard against decompression bombs"
+    return last_line(error)
 
 
 def unreadable_files(failures: list[tuple[Path, Exception]]) -> UsageError:
@@ -167,11 +178,15 @@ def unreadable_files(failures: list[tuple[Path, Exception]]) -> UsageError:
     file to remove or replace, not one a run (each run decoding the folder again up to the next)."""
     if len(failures) == 1:
         return unreadable(*failures[0])
+    from PIL import Image
+
     for path, error in failures:
-        logging.getLogger(__name__).error("cannot read image %s: %s", path, last_line(error))
-    named = "; ".join(f"{path}: {last_line(error)}" for path, error in failures[:NAMED_FAILURES])
+        logging.getLogger(__name__).error("cannot read image %s: %s", path, _reason(error))
+    named = "; ".join(f"{path}: {_reason(error)}" for path, error in failures[:NAMED_FAILURES])
     more = f"; and {len(failures) - NAMED_FAILURES} more (all in the log file)" if len(failures) > NAMED_FAILURES else ""
-    return UsageError(f"{len(failures)} images cannot be read ({named}{more}); remove or replace them")
+    big = any(isinstance(error, Image.DecompressionBombError) for _, error in failures)
+    return UsageError(f"{len(failures)} images cannot be read ({named}{more}); remove or replace them"
+                      + (f" (shrink those over Pillow's limit: {SHRINK})" if big else ""))
 
 
 def image_mode(path: Path) -> str:

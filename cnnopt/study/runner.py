@@ -60,6 +60,7 @@ class StudyOptions:
     started: float = 0.0  # time.perf_counter() when the command started: a time budget counts from there
     report: bool = True  # a report follows the trials: a time budget keeps its seconds (`budget.allowances`)
     promote: bool = True  # a promotion follows: a time budget keeps its seconds, plans a confirmation and a final
+    confirm: bool = True  # False: --no-confirm, this command's choice (for its resume line: `resume_command`)
     planned: bool = True  # plan a time budget (`cnnopt.study.budget`); False: it only stops the search
     keep_ray: bool = False  # leave a Ray instance the study started running for what follows (`stop_ray` ends it)
 
@@ -366,7 +367,7 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
 
     def on_sigterm(*_) -> None:
         if not watched:  # one watchdog, however many signals
-            resume = resume_command(options, experiment)
+            resume = resume_command(options)
             watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, resume, gcs,
                                                                           callback.drain), daemon=True))
             watched[0].start()
@@ -412,12 +413,12 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
                         raise UsageError(  # one line and the way back; the whole chain in the log file
                             f"the MLflow store {tracking.tracking_uri()} failed while the study's record was closed "
                             f"({last_line(exc)}); runs may show RUNNING until the study is resumed: once the store "
-                            f"answers, {resume_command(options, experiment)}") from None
+                            f"answers, {resume_command(options)}") from None
                 interrupted = interrupted or bool(held)  # one during the close: the study stops before what follows
                 held.clear()  # the stop it asked for is this one: the summary and the resume line follow
             except KeyboardInterrupt:  # a second Ctrl-C, HELD_TERM_SECONDS after the first: stop waiting for the store
                 print(f"\nstopped waiting for the MLflow store {tracking.tracking_uri()}: runs may show RUNNING until "
-                      f"the study is resumed; once the store answers, resume it by:\n  {resume_command(options, experiment)}",
+                      f"the study is resumed; once the store answers, resume it by:\n  {resume_command(options)}",
                       file=sys.stderr, flush=True)
                 raise
             finally:
@@ -452,17 +453,24 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
         waiter = threading.Thread(target=drain, daemon=True)
         waiter.start()
         waiter.join(DRAIN_SECONDS)
+    failed: list[str] = []
+
     def close() -> None:
-        if recorder.parent_run_id:
-            recorder.kill_unfinished()
-            recorder.close(tracking.KILLED)
+        try:
+            if recorder.parent_run_id:
+                recorder.kill_unfinished()
+                recorder.close(tracking.KILLED)
+        except Exception as exc:  # said below, in the line that says how to resume
+            failed.append(last_line(exc))
 
     closer = threading.Thread(target=close, daemon=True)
     closer.start()
     closer.join(CLOSE_SECONDS)  # a store that does not answer would hold it for MLflow's retries: minutes, past
-    recorded = ("the study is recorded as interrupted" if not closer.is_alive() else  # Ray's own abort (60 s)
-                f"the MLflow store {tracking.tracking_uri()} did not answer in {CLOSE_SECONDS:.0f}s: runs may show "
-                "RUNNING until the study is resumed")
+    recorded = (f"the MLflow store {tracking.tracking_uri()} did not take the study's close in {CLOSE_SECONDS:.0f}s"
+                if closer.is_alive() else  # Ray's own abort (60 s)
+                f"closing the study's record failed ({failed[0]})" if failed else "")
+    recorded = (f"{recorded}: runs may show RUNNING until the study is resumed" if recorded else
+                "the study is recorded as interrupted")
     print(f"\nstopped: Ray's processes ended with the signal too, so the trials could not be stopped in order; "
           f"{recorded}. Resume it by:\n  {resume}", file=sys.stderr, flush=True)
     os._exit(130)
@@ -478,14 +486,14 @@ def _answers(address: str, timeout: float = 0.5) -> bool:
         return False
 
 
-def resume_command(options: StudyOptions, experiment: Experiment | None = None) -> str:
+def resume_command(options: StudyOptions) -> str:
     """The command that resumes study `options.name`, told again what this command was told that its record does
-    not hold: its Ray cluster, and what it leaves out after the trials (--no-report, --no-promote, and --no-confirm
-    where the settings confirm nothing; each command's choice, so a resume without them reported, tested and
-    promoted a study started with --no-promote)."""
+    not hold: its Ray cluster, and what it leaves out after the trials (--no-report, --no-confirm, --no-promote:
+    each command's choice, so a resume without them reported, tested and promoted a study started with
+    --no-promote)."""
     flags = ["--address", options.address] if options.address else []
-    flags += (["--no-report"] * (not options.report) + ["--no-promote"] * (not options.promote)
-              + ["--no-confirm"] * (experiment is not None and not experiment.search.confirm_top))
+    flags += (["--no-report"] * (not options.report) + ["--no-confirm"] * (not options.confirm)
+              + ["--no-promote"] * (not options.promote))
     return shlex.join(["python", "-m", "cnnopt.search", "--resume", "--name", options.name, *flags])
 
 

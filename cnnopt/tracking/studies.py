@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,13 +62,24 @@ def find_parent(client: MlflowClient, study: str | None, experiment_name: str | 
     return found[0] if found else None
 
 
+NAME_SETTLE_SECONDS = 0.5  # against a server, what a new parent waits before it looks for a rival (`first_parent`)
+
+
 def first_parent(client: MlflowClient, study: str, experiment_name: str):
-    """Of the parent runs named `study` in the experiment, the one created first (by start time, then run id),
-    or None: the one that keeps the name where two commands created one at once (`StudyRecorder.open`)."""
+    """Of the parent runs named `study` in the experiment, the one that keeps the name where two commands created
+    one at once (`StudyRecorder.open`), or None. A local store's commands share one clock: the first by start
+    time (then run id). A server's may not (MLflow stamps a run on the client's clock: one 2 s fast would win
+    against a command that saw it and kept its own too): each command waits NAME_SETTLE_SECONDS, far longer
+    than a create takes, so all that created one at once see the same runs, and the least run id wins; a later
+    command found the name taken before it created one."""
+    remote = tracking_uri().lower().startswith(("http://", "https://"))
+    if remote:
+        time.sleep(NAME_SETTLE_SECONDS)
     ids = _experiment_ids(client, experiment_name)
     query = f"tags.`{KIND_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'"
-    found = client.search_runs(ids, query, order_by=["attributes.start_time ASC"], max_results=10) if ids else []
-    return min(found, key=lambda run: (run.info.start_time, run.info.run_id), default=None)
+    found = client.search_runs(ids, query, max_results=50) if ids else []
+    return min(found, key=lambda run: run.info.run_id if remote else (run.info.start_time, run.info.run_id),
+               default=None)
 
 
 def name_taken(experiment_name: str, study: str, why: str = "") -> UsageError:

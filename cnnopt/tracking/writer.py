@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import queue
 import sys
 import threading
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from cnnopt.cli import counted
 
 WAITING_SECONDS = 10.0  # a drain longer than this says what it waits for
+_RETRY = object()  # queued by `drain`: write what is held, where the store answers again
 
 
 class BackgroundWriter:
@@ -17,27 +19,32 @@ class BackgroundWriter:
 
     Ray holds a trial inside `tune.report` until the driver's callbacks return, so writing to SQLite
     in the callback itself (20-70 ms a call, measured) added to every trial. Reads of the store
-    (`drain` first) see every write submitted before them.
+    (`drain` first) see every write submitted before them, where the store answers.
     """
 
     def __init__(self, answers: Callable[[], bool] | None = None):
         """`answers`: whether the store answers now, a quick check (`store.store_answers`). Once a write has
-        failed where it does not, the writes after it fail at once while it still does not, instead of each
-        retrying for minutes (MLflow retries a request ~4 min: a server that died mid-study held a study's 48
-        queued writes for some 3 hours); they are counted as failed, and a resume sees what they did not record."""
+        failed where it does not, the writes after it are held, in order, while it still does not, instead of
+        each retrying for minutes (MLflow retries a request ~4 min: a server that died mid-study held a study's
+        48 queued writes for some 3 hours); they are written, in order, before the next write once it answers
+        again (or by `drain`). None: every write is tried."""
         self.answers = answers
         self.down = False  # a write failed and the store did not answer then
+        self.held: collections.deque = collections.deque()  # writes not tried while the store is down, in order
         self.queue: queue.Queue = queue.Queue()
         self.errors: list[str] = []
-        self.pending = 0  # submitted and not yet done
+        self.pending = 0  # submitted and not yet written or held
         self.done = threading.Condition()
         threading.Thread(target=self._run, name="cnnopt-mlflow-writer", daemon=True).start()
 
     def submit(self, function, *args, **kwargs) -> None:
+        self._put((function, args, kwargs))
+
+    def _put(self, item) -> None:
         with self.done:
             self.pending += 1
         try:
-            self.queue.put((function, args, kwargs))
+            self.queue.put(item)
         except BaseException:  # a Ctrl-C between the count and the put: nothing queued, nothing to wait for
             with self.done:
                 self.pending -= 1
@@ -45,9 +52,13 @@ class BackgroundWriter:
             raise
 
     def drain(self, waiting_line: Callable[[int], str] | None = None, after: float = WAITING_SECONDS) -> None:
-        """Wait for every submitted write; report (once) any that failed. Where that takes over `after` seconds
-        (a store that does not answer: MLflow retries each write for minutes), `waiting_line(pending)` is printed
-        once, so a wait is not silence. The wait can be interrupted (a Ctrl-C raises in it)."""
+        """Wait for every submitted write; report (once) any that failed, and any held while the store does not
+        answer (what they record is then missing: a resume runs those trials again). Where that takes over
+        `after` seconds (a store that does not answer: MLflow retries each write for minutes),
+        `waiting_line(pending)` is printed once, so a wait is not silence. The wait can be interrupted (a Ctrl-C
+        raises in it)."""
+        if self.held:
+            self._put(_RETRY)
         with self.done:
             if not self.done.wait_for(lambda: self.pending == 0, timeout=after):
                 if waiting_line is not None:
@@ -56,20 +67,32 @@ class BackgroundWriter:
         if self.errors:
             print(f"warning: {counted(len(self.errors), 'MLflow write')} failed; first: {self.errors[0]}", file=sys.stderr)
             self.errors.clear()
+        if self.held:
+            print(f"warning: {counted(len(self.held), 'MLflow write')} not written: the store does not answer",
+                  file=sys.stderr)
 
     def _run(self) -> None:
         while True:
-            function, args, kwargs = self.queue.get()
+            item = self.queue.get()
             try:
-                if self.down and not self.answers():
-                    raise ConnectionError("not tried: the MLflow store did not answer")
-                self.down = False
-                function(*args, **kwargs)
-            except Exception as exc:  # a tracking hiccup must not stop the study
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-                self.down = self.answers is not None and not self.answers()
+                if item is not _RETRY:
+                    self.held.append(item)
+                self._write_held()
             finally:
                 self.queue.task_done()
                 with self.done:
                     self.pending -= 1
                     self.done.notify_all()
+
+    def _write_held(self) -> None:
+        """Write the held writes in order, up to where the store is (still) found not to answer."""
+        while self.held:
+            if self.down and not self.answers():
+                return  # kept, in order, for when it answers
+            function, args, kwargs = self.held.popleft()
+            try:
+                function(*args, **kwargs)
+                self.down = False
+            except Exception as exc:  # a tracking hiccup must not stop the study
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                self.down = self.answers is not None and not self.answers()
