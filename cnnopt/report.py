@@ -34,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         tracking.check_writable(Path(args.out).resolve(), f"the --out folder {args.out}", "give --out a writable folder")
     experiment = load_experiment(args.experiment, args.overrides)
     if args.study and args.experiment is None and not args.overrides:  # a study named alone: in its own experiment
-        experiment = studies.experiment_of(tracking.make_client(), args.study) or experiment
+        client = tracking.make_client(write=False)
+        found = studies.experiment_of(client, args.study)
+        if found is None:  # not "in MLflow experiment 'digits'": every experiment was looked in
+            names = ", ".join(parent.data.tags.get(studies.STUDY_TAG, "?") for parent in studies.find_parents(
+                client, None, 10)) or "none"
+            parser.exit(2, f"error: no study named {args.study!r} in any MLflow experiment of "
+                           f"{tracking.tracking_uri()} (latest studies: {names}); check the study's name\n")
+        experiment = found  # its name: the settings the study ran with come from its record
     report = log_report(experiment, args.study, args.out)
     print("\n".join(report.summary_lines))
     print(f"report logged to the study's parent run {report.parent_run_id}: {report.artifact_dir}"

@@ -398,6 +398,12 @@ def test_cli_names_an_unknown_study_in_one_line_and_exits_2(mlflow_store, tmp_pa
                              "--study", "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "'nope'" in result.stderr and "known" in result.stderr
+    # Named alone, the study is looked for in every experiment: the line says so (it named 'digits' alone).
+    alone = subprocess.run([sys.executable, "-m", "cnnopt.report", "--study", "nope"], capture_output=True, text=True,
+                           cwd=tmp_path)
+    assert alone.returncode == 2 and alone.stderr.strip() == (
+        f"error: no study named 'nope' in any MLflow experiment of {mlflow_store} (latest studies: known); check "
+        "the study's name"), alone.stderr
 
 
 def test_cli_prints_the_summary_and_where_it_was_logged(mlflow_store, capsys):
