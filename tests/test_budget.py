@@ -66,8 +66,12 @@ def test_a_tight_budget_searches_a_subset_and_a_hopeless_one_is_refused_with_wha
     assert tight.epoch < 60, "the epoch the plan counts is the subset's"
     few = make_plan(SEARCH, 30, budget=350, started=20.0, epoch=600, slots=2, train_images=60, classes=10)
     assert few.subset == 10, "a subset keeps one image of each class at least (data.subset refuses fewer)"
-    with pytest.raises(UsageError, match=r"too short here: .* give --time-budget at least \d+"):
+    with pytest.raises(UsageError, match=r"too short here: .* give --time-budget at least [\d.]+$") as caught:
         plan(budget=100, epoch=600)
+    asked = float(str(caught.value).rsplit(" ", 1)[1])  # to a tenth of a minute: "at least 2" refused 1.5 that ran
+    assert plan(budget=asked * 60, epoch=600).subset, "what the line asks for is a budget that plans"
+    with pytest.raises(UsageError, match="too short"):
+        plan(budget=asked / 1.25 * 60, epoch=600)  # and no more than a fifth above what would do (measured noise)
 
 
 def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search():

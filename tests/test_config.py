@@ -246,6 +246,20 @@ def test_missing_file_is_a_usage_error(tmp_path):
         load_experiment(tmp_path / "nope.toml")
 
 
+def test_the_shipped_experiments_are_found_from_any_folder_as_the_readme_names_them(tmp_path, monkeypatch):
+    """`--experiment experiments/cifar10.toml` (the README's, each file's own first line) failed outside the
+    repository, while the default worked anywhere; and its error suggested that same path."""
+    monkeypatch.chdir(tmp_path)
+    assert load_experiment("experiments/cifar10.toml").path == str(DEFAULT_EXPERIMENT.parent / "cifar10.toml")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "cifar10.toml").write_text('name = "mine"\n')  # a file of one's own comes first
+    assert load_experiment("experiments/cifar10.toml").name == "mine"
+    with pytest.raises(UsageError) as caught:
+        load_experiment("experiments/nope.toml")
+    assert str(caught.value) == ("experiment file experiments/nope.toml not found: pass --experiment with the path of "
+                                 "a TOML file, or one of cnnopt's own (experiments/cifar10.toml, experiments/digits.toml)")
+
+
 def test_invalid_toml_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not valid TOML"):
         load_experiment(write(tmp_path, "[train\nlr = 0.1\n"))

@@ -205,9 +205,15 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
         The validated, frozen Experiment.
     """
     path = Path(path) if path else DEFAULT_EXPERIMENT
+    shipped = DEFAULT_EXPERIMENT.parents[1] / path  # the README's experiments/... from any folder, like the default
+    if not path.exists() and not path.is_absolute() and shipped.is_file():
+        path = shipped
     if not path.is_file():
         problem = "is not a regular file" if path.exists() else "not found"
-        raise UsageError(f"experiment file {path} {problem}: pass --experiment with a path such as experiments/digits.toml")
+        them = ", ".join(sorted(str(found.relative_to(DEFAULT_EXPERIMENT.parents[1]))
+                                for found in DEFAULT_EXPERIMENT.parent.glob("*.toml")))
+        raise UsageError(f"experiment file {path} {problem}: pass --experiment with the path of a TOML file, or one "
+                         f"of cnnopt's own ({them})")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
