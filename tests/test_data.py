@@ -503,6 +503,18 @@ def test_truncated_image_is_reported_with_its_path(tmp_path):
     assert str(truncated) in str(caught.value)
 
 
+def test_files_of_types_not_read_are_one_warning_and_a_file_managers_are_not(tmp_path, capsys):
+    """A .jfif or .heic photo, or one with no extension, was left out without a word (QA: 101 of a class's 105
+    files read); Thumbs.db, desktop.ini and hidden files are no photos and are not counted."""
+    root = write_flat_folder(tmp_path / "pets", per_class=6)
+    for name in ("cat/holiday.jfif", "cat/phone.HEIC", "dog/scan", "dog/Thumbs.db", "dog/desktop.ini", "cat/.DS_Store"):
+        (root / name).write_bytes(b"x")
+    load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=8, cache=False))
+    err = capsys.readouterr().err
+    assert f"warning: 3 files under {root} are not read, not being of an image type cnnopt reads (" in err, err
+    assert all(kind in err for kind in ("1 .jfif", "1 .heic", "1 no extension")) and "Thumbs" not in err
+
+
 def test_a_class_too_small_for_a_share_of_val_and_test_is_one_warning(tmp_path, capsys):
     """A class of one image went to train alone: the scores never measured it, and nothing said so."""
     root = write_flat_folder(tmp_path / "pets", per_class=12)

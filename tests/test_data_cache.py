@@ -189,10 +189,11 @@ def test_cached_load_equals_uncached_and_does_not_decode(tmp_path, cache_folder,
 
 
 @pytest.mark.parametrize("change", ["modified", "added", "removed"])
-def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, cache_folder, change):
+def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, cache_folder, change, capsys):
     root = write_pngs(tmp_path / "set")
     config = DataConfig(dataset="imagefolder", root=str(root), image_size=8)
     before = load_data(config)
+    [older] = list(cache_folder.iterdir())
     target = root / "a" / "03.png"
     if change == "modified":
         Image.new("RGB", (12, 12), (255, 0, 0)).save(target)
@@ -210,6 +211,17 @@ def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, cache_f
     total = sum(len(getattr(after, name)) for name in ("train_y", "val_y", "test_y"))
     assert total == 40 + {"modified": 0, "added": 1, "removed": -1}[change]
     assert not same_data(before, after)
+    # The entry it replaces stays (a study still running may read it) and is said, with how to remove it.
+    err = capsys.readouterr().err
+    assert (f"warning: the image cache {cache_folder} holds 1 older decoded copy of {root.resolve()} (" in err
+            and err.rstrip().endswith(f"rm -r {older}")), err
+    assert oct(older.stat().st_mode & 0o777) == oct(0o777 & ~current_umask()), "readable by a shared cache's users"
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_another_image_size_is_another_entry(tmp_path, cache_folder):

@@ -15,6 +15,7 @@ from the train split (`_draw_subset`).
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import pickle
@@ -495,7 +496,13 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
             raise UsageError(f"{path} holds class folder{'s' if len(extra) > 1 else ''} {', '.join(extra)} that "
                              f"{split_dirs['pool']} does not: a model trained there cannot predict {them}; add {them} "
                              f"to {split_dirs['pool'].name}/ or remove {them}")
-    files = {name: _list_images(path, names) for name, path in split_dirs.items()}
+    others: list[Path] = []
+    files = {name: _list_images(path, names, others) for name, path in split_dirs.items()}
+    if others:  # a .jfif or .heic photo was left out without a word (101 of a class's 105 files read)
+        kinds = collections.Counter(path.suffix.lower() or "no extension" for path in others)
+        warn_once(f"{len(others)} files under {root} are not read, not being of an image type cnnopt reads "
+                  f"({', '.join(f'{count} {kind}' for kind, count in kinds.most_common(4))}; e.g. {others[0]}); "
+                  f"convert the photos among them to one of {', '.join(IMAGE_EXTENSIONS)}")
     paths = [path for listed in files.values() for path, _ in listed]
     labels = torch.tensor([label for listed in files.values() for _, label in listed], dtype=torch.long)
     bounds, first = {}, 0
@@ -570,14 +577,14 @@ def _class_names(folder: Path, at_least: int = 2) -> list[str]:
     return names
 
 
-def _list_images(folder: Path, names: list[str]) -> list[tuple[Path, int]]:
+def _list_images(folder: Path, names: list[str], others: list[Path] | None = None) -> list[tuple[Path, int]]:
     listed = []
     for label, name in enumerate(names):
         class_dir = folder / name
         if not class_dir.is_dir():
             raise UsageError(f"{folder} has no class folder {name!r}, which the train images have; add one holding "
                              "that class's images")
-        images = image_files(class_dir)
+        images = image_files(class_dir, others)
         if not images:
             raise UsageError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove it")
         listed += [(path, label) for path in images]

@@ -86,12 +86,16 @@ def eight_bit_gray(image):
     return Image.merge("LA", (gray, Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8))))
 
 
-def image_files(folder: Path) -> list[Path]:
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}  # what file managers leave in folders: never an image
+
+
+def image_files(folder: Path, others: list[Path] | None = None) -> list[Path]:
     """The image files under `folder`, at any depth, sorted: by extension (IMAGE_EXTENSIONS), skipping hidden
     files and folders (`.ipynb_checkpoints/`, macOS's `._name.png` copies) and folders named like images.
     Linked folders are followed, each real folder once (Path.rglob skipped a link to a folder inside a class
     folder without a word), except a link up the tree; a folder that cannot be listed is an error, not skipped.
-    A broken link stays listed, so that reading it says so."""
+    A broken link stays listed, so that reading it says so. `others`, where given, gets the files of other
+    extensions that are not hidden or a file manager's (a .jfif or .heic photo, say), so they can be said."""
     def refuse(error: OSError) -> None:
         raise UsageError(f"cannot list folder {error.filename}: {error.strerror}; make it readable or remove it")
 
@@ -111,6 +115,9 @@ def image_files(folder: Path) -> list[Path]:
         folders[:] = [name for name in folders if not name.startswith(".") and not up_the_tree(real, name)]
         found += [Path(top) / name for name in files  # a broken link is among the files
                   if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+        if others is not None:
+            others += [Path(top) / name for name in files if not name.startswith(".") and name.lower() not in
+                       SYSTEM_FILES and Path(name).suffix.lower() not in IMAGE_EXTENSIONS]
     return sorted(found)
 
 
