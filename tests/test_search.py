@@ -394,6 +394,22 @@ def test_resume_abandons_an_interrupted_trial_the_space_no_longer_holds(ray_sess
     assert sorted(int(c.data.tags["trial_number"]) for c in children) == [1, 2, 3]
 
 
+def test_a_trial_whose_hyperparameters_were_never_recorded_is_said_so_on_resume(mlflow_store, capsys):
+    """A kill -9 between a trial run's creation and its params' write: the resume said "lr=None is outside search
+    space 'lesson'" of a space that had not changed."""
+    from cnnopt.study.runner import plan_trials
+
+    experiment = load_experiment(None, ["search.trials=3", "search.strategy=random"])
+    record = StudyRecorder(experiment, "unlogged", tags={}, params={}, artifacts=[])
+    record.open()
+    record.start_trial("cut", {}, [])  # the run, and no hyperparameter
+    again = StudyRecorder(experiment, "unlogged", tags={}, params={}, artifacts=[])
+    again.reopen(studies.find_parent(again.client, "unlogged", "digits"))
+    assert plan_trials(experiment, search_spaces.get("lesson"), again, resume=True) == 3, "a new trial in its place"
+    assert ("warning: trial 1 is not rerun: its hyperparameters were never recorded (the command stopped as it "
+            "started the trial); a new trial runs in its place") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("space_name", search_spaces.names())
 def test_every_space_samples_under_every_strategy(space_name, strategy):

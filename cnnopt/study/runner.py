@@ -528,7 +528,11 @@ def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, r
     for past in list(recorder.past):
         if past.status != trials.INTERRUPTED:
             continue
-        problem = strategy.rerun_problem(space, past.params, search.trials)
+        # A kill between its run's creation and its hyperparameters' write leaves a run of none: said as such (it
+        # read "lr=None is outside search space 'lesson'" of a space that had not changed); a new trial runs.
+        problem = ("its hyperparameters were never recorded (the command stopped as it started the trial); a new "
+                   "trial runs in its place") if not past.params else strategy.rerun_problem(space, past.params,
+                                                                                             search.trials)
         if problem:
             print(f"warning: trial {past.number} is not rerun: {problem}", file=sys.stderr)
             recorder.abandon(past, problem)
