@@ -118,6 +118,9 @@ def test_a_wrong_dataset_path_address_or_value_leaves_nothing_behind(tmp_path, a
     # A server's database whose driver is not installed: a traceback ending in "No module named 'psycopg'".
     ("postgresql://u@127.0.0.1:1/db", "the MLflow store postgresql://u@127.0.0.1:1/db needs the Python package "
                                       "psycopg[binary], which is not installed here: pip install psycopg[binary]"),
+    # Without its credentials (QA: a traceback after 18 s, exit 1); no network is reached to say so.
+    ("databricks", "the MLflow tracking URI databricks cannot be used (Reading Databricks credential configuration "
+                   "failed"),
 ])
 def test_a_tracking_uri_mlflow_refuses_leaves_nothing_behind(tmp_path, uri, expected):
     """Said before Ray starts: it was said once Ray was up, leaving cnnopt.log and an empty ray_results/."""

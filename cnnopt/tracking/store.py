@@ -7,6 +7,7 @@ here) and happen in the driver process only, so parallel trials never race on th
 from __future__ import annotations
 
 import contextlib
+import logging
 import dataclasses
 import math
 import os
@@ -59,7 +60,10 @@ def make_client(write: bool = True) -> MlflowClient:
         # leave it broken for good (seen: "table _alembic_tmp_latest_metrics already exists"), so it waits.
         with interrupts_deferred() if first else contextlib.nullcontext():
             client = MlflowClient(tracking_uri=uri)
-    except MlflowException as exc:  # a scheme MLflow does not take, or its retired plain-folder store
+            if first and not uri.lower().startswith(("sqlite:", "http://", "https://")):
+                with _quiet("mlflow"):  # its warnings on the way: the error below says it (and leaves no log file)
+                    client.search_experiments(max_results=1)  # databricks without its credentials fails first here
+    except MlflowException as exc:  # a scheme MLflow does not take, its retired plain-folder store, no credentials
         why = exc.message.strip().splitlines()[0].split(". ")[0].strip()
         raise UsageError(f"the MLflow tracking URI {uri} cannot be used ({why}); "
                          "set MLFLOW_TRACKING_URI to a sqlite:///PATH/mlflow.db or an http:// server") from None
@@ -82,6 +86,18 @@ def make_client(write: bool = True) -> MlflowClient:
 
 
 _checked_stores: set[tuple[str, bool]] = set()  # (uri, checked for writing)
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """The logger `name` says only errors during the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
                    "pymysql": "pymysql", "pymssql": "pymssql", "pyodbc": "pyodbc"}  # module -> what pip installs
 
