@@ -27,28 +27,37 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
         study: the study name; None means the most recently started study.
     Returns:
         Columns: study, trial, status, run_id, duration_s, every hyperparameter as its declared type
-        (bool, int, float, str), the best epoch's metrics as `best_*`, the last epoch's as `last_*`, and
-        the promoted trial's `test_*` (NaN on the others) under their own names.
+        (bool, int, float, str; NaN where the study searched it and the trial's condition left it out, such as
+        momentum for adam: the value its run logs is the default, not in effect), the best epoch's metrics as
+        `best_*`, the last epoch's as `last_*`, and the promoted trial's `test_*` (NaN on the others) under their
+        own names.
     """
     name = experiment.name if isinstance(experiment, Experiment) else experiment
     client = tracking.make_client(write=False)  # the store cnnopt writes to (MLFLOW_TRACKING_URI, else ./mlflow.db)
     parent = studies.require_parent(client, name, study)
     study = study or parent.data.tags[tracking.STUDY_TAG]
     types = field_types(TrainConfig)
-    rows = []
-    for run in studies.trial_runs(client, parent):
+    rows, runs = [], studies.trial_runs(client, parent)
+    searched = {name for run in runs for name in _searched(run)}  # what the study searched, in any trial
+    for run in runs:
         info, data = run.info, run.data
         row = {"study": study, "trial": int(data.tags["trial_number"]), "status": data.tags.get("status"),
                "run_id": info.run_id,
                "duration_s": (info.end_time - info.start_time) / 1000 if info.end_time else float("nan")}
         row.update({field: tracking.param_value(data.params[field], kind) for field, kind in types.items()
                     if field in data.params})
+        if "searched" in data.tags:  # recorded since trials say what they searched
+            row.update({field: math.nan for field in searched - _searched(run) if field in row})
         # The epoch metrics' last values as last_*; the rest as logged: best_*, and a promoted trial's test_*
         row.update({f"last_{key}" if key in tracking.EPOCH_METRICS else key: value for key, value in data.metrics.items()})
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=["study", "trial", "status", "run_id"])
     return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
+
+
+def _searched(run) -> set[str]:
+    return {name for name in run.data.tags.get("searched", "").split(",") if name}
 
 
 def best_so_far(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max") -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -472,3 +473,21 @@ def test_two_commands_starting_one_study_name_at_once_leave_it_to_the_first(mlfl
     assert late.parent_run_id == ""
     assert studies.find_parent(first.client, "race", "digits").info.run_id == first.parent_run_id, "one parent"
     first.close("FINISHED")
+
+
+def test_load_trials_says_nan_for_a_hyperparameter_a_trials_condition_left_out(mlflow_store):
+    """momentum read 0.9 for adam trials (the default their runs log, which did nothing), while the trial lines and
+    the report treat it as conditional."""
+    from cnnopt.analysis import load_trials
+
+    record = recorder("conditional")
+    record.open()
+    sgd, adam = {**PARAMS}, {**PARAMS, "optimizer": "adam"}
+    record.start_trial("t1", sgd, ["lr", "optimizer", "momentum"])
+    record.start_trial("t2", adam, ["lr", "optimizer"])  # the condition (optimizer == sgd) left momentum out
+    for trial in ("t1", "t2"):
+        record.end_trial(trial, "completed", {"val_accuracy": 0.9})
+    record.close("FINISHED")
+    frame = load_trials("digits", "conditional").set_index("trial")
+    assert frame.at[1, "momentum"] == 0.9 and math.isnan(frame.at[2, "momentum"])
+    assert frame.at[2, "batch_size"] == 64, "a value the study did not search stays as logged"
