@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0)  # before the data loads or any run exists
     resolve_device(config.device)
     check_choices(config)
+    tracking.make_client()  # a store that cannot be used: said in seconds, not after a big folder's decode
     data = load_data(experiment.data)
     _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0, len(data.train_y))
     check_config(config, data.image_size)

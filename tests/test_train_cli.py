@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from cnnopt import lr_finder as lr_finder_cli
 from cnnopt import train as train_cli
 from cnnopt.errors import UsageError
 from cnnopt.training.checkpoint import load_checkpoint
@@ -221,3 +222,22 @@ def test_a_run_stopped_by_a_ctrl_c_or_an_error_says_so_in_its_status_tag(mlflow_
             raise raised
     run = MlflowClient(tracking_uri=mlflow_store).get_run(record.run_id)
     assert (run.info.status, run.data.tags.get("status"), run.data.tags.get("error")) == ended
+
+
+def test_a_store_that_cannot_be_used_is_said_before_the_data_is_decoded(tmp_path, monkeypatch, capsys):
+    """A dead server was said only after the data loaded: a full decode of a big folder first."""
+    import socket
+
+    with socket.socket() as probe:  # a free port, closed again: nothing answers there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)
+    root = write_image_folder(tmp_path / "pets", per_class=2)
+    for module in (train_cli, lr_finder_cli):
+        with pytest.raises(SystemExit) as caught:
+            run(module.main, ["--set", "data.dataset=imagefolder", "--set", f"data.root={root}",
+                              "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+        assert caught.value.code == 2
+        assert f"the MLflow tracking server http://127.0.0.1:{port} does not answer" in capsys.readouterr().err
+        assert not (tmp_path / "cache").exists(), "nothing decoded"
