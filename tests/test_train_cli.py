@@ -101,6 +101,12 @@ def test_a_diverged_run_fails_and_says_so(mlflow_store, capsys):
     client, found = only_run(mlflow_store)
     assert found.info.status == "FAILED" and found.data.tags["status"] == "diverged"
     assert found.data.metrics["diverged"] == 1.0
+    from cnnopt.deploy.promotion import promote
+    from cnnopt.experiment.config import load_experiment
+
+    with pytest.raises(UsageError, match=f"run {found.info.run_id} has no checkpoint artifact to promote; it diverged "
+                                         "before any epoch could be kept: pass a run that completed"):
+        promote(load_experiment(None), run_id=found.info.run_id)  # it said only "pass a run that trained"
 
 
 def test_image_folder_end_to_end(mlflow_store, tmp_path):

@@ -165,9 +165,12 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         try:
             checkpoint_path = client.download_artifacts(run_id, f"checkpoint/{FILENAME}", str(scratch))
         except MlflowException:
-            kind = run.data.tags.get(tracking.KIND_TAG, "")
+            kind, status = run.data.tags.get(tracking.KIND_TAG, ""), run.data.tags.get("status", "")
+            ended = {"diverged": "it diverged before any epoch could be kept",
+                     "failed": "it failed before any epoch could be kept"}.get(status)
             hint = (f"it is study {run.data.tags.get(tracking.STUDY_TAG, '')!r}'s parent run: promote the study "
                     f"with --study {run.data.tags.get(tracking.STUDY_TAG, '')}" if kind == "study"
+                    else f"{ended}: pass a run that completed" if ended
                     else "pass a run that trained (a trial, a confirmation seed, a final training or a "
                          "cnnopt.train run)")
             missing = missing_artifacts(run.info.artifact_uri)
