@@ -133,6 +133,9 @@ def test_a_tiny_comparison_runs_real_studies_and_logs_the_median_curve(ray_sessi
     experiment = client.get_experiment_by_name("digits").experiment_id
     (comparison,) = client.search_runs([experiment], "tags.`cnnopt.kind` = 'comparison'")
     assert comparison.info.status == "FINISHED" and comparison.info.run_name == "cmp"
+    command = comparison.data.tags["command"]  # what reruns it: it left out the strategies, the seeds and the target
+    assert command.startswith("python -m cnnopt.compare --strategies random,gp --seeds 2 --target 0.5 "
+                              "--waste-threshold 0.5 --experiment ") and "--set search.trials=2" in command, command
     studies = client.search_runs([experiment], "tags.`cnnopt.kind` = 'study'")
     names = sorted(run.data.tags["cnnopt.study"] for run in studies)
     assert names == ["cmp-gp-s0", "cmp-gp-s1", "cmp-random-s0", "cmp-random-s1"]

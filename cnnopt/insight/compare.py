@@ -249,7 +249,11 @@ def run_comparison(experiment: Experiment, strategies: list[str], seeds: int, *,
                 **{f"search.{k}": v for k, v in dataclasses.asdict(search).items() if k not in ("strategy", "seed")},
                 **tracking.data_params(experiment.data), "train.epochs": experiment.train.epochs},
         tags={"experiment": experiment.path, "search_space": experiment.search_space,
-              "command": experiment.command_line("python -m cnnopt.compare")})
+              # What reruns the comparison: its strategies, seeds, target and name too (they were left out).
+              "command": experiment.command_line(" ".join(
+                  ["python -m cnnopt.compare", f"--strategies {','.join(strategies)}", f"--seeds {seeds}",
+                   *([f"--target {target:g}"] if target is not None else []),
+                   *([f"--waste-threshold {waste_threshold:g}"] if waste_threshold is not None else [])]))})
     status = tracking.FAILED
     with ray_session(address):  # one Ray instance for every study of the comparison
         try:
