@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0)  # before the data loads or any run exists
     resolve_device(config.device)
     check_choices(config)
-    tracking.make_client()  # a store that cannot be used: said in seconds, not after a big folder's decode
+    # A store that cannot be used: said in seconds, not after a big folder's decode (and nothing made yet).
+    tracking.check_store(tracking.tracking_uri(), create=False)
     data = load_data(experiment.data)
     _check(args.start_lr, args.end_lr, args.steps, 0.05, 4.0, len(data.train_y))
     check_config(config, data.image_size)

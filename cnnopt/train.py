@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     config = experiment.train
     resolve_device(config.device)  # a GPU asked for where there is none: said before the data loads or a run exists
     check_choices(config)
-    tracking.make_client()  # a store that cannot be used: said in seconds, not after a big folder's decode
+    # A store that cannot be used: said in seconds, not after a big folder's decode (and nothing made yet).
+    tracking.check_store(tracking.tracking_uri(), create=False)
     data = load_data(experiment.data)
     if warning := same_name_warning(experiment):
         print(warning, file=sys.stderr)

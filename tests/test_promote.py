@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -484,6 +485,18 @@ def test_the_model_card_says_what_selected_the_model(mlflow_store):
         return promote_module.model_card(settings, client.get_run(run_id), checkpoint, result).splitlines()
 
     selected = card("val_accuracy", {}, {"best_val_accuracy": 0.95})
+    # A study's model: its configuration and seed trained alone (the card gave only the study's command, whose
+    # choice varies), then the study.
+    checkpoint["train_config"] = {**dataclasses.asdict(load_experiment(None).train), "lr": 0.0123, "seed": 77,
+                                  "device": "cuda"}
+    studied = card("val_accuracy", {"cnnopt.study": "s1", "final_data": "train+val"}, {"best_val_accuracy": 0.95})
+    reproduce = studied[studied.index("## Reproduce") + 1:]
+    assert reproduce[0] == ("This configuration and seed, trained again alone (this model trained on train+val; "
+                            "cnnopt.train trains on the train split):")
+    assert reproduce[1].startswith("python -m cnnopt.train --experiment ") and reproduce[1].endswith(
+        " --set metric=val_accuracy --set train.lr=0.0123 --set train.seed=77"), reproduce[1]
+    assert reproduce[4].startswith("python -m cnnopt.search --experiment ")
+    checkpoint.pop("train_config")
     assert "Selected on: val_accuracy (max) of the validation split; best epoch 16" in selected
     assert "- validation val_accuracy: 0.9500" in selected and "- test accuracy: 0.9000 (test split used once, here)" in selected
     final = card("val_accuracy", {"kept_epoch": "last", "final_data": "train+val"}, {"best_train_loss": 0.1})

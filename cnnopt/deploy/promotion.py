@@ -11,6 +11,7 @@ once: another of its runs is promoted only on purpose (`retest`), and the count 
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,25 @@ def confirmed_lines(run, metric: str) -> list[str]:
             "one run's best is luckier)"]
 
 
+def reproduce_lines(settings: Experiment, checkpoint: dict, study: str, final_data: str | None) -> list[str]:
+    """The card's commands: for a study's model, its configuration and seed trained again alone (the settings
+    with what the checkpoint's training changed of them: the searched values, the seed, a final's epochs), then
+    the study that chose it; the card gave only the study's command, which does not rebuild this model (the
+    trial it chooses varies from run to run). A cnnopt.train run's own command."""
+    base = dataclasses.asdict(settings.train)
+    trained = checkpoint.get("train_config") or {}
+    changed = [f"--set train.{name}={value}" for name, value in trained.items()
+               if name in base and name != "device" and value != base[name]]
+    alone = " ".join([settings.command_line("python -m cnnopt.train"), *changed])
+    if not study:
+        return [alone]
+    where = ("" if final_data in (None, "train") else
+             f" (this model trained on {final_data}; cnnopt.train trains on the train split)")
+    return [f"This configuration and seed, trained again alone{where}:", alone, "",
+            "The study that chose it (its choice varies from run to run):",
+            settings.command_line("python -m cnnopt.search")]
+
+
 def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_reads: int = 1,
                again: bool = False) -> str:
     """The model card: data, selection, metrics, hyperparameters, and the command that reproduces the run
@@ -267,8 +287,7 @@ def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_r
              "## Hyperparameters"]
     lines += [f"- {name} = {params.get(name)}" + (" (searched)" if name in searched else "")
               for name in sorted(n for n in params if "." not in n)]
-    command = "python -m cnnopt.search" if study else "python -m cnnopt.train"
-    lines += ["", "## Reproduce", settings.command_line(command),
+    lines += ["", "## Reproduce", *reproduce_lines(settings, checkpoint, study, run.data.tags.get("final_data")),
               "", "## Use", "model.pt: torch.jit.load('model.pt')(uint8 images (N, C, H, W)) -> probabilities",
               f"model.pt2: torch.export.load('model.pt2').module() on images resized to "
               f"{checkpoint['preprocessing']['image_size']}x{checkpoint['preprocessing']['image_size']}"]
