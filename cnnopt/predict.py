@@ -21,7 +21,7 @@ import torch
 
 from cnnopt.cli import Parser, quiet_libraries, run
 from cnnopt.data.decode import IMAGE_EXTENSIONS, eight_bit_gray, image_files, resize_center_crop, unreadable, upright
-from cnnopt.errors import UsageError
+from cnnopt.errors import UsageError, warn_once
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
 from cnnopt.deploy.predictor import match_channels
 
@@ -178,11 +178,11 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
-    paths = []
+    paths, others = [], []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = image_files(path)
+            found = image_files(path, others)
             if not found:  # beside other images it was skipped without a word; alone, it was an error
                 raise UsageError(f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); name a folder of "
                                  "images, or leave it out")
@@ -191,6 +191,9 @@ def image_paths(inputs: list[str]) -> list[Path]:
             paths.append(path)
         else:
             raise UsageError(f"image {path} not found")
+    if others:  # a .jfif or .heic photo in a folder was skipped without a word
+        warn_once(f"{len(others)} files in the folders given are not read, not being of an image type cnnopt reads "
+                  f"(e.g. {others[0]}); convert the photos among them to one of {', '.join(IMAGE_EXTENSIONS)}")
     unique: dict[Path, Path] = {}  # an image named twice (itself and through its folder) is predicted once
     for path in paths:
         unique.setdefault(path.resolve(), path)

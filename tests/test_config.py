@@ -246,11 +246,13 @@ def test_missing_file_is_a_usage_error(tmp_path):
         load_experiment(tmp_path / "nope.toml")
 
 
-def test_the_shipped_experiments_are_found_from_any_folder_as_the_readme_names_them(tmp_path, monkeypatch):
+def test_the_shipped_experiments_are_found_from_any_folder_as_the_readme_names_them(tmp_path, monkeypatch, capsys):
     """`--experiment experiments/cifar10.toml` (the README's, each file's own first line) failed outside the
     repository, while the default worked anywhere; and its error suggested that same path."""
     monkeypatch.chdir(tmp_path)
     assert load_experiment("experiments/cifar10.toml").path == str(DEFAULT_EXPERIMENT.parent / "cifar10.toml")
+    assert capsys.readouterr().err == (f"note: no experiments/cifar10.toml here: reading cnnopt's own "
+                                       f"{DEFAULT_EXPERIMENT.parent / 'cifar10.toml'}\n")
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "cifar10.toml").write_text('name = "mine"\n')  # a file of one's own comes first
     assert load_experiment("experiments/cifar10.toml").name == "mine"

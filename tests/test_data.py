@@ -513,6 +513,10 @@ def test_files_of_types_not_read_are_one_warning_and_a_file_managers_are_not(tmp
     err = capsys.readouterr().err
     assert f"warning: 3 files under {root} are not read, not being of an image type cnnopt reads (" in err, err
     assert all(kind in err for kind in ("1 .jfif", "1 .heic", "1 no extension")) and "Thumbs" not in err
+    from cnnopt.predict import image_paths  # predict on the folder says so too
+
+    assert len(image_paths([str(root / "cat")])) == 6
+    assert "warning: 2 files in the folders given are not read" in capsys.readouterr().err
 
 
 def test_a_class_too_small_for_a_share_of_val_and_test_is_one_warning(tmp_path, capsys):

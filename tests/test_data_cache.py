@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cnnopt.data import cache as data_cache
 from cnnopt.data import datasets as data_module
 from cnnopt.data import decode
 from cnnopt.experiment.config import DataConfig, TrainConfig
@@ -221,6 +222,7 @@ def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, cache_f
 def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
+    assert data_cache.umask() == mask
     return mask
 
 

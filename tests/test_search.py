@@ -400,10 +400,11 @@ def test_a_trial_whose_hyperparameters_were_never_recorded_is_said_so_on_resume(
     from cnnopt.study.runner import plan_trials
 
     experiment = load_experiment(None, ["search.trials=3", "search.strategy=random"])
-    record = StudyRecorder(experiment, "unlogged", tags={}, params={}, artifacts=[])
+    space = search_spaces.get("lesson")
+    record = StudyRecorder(experiment, "unlogged", tags={}, params={}, artifacts=[], space=space)
     record.open()
-    record.start_trial("cut", {}, [])  # the run, and no hyperparameter
-    again = StudyRecorder(experiment, "unlogged", tags={}, params={}, artifacts=[])
+    record.start_trial("cut", {}, space.names)  # the run, tagged with what it searches, and no hyperparameter
+    again = StudyRecorder(experiment, "unlogged", tags={}, params={}, artifacts=[], space=space)
     again.reopen(studies.find_parent(again.client, "unlogged", "digits"))
     assert plan_trials(experiment, search_spaces.get("lesson"), again, resume=True) == 3, "a new trial in its place"
     assert ("warning: trial 1 is not rerun: its hyperparameters were never recorded (the command stopped as it "

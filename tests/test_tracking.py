@@ -491,3 +491,38 @@ def test_load_trials_says_nan_for_a_hyperparameter_a_trials_condition_left_out(m
     frame = load_trials("digits", "conditional").set_index("trial")
     assert frame.at[1, "momentum"] == 0.9 and math.isnan(frame.at[2, "momentum"])
     assert frame.at[2, "batch_size"] == 64, "a value the study did not search stays as logged"
+
+
+def test_a_trial_end_held_while_the_server_is_away_is_written_by_the_close_and_nothing_after_it(mlflow_store):
+    """Held writes (a server that does not answer) were lost at the close: a completed trial's end among them
+    was closed as interrupted, and its run again on resume; and a held trial start replayed after the close left
+    a RUNNING run under a closed parent. The callback tells the record of an end when it queues it; the writer
+    is stopped before the close."""
+    from types import SimpleNamespace
+
+    from cnnopt.study.callback import StudyCallback
+    from cnnopt.tracking.writer import BackgroundWriter
+
+    record = recorder("held")
+    record.open()
+    callback = StudyCallback(record, metric="val_accuracy", epochs=2, searched=["lr"],
+                             hyperparameters=lambda config: PARAMS)
+    callback.writer = BackgroundWriter(lambda: False)  # the server does not answer its health check
+    trial = SimpleNamespace(trial_id="t1", config={"lr": 0.01}, checkpoint=None, last_result={})
+    record.number("t1", PARAMS)
+    record.start_trial("t1", PARAMS, ["lr"])  # written before it went away
+    callback.writer.down = True  # a write has failed meanwhile: what follows is held
+    callback.best_epoch["t1"] = {"val_accuracy": 0.9}
+    callback._end(trial, "completed")
+    late = SimpleNamespace(trial_id="t2", config={"lr": 0.02}, checkpoint=None, last_result={})
+    callback.on_trial_start(0, [], late)  # held too
+    callback.drain()
+    callback.stop_writes()
+    callback.writer.answers = lambda: True  # back, after the close began: nothing may land now
+    callback.writer.submit(lambda: None)
+    callback.drain()
+    record.kill_unfinished()
+    record.close("KILLED")
+    run = record.client.get_run(record.children["t1"])
+    assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "completed")
+    assert "t2" not in record.children, "a held start is not replayed after the close"

@@ -18,6 +18,7 @@ from PIL import Image
 
 import search_spaces
 from cnnopt import tracking
+from cnnopt.errors import UsageError
 from cnnopt.experiment.config import load_experiment
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import StudyRecorder
@@ -139,6 +140,25 @@ def test_resume_reads_its_settings_from_the_server(mlflow_server, tmp_path, monk
         assert trial.data.tags["status"] == "completed"
         assert (stored(mlflow_server, trial) / "checkpoint" / "checkpoint.pt").is_file()
     assert_nothing_local(machine)
+
+
+def test_two_commands_starting_one_study_name_at_once_against_a_server_leave_it_to_one(mlflow_server, monkeypatch):
+    """Against a server the clients' clocks may differ, so the first by start time is no rule: the parent that
+    kept the name is tagged so, and a later one (here: its check came before the first's parent existed, its
+    create after the first had settled) yields to it, whatever the run ids."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    experiment = load_experiment(None, ["name=race-server"])
+    first = StudyRecorder(experiment, "race", tags={}, params={}, artifacts=[])
+    first.open()
+    assert first.client.get_run(first.parent_run_id).data.tags[studies.SETTLED_TAG] == "true"
+    late = StudyRecorder(experiment, "race", tags={}, params={}, artifacts=[])
+    real = studies.find_parent
+    monkeypatch.setattr(studies, "find_parent", lambda *args, **kwargs: None)
+    with pytest.raises(UsageError, match=r"already holds a study named 'race' \(another command started it just now\)"):
+        late.open()
+    monkeypatch.setattr(studies, "find_parent", real)
+    assert studies.find_parent(first.client, "race", "race-server").info.run_id == first.parent_run_id
+    first.close("FINISHED")
 
 
 @pytest.mark.slow

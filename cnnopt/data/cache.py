@@ -105,9 +105,7 @@ def store(cache: Path, key: str, decode: Callable[[Callable], np.ndarray], index
         cache.mkdir(parents=True, exist_ok=True)
         _check_space(cache, max_bytes)
         temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache))
-        mask = os.umask(0o022)  # read, and put back: what the process creates files with
-        os.umask(mask)
-        os.chmod(temporary, 0o777 & ~mask)  # mkdtemp's 0700 kept a shared cache_dir's entries from the others
+        os.chmod(temporary, 0o777 & ~umask())  # mkdtemp's 0700 kept a shared cache_dir's entries from the others
     try:
         path = temporary / "images.npy"
 
@@ -132,6 +130,20 @@ def store(cache: Path, key: str, decode: Callable[[Callable], np.ndarray], index
     return load(cache, key)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux): setting it to read it
+    would, for a moment, give another thread's new files the wrong mode."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _say_older(cache: Path, key: str, index: dict) -> None:
     """Say the entries of the same folder at the same size that a new one replaces (its files changed since:
     one touched file is a new entry, and the old stay, 236 MB each for 20,000 photos at 64 px). They are not
@@ -149,8 +161,9 @@ def _say_older(cache: Path, key: str, index: dict) -> None:
     if older:
         size = sum(path.stat().st_size for folder in older for path in folder.rglob("*") if path.is_file())
         warn_once(f"the image cache {cache} holds {len(older)} older decoded cop{'ies' if len(older) > 1 else 'y'} of "
-                  f"{index['root']} ({megabytes(size)}), from before its files changed; remove them unless a study "
-                  f"still running reads one: rm -r {' '.join(shlex.quote(str(folder)) for folder in older)}")
+                  f"{index['root']} ({megabytes(size)}), from before its files changed (or an older cnnopt); remove "
+                  f"them unless a study still running reads one: rm -r "
+                  f"{' '.join(shlex.quote(str(folder)) for folder in older)}")
 
 
 def stored_hashes(entry: Entry) -> np.ndarray:

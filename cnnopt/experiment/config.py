@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import tomllib
 import types
 import typing
@@ -207,6 +208,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     path = Path(path) if path else DEFAULT_EXPERIMENT
     shipped = DEFAULT_EXPERIMENT.parents[1] / path  # the README's experiments/... from any folder, like the default
     if not path.exists() and not path.is_absolute() and shipped.is_file():
+        print(f"note: no {path} here: reading cnnopt's own {shipped}", file=sys.stderr)  # not a silent swap
         path = shipped
     if not path.is_file():
         problem = "is not a regular file" if path.exists() else "not found"

@@ -60,6 +60,11 @@ class StudyCallback(tune.Callback):
         if self.writer is not None:
             self.writer.drain(waiting_line)
 
+    def stop_writes(self) -> None:
+        """Before the record closes: no queued write lands after it (`BackgroundWriter.stop`)."""
+        if self.writer is not None:
+            self.writer.stop()
+
     def _watch_interrupts(self) -> None:
         """Note a Ctrl-C (or the SIGTERM turned into one) on top of Ray's handler, which stops the study cleanly."""
         if threading.current_thread() is not threading.main_thread():
@@ -104,8 +109,14 @@ class StudyCallback(tune.Callback):
         if trial.checkpoint is not None and status != trial_status.FAILED:
             path = Path(trial.checkpoint.path) / FILENAME
             checkpoint = str(path) if path.is_file() else None
+        ended = now_ms()
+        # Known to the record now, not only once the queued write runs: where that write is held (a store that
+        # does not answer) when the record closes, the close writes it (`StudyRecorder.kill_unfinished`); else a
+        # completed trial was closed as interrupted, and run again on resume.
+        self.recorder.unended[trial.trial_id] = {"status": status, "best": dict(best), "checkpoint": checkpoint,
+                                                 "error": error, "ended": ended}
         self.writer.submit(self.recorder.end_trial, trial.trial_id, status, dict(best), checkpoint=checkpoint,
-                           error=error, ended=now_ms())
+                           error=error, ended=ended)
         value = best.get(self.metric, math.nan)
         shown = " ".join(f"{name}={format_value(trial.config[name])}" for name in self.searched if name in trial.config)
         seconds = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())

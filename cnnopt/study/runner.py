@@ -369,7 +369,8 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
         if not watched:  # one watchdog, however many signals
             resume = resume_command(options)
             watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, resume, gcs,
-                                                                          callback.drain), daemon=True))
+                                                                          callback.drain, callback.stop_writes),
+                                            daemon=True))
             watched[0].start()
         sigterm_as_interrupt()
 
@@ -403,6 +404,7 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
         with interrupts_held(ctrl_c=True) as held, closing:  # closing the record takes a moment: nothing cuts it
             try:
                 callback.drain(waiting_line)
+                callback.stop_writes()  # what is still held (a store that does not answer) the close writes itself
                 # A Ctrl-C or SIGTERM held while the writes went in is a stop too: the study ends as interrupted.
                 interrupted = not finished or callback.interrupted or callback.unfinished() or bool(held)
                 if recorder.parent_run_id:
@@ -433,7 +435,7 @@ CLOSE_SECONDS = 10.0  # and for the record's close, before it says how to resume
 
 
 def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, resume: str,
-                    gcs: str = "", drain=None) -> None:
+                    gcs: str = "", drain=None, stop_writes=None) -> None:
     """After a SIGTERM: where the study has not begun closing its record when Ray's GCS (at `gcs`) stops
     answering, or in TERM_GRACE, close it from here and exit. A signal to the whole process group (`timeout`,
     systemd's control group, Slurm's job step) stops Ray's own processes with the driver: the trials cannot be
@@ -453,6 +455,8 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
         waiter = threading.Thread(target=drain, daemon=True)
         waiter.start()
         waiter.join(DRAIN_SECONDS)
+    if stop_writes is not None:  # nothing lands after the KILLED marks below
+        stop_writes()
     failed: list[str] = []
 
     def close() -> None:
@@ -530,9 +534,9 @@ def plan_trials(experiment: Experiment, space: Space, recorder: StudyRecorder, r
             continue
         # A kill between its run's creation and its hyperparameters' write leaves a run of none: said as such (it
         # read "lr=None is outside search space 'lesson'" of a space that had not changed); a new trial runs.
+        lost = all(value is None for value in past.params.values())  # read back as None each, where none was logged
         problem = ("its hyperparameters were never recorded (the command stopped as it started the trial); a new "
-                   "trial runs in its place") if not past.params else strategy.rerun_problem(space, past.params,
-                                                                                             search.trials)
+                   "trial runs in its place") if lost else strategy.rerun_problem(space, past.params, search.trials)
         if problem:
             print(f"warning: trial {past.number} is not rerun: {problem}", file=sys.stderr)
             recorder.abandon(past, problem)

@@ -60,9 +60,9 @@ def make_client(write: bool = True) -> MlflowClient:
         # leave it broken for good (seen: "table _alembic_tmp_latest_metrics already exists"), so it waits.
         with interrupts_deferred() if first else contextlib.nullcontext():
             client = MlflowClient(tracking_uri=uri)
-            if first and not uri.lower().startswith(("sqlite:", "http://", "https://")):
-                with _quiet("mlflow"):  # its warnings on the way: the error below says it (and leaves no log file)
-                    client.search_experiments(max_results=1)  # databricks without its credentials fails first here
+        if first and not uri.lower().startswith(("sqlite:", "http://", "https://")):  # a Ctrl-C may cut it short
+            with _quiet("mlflow"):  # its warnings on the way: the error below says it (and leaves no log file)
+                client.search_experiments(max_results=1)  # databricks without its credentials fails first here
     except MlflowException as exc:  # a scheme MLflow does not take, its retired plain-folder store, no credentials
         why = exc.message.strip().splitlines()[0].split(". ")[0].strip()
         raise UsageError(f"the MLflow tracking URI {uri} cannot be used ({why}); "

@@ -62,24 +62,31 @@ def find_parent(client: MlflowClient, study: str | None, experiment_name: str | 
     return found[0] if found else None
 
 
-NAME_SETTLE_SECONDS = 0.5  # against a server, what a new parent waits before it looks for a rival (`first_parent`)
+NAME_SETTLE_SECONDS = 0.5  # against a shared store, what a new parent waits before it looks for a rival
+SETTLED_TAG = "cnnopt.name_settled"  # on a parent that kept its name (`first_parent`)
 
 
 def first_parent(client: MlflowClient, study: str, experiment_name: str):
     """Of the parent runs named `study` in the experiment, the one that keeps the name where two commands created
-    one at once (`StudyRecorder.open`), or None. A local store's commands share one clock: the first by start
-    time (then run id). A server's may not (MLflow stamps a run on the client's clock: one 2 s fast would win
-    against a command that saw it and kept its own too): each command waits NAME_SETTLE_SECONDS, far longer
-    than a create takes, so all that created one at once see the same runs, and the least run id wins; a later
-    command found the name taken before it created one."""
-    remote = tracking_uri().lower().startswith(("http://", "https://"))
-    if remote:
+    one at once (`StudyRecorder.open`), or None. A local SQLite file's commands share one clock: the first by
+    start time (then run id). A server's or a database's may not (MLflow stamps a run on the client's clock:
+    one 2 s fast would win against a command that saw it and kept its own too): each command waits
+    NAME_SETTLE_SECONDS, far longer than a create takes, so all that created one at once see the same runs;
+    one that kept its name says so (SETTLED_TAG) and wins against any later one (a create that MLflow retried
+    past the wait), else the least run id wins. A later command found the name taken before it created one."""
+    shared = not tracking_uri().lower().startswith("sqlite:")
+    if shared:
         time.sleep(NAME_SETTLE_SECONDS)
     ids = _experiment_ids(client, experiment_name)
     query = f"tags.`{KIND_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'"
     found = client.search_runs(ids, query, max_results=50) if ids else []
-    return min(found, key=lambda run: run.info.run_id if remote else (run.info.start_time, run.info.run_id),
-               default=None)
+    if not shared:
+        return min(found, key=lambda run: (run.info.start_time, run.info.run_id), default=None)
+    settled = [run for run in found if run.data.tags.get(SETTLED_TAG) == "true"]
+    first = min(settled or found, key=lambda run: run.info.run_id, default=None)
+    if first is not None and not settled:
+        client.set_tag(first.info.run_id, SETTLED_TAG, "true")  # by whichever command found it first: the same run
+    return first
 
 
 def name_taken(experiment_name: str, study: str, why: str = "") -> UsageError:

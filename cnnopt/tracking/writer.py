@@ -30,6 +30,7 @@ class BackgroundWriter:
         again (or by `drain`). None: every write is tried."""
         self.answers = answers
         self.down = False  # a write failed and the store did not answer then
+        self.stopped = False  # `stop`: nothing more is written
         self.held: collections.deque = collections.deque()  # writes not tried while the store is down, in order
         self.queue: queue.Queue = queue.Queue()
         self.errors: list[str] = []
@@ -71,6 +72,12 @@ class BackgroundWriter:
             print(f"warning: {counted(len(self.held), 'MLflow write')} not written: the store does not answer",
                   file=sys.stderr)
 
+    def stop(self) -> None:
+        """Write nothing more, held or new: the study's record is being closed (by the main thread, or by the
+        SIGTERM watchdog), and a held trial start replayed after it would leave a RUNNING run under a closed
+        parent (a held trial end is also in `StudyRecorder.unended`, which the close writes itself)."""
+        self.stopped = True
+
     def _run(self) -> None:
         while True:
             item = self.queue.get()
@@ -86,7 +93,7 @@ class BackgroundWriter:
 
     def _write_held(self) -> None:
         """Write the held writes in order, up to where the store is (still) found not to answer."""
-        while self.held:
+        while self.held and not self.stopped:
             if self.down and not self.answers():
                 return  # kept, in order, for when it answers
             function, args, kwargs = self.held.popleft()
