@@ -13,9 +13,11 @@ import math
 
 import pandas as pd
 
+import search_spaces
 from cnnopt import tracking
 from cnnopt.tracking import studies
 from cnnopt import trials as trial_status
+from cnnopt.errors import UsageError
 from cnnopt.experiment.config import Experiment, TrainConfig, field_types
 
 
@@ -27,8 +29,8 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
         study: the study name; None means the most recently started study.
     Returns:
         Columns: study, trial, status, run_id, duration_s, every hyperparameter as its declared type
-        (bool, int, float, str; NaN where the study searched it and the trial's condition left it out, such as
-        momentum for adam: the value its run logs is the default, not in effect), the best epoch's metrics as
+        (bool, int, float, str; NaN where the study's search space samples it only under a condition the trial
+        does not meet, such as momentum for adam: the value its run logs is the default, not in effect), the best epoch's metrics as
         `best_*`, the last epoch's as `last_*`, and the promoted trial's `test_*` (NaN on the others) under their
         own names.
     """
@@ -37,17 +39,15 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
     parent = studies.require_parent(client, name, study)
     study = study or parent.data.tags[tracking.STUDY_TAG]
     types = field_types(TrainConfig)
-    rows, runs = [], studies.trial_runs(client, parent)
-    searched = {name for run in runs for name in _searched(run)}  # what the study searched, in any trial
-    for run in runs:
+    rows, conditional = [], _conditional(parent.data.tags.get("search_space", ""))
+    for run in studies.trial_runs(client, parent):
         info, data = run.info, run.data
         row = {"study": study, "trial": int(data.tags["trial_number"]), "status": data.tags.get("status"),
                "run_id": info.run_id,
                "duration_s": (info.end_time - info.start_time) / 1000 if info.end_time else float("nan")}
         row.update({field: tracking.param_value(data.params[field], kind) for field, kind in types.items()
                     if field in data.params})
-        if "searched" in data.tags:  # recorded since trials say what they searched
-            row.update({field: math.nan for field in searched - _searched(run) if field in row})
+        row.update({param.name: math.nan for param in conditional if param.name in row and not param.active(row)})
         # The epoch metrics' last values as last_*; the rest as logged: best_*, and a promoted trial's test_*
         row.update({f"last_{key}" if key in tracking.EPOCH_METRICS else key: value for key, value in data.metrics.items()})
         rows.append(row)
@@ -56,8 +56,13 @@ def load_trials(experiment: str | Experiment, study: str | None = None) -> pd.Da
     return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
 
 
-def _searched(run) -> set[str]:
-    return {name for name in run.data.tags.get("searched", "").split(",") if name}
+def _conditional(space_name: str) -> list:
+    """The study's search space's parameters sampled only under a condition (momentum for sgd), or none where
+    the space cannot be read now (a module since removed): their values then stand as logged."""
+    try:
+        return [param for param in search_spaces.get(space_name).params if param.when]
+    except UsageError:
+        return []
 
 
 def best_so_far(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: str = "max") -> pd.DataFrame:

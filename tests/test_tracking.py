@@ -480,7 +480,8 @@ def test_load_trials_says_nan_for_a_hyperparameter_a_trials_condition_left_out(m
     the report treat it as conditional."""
     from cnnopt.analysis import load_trials
 
-    record = recorder("conditional")
+    record = StudyRecorder(load_experiment(None), "conditional", tags={"search_space": "lesson"}, params={},
+                           artifacts=[])
     record.open()
     sgd, adam = {**PARAMS}, {**PARAMS, "optimizer": "adam"}
     record.start_trial("t1", sgd, ["lr", "optimizer", "momentum"])
@@ -491,6 +492,14 @@ def test_load_trials_says_nan_for_a_hyperparameter_a_trials_condition_left_out(m
     frame = load_trials("digits", "conditional").set_index("trial")
     assert frame.at[1, "momentum"] == 0.9 and math.isnan(frame.at[2, "momentum"])
     assert frame.at[2, "batch_size"] == 64, "a value the study did not search stays as logged"
+    # A trial recorded before the space searched batch_size (no such name in its `searched` tag) trained at the
+    # value it logged: only a condition that does not hold makes a value NaN.
+    record = StudyRecorder(load_experiment(None), "older", tags={"search_space": "lesson"}, params={}, artifacts=[])
+    record.open()
+    record.start_trial("t1", sgd, ["lr", "optimizer", "momentum"])
+    record.start_trial("t2", sgd, ["lr", "optimizer", "momentum", "batch_size"])
+    record.close("FINISHED")
+    assert load_trials("digits", "older")["batch_size"].tolist() == [64, 64]
 
 
 def test_a_trial_end_held_while_the_server_is_away_is_written_by_the_close_and_nothing_after_it(mlflow_store):
