@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from cnnopt.cli import Parser, quiet_libraries, run
-from cnnopt.data.decode import IMAGE_EXTENSIONS, eight_bit_gray, image_files, resize_center_crop, unreadable, upright
-from cnnopt.errors import UsageError, warn_once
+from cnnopt.data.decode import (IMAGE_EXTENSIONS, eight_bit_gray, image_files, resize_center_crop, say_not_read,
+                                unreadable, upright)
+from cnnopt.errors import UsageError
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
 from cnnopt.deploy.predictor import match_channels
 
@@ -191,9 +192,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
             paths.append(path)
         else:
             raise UsageError(f"image {path} not found")
-    if others:  # a .jfif or .heic photo in a folder was skipped without a word
-        warn_once(f"{len(others)} files in the folders given are not read, not being of an image type cnnopt reads "
-                  f"(e.g. {others[0]}); convert the photos among them to one of {', '.join(IMAGE_EXTENSIONS)}")
+    say_not_read(others, "in the folders given")
     unique: dict[Path, Path] = {}  # an image named twice (itself and through its folder) is predicted once
     for path in paths:
         unique.setdefault(path.resolve(), path)

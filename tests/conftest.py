@@ -104,14 +104,20 @@ def own_mlflow_server(tmp_path):
         yield started
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (bound, then closed again): for a server to bind, or as
+    an address where nothing answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
 def start_mlflow_server(folder: Path):
     """Start an `mlflow server` in `folder` (see `mlflow_server`); yields (TrackingServer, its process), stopped
     at the end. A test that stops the server itself starts its own."""
     folder.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as probe:  # a free port; the server binds it a moment later
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # the server binds it a moment later
     log = folder / "server.log"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'db'}",
                "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",

@@ -483,15 +483,11 @@ def test_writes_queued_behind_one_that_failed_on_a_silent_server_are_held_in_ord
     some 3 hours. After a write failed where the server does not answer, the next are held, in order, while it
     still does not, and written once it answers (a trial's end must not be lost: a resume would rerun a
     completed trial). `store_answers` is checked against a port nothing listens on."""
-    import socket
-
+    from conftest import free_port
     from cnnopt.tracking.store import store_answers
     from cnnopt.tracking.writer import BackgroundWriter
 
-    with socket.socket() as probe:  # a free port, closed again: nothing answers there
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     assert not store_answers()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///nowhere/mlflow.db")
     assert store_answers(), "a local store's failures are not an absence"

@@ -232,11 +232,9 @@ def test_a_run_stopped_by_a_ctrl_c_or_an_error_says_so_in_its_status_tag(mlflow_
 
 def test_a_store_that_cannot_be_used_is_said_before_the_data_is_decoded(tmp_path, monkeypatch, capsys):
     """A dead server was said only after the data loaded: a full decode of a big folder first."""
-    import socket
+    from conftest import free_port
 
-    with socket.socket() as probe:  # a free port, closed again: nothing answers there
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.chdir(tmp_path)
     root = write_image_folder(tmp_path / "pets", per_class=2)

@@ -15,7 +15,6 @@ from the train split (`_draw_subset`).
 
 from __future__ import annotations
 
-import collections
 import math
 import os
 import pickle
@@ -28,7 +27,8 @@ import torch
 
 from cnnopt.data import cache as data_cache
 from cnnopt.data import duplicates
-from cnnopt.data.decode import IMAGE_EXTENSIONS, decode_files, default_workers, image_files, resize_center_crop
+from cnnopt.data.decode import (IMAGE_EXTENSIONS, decode_files, default_workers, image_files, resize_center_crop,
+                                 say_not_read)
 from cnnopt.experiment.config import DataConfig, check_section
 from cnnopt.errors import UsageError, warn_once
 
@@ -151,9 +151,8 @@ def _unmeasured_classes(names: list[str], splits: dict[str, torch.Tensor]) -> No
     its 4 classes), or, where its one image went to val, the model never learned it."""
     present = {split: set(np.unique(y.numpy()).tolist()) for split, y in splits.items() if len(y)}
     counts = np.bincount(torch.cat(list(splits.values())).numpy(), minlength=len(names))
-    missing = {label: [split for split, labels in present.items() if label not in labels]
-               for label in range(len(names)) if counts[label]}
-    missing = {label: lacking for label, lacking in missing.items() if lacking}
+    missing = {label: lacking for label in range(len(names)) if counts[label]
+               if (lacking := [split for split, labels in present.items() if label not in labels])}
     if not missing:
         return
     named = ", ".join(f"{names[label]!r} ({counts[label]} image{'' if counts[label] == 1 else 's'}, none in "
@@ -498,11 +497,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[dict, list[str], data_cache.Entr
                              f"to {split_dirs['pool'].name}/ or remove {them}")
     others: list[Path] = []
     files = {name: _list_images(path, names, others) for name, path in split_dirs.items()}
-    if others:  # a .jfif or .heic photo was left out without a word (101 of a class's 105 files read)
-        kinds = collections.Counter(path.suffix.lower() or "no extension" for path in others)
-        warn_once(f"{len(others)} files under {root} are not read, not being of an image type cnnopt reads "
-                  f"({', '.join(f'{count} {kind}' for kind, count in kinds.most_common(4))}; e.g. {others[0]}); "
-                  f"convert the photos among them to one of {', '.join(IMAGE_EXTENSIONS)}")
+    say_not_read(others, f"under {root}")
     paths = [path for listed in files.values() for path, _ in listed]
     labels = torch.tensor([label for listed in files.values() for _, label in listed], dtype=torch.long)
     bounds, first = {}, 0
