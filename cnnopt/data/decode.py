@@ -13,13 +13,14 @@ photos. The resize to the training side stays the tensor op the exported Predict
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -311,30 +312,60 @@ def decode_files(paths: Sequence[Path], size: int, *, workers: int,
         What `allocate` made, filled: image i is the decoded `paths[i]`.
     """
     chunks = [list(paths[first:first + CHUNK]) for first in range(0, len(paths), CHUNK)]
-    pool = ThreadPoolExecutor(workers) if workers > 1 and len(chunks) > 1 else None
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # each decoding thread resizes alone: N threads x N torch threads would oversubscribe
-    try:  # each pass goes through every file, and names all it could not read
+    # each pass goes through every file, and names all it could not read
+    with _threads(workers, len(chunks)) as pool:
         modes = [mode for chunk in _in_order(pool, _modes, [(chunk,) for chunk in chunks], workers) for mode in chunk]
-        if failures := [(path, mode) for path, mode in zip(paths, modes) if isinstance(mode, Exception)]:
-            raise unreadable_files(failures)
-        channels = 1 if all(mode in GRAYSCALE_MODES for mode in modes) else 3
-        out = allocate((len(paths), channels, size, size))
-        progress = _Progress(len(paths), label)
-        first = 0
-        for images, failed in _in_order(pool, _decode_chunk, [(chunk, channels, size) for chunk in chunks], workers):
+    if failures := [(path, mode) for path, mode in zip(paths, modes) if isinstance(mode, Exception)]:
+        raise unreadable_files(failures)
+    channels = 1 if all(mode in GRAYSCALE_MODES for mode in modes) else 3
+    out = allocate((len(paths), channels, size, size))
+    progress = _Progress(len(paths), label)
+    first = 0
+    with contextlib.closing(decode_chunks(paths, channels, size, workers=workers)) as decoded:
+        for chunk, images, errors in decoded:
             out[first:first + len(images)] = images
-            failures += failed
+            failures += [(path, error) for path, error in zip(chunk, errors) if error is not None]
             first += len(images)
             progress.update(first)
-        progress.finish()
-        if failures:
-            raise unreadable_files(failures)
+    progress.finish()
+    if failures:
+        raise unreadable_files(failures)
+    return out
+
+
+def decode_chunks(paths: Sequence[Path], channels: int, size: int, *,
+                  workers: int) -> Iterator[tuple[list[Path], np.ndarray, list[Exception | None]]]:
+    """The files decoded as training decodes them, CHUNK at a time and in order, over `workers` threads.
+
+    Yields:
+        (the chunk's paths, their uint8 images `(n, channels, size, size)` with zeros for a file that cannot be
+        read, and for each file None or what reading it raised). While the caller holds a chunk, the next
+        2 x `workers` are decoding; torch runs one thread meanwhile (each decoding thread resizes alone).
+        Close it (`contextlib.closing`) where the caller may stop early: that restores torch's threads and
+        cancels the decoding not yet started.
+    """
+    chunks = [list(paths[first:first + CHUNK]) for first in range(0, len(paths), CHUNK)]
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # N threads x N torch threads would oversubscribe
+    try:
+        with _threads(workers, len(chunks)) as pool:
+            tasks = [(chunk, channels, size) for chunk in chunks]
+            for chunk, (images, errors) in zip(chunks, _in_order(pool, _decode_chunk, tasks, workers)):
+                yield chunk, images, errors
     finally:
         torch.set_num_threads(torch_threads)
+
+
+@contextlib.contextmanager
+def _threads(workers: int, tasks: int):
+    """A pool of `workers` threads where there is more than one of each, else None (the calling thread); a
+    caller that leaves early cancels what was not started."""
+    pool = ThreadPoolExecutor(workers) if workers > 1 and tasks > 1 else None
+    try:
+        yield pool
+    finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return out
 
 
 def default_workers() -> int:
@@ -368,15 +399,16 @@ def _modes(paths: list[Path]) -> list[str | Exception]:
     return modes
 
 
-def _decode_chunk(paths: list[Path], channels: int, size: int) -> tuple[np.ndarray, list[tuple[Path, Exception]]]:
-    """The files decoded (zeros for one that cannot be), and those that could not be, with what was raised."""
-    images, failures = np.zeros((len(paths), channels, size, size), np.uint8), []
+def _decode_chunk(paths: list[Path], channels: int, size: int) -> tuple[np.ndarray, list[Exception | None]]:
+    """The files decoded (zeros for one that cannot be), and for each None or what decoding it raised."""
+    images, errors = np.zeros((len(paths), channels, size, size), np.uint8), []
     for row, path in enumerate(paths):
         try:
             images[row] = _decode(path, channels, size, draft=True)
+            errors.append(None)
         except Exception as exc:
-            failures.append((path, exc))
-    return images, failures
+            errors.append(exc)
+    return images, errors
 
 
 def _flatten_alpha(image, Image):
