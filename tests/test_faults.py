@@ -494,27 +494,34 @@ def test_writes_queued_behind_one_that_failed_on_a_silent_server_are_held_in_ord
 
     up, written = {"now": False}, []
 
-    def lost_connection():
-        raise ConnectionError("Max retries exceeded")
+    def start():  # a trial's start: the write that meets the server gone
+        if not up["now"]:
+            raise ConnectionError("Max retries exceeded")
+        written.append("start")
 
     writer = BackgroundWriter(lambda: up["now"])
-    writer.submit(lost_connection)
+    writer.submit(start)
     for index in range(20):
         writer.submit(written.append, index)
     writer.drain()
     assert not written, "not tried while the server does not answer (each would take MLflow's retries)"
     err = capsys.readouterr().err
-    assert "warning: 1 MLflow write failed; first: ConnectionError: Max retries exceeded" in err
-    assert "warning: 20 MLflow writes not written: the store does not answer" in err
-    up["now"] = True  # back: the held writes go in first, in order, then the new one
+    assert "failed" not in err, "the write that failed is held with the others, not dropped"
+    assert "warning: 21 MLflow writes not written: the store does not answer" in err
+    up["now"] = True  # back: the held writes go in first, in order, the failed one first, then the new one
     writer.submit(written.append, "next")
     writer.submit(written.append, "last")
     writer.drain()
-    assert written == [*range(20), "next", "last"] and not writer.held
-    writer.submit(lost_connection)  # a failure where the server answers (a bad request): the next are tried
+    assert written == ["start", *range(20), "next", "last"] and not writer.held
+
+    def bad_request():
+        raise ValueError("INVALID_PARAMETER_VALUE")
+
+    writer.submit(bad_request)  # a failure where the server answers: said, not retried, and the next are tried
     writer.submit(written.append, "tried")
     writer.drain()
-    assert written[-1] == "tried"
+    assert written[-1] == "tried" and not writer.held
+    assert "warning: 1 MLflow write failed; first: ValueError: INVALID_PARAMETER_VALUE" in capsys.readouterr().err
 
 
 def test_a_ctrl_c_while_the_writes_drain_stops_the_study_before_its_promotion(ray_session, mlflow_store, monkeypatch,

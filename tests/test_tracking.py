@@ -502,6 +502,34 @@ def test_load_trials_says_nan_for_a_hyperparameter_a_trials_condition_left_out(m
     assert load_trials("digits", "older")["batch_size"].tolist() == [64, 64]
 
 
+def test_a_trial_start_tried_again_after_failing_part_way_carries_on_its_run(mlflow_store, monkeypatch):
+    """The writer holds a write that met the server gone and tries it again once it answers (it was dropped: the
+    trial's run never existed). A start that had made its run before failing made a second one on the retry,
+    leaving the first RUNNING, without the trial's end."""
+    from cnnopt.tracking import recorder as recorder_module
+
+    record = recorder("again")
+    record.open()
+    real, calls = recorder_module.log, []
+
+    def gone_once(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise ConnectionError("Max retries exceeded")  # the run was made; its params' write met the server gone
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recorder_module, "log", gone_once)
+    record.number("t1", PARAMS)
+    with pytest.raises(ConnectionError):
+        record.start_trial("t1", PARAMS, ["lr"])
+    run_id = record.start_trial("t1", PARAMS, ["lr"])  # the writer's retry
+    record.end_trial("t1", "completed", {"val_accuracy": 0.9})
+    experiment = record.client.get_experiment_by_name(record.experiment.name).experiment_id
+    runs = record.client.search_runs([experiment], "tags.trial_id = 't1'")
+    assert [run.info.run_id for run in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    assert {key: runs[0].data.params[key] for key in PARAMS} == PARAMS
+
+
 def test_a_trial_end_held_while_the_server_is_away_is_written_by_the_close_and_nothing_after_it(mlflow_store):
     """Held writes (a server that does not answer) were lost at the close: a completed trial's end among them
     was closed as interrupted, and its run again on resume; and a held trial start replayed after the close left

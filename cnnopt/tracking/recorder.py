@@ -55,6 +55,7 @@ class StudyRecorder:
         self.dataset = dataset  # the train split, logged as the dataset input of the parent and of every trial
         self.parent_run_id: str | None = None
         self.children: dict[str, str] = {}  # trial_id -> child run id
+        self.begun: dict[str, str] = {}  # trial_id -> the child run this session's start_trial made
         self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
         self.closed: set[str] = set()  # child runs this session ended
         self.unwritten: dict[str, dict] = {}  # trial_id -> params a failed write at its start did not record
@@ -168,20 +169,26 @@ class StudyRecorder:
         when its queued write reached the store; a slow server's trials showed 10x their time); a rerun's
         cut-short run is deleted."""
         number = self.number(trial_id)
-        previous = self.replaced.get(trial_id)
-        if previous is not None:  # the cut-short attempt this rerun replaces: ended (a killed driver left it
-            end_interrupted(self.client, previous)  # RUNNING, tagged running), then deleted
-            self.client.delete_run(previous)
-            self.deleted.add(previous)
-        run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
-                           parent_run_id=self.parent_run_id,
-                           tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
-                                 "status": trials.RUNNING, "searched": ",".join(searched), KIND_TAG: "trial",
-                                 **self.trial_tags}, start_time=started)
-        self.children[trial_id] = run_id  # known before its first write: one that fails leaves it RUNNING otherwise
-        self.unwritten[trial_id] = params
-        log(self.client, run_id, params=params)
-        self.unwritten.pop(trial_id, None)
+        # Tried again where it failed part way (the writer holds a write that met the server gone, then replays
+        # it): the run it made is carried on, not made twice (the first would stay RUNNING, with no trial's end).
+        run_id = self.begun.get(trial_id)
+        if run_id is None:
+            previous = self.replaced.get(trial_id)
+            if previous is not None and previous not in self.deleted:  # the cut-short attempt this rerun replaces:
+                end_interrupted(self.client, previous)  # ended (a killed driver left it RUNNING, tagged running),
+                self.client.delete_run(previous)  # then deleted
+                self.deleted.add(previous)
+            run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
+                               parent_run_id=self.parent_run_id,
+                               tags={STUDY_TAG: self.study, TRIAL_TAG: trial_id, "trial_number": number,
+                                     "status": trials.RUNNING, "searched": ",".join(searched), KIND_TAG: "trial",
+                                     **self.trial_tags}, start_time=started)
+            self.begun[trial_id] = run_id
+            self.children[trial_id] = run_id  # known before its first write: one that fails leaves it RUNNING else
+            self.unwritten[trial_id] = params
+        if trial_id in self.unwritten:
+            log(self.client, run_id, params=params)
+            self.unwritten.pop(trial_id, None)
         log_dataset(self.client, run_id, self.dataset)  # provenance: a failure here loses no hyperparameter
         return run_id
 

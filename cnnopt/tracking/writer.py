@@ -24,7 +24,7 @@ class BackgroundWriter:
 
     def __init__(self, answers: Callable[[], bool] | None = None):
         """`answers`: whether the store answers now, a quick check (`store.store_answers`). Once a write has
-        failed where it does not, the writes after it are held, in order, while it still does not, instead of
+        failed where it does not, it and the writes after it are held, in order, while it still does not, instead of
         each retrying for minutes (MLflow retries a request ~4 min: a server that died mid-study held a study's
         48 queued writes for some 3 hours); they are written, in order, before the next write once it answers
         again (or by `drain`). None: every write is tried."""
@@ -96,10 +96,13 @@ class BackgroundWriter:
         while self.held and not self.stopped:
             if self.down and not self.answers():
                 return  # kept, in order, for when it answers
-            function, args, kwargs = self.held.popleft()
+            function, args, kwargs = self.held[0]
             try:
                 function(*args, **kwargs)
                 self.down = False
             except Exception as exc:  # a tracking hiccup must not stop the study
-                self.errors.append(f"{type(exc).__name__}: {exc}")
                 self.down = self.answers is not None and not self.answers()
+                if self.down:
+                    return  # the write that met the store gone is held too, first (a trial's start was lost)
+                self.errors.append(f"{type(exc).__name__}: {exc}")  # a store that answers refused it: not again
+            self.held.popleft()
