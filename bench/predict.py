@@ -4,7 +4,7 @@
 
 The folder is bench/decode.py's (`--images` photo-like JPEGs, two classes, built once and reused); the model the
 default CNN trained on it for `--epochs` at `--size` and exported to `model.pt` as a promotion exports it (its
-speed is not what is measured: at 64 px a chunk of 32 images takes it a few milliseconds). Measured in each round, interleaved:
+speed is not what is measured: at 64 px a chunk of 8 images takes it a few milliseconds). Measured in each round, interleaved:
 - before: what `cnnopt.predict` did until this change, one file at a time: the whole image decoded at full scale
   (turned upright, RGB), handed to `model.pt` at that size, which resized it inside;
 - now, 1 thread: `cnnopt.predict.predictions(workers=1)`: training's decode (JPEG draft, resize), a chunk

@@ -24,6 +24,8 @@ from cnnopt.data.decode import IMAGE_EXTENSIONS, decode_chunks, default_workers,
 from cnnopt.errors import UsageError
 from cnnopt.deploy.export import CLASS_NAMES_FILE, INPUT_SPEC_FILE
 
+PREDICT_CHUNK = 8  # images per model call: the first lines show after 8 images, not 32 (large PNGs: seconds)
+
 
 class LoadedModel:
     """A TorchScript or torch.export model behind one call: uint8 (N, channels, image_size, image_size) ->
@@ -154,12 +156,21 @@ def _download_uri(spec: str) -> str:
 
 def predictions(model: LoadedModel, paths: list[Path], workers: int | None = None):
     """Yield (path, probabilities or the UsageError saying why it cannot be read) for each path, in order: the
-    files decoded as training decoded them (`decode.decode_chunks`) and classified a chunk at a time."""
-    with contextlib.closing(decode_chunks(paths, model.channels, model.image_size,
-                                          workers=workers or default_workers())) as decoded:
+    files decoded as training decoded them (`decode.decode_chunks`) and classified a chunk at a time. The model
+    runs on the caller's torch threads (the decoding holds torch to one meanwhile). Close it where the caller
+    may stop early (`contextlib.closing`)."""
+    threads = torch.get_num_threads()
+    with contextlib.closing(decode_chunks(paths, model.channels, model.image_size, workers=workers or default_workers(),
+                                          chunk=PREDICT_CHUNK)) as decoded:
         for chunk, images, errors in decoded:
             rows = [row for row, error in enumerate(errors) if error is None]
-            probabilities = iter(model(torch.from_numpy(images[rows])) if rows else ())
+            probabilities = iter(())
+            if rows:
+                torch.set_num_threads(threads)
+                try:
+                    probabilities = iter(model(torch.from_numpy(images[rows])))
+                finally:
+                    torch.set_num_threads(1)
             for path, error in zip(chunk, errors):
                 yield path, (unreadable(path, error) if error is not None else next(probabilities))
 
@@ -200,13 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         model = LoadedModel(resolve_model(args.model, Path(scratch)))
         k = max(1, min(args.top_k, len(model.class_names)))
         unread = []  # an unreadable image among many does not cost the others their predictions
-        for path, probabilities in predictions(model, paths):
-            if isinstance(probabilities, UsageError):
-                unread.append(probabilities)
-                continue
-            top = torch.topk(probabilities, k)
-            shown = "  ".join(f"{model.class_names[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-            print(f"{path}: {shown}")
+        with contextlib.closing(predictions(model, paths)) as predicted:  # an error or Ctrl-C stops the decoding
+            for path, probabilities in predicted:
+                if isinstance(probabilities, UsageError):
+                    unread.append(probabilities)
+                    continue
+                top = torch.topk(probabilities, k)
+                shown = "  ".join(f"{model.class_names[i]} {p:.3f}"
+                                  for p, i in zip(top.values.tolist(), top.indices.tolist()))
+                print(f"{path}: {shown}", flush=True)
     if len(unread) == 1 and len(paths) == 1:
         raise unread[0]
     if unread:

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,38 @@ def test_an_image_whose_exif_pillow_cannot_read_loads_as_stored(tmp_path):
         Image.fromarray(pixels).save(tmp_path / name, exif=exif)
         expected = decode.resize_center_crop(torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0), 8)[0].numpy()
         assert np.array_equal(decode.decode_image(tmp_path / name, 3, 8), expected), name
+
+
+def test_decoding_spreads_a_small_folder_over_its_threads_and_stops_soon_when_left(tmp_path, monkeypatch):
+    """A folder of one chunk decoded on one thread (32 large PNGs: one core of 16 busy); and a caller that left
+    (a Ctrl-C in predict) waited for every started chunk to finish its 32 files (5.4 s to exit, not 0.7)."""
+    import threading
+
+    paths = []
+    for index in range(8):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(np.full((4, 4, 3), index * 30, np.uint8)).save(paths[-1])
+    real, threads = decode._decode, []
+
+    def slow(*args, **kwargs):  # a large image: 50 ms each
+        threads.append(threading.get_ident())
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "_decode", slow)
+    chunks = list(decode.decode_chunks(paths, 3, 4, workers=4))
+    assert all(error is None for _, _, errors in chunks for error in errors)
+    assert [len(files) for files, _, _ in chunks] == [2, 2, 2, 2] and len(set(threads)) == 4
+    assert [files for files, _, _ in chunks] == [paths[i:i + 2] for i in range(0, 8, 2)]
+    assert all(images[row, 0, 0, 0] == (2 * index + row) * 30 for index, (_, images, _) in enumerate(chunks)
+               for row in range(2))
+    many = paths * 16  # 128 files: chunks of 32 (1.6 s each), 2 running at a time
+    decoded = decode.decode_chunks(many, 3, 4, workers=2)
+    next(decoded)
+    threads.clear()
+    start = time.perf_counter()
+    decoded.close()  # the caller has gone: the running chunks stop within a file
+    assert time.perf_counter() - start < 0.8 and len(threads) <= 6, len(threads)
 
 
 def test_parallel_decode_equals_serial_and_shows_progress(tmp_path, monkeypatch, capsys):

@@ -169,8 +169,9 @@ def test_an_export_is_refused_where_its_class_names_or_its_torch_only_load_do_no
 
 
 def test_deployment_sees_the_pixels_training_saw(trained, digits_data, tmp_path, monkeypatch):
-    """model.pt, model.pt2 (through cnnopt.predict's conversion) and training's decode resize, composite and
-    scale an image to the same pixels: the exported model predicts what the evaluated one did."""
+    """model.pt (resizing inside) and training's decode resize, composite and scale an image to the same pixels,
+    and cnnopt.predict hands model.pt and model.pt2 training's decode: the exported model predicts what the
+    evaluated one did."""
     from cnnopt.data.decode import decode_image, resize_center_crop
     from cnnopt.predict import LoadedModel, predictions
 
@@ -375,11 +376,15 @@ def test_predict_prints_the_models_top_classes(trained, digits_data, tmp_path):
         assert int(done.stdout.split(": ")[1].split()[0]) == expected[0]
 
 
-def test_predict_decodes_a_folder_as_training_did_in_order_over_threads(trained, digits_data, tmp_path):
+def test_predict_decodes_a_folder_as_training_did_in_order_over_threads(trained, digits_data, tmp_path, monkeypatch):
     """A folder larger than a chunk, photos among digits, one unreadable file in the middle: each image is classified
     on the pixels training's decode gives it (a JPEG drafted, RGB made gray), in the order named, over threads, and
-    the unreadable one is said without costing the others (predict read each file whole, one at a time: 23 img/s)."""
-    from cnnopt.data.decode import CHUNK, decode_image
+    the unreadable one is said without costing the others (predict read each file whole, one at a time: 23 img/s).
+    The model runs on the caller's torch threads (the decoding held it to one)."""
+    import threading
+
+    from cnnopt.data import decode
+    from cnnopt.data.decode import CHUNK
     from cnnopt.predict import LoadedModel, predictions
 
     _, predictor = trained
@@ -391,24 +396,47 @@ def test_predict_decodes_a_folder_as_training_did_in_order_over_threads(trained,
         paths[index] = paths[index].with_suffix(".jpg")
         Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(paths[index], quality=90)
     paths[CHUNK - 1].write_bytes(b"not an image")
+    real_decode, decoders = decode._decode, set()
+
+    def on_a_thread(*args, **kwargs):  # which threads decode (a little slow, so that the pool's two overlap)
+        decoders.add(threading.get_ident())
+        time.sleep(0.01)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "_decode", on_a_thread)
     threads = torch.get_num_threads()
-    for model_file in ("model.pt", "model.pt2"):
-        model = LoadedModel(tmp_path / "model" / model_file)
-        results = list(predictions(model, paths, workers=2))
-        assert [path for path, _ in results] == paths
-        for index, (path, result) in enumerate(results):
-            if index == CHUNK - 1:
-                assert isinstance(result, UsageError) and str(path) in str(result)
-                continue
-            decoded = torch.from_numpy(decode_image(path, 1, 8)).unsqueeze(0)
-            assert torch.allclose(result, predictor(decoded)[0], atol=1e-6), (model_file, path.name)
-        for _ in predictions(model, paths, workers=2):  # left after one image: the threads are given back
-            break
-        assert torch.get_num_threads() == threads
+    torch.set_num_threads(2)  # the caller's: the model runs on them, whatever the decoding holds torch to
+    try:
+        for model_file in ("model.pt", "model.pt2"):
+            model, seen = LoadedModel(tmp_path / "model" / model_file), []
+            module = model.module
+            model.module = lambda images: seen.append(torch.get_num_threads()) or module(images)
+            decoders.clear()
+            results = list(predictions(model, paths, workers=2))
+            assert len(decoders) == 2 and threading.get_ident() not in decoders, "decoded on two threads of a pool"
+            assert seen and set(seen) == {2} and torch.get_num_threads() == 2
+            check_predictions(results, paths, predictor)
+            for _ in predictions(model, paths, workers=2):  # left after one image: the threads are given back
+                break
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     done = run_predict(tmp_path / "model" / "model.pt", tmp_path / "images")
     assert done.returncode == 2 and f"1 of {CHUNK + 10} images could not be read" in done.stderr, done.stderr
     assert [line.split(":")[0] for line in done.stdout.splitlines()] == [
         str(path) for index, path in enumerate(sorted(paths)) if path != paths[CHUNK - 1]]
+
+
+def check_predictions(results, paths, predictor):
+    from cnnopt.data.decode import CHUNK, decode_image
+
+    assert [path for path, _ in results] == paths
+    for index, (path, result) in enumerate(results):
+        if index == CHUNK - 1:
+            assert isinstance(result, UsageError) and str(path) in str(result)
+            continue
+        decoded = torch.from_numpy(decode_image(path, 1, 8)).unsqueeze(0)
+        assert torch.allclose(result, predictor(decoded)[0], atol=1e-6), path.name
 
 
 def test_sixteen_bit_gray_images_are_scaled_not_clipped(tmp_path):
