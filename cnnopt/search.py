@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if search.strategy == "grid":  # a grid runs its points once: --trials beyond them adds none
         space = search_spaces.get(experiment.search_space)
         runs, points = STRATEGIES["grid"].planned(space, search.trials), len(space.grid())
-        trials_shown = (f"{runs} trials of its {points} grid points" if runs < points else
+        trials_shown = (f"{counted(runs, 'trial')} of its {points:,} grid points" if runs < points else
                         f"{runs} trials: every grid point" + (f" (--trials {search.trials} asked for more)"
                                                                 if search.trials > points else ""))
     shape = (f"trials and their time planned from a {search.time_budget:g}-min time budget" if search.time_budget

@@ -70,6 +70,31 @@ def refused(name: str) -> str:
     ("SPACE = Space(name='broken', params=(Choice('optimizer', ('sgd', 'adam')),\n"
      "                                    Float('momentum', 0.8, 0.99, when={'optimizer': 'sgd'})))\n",
      r"'momentum': when=\{'optimizer': 'sgd'\} must name a tuple of values, such as \{'optimizer': \('sgd',\)\}"),
+    # A Float on an int or bool setting trained int(77.5) (shown as 77.5) or bool(0.01); an Int on a bool, 1.
+    ("SPACE = Space(name='broken', params=(Float('batch_size', 16, 128),))\n",
+     r"'batch_size' is a Float, but train.batch_size is a int setting: search it with Int\(...\)$"),
+    ("SPACE = Space(name='broken', params=(Int('batch_norm', 0, 1),))\n",
+     r"'batch_norm' is a Int, but train.batch_norm is a bool setting: search it with Choice\(...\)$"),
+    ("SPACE = Space(name='broken', params=(Int('blocks', 1.5, 3),))\n",
+     r"'blocks' is an Int: its low, high and grid values must be whole numbers, got low=1.5, high=3$"),
+    ("SPACE = Space(name='broken', params=(Float('lr', 0.1, 0.1),))\n",
+     r"'lr' has low = high = 0.1: to fix a value, leave it out of the space and set train.lr in the experiment"),
+    ("SPACE = Space(name='broken', params=(Float('lr', 0.1, 0.001),))\n", r"'lr' has low 0.1 above high 0.001: swap them"),
+    ("SPACE = Space(name='broken', params=(Float('lr', 0, 0.1, log=True),))\n",
+     r"'lr' is on a log scale, which needs low > 0, got low=0; start it above 0, or drop log=True"),
+    ("SPACE = Space(name='broken', params=(Choice('optimizer', ('sgd', 'adam', 'sgd')),))\n",
+     r"'optimizer' lists choices more than once \('sgd'\): name each once"),
+    # Conditions that can never hold: the parameter was never searched, without a word.
+    ("SPACE = Space(name='broken', params=(Int('blocks', 1, 3), Float('dropout', 0, 0.5, when={'blocks': (5,)})))\n",
+     r"'dropout' depends on blocks being \[5\], which is not among blocks's range 1..3"),
+    ("SPACE = Space(name='broken', params=(Choice('optimizer', ('sgd', 'adam')),\n"
+     "                                    Float('momentum', 0.8, 0.99, when={'optimizer': ()})))\n",
+     r"'momentum': when=\{'optimizer': \(\)\} names no value, so it would never be searched"),
+    ("SPACE = Space(name='broken', params=(Float('lr', 1e-3, 0.1), Float('momentum', 0.8, 0.99, when={'lr': (0.05,)})))\n",
+     r"'momentum' depends on lr taking the values \[0.05\], which a Float draws with probability 0: condition it on "
+     r"a Choice or an Int"),
+    ("SPACE = Space(name='broken', params=(Float('momentum', 0.8, 0.99, when={'optimizer': ('sgd',)}),))\n",
+     r"'momentum' depends on 'optimizer', which the space does not search; declare 'optimizer' before it"),
 ])
 def test_a_space_module_that_cannot_be_used_is_one_line(write_space, body, expected):
     import re
@@ -138,3 +163,62 @@ def test_values_that_only_clash_with_another_settings_value_are_the_trials_to_co
     """)
     experiment = load_experiment(None, ["search_space=joint", "train.block=residual", "train.convs_per_block=2"])
     check_settings(experiment, StudyOptions(name="s"))
+
+
+def test_a_large_grid_is_never_built_for_a_sampler_and_refused_for_a_grid_search(write_space, tmp_path, monkeypatch):
+    """7 parameters of 15-20 grid values (128M points) were built whole for any strategy: the driver grew to
+    24 GB and was killed, with no line. A sampler never builds the grid; a grid search past GRID_LIMIT is refused."""
+    from cnnopt.experiment.space import GRID_LIMIT
+    from cnnopt.study.runner import first_trained
+
+    names = ("dropout", "head_dropout", "weight_decay", "label_smoothing", "jitter_brightness", "jitter_contrast",
+             "jitter_saturation")
+    write_space("huge", "SPACE = Space(name='huge', params=(" + ", ".join(
+        f"Float('{name}', 0.0, 0.4, grid=tuple(i / 50 for i in range(20)))" for name in names) + "))\n")
+    space = search_spaces.get("huge")
+    assert space.grid_bound() == 20 ** 7 > GRID_LIMIT
+    with pytest.raises(UsageError, match=r"has a grid of up to 1,280,000,000 points \(dropout 20, .*\), more than a "
+                                         r"grid search walks \(100,000\): give its parameters fewer grid"):
+        space.grid()
+    experiment = load_experiment(None, ["search_space=huge", "search.strategy=random"])
+    assert first_trained(experiment, space, resume=False) == experiment.train  # its baseline trial: no grid
+    assert first_trained(experiment, space, resume=True).dropout == 0.18  # no baseline: the middle point, no grid
+
+
+def test_the_model_checked_before_a_study_is_one_its_trials_train(write_space):
+    """A space searching blocks 1..2 with --set train.blocks=5: warned "no effect", then the study was refused
+    because 5 blocks shrink an 8x8 digit below 1x1, a configuration no trial was to train."""
+    from cnnopt.study.runner import first_trained
+
+    write_space("shallow", "SPACE = Space(name='shallow', params=(Int('blocks', 1, 2),))\n")
+    space = search_spaces.get("shallow")
+    experiment = load_experiment(None, ["search_space=shallow", "search.strategy=random", "train.blocks=5"])
+    assert first_trained(experiment, space, resume=False).blocks in (1, 2)
+    inside = load_experiment(None, ["search_space=shallow", "search.strategy=random", "train.blocks=2"])
+    assert first_trained(inside, space, resume=False) == inside.train, "the baseline trial trains [train] itself"
+
+
+def test_a_log_int_grid_has_its_geometric_middle():
+    from cnnopt.experiment.space import Int
+
+    assert Int("channels", 4, 64, log=True).grid_values() == (4, 16, 64)  # (4, 34, 64): the probe trained 34
+    assert Int("blocks", 1, 3).grid_values() == (1, 2, 3)
+
+
+def test_a_space_of_no_parameter_is_refused_for_a_sampled_study_of_several_trials(write_space):
+    """Its trials all trained one configuration, tied to the last digit."""
+    write_space("empty", "SPACE = Space(name='empty', params=())\n")
+    experiment = load_experiment(None, ["search_space=empty", "search.trials=3", "search.strategy=random"])
+    with pytest.raises(UsageError, match=r"search space 'empty' declares no parameter: its 3 trials would all train "
+                                         r"one configuration; declare what to search in search_spaces/empty.py"):
+        check_settings(experiment, StudyOptions(name="s"))
+    check_settings(load_experiment(None, ["search_space=empty", "search.trials=1"]), StudyOptions(name="s"))
+
+
+def test_a_range_written_in_the_experiment_file_points_to_search_spaces(tmp_path):
+    for text in ("[train]\nlr = [0.001, 0.1]\n", "search_space = {lr = [0.001, 0.1]}\n"):
+        path = tmp_path / "mine.toml"
+        path.write_text(f"name = 'mine'\n{text}")
+        with pytest.raises(UsageError, match=r"must be (float|str), got .*; values to search are declared in a search "
+                                             r"space, a module in search_spaces/ \(see --list-spaces\)"):
+            load_experiment(str(path))

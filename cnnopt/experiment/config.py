@@ -436,7 +436,16 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise UsageError(f"{name} must be {kind.__name__}, got {value!r}{_unquote_hint(value, kind)}")
+    raise UsageError(f"{name} must be {kind.__name__}, got {value!r}{_unquote_hint(value, kind)}{_search_hint(value)}")
+
+
+def _search_hint(value: Any) -> str:
+    """Where a range or a table stands for a value (`lr = [0.001, 0.1]`, a `[search_space]` table): how a search
+    is declared instead."""
+    if not isinstance(value, (list, dict)):
+        return ""
+    return ("; values to search are declared in a search space, a module in search_spaces/ (see --list-spaces), "
+            "which the experiment names with search_space = 'NAME'")
 
 
 def _unquote_hint(value: Any, kind: type) -> str:

@@ -21,6 +21,8 @@ import optuna
 from cnnopt.experiment.config import TrainConfig, field_types
 from cnnopt.errors import UsageError
 
+GRID_LIMIT = 100_000  # grid points a space may have (built in ~0.6 s); a grid search runs at most that many trials
+
 
 @dataclass(frozen=True)
 class Param:
@@ -75,7 +77,8 @@ class Int(Param):
         return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
 
     def grid_values(self) -> tuple:
-        return self.grid or tuple(sorted({self.low, (self.low + self.high) // 2, self.high}))
+        middle = round(math.sqrt(self.low * self.high)) if self.log else (self.low + self.high) // 2
+        return self.grid or tuple(sorted({self.low, middle, self.high}))
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,19 @@ class Space:
                 return f"{param.name}={values[param.name]!r} is outside search space {self.name!r}"
         return None
 
+    def grid_bound(self) -> int:
+        """The most points the grid can have (each parameter's grid values multiplied, conditions ignored): known
+        without building it."""
+        return math.prod(len(param.grid_values()) for param in self.params)
+
     def grid(self) -> list[dict[str, Any]]:
-        """Every combination of grid values in a fixed order, conditions applied, duplicates removed."""
+        """Every combination of grid values in a fixed order, conditions applied, duplicates removed; a grid
+        past GRID_LIMIT points is refused (7 parameters of 15-20 values: 24 GB, and the process killed)."""
+        if (bound := self.grid_bound()) > GRID_LIMIT:
+            sizes = ", ".join(f"{param.name} {len(param.grid_values())}" for param in self.params)
+            raise UsageError(f"search space {self.name!r} has a grid of up to {bound:,} points ({sizes} values), "
+                             f"more than a grid search walks ({GRID_LIMIT:,}): give its parameters fewer grid=(...) "
+                             "values, or sample it with --strategy bayes or random")
         points: list[dict[str, Any]] = [{}]
         for param in self.params:
             points = [{**point, param.name: value} if param.active(point) else point
@@ -200,24 +214,43 @@ def validate(space: Space) -> None:
             raise UsageError(f"search space {space.name!r} declares {param.name!r} twice")
         for name in param.when:
             if name not in seen:
-                raise UsageError(f"search space {space.name!r}: {param.name!r} depends on {name!r}, "
-                                 "which must be declared before it")
+                later = name in space.names
+                raise UsageError(f"search space {space.name!r}: {param.name!r} depends on {name!r}, " + (
+                    "which must be declared before it" if later else
+                    f"which the space does not search; declare {name!r} before it, or drop the condition"))
         where = f"search space {space.name!r}: {param.name!r}"
+        kind = types[param.name]
         if isinstance(param, (Float, Int)):
+            allowed = (float,) if isinstance(param, Float) else (int, float)
+            if kind not in allowed:  # Float on batch_size trained int(77.5) and showed 77.5; on batch_norm, bool(0.01)
+                fit = "Int(...)" if kind is int else "Choice(...)"
+                raise UsageError(f"{where} is a {type(param).__name__}, but train.{param.name} is a "
+                                 f"{kind.__name__} setting: search it with {fit}")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                        for v in (param.low, param.high)):
                 raise UsageError(f"{where} needs finite numbers for low and high, got {param.low!r} and {param.high!r}")
-            if not (param.low < param.high and (param.low > 0 or not param.log)):
-                raise UsageError(f"{where} needs low < high (and low > 0 on a log scale)")
+            if isinstance(param, Int) and not all(isinstance(v, int) for v in (param.low, param.high, *param.grid)):
+                raise UsageError(f"{where} is an Int: its low, high and grid values must be whole numbers, got "
+                                 f"low={param.low!r}, high={param.high!r}" + (f", grid={param.grid!r}" if param.grid else ""))
+            if param.low == param.high:
+                raise UsageError(f"{where} has low = high = {param.low!r}: to fix a value, leave it out of the space "
+                                 f"and set train.{param.name} in the experiment (or --set train.{param.name}=...)")
+            if param.low > param.high:
+                raise UsageError(f"{where} has low {param.low!r} above high {param.high!r}: swap them")
+            if param.log and param.low <= 0:
+                raise UsageError(f"{where} is on a log scale, which needs low > 0, got low={param.low!r}; "
+                                 "start it above 0, or drop log=True")
             outside = [v for v in param.grid if not param.contains(v)]
             if outside:  # a grid point outside the range trained all the same (lr = 5 in 1e-4..0.5)
                 raise UsageError(f"{where} has grid values {outside} outside its range {param.low:g}..{param.high:g}")
         if isinstance(param, Choice) and not param.choices:
             raise UsageError(f"{where} has no choices")
+        for what, values in (("choices", param.choices if isinstance(param, Choice) else ()), ("grid values", param.grid)):
+            if twice := sorted({repr(v) for v in values if list(values).count(v) > 1}):  # drawn twice as often
+                raise UsageError(f"{where} lists {what} more than once ({', '.join(twice)}): name each once")
         strays = [v for v in param.grid if v not in param.choices] if isinstance(param, Choice) else []
         if strays:  # a grid trained them
             raise UsageError(f"{where} has grid values {strays} that are not among its choices {list(param.choices)}")
-        kind = types[param.name]
         values = param.choices if isinstance(param, Choice) else ()
         wrong = [v for v in values if not _of_type(v, kind)]
         if wrong:  # bool('no') is True: batch_norm = 'no' trained with BatchNorm
@@ -228,10 +261,16 @@ def validate(space: Space) -> None:
                 raise UsageError(f"{where}: when={{{name!r}: {allowed!r}}} must name a tuple of values, such as "
                                  f"{{{name!r}: ({allowed!r},)}}")
             condition = next(p for p in space.params if p.name == name)
-            never = [v for v in allowed if isinstance(condition, Choice) and v not in condition.choices]
+            if not allowed:
+                raise UsageError(f"{where}: when={{{name!r}: ()}} names no value, so it would never be searched")
+            if isinstance(condition, Float):  # a continuous draw hits one value with probability 0
+                raise UsageError(f"{where} depends on {name} taking the values {list(allowed)}, which a Float draws "
+                                 f"with probability 0: condition it on a Choice or an Int")
+            never = [v for v in allowed if not condition.contains(v)]
             if never:  # the parameter would never be sampled
-                raise UsageError(f"{where} depends on {name} being {never}, which is not among {name}'s choices "
-                                 f"{list(condition.choices)}")
+                among = (f"{name}'s choices {list(condition.choices)}" if isinstance(condition, Choice)
+                         else f"{name}'s range {condition.low}..{condition.high}")
+                raise UsageError(f"{where} depends on {name} being {never}, which is not among {among}")
         seen.add(param.name)
 
 

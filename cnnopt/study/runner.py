@@ -223,6 +223,10 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
     space = search_spaces.get(experiment.search_space)
     check_choices(experiment.train)  # a value no training takes is an error, searched or not (not "outside the space")
     check_space_values(space, experiment.train)
+    if not space.params and search.trials > 1 and search.strategy != "grid":  # identical trials, tied to the digit
+        raise UsageError(f"search space {space.name!r} declares no parameter: its {search.trials} trials would all "
+                         f"train one configuration; declare what to search in search_spaces/{space.name}.py, or "
+                         "train it once with python -m cnnopt.train")
     # A --set of a searched hyperparameter sets only the baseline trial (the experiment's own [train] values, the
     # first trial of a new random, bayes or gp study), or nothing: say which, rather than let it pass unseen.
     baseline = search.baseline_trial and search.strategy != "grid" and not options.resume
@@ -272,8 +276,9 @@ def open_study(experiment: Experiment, options: StudyOptions,
     if options.promote and (why := why_no_test(experiment.data, data)):  # else found after the last trial
         raise UsageError(f"{why[0]}, so the study's best model could not be tested once and promoted; {why[1]}, "
                          "or add --no-promote")
-    build_model(experiment.train, data.preprocessing())  # an impossible default architecture fails here, once
-    check_config(space.apply(experiment.train, space.grid()[0]), data.image_size)  # so do bad [train] values
+    first = first_trained(experiment, space, options.resume)
+    build_model(first, data.preprocessing())  # an impossible architecture every trial shares fails here, once
+    check_config(first, data.image_size)  # so do bad [train] values
     if not options.resume and StudyRecorder.exists(experiment, options.name):  # again as its record is created
         raise studies.name_taken(experiment.name, options.name)
     digest = tracking.splits_digest(data.train_x, data.train_y, data.val_x, data.val_y)
@@ -286,6 +291,24 @@ def open_study(experiment: Experiment, options: StudyOptions,
                              "and resume then")
         studies.check_same_data(parent, experiment, digest)
     return data.without_test(), digest, parent
+
+
+def has_baseline(experiment: Experiment, space: Space, resume: bool) -> bool:
+    """Whether the study's first trial is the experiment's own [train] values (a new random, bayes or gp study
+    whose [train] values are a point of its space)."""
+    search = experiment.search
+    return (search.baseline_trial and search.strategy != "grid" and not resume
+            and space.mismatch(space.values_of(experiment.train)) is None)
+
+
+def first_trained(experiment: Experiment, space: Space, resume: bool) -> TrainConfig:
+    """A configuration the trials train, checked before the study starts: the baseline trial's, else the space's
+    middle point on the [train] values it does not search (checking the [train] values themselves refused a study
+    over `--set train.blocks=5`, a value the space searches and no trial used). Never the grid: a large one is
+    built only for a grid search."""
+    if has_baseline(experiment, space, resume):
+        return experiment.train
+    return space.apply(experiment.train, space.middle())
 
 
 def check_space_values(space: Space, train: TrainConfig) -> None:
