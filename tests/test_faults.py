@@ -239,6 +239,10 @@ def test_a_searched_hyperparameter_set_on_the_command_line_is_a_warning(tmp_path
     assert "warning: --set train.lr=1000 has no effect: search space 'lesson' searches lr" in done.stderr
     assert ("warning: no baseline trial: the experiment's [train] values are not a point of search space 'lesson' "
             "(lr=1000.0 is outside search space 'lesson'); the sampler draws every trial") in done.stderr
+    # momentum is searched for sgd only: with adam, the baseline trial has no momentum to set.
+    done = search(["--set", "train.momentum=0.5", "--set", "train.optimizer=adam", "--address", "127.0.0.1:9"],
+                  tmp_path)
+    assert "warning: --set train.momentum=0.5 has no effect: search space 'lesson' searches momentum" in done.stderr
     done = search(["--set", "search_space=architecture", "--address", "127.0.0.1:9"], tmp_path)  # digits' batch 64
     assert ("warning: no baseline trial: the experiment's [train] values are not a point of search space "
             "'architecture' (batch_size=64 is outside search space 'architecture')") in done.stderr

@@ -231,11 +231,13 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
     # first trial of a new random, bayes or gp study), or nothing: say which, rather than let it pass unseen.
     baseline = search.baseline_trial and search.strategy != "grid" and not options.resume
     outside = space.mismatch(space.values_of(experiment.train)) if baseline else None
+    first = space.values_of(experiment.train)  # the baseline's searched values: a conditional one only where it holds
     for item in experiment.overrides:
         key = item.partition("=")[0].strip()
         if key.startswith("train.") and key[len("train."):] in space.names:
-            effect = "sets only the first trial (the experiment's baseline)" if baseline and not outside else \
-                "has no effect"
+            # momentum with optimizer = adam: not a value of the baseline either
+            effect = "sets only the first trial (the experiment's baseline)" if (
+                baseline and not outside and key[len("train."):] in first) else "has no effect"
             print(f"warning: --set {item} {effect}: search space {space.name!r} searches "
                   f"{key[len('train.'):]} (its range is in search_spaces/{space.name}.py)", file=sys.stderr)
     if outside:  # the baseline trial is the experiment's own [train] values: they must be a point of the space
