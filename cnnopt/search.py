@@ -18,14 +18,15 @@ STARTED = time.perf_counter()  # before the heavy imports below: a time budget c
 import search_spaces  # noqa: E402 - after STARTED on purpose
 from cnnopt import tracking, trials
 from cnnopt.cli import Parser, add_experiment_args, counted, quiet_libraries, run
-from cnnopt.experiment.config import check_flag, load_experiment, same_name_warning
+from cnnopt.experiment.config import TrainConfig, check_flag, load_experiment, same_name_warning
 from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
 from cnnopt.study.callback import format_value
 from cnnopt.study.confirmation import confirm, figures
 from cnnopt.study.final import train_final
-from cnnopt.study.runner import SCHEDULERS, StudyOptions, default_study_name, resume_command, run_study, stop_ray
+from cnnopt.study.runner import (SCHEDULERS, StudyOptions, check_space_values, default_study_name, resume_command,
+                                 run_study, stop_ray)
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import record_budget, record_choice
@@ -78,6 +79,7 @@ def list_spaces() -> None:
     for name in search_spaces.names():
         try:
             space = search_spaces.get(name)
+            check_space_values(space, TrainConfig())  # values no trial could train: every study refuses it
         except UsageError as exc:  # one broken module: the others are still listed
             print(f"{name}: cannot be used: {exc}")
             continue

@@ -113,13 +113,16 @@ def test_a_space_module_that_cannot_be_used_is_one_line(write_space, body, expec
     ("Choice('device', ('cpu', 'gpu'))", "gives device = 'gpu' (a choice), which its setting does not take"),
 
 ])
-def test_a_space_giving_values_no_trial_could_train_is_refused_before_any_trial(write_space, param, expected):
+def test_a_space_giving_values_no_trial_could_train_is_refused_before_any_trial(write_space, param, expected,
+                                                                                    capsys):
     """dropout up to 1.5: every trial failed, and the study ended 'no trial completed'; 'rmsprop' failed trial by
     trial."""
     write_space("wide", f"SPACE = Space(name='wide', params=({param},))\n")
     message = refused("wide")
     assert message.startswith(f"search space 'wide' {expected}"), message
     assert message.endswith("wide.py"), message
+    search.list_spaces()  # listed as usable, though every study refused it
+    assert f"wide: cannot be used: search space 'wide' {expected}" in capsys.readouterr().out
 
 
 def test_the_listing_names_a_broken_space_and_goes_on(write_space, capsys, tmp_path, monkeypatch):
