@@ -50,6 +50,12 @@ def log_file() -> Path:
     return Path(os.environ.get("CNNOPT_LOG") or "cnnopt.log").resolve()
 
 
+def logging_to() -> Path | None:
+    """The file cnnopt's and the libraries' log records go to now; None where `quiet_libraries` found it could not
+    be written (or was not called): what a line promising "in the log file" must check first."""
+    return Path(_log_handler.baseFilename) if _log_handler is not None else None
+
+
 def quiet_libraries() -> None:
     """Send library chatter to the log file (`log_file()`), so the console holds cnnopt's own lines only.
 

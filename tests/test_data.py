@@ -538,7 +538,7 @@ def test_a_class_too_small_for_a_share_of_val_and_test_is_one_warning(tmp_path, 
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_every_unreadable_image_of_a_folder_is_named_in_one_line(tmp_path, workers, caplog):
+def test_every_unreadable_image_of_a_folder_is_named_in_one_line(tmp_path, workers, caplog, monkeypatch, capsys):
     """A real folder with several bad files said one a run, and each run decoded the folder again up to the
     next (a QA folder of 20,000 photos: 34 s a run, one truncated JPEG each). Files whose header does not read
     are all named by the header pass, those that break mid-decode all by the decode pass."""
@@ -560,12 +560,29 @@ def test_every_unreadable_image_of_a_folder_is_named_in_one_line(tmp_path, worke
     for path in cut:
         noisy.save(path)
         path.write_bytes(path.read_bytes()[:2000])
-    with pytest.raises(UsageError) as caught, caplog.at_level("ERROR"):
-        load_data(config)
-    message = str(caught.value)
-    assert message.startswith("7 images cannot be read (") and "; and 2 more (all in the log file)" in message
-    assert sum(str(path) in message for path in cut) == 5
-    assert all(str(path) in caplog.text for path in cut), "the whole list where the line points"
+    from cnnopt import cli
+
+    previous = cli.logging_to()
+    try:
+        monkeypatch.setenv("CNNOPT_LOG", str(tmp_path / "cnnopt.log"))
+        cli.quiet_libraries()
+        with pytest.raises(UsageError) as caught, caplog.at_level("ERROR"):
+            load_data(config)
+        message = str(caught.value)
+        assert message.startswith("7 images cannot be read (") and \
+            f"; and 2 more, every one listed in {tmp_path / 'cnnopt.log'}); remove" in message, message
+        assert sum(str(path) in message for path in cut) == 5
+        assert all(str(path) in caplog.text for path in cut), "the whole list where the line points"
+        # A log file that cannot be written: no promise of it, and no line per file on the console either.
+        monkeypatch.setenv("CNNOPT_LOG", str(tmp_path / "no-such-folder" / "cnnopt.log"))
+        cli.quiet_libraries()
+        with pytest.raises(UsageError) as caught:
+            load_data(config)
+        assert "; and 2 more); remove or replace them" in str(caught.value)
+        assert "cannot read image" not in capsys.readouterr().err
+    finally:
+        monkeypatch.setenv("CNNOPT_LOG", str(previous or tmp_path / "no-such-folder" / "cnnopt.log"))
+        cli.quiet_libraries()
 
 
 def test_an_image_over_pillows_pixel_limit_says_so_and_how_to_shrink_it(tmp_path, monkeypatch):

@@ -194,16 +194,21 @@ def _reason(error: Exception) -> str:
 
 def unreadable_files(failures: list[tuple[Path, Exception]]) -> UsageError:
     """All the files of a folder that cannot be read, in one line: one file as `unreadable` says it; more, counted
-    with the first `NAMED_FAILURES` and their reasons (all of them in the log file), so that one run finds every
+    with the first `NAMED_FAILURES` and their reasons (all of them in the log file, where it can be written), so that one run finds every
     file to remove or replace, not one a run (each run decoding the folder again up to the next)."""
     if len(failures) == 1:
         return unreadable(*failures[0])
     from PIL import Image
 
-    for path, error in failures:
-        logging.getLogger(__name__).error("cannot read image %s: %s", path, _reason(error))
+    from cnnopt.cli import logging_to
+
+    log = logging_to()
+    if log is not None:  # else nothing takes the records but Python's last resort: a line each on the console
+        for path, error in failures:
+            logging.getLogger(__name__).error("cannot read image %s: %s", path, _reason(error))
     named = "; ".join(f"{path}: {_reason(error)}" for path, error in failures[:NAMED_FAILURES])
-    more = f"; and {len(failures) - NAMED_FAILURES} more (all in the log file)" if len(failures) > NAMED_FAILURES else ""
+    more = (f"; and {len(failures) - NAMED_FAILURES} more" + (f", every one listed in {log}" if log is not None else "")
+            if len(failures) > NAMED_FAILURES else "")
     big = any(isinstance(error, Image.DecompressionBombError) for _, error in failures)
     return UsageError(f"{len(failures)} images cannot be read ({named}{more}); remove or replace them"
                       + (f" (shrink those over Pillow's limit: {SHRINK})" if big else ""))
