@@ -528,6 +528,31 @@ def test_writes_queued_behind_one_that_failed_on_a_silent_server_are_held_in_ord
     assert "warning: 1 MLflow write failed; first: ValueError: INVALID_PARAMETER_VALUE" in capsys.readouterr().err
 
 
+def test_a_held_write_that_fails_again_once_the_server_answers_is_given_up_not_the_queue_behind_it():
+    """A write that itself brings the server down (restarted, it answers again) was held and tried on every later
+    write, forever, and nothing behind it was written."""
+    from cnnopt.tracking.writer import BackgroundWriter
+
+    crashed, tries, written = {"now": False}, [], []
+
+    def answers():  # down just after a crash, back at the next look
+        was, crashed["now"] = crashed["now"], False
+        return not was
+
+    def crashes_the_server():
+        tries.append(1)
+        crashed["now"] = True
+        raise ConnectionError("Connection reset by peer")
+
+    writer = BackgroundWriter(answers)
+    writer.submit(crashes_the_server)
+    for index in range(5):
+        writer.submit(written.append, index)
+    writer.drain()
+    writer.drain()
+    assert len(tries) == 2 and written == list(range(5)) and not writer.held
+
+
 def test_a_ctrl_c_while_the_writes_drain_stops_the_study_before_its_promotion(ray_session, mlflow_store, monkeypatch,
                                                                                capsys):
     """It was ignored (SIGINT held as SIG_IGN while the record closed): a study whose store hung went on, once

@@ -72,11 +72,11 @@ def refused(name: str) -> str:
      r"'momentum': when=\{'optimizer': 'sgd'\} must name a tuple of values, such as \{'optimizer': \('sgd',\)\}"),
     # A Float on an int or bool setting trained int(77.5) (shown as 77.5) or bool(0.01); an Int on a bool, 1.
     ("SPACE = Space(name='broken', params=(Float('batch_size', 16, 128),))\n",
-     r"'batch_size' is a Float, but train.batch_size is a int setting: search it with Int\(...\)$"),
+     r"'batch_size' is a Float, but train.batch_size is an int setting: search it with Int\(...\)$"),
     ("SPACE = Space(name='broken', params=(Int('batch_norm', 0, 1),))\n",
-     r"'batch_norm' is a Int, but train.batch_norm is a bool setting: search it with Choice\(...\)$"),
+     r"'batch_norm' is an Int, but train.batch_norm is a bool setting: search it with Choice\(...\)$"),
     ("SPACE = Space(name='broken', params=(Int('blocks', 1.5, 3),))\n",
-     r"'blocks' is an Int: its low, high and grid values must be whole numbers, got low=1.5, high=3$"),
+     r"'blocks' is an Int: its low, high and grid values must be ints \(write 1, not 1.0\), got low=1.5, high=3$"),
     ("SPACE = Space(name='broken', params=(Float('lr', 0.1, 0.1),))\n",
      r"'lr' has low = high = 0.1: to fix a value, leave it out of the space and set train.lr in the experiment"),
     ("SPACE = Space(name='broken', params=(Float('lr', 0.1, 0.001),))\n", r"'lr' has low 0.1 above high 0.001: swap them"),
@@ -86,7 +86,7 @@ def refused(name: str) -> str:
      r"'optimizer' lists choices more than once \('sgd'\): name each once"),
     # Conditions that can never hold: the parameter was never searched, without a word.
     ("SPACE = Space(name='broken', params=(Int('blocks', 1, 3), Float('dropout', 0, 0.5, when={'blocks': (5,)})))\n",
-     r"'dropout' depends on blocks being \[5\], which is not among blocks's range 1..3"),
+     r"'dropout' depends on blocks being \[5\], which is not among the range of blocks, 1..3"),
     ("SPACE = Space(name='broken', params=(Choice('optimizer', ('sgd', 'adam')),\n"
      "                                    Float('momentum', 0.8, 0.99, when={'optimizer': ()})))\n",
      r"'momentum': when=\{'optimizer': \(\)\} names no value, so it would never be searched"),
@@ -225,3 +225,17 @@ def test_a_range_written_in_the_experiment_file_points_to_search_spaces(tmp_path
         with pytest.raises(UsageError, match=r"must be (float|str), got .*; values to search are declared in a search "
                                              r"space, a module in search_spaces/ \(see --list-spaces\)"):
             load_experiment(str(path))
+
+
+def test_an_int_on_a_float_setting_is_a_point_of_its_space_as_trained(write_space):
+    """Int('affine_degrees', 0, 30) trains 15.0: read back as outside the space, its [train] value was no baseline
+    and a resume dropped its interrupted trials."""
+    from cnnopt.study.runner import first_trained
+
+    write_space("degrees", "SPACE = Space(name='degrees', params=(Int('affine_degrees', 0, 30),))\n")
+    space = search_spaces.get("degrees")
+    experiment = load_experiment(None, ["search_space=degrees", "train.affine_degrees=15"])
+    assert space.mismatch(space.values_of(space.apply(experiment.train, {"affine_degrees": 15}))) is None
+    assert first_trained(experiment, space, resume=False) == experiment.train, "its baseline trial"
+    grid = load_experiment(None, ["search_space=degrees", "search.strategy=grid"])
+    assert first_trained(grid, space, resume=False).affine_degrees == 0, "a grid search checks its first point"

@@ -530,6 +530,34 @@ def test_a_trial_start_tried_again_after_failing_part_way_carries_on_its_run(mlf
     assert {key: runs[0].data.params[key] for key in PARAMS} == PARAMS
 
 
+def test_a_trial_end_tried_again_after_its_run_was_closed_writes_nothing_twice(mlflow_store, monkeypatch):
+    """The parent's best-so-far write failed after a trial's run was closed; the writer's retry closed it again:
+    its metrics twice, its checkpoint uploaded twice, and the trials counted one too many (curve steps 1, 3, 4)."""
+    record = recorder("closed")
+    record.open()
+    real, failing = record._log_best, {"once": False}
+
+    def best_so_far(step):
+        if failing["once"]:
+            failing["once"] = False
+            raise ConnectionError("Max retries exceeded")
+        return real(step)
+
+    monkeypatch.setattr(record, "_log_best", best_so_far)
+    for index, trial in enumerate(("t1", "t2", "t3")):
+        record.number(trial, PARAMS)
+        record.start_trial(trial, PARAMS, ["lr"])
+        failing["once"] = trial == "t2"
+        if trial == "t2":
+            with pytest.raises(ConnectionError):
+                record.end_trial(trial, "completed", {"val_accuracy": 0.5 + index / 10})
+        record.end_trial(trial, "completed", {"val_accuracy": 0.5 + index / 10})
+    assert record.ended == 3
+    curve = record.client.get_metric_history(record.parent_run_id, "best_val_accuracy")
+    assert sorted(point.step for point in curve) == [1, 2, 3]
+    assert len(record.client.get_metric_history(record.children["t2"], "best_val_accuracy")) == 1
+
+
 def test_a_trial_end_held_while_the_server_is_away_is_written_by_the_close_and_nothing_after_it(mlflow_store):
     """Held writes (a server that does not answer) were lost at the close: a completed trial's end among them
     was closed as interrupted, and its run again on resume; and a held trial start replayed after the close left

@@ -73,8 +73,9 @@ class Int(Param):
     def distribution(self) -> optuna.distributions.BaseDistribution:
         return optuna.distributions.IntDistribution(self.low, self.high, log=self.log)
 
-    def contains(self, value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+    def contains(self, value: Any) -> bool:  # 15.0 too: an Int on a float setting trains (and records) floats
+        whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+        return whole and not isinstance(value, bool) and self.low <= value <= self.high
 
     def grid_values(self) -> tuple:
         middle = round(math.sqrt(self.low * self.high)) if self.log else (self.low + self.high) // 2
@@ -224,14 +225,15 @@ def validate(space: Space) -> None:
             allowed = (float,) if isinstance(param, Float) else (int, float)
             if kind not in allowed:  # Float on batch_size trained int(77.5) and showed 77.5; on batch_norm, bool(0.01)
                 fit = "Int(...)" if kind is int else "Choice(...)"
-                raise UsageError(f"{where} is a {type(param).__name__}, but train.{param.name} is a "
-                                 f"{kind.__name__} setting: search it with {fit}")
+                raise UsageError(f"{where} is {_a(type(param).__name__)}, but train.{param.name} is "
+                                 f"{_a(kind.__name__)} setting: search it with {fit}")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                        for v in (param.low, param.high)):
                 raise UsageError(f"{where} needs finite numbers for low and high, got {param.low!r} and {param.high!r}")
             if isinstance(param, Int) and not all(isinstance(v, int) for v in (param.low, param.high, *param.grid)):
-                raise UsageError(f"{where} is an Int: its low, high and grid values must be whole numbers, got "
-                                 f"low={param.low!r}, high={param.high!r}" + (f", grid={param.grid!r}" if param.grid else ""))
+                raise UsageError(f"{where} is an Int: its low, high and grid values must be ints (write 1, not 1.0), "
+                                 f"got low={param.low!r}, high={param.high!r}"
+                                 + (f", grid={param.grid!r}" if param.grid else ""))
             if param.low == param.high:
                 raise UsageError(f"{where} has low = high = {param.low!r}: to fix a value, leave it out of the space "
                                  f"and set train.{param.name} in the experiment (or --set train.{param.name}=...)")
@@ -269,9 +271,13 @@ def validate(space: Space) -> None:
             never = [v for v in allowed if not condition.contains(v)]
             if never:  # the parameter would never be sampled
                 among = (f"{name}'s choices {list(condition.choices)}" if isinstance(condition, Choice)
-                         else f"{name}'s range {condition.low}..{condition.high}")
+                         else f"the range of {name}, {condition.low}..{condition.high}")
                 raise UsageError(f"{where} depends on {name} being {never}, which is not among {among}")
         seen.add(param.name)
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _of_type(value: Any, kind: type) -> bool:

@@ -305,11 +305,13 @@ def has_baseline(experiment: Experiment, space: Space, resume: bool) -> bool:
 
 def first_trained(experiment: Experiment, space: Space, resume: bool) -> TrainConfig:
     """A configuration the trials train, checked before the study starts: the baseline trial's, else the space's
-    middle point on the [train] values it does not search (checking the [train] values themselves refused a study
-    over `--set train.blocks=5`, a value the space searches and no trial used). Never the grid: a large one is
-    built only for a grid search."""
+    middle point (a grid search's first point) on the [train] values it does not search (checking the [train] values
+    themselves refused a study over `--set train.blocks=5`, a value the space searches and no trial used). The
+    grid is built for a grid search only: a large one is refused there, and never built for a sampler."""
     if has_baseline(experiment, space, resume):
         return experiment.train
+    if experiment.search.strategy == "grid":  # its first point, which `--trials 1` trains
+        return space.apply(experiment.train, space.grid()[0])
     return space.apply(experiment.train, space.middle())
 
 

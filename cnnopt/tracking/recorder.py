@@ -58,6 +58,7 @@ class StudyRecorder:
         self.begun: dict[str, str] = {}  # trial_id -> the child run this session's start_trial made
         self.numbers: dict[str, int] = {}  # trial_id -> trial number, from 1 in start order
         self.closed: set[str] = set()  # child runs this session ended
+        self.counted: dict[str, int] = {}  # child run ended this session -> its step on the best-so-far curve
         self.unwritten: dict[str, dict] = {}  # trial_id -> params a failed write at its start did not record
         self.trained: dict[str, int] = {}  # trial_id -> the epochs it has logged (its param `epochs` is the most)
         self.unended: dict[str, dict] = {}  # trial_id -> the end_trial arguments of a close the store failed
@@ -175,8 +176,11 @@ class StudyRecorder:
         if run_id is None:
             previous = self.replaced.get(trial_id)
             if previous is not None and previous not in self.deleted:  # the cut-short attempt this rerun replaces:
-                end_interrupted(self.client, previous)  # ended (a killed driver left it RUNNING, tagged running),
-                self.client.delete_run(previous)  # then deleted
+                # ended (a killed driver left it RUNNING, tagged running), then deleted; where a try of this write
+                # deleted it but lost the answer, MLflow refuses to end a deleted run, so it is only deleted again
+                if self.client.get_run(previous).info.lifecycle_stage != "deleted":
+                    end_interrupted(self.client, previous)
+                self.client.delete_run(previous)
                 self.deleted.add(previous)
             run_id = start_run(self.client, self.experiment, f"{self.study}-trial-{number:03d}",
                                parent_run_id=self.parent_run_id,
@@ -218,6 +222,20 @@ class StudyRecorder:
         run_id = self.children.get(trial_id)
         if run_id is None:
             return
+        if run_id not in self.closed:  # a close tried again after its run was ended (the parent's write failed)
+            status = self._close_run(trial_id, run_id, status, best, checkpoint=checkpoint, error=error, ended=ended)
+        if run_id not in self.counted:  # ended once: its metrics and the count are not written twice
+            value = best.get(self.experiment.metric)
+            if status == trials.COMPLETED and value is not None:  # what promotion can pick
+                self._note_best(value)
+            self.ended += 1
+            self.counted[run_id] = self.ended
+        if self.best is not None:  # one point per ended trial: the best after k trials ended, whichever they were
+            self._log_best(self.counted[run_id])
+
+    def _close_run(self, trial_id: str, run_id: str, status: str, best: dict, *, checkpoint: str | None,
+                   error: str | None, ended: int | None) -> str:
+        """End the trial's run; returns the status recorded (failed where its hyperparameters could not be)."""
         unwritten = self.unwritten.get(trial_id)
         if unwritten is not None:  # its start's params write failed (a server hiccup): a run without its
             try:  # hyperparameters must not be read back as a completed trial, so they are written now, or it fails
@@ -235,12 +253,7 @@ class StudyRecorder:
         log(self.client, run_id, metrics={**best_metrics(best), **trained}, tags=tags)  # a budget's trials: as fitted
         end_run(self.client, run_id, trials.run_status(status), ended)
         self.closed.add(run_id)
-        value = best.get(self.experiment.metric)
-        if status == trials.COMPLETED and value is not None:  # what promotion can pick
-            self._note_best(value)
-        self.ended += 1
-        if self.best is not None:  # one point per ended trial: the best after k trials ended, whichever they were
-            self._log_best(self.ended)
+        return status
 
     def _log_best(self, step: int) -> None:
         log(self.client, self.parent_run_id, metrics={f"best_{self.experiment.metric}": self.best}, step=step)

@@ -30,6 +30,7 @@ class BackgroundWriter:
         again (or by `drain`). None: every write is tried."""
         self.answers = answers
         self.down = False  # a write failed and the store did not answer then
+        self.retried = False  # the first held write failed once already
         self.stopped = False  # `stop`: nothing more is written
         self.held: collections.deque = collections.deque()  # writes not tried while the store is down, in order
         self.queue: queue.Queue = queue.Queue()
@@ -102,7 +103,9 @@ class BackgroundWriter:
                 self.down = False
             except Exception as exc:  # a tracking hiccup must not stop the study
                 self.down = self.answers is not None and not self.answers()
-                if self.down:
-                    return  # the write that met the store gone is held too, first (a trial's start was lost)
+                if self.down and not self.retried:  # the write that met the store gone is held too, first (a
+                    self.retried = True  # trial's start was lost), and tried once more when it answers: one that
+                    return  # fails again (that brings the server down, say) is given up, not the queue behind it
                 self.errors.append(f"{type(exc).__name__}: {exc}")  # a store that answers refused it: not again
+            self.retried = False
             self.held.popleft()
