@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume and (warning := same_name_warning(experiment)):
         print(warning, file=sys.stderr)
     name, search = args.name or default_study_name(experiment), experiment.search
+    if search.time_budget and args.trials is not None and not args.resume:  # 70 trials ran, without a word
+        print(f"warning: --trials {args.trials} has no effect under a time budget: the plan sets how many trials "
+              "fit; leave out --time-budget to run a number of trials", file=sys.stderr)
     trials_shown = counted(search.trials, "trial")
     if search.strategy == "grid":  # a grid runs its points once: --trials beyond them adds none
         space = search_spaces.get(experiment.search_space)

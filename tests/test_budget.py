@@ -35,6 +35,15 @@ def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, promote=True, **searc
                      slots=slots, train_images=4500, promote=promote)
 
 
+def test_a_plan_of_trials_under_a_second_shows_their_tenths():
+    """Digits' epochs take hundredths of a second: the plan printed "~35 trials of up to 0s of training"."""
+    made = plan(budget=90.0, epoch=0.05, max_epochs=9)
+    assert made.trial_seconds < 1
+    text = "\n".join(made.lines())
+    assert f"trials of up to {made.trial_seconds:.1f}s of training" in text and "up to 0s" not in text
+    assert " 0s of training each" not in text
+
+
 def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
     made = plan()
     assert made.started + made.search + made.confirm + made.final + made.finish == pytest.approx(600)

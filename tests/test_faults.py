@@ -226,6 +226,13 @@ def test_a_ctrl_c_in_a_deferred_block_acts_after_it_and_one_while_starting_is_on
     assert starting.returncode == 130 and err.strip() == "interrupted", out + err
 
 
+def test_trials_asked_for_under_a_time_budget_is_a_warning(tmp_path):
+    """--time-budget 1.5 --trials 5 ran 70 trials, without a word."""
+    done = search(["--time-budget", "1.5", "--trials", "5", "--address", "127.0.0.1:9"], tmp_path)
+    assert ("warning: --trials 5 has no effect under a time budget: the plan sets how many trials fit"
+            in done.stderr), done.stderr
+
+
 def test_a_searched_hyperparameter_set_on_the_command_line_is_a_warning(tmp_path):
     done = search(["--set", "train.lr=0.2", "--address", "127.0.0.1:9"], tmp_path)
     assert ("warning: --set train.lr=0.2 sets only the first trial (the experiment's baseline): search space "

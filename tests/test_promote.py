@@ -593,3 +593,27 @@ def test_the_model_card_says_what_selected_the_model(mlflow_store):
     client.log_metric(parent, "confirm_mean_trial_12", float("nan"), step=2)
     none = card("val_accuracy", {"trains_trial": "12", "mlflow.parentRunId": parent}, {"best_val_accuracy": 0.99})
     assert not any(line.startswith("- confirmed") or "nan" in line for line in none)
+
+
+def test_a_run_no_better_than_the_commonest_class_is_not_tested_or_registered(mlflow_store, tmp_path, monkeypatch):
+    """Under load a budgeted study finished 1 trial, at digits' val accuracy 0.1041 (the commonest class's share),
+    and registered it as champion, exit 0. Its recorded score is set to that share here (a net trained to chance
+    on purpose would be a flaky one)."""
+    import torch as torch_
+
+    from cnnopt import train as train_cli
+    from cnnopt.data.datasets import load_data
+    from cnnopt.experiment.config import load_experiment as load
+
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main(["--set", "train.epochs=1", "--set", "train.device=cpu"]) == 0
+    client = MlflowClient(tracking_uri=mlflow_store)
+    [run] = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    data = load_data(load(None).data)
+    commonest = float(torch_.bincount(data.val_y.long()).max()) / len(data.val_y)
+    client.log_metric(run.info.run_id, "best_val_accuracy", commonest, step=10 ** 6)
+    with pytest.raises(UsageError, match=rf"val_accuracy {commonest:.4f} is no better than always answering the "
+                                         r"commonest class .*: it learnt nothing worth registering"):
+        promote_cli.main(["--run-id", run.info.run_id])
+    assert not client.search_model_versions("name='digits'")
+    assert "test_accuracy" not in client.get_run(run.info.run_id).data.metrics, "its test split is left unread"

@@ -197,6 +197,7 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
             raise UsageError(f"run {run_id} was trained on other data or another split than {where} now"
                              f"{' with the --set values given' if recorded else ''}; promote with "
                              "the --set values it was trained with")
+        check_learnt(run, settings, data)
         if why := why_no_test(settings.data, data):  # the same split the run trained beside: it had no test images
             raise UsageError(f"run {run_id} cannot be tested: {why[0]} (the split it was trained with, which a "
                              f"promotion keeps); train it again once you {why[1]}")
@@ -215,6 +216,21 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
     return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], registered.version,
                      registered.moved, registered.previous, files, settings.name, registered.reason, again,
                      reads, study_name)
+
+
+def check_learnt(run, settings: Experiment, data: ImageData) -> None:
+    """A run selected on val accuracy no better than always answering the val split's commonest class learnt
+    nothing: it is not tested or registered (a study under load finished 1 trial of ~11 planned, at 0.1041 on
+    digits, exactly that share, and registered it as champion, exit 0)."""
+    score = run.data.metrics.get(f"best_{settings.metric}")
+    if settings.metric != "val_accuracy" or score is None or not len(data.val_y):
+        return
+    commonest = float(torch.bincount(data.val_y.long()).max()) / len(data.val_y)
+    if score <= commonest:
+        raise UsageError(f"run {run.info.run_id}'s val_accuracy {score:.4f} is no better than always answering the "
+                         f"commonest class ({commonest:.4f} of the val split): it learnt nothing worth registering, so "
+                         "it is not tested or promoted; give the study more time or epochs (its trial lines show "
+                         "what each reached)")
 
 
 def confirmed_lines(run, metric: str) -> list[str]:

@@ -122,15 +122,15 @@ class Plan:
         rungs = (f"ASHA rungs at {', '.join(shown(r * self.epoch) for r in self.rungs())}s of training"
                  if self.scheduler == "asha" else "one epoch each")
         confirm = (f"the best {self.confirm_top} configurations x {self.confirm_seeds} new seeds, "
-                   f"{self.trial_seconds:.0f}s of training each" if self.confirm_top else
+                   f"{shown(self.trial_seconds)}s of training each" if self.confirm_top else
                    "skipped: no promotion follows (--no-promote)" if not self.promote else
                    "skipped: off (--no-confirm)" if not self.confirm_asked else
                    "skipped (two configurations x two seeds do not fit in a fifth of the search)")
         return [f"time budget {self.budget / 60:g} min: {self.started:.0f}s to start; a trial's epoch costs "
                 f"~{self.epoch:.1f}s here ({self.slots} at once)",
-                f"  search  {self.search:5.0f}s  ~{self.trials} trials of up to {self.trial_seconds:.0f}s of training "
+                f"  search  {self.search:5.0f}s  ~{self.trials} trials of up to {shown(self.trial_seconds)}s of training "
                 f"(the probe's configuration: {counted(self.max_epochs, 'epoch')}; a faster "
-                f"one trains more), {rungs}, {data}; an epoch over {self.epoch_limit:.0f}s is stopped",
+                f"one trains more), {rungs}, {data}; an epoch over {shown(self.epoch_limit)}s is stopped",
                 f"  confirm {self.confirm:5.0f}s  {confirm}",
                 f"  final   {self.final:5.0f}s  " + ("the chosen configuration trained again on a whole node, epochs "
                                                  "to fill the time" if self.final else
