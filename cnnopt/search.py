@@ -22,6 +22,7 @@ from cnnopt.experiment.config import TrainConfig, check_flag, load_experiment, s
 from cnnopt.insight.report import log_report
 from cnnopt.errors import UsageError
 from cnnopt.promote import print_promotion, promote
+from cnnopt.deploy.promotion import NotLearnt
 from cnnopt.study.callback import format_value
 from cnnopt.study.confirmation import confirm, figures
 from cnnopt.study.final import train_final
@@ -304,6 +305,9 @@ def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
         print(f"\npromoting {what}...", flush=True)
         try:
             print_promotion(promote(experiment, run_id=run_id))  # on the data the run trained on
+        except NotLearnt as exc:  # a retry would refuse again
+            print(f"error: not promoted: {exc}", file=sys.stderr)
+            return 1
         except UsageError as exc:  # the study itself is recorded; say what failed and how to retry
             print(f"error: promotion failed: {exc}; retry with python -m cnnopt.promote --run-id {run_id}",
                   file=sys.stderr)

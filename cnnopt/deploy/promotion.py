@@ -218,6 +218,10 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                      reads, study_name)
 
 
+class NotLearnt(UsageError):
+    """A run no better than always answering the commonest class: promoting it again would refuse again."""
+
+
 def check_learnt(run, settings: Experiment, data: ImageData) -> None:
     """A run selected on val accuracy no better than always answering the val split's commonest class learnt
     nothing: it is not tested or registered (a study under load finished 1 trial of ~11 planned, at 0.1041 on
@@ -227,7 +231,7 @@ def check_learnt(run, settings: Experiment, data: ImageData) -> None:
         return
     commonest = float(torch.bincount(data.val_y.long()).max()) / len(data.val_y)
     if score <= commonest:
-        raise UsageError(f"run {run.info.run_id}'s val_accuracy {score:.4f} is no better than always answering the "
+        raise NotLearnt(f"run {run.info.run_id}'s val_accuracy {score:.4f} is no better than always answering the "
                          f"commonest class ({commonest:.4f} of the val split): it learnt nothing worth registering, so "
                          "it is not tested or promoted; give the study more time or epochs (its trial lines show "
                          "what each reached)")
