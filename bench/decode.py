@@ -77,6 +77,21 @@ def build_folder(folder: Path, count: int, width: int, height: int) -> list[Path
     return sorted(paths)
 
 
+def add_folder_arguments(parser: argparse.ArgumentParser, size_help: str) -> None:
+    """The photo folder's flags, the side decoded to, the rounds and the decode threads (bench/predict.py too)."""
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--width", type=int, default=1500)
+    parser.add_argument("--height", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=64, help=size_help)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=0, help="decode threads (default: 0 = one per core)")
+
+
+def folder_of(args: argparse.Namespace) -> Path:
+    """Where the folder of those flags is kept between runs (its photos under photos/)."""
+    return Path(tempfile.gettempdir()) / f"cnnopt-bench-decode-{args.images}-{args.width}x{args.height}"
+
+
 def today(paths: list[Path], size: int) -> np.ndarray:
     """The loader before this change: modes first (gray or RGB), then one full-scale decode per file."""
     channels = 1 if all(image_mode(path) in ("1", "L", "LA", "I", "I;16", "F") for path in paths) else 3
@@ -112,12 +127,7 @@ def epoch_rates(data, config: TrainConfig) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--width", type=int, default=1500)
-    parser.add_argument("--height", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=64, help="data.image_size (default: 64, imagefolder's default)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0, help="decode threads (default: 0 = one per core)")
+    add_folder_arguments(parser, "data.image_size (default: 64, imagefolder's default)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per streamed / in-memory training run")
     parser.add_argument("--train-threads", type=int, default=0, help="torch threads while training (default: "
                         "torch's); 1 keeps a busy shared machine from stalling both of torch's threads at every op")
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python {shlex.join(sys.argv)}")
     print(f"machine: {cpu_description()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"pillow {PIL.__version__}, python {platform.python_version()}; load average {os.getloadavg()[0]:.2f}")
-    base = Path(tempfile.gettempdir()) / f"cnnopt-bench-decode-{args.images}-{args.width}x{args.height}"
+    base = folder_of(args)
     build_seconds, paths = timed(lambda: build_folder(base / "photos", args.images, args.width, args.height))
     megabytes = sum(path.stat().st_size for path in paths) / 2**20
     print(f"folder: {base / 'photos'}: {len(paths)} JPEGs of {args.width}x{args.height} ({megabytes:.0f} MB, "

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
-from decode import build_folder
+from decode import add_folder_arguments, build_folder, folder_of
 from cnnopt.cli import run
 from cnnopt.data.decode import default_workers, upright
 from cnnopt.deploy.export import export
@@ -57,16 +57,11 @@ def now(model: LoadedModel, paths: list[Path], workers: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--width", type=int, default=1500)
-    parser.add_argument("--height", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=64, help="the model's image size (default: 64)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0, help="decode threads (default: 0 = one per core)")
+    add_folder_arguments(parser, "the model's image size (default: 64)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of the model predicted with")
     args = parser.parse_args(argv)
     workers = args.workers or default_workers()
-    folder = Path(tempfile.gettempdir()) / f"cnnopt-bench-decode-{args.images}-{args.width}x{args.height}" / "photos"
+    folder = folder_of(args) / "photos"
     paths = build_folder(folder, args.images, args.width, args.height)
     print(f"machine: {cpu_description()}; Python {platform.python_version()}, torch {torch.__version__}")
     print(f"folder: {folder}: {len(paths)} JPEGs of {args.width}x{args.height} -> {args.size} px RGB, {workers} decode threads")

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from cnnopt.cli import logging_to
 from cnnopt.errors import UsageError, last_line, warn_once
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -194,13 +195,11 @@ def _reason(error: Exception) -> str:
 
 def unreadable_files(failures: list[tuple[Path, Exception]]) -> UsageError:
     """All the files of a folder that cannot be read, in one line: one file as `unreadable` says it; more, counted
-    with the first `NAMED_FAILURES` and their reasons (all of them in the log file, where it can be written), so that one run finds every
-    file to remove or replace, not one a run (each run decoding the folder again up to the next)."""
+    with the first `NAMED_FAILURES` and their reasons (all of them in the log file, where it can be written), so
+    that one run finds every file to remove or replace, not one a run (each decoding the folder up to the next)."""
     if len(failures) == 1:
         return unreadable(*failures[0])
     from PIL import Image
-
-    from cnnopt.cli import logging_to
 
     log = logging_to()
     if log is not None:  # else nothing takes the records but Python's last resort: a line each on the console

@@ -229,9 +229,9 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
                          "train it once with python -m cnnopt.train")
     # A --set of a searched hyperparameter sets only the baseline trial (the experiment's own [train] values, the
     # first trial of a new random, bayes or gp study), or nothing: say which, rather than let it pass unseen.
-    baseline = search.baseline_trial and search.strategy != "grid" and not options.resume
-    outside = space.mismatch(space.values_of(experiment.train)) if baseline else None
+    baseline = baseline_asked(search, options.resume)
     first = space.values_of(experiment.train)  # the baseline's searched values: a conditional one only where it holds
+    outside = space.mismatch(first) if baseline else None
     for item in experiment.overrides:
         key = item.partition("=")[0].strip()
         if key.startswith("train.") and key[len("train."):] in space.names:
@@ -295,11 +295,15 @@ def open_study(experiment: Experiment, options: StudyOptions,
     return data.without_test(), digest, parent
 
 
+def baseline_asked(search: SearchConfig, resume: bool) -> bool:
+    """Whether a study's first trial is to be its experiment's own [train] values: a new random, bayes or gp
+    study (`search.baseline_trial`); it is, where they are a point of its space (`has_baseline`)."""
+    return search.baseline_trial and search.strategy != "grid" and not resume
+
+
 def has_baseline(experiment: Experiment, space: Space, resume: bool) -> bool:
-    """Whether the study's first trial is the experiment's own [train] values (a new random, bayes or gp study
-    whose [train] values are a point of its space)."""
-    search = experiment.search
-    return (search.baseline_trial and search.strategy != "grid" and not resume
+    """Whether the study's first trial is the experiment's own [train] values."""
+    return (baseline_asked(experiment.search, resume)
             and space.mismatch(space.values_of(experiment.train)) is None)
 
 
