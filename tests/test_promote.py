@@ -561,12 +561,29 @@ def test_the_model_card_says_what_selected_the_model(mlflow_store):
     assert reproduce[1].startswith("python -m cnnopt.train --experiment ") and reproduce[1].endswith(
         " --set metric=val_accuracy --set train.lr=0.0123 --set train.seed=77"), reproduce[1]
     assert reproduce[4].startswith("python -m cnnopt.search --experiment ")
+    # A time budget's trial: cnnopt.train is not given the study's [search] overrides (it reads none), and is
+    # given the train subset the trial searched on (set by the plan, in no override).
+    budgeted = dataclasses.replace(load_experiment(None, ["search.time_budget=1", "train.epochs=3"]),
+                                   data=dataclasses.replace(load_experiment(None).data, subset=500))
+    run_id = client.create_run(experiment_id, tags={"cnnopt.study": "s2"}).info.run_id
+    alone = promote_module.model_card(budgeted, client.get_run(run_id), checkpoint, result).splitlines()
+    alone = alone[alone.index("## Reproduce") + 2]
+    assert alone.startswith("python -m cnnopt.train --experiment ") and "search." not in alone, alone
+    assert " --set train.epochs=3 --set data.subset=500 " in alone, alone
+    study = promote_module.model_card(budgeted, client.get_run(run_id), checkpoint, result).splitlines()
+    assert study[study.index("## Reproduce") + 5].endswith("--set search.time_budget=1 --set train.epochs=3")
     checkpoint.pop("train_config")
     assert "Selected on: val_accuracy (max) of the validation split; best epoch 16" in selected
     assert "- validation val_accuracy: 0.9500" in selected and "- test accuracy: 0.9000 (test split used once, here)" in selected
     final = card("val_accuracy", {"kept_epoch": "last", "final_data": "train+val"}, {"best_train_loss": 0.1})
     assert "Selected on: nothing; trained on train+val, its last epoch (16) kept" in final
     assert not any("nan" in line or line.startswith("- validation") for line in final)
+    # A study's final training: its epoch was not selected, its configuration was (the card said "nothing").
+    final = card("val_accuracy", {"kept_epoch": "last", "final_data": "train+val", "cnnopt.study": "s1",
+                                  "trains_trial": "12"}, {"best_train_loss": 0.1})
+    assert ("Selected on: val_accuracy (max) of the validation split, by the study that chose trial 12's "
+            "configuration; this model is that configuration's final training; trained on train+val, its last "
+            "epoch (16) kept") in final, final
     on_train = card("train_loss", {}, {"best_train_loss": 0.25})
     assert "Selected on: train_loss (min) of the train split; best epoch 16" in on_train
     assert "- train train_loss: 0.2500" in on_train

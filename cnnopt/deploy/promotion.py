@@ -260,7 +260,13 @@ def reproduce_lines(settings: Experiment, checkpoint: dict, study: str, final_da
     trained = checkpoint.get("train_config") or {}
     changed = [f"--set train.{name}={value}" for name, value in trained.items()
                if name in base and name != "device" and value != base[name]]
-    alone = " ".join([settings.command_line("python -m cnnopt.train"), *changed])
+    # cnnopt.train reads no [search] setting (a time budget's, say); a time budget's trial trained on the
+    # stratified train subset its plan set, which no override of the study's holds.
+    own = [item for item in settings.overrides if not item.strip().startswith("search.")]
+    if settings.data.subset and not any(item.strip().startswith("data.subset") for item in own):
+        own.append(f"data.subset={settings.data.subset}")
+    alone = " ".join([dataclasses.replace(settings, overrides=tuple(own)).command_line("python -m cnnopt.train"),
+                      *changed])
     if not study:
         return [alone]
     where = ("" if final_data in (None, "train") else
@@ -281,12 +287,16 @@ def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_r
     split = "train" if settings.metric.startswith("train_") else "validation"  # train_*: selected on training data
     score = metrics.get(f"best_{settings.metric}")
     last = run.data.tags.get("kept_epoch") == "last"  # a final training: its last epoch, where its schedule ends
+    # A study's final training: its epoch is not selected, but its configuration was, by the study's search.
+    chose = (f"Selected on: {settings.metric} ({settings.mode}) of the {split} split, by the study that chose "
+             f"trial {run.data.tags['trains_trial']}'s configuration; this model is that configuration's final training"
+             if study and run.data.tags.get("trains_trial") else "Selected on: nothing")
     if last and score is not None and split == "validation":  # on the train split: scored on val, not selected by it
-        selected = (f"Selected on: nothing; trained on {run.data.tags.get('final_data', 'its data')}, its last epoch "
+        selected = (f"{chose}; trained on {run.data.tags.get('final_data', 'its data')}, its last epoch "
                     f"({checkpoint.get('epoch')}) kept, where its schedule ends")
         shown = [f"- validation {settings.metric} at that epoch: {score:.4f}"]
     elif last or score is None:  # a train+val final: nothing left to select on, or to score on
-        selected = (f"Selected on: nothing; trained on {run.data.tags.get('final_data', 'its data')}, its last epoch "
+        selected = (f"{chose}; trained on {run.data.tags.get('final_data', 'its data')}, its last epoch "
                     f"({checkpoint.get('epoch')}) kept")
         shown = []
     else:
