@@ -17,7 +17,8 @@ from optuna.trial import TrialState
 from cnnopt import search, trials
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
-from cnnopt.study.budget import EXIT_SECONDS, MIN_TRIALS, TRIAL_OVERHEAD, Plan, last_start, make_plan, shown
+from cnnopt.study.budget import (CONFIRM_START, EXIT_SECONDS, MIN_TRIALS, PROMOTION_SECONDS, REPORT_SECONDS, TEST_SHARE,
+                                 TRIAL_OVERHEAD, TRIALS_BOUND, Plan, last_start, make_plan, shown)
 from cnnopt.study.runner import StudyOptions, make_searcher, run_study
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.final import final_data, promotable, stretched, train_final
@@ -30,7 +31,7 @@ TINY = TrainConfig(epochs=2, channels=8, batch_size=64)
 
 
 def plan(budget=600.0, epoch=10.0, slots=2, max_epochs=30, promote=True, **search):
-    # promotion 20 s, report 10 s (`budget.allowances`)
+    # the promotion, the report and the exit: `budget.allowances`
     return make_plan(dataclasses.replace(SEARCH, **search), max_epochs, budget=budget, started=20.0, epoch=epoch,
                      slots=slots, train_images=4500, promote=promote)
 
@@ -47,9 +48,10 @@ def test_a_plan_of_trials_under_a_second_shows_their_tenths():
 def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
     made = plan()
     assert made.started + made.search + made.confirm + made.final + made.finish == pytest.approx(600)
-    assert made.final == pytest.approx(0.4 * (600 - 20 - 30 - EXIT_SECONDS) + 10), \
+    assert made.final == pytest.approx(0.4 * (600 - 20 - PROMOTION_SECONDS - REPORT_SECONDS - EXIT_SECONDS)
+                                       + REPORT_SECONDS), \
         "the reserve is search.reserve of what is left, and the report's seconds: it is built meanwhile"
-    assert made.finish == 20 + EXIT_SECONDS, "only the promotion (and the exit) wait for the end"
+    assert made.finish == PROMOTION_SECONDS + EXIT_SECONDS, "only the promotion (and the exit) wait for the end"
     assert made.scheduler == "asha" and made.rungs() == [3 ** k for k in range(len(made.rungs()))]
     assert 1 < made.max_epochs == made.rungs()[-1] <= 30
     # Enough trials to search with, and at least two for every one that reaches the top rung.
@@ -60,6 +62,25 @@ def test_a_plan_spends_the_budget_on_search_confirmation_final_and_finish():
     # A trial's currency is time: the rungs are the probe's epochs, in seconds of training.
     assert made.trial_seconds == made.max_epochs * made.epoch
     assert any(f"ASHA rungs at {made.epoch:.0f}, {3 * made.epoch:.0f}" in line for line in made.lines())
+
+
+def test_the_promotions_test_pass_is_kept_by_the_size_of_the_test_split():
+    """The finish kept a fixed 20 s for the promotion: 4x what it took on digits (a 1-min budget ended at 0.5
+    min), and nothing for a big folder's test pass, which the probe's pace prices."""
+    few = make_plan(SEARCH, 30, budget=600, started=20.0, epoch=10.0, slots=2, train_images=4500, test_images=0)
+    many = make_plan(SEARCH, 30, budget=600, started=20.0, epoch=10.0, slots=2, train_images=4500,
+                     test_images=45_000)
+    assert many.finish - few.finish == pytest.approx(45_000 * TEST_SHARE * 10.0 / 4500)  # 50 s: 10 epochs' images
+    assert many.search < few.search and many.started + many.search + many.confirm + many.final + many.finish \
+        == pytest.approx(600)
+
+
+def test_a_short_budget_keeps_for_the_finish_what_it_takes():
+    """Digits on 2 cores, 1 min: 9 s to start, an epoch of ~0.03 s. The report, promotion and exit took ~9 s
+    of the 38 kept, and the search got 11 s; now it gets most of the minute."""
+    made = make_plan(SEARCH, 10, budget=60, started=9.0, epoch=0.03, slots=2, train_images=1293, test_images=252)
+    assert made.finish <= 25 and made.search + made.confirm + made.final >= 30, made
+    assert any("epoch costs ~0.03s" in line for line in made.lines()), made.lines()  # it said "~0.0s"
 
 
 def test_more_minutes_buy_deeper_trials_or_more_of_them():
@@ -88,8 +109,8 @@ def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search()
     dropped = plan(budget=600, epoch=10, reserve=0.05)  # 27 s: fewer epochs than a trial's 9
     assert kept.final > 0 and dropped.final == 0
     assert dropped.search > kept.search
-    assert dropped.finish == 30 + EXIT_SECONDS and dropped.report == 10 and any("register, the report" in line
-                                                                 for line in dropped.lines())
+    assert dropped.finish == PROMOTION_SECONDS + REPORT_SECONDS + EXIT_SECONDS and dropped.report == REPORT_SECONDS
+    assert any("register, the report" in line for line in dropped.lines())
     assert dropped.started + dropped.search + dropped.confirm + dropped.finish \
         == pytest.approx(600), "with no final training to overlap, the report's seconds come at the end"
     assert any("final" in line and "skipped" in line for line in dropped.lines())
@@ -97,7 +118,7 @@ def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search()
 
 def test_without_a_promotion_the_search_gets_the_confirmations_and_the_finals_time():
     alone = plan(epoch=0.5, promote=False)  # --no-promote
-    assert alone.final == 0 and alone.confirm == 0 and alone.finish == 10 + EXIT_SECONDS
+    assert alone.final == 0 and alone.confirm == 0 and alone.finish == REPORT_SECONDS + EXIT_SECONDS
     assert alone.started + alone.search + alone.finish == pytest.approx(600)
     assert sum("no promotion follows" in line for line in alone.lines()) == 2
     assert plan(epoch=0.5).confirm > 0, "with one, both are planned"
@@ -131,7 +152,7 @@ def test_on_any_number_of_slots_a_top_trial_and_a_confirmation_fit_in_the_search
             assert made.confirm <= CONFIRM_SHARE * wall + 1e-9
             if made.confirm_top:  # its runs, in waves of `slots` at once
                 waves = math.ceil(made.confirm_top * made.confirm_seeds / slots)
-                assert made.confirm == pytest.approx(waves * (made.trial_seconds + TRIAL_OVERHEAD))
+                assert made.confirm == pytest.approx(CONFIRM_START + waves * (made.trial_seconds + TRIAL_OVERHEAD))
     wide = plan(budget=600, epoch=30, slots=32)
     assert wide.search > 0.5 * (600 - wide.started - wide.final - wide.finish) and wide.final > 0
 
@@ -143,7 +164,7 @@ def test_a_plan_sets_the_searchs_epochs_trials_rungs_and_data():
     planned = made.apply(experiment)
     assert planned.train.epochs == experiment.train.epochs, "the most a trial trains; its time decides"
     assert planned.search.trial_seconds == made.trial_seconds and planned.search.grace_seconds == made.epoch
-    assert planned.search.trials == 2 * made.trials, "until the search's time is up, where trials end sooner"
+    assert planned.search.trials == TRIALS_BOUND * made.trials, "until the search's time is up, where trials end sooner"
     assert planned.search.epoch_limit == made.epoch_limit
     assert planned.search.time_budget == pytest.approx(made.search / 60), "Ray stops the search at its share"
     assert planned.data.subset == made.subset

@@ -54,6 +54,7 @@ class ImageData:
     # How many val and test images copied a train (test: or val) image when the data loaded, and whether they
     # were left out (data.duplicates = drop); None where no load made the data. Recorded on runs.
     duplicates: duplicates.Counts | None = None
+    withheld: int = 0  # test images `without_test` left out (a time budget keeps the promotion's test pass)
 
     @property
     def streamed(self) -> bool:
@@ -91,7 +92,7 @@ class ImageData:
         read once, by the promotion (`cnnopt.study.trainable.check_no_test` refuses it in a worker)."""
         # New empty tensors, not [:0]: a view pickles its whole storage, so every worker got the test pixels.
         return replace(self, test_x=self.test_x.new_empty((0, *self.test_x.shape[1:])),
-                       test_y=self.test_y.new_empty((0,)))
+                       test_y=self.test_y.new_empty((0,)), withheld=self.withheld + len(self.test_y))
 
     def preprocessing(self) -> dict:
         """What a checkpoint needs to rebuild the eval preprocessing."""

@@ -48,9 +48,17 @@ from cnnopt.study.trainable import assigned_device, check_no_test, gpu_share
 from cnnopt.tracking import param_value
 from cnnopt.training.objective import epoch_seconds, seconds_per_image
 
-REPORT_SECONDS = 10.0  # the study report's figures and importances (measured 5-10 s)
-PROMOTION_SECONDS = 20.0  # a promotion's test pass, export, fresh-process check and registry (measured 10-20 s)
-EXIT_SECONDS = 8.0  # after the budget's last line: Ray's stop and the process's exit (measured 5-9 s on 2 cores)
+# What follows the trials, measured on 2 cores (digits, 40 trials: report 4-5 s, promotion 5 s, exit 3.7 s;
+# 5,000 CIFAR-10 images: promotion 8-9 s), with a margin. The allowances were 10, 20 and 8 s: a 1-min budget
+# kept 38 s for the ~9 s this takes and ended at 0.5 min, its search given 11 s.
+REPORT_SECONDS = 8.0  # the study report's figures and importances, where no final training runs beside it
+PROMOTION_SECONDS = 8.0  # a promotion's export, fresh-process check and registry; its test pass is counted apart
+TEST_SHARE = 0.5  # a test image's seconds as a share of a training image's (a forward pass is ~1/3)
+EXIT_SECONDS = 5.0  # after the budget's last line: Ray's stop and the process's exit
+# Before the first trial: Ray's start, the data and the probe (measured 9-10 s for digits on 2 cores), and a
+# few seconds of trials: what a refusal made before Ray starts asks for beyond the allowances.
+FIRST_SECONDS = 15.0
+CONFIRM_START = 3.0  # a confirmation's own start: its data loaded again and sent to the workers (measured 2-3 s)
 MIN_TRIALS = 8  # fewer trials than this is not a search
 CONFIRM_SHARE = 0.2  # of the search's time, the most a confirmation may take
 # Of the search's time, the most a trial that reaches the top rung may train: on many slots the trials'
@@ -58,6 +66,7 @@ CONFIRM_SHARE = 0.2  # of the search's time, the most a confirmation may take
 TOP_SHARE = 1 / 3
 MIN_SUBSET = 0.1  # the smallest share of the train split a search may use
 TRIAL_OVERHEAD = 1.0  # seconds a trial costs beyond its epochs (start, first batch, checkpoint, record): measured ~1 s
+TRIALS_BOUND = 4  # a plan's trials may run to this many times its estimate: the search's time ends them
 FINAL_OVERHEAD = 10.0  # seconds a final training costs beyond its epochs (a worker, the data, its own timing)
 
 
@@ -102,8 +111,10 @@ class Plan:
 
     def apply(self, experiment: Experiment) -> Experiment:
         """The experiment the search and the confirmation run: the plan's epochs, trials, rungs and data."""
-        # Trials run until the search's share ends: up to twice the estimate, where they end sooner.
-        search = dataclasses.replace(experiment.search, trials=2 * self.trials, scheduler=self.scheduler,
+        # Trials run until the search's share ends: up to TRIALS_BOUND times the estimate, where they end
+        # sooner (tiny ones cost less than TRIAL_OVERHEAD: capped at twice the estimate, a 1-min digits search
+        # ran its 40 and stopped 3 s early).
+        search = dataclasses.replace(experiment.search, trials=TRIALS_BOUND * self.trials, scheduler=self.scheduler,
                                      grace_period=self.grace, reduction_factor=self.reduction,
                                      epoch_limit=self.epoch_limit, trial_seconds=self.trial_seconds,
                                      grace_seconds=self.grace * self.epoch, confirm_top=self.confirm_top,
@@ -127,7 +138,7 @@ class Plan:
                    "skipped: off (--no-confirm)" if not self.confirm_asked else
                    "skipped (two configurations x two seeds do not fit in a fifth of the search)")
         return [f"time budget {self.budget / 60:g} min: {self.started:.0f}s to start; a trial's epoch costs "
-                f"~{self.epoch:.1f}s here ({self.slots} at once)",
+                f"~{shown(self.epoch)}s here ({self.slots} at once)",
                 f"  search  {self.search:5.0f}s  ~{self.trials} trials of up to {shown(self.trial_seconds)}s of training "
                 f"(the probe's configuration: {counted(self.max_epochs, 'epoch')}; a faster "
                 f"one trains more), {rungs}, {data}; an epoch over {shown(self.epoch_limit)}s is stopped",
@@ -187,8 +198,9 @@ class Plan:
 
 
 def shown(seconds: float) -> str:
-    """Seconds as the plan prints them: whole ones, tenths below ten (digits' trials take fractions)."""
-    return f"{seconds:.1f}" if seconds < 9.95 else f"{seconds:.0f}"
+    """Seconds as the plan prints them: whole ones, tenths below ten, hundredths below a tenth (digits' epochs
+    take a few: "~0.0s" said nothing)."""
+    return f"{seconds:.2f}" if seconds < 0.095 else f"{seconds:.1f}" if seconds < 9.95 else f"{seconds:.0f}"
 
 
 def last_start(search: SearchConfig) -> float | None:
@@ -200,14 +212,20 @@ def last_start(search: SearchConfig) -> float | None:
     return max(0.0, search.time_budget * 60 - search.grace_seconds - TRIAL_OVERHEAD)
 
 
-def allowances(promote: bool, report: bool) -> tuple[float, float]:
-    """Seconds a budget keeps for what follows the trials: (finish: the promotion where one follows, and
-    the exit; the report, where one is built)."""
-    return (PROMOTION_SECONDS if promote else 0.0) + EXIT_SECONDS, REPORT_SECONDS if report else 0.0
+def allowances(promote: bool, report: bool, test_seconds: float = 0.0) -> tuple[float, float]:
+    """Seconds a budget keeps for what follows the trials: (finish: the promotion where one follows, its
+    test pass's `test_seconds` included, and the exit; the report, where one is built)."""
+    return (PROMOTION_SECONDS + test_seconds if promote else 0.0) + EXIT_SECONDS, REPORT_SECONDS if report else 0.0
+
+
+def at_least(seconds: float) -> str:
+    """The --time-budget a refusal asks for, where `seconds` are needed: a fifth more, a tenth of a minute up."""
+    return f"{math.ceil(seconds / 6 * 1.2) / 10:g}"
 
 
 def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: float, epoch: float, slots: int,
-              train_images: int, classes: int = 1, promote: bool = True, report: bool = True) -> Plan:
+              train_images: int, classes: int = 1, test_images: int = 0, promote: bool = True,
+              report: bool = True) -> Plan:
     """Split a budget given what an epoch costs; pure arithmetic (the probe is `measure_epoch`).
 
     Args:
@@ -218,6 +236,8 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         slots: trials at once.
         train_images: the train split's size.
         classes: the number of classes: the fewest images a train subset keeps (one of each).
+        test_images: the test split's size: the promotion's one test pass, at TEST_SHARE of a training
+            image's seconds (the probe's), is kept in finish (on a big folder it is no fixed few seconds).
         promote: a promotion follows the search (its seconds are kept in finish, with the exit's); without
             one, the confirmation and the final training (which serve it) are not planned, and the search
             gets their time.
@@ -228,7 +248,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
     """
     if not promote:
         search = dataclasses.replace(search, reserve=0.0, confirm_top=0)
-    finish, report = allowances(promote, report)
+    finish, report = allowances(promote, report, test_images * TEST_SHARE * epoch / max(1, train_images))
     remaining = budget - started - finish - report
     plan = _split(search, max_epochs, remaining, search.reserve * remaining, epoch, slots)
     if plan["final"] and (plan["final"] - FINAL_OVERHEAD) / epoch <= plan["max_epochs"]:
@@ -240,7 +260,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         shortest = started + finish + report + needed * (epoch * MIN_SUBSET + TRIAL_OVERHEAD) / slots
         raise UsageError(f"a time budget of {budget / 60:g} min is too short here: {started:.0f}s went to starting, "
                          f"and {needed} trials of one epoch (~{shown(epoch)}s each, {slots} at once) on a tenth of the "
-                         f"data need more; give --time-budget at least {math.ceil(shortest / 6 * 1.2) / 10:g}")  # a tenth up
+                         f"data need more; give --time-budget at least {at_least(shortest)}")
     if plan["final"]:
         plan["final"] += report
         report = 0.0
@@ -274,11 +294,11 @@ def _split(search: SearchConfig, max_epochs: int, remaining: float, final: float
     confirm_top, confirm_seeds, confirm = 0, 0, 0.0
     if search.confirm_top >= 2 and fraction > 0:
         run_seconds = top * epoch + TRIAL_OVERHEAD  # a confirmation run trains as long as a top trial
-        runs = int(CONFIRM_SHARE * rest / run_seconds) * slots  # waves of `slots` runs at once, in the share
+        runs = int(max(0.0, CONFIRM_SHARE * rest - CONFIRM_START) / run_seconds) * slots  # waves of `slots` runs
         if runs >= 4:
             confirm_top = min(search.confirm_top, runs // 2)
             confirm_seeds = min(search.confirm_seeds, runs // confirm_top)
-            confirm = math.ceil(confirm_top * confirm_seeds / slots) * run_seconds
+            confirm = CONFIRM_START + math.ceil(confirm_top * confirm_seeds / slots) * run_seconds
     searching = rest - confirm
     cost = per_trial(top) * epoch + TRIAL_OVERHEAD
     trials = max(needed, int((searching * slots) / cost)) if fraction > 0 else needed

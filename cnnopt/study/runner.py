@@ -38,7 +38,8 @@ from cnnopt.data.datasets import ImageData, check_source, load_data, why_no_test
 from cnnopt.errors import UsageError, last_line
 from cnnopt.experiment.config import Experiment, SearchConfig, TrainConfig, check_name, field_types
 from cnnopt.experiment.space import Space, edge_values
-from cnnopt.study.budget import Plan, allowances, last_start, make_plan, measure_epoch, shown
+from cnnopt.study.budget import (FIRST_SECONDS, Plan, allowances, at_least, last_start, make_plan, measure_epoch,
+                                 shown)
 from cnnopt.study.callback import StudyCallback
 from cnnopt.study.strategies import STRATEGIES, PickledSearcher
 from cnnopt.study.trainable import best_key, run_trial
@@ -205,7 +206,8 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
         if search.time_budget * 60 <= spent + kept:
             raise UsageError(f"a time budget of {search.time_budget:g} min is too short here: {spent:.0f}s went to "
                              f"starting and {kept:.0f}s are kept for what follows the trials (the report, the "
-                             f"promotion, the exit); give --time-budget at least {math.ceil((spent + kept) / 60 + 1)}")
+                             f"promotion, the exit); give --time-budget at least "
+                             f"{at_least(spent + kept + FIRST_SECONDS)}")
     if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
         raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs}); "
                          "lower it or raise train.epochs")
@@ -358,7 +360,7 @@ def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: S
         epoch = measure_epoch(experiment, space, data, search, slots)
         plan = make_plan(search, experiment.train.epochs, budget=search.time_budget * 60,
                          started=time.perf_counter() - started, epoch=epoch, slots=slots,
-                         train_images=len(data.train_y), classes=data.num_classes,
+                         train_images=len(data.train_y), classes=data.num_classes, test_images=data.withheld,
                          promote=options.promote, report=options.report)
     for line in plan.lines():
         print(line, flush=True)
