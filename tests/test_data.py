@@ -172,14 +172,21 @@ def test_resize_center_crop_makes_a_square():
 # ----- CIFAR-10, written in the real python-pickle format -----
 
 
-def write_cifar(root: Path, batches: int = 2, per_batch: int = 30, test: int = 20) -> Path:
-    """A cifar-10-batches-py folder; pixel 0 of each image holds a marker (1 train, 2 test), pixels 1-2 its id."""
+def write_cifar(root: Path, batches: int = 2, per_batch: int = 30, test: int = 20, learnable: bool = False) -> Path:
+    """A cifar-10-batches-py folder; pixel 0 of each image holds a marker (1 train, 2 test), pixels 1-2 its id.
+    Its pixels are random, or where `learnable`, each class's own colour under a little noise (a net learns
+    it in a few steps, whatever the crop or mirror)."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
+    colours = np.random.default_rng(1).integers(0, 256, (10, 3))  # apart: the random pixels stay the same
 
     def batch(count: int, marker: int, first_id: int, label: bytes) -> dict:
         data = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
+        if learnable:  # rows are the CIFAR layout: 1024 red, 1024 green, then 1024 blue values
+            noise = rng.integers(-24, 25, (count, 3, 1024))
+            classes = np.arange(count) % 10
+            data = np.clip(colours[classes][:, :, None] + noise, 0, 255).astype(np.uint8).reshape(count, 3072)
         ids = np.arange(first_id, first_id + count)
         data[:, 0], data[:, 1], data[:, 2] = marker, ids // 256, ids % 256
         labels = [int(i % 10) for i in range(count)]
