@@ -255,6 +255,16 @@ def test_a_searched_hyperparameter_set_on_the_command_line_is_a_warning(tmp_path
             "'architecture' (batch_size=64 is outside search space 'architecture')") in done.stderr
 
 
+def test_a_gp_study_of_many_trials_warns_that_its_sampler_will_keep_them_waiting(tmp_path):
+    """Optuna's GPSampler took 4 s per trial at 1,000 trials and 24 s at 2,000 (2 cores), each new trial waiting."""
+    done = search(["--strategy", "gp", "--trials", "600", "--address", "127.0.0.1:9"], tmp_path)
+    assert "warning: --strategy gp over ~600 trials: Optuna's GPSampler takes seconds per trial" in done.stderr
+    assert "cannot reach the Ray cluster" in error_line(done.stderr), "a warning, not a refusal"
+    for args in (["--strategy", "gp", "--trials", "100"], ["--strategy", "bayes", "--trials", "600"]):
+        done = search([*args, "--address", "127.0.0.1:9"], tmp_path)
+        assert "GPSampler" not in done.stderr, args
+
+
 def test_a_time_budget_shorter_than_start_up_says_so(tmp_path):
     done = search(["--time-budget", "0.001", "--name", "short"], tmp_path)
     assert done.returncode == 2

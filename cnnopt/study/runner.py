@@ -41,7 +41,7 @@ from cnnopt.experiment.space import Space, edge_values
 from cnnopt.study.budget import (FIRST_SECONDS, Plan, allowances, at_least, last_start, make_plan, measure_epoch,
                                  shown)
 from cnnopt.study.callback import StudyCallback
-from cnnopt.study.strategies import STRATEGIES, PickledSearcher
+from cnnopt.study.strategies import STRATEGIES, PickledSearcher, sampler_warning
 from cnnopt.study.trainable import best_key, run_trial
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import PastTrial, StudyRecorder
@@ -242,6 +242,8 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
                 baseline and not outside and key[len("train."):] in first) else "has no effect"
             print(f"warning: --set {item} {effect}: search space {space.name!r} searches "
                   f"{key[len('train.'):]} (its range is in search_spaces/{space.name}.py)", file=sys.stderr)
+    if not search.time_budget and (warning := sampler_warning(search.strategy, search.trials)):  # a budget: its plan
+        print(warning, file=sys.stderr)
     if outside:  # the baseline trial is the experiment's own [train] values: they must be a point of the space
         print(f"warning: no baseline trial: the experiment's [train] values are not a point of search space "
               f"{space.name!r} ({outside}); the sampler draws every trial", file=sys.stderr)
@@ -364,6 +366,8 @@ def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: S
                          promote=options.promote, report=options.report)
     for line in plan.lines():
         print(line, flush=True)
+    if not plan.resumed and (warning := sampler_warning(search.strategy, plan.trials)):
+        print(warning, file=sys.stderr, flush=True)
     planned = plan.apply(experiment)
     if plan.subset:  # the search trains on a stratified subset; val (and the unused test) stay the same
         data = load_data(planned.data).without_test()
