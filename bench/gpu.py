@@ -620,7 +620,7 @@ def study_results(experiment, name: str, uri: str, shown: str, code: int, wall: 
 
 def describe_promoted(run) -> str:
     """'<test accuracy> (<kind> run of trial N)': a trial, a confirmation run or a final training."""
-    from cnnopt.tracking.registry import trial_of  # the study part only: it needs mlflow
+    from cnnopt.tracking.studies import trial_of  # the study part only: it needs mlflow
 
     tags, test = run.data.tags, run.data.metrics.get("test_accuracy")
     trial = trial_of(run) or "?"

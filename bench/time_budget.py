@@ -57,7 +57,7 @@ from cnnopt.deploy.promotion import evaluate_test
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.tracking import KIND_TAG, studies
-from cnnopt.tracking.registry import trial_of
+from cnnopt.tracking.studies import trial_of
 from cnnopt.training.model import build_model
 from cnnopt.training.objective import train
 from _machine import cpu_description  # bench/ is on sys.path when a script runs
