@@ -296,7 +296,7 @@ def _promote_chosen(experiment, outcome, address, started: float, spent: dict,
         with timed(spent, "final"):
             deadline = 0.0
             if outcome.plan is not None:  # where the plan's finish begins (the report is built meanwhile)
-                deadline = time.time() + outcome.plan.final_ends - (time.perf_counter() - started)
+                deadline = time.time() + outcome.plan.final_deadline - (time.perf_counter() - started)
             final = final_training(experiment, outcome, run_id, what, deadline, address)
         if final is not None:
             run_id, what = final.run_id, f"the final training of {what}"

@@ -17,8 +17,9 @@ from optuna.trial import TrialState
 from cnnopt import search, trials
 from cnnopt.errors import UsageError
 from cnnopt.experiment.config import SearchConfig, TrainConfig, load_experiment
-from cnnopt.study.budget import (CONFIRM_START, EXIT_SECONDS, MIN_TRIALS, PROMOTION_SECONDS, REPORT_SECONDS, TEST_SHARE,
-                                 TRIAL_OVERHEAD, TRIALS_BOUND, Plan, last_start, make_plan, shown)
+from cnnopt.study.budget import (CONFIRM_START, EXIT_SECONDS, FINAL_RECORD, MIN_TRIALS, PROMOTION_SECONDS,
+                                 REPORT_SECONDS, TEST_SHARE, TRIAL_OVERHEAD, TRIALS_BOUND, Plan, last_start, make_plan,
+                                 shown)
 from cnnopt.study.runner import StudyOptions, make_searcher, run_study
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.study.final import final_data, promotable, stretched, train_final
@@ -512,6 +513,8 @@ def test_a_resume_after_the_search_goes_on_with_the_plans_phases_left():
     assert (left.search, left.confirm, left.final, left.finish) == (0.0, made.confirm, made.final, made.finish)
     assert left.final_ends == 4.0 + made.confirm + made.final, "the final ends where the plan's finish begins"
     assert made.final_ends == pytest.approx(made.budget - made.finish)
+    # Its training ends before that: its record follows in the final's seconds (a 20-s final took 22).
+    assert made.final_deadline == pytest.approx(made.final_ends - FINAL_RECORD)
     assert left.lines() == [f"time budget 10 min, resumed after its search: 4s to start, then the plan's confirm "
                             f"{made.confirm:.0f}s, final {made.final:.0f}s, finish {made.finish:.0f}s"]
     unconfirmed = made.after_search(4.0, confirm=False, promote=True)  # --no-confirm on the resume
