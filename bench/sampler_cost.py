@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import optuna  # noqa: E402
 
 import search_spaces  # noqa: E402
-from cnnopt.cli import quiet_libraries  # noqa: E402
 from cnnopt.study.strategies import STRATEGIES  # noqa: E402
 from cnnopt.tracking.recorder import PastTrial  # noqa: E402
 from _machine import cpu_description  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="trials timed at each size")
     parser.add_argument("--limit", type=float, default=60.0, help="seconds per trial past which larger sizes are skipped")
     args = parser.parse_args()
-    quiet_libraries()
+    warnings.filterwarnings("ignore")  # Optuna's experimental and deprecation notices, not figures
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = search_spaces.get(args.space)
     sizes = [int(size) for size in args.sizes.split(",")]

@@ -172,6 +172,21 @@ def test_a_plan_sets_the_searchs_epochs_trials_rungs_and_data():
     assert experiment.search.trial_seconds == 0, "the asked settings are unchanged (what the study records)"
 
 
+def test_a_planned_searchs_sampler_starts_up_from_the_plans_estimate_not_its_bound(monkeypatch):
+    """bayes and gp draw at random for a quarter of the trials they are built for (4-10): built for the bound
+    (4x the estimate), a plan of 12 trials drew 10 of them at random, not 6."""
+    experiment = load_experiment(None, ["search.time_budget=10"])
+    made = make_plan(experiment.search, experiment.train.epochs, budget=600, started=20, epoch=40, slots=2,
+                     train_images=1000)
+    built = []
+    bayes = STRATEGIES["bayes"]
+    monkeypatch.setitem(STRATEGIES, "bayes", dataclasses.replace(
+        bayes, make=lambda seed, trials: built.append(trials) or bayes.make(seed, trials)))
+    make_searcher(made.apply(experiment), search_spaces.get("lesson"), [])
+    make_searcher(load_experiment(None, ["search.trials=40"]), search_spaces.get("lesson"), [])
+    assert built == [made.trials, 40], "the plan's estimate; an unplanned study's own trials"
+
+
 def test_no_trial_starts_that_could_not_reach_its_first_rung_before_the_search_ends(capsys):
     planned = dataclasses.replace(SEARCH, time_budget=2.0, grace_seconds=15.0)  # a plan's search: 120s, rung at 15s
     assert last_start(planned) == 120 - 15 - TRIAL_OVERHEAD
@@ -392,7 +407,7 @@ def test_a_phase_cut_short_by_a_ctrl_c_counts_in_the_budgets_table(mlflow_store,
     client = MlflowClient(tracking_uri=mlflow_store)
     parent = client.create_run(client.create_experiment("digits")).info.run_id
     plan = SimpleNamespace(budget=120.0, started=10.0, search=60.0, confirm=0.0, final=25.0, finish=20.0,
-                           final_ends=95.0, resumed=False)
+                           final_ends=95.0, final_deadline=93.0, resumed=False)
     outcome = SimpleNamespace(best={"run_id": "r", "trial_number": 1}, parent_run_id=parent, plan=plan,
                               searched=None, name="cut", wall_seconds=61.0, search_ended=False)
 

@@ -570,6 +570,12 @@ def test_the_model_card_says_what_selected_the_model(mlflow_store):
     alone = alone[alone.index("## Reproduce") + 2]
     assert alone.startswith("python -m cnnopt.train --experiment ") and "search." not in alone, alone
     assert " --set train.epochs=3 --set data.subset=500 " in alone, alone
+    # The user's own data.subset, of which the plan searched a smaller one: the trial's (it was kept as asked).
+    asked = load_experiment(None, ["data.subset=900", "search.time_budget=1"])
+    smaller = dataclasses.replace(asked, data=dataclasses.replace(asked.data, subset=300))
+    card_lines = promote_module.model_card(smaller, client.get_run(run_id), checkpoint, result).splitlines()
+    alone = card_lines[card_lines.index("## Reproduce") + 2]
+    assert " --set data.subset=300 " in alone and "subset=900" not in alone, alone
     study = promote_module.model_card(budgeted, client.get_run(run_id), checkpoint, result).splitlines()
     assert study[study.index("## Reproduce") + 5].endswith("--set search.time_budget=1 --set train.epochs=3")
     checkpoint.pop("train_config")

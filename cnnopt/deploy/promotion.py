@@ -261,9 +261,10 @@ def reproduce_lines(settings: Experiment, checkpoint: dict, study: str, final_da
     changed = [f"--set train.{name}={value}" for name, value in trained.items()
                if name in base and name != "device" and value != base[name]]
     # cnnopt.train reads no [search] setting (a time budget's, say); a time budget's trial trained on the
-    # stratified train subset its plan set, which no override of the study's holds.
-    own = [item for item in settings.overrides if not item.strip().startswith("search.")]
-    if settings.data.subset and not any(item.strip().startswith("data.subset") for item in own):
+    # stratified train subset its plan set (of the user's data.subset, where one was given): no override holds it.
+    own = [item for item in settings.overrides
+           if not item.strip().startswith("search.") and item.partition("=")[0].strip() != "data.subset"]
+    if settings.data.subset:
         own.append(f"data.subset={settings.data.subset}")
     alone = " ".join([dataclasses.replace(settings, overrides=tuple(own)).command_line("python -m cnnopt.train"),
                       *changed])

@@ -53,11 +53,15 @@ from cnnopt.training.objective import epoch_seconds, seconds_per_image
 # kept 38 s for the ~9 s this takes and ended at 0.5 min, its search given 11 s.
 REPORT_SECONDS = 8.0  # the study report's figures and importances, where no final training runs beside it
 PROMOTION_SECONDS = 8.0  # a promotion's export, fresh-process check and registry; its test pass is counted apart
-TEST_SHARE = 0.5  # a test image's seconds as a share of a training image's (a forward pass is ~1/3)
+TEST_SHARE = 2 / 3  # a test image's seconds as a share of a training image's (a forward pass ~1/3, two with flip TTA)
 EXIT_SECONDS = 5.0  # after the budget's last line: Ray's stop and the process's exit
 # Before the first trial: Ray's start, the data and the probe (measured 9-10 s for digits on 2 cores), and a
 # few seconds of trials: what a refusal made before Ray starts asks for beyond the allowances.
 FIRST_SECONDS = 15.0
+# Once, as the search starts: Ray starts the trials' first workers (each imports torch and the training code,
+# and fetches the data: ~6 s on 2 cores), before any trial trains. Unplanned, a 0.8-min digits plan's 7-s search
+# ended before any trial finished.
+TRIALS_START = 5.0
 CONFIRM_START = 3.0  # a confirmation's own start: its data loaded again and sent to the workers (measured 2-3 s)
 MIN_TRIALS = 8  # fewer trials than this is not a search
 CONFIRM_SHARE = 0.2  # of the search's time, the most a confirmation may take
@@ -221,6 +225,13 @@ def last_start(search: SearchConfig) -> float | None:
     return max(0.0, search.time_budget * 60 - search.grace_seconds - TRIAL_OVERHEAD)
 
 
+def expected_trials(search: SearchConfig) -> int:
+    """The trials a search expects to run: a planned one's estimate (its search.trials is TRIALS_BOUND times
+    that, the most it may run before its time ends it), else search.trials."""
+    planned = search.time_budget and search.grace_seconds  # as `last_start` tells a planned search
+    return max(1, search.trials // TRIALS_BOUND) if planned else search.trials
+
+
 def allowances(promote: bool, report: bool, test_seconds: float = 0.0) -> tuple[float, float]:
     """Seconds a budget keeps for what follows the trials: (finish: the promotion where one follows, its
     test pass's `test_seconds` included, and the exit; the report, where one is built)."""
@@ -266,7 +277,7 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         plan = _split(search, max_epochs, remaining, 0.0, epoch, slots)
     if plan["fraction"] < MIN_SUBSET:
         needed = max(MIN_TRIALS, 2 * slots)
-        shortest = started + finish + report + needed * (epoch * MIN_SUBSET + TRIAL_OVERHEAD) / slots
+        shortest = started + finish + report + TRIALS_START + needed * (epoch * MIN_SUBSET + TRIAL_OVERHEAD) / slots
         raise UsageError(f"a time budget of {budget / 60:g} min is too short here: {started:.0f}s went to starting, "
                          f"and {needed} trials of one epoch (~{shown(epoch)}s each, {slots} at once) on a tenth of the "
                          f"data need more; give --time-budget at least {at_least(shortest)}")
@@ -286,7 +297,7 @@ def _split(search: SearchConfig, max_epochs: int, remaining: float, final: float
     rest = remaining - final
     reduction, grace = search.reduction_factor, search.grace_period
     needed = max(MIN_TRIALS, 2 * slots)
-    slot_seconds = max(0.0, rest * slots - needed * TRIAL_OVERHEAD)
+    slot_seconds = max(0.0, (rest - TRIALS_START) * slots - needed * TRIAL_OVERHEAD)
     fraction = min(1.0, slot_seconds / (needed * epoch * grace))
     epoch *= fraction  # the search's epoch, on the subset when the full train split does not fit
 
@@ -310,7 +321,7 @@ def _split(search: SearchConfig, max_epochs: int, remaining: float, final: float
             confirm = CONFIRM_START + math.ceil(confirm_top * confirm_seeds / slots) * run_seconds
     searching = rest - confirm
     cost = per_trial(top) * epoch + TRIAL_OVERHEAD
-    trials = max(needed, int((searching * slots) / cost)) if fraction > 0 else needed
+    trials = max(needed, int((searching - TRIALS_START) * slots / cost)) if fraction > 0 else needed
     return {"search": searching, "confirm": confirm, "final": final, "epoch": epoch, "max_epochs": top,
             "trials": trials, "epoch_limit": cost, "confirm_top": confirm_top,
             "confirm_seeds": confirm_seeds, "scheduler": "asha" if top > grace else "fifo", "fraction": fraction}

@@ -38,8 +38,8 @@ from cnnopt.data.datasets import ImageData, check_source, load_data, why_no_test
 from cnnopt.errors import UsageError, last_line
 from cnnopt.experiment.config import Experiment, SearchConfig, TrainConfig, check_name, field_types
 from cnnopt.experiment.space import Space, edge_values
-from cnnopt.study.budget import (FIRST_SECONDS, Plan, allowances, at_least, last_start, make_plan, measure_epoch,
-                                 shown)
+from cnnopt.study.budget import (FIRST_SECONDS, Plan, allowances, at_least, expected_trials, last_start, make_plan,
+                                 measure_epoch, shown)
 from cnnopt.study.callback import StudyCallback
 from cnnopt.study.strategies import STRATEGIES, PickledSearcher, sampler_warning
 from cnnopt.study.trainable import best_key, run_trial
@@ -203,11 +203,11 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
     if search.time_budget and options.planned:  # hopeless before Ray starts: say so now, not after the probe
         spent = time.perf_counter() - options.started if options.started else 0.0
         kept = sum(allowances(options.promote, options.report))
-        if search.time_budget * 60 <= spent + kept:
+        if search.time_budget * 60 <= spent + kept + FIRST_SECONDS:  # what the line asks for, less its fifth
             raise UsageError(f"a time budget of {search.time_budget:g} min is too short here: {spent:.0f}s went to "
-                             f"starting and {kept:.0f}s are kept for what follows the trials (the report, the "
-                             f"promotion, the exit); give --time-budget at least "
-                             f"{at_least(spent + kept + FIRST_SECONDS)}")
+                             f"starting, Ray's start, the data and a first trial take ~{FIRST_SECONDS:.0f}s more, and "
+                             f"{kept:.0f}s are kept for what follows the trials (the report, the promotion, the exit); "
+                             f"give --time-budget at least {at_least(spent + kept + FIRST_SECONDS)}")
     if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
         raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs}); "
                          "lower it or raise train.epochs")
@@ -699,6 +699,7 @@ def make_searcher(experiment: Experiment, space: Space, past: list[PastTrial]) -
     search = experiment.search
     searcher = STRATEGIES[search.strategy].searcher(space, metric=best_key(experiment.metric), mode=experiment.mode,
                                                      seed=search.seed, trials=search.trials,
+                                                     expected=expected_trials(search),
                                                      max_epochs=experiment.train.epochs, past=past,
                                                      baseline=space.point_of(experiment.train) if search.baseline_trial
                                                      else None)

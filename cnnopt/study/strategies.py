@@ -143,7 +143,8 @@ class Grid:
     sampler: str = "GridSearcher"
 
     def searcher(self, space: Space, *, metric: str, mode: str, seed: int, trials: int, max_epochs: int,
-                 past: Sequence[PastTrial] = (), baseline: dict | None = None) -> GridSearcher:
+                 past: Sequence[PastTrial] = (), baseline: dict | None = None,
+                 expected: int | None = None) -> GridSearcher:
         finished = {_key(trial.params) for trial in past if trial_status.is_ended(trial.status)}
         return GridSearcher([point for point in space.grid()[:trials] if _key(point) not in finished],
                             metric=metric, mode=mode)
@@ -165,15 +166,17 @@ class Sampled:
     make: Callable[[int, int], optuna.samplers.BaseSampler]
 
     def searcher(self, space: Space, *, metric: str, mode: str, seed: int, trials: int, max_epochs: int,
-                 past: Sequence[PastTrial] = (), baseline: dict | None = None) -> OptunaSearcher:
+                 past: Sequence[PastTrial] = (), baseline: dict | None = None,
+                 expected: int | None = None) -> OptunaSearcher:
         """The searcher; `past` is the record of a resumed study: the sampler learns its ended trials,
         and its interrupted ones are asked first, with their hyperparameters. A new study asks the
         `baseline` point first (the experiment's own [train] values), so it starts from what its
-        file states rather than from a random draw."""
+        file states rather than from a random draw. Its random start-up is sized from the trials the study
+        `expected` to run (a time budget's estimate; `trials` is then only the most it may run), else `trials`."""
         # A resumed sampler draws from a new seed: the original one would repeat the draws already made.
         seed = (seed + 7919 * len(past)) % 2**32
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        searcher = OptunaSearcher(space, self.make(seed, trials), metric=metric, mode=mode, max_epochs=max_epochs,
+        searcher = OptunaSearcher(space, self.make(seed, expected or trials), metric=metric, mode=mode, max_epochs=max_epochs,
                                   reruns=[trial.params for trial in past if trial.status == trial_status.INTERRUPTED]
                                   + ([baseline] if baseline and not past else []))
         for trial in past:
