@@ -114,11 +114,11 @@ def interrupts_deferred():
 
 def sigterm_as_interrupt(*_) -> None:
     """A SIGTERM handled as a Ctrl-C, through SIGINT's handler. A job a script started with `&` has SIGINT
-    ignored: there SIGTERM ends the process as it would without cnnopt's handler, never swallowed."""
+    ignored (or one may leave it to the system): there the SIGTERM is a KeyboardInterrupt raised here, in the
+    main thread, so the command closes its MLflow runs as on a Ctrl-C (it ended the process as the signal does
+    by default: `nohup cmd &` then `kill` left a cnnopt.train or lr_finder run RUNNING for good), never swallowed."""
     if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGTERM)
-        return
+        raise KeyboardInterrupt
     signal.raise_signal(signal.SIGINT)
 
 
