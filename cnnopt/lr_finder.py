@@ -26,6 +26,10 @@ from cnnopt.experiment.config import TrainConfig, load_experiment
 from cnnopt.tracking.runs import standalone_run
 from cnnopt.training.objective import check_choices, check_config, lr_setting, resolve_device, set_up
 
+# Run away, too: the smoothed loss half again above where it stood after the noisy start. A short sweep never
+# fell 25% first nor rose to 4x its best: on digits its loss climbed 2.3 -> 5.5 (mini-batches at 56) and the
+# finder said it never ran away and to raise --end-lr.
+RISE_FACTOR = 1.5
 SKIP_START_FRACTION = 0.1  # the first tenth of the sweep is noise around the initial loss (fastai skips 10 of 100)
 
 
@@ -97,7 +101,17 @@ def ran_away(losses: list[float], best: float, settle: int, diverge_factor: floa
     value = losses[-1]
     if value > diverge_factor * best:
         return True
-    return len(losses) > settle and value > losses[settle] and min(losses[settle:]) < 0.75 * losses[settle]
+    if len(losses) <= settle:
+        return False
+    return value > RISE_FACTOR * losses[settle] or (value > losses[settle]
+                                                    and min(losses[settle:]) < 0.75 * losses[settle])
+
+
+def fell(losses: list[float], settle: int) -> bool:
+    """Whether the smoothed loss fell by 5% from where it stood after the noisy start (`settle` steps; its first
+    step, in a sweep that stopped sooner): below that, a flat loss's noise or a loss that ran away at once."""
+    start = losses[min(settle, len(losses) - 1)]
+    return min(losses[min(settle, len(losses) - 1):]) < 0.95 * start
 
 
 def suggest_lr(lrs: list[float], losses: list[float], skip_start: int, diverge_factor: float = 4.0) -> float:
@@ -221,23 +235,34 @@ def main(argv: list[str] | None = None) -> int:
         result = find_lr(config, data, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
         path = plot(result, output)
         record.log_artifact(path)
-        record.log(metrics={"suggested_lr": result.suggested_lr, "min_loss_lr": result.min_loss_lr,
-                            "suggested_lr_setting": lr_setting(config, result.suggested_lr),  # the train.lr to set
-                            "steps_run": len(result.lrs), "diverged": float(result.diverged)})
+        settle = max(2, int(args.steps * SKIP_START_FRACTION))
+        suggests = fell(result.losses, settle)  # else its steepest descent would be noise: none is suggested
+        record.log(metrics={**({"suggested_lr": result.suggested_lr,  # and the train.lr to set:
+                                "suggested_lr_setting": lr_setting(config, result.suggested_lr)} if suggests else {}),
+                            "min_loss_lr": result.min_loss_lr, "steps_run": len(result.lrs),
+                            "diverged": float(result.diverged)})
         record.end()
 
     stop = (f"stopped at step {len(result.lrs)} of {args.steps}: the loss diverged at lr {result.lrs[-1]:.2e}"
             if result.diverged else f"ran all {args.steps} steps without diverging")
-    print(f"suggested lr {result.suggested_lr:.2e} (steepest descent of the smoothed loss); "
-          f"lowest loss at lr {result.min_loss_lr:.2e}; {stop}")
-    if result.suggested_lr == result.lrs[0]:
-        print("the suggestion sits at the start of the range: lower --start-lr and run again")
-    elif not result.diverged:
-        print("the loss never ran away: raise --end-lr (or --steps) to see where it diverges")
-    # The sweep's rates are at this batch size; with train.lr_batch, train.lr is the rate per lr_batch images.
-    per = (f" (a rate per train.lr_batch = {config.lr_batch} images: {result.suggested_lr:.3g} at batch "
-           f"{config.batch_size})" if config.lr_batch else "")
-    print(f"try: --set train.lr={lr_setting(config, result.suggested_lr):.3g}{per}; plot saved to {path}")
+    print((f"suggested lr {result.suggested_lr:.2e} (steepest descent of the smoothed loss); " if suggests else "")
+          + f"lowest loss at lr {result.min_loss_lr:.2e}; {stop}")
+    if not suggests:
+        why = ("it ran away at once: the range starts too high; lower --start-lr" if result.diverged
+               and len(result.lrs) <= settle + 1 else
+               "it ran away first: give more --steps (the smoothed loss averages ~20), or lower --start-lr"
+               if result.diverged else "the range is too low for it to move; raise --end-lr")
+        print(f"no suggestion: the smoothed loss never fell 5% below where it stood after the sweep's start ({why}) "
+              f"and run again; plot saved to {path}")
+    else:
+        if result.suggested_lr == result.lrs[0]:
+            print("the suggestion sits at the start of the range: lower --start-lr and run again")
+        elif not result.diverged:
+            print("the loss never ran away: raise --end-lr (or --steps) to see where it diverges")
+        # The sweep's rates are at this batch size; with train.lr_batch, train.lr is the rate per lr_batch images.
+        per = (f" (a rate per train.lr_batch = {config.lr_batch} images: {result.suggested_lr:.3g} at batch "
+               f"{config.batch_size})" if config.lr_batch else "")
+        print(f"try: --set train.lr={lr_setting(config, result.suggested_lr):.3g}{per}; plot saved to {path}")
     print(f"MLflow run {record.run_id} in experiment '{experiment.name}'; browse with: {tracking.ui_command()}")
     return 0
 

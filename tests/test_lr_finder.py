@@ -38,7 +38,8 @@ def test_the_runaway_loss_at_high_learning_rates_stops_the_sweep(digits_config, 
     result = find_lr(digits_config, digits_data, steps=STEPS, end_lr=10.0)
 
     assert result.diverged and len(result.lrs) < STEPS
-    assert result.losses[-1] > 4.0 * min(result.losses)
+    assert ran_away(result.losses, min(result.losses), max(2, STEPS // 10), 4.0)  # where it stopped: run away
+    assert not ran_away(result.losses[:-1], min(result.losses[:-1]), max(2, STEPS // 10), 4.0)  # not before
     assert result.suggested_lr <= result.min_loss_lr < result.lrs[-1]  # chosen before the climb, never in it
 
 
@@ -147,3 +148,22 @@ def test_any_format_matplotlib_writes_is_an_output():
     from cnnopt.lr_finder import plot_formats
 
     assert {"png", "pdf", "svg", "jpg", "eps"} <= set(plot_formats())
+
+
+def test_a_loss_half_again_above_its_start_has_run_away_and_a_loss_that_never_fell_suggests_nothing(
+        mlflow_store, capsys):
+    """QA: a 100-step sweep's smoothed loss climbed 2.3 -> 5.5 (mini-batches at 56) and the finder said it never
+    ran away, and to raise --end-lr; a range too low (1e-9..1e-8) or too high (5..10) got 'try: --set
+    train.lr=<the range's start>', after 'the loss diverged at lr 5.02'."""
+    rising = [2.3] * 10 + list(np.linspace(2.3, 3.6, 20))  # never 25% below its start, never 4x its best
+    assert max(rising) < 4 * min(rising)
+    assert ran_away(rising, min(rising), 10, 4.0) and not ran_away(rising[:20], min(rising), 10, 4.0)
+    for args, why in ((["--start-lr", "1e-9", "--end-lr", "1e-8", "--steps", "40"], "raise --end-lr"),
+                      (["--start-lr", "5", "--end-lr", "10", "--steps", "40"], "lower --start-lr")):
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert "no suggestion: the smoothed loss never fell 5% below" in out and why in out, out
+        assert "try: --set train.lr" not in out and "suggested lr" not in out, out
+    assert main(["--steps", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "the loss diverged at lr" in out and "try: --set train.lr=" in out, out
