@@ -225,3 +225,44 @@ def test_without_name_an_experiment_name_no_study_can_begin_is_blamed_not_a_name
     assert caught.value.code == 2 and err.startswith("error: the experiment's name 'my photos' cannot begin the "
                                                      "comparison's study names (study name 'my photos-compare-"), err
     assert err.rstrip().endswith("give --name")
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_comparisons_process_group_ends_its_run_and_its_resume_line_matches_the_study(mlflow_store,
+                                                                                                      tmp_path):
+    """QA: `kill -TERM -<pgid>` during a comparison's second study closed that study's record and exited
+    (`runner._close_if_stuck`), skipping the comparison's own `finally`: its run stayed RUNNING; and the resume
+    line it printed, without --no-report --no-confirm --no-promote, reported, confirmed and promoted a study of a
+    comparison that promotes nothing (the champion moved)."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_search import running_trial
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    job = subprocess.Popen([sys.executable, "-m", "cnnopt.compare", "--strategies", "random", "--seeds", "2",
+                            "--trials", "4", "--concurrency", "1", "--name", "cmpterm", "--set", "train.epochs=12"],
+                           cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    try:
+        client = MlflowClient(tracking_uri=mlflow_store)
+        deadline = time.monotonic() + 300
+        while (running_trial(client, "cmpterm-random-s1") is None and job.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        assert job.poll() is None, "the second study was not caught mid-training"
+        os.killpg(job.pid, signal.SIGTERM)
+        output = job.communicate(timeout=60)[0]
+        assert job.returncode == 130, output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # nothing of the job outlives the test
+    assert "--resume --name cmpterm-random-s1 --no-report --no-confirm --no-promote" in output, output
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert not [run.info.run_name for run in runs if run.info.status == "RUNNING"]
+    [comparison] = [run for run in runs if run.data.tags.get("cnnopt.kind") == "comparison"]
+    assert comparison.info.status == "KILLED"

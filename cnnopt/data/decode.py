@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from cnnopt.cli import logging_to
+from cnnopt.cli import counted, logging_to
 from cnnopt.errors import UsageError, last_line, warn_once
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -165,7 +165,8 @@ def say_not_read(others: list[Path], where: str) -> None:
     or .heic photo was left out without a word (QA: 101 of a class's 105 files read). `where`: "under ROOT"."""
     if others:
         kinds = collections.Counter(path.suffix.lower() or "no extension" for path in others)
-        warn_once(f"{len(others)} files {where} are not read, not being of an image type cnnopt reads "
+        verb = "is" if len(others) == 1 else "are"
+        warn_once(f"{counted(len(others), 'file')} {where} {verb} not read, not being of an image type cnnopt reads "
                   f"({', '.join(f'{count} {kind}' for kind, count in kinds.most_common(4))}; e.g. {others[0]}); "
                   f"convert the photos among them to one of {', '.join(IMAGE_EXTENSIONS)}")
 

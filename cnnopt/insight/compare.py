@@ -257,7 +257,8 @@ def run_comparison(experiment: Experiment, strategies: list[str], seeds: int, *,
     status = tracking.FAILED
     with ray_session(address):  # one Ray instance for every study of the comparison
         try:
-            studies, walls = _run_studies(experiment, strategies, seeds, prefix, run_id, storage, verbose, progress)
+            studies, walls = _run_studies(experiment, strategies, seeds, prefix, run_id, storage, verbose, progress,
+                                          address)
             comparison = analyse(experiment, strategies, seeds, studies, run_id=run_id, prefix=prefix, target=target,
                                  waste_threshold=waste_threshold)
             comparison.wall_seconds = walls
@@ -272,8 +273,10 @@ def run_comparison(experiment: Experiment, strategies: list[str], seeds: int, *,
 
 
 def _run_studies(experiment: Experiment, strategies: list[str], seeds: int, prefix: str, run_id: str, storage: str,
-                 verbose: bool, progress) -> tuple[dict, dict]:
-    """Run the studies one after another; (strategy, seed) -> study name, and -> wall seconds."""
+                 verbose: bool, progress, address: str | None = None) -> tuple[dict, dict]:
+    """Run the studies one after another; (strategy, seed) -> study name, and -> wall seconds. Each is a study
+    with no report, confirmation or promotion (what a resume of one is told, with its Ray `address`); where a
+    SIGTERM's watchdog ends the process (`runner._close_if_stuck`), the comparison's run ends KILLED with it."""
     studies, walls = {}, {}
     for strategy in strategies:
         for seed in range(seeds):
@@ -287,7 +290,9 @@ def _run_studies(experiment: Experiment, strategies: list[str], seeds: int, pref
             output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
             with output:  # the study's one line per trial
                 # A budget only stops each study: the strategies are compared trial for trial, unplanned.
-                outcome = run_study(settings, StudyOptions(name=name, storage=storage, planned=False))
+                outcome = run_study(settings, StudyOptions(
+                    name=name, storage=storage, planned=False, address=address, report=False, confirm=False,
+                    promote=False, on_abort=lambda: comparisons.end_comparison(run_id, tracking.KILLED)))
             comparisons.nest_study(run_id, outcome.parent_run_id, prefix)
             if outcome.interrupted:
                 progress(f"{name}: interrupted; the comparison stops here")
@@ -402,7 +407,7 @@ def markdown(comparison: Comparison) -> str:
     c, ks = comparison, checkpoints(comparison.budget)
     seeds = counted(c.seeds, "seed")
     lines = [f"# Strategy comparison {c.name}", "",
-             f"{', '.join(c.strategies)} x {seeds} (sampler seeds 0-{c.seeds - 1}), {c.budget} trials per study, "
+             f"{', '.join(c.strategies)} x {seeds} (sampler {'seed 0' if c.seeds == 1 else f'seeds 0-{c.seeds - 1}'}), {c.budget} trials per study, "
              f"metric {c.metric} ({c.mode}).", "",
              f"## Best {c.metric} after k trials: median over seeds [min-max]", "",
              "| strategy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]

@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,9 @@ class StudyOptions:
     confirm: bool = True  # False: --no-confirm, this command's choice (for its resume line: `resume_command`)
     planned: bool = True  # plan a time budget (`cnnopt.study.budget`); False: it only stops the search
     keep_ray: bool = False  # leave a Ray instance the study started running for what follows (`stop_ray` ends it)
+    # Called where a SIGTERM's watchdog closes the study's record and ends the process (`_close_if_stuck`): what
+    # the caller would close in a `finally` the exit skips (a comparison's own run).
+    on_abort: Callable[[], None] | None = None
 
 
 @dataclass
@@ -406,7 +410,8 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
         if not watched:  # one watchdog, however many signals
             resume = resume_command(options)
             watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, resume, gcs,
-                                                                          callback.drain, callback.stop_writes),
+                                                                          callback.drain, callback.stop_writes,
+                                                                          options.on_abort),
                                             daemon=True))
             watched[0].start()
         sigterm_as_interrupt()
@@ -472,7 +477,7 @@ CLOSE_SECONDS = 10.0  # and for the record's close, before it says how to resume
 
 
 def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, resume: str,
-                    gcs: str = "", drain=None, stop_writes=None) -> None:
+                    gcs: str = "", drain=None, stop_writes=None, on_abort=None) -> None:
     """After a SIGTERM: where the study has not begun closing its record when Ray's GCS (at `gcs`) stops
     answering, or in TERM_GRACE, close it from here and exit. A signal to the whole process group (`timeout`,
     systemd's control group, Slurm's job step) stops Ray's own processes with the driver: the trials cannot be
@@ -480,7 +485,7 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
     RUNNING; Slurm's SIGKILL follows its SIGTERM after 30 s (KillWait), TERM_GRACE itself. (Docker and
     Kubernetes signal the container's first process only: the study stops in order.) Where the main thread is
     closing the record already (it holds `closing`), it is left to finish. The study's queued MLflow writes
-    (`drain`) go in first, for up to DRAIN_SECONDS."""
+    (`drain`) go in first, for up to DRAIN_SECONDS; `on_abort`, the caller's own close, runs with the record's."""
     deadline, silent = time.monotonic() + TERM_GRACE, 0
     while not closed.wait(0.2):
         silent = silent + 1 if gcs and not _answers(gcs) else 0
@@ -501,6 +506,8 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
             if recorder.parent_run_id:
                 recorder.kill_unfinished()
                 recorder.close(tracking.KILLED)
+            if on_abort is not None:
+                on_abort()
         except Exception as exc:  # said below, in the line that says how to resume
             failed.append(last_line(exc))
 
