@@ -256,7 +256,7 @@ def test_a_searched_hyperparameter_set_on_the_command_line_is_a_warning(tmp_path
 
 
 def test_a_gp_study_of_many_trials_warns_that_its_sampler_will_keep_them_waiting(tmp_path):
-    """Optuna's GPSampler took 4 s per trial at 1,000 trials and 24 s at 2,000 (2 cores), each new trial waiting."""
+    """Optuna's GPSampler took 3 s per trial at 1,000 trials and 12 s at 2,000 (2 cores), each new trial waiting."""
     done = search(["--strategy", "gp", "--trials", "600", "--address", "127.0.0.1:9"], tmp_path)
     assert "warning: --strategy gp over ~600 trials: Optuna's GPSampler takes seconds per trial" in done.stderr
     assert "cannot reach the Ray cluster" in error_line(done.stderr), "a warning, not a refusal"

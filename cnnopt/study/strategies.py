@@ -192,8 +192,8 @@ class Sampled:
 
 
 # Past this many trials Optuna's GPSampler takes seconds per trial, while the next trial waits for it (its fits
-# grow with the study: on 2 cores 0.7 s at 50 trials, 2 s at 200, 4 s at 1,000, 24 s at 2,000; TPE under 0.1 s
-# at 3,000; `python bench/sampler_cost.py`, bench/RESULTS.md).
+# grow with the study: on 2 quiet cores 0.08 s at 100 trials, 0.2 s at 300, 3 s at 1,000, 12 s at 2,000; TPE
+# 0.02 s at 2,000; `python bench/sampler_cost.py`, bench/RESULTS.md).
 GP_SLOW_AFTER = 500
 
 
@@ -202,8 +202,8 @@ def sampler_warning(strategy: str, trials: int) -> str | None:
     if strategy != "gp" or trials < GP_SLOW_AFTER:
         return None
     return (f"warning: --strategy gp over ~{trials:,} trials: Optuna's GPSampler takes seconds per trial as a study "
-            "grows (measured on 2 cores: 4 s at 1,000 trials, 24 s at 2,000), and each new trial waits for it; "
-            "--strategy bayes (TPE) takes under 0.1 s at 3,000")
+            "grows (measured on 2 cores: 3 s at 1,000 trials, 12 s at 2,000), and each new trial waits for it; "
+            "--strategy bayes (TPE) takes 0.02 s at 2,000")
 
 
 def _startup(trials: int) -> int:
