@@ -5,7 +5,9 @@ evaluated once on the test split of the data it trained on (its study's recorded
 values go on top, e.g. data.root where the images now live), exported to model.pt and model.pt2
 (verified in a fresh torch-only process), logged to its MLflow run and registered under its study's
 experiment name; the alias `champion` moves to the new version unless the current champion's
-validation score (same metric, same val split) is better: the test split chooses nothing. A run of a
+validation score (same metric, same val split) is better: the test split chooses nothing. Where the two
+do not compare (a train+val final has no validation score), the newest serves and the output says so;
+a run selected on a train_* metric never displaces a champion with a validation score. A run of a
 study that promoted another run already is refused unless --retest.
 """
 

@@ -318,6 +318,12 @@ def test_champion_moves_unless_validation_says_the_champion_is_better(trained, d
     assert client.get_model_version("champions", final.version).tags["val_epoch"] == "last"
     later = registry.register(experiment, fresh(), tmp_path / "model", 0.97, "split-a", 0.99, "val-a", "last")
     assert not later.moved and "better (0.9963 against 0.9900" in later.reason, "last against last: compared"
+    # Selected on a training figure (QA: a 1-epoch train_loss run, val 0.70, displaced a champion at 0.9665): it
+    # does not displace a champion with a validation score; the newest-serves rule is for a train+val final's.
+    on_train = registry.register(load_experiment(None, ["name=champions", "metric=train_loss"]), fresh(),
+                                 tmp_path / "model", 0.99, "split-a", None, "val-a")
+    assert not on_train.moved and "was selected on train_loss, a figure of the images it trained on" in on_train.reason
+    assert str(client.get_model_version_by_alias("champions", "champion").version) == final.version
 
 
 def test_a_promotion_cut_short_after_registering_is_resumed_with_its_version_not_a_copy(trained, digits_data,

@@ -76,7 +76,8 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     lucky maximum, 1.0 over 482 epochs once, held the alias against every later model): the alias moves when
     the new version's score is at least the champion's. Where they do not compare (a train+val final has no
     validation score; a champion registered before these tags), the newest promotion serves, and the
-    output names the version it replaced. A version tested on another test split (`test_split`: the
+    output names the version it replaced; but a version selected on a train_* metric never displaces a
+    champion that carries a validation score. A version tested on another test split (`test_split`: the
     experiment's images or classes changed) leaves the alias where it is, with how to move it."""
     mlflow.set_tracking_uri(tracking_uri())
     client = make_client()
@@ -101,6 +102,13 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
                           f"accuracies do not compare; to serve this version instead: mlflow.MlflowClient()"
                           f".set_registered_model_alias({experiment.name!r}, {ALIAS!r}, {version})")
     theirs = current.tags.get(VAL_SCORE_TAG)
+    if val_score is None and experiment.metric.startswith("train_") and theirs is not None:
+        # QA: a 1-epoch cnnopt.train run selected on train_loss (val 0.70) displaced a champion at val 0.9665.
+        return Registered(str(version), False, previous,
+                          f"which carries a validation score, where this version was selected on {experiment.metric}, "
+                          "a figure of the images it trained on that says nothing of others; to serve this version "
+                          f"instead: mlflow.MlflowClient().set_registered_model_alias({experiment.name!r}, {ALIAS!r}, "
+                          f"{version})")
     if val_score is None:
         apart = "this version has no validation score (a train+val final, or a train_* metric)"
     elif theirs is None:
