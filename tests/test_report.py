@@ -426,3 +426,15 @@ def test_cli_finds_a_study_named_alone_in_the_experiment_holding_it(mlflow_store
     assert "study elsewhere: 8 trials (6 completed, 1 failed, 1 pruned)" in capsys.readouterr().out
     with pytest.raises(UsageError, match="no MLflow experiment named 'digits'|holds no study"):
         report_cli.main(["--experiment", str(ROOT / "experiments/digits.toml"), "--study", "elsewhere"])
+
+
+def test_the_summary_of_a_study_with_no_completed_trial_does_not_say_its_best_sit_inside_the_ranges(tmp_path):
+    """QA: `cnnopt.report` on a study of no trial printed 'edges: none (the best trials sit inside every range)'."""
+    from cnnopt.insight.report import Report
+
+    def summary(best):
+        return Report("digits", "s", "p", "val_accuracy", "max", {"failed": 2} if best is None else {"completed": 4},
+                      best, {}, 0, "too few completed trials", [], tmp_path).summary_lines
+
+    assert summary(None)[-1] == "edges: not judged (no trial completed)"
+    assert summary({"trial": 3, "value": 0.9})[-1] == "edges: none (the best trials sit inside every range)"

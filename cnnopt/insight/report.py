@@ -69,7 +69,9 @@ class Report:
             lines.append(f"importance (fANOVA, {self.importance_trials} completed trials): {ranked}")
         else:
             lines.append(f"importance: {self.importance_note}")
-        lines += [f"edge: {line}" for line in self.edges] or ["edges: none (the best trials sit inside every range)"]
+        lines += [f"edge: {line}" for line in self.edges] or [
+            "edges: none (the best trials sit inside every range)" if self.best else
+            "edges: not judged (no trial completed)"]  # QA: a study of no trial was said to sit inside its ranges
         return lines
 
 
