@@ -107,6 +107,12 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     with pytest.raises(UsageError, match=f"run {parent.info.run_id} has no checkpoint artifact to promote; it is "
                                          "study 'p''s parent run: promote the study with --study p"):
         promote_cli.main(["--run-id", parent.info.run_id])
+    # A cnnopt.train run interrupted before its checkpoint: it was told to pass "a cnnopt.train run" (QA).
+    cut = client.create_run(client.get_experiment_by_name("digits").experiment_id,
+                            tags={"cnnopt.kind": "train", "status": "interrupted"}).info.run_id
+    with pytest.raises(UsageError, match=f"run {cut} has no checkpoint artifact to promote; it was interrupted "
+                                         "before its checkpoint was saved: pass a run that completed"):
+        promote_cli.main(["--run-id", cut])
     with pytest.raises(SystemExit) as usage:  # an empty $RUN_ID promoted the latest study's best trial instead
         promote_cli.main(["--run-id", ""])
     assert usage.value.code == 2 and "argument --run-id: empty" in capsys.readouterr().err

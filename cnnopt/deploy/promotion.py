@@ -168,7 +168,8 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
         except MlflowException:
             kind, status = run.data.tags.get(tracking.KIND_TAG, ""), run.data.tags.get("status", "")
             ended = {"diverged": "it diverged before any epoch could be kept",
-                     "failed": "it failed before any epoch could be kept"}.get(status)
+                     "failed": "it failed before any epoch could be kept",
+                     "interrupted": "it was interrupted before its checkpoint was saved"}.get(status)
             hint = (f"it is study {run.data.tags.get(tracking.STUDY_TAG, '')!r}'s parent run: promote the study "
                     f"with --study {run.data.tags.get(tracking.STUDY_TAG, '')}" if kind == "study"
                     else f"{ended}: pass a run that completed" if ended
