@@ -498,6 +498,10 @@ def test_predict_from_the_registry(trained, digits_data, mlflow_store, tmp_path)
     done = run_predict("models:/registry@nope", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "alias nope not found; check the name and alias (python -m cnnopt.promote registers" in done.stderr
+    done = run_predict("models:/registry", *paths, env={"MLFLOW_TRACKING_URI": mlflow_store})  # MLflow: "Logged
+    assert done.returncode == 2 and done.stderr.strip() == (  # model with ID 'registry' not found" (QA)
+        "error: models:/registry names no version or alias of the registered model 'registry'; give "
+        "models:/registry@champion (the alias python -m cnnopt.promote moves) or models:/registry/VERSION"), done.stderr
     import mlflow  # the registered pyfunc model serves the same probabilities as the Predictor
 
     mlflow.set_tracking_uri(mlflow_store)
