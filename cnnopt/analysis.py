@@ -90,3 +90,10 @@ def best_trial(trials: pd.DataFrame, metric: str = "best_val_accuracy", mode: st
     confirmation (if any) starts from; the promoted run may be another configuration or a seed of it."""
     top = top_trials(trials, metric, mode, 1)
     return None if top.empty else top.iloc[0]
+
+
+if __name__ == "__main__":  # a library, not a command: `python -m cnnopt.analysis` printed nothing and exited 0
+    import sys
+
+    print("cnnopt.analysis is a library for pandas, not a command:\n" + __doc__.split("\n\n")[1], file=sys.stderr)
+    sys.exit(2)

@@ -41,13 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a completed trial worse than this is wasted (default: 0.5 for an accuracy metric; "
                              "for a loss only trials that did not complete count)")
     parser.add_argument("--trials", type=int, metavar="N", help="trials per study (the budget)")
-    parser.add_argument("--concurrency", type=int, metavar="K", help="trials at once within a study")
+    parser.add_argument("--concurrency", type=int, metavar="K",
+                        help="trials at once within a study (0: as many as the cluster holds)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, help="fifo or asha (pruned trials count as wasted)")
     parser.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs reserved per trial")
     parser.add_argument("--gpus-per-trial", type=float, metavar="G", help="GPUs per trial (fractional shares)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="per study: stop it after this, running trials included (recorded interrupted); "
-                             "no plan, so strategies compare trial for trial")
+                             "no plan, so strategies compare trial for trial (0: no limit)")
     parser.add_argument("--address", metavar="RAY_ADDRESS", help="attach to a Ray cluster; default: one local "
                         "instance for all the studies")
     parser.add_argument("--name", metavar="PREFIX", help="the comparison's name and its studies' prefix "
