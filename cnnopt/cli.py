@@ -95,21 +95,24 @@ def quiet_libraries() -> None:
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """A Ctrl-C during the block waits for its end, then acts as it would have (a step that, cut short,
-    would leave something broken: MLflow creating its database). Off the main thread, or where Ctrl-C is
-    ignored or left to the system, nothing changes."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+    """A Ctrl-C or a SIGTERM during the block waits for its end, then acts as it would have (a step that, cut
+    short, would leave something broken: MLflow creating its database). Off the main thread nothing changes;
+    a signal left to the system (no handler of Python's) is left so."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    held = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)
+            if callable(signal.getsignal(signum))}
+    for signum in held:
+        signal.signal(signum, lambda got, frame: caught.append((got, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, previous in held.items():
+            signal.signal(signum, previous)
         if caught:
-            previous(*caught[0])
+            held[caught[0][0]](*caught[0])
 
 
 def sigterm_as_interrupt(*_) -> None:
@@ -159,10 +162,14 @@ REDELIVERY_DELAY = 0.05  # seconds
 
 def _interrupt_main_thread() -> None:
     """A real SIGINT to the main thread, as Ctrl-C sends: it also ends a blocking wait there (a subprocess, a
-    sleep), where only setting Python's flag would wait for the next Python instruction. Nothing where Ctrl-C
-    is ignored or left to the system by then."""
+    sleep), where only setting Python's flag would wait for the next Python instruction. Where Ctrl-C is ignored
+    (a job started with `&`), a SIGTERM, which `sigterm_as_interrupt` raises as one there (a KeyboardInterrupt
+    from a SIGTERM that a finaliser dropped ran the command on to its end, exit 0); nothing where neither
+    signal has a handler of Python's by then."""
     if callable(signal.getsignal(signal.SIGINT)):
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    elif callable(signal.getsignal(signal.SIGTERM)):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
 
 def redeliver_lost_interrupts(unraisable) -> None:

@@ -393,10 +393,27 @@ run(main)
 """
 
 
-def test_a_ctrl_c_raised_inside_a_finaliser_still_stops_the_command():
-    command = subprocess.run([sys.executable, "-c", LOST_IN_A_FINALISER], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("ignore_sigint", [False, True])
+def test_a_ctrl_c_raised_inside_a_finaliser_still_stops_the_command(ignore_sigint):
+    """With SIGINT ignored (a job started with `&`) a SIGTERM is a KeyboardInterrupt raised in its handler: one a
+    finaliser dropped was delivered again as a SIGINT only, which such a job ignores; the command ran on, exit 0."""
+    command = subprocess.run([sys.executable, "-c", LOST_IN_A_FINALISER], capture_output=True, text=True, timeout=60,
+                             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint
+                             else None)
     assert command.returncode == 130 and command.stderr.strip() == "interrupted", command.stdout + command.stderr
     assert "ran on" not in command.stdout
+
+
+def test_a_sigterm_in_a_deferred_block_acts_after_it_where_ctrl_c_is_ignored_too():
+    """MLflow's database creation is such a block: a SIGTERM to a job started with `&` cut it short, and the store
+    then failed to open ('table spans already exists')."""
+    script = DEFERRED.replace("import signal, time", "import signal, time\nfrom cnnopt.cli import "
+                              "sigterm_as_interrupt\nsignal.signal(signal.SIGTERM, sigterm_as_interrupt)").replace(
+        "signal.raise_signal(signal.SIGINT)", "signal.raise_signal(signal.SIGTERM)")
+    for preexec in (None, lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              preexec_fn=preexec)
+        assert done.stdout.strip() == "interrupted after the block", done.stdout + done.stderr
 
 
 def test_sigterm_still_ends_a_command_a_script_started_with_sigint_ignored(tmp_path):

@@ -160,9 +160,9 @@ HELD_TERM_SECONDS = 10.0  # a step held against SIGTERM that has not ended this 
 @contextlib.contextmanager
 def interrupts_held(ctrl_c: bool = False):
     """Ignore Ctrl-C for a short step that must finish (closing the record, stopping Ray); a SIGTERM meanwhile
-    waits for the step's end, then acts as it would have (its handler turns SIGTERM into a Ctrl-C, unless SIGINT
-    is ignored, as for a job started with `&`: held as Ctrl-C is here, a repeated SIGTERM killed the process
-    mid-step, exit -15, record open). Yields the list of signals held: a caller that clears it drops them (the
+    waits for the step's end, then acts as it would have (its handler turns SIGTERM into a Ctrl-C, a
+    KeyboardInterrupt where SIGINT is ignored, as for a job started with `&`: held as Ctrl-C is here, a repeated
+    SIGTERM killed the process mid-step, exit -15, record open). Yields the list of signals held: a caller that clears it drops them (the
     stop they ask for is under way). An error the step raises goes on as it is; a SIGTERM that comes
     HELD_TERM_SECONDS after the first held one ends the process, as the step is stuck (a store that hangs).
     With `ctrl_c`, a Ctrl-C is held as a SIGTERM is, not ignored (one while a study's record closed was lost: the
@@ -506,9 +506,12 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
             if recorder.parent_run_id:
                 recorder.kill_unfinished()
                 recorder.close(tracking.KILLED)
-            if on_abort is not None:
-                on_abort()
         except Exception as exc:  # said below, in the line that says how to resume
+            failed.append(last_line(exc))
+        try:
+            if on_abort is not None:  # the caller's own close, whatever the record's did
+                on_abort()
+        except Exception as exc:
             failed.append(last_line(exc))
 
     closer = threading.Thread(target=close, daemon=True)
