@@ -38,12 +38,13 @@ class LRFinderResult:
     lrs: list[float]  # the learning rate of every step taken, up to the stop
     losses: list[float]  # the smoothed (bias-corrected moving average) training loss after each step
     raw_losses: list[float]  # the mini-batch losses themselves
-    suggested_lr: float  # steepest descent of the smoothed loss against log(lr)
+    suggested_lr: float | None  # steepest descent of the smoothed loss against log(lr); None where it never fell
     min_loss_lr: float  # where the smoothed loss was lowest; fastai's "lr_min" is a tenth of it
     diverged: bool  # the sweep stopped early because the loss ran away (or became NaN/inf)
     start_lr: float
     end_lr: float
     steps: int  # asked for; len(lrs) is how many ran
+    settle: int = 0  # the noisy start's steps, which the suggestion and the run-away rule look past
 
 
 def find_lr(config: TrainConfig, data: ImageData, *, start_lr: float = 1e-6, end_lr: float = 10.0,
@@ -89,8 +90,9 @@ def find_lr(config: TrainConfig, data: ImageData, *, start_lr: float = 1e-6, end
             break
     if not lrs:
         raise UsageError(f"the loss was NaN or inf from the first step at lr {start_lr:g}; lower --start-lr")
-    return LRFinderResult(lrs, losses, raw_losses, suggest_lr(lrs, losses, skip_start, diverge_factor),
-                          lrs[int(np.argmin(losses))], diverged, start_lr, end_lr, steps)
+    suggested = suggest_lr(lrs, losses, skip_start, diverge_factor) if fell(losses, skip_start) else None
+    return LRFinderResult(lrs, losses, raw_losses, suggested, lrs[int(np.argmin(losses))], diverged, start_lr,
+                          end_lr, steps, skip_start)
 
 
 def ran_away(losses: list[float], best: float, settle: int, diverge_factor: float) -> bool:
@@ -144,16 +146,19 @@ def plot(result: LRFinderResult, path: str | Path) -> Path:
     axes = figure.add_subplot()
     axes.plot(result.lrs, result.raw_losses, color="0.8", linewidth=0.8, label="mini-batch loss")
     axes.plot(result.lrs, result.losses, color="C0", label="smoothed loss")
-    suggested = result.lrs.index(result.suggested_lr)
-    axes.plot([result.suggested_lr], [result.losses[suggested]], "o", color="C3", markersize=8,
-              label=f"suggested lr {result.suggested_lr:.2e}")
+    marked = result.losses[0]
+    if result.suggested_lr is not None:  # none where the loss never fell: a marker would suggest one anyway
+        marked = result.losses[result.lrs.index(result.suggested_lr)]
+        axes.plot([result.suggested_lr], [marked], "o", color="C3", markersize=8,
+                  label=f"suggested lr {result.suggested_lr:.2e}")
     axes.set_xscale("log")
     axes.set_xlabel("learning rate")
     axes.set_ylabel("training loss")
-    top = max(result.losses[0], result.losses[suggested]) * 1.5  # the runaway tail would flatten the useful part
+    top = max(result.losses[0], marked) * 1.5  # the runaway tail would flatten the useful part
     axes.set_ylim(bottom=0, top=top)  # a loss is >= 0: autoscaled on the diverged tail, half the plot was below 0
     stop = "stopped early: loss diverged" if result.diverged else "full sweep"
-    axes.set_title(f"learning-rate range test: {len(result.lrs)} of {result.steps} steps, {stop}")
+    none = "" if result.suggested_lr is not None else "\nno suggestion: the smoothed loss never fell 5%"
+    axes.set_title(f"learning-rate range test: {len(result.lrs)} of {result.steps} steps, {stop}{none}")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -235,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         result = find_lr(config, data, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
         path = plot(result, output)
         record.log_artifact(path)
-        settle = max(2, int(args.steps * SKIP_START_FRACTION))
-        suggests = fell(result.losses, settle)  # else its steepest descent would be noise: none is suggested
+        suggests = result.suggested_lr is not None  # else its steepest descent would be noise: none is suggested
         record.log(metrics={**({"suggested_lr": result.suggested_lr,  # and the train.lr to set:
                                 "suggested_lr_setting": lr_setting(config, result.suggested_lr)} if suggests else {}),
                             "min_loss_lr": result.min_loss_lr, "steps_run": len(result.lrs),
-                            "diverged": float(result.diverged)})
+                            "diverged": float(result.diverged)},
+                   tags={} if suggests else {"no_suggestion": "the smoothed loss never fell 5% below where it stood "
+                                                              "after the sweep's start"})
         record.end()
 
     stop = (f"stopped at step {len(result.lrs)} of {args.steps}: the loss diverged at lr {result.lrs[-1]:.2e}"
@@ -249,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
           + f"lowest loss at lr {result.min_loss_lr:.2e}; {stop}")
     if not suggests:
         why = ("it ran away at once: the range starts too high; lower --start-lr" if result.diverged
-               and len(result.lrs) <= settle + 1 else
+               and len(result.lrs) <= result.settle + 1 else
                "it ran away first: give more --steps (the smoothed loss averages ~20), or lower --start-lr"
                if result.diverged else "the range is too low for it to move; raise --end-lr")
-        print(f"no suggestion: the smoothed loss never fell 5% below where it stood after the sweep's start ({why}) "
+        print(f"no suggestion: the smoothed loss never fell 5% below where it stood after the sweep's start; {why}, "
               f"and run again; plot saved to {path}")
     else:
         if result.suggested_lr == result.lrs[0]:

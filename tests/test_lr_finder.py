@@ -164,6 +164,15 @@ def test_a_loss_half_again_above_its_start_has_run_away_and_a_loss_that_never_fe
         out = capsys.readouterr().out
         assert "no suggestion: the smoothed loss never fell 5% below" in out and why in out, out
         assert "try: --set train.lr" not in out and "suggested lr" not in out, out
+        client = MlflowClient(tracking_uri=mlflow_store)
+        [run] = client.search_runs([client.get_experiment_by_name("digits").experiment_id], max_results=1)
+        assert "suggested_lr" not in run.data.metrics and "never fell 5%" in run.data.tags["no_suggestion"]
+    # Nor does the plot mark one (it showed a red dot labelled 'suggested lr 5.00e+00').
+    from cnnopt.experiment.config import load_experiment
+    from cnnopt.data.datasets import load_data
+    flat = find_lr(load_experiment(None).train, load_data(load_experiment(None).data), start_lr=1e-9, end_lr=1e-8,
+                   steps=40)
+    assert flat.suggested_lr is None
     assert main(["--steps", "100"]) == 0
     out = capsys.readouterr().out
     assert "the loss diverged at lr" in out and "try: --set train.lr=" in out, out
