@@ -330,6 +330,14 @@ def test_champion_moves_unless_validation_says_the_champion_is_better(trained, d
                                  tmp_path / "model", 0.99, "split-a", None, "val-a")
     assert not on_train.moved and "was selected on train_loss, a figure of the images it trained on" in on_train.reason
     assert str(client.get_model_version_by_alias("champions", "champion").version) == final.version
+    # Nor one that is a train+val final (no validation score, the newest serving: its configuration was chosen on
+    # validation, its selected_on says so).
+    train_val = registry.register(experiment, fresh(), tmp_path / "model", 0.97, "split-a", None, "val-a", "last")
+    assert train_val.moved and client.get_model_version("champions", train_val.version).tags["selected_on"] \
+        == "val_accuracy"
+    again = registry.register(load_experiment(None, ["name=champions", "metric=train_loss"]), fresh(),
+                              tmp_path / "model", 0.70, "split-a", None, "val-a")
+    assert not again.moved and "which was selected on validation" in again.reason
 
 
 def test_a_promotion_cut_short_after_registering_is_resumed_with_its_version_not_a_copy(trained, digits_data,

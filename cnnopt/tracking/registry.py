@@ -77,13 +77,16 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     the new version's score is at least the champion's. Where they do not compare (a train+val final has no
     validation score; a champion registered before these tags), the newest promotion serves, and the
     output names the version it replaced; but a version selected on a train_* metric never displaces a
-    champion that carries a validation score. A version tested on another test split (`test_split`: the
+    champion selected on validation (one with a validation score, or a train+val final, tagged selected_on). A version tested on another test split (`test_split`: the
     experiment's images or classes changed) leaves the alias where it is, with how to move it."""
     mlflow.set_tracking_uri(tracking_uri())
     client = make_client()
     shown = f"{test_accuracy:.6f}"  # the version's tag; compared as written, so an equal model ties
-    tags = {"test_accuracy": shown, "run_id": run_id, **({TEST_SPLIT_TAG: test_split} if test_split else {}),
-            **({VAL_SCORE_TAG: f"{val_score:.6f}", SELECTED_ON_TAG: experiment.metric, VAL_SPLIT_TAG: val_split,
+    # selected_on on every version, a validation score or not: a train+val final's says its configuration was
+    # chosen on validation, which a version selected on a train_* figure may not displace.
+    tags = {"test_accuracy": shown, "run_id": run_id, SELECTED_ON_TAG: experiment.metric,
+            **({TEST_SPLIT_TAG: test_split} if test_split else {}),
+            **({VAL_SCORE_TAG: f"{val_score:.6f}", VAL_SPLIT_TAG: val_split,
                 VAL_EPOCH_TAG: val_epoch} if val_score is not None else {})}
     version = cut_short_version(client, experiment.name, run_id, tags)
     if version is None:
@@ -102,10 +105,11 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
                           f"accuracies do not compare; to serve this version instead: mlflow.MlflowClient()"
                           f".set_registered_model_alias({experiment.name!r}, {ALIAS!r}, {version})")
     theirs = current.tags.get(VAL_SCORE_TAG)
-    if val_score is None and experiment.metric.startswith("train_") and theirs is not None:
+    if experiment.metric.startswith("train_") and (
+            theirs is not None or current.tags.get(SELECTED_ON_TAG, "").startswith("val_")):
         # QA: a 1-epoch cnnopt.train run selected on train_loss (val 0.70) displaced a champion at val 0.9665.
         return Registered(str(version), False, previous,
-                          f"which carries a validation score, where this version was selected on {experiment.metric}, "
+                          f"which was selected on validation, where this version was selected on {experiment.metric}, "
                           "a figure of the images it trained on that says nothing of others; to serve this version "
                           f"instead: mlflow.MlflowClient().set_registered_model_alias({experiment.name!r}, {ALIAS!r}, "
                           f"{version})")
