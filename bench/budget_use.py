@@ -46,7 +46,7 @@ def run_one(tree: Path, experiment: str, minutes: float, seed: int, overrides: l
     done = subprocess.run(command, cwd=scratch, env=environment, capture_output=True, text=True)
     wall = time.perf_counter() - started
     client = MlflowClient(tracking_uri=environment["MLFLOW_TRACKING_URI"])
-    loaded = load_experiment(experiment)
+    loaded = load_experiment(experiment, overrides)  # its name (a --set name=...) names the MLflow experiment
     outcome = read_study(client, loaded, name)
     parent = studies.find_parent(client, name, loaded.name)
     outcome["budget"] = dict(parent.data.metrics) if parent else {}
@@ -72,6 +72,10 @@ def main() -> int:
     parser.add_argument("--against", metavar="GIT_REF", help="also run cnnopt as it was at this commit, side by side")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
+    # Each study runs in its own scratch folder: a relative experiment file or data.root would be read there.
+    args.experiment = str(Path(args.experiment).resolve())
+    args.overrides = [f"data.root={Path(item.partition('=')[2]).resolve()}"
+                      if item.partition("=")[0].strip() == "data.root" else item for item in args.overrides]
     print(f"command: python {shlex.join(sys.argv)}\nmachine: {cpu_description()}; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     rows = ["| cnnopt | seed | wall (s) | search (s) | final (s) | trials | test accuracy | exit |",
