@@ -114,7 +114,9 @@ def test_a_reserve_that_would_not_train_longer_than_a_trial_goes_to_the_search()
     assert any("register, the report" in line for line in dropped.lines())
     assert dropped.started + dropped.search + dropped.confirm + dropped.finish \
         == pytest.approx(600), "with no final training to overlap, the report's seconds come at the end"
-    assert any("final" in line and "skipped" in line for line in dropped.lines())
+    assert any("final" in line and "skipped: the reserve would not train longer" in line for line in dropped.lines())
+    # Set to 0 by the user: said so (it said the reserve would not train longer than a trial).
+    assert any("skipped: search.reserve = 0" in line for line in plan(budget=600, epoch=10, reserve=0.0).lines())
 
 
 def test_without_a_promotion_the_search_gets_the_confirmations_and_the_finals_time():

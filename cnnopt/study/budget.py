@@ -53,7 +53,9 @@ from cnnopt.training.objective import epoch_seconds, seconds_per_image
 # kept 38 s for the ~9 s this takes and ended at 0.5 min, its search given 11 s.
 REPORT_SECONDS = 8.0  # the study report's figures and importances, where no final training runs beside it
 PROMOTION_SECONDS = 8.0  # a promotion's export, fresh-process check and registry; its test pass is counted apart
-TEST_SHARE = 2 / 3  # a test image's seconds as a share of a training image's (a forward pass ~1/3, two with flip TTA)
+# A test image's seconds as a share of a training image's: a forward pass, two with flip TTA (measured 0.37 with
+# flip TTA: 20,000 32x32 test images planned at 2/3 took 9 s of 16).
+TEST_SHARE = 0.5
 EXIT_SECONDS = 5.0  # after the budget's last line: Ray's stop and the process's exit
 # Before the first trial: Ray's start, the data and the probe (measured 9-10 s for digits on 2 cores), and a
 # few seconds of trials: what a refusal made before Ray starts asks for beyond the allowances.
@@ -70,7 +72,10 @@ CONFIRM_SHARE = 0.2  # of the search's time, the most a confirmation may take
 TOP_SHARE = 1 / 3
 MIN_SUBSET = 0.1  # the smallest share of the train split a search may use
 TRIAL_OVERHEAD = 1.0  # seconds a trial costs beyond its epochs (start, first batch, checkpoint, record): measured ~1 s
-TRIALS_BOUND = 4  # a plan's trials may run to this many times its estimate: the search's time ends them
+# A plan's trials may run to this many times its estimate: the search's time ends them. Digits' trials cost
+# ~0.26 slot-seconds beyond their epochs, not TRIAL_OVERHEAD's 1 s: at 2x, then 4x, the bound ended 1-2 min
+# searches at 11 s of 17, 34 of 43.
+TRIALS_BOUND = 10
 # After a final's training, within its seconds: its checkpoint and MLflow record, its check against its trial
 # (a 1-min digits final planned 20 s took 22 with its training held to the plan's end).
 FINAL_RECORD = 2.0
@@ -103,6 +108,7 @@ class Plan:
     confirm_seeds: int
     scheduler: str  # asha, or fifo when trials get one epoch
     resumed: bool = False  # a resume's: the study's plan for the phases after its search (`after_search`)
+    reserved: bool = True  # search.reserve asks for a final training (not recorded: it only words the plan)
 
     @property
     def trial_seconds(self) -> float:
@@ -152,8 +158,9 @@ class Plan:
                 f"  confirm {self.confirm:5.0f}s  {confirm}",
                 f"  final   {self.final:5.0f}s  " + ("the chosen configuration trained again on a whole node, epochs "
                                                  "to fill the time" if self.final else
-                                                 "skipped: the reserve would not train longer than a trial"
-                                                 if self.promote else "skipped: no promotion follows (--no-promote)"),
+                                                 "skipped: no promotion follows (--no-promote)" if not self.promote
+                                                 else "skipped: search.reserve = 0" if not self.reserved else
+                                                 "skipped: the reserve would not train longer than a trial"),
                 f"  finish  {self.finish:5.0f}s  " + ", ".join(
                     (["test once, export, register"] if self.promote else []) + (["the report"] if self.report else [])
                     + ["stop Ray and exit"])]
@@ -165,7 +172,7 @@ class Plan:
     def record(self) -> dict:
         """The plan's fields as recorded (`params`, or a tag where a resume planned again), floats to 0.01."""
         return {key: (round(value, 2) if isinstance(value, float) else value)
-                for key, value in dataclasses.asdict(self).items() if key != "resumed"}
+                for key, value in dataclasses.asdict(self).items() if key not in ("resumed", "reserved")}
 
     @classmethod
     def recorded(cls, values: dict) -> Plan | None:
@@ -174,7 +181,7 @@ class Plan:
         kinds = typing.get_type_hints(cls)
         try:
             return cls(**{field.name: param_value(str(values[field.name]), kinds[field.name])
-                          for field in dataclasses.fields(cls) if field.name != "resumed"})
+                          for field in dataclasses.fields(cls) if field.name not in ("resumed", "reserved")})
         except (KeyError, ValueError):
             return None
 
@@ -279,14 +286,17 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
         needed = max(MIN_TRIALS, 2 * slots)
         shortest = started + finish + report + TRIALS_START + needed * (epoch * MIN_SUBSET + TRIAL_OVERHEAD) / slots
         raise UsageError(f"a time budget of {budget / 60:g} min is too short here: {started:.0f}s went to starting, "
-                         f"and {needed} trials of one epoch (~{shown(epoch)}s each, {slots} at once) on a tenth of the "
-                         f"data need more; give --time-budget at least {at_least(shortest)}")
+                         f"{finish + report:.0f}s are kept for what follows the trials, and {needed} trials of one "
+                         f"epoch on a tenth of the data (~{shown(epoch * MIN_SUBSET)}s each, {slots} at once, with "
+                         f"their workers' start and ~{TRIAL_OVERHEAD:.0f}s each beyond their epoch) need more; give "
+                         f"--time-budget at least {at_least(shortest)}")
     if plan["final"]:
         plan["final"] += report
         report = 0.0
     finish += report
     fraction = plan.pop("fraction")
     return Plan(budget=budget, started=started, slots=slots, finish=finish, report=report, promote=promote,
+                reserved=search.reserve > 0,
                 confirm_asked=search.confirm_top >= 2, grace=search.grace_period, reduction=search.reduction_factor,
                 subset=min(train_images, max(int(train_images * fraction), classes)) if fraction < 1 else 0,
                 train_images=train_images, **plan)
