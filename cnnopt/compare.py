@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target if args.target is not None else default_target(experiment.metric)
     waste = args.waste_threshold if args.waste_threshold is not None else default_waste_threshold(experiment.metric)
     check_plan(experiment, strategies, args.seeds, prefix, named=bool(args.name))  # before anything runs
-    print(f"comparison {prefix}: {', '.join(strategies)} x {counted(args.seeds, 'seed')}, {experiment.search.trials} trials "
+    print(f"comparison {prefix}: {', '.join(strategies)} x {counted(args.seeds, 'seed')}, "
+          f"{experiment.search.trials} trials "
           f"per study ({study_name(prefix, '<strategy>', 0)}, ...), scheduler {experiment.search.scheduler}, "
           f"{counted(experiment.train.epochs, 'epoch')} per trial, metric {experiment.metric}", flush=True)
 

@@ -112,8 +112,8 @@ def ran_away(losses: list[float], best: float, settle: int, diverge_factor: floa
 def fell(losses: list[float], settle: int) -> bool:
     """Whether the smoothed loss fell by 5% from where it stood after the noisy start (`settle` steps; its first
     step, in a sweep that stopped sooner): below that, a flat loss's noise or a loss that ran away at once."""
-    start = losses[min(settle, len(losses) - 1)]
-    return min(losses[min(settle, len(losses) - 1):]) < 0.95 * start
+    after = losses[min(settle, len(losses) - 1):]
+    return min(after) < 0.95 * after[0]
 
 
 def suggest_lr(lrs: list[float], losses: list[float], skip_start: int, diverge_factor: float = 4.0) -> float:

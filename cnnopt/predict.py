@@ -115,11 +115,10 @@ def resolve_model(spec: str, scratch: Path) -> Path:
     """A model file path, downloading a registered model (`models:/NAME@ALIAS`) first."""
     if not spec.startswith("models:/"):
         return Path(spec)
-    name = spec[len("models:/"):]
-    if "@" not in name and "/" not in name.strip("/"):  # MLflow reads models:/NAME as a logged model's id
-        raise UsageError(f"{spec} names no version or alias of the registered model {name.strip('/')!r}; give "
-                         f"models:/{name.strip('/')}@champion (the alias python -m cnnopt.promote moves) or "
-                         f"models:/{name.strip('/')}/VERSION")
+    name = spec[len("models:/"):].strip("/")
+    if "@" not in name and "/" not in name:  # MLflow reads models:/NAME as a logged model's id
+        raise UsageError(f"{spec} names no version or alias of the registered model {name!r}; give "
+                         f"models:/{name}@champion (the alias python -m cnnopt.promote moves) or models:/{name}/VERSION")
     import mlflow
     from mlflow.exceptions import MlflowException
 

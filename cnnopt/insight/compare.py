@@ -406,8 +406,9 @@ def markdown(comparison: Comparison) -> str:
     """The comparison's tables: the median curve at a few k, and the summary per strategy."""
     c, ks = comparison, checkpoints(comparison.budget)
     seeds = counted(c.seeds, "seed")
+    sampler_seeds = "seed 0" if c.seeds == 1 else f"seeds 0-{c.seeds - 1}"
     lines = [f"# Strategy comparison {c.name}", "",
-             f"{', '.join(c.strategies)} x {seeds} (sampler {'seed 0' if c.seeds == 1 else f'seeds 0-{c.seeds - 1}'}), {c.budget} trials per study, "
+             f"{', '.join(c.strategies)} x {seeds} (sampler {sampler_seeds}), {c.budget} trials per study, "
              f"metric {c.metric} ({c.mode}).", "",
              f"## Best {c.metric} after k trials: median over seeds [min-max]", "",
              "| strategy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]

@@ -162,8 +162,8 @@ def interrupts_held(ctrl_c: bool = False):
     """Ignore Ctrl-C for a short step that must finish (closing the record, stopping Ray); a SIGTERM meanwhile
     waits for the step's end, then acts as it would have (its handler turns SIGTERM into a Ctrl-C, a
     KeyboardInterrupt where SIGINT is ignored, as for a job started with `&`: held as Ctrl-C is here, a repeated
-    SIGTERM killed the process mid-step, exit -15, record open). Yields the list of signals held: a caller that clears it drops them (the
-    stop they ask for is under way). An error the step raises goes on as it is; a SIGTERM that comes
+    SIGTERM killed the process mid-step, exit -15, record open). Yields the list of signals held: a caller that
+    clears it drops them (the stop they ask for is under way). An error the step raises goes on as it is; a SIGTERM that comes
     HELD_TERM_SECONDS after the first held one ends the process, as the step is stuck (a store that hangs).
     With `ctrl_c`, a Ctrl-C is held as a SIGTERM is, not ignored (one while a study's record closed was lost: the
     command went on to promote), and one HELD_TERM_SECONDS after the first raises KeyboardInterrupt in the step."""
@@ -207,11 +207,12 @@ def check_settings(experiment: Experiment, options: StudyOptions) -> Space:
     if search.time_budget and options.planned:  # hopeless before Ray starts: say so now, not after the probe
         spent = time.perf_counter() - options.started if options.started else 0.0
         kept = sum(allowances(options.promote, options.report))
-        if search.time_budget * 60 <= spent + kept + FIRST_SECONDS:  # what the line asks for, less its fifth
+        needed = spent + kept + FIRST_SECONDS  # what the line asks for, less its fifth
+        if search.time_budget * 60 <= needed:
             raise UsageError(f"a time budget of {search.time_budget:g} min is too short here: {spent:.0f}s went to "
                              f"starting, Ray's start, the data and a first trial take ~{FIRST_SECONDS:.0f}s more, and "
                              f"{kept:.0f}s are kept for what follows the trials (the report, the promotion, the exit); "
-                             f"give --time-budget at least {at_least(spent + kept + FIRST_SECONDS)}")
+                             f"give --time-budget at least {at_least(needed)}")
     if search.scheduler == "asha" and search.grace_period > experiment.train.epochs:
         raise UsageError(f"search.grace_period ({search.grace_period}) exceeds train.epochs ({experiment.train.epochs}); "
                          "lower it or raise train.epochs")

@@ -176,8 +176,8 @@ class Sampled:
         # A resumed sampler draws from a new seed: the original one would repeat the draws already made.
         seed = (seed + 7919 * len(past)) % 2**32
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        searcher = OptunaSearcher(space, self.make(seed, expected or trials), metric=metric, mode=mode, max_epochs=max_epochs,
-                                  reruns=[trial.params for trial in past if trial.status == trial_status.INTERRUPTED]
+        searcher = OptunaSearcher(space, self.make(seed, expected or trials), metric=metric, mode=mode,
+                                  max_epochs=max_epochs, reruns=[trial.params for trial in past if trial.status == trial_status.INTERRUPTED]
                                   + ([baseline] if baseline and not past else []))
         for trial in past:
             if trial_status.is_ended(trial.status):

@@ -77,8 +77,9 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     the new version's score is at least the champion's. Where they do not compare (a train+val final has no
     validation score; a champion registered before these tags), the newest promotion serves, and the
     output names the version it replaced; but a version selected on a train_* metric never displaces a
-    champion selected on validation (one with a validation score, or a train+val final, tagged selected_on). A version tested on another test split (`test_split`: the
-    experiment's images or classes changed) leaves the alias where it is, with how to move it."""
+    champion selected on validation (one with a validation score, or a train+val final, tagged selected_on). A
+    version tested on another test split (`test_split`: the experiment's images or classes changed) leaves the
+    alias where it is, with how to move it."""
     mlflow.set_tracking_uri(tracking_uri())
     client = make_client()
     shown = f"{test_accuracy:.6f}"  # the version's tag; compared as written, so an equal model ties
@@ -101,18 +102,16 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     previous = str(current.version)
     if test_split and current.tags.get(TEST_SPLIT_TAG, test_split) != test_split:
         return Registered(str(version), False, previous,
-                          f"which was tested on another test split (other images or classes), so the two test "
-                          f"accuracies do not compare; to serve this version instead: mlflow.MlflowClient()"
-                          f".set_registered_model_alias({experiment.name!r}, {ALIAS!r}, {version})")
+                          "which was tested on another test split (other images or classes), so the two test "
+                          f"accuracies do not compare; {_by_hand(experiment, version)}")
     theirs = current.tags.get(VAL_SCORE_TAG)
     if experiment.metric.startswith("train_") and (
             theirs is not None or current.tags.get(SELECTED_ON_TAG, "").startswith("val_")):
         # QA: a 1-epoch cnnopt.train run selected on train_loss (val 0.70) displaced a champion at val 0.9665.
         return Registered(str(version), False, previous,
                           f"which was selected on validation, where this version was selected on {experiment.metric}, "
-                          "a figure of the images it trained on that says nothing of others; to serve this version "
-                          f"instead: mlflow.MlflowClient().set_registered_model_alias({experiment.name!r}, {ALIAS!r}, "
-                          f"{version})")
+                          f"a figure of the images it trained on that says nothing of others; "
+                          f"{_by_hand(experiment, version)}")
     if val_score is None:
         apart = "this version has no validation score (a train+val final, or a train_* metric)"
     elif theirs is None:
@@ -127,12 +126,17 @@ def register(experiment: Experiment, run_id: str, model_dir: Path, test_accuracy
     elif not trials.not_worse(float(f"{val_score:.6f}"), float(theirs), experiment.mode):  # compared as tagged
         return Registered(str(version), False, previous,
                           f"whose validation {experiment.metric} is better ({float(theirs):.4f} against {val_score:.4f}; "
-                          "the test split does not choose between models); to serve this version instead: "
-                          f"mlflow.MlflowClient().set_registered_model_alias({experiment.name!r}, {ALIAS!r}, {version})")
+                          f"the test split does not choose between models); {_by_hand(experiment, version)}")
     else:
         apart = ""
     client.set_registered_model_alias(experiment.name, ALIAS, version)
     return Registered(str(version), True, previous, f"not compared on validation: {apart}" if apart else "")
+
+
+def _by_hand(experiment: Experiment, version) -> str:
+    """The line that moves the alias to `version` anyway, where `register` leaves it where it is."""
+    return ("to serve this version instead: mlflow.MlflowClient().set_registered_model_alias("
+            f"{experiment.name!r}, {ALIAS!r}, {version})")
 
 
 def _registered(experiment: Experiment, run_id: str, model_dir: Path, tags: dict) -> str:
