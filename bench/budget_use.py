@@ -15,6 +15,7 @@ test accuracy. The budget is a limit: a wall time over it is printed as such.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import statistics
@@ -30,6 +31,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from _machine import cpu_description  # noqa: E402
+from _worktree import checkout  # noqa: E402
 from cnnopt.experiment.config import load_experiment  # noqa: E402
 from cnnopt.tracking import studies  # noqa: E402
 from time_budget import read_study, study_env  # noqa: E402
@@ -81,25 +83,17 @@ def main() -> int:
     rows = ["| cnnopt | seed | wall (s) | search (s) | final (s) | trials | test accuracy | exit |",
             "|---|---|---|---|---|---|---|---|"]
     results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="cnnopt-bench-budget-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="cnnopt-bench-budget-") as scratch, contextlib.ExitStack() as stack:
         sides = [("now", REPO)]
         if args.against:
-            old = Path(scratch) / "old"
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.against],
-                           check=True, capture_output=True)
-            sides.insert(0, (args.against, old))
-        try:
-            for seed in args.seeds:
-                for side, tree in sides:
-                    outcome = run_one(tree, args.experiment, args.minutes, seed, args.overrides,
-                                      Path(scratch) / f"{side.replace('/', '_')}-{seed}")
-                    results.setdefault(side, []).append(outcome)
-                    rows.append(line(side, seed, outcome, args.minutes))
-                    print(rows[-1] + (f"  {outcome['tail']}" if outcome["tail"] else ""), flush=True)
-        finally:
-            if args.against:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)],
-                               capture_output=True)
+            sides.insert(0, (args.against, stack.enter_context(checkout(args.against, Path(scratch) / "old"))))
+        for seed in args.seeds:
+            for side, tree in sides:
+                outcome = run_one(tree, args.experiment, args.minutes, seed, args.overrides,
+                                  Path(scratch) / f"{side.replace('/', '_')}-{seed}")
+                results.setdefault(side, []).append(outcome)
+                rows.append(line(side, seed, outcome, args.minutes))
+                print(rows[-1] + (f"  {outcome['tail']}" if outcome["tail"] else ""), flush=True)
     print("\n" + "\n".join(rows))
     for side, outcomes in results.items():
         walls = [o["wall"] for o in outcomes]

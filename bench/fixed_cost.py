@@ -253,31 +253,26 @@ def main(argv: list[str] | None = None) -> int:
 def against(args: argparse.Namespace) -> int:
     """Rounds of (cnnopt at GIT_REF, cnnopt now), each a fresh process running this script; medians and ratios."""
     from _machine import cpu_description
+    from _worktree import checkout
 
     print(f"command: python {shlex.join(sys.argv)}\nmachine: {cpu_description()}", flush=True)
     sides = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        old_tree = Path(scratch) / "old"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old_tree), args.against],
-                       check=True, capture_output=True)
-        try:
-            for round_number in range(args.rounds):
-                for side, tree in ((args.against, old_tree), ("now", REPO)):
-                    out = Path(scratch) / f"{round_number}-{side.replace('/', '_')}.json"
-                    command = [sys.executable, __file__, "--experiment", args.experiment, "--cifar-root",
-                               args.cifar_root, "--time-budget", f"{args.time_budget:g}", "--json", str(out)]
-                    command += [item for value in args.overrides for item in ("--set", value)]
-                    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
-                    done = subprocess.run(command, env=environment, capture_output=True, text=True)
-                    if done.returncode != 0 or not out.exists():
-                        print(done.stdout[-2000:], done.stderr[-2000:], sep="\n")
-                        return 1
-                    result = json.loads(out.read_text())
-                    print(f"round {round_number + 1}, {side}: {result['totals']['the whole command']:.1f} s "
-                          f"(cnnopt from {Path(result['cnnopt']).parents[1]})", flush=True)
-                    sides.setdefault(side, []).append(result["totals"])
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
+    with tempfile.TemporaryDirectory() as scratch, checkout(args.against, Path(scratch) / "old") as old_tree:
+        for round_number in range(args.rounds):
+            for side, tree in ((args.against, old_tree), ("now", REPO)):
+                out = Path(scratch) / f"{round_number}-{side.replace('/', '_')}.json"
+                command = [sys.executable, __file__, "--experiment", args.experiment, "--cifar-root",
+                           args.cifar_root, "--time-budget", f"{args.time_budget:g}", "--json", str(out)]
+                command += [item for value in args.overrides for item in ("--set", value)]
+                environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+                done = subprocess.run(command, env=environment, capture_output=True, text=True)
+                if done.returncode != 0 or not out.exists():
+                    print(done.stdout[-2000:], done.stderr[-2000:], sep="\n")
+                    return 1
+                result = json.loads(out.read_text())
+                print(f"round {round_number + 1}, {side}: {result['totals']['the whole command']:.1f} s "
+                      f"(cnnopt from {Path(result['cnnopt']).parents[1]})", flush=True)
+                sides.setdefault(side, []).append(result["totals"])
     old, new = sides[args.against], sides["now"]
     labels = list(dict.fromkeys([label for run in old + new for label in run]))  # first seen first, either side
     rows = [f"| step (summed over its calls; median of {args.rounds} rounds) | {args.against} (s) | now (s) | now / then |",
