@@ -53,6 +53,9 @@ from cnnopt.training.objective import epoch_seconds, seconds_per_image
 # kept 38 s for the ~9 s this takes and ended at 0.5 min, its search given 11 s.
 REPORT_SECONDS = 8.0  # the study report's figures and importances, where no final training runs beside it
 PROMOTION_SECONDS = 8.0  # a promotion's export, fresh-process check and registry; its test pass is counted apart
+# More where the trials train on a GPU: the promotion starts CUDA in the driver and loads the whole dataset there
+# (full CIFAR-10 on an H200, 2026-11-28: the finish took 22 s of the 13 kept, and the 9.04-min study 556 s).
+GPU_PROMOTION_SECONDS = 12.0
 # A test image's seconds as a share of a training image's: a forward pass, two with flip TTA (measured 0.37 with
 # flip TTA: 20,000 32x32 test images planned at 2/3 took 9 s of 16).
 TEST_SHARE = 0.5
@@ -239,10 +242,12 @@ def expected_trials(search: SearchConfig) -> int:
     return max(1, search.trials // TRIALS_BOUND) if planned else search.trials
 
 
-def allowances(promote: bool, report: bool, test_seconds: float = 0.0) -> tuple[float, float]:
+def allowances(promote: bool, report: bool, test_seconds: float = 0.0, gpu: bool = False) -> tuple[float, float]:
     """Seconds a budget keeps for what follows the trials: (finish: the promotion where one follows, its
-    test pass's `test_seconds` included, and the exit; the report, where one is built)."""
-    return (PROMOTION_SECONDS + test_seconds if promote else 0.0) + EXIT_SECONDS, REPORT_SECONDS if report else 0.0
+    test pass's `test_seconds` included, more where the trials use a `gpu`, and the exit; the report, where one
+    is built)."""
+    promotion = PROMOTION_SECONDS + test_seconds + (GPU_PROMOTION_SECONDS if gpu else 0.0)
+    return (promotion if promote else 0.0) + EXIT_SECONDS, REPORT_SECONDS if report else 0.0
 
 
 def at_least(seconds: float) -> str:
@@ -252,7 +257,7 @@ def at_least(seconds: float) -> str:
 
 def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: float, epoch: float, slots: int,
               train_images: int, classes: int = 1, test_images: int = 0, promote: bool = True,
-              report: bool = True) -> Plan:
+              report: bool = True, gpu: bool = False) -> Plan:
     """Split a budget given what an epoch costs; pure arithmetic (the probe is `measure_epoch`).
 
     Args:
@@ -270,12 +275,13 @@ def make_plan(search: SearchConfig, max_epochs: int, *, budget: float, started: 
             gets their time.
         report: a report is built; its seconds are the final training's where one runs (the report is
             built meanwhile), else kept in finish too.
+        gpu: the trials train on a GPU: the promotion takes longer (GPU_PROMOTION_SECONDS).
     Raises:
         UsageError: when not even MIN_TRIALS trials of one epoch on a tenth of the data fit.
     """
     if not promote:
         search = dataclasses.replace(search, reserve=0.0, confirm_top=0)
-    finish, report = allowances(promote, report, test_images * TEST_SHARE * epoch / max(1, train_images))
+    finish, report = allowances(promote, report, test_images * TEST_SHARE * epoch / max(1, train_images), gpu)
     remaining = budget - started - finish - report
     plan = _split(search, max_epochs, remaining, search.reserve * remaining, epoch, slots)
     if plan["final"] and (plan["final"] - FINAL_OVERHEAD) / epoch <= plan["max_epochs"]:

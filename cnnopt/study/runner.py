@@ -368,7 +368,7 @@ def plan_budget(experiment: Experiment, space: Space, data: ImageData, search: S
         plan = make_plan(search, experiment.train.epochs, budget=search.time_budget * 60,
                          started=time.perf_counter() - started, epoch=epoch, slots=slots,
                          train_images=len(data.train_y), classes=data.num_classes, test_images=data.withheld,
-                         promote=options.promote, report=options.report)
+                         promote=options.promote, report=options.report, gpu=search.gpus_per_trial > 0)
     for line in plan.lines():
         print(line, flush=True)
     if not plan.resumed and (warning := sampler_warning(search.strategy, plan.trials)):
