@@ -2,6 +2,7 @@
 
     python bench/fixed_cost.py [--experiment experiments/cifar10.toml] [--cifar-root DIR]
         [--time-budget 3] [--set SECTION.KEY=VALUE ...] [--against GIT_REF --rounds 2] [--results FILE]
+    python bench/fixed_cost.py --cold-only [--cold-workers 1,4] [--cifar-root DIR] [--results FILE]
 
 Runs `python -m cnnopt.search --experiment EXPERIMENT --time-budget MINUTES` in this process (the
 imports it needs are timed first), in a throwaway folder with its own SQLite MLflow store and results
@@ -12,8 +13,11 @@ TorchScript and torch.export files, their check in a fresh process, the MLflow l
 registry), and Ray's stop. The first trial's start comes from its MLflow run. A Ray worker's cold
 start (a fresh worker: import torch and the training code, initialise CUDA where the trial has a GPU,
 fetch the data from the object store) is timed afterwards on a fresh local Ray, since it happens
-inside the workers. Where --cifar-root holds no CIFAR-10, 50,000 + 10,000 random CIFAR-shaped images
-are written there first (the fixed cost does not depend on what the pixels show).
+inside the workers. With --cold-only no study runs: fresh workers are started together, as a study
+starts its trials (1 and 4 at a time by default, each with the experiment's GPU share), each step timed
+inside them: Ray's start of the process, the imports, CUDA's first use and the data's fetch. Where
+--cifar-root holds no CIFAR-10, 50,000 + 10,000 random CIFAR-shaped images are written there first
+(the fixed cost does not depend on what the pixels show).
 
 With --against GIT_REF, each round runs the study twice in fresh processes, first with cnnopt as it
 was at GIT_REF (a git worktree in a temporary folder, put first on PYTHONPATH; the timers that code
@@ -55,8 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--against", metavar="GIT_REF", help="also time cnnopt as it was at this commit, side by side")
     parser.add_argument("--rounds", type=int, default=2, help="with --against: interleaved rounds (default: 2)")
     parser.add_argument("--results", metavar="FILE", help="also write the results block to this file")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="run no study: time fresh Ray workers starting together, each step inside them")
+    parser.add_argument("--cold-workers", default="1,4", metavar="N,N,...",
+                        help="with --cold-only: how many workers start at once, one fresh Ray per count (default: 1,4)")
     parser.add_argument("--json", help=argparse.SUPPRESS)  # one side's timings, for --against
     args = parser.parse_args(argv)
+    try:
+        args.cold_workers = [int(count) for count in args.cold_workers.split(",")]
+    except ValueError:
+        parser.error(f"--cold-workers takes counts such as 1,4, not {args.cold_workers!r}")
     args.experiment = str(Path(args.experiment).resolve())  # the study runs in a scratch folder
     return args
 
@@ -162,36 +174,90 @@ def first_trial_start(experiment_name: str) -> float | None:
     return min(starts) / 1000 if starts else None
 
 
-def worker_cold_start(gpus: float, data) -> float:
-    """Seconds for a fresh Ray worker to import torch and the training code, touch CUDA and fetch the data."""
+def worker_cold_starts(gpus: float, data, workers: int) -> list[dict[str, float]]:
+    """Fresh Ray workers started at once, as a study starts its trials: each one's steps, in seconds.
+
+    Each worker asks for `gpus` of a GPU (a study's share per trial) and times, inside itself, what a
+    trial's worker pays before its first step: Ray's start of the process (from the task's submission),
+    `import torch`, the training code's import, CUDA's first use (where it has a GPU; several workers
+    sharing one GPU start their CUDA contexts side by side) and the data's fetch from the object store.
+    """
     import ray
 
-    ray.init(address="local", num_cpus=1, num_gpus=1 if gpus else 0, include_dashboard=False,
+    ray.init(address="local", num_cpus=workers, num_gpus=1 if gpus else 0, include_dashboard=False,
              log_to_driver=False)
     try:
-        reference = ray.put(data)
+        held = [ray.put(data)]  # in a list, so the fetch happens inside the worker, where it is timed
 
         @ray.remote(num_cpus=1, num_gpus=gpus)
-        def cold(held):
+        def cold(submitted: float, references: list) -> dict[str, float]:
+            marks = {"process": time.time()}
             import torch
 
+            marks["import torch"] = time.time()
             import cnnopt.training.objective  # noqa: F401 - what a trial imports
 
+            marks["import cnnopt's training"] = time.time()
             if torch.cuda.is_available():
                 torch.zeros(1, device="cuda")
-            return len(held.train_y)
+                torch.cuda.synchronize()
+                marks["CUDA's first use"] = time.time()
+            ray.get(references[0])
+            marks["fetch the data"] = time.time()
+            last = marks.pop("process")
+            steps = {"start the worker process": last - submitted}
+            for label, moment in marks.items():
+                steps[label], last = moment - last, moment
+            steps["ready, from the submission"] = last - submitted
+            return steps
 
-        start = time.perf_counter()
-        ray.get(cold.remote(reference))
-        return time.perf_counter() - start
+        return ray.get([cold.remote(time.time(), held) for _ in range(workers)])
     finally:
         ray.shutdown()
+
+
+def cold_rows(gpus: float, results: list[dict[str, float]]) -> list[str]:
+    """One row per step: the median over the workers started together, and the slowest."""
+    share = f"{gpus:g} GPU each" if gpus else "no GPU"
+    rows = [f"| {len(results)} fresh Ray worker(s) at once, {share}: step | median (s) | slowest (s) |",
+            "|---|---|---|"]
+    for label in results[0]:
+        values = [result[label] for result in results]
+        rows.append(f"| {label} | {statistics.median(values):.2f} | {max(values):.2f} |")
+    return rows
+
+
+def cold_only(args: argparse.Namespace) -> int:
+    """--cold-only: no study; fresh Ray workers started together, once per count in --cold-workers."""
+    import torch
+
+    from _machine import cpu_description, gpu_description
+    from cnnopt.data.datasets import load_data
+    from cnnopt.search import load_experiment
+
+    root = Path(args.cifar_root)
+    if not (root / "cifar-10-batches-py" / "batches.meta").exists():
+        write_random_cifar(root)
+    experiment = load_experiment(args.experiment, [f"data.root={root}"] + args.overrides)
+    data = load_data(experiment.data)
+    gpus = 1 / experiment.search.trials_per_gpu if torch.cuda.is_available() else 0
+    block = [f"command: python {shlex.join(sys.argv)}",
+             f"machine: {cpu_description()}; {gpu_description()}; torch {torch.__version__}",
+             f"data: {len(data.train_y):,} training images from {root}"]
+    for workers in args.cold_workers:
+        block += [""] + cold_rows(gpus, worker_cold_starts(gpus, data, workers))
+    print("\n".join(block), flush=True)
+    if args.results:
+        Path(args.results).write_text("\n".join(block) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.against:
         return against(args)
+    if args.cold_only:
+        return cold_only(args)
     import torch
 
     from _machine import cpu_description, gpu_description  # bench/ is on sys.path when a script runs
@@ -229,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
             data = load_data(experiment.data)
             gpus = 1 / experiment.search.trials_per_gpu if torch.cuda.is_available() else 0
-            cold = worker_cold_start(gpus, data)
+            cold = worker_cold_starts(gpus, data, 1)[0]["ready, from the submission"]
         finally:
             os.chdir(previous)
     first_trial = None if first is None else first - started_wall
