@@ -569,7 +569,7 @@ def run_watched(command: list[str], cwd: Path, env: dict, stop_after: float | No
     for timer in timers:
         timer.cancel()
     reader.join(timeout=10)
-    print(f"  exit code {code}, wall time {wall:.0f}s", flush=True)
+    print(f"  exit code {code}, wall time {wall:.1f}s", flush=True)
     return code, wall
 
 
@@ -613,9 +613,9 @@ def study_results(experiment, name: str, uri: str, shown: str, code: int, wall: 
         outcome = (f"best {experiment.metric} {best_text}; promoted model's test_accuracy {test_text}; "
                    f"{len(runs)} trials" + (f" ({', '.join(f'{n} {s}' for s, n in statuses.most_common())})"
                                             if runs else ""))
-    print(f"  {outcome}\n  wall time {wall:.0f}s, exit code {code}; GPU busy: {busy}")
+    print(f"  {outcome}\n  wall time {wall:.1f}s, exit code {code}; GPU busy: {busy}")
     return ["", "(d) the study:", "", "```", shown, "```", "",
-            f"- outcome: {outcome}", f"- wall time {wall:.0f}s (exit code {code})", f"- GPU busy: {busy}"]
+            f"- outcome: {outcome}", f"- wall time {wall:.1f}s (exit code {code})", f"- GPU busy: {busy}"]
 
 
 def describe_promoted(run) -> str:
