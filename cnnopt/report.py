@@ -3,6 +3,7 @@
     python -m cnnopt.report [--experiment experiments/digits.toml] [--study STUDY] [--out DIR]
 
 A study named alone (--study, no --experiment or --set) is found in whichever MLflow experiment holds it.
+The study's settings come from its record: of `--set`, only `name=` (the MLflow experiment) applies.
 
 Optimization history, fANOVA hyperparameter importance, parallel coordinates, one slice plot per
 hyperparameter, the best trials' learning curves and the edges of the space, as PNGs and `report.md`
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", help="the study to report on (default: the latest in the experiment)")
     parser.add_argument("--out", metavar="DIR", help="also keep the report's files in this folder")
     args = parser.parse_args(argv)
+    unread = [item for item in args.overrides if item.partition("=")[0].strip() != "name"]
+    if unread:  # accepted and ignored, it looked applied (QA: --set train.lr=5)
+        parser.error(f"--set {unread[0]}: a report is built from the study's MLflow record, which this changes nothing "
+                     "in; only --set name=NAME (the MLflow experiment to look in) applies here: drop the rest")
     quiet_libraries()
     tracking.require_store(f"study {args.study!r}" if args.study else "a study to report on")
     if args.out:

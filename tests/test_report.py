@@ -406,6 +406,18 @@ def test_cli_names_an_unknown_study_in_one_line_and_exits_2(mlflow_store, tmp_pa
         "the study's name"), alone.stderr
 
 
+def test_cli_refuses_a_setting_the_report_would_ignore_in_one_line(mlflow_store, tmp_path):
+    """QA: `report --set train.lr=5` was accepted and changed nothing: a report is built from the study's record.
+    Only `name` (which MLflow experiment to look in) is read; anything else is refused before the store is read."""
+    done = subprocess.run([sys.executable, "-m", "cnnopt.report", "--set", "name=digits", "--set", "train.lr=5"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "--set train.lr=5: a report is built from the study's MLflow record" in done.stderr
+    assert "only --set name=NAME" in done.stderr and "Traceback" not in done.stderr
+    record_study("named", lr_at_the_top(6), experiment_name="pets")
+    assert report_cli.main(["--set", "name=pets", "--study", "named"]) == 0  # name alone still picks the experiment
+
+
 def test_cli_prints_the_summary_and_where_it_was_logged(mlflow_store, capsys):
     record_study("shown", lr_at_the_top(6))
     assert report_cli.main(["--experiment", str(ROOT / "experiments/digits.toml")]) == 0
