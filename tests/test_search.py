@@ -568,6 +568,11 @@ def test_sigterm_to_the_whole_process_group_closes_the_record_at_once(mlflow_sto
     _, parent, children = study_runs(mlflow_store, "group")
     assert parent.info.status == "KILLED" and not [c for c in children if c.info.status == "RUNNING"]
     assert client.get_run(cut.info.run_id).data.tags["status"] == "interrupted"
+    # The parent's counts are the trials' (QA: the watchdog's close wrote none, so a resumed study kept the counts
+    # of the command before).
+    for status in ("completed", "interrupted"):
+        counted = sum(c.data.tags["status"] == status for c in children)
+        assert parent.data.tags.get(f"{status}_trials") == str(counted), (status, parent.data.tags)
 
 
 CLUSTER_SCRIPT = textwrap.dedent("""

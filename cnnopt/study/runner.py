@@ -410,9 +410,9 @@ def _run(experiment: Experiment, search: SearchConfig, space: Space, data: Image
     def on_sigterm(*_) -> None:
         if not watched:  # one watchdog, however many signals
             resume = resume_command(options)
-            watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, closed, closing, resume, gcs,
-                                                                          callback.drain, callback.stop_writes,
-                                                                          options.on_abort),
+            watched.append(threading.Thread(target=_close_if_stuck, args=(recorder, experiment, closed, closing,
+                                                                          resume, gcs, callback.drain,
+                                                                          callback.stop_writes, options.on_abort),
                                             daemon=True))
             watched[0].start()
         sigterm_as_interrupt()
@@ -477,8 +477,9 @@ DRAIN_SECONDS = 5.0  # the most the watchdog waits for the study's queued MLflow
 CLOSE_SECONDS = 10.0  # and for the record's close, before it says how to resume and exits
 
 
-def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: threading.Lock, resume: str,
-                    gcs: str = "", drain=None, stop_writes=None, on_abort=None) -> None:
+def _close_if_stuck(recorder: StudyRecorder, experiment: Experiment, closed: threading.Event,
+                    closing: threading.Lock, resume: str, gcs: str = "", drain=None, stop_writes=None,
+                    on_abort=None) -> None:
     """After a SIGTERM: where the study has not begun closing its record when Ray's GCS (at `gcs`) stops
     answering, or in TERM_GRACE, close it from here and exit. A signal to the whole process group (`timeout`,
     systemd's control group, Slurm's job step) stops Ray's own processes with the driver: the trials cannot be
@@ -504,9 +505,8 @@ def _close_if_stuck(recorder: StudyRecorder, closed: threading.Event, closing: t
 
     def close() -> None:
         try:
-            if recorder.parent_run_id:
-                recorder.kill_unfinished()
-                recorder.close(tracking.KILLED)
+            if recorder.parent_run_id:  # with the trial counts, as the main thread's close writes them (QA: the
+                close_record(recorder, experiment, True)  # parent kept an earlier command's completed_trials)
         except Exception as exc:  # said below, in the line that says how to resume
             failed.append(last_line(exc))
         try:
