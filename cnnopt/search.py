@@ -208,6 +208,9 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
         recording = True
         studies.mark_finish(client, outcome.parent_run_id, "done")
         done = True
+        # Ended again, now: the parent ended with the search, and the confirmation, final training and promotion
+        # wrote to it for minutes after (QA: the MLflow UI showed the study shorter than it ran).
+        tracking.end_run(client, outcome.parent_run_id, tracking.FINISHED)
         return code
     except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
         # Only where it came inside the write that says done is the store read (a store that hangs is a common
@@ -217,7 +220,18 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
         else:
             print(f"\ninterrupted after the trials; the study is recorded. Finish what follows them by:\n"
                   f"  {resume}", file=sys.stderr)
+            end_interrupted_finish(client, outcome.parent_run_id)
         return 130
+
+
+def end_interrupted_finish(client, parent_run_id: str) -> None:
+    """End the parent KILLED, as the exit code 130 says (QA: it stayed FINISHED from its search's end, with only
+    its `finish` tag saying what follows the trials was cut short). After the resume line: where the store hangs
+    (a common reason for a Ctrl-C), another Ctrl-C leaves it as it was."""
+    try:
+        tracking.end_run(client, parent_run_id, tracking.KILLED)
+    except BaseException:  # noqa: BLE001 - the store failed, or another Ctrl-C: the resume line is said already
+        pass
 
 
 def finish_done(client, parent_run_id: str) -> bool:

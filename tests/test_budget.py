@@ -577,6 +577,7 @@ def test_a_budgeted_study_cut_short_after_its_search_resumes_its_plan(ray_sessio
     assert search.main([*args, "--no-report"]) == 130
     assert "interrupted after the trials" in capsys.readouterr().err
     [parent] = children(mlflow_store, "cut", "study")
+    assert parent.info.status == "KILLED", "as the exit code says (QA: FINISHED, from the search's end)"
     planned = parent.data.params
     assert planned["plan.confirm_top"] == "0" and float(planned["plan.final"]) > 0
     searched = parent.data.metrics["budget_search_seconds"]
@@ -606,6 +607,8 @@ def test_a_budgeted_study_cut_short_after_its_search_resumes_its_plan(ray_sessio
     [parent] = children(mlflow_store, "cut", "study")
     assert parent.data.tags["promoted_run_id"] in {final_run.info.run_id, final_run.data.tags["trains_run_id"]}
     assert parent.data.tags["finish"] == "done"
+    assert parent.info.status == "FINISHED" and parent.info.end_time >= final_run.info.end_time, \
+        "the study's run ends with what follows its trials, not with its search"
     table = out[re.search(r"time budget 1 min, resumed after its search: [\d.]+ min planned, used", out).start():]
     assert "\n  final " in table and "\n  search " not in table, "the phases this resume ran"
     assert parent.data.metrics["budget_search_seconds"] == searched, "the search's seconds on record stay its own"
