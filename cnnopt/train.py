@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.state_dict is not None:
             with tempfile.TemporaryDirectory() as folder:
                 path = save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
-                                       result.best_epoch, result.best_metrics)
+                                       result.best_epoch, result.best_metrics, result.threads)
                 record.log_artifact(path, "checkpoint")
         record.log_best(result.best_metrics, best_epoch=result.best_epoch)
         record.log(tags={"status": result.status})

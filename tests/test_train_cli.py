@@ -140,7 +140,8 @@ def test_class_names_mlflow_refuses_in_a_key_are_promoted_under_the_runs_experim
     # named the promote command's settings: the default experiment, without the run's --set values).
     assert promote_cli.main(["--run-id", found.info.run_id]) == 0, capsys.readouterr().err
     card = Path(client.download_artifacts(found.info.run_id, "exported/model_card.md", str(tmp_path))).read_text()
-    assert f"## Reproduce\npython -m cnnopt.train --experiment {DEFAULT_EXPERIMENT} {' '.join(FAST + folder)}\n" in card
+    assert (f"## Reproduce\nOMP_NUM_THREADS={torch.get_num_threads()} python -m cnnopt.train --experiment "
+            f"{DEFAULT_EXPERIMENT} {' '.join(FAST + folder)}\n") in card, card  # the CPU threads it trained with
     metrics = client.get_run(found.info.run_id).data.metrics
     assert {"test_accuracy_class_cat_s", "test_accuracy_class_dog _small_", "test_accuracy_class_cat_s_1"} <= set(metrics)
     # A run of no study is registered under its own experiment's name; another name given is refused.

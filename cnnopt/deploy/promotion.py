@@ -267,13 +267,17 @@ def reproduce_lines(settings: Experiment, checkpoint: dict, study: str, final_da
            if not item.strip().startswith("search.") and item.partition("=")[0].strip() != "data.subset"]
     if settings.data.subset:
         own.append(f"data.subset={settings.data.subset}")
-    alone = " ".join([dataclasses.replace(settings, overrides=tuple(own)).command_line("python -m cnnopt.train"),
-                      *changed])
+    # A CPU's sums depend on how many threads split them (`objective.cpu_threads`): the same threads, the same model.
+    threads = checkpoint.get("threads") or 0  # 0: trained on a GPU, or recorded before the threads were
+    alone = " ".join([f"OMP_NUM_THREADS={threads}"] * bool(threads)
+                     + [dataclasses.replace(settings, overrides=tuple(own)).command_line("python -m cnnopt.train"),
+                        *changed])
     if not study:
         return [alone]
     where = ("" if final_data in (None, "train") else
              f" (this model trained on {final_data}; cnnopt.train trains on the train split)")
-    return [f"This configuration and seed, trained again alone{where}:", alone, "",
+    threads_note = f", on the CPU with the {threads} thread{'s' * (threads != 1)} it trained with" if threads else ""
+    return [f"This configuration and seed, trained again alone{threads_note}{where}:", alone, "",
             "The study that chose it (its choice varies from run to run):",
             settings.command_line("python -m cnnopt.search")]
 

@@ -170,7 +170,7 @@ def _record(experiment: Experiment, parent, run, seed: int, config, data: ImageD
         checkpoint = None
         if result.state_dict is not None:
             checkpoint = str(save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
-                                             result.best_epoch, result.best_metrics))
+                                             result.best_epoch, result.best_metrics, result.threads))
         return recorder.record_confirmation(experiment, parent, run, seed, tracking.hyperparameters(config), result,
                                             checkpoint, dataset, error)
 

@@ -121,7 +121,7 @@ def train_final(experiment: Experiment, study: str, chosen_run_id: str, *, deadl
         checkpoint = None
         if result.state_dict is not None:
             checkpoint = str(save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
-                                             result.best_epoch, result.best_metrics))
+                                             result.best_epoch, result.best_metrics, result.threads))
         run_id = recorder.record_final(
             experiment, parent, chosen, tracking.hyperparameters(config), result, checkpoint,
             tracking.train_dataset(experiment.data, data.train_x, data.train_y),

@@ -18,7 +18,7 @@ from ray import tune
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.experiment.config import Experiment, TrainConfig
 from cnnopt.data.datasets import ImageData
-from cnnopt.training.objective import deadline_in, train
+from cnnopt.training.objective import cpu_threads, deadline_in, train
 from cnnopt.experiment.space import Space
 
 
@@ -85,7 +85,8 @@ def run_trial(config: dict, *, experiment: Experiment, space: Space, data: Image
     best: dict = {}
 
     def on_improve(epoch: int, state_dict: dict) -> None:
-        save_checkpoint(folder / FILENAME, state_dict, train_config, data.preprocessing(), epoch, {})
+        save_checkpoint(folder / FILENAME, state_dict, train_config, data.preprocessing(), epoch, {},
+                        cpu_threads(train_config.device))
         improved["epoch"] = epoch
 
     def report(epoch: int, metrics: dict) -> None:

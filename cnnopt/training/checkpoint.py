@@ -19,12 +19,13 @@ FILENAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: str | Path, state_dict: dict, config: TrainConfig, preprocessing: dict,
-                    epoch: int, metrics: dict) -> Path:
-    """Write a checkpoint file and return its path."""
+                    epoch: int, metrics: dict, threads: int) -> Path:
+    """Write a checkpoint file and return its path. `threads`: the CPU threads the training ran with, 0 on a GPU
+    (`objective.cpu_threads`): what the model card's command to train it again sets."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": FORMAT, "state_dict": state_dict, "train_config": dataclasses.asdict(config),
-                "preprocessing": preprocessing, "epoch": epoch, "metrics": dict(metrics)}, path)
+                "preprocessing": preprocessing, "epoch": epoch, "metrics": dict(metrics), "threads": threads}, path)
     return path
 
 
