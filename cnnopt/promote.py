@@ -27,7 +27,7 @@ def print_promotion(promotion: Promotion) -> None:
     reads = f"; read {promotion.test_reads} times for study {promotion.study!r}" if promotion.test_reads > 1 else ""
     evaluated = ("evaluated again: the run was promoted before" + reads if promotion.again else
                  "evaluated again" + reads if reads else "evaluated once")
-    print(f"promoted run {promotion.run_id}: test_accuracy {promotion.test_accuracy:.4f}, "
+    print(f"promoted run {promotion.run_id} ({promotion.source}): test_accuracy {promotion.test_accuracy:.4f}, "
           f"test_loss {promotion.test_loss:.4f} (test split {evaluated})")
     differences = promotion.files["max_difference"]
     print(f"  exported model.pt and model.pt2, verified in a fresh torch process "

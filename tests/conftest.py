@@ -201,7 +201,7 @@ STUDY_LINES = [
     (r"edge of the space: .*", "*"),
     (r"", "?"),
     (r"promoting (the best trial \(trial \d+\)|trial \d+'s configuration|the final training of .*)\.\.\.", "?"),
-    (r"promoted run [0-9a-f]{32}: test_accuracy \d\.\d{4}, test_loss \d+\.\d{4} \(test split evaluated once\)", "?"),
+    (r"promoted run [0-9a-f]{32} \((study '[\w-]+', .*|a cnnopt\.train run)\): test_accuracy \d\.\d{4}, test_loss \d+\.\d{4} \(test split evaluated once\)", "?"),
     (r"  exported model\.pt and model\.pt2, verified in a fresh torch process \(max difference .*\)", "?"),
     (r"  registered \w+ version \d+; alias 'champion' .*", "?"),
     (r"  predict with: python -m cnnopt\.predict models:/\w+@champion IMAGE\.\.\.", "?"),

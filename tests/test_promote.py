@@ -63,6 +63,8 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert parent.data.metrics["promoted_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
     output = capsys.readouterr().out
     assert "alias 'champion' now points to it" in output
+    # What was promoted, in words: a plain `cnnopt.promote` chose a study and a trial and named neither (QA).
+    assert f"promoted run {best.info.run_id} (study 'p', trial {best.data.tags['trial_number']}): test_accuracy" in output
     # In pandas the promoted trial's test figures keep their names (they read as last-epoch values, last_test_*).
     from cnnopt.analysis import load_trials
 

@@ -139,6 +139,7 @@ def test_class_names_mlflow_refuses_in_a_key_are_promoted_under_the_runs_experim
     # The run's own recorded settings: no --set needed again, and the model card reproduces the run itself (it
     # named the promote command's settings: the default experiment, without the run's --set values).
     assert promote_cli.main(["--run-id", found.info.run_id]) == 0, capsys.readouterr().err
+    assert f"promoted run {found.info.run_id} (a cnnopt.train run): test_accuracy" in capsys.readouterr().out
     card = Path(client.download_artifacts(found.info.run_id, "exported/model_card.md", str(tmp_path))).read_text()
     assert (f"## Reproduce\nOMP_NUM_THREADS={torch.get_num_threads()} python -m cnnopt.train --experiment "
             f"{DEFAULT_EXPERIMENT} {' '.join(FAST + folder)}\n") in card, card  # the CPU threads it trained with

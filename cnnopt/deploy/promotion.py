@@ -49,6 +49,21 @@ class Promotion:
     again: bool = False  # the run was promoted before: its test split was evaluated once more
     test_reads: int = 0  # how many times its study's test split has now been read (0: the run is in no study)
     study: str = ""
+    source: str = ""  # what the run is (`source_of`): a plain `cnnopt.promote` named nothing and said nothing of it
+
+
+def source_of(run) -> str:
+    """What a promoted run is, in words: "study 's', trial 7", "study 's', the final training of trial 7",
+    "study 's', trial 7's configuration with seed 2", or "a cnnopt.train run"."""
+    tags = run.data.tags
+    kind, study = tags.get(tracking.KIND_TAG, ""), tags.get(tracking.STUDY_TAG, "")
+    what = {"trial": f"trial {tags.get('trial_number', '?')}",
+            studies.FINAL: f"the final training of trial {tags.get('trains_trial', '?')}",
+            studies.CONFIRMATION: f"trial {tags.get('confirms_trial', '?')}'s configuration with seed {tags.get('seed', '?')}",
+            }.get(kind)
+    if study and what:
+        return f"study {study!r}, {what}"
+    return f"a cnnopt.{kind} run" if kind else "a run of no study"
 
 
 def best_trial_run(client, experiment: Experiment, study: str | None):
@@ -216,7 +231,7 @@ def promote(experiment: Experiment, *, study: str | None = None, run_id: str | N
                                                tracking.duplicate_tags(data.duplicates))
     return Promotion(run_id, result["test_accuracy"], result["test_loss"], result["per_class"], registered.version,
                      registered.moved, registered.previous, files, settings.name, registered.reason, again,
-                     reads, study_name)
+                     reads, study_name, source_of(run))
 
 
 class NotLearnt(UsageError):
