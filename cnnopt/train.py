@@ -15,7 +15,7 @@ from cnnopt.cli import Parser, add_experiment_args, counted, quiet_libraries, ru
 from cnnopt.experiment.config import load_experiment, same_name_warning
 from cnnopt.data.datasets import load_data, why_no_test
 from cnnopt.training.model import build_model
-from cnnopt.training.objective import check_choices, check_config, resolve_device, train
+from cnnopt.training.objective import check_choices, check_config, cpu_threads, resolve_device, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,18 +51,40 @@ def main(argv: list[str] | None = None) -> int:
                                       dataset=tracking.train_dataset(experiment.data, data.train_x, data.train_y),
                                       tags=tracking.duplicate_tags(data.duplicates)) as record:
 
+        improved: dict = {}
+        best_so_far: dict = {}  # the best epoch, once reported: what a Ctrl-C keeps
+        threads = cpu_threads(resolve_device(config.device))  # as `train` reckons them (`TrainResult.threads`)
+
+        def on_improve(epoch: int, state_dict: dict) -> None:
+            improved.update(epoch=epoch, state_dict=state_dict)
+
         def report(epoch: int, metrics: dict) -> None:
             record.log(metrics=metrics, step=epoch)
+            if improved.get("epoch") == epoch:
+                best_so_far.update(improved, metrics=metrics)
             print(f"epoch {epoch:3d}  train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
                   f"val_accuracy {metrics['val_accuracy']:.4f}  {metrics['images_per_second']:,.0f} img/s")
 
-        result = train(config, data, report, metric=experiment.metric, mode=experiment.mode)
-        if result.state_dict is not None:
+        def keep(state_dict: dict, epoch: int, metrics: dict) -> None:
             with tempfile.TemporaryDirectory() as folder:
-                path = save_checkpoint(Path(folder) / FILENAME, result.state_dict, config, data.preprocessing(),
-                                       result.best_epoch, result.best_metrics, result.threads)
+                path = save_checkpoint(Path(folder) / FILENAME, state_dict, config, data.preprocessing(), epoch,
+                                       metrics, threads)
                 record.log_artifact(path, "checkpoint")
-        record.log_best(result.best_metrics, best_epoch=result.best_epoch)
+            record.log_best(metrics, best_epoch=epoch)
+
+        try:
+            result = train(config, data, report, metric=experiment.metric, mode=experiment.mode, on_improve=on_improve)
+        except KeyboardInterrupt:  # hours of training stopped by hand kept nothing (QA): its best epoch is kept
+            if best_so_far:
+                keep(best_so_far["state_dict"], best_so_far["epoch"], best_so_far["metrics"])
+                print(f"\ninterrupted: best epoch {best_so_far['epoch']} kept ({experiment.metric} "
+                      f"{best_so_far['metrics'][experiment.metric]:.4f}) in MLflow run {record.run_id}, ended KILLED; "
+                      f"promote it with: python -m cnnopt.promote --run-id {record.run_id}", file=sys.stderr)
+            raise
+        if result.state_dict is not None:
+            keep(result.state_dict, result.best_epoch, result.best_metrics)
+        else:
+            record.log_best(result.best_metrics, best_epoch=result.best_epoch)
         record.log(tags={"status": result.status})
         record.end(trial_status.run_status(result.status))
 

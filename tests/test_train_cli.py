@@ -232,6 +232,42 @@ def test_a_run_stopped_by_a_ctrl_c_or_an_error_says_so_in_its_status_tag(mlflow_
     assert (run.info.status, run.data.tags.get("status"), run.data.tags.get("error")) == ended
 
 
+def test_a_ctrl_c_keeps_the_best_epoch_so_far_and_it_can_be_promoted(mlflow_store, monkeypatch, capsys, tmp_path):
+    """QA: a `cnnopt.train` run stopped by Ctrl-C after 5 of 300 epochs kept no checkpoint and no best_* metrics,
+    so hours of training could be neither promoted nor used. Its best epoch so far is kept now; the run still
+    ends KILLED, tagged interrupted, and the model card says it was interrupted."""
+    from cnnopt import promote as promote_cli
+
+    monkeypatch.chdir(tmp_path)
+    real = train_cli.train
+
+    def cut_at_epoch_3(config, data, report, **kwargs):
+        def reporting(epoch, metrics):
+            report(epoch, metrics)
+            if epoch == 3:
+                raise KeyboardInterrupt
+        return real(config, data, reporting, **kwargs)
+
+    monkeypatch.setattr(train_cli, "train", cut_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_cli.main(["--set", "train.epochs=8", "--set", "train.device=cpu"])
+    client, found = only_run(mlflow_store)
+    assert (found.info.status, found.data.tags["status"]) == ("KILLED", "interrupted")
+    seen = [point.value for point in client.get_metric_history(found.info.run_id, "val_accuracy")]
+    assert len(seen) == 3 and found.data.metrics["best_val_accuracy"] == max(seen)
+    assert found.data.metrics["best_epoch"] == seen.index(max(seen)) + 1
+    _, checkpoint = load_checkpoint(client.download_artifacts(found.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path)))
+    assert checkpoint["epoch"] == seen.index(max(seen)) + 1
+    err = capsys.readouterr().err
+    assert (f"interrupted: best epoch {checkpoint['epoch']} kept (val_accuracy {max(seen):.4f}) in MLflow run "
+            f"{found.info.run_id}, ended KILLED; promote it with: python -m cnnopt.promote --run-id "
+            f"{found.info.run_id}") in err, err
+    assert promote_cli.main(["--run-id", found.info.run_id]) == 0
+    card = Path(client.download_artifacts(found.info.run_id, "exported/model_card.md", str(tmp_path))).read_text()
+    assert (f"best epoch {checkpoint['epoch']} of the epochs it ran before it was interrupted (of train.epochs = 8; "
+            "the command below trains them all)") in card, card
+
+
 def test_a_store_that_cannot_be_used_is_said_before_the_data_is_decoded(tmp_path, monkeypatch, capsys):
     """A dead server was said only after the data loaded: a full decode of a big folder first."""
     from conftest import free_port

@@ -323,6 +323,9 @@ def model_card(settings: Experiment, run, checkpoint: dict, result: dict, test_r
     else:
         selected = f"Selected on: {settings.metric} ({settings.mode}) of the {split} split; best epoch {checkpoint.get('epoch')}"
         shown = [f"- {split} {settings.metric}: {score:.4f}"]
+    if run.data.tags.get("status") == "interrupted":  # a cnnopt.train run stopped by hand keeps its best epoch so far
+        selected += (f" of the epochs it ran before it was interrupted (of train.epochs = {settings.train.epochs}; "
+                     "the command below trains them all)")
     shown += confirmed_lines(run, settings.metric)
     lines = [f"# {settings.name}: {run.info.run_name}", "",
              f"Dataset: {settings.data.dataset} ({checkpoint['preprocessing']['image_size']}px, "
