@@ -68,7 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.cold_workers = [int(count) for count in args.cold_workers.split(",")]
     except ValueError:
-        parser.error(f"--cold-workers takes counts such as 1,4, not {args.cold_workers!r}")
+        args.cold_workers = [0]
+    if min(args.cold_workers) < 1:
+        parser.error("--cold-workers takes counts of 1 or more, such as 1,4")
+    if args.cold_only and args.against:
+        parser.error("--cold-only runs no study, so there is nothing to compare --against")
     args.experiment = str(Path(args.experiment).resolve())  # the study runs in a scratch folder
     return args
 

@@ -25,11 +25,12 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_experiment_args(parser: argparse.ArgumentParser) -> None:
+def add_experiment_args(parser: argparse.ArgumentParser,
+                        set_help: str = "override one experiment value, e.g. --set train.lr=0.01 (repeatable)") -> None:
     parser.add_argument("--experiment", metavar="PATH",
                         help="experiment TOML file (default: experiments/digits.toml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one experiment value, e.g. --set train.lr=0.01 (repeatable)")
+                        help=set_help)
 
 
 # Loggers that print to the console themselves; their records go to the log file instead: Ray's start-up and

@@ -25,7 +25,8 @@ from cnnopt.tracking import studies
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m cnnopt.report", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_experiment_args(parser)
+    add_experiment_args(parser, set_help="only --set name=NAME: the MLflow experiment to look in (the study's "
+                                         "settings come from its record)")
     parser.add_argument("--study", help="the study to report on (default: the latest in the experiment)")
     parser.add_argument("--out", metavar="DIR", help="also keep the report's files in this folder")
     args = parser.parse_args(argv)

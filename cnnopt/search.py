@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import math
 import sys
 import threading
@@ -26,8 +27,8 @@ from cnnopt.deploy.promotion import NotLearnt
 from cnnopt.study.callback import format_value
 from cnnopt.study.confirmation import confirm, figures
 from cnnopt.study.final import train_final
-from cnnopt.study.runner import (SCHEDULERS, StudyOptions, check_space_values, default_study_name, resume_command,
-                                 run_study, stop_ray)
+from cnnopt.study.runner import (CLOSE_SECONDS, SCHEDULERS, StudyOptions, check_space_values, default_study_name,
+                                 resume_command, run_study, stop_ray)
 from cnnopt.study.strategies import STRATEGIES
 from cnnopt.tracking import studies
 from cnnopt.tracking.recorder import record_budget, record_choice
@@ -210,7 +211,10 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
         done = True
         # Ended again, now: the parent ended with the search, and the confirmation, final training and promotion
         # wrote to it for minutes after (QA: the MLflow UI showed the study shorter than it ran).
-        tracking.end_run(client, outcome.parent_run_id, tracking.FINISHED)
+        try:
+            tracking.end_run(client, outcome.parent_run_id, tracking.FINISHED)
+        except Exception as exc:  # noqa: BLE001 - only its end time: the study is complete and recorded (review)
+            logging.getLogger(__name__).warning("could not end the study's parent run again: %s", exc)
         return code
     except KeyboardInterrupt:  # the trials are recorded; a resume runs none again and finishes the rest
         # Only where it came inside the write that says done is the store read (a store that hangs is a common
@@ -226,12 +230,17 @@ def after_study(experiment, outcome, args: argparse.Namespace, started: float) -
 
 def end_interrupted_finish(client, parent_run_id: str) -> None:
     """End the parent KILLED, as the exit code 130 says (QA: it stayed FINISHED from its search's end, with only
-    its `finish` tag saying what follows the trials was cut short). After the resume line: where the store hangs
-    (a common reason for a Ctrl-C), another Ctrl-C leaves it as it was."""
-    try:
-        tracking.end_run(client, parent_run_id, tracking.KILLED)
-    except BaseException:  # noqa: BLE001 - the store failed, or another Ctrl-C: the resume line is said already
-        pass
+    its `finish` tag saying what follows the trials was cut short). After the resume line, on a thread waited for
+    CLOSE_SECONDS at most: a store that hangs is a common reason for a Ctrl-C, and MLflow retries for minutes."""
+    def end() -> None:
+        try:
+            tracking.end_run(client, parent_run_id, tracking.KILLED)
+        except Exception as exc:  # noqa: BLE001 - the resume line is said already; the log file has why
+            logging.getLogger(__name__).warning("could not end the study's parent run KILLED: %s", exc)
+
+    ending = threading.Thread(target=end, daemon=True)
+    ending.start()
+    ending.join(CLOSE_SECONDS)
 
 
 def finish_done(client, parent_run_id: str) -> bool:

@@ -12,6 +12,7 @@ from cnnopt import trials as trial_status
 from cnnopt.tracking import runs as tracking_runs
 from cnnopt.training.checkpoint import FILENAME, save_checkpoint
 from cnnopt.cli import Parser, add_experiment_args, counted, quiet_libraries, run
+from cnnopt.errors import last_line
 from cnnopt.experiment.config import load_experiment, same_name_warning
 from cnnopt.data.datasets import load_data, why_no_test
 from cnnopt.training.model import build_model
@@ -53,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
         improved: dict = {}
         best_so_far: dict = {}  # the best epoch, once reported: what a Ctrl-C keeps
-        threads = cpu_threads(resolve_device(config.device))  # as `train` reckons them (`TrainResult.threads`)
 
         def on_improve(epoch: int, state_dict: dict) -> None:
             improved.update(epoch=epoch, state_dict=state_dict)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"epoch {epoch:3d}  train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
                   f"val_accuracy {metrics['val_accuracy']:.4f}  {metrics['images_per_second']:,.0f} img/s")
 
-        def keep(state_dict: dict, epoch: int, metrics: dict) -> None:
+        def keep(state_dict: dict, epoch: int, metrics: dict, threads: int) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 path = save_checkpoint(Path(folder) / FILENAME, state_dict, config, data.preprocessing(), epoch,
                                        metrics, threads)
@@ -76,13 +76,20 @@ def main(argv: list[str] | None = None) -> int:
             result = train(config, data, report, metric=experiment.metric, mode=experiment.mode, on_improve=on_improve)
         except KeyboardInterrupt:  # hours of training stopped by hand kept nothing (QA): its best epoch is kept
             if best_so_far:
-                keep(best_so_far["state_dict"], best_so_far["epoch"], best_so_far["metrics"])
-                print(f"\ninterrupted: best epoch {best_so_far['epoch']} kept ({experiment.metric} "
-                      f"{best_so_far['metrics'][experiment.metric]:.4f}) in MLflow run {record.run_id}, ended KILLED; "
-                      f"promote it with: python -m cnnopt.promote --run-id {record.run_id}", file=sys.stderr)
+                epoch, score = best_so_far["epoch"], best_so_far["metrics"][experiment.metric]
+                try:  # the threads as `train` reckons them (`TrainResult.threads`), which it did not return
+                    keep(best_so_far["state_dict"], epoch, best_so_far["metrics"],
+                         cpu_threads(resolve_device(config.device)))
+                except Exception as exc:  # noqa: BLE001 - the store failing is a common reason for a Ctrl-C:
+                    print(f"\ninterrupted: best epoch {epoch} ({experiment.metric} {score:.4f}) could not be kept: "
+                          f"{last_line(exc)}", file=sys.stderr)  # the run still ends KILLED, interrupted (review)
+                else:
+                    print(f"\ninterrupted: best epoch {epoch} kept ({experiment.metric} {score:.4f}) in MLflow run "
+                          f"{record.run_id}, ended KILLED; promote it with: python -m cnnopt.promote --run-id "
+                          f"{record.run_id}", file=sys.stderr)
             raise
         if result.state_dict is not None:
-            keep(result.state_dict, result.best_epoch, result.best_metrics)
+            keep(result.state_dict, result.best_epoch, result.best_metrics, result.threads)
         else:
             record.log_best(result.best_metrics, best_epoch=result.best_epoch)
         record.log(tags={"status": result.status})

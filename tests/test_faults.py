@@ -696,6 +696,24 @@ def test_a_signal_as_the_finish_is_recorded_done_says_the_study_is_complete(mlfl
     monkeypatch.setattr(command, "finish_done", lambda *args: pytest.fail("the store was read"))
     assert command.after_study(load_experiment(None), outcome, args, time.perf_counter()) == 130
     assert "Finish what follows them by:\n  python -m cnnopt.search --resume --name s --no-report" in capsys.readouterr().err
+    assert client.get_run(parent).info.status == "KILLED", "as the exit code 130 says"
+    # The parent's KILLED end is waited for CLOSE_SECONDS at most: a store that hangs must not hold the exit.
+    from cnnopt import tracking
+
+    monkeypatch.setattr(command, "CLOSE_SECONDS", 0.5)
+    monkeypatch.setattr(tracking, "end_run", lambda *args: time.sleep(30))
+    started = time.monotonic()
+    assert command.after_study(load_experiment(None), outcome, args, time.perf_counter()) == 130
+    assert time.monotonic() - started < 5
+    # A complete study whose parent cannot be ended again (only its end time) still exits as it went (review: a
+    # traceback and exit 1 after its promotion).
+    def refused(*args):
+        raise ConnectionError("503 Service Unavailable")
+
+    monkeypatch.setattr(tracking, "end_run", refused)
+    monkeypatch.setattr(studies, "mark_finish", lambda *args: None)
+    monkeypatch.setattr(command, "finish", lambda *args, **kwargs: 0)
+    assert command.after_study(load_experiment(None), outcome, args, time.perf_counter()) == 0
 
 
 def test_a_ctrl_c_after_the_trials_gives_the_report_thread_a_bounded_wait(monkeypatch, capsys):

@@ -101,27 +101,6 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     with pytest.raises(UsageError, match="another split than its recorded settings load now with the --set values"):
         promote_cli.main(["--run-id", best.info.run_id, "--set", "data.seed=2"])
     assert len(calls) == 2
-    # The card's command trains the trial again to the very same numbers: on the CPU with the threads the trial
-    # trained with (QA: run on every core, a trial's 0.9926 came out 0.9851; a CPU's sums depend on their split).
-    card = Path(client.download_artifacts(best.info.run_id, "exported/model_card.md", str(tmp_path))).read_text()
-    command = shlex.split(card.splitlines()[card.splitlines().index("## Reproduce") + 2])
-    assert command[0] == f"OMP_NUM_THREADS={torch.load(checkpoint_of(client, best), weights_only=True)['threads']}"
-    assert command[1:4] == ["python", "-m", "cnnopt.train"], command
-    again = subprocess.run([sys.executable, *command[2:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, command[0].split("=")[0]:
-                                command[0].split("=")[1]})
-    assert again.returncode == 0, again.stdout + again.stderr
-    [retrained] = client.search_runs([experiment_id], "tags.`cnnopt.kind` = 'train'")
-
-    def losses(run) -> list[float]:
-        return [point.value for point in sorted(client.get_metric_history(run.info.run_id, "train_loss"),
-                                                key=lambda point: point.step)]
-
-    assert losses(retrained) == losses(best) and len(losses(best)) == 2, (losses(retrained), losses(best))
-
-
-def checkpoint_of(client: MlflowClient, run) -> str:
-    return client.download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt")
     with pytest.raises(UsageError, match="belongs to MLflow experiment 'digits', not 'renamed'"):  # its own name
         promote_cli.main(["--run-id", best.info.run_id, "--set", "name=renamed"])
     assert len(calls) == 2
@@ -157,6 +136,28 @@ def checkpoint_of(client: MlflowClient, run) -> str:
     assert "the study's test split read 3 times, by as many promotions" in card.read_text()
     parent = client.get_run(parent.info.run_id)
     assert parent.data.tags["test_reads"] == "3" and parent.data.tags["promoted_run_id"] == second.info.run_id
+    # The card's command trains the trial again to the very same numbers: on the CPU with the threads the trial
+    # trained with (QA: run on every core, a trial's 0.9926 came out 0.9851; a CPU's sums depend on their split).
+    card = Path(client.download_artifacts(best.info.run_id, "exported/model_card.md", str(tmp_path))).read_text()
+    command = shlex.split(card.splitlines()[card.splitlines().index("## Reproduce") + 2])
+    assert command[0] == f"OMP_NUM_THREADS={torch.load(checkpoint_of(client, best), weights_only=True)['threads']}"
+    assert command[1:4] == ["python", "-m", "cnnopt.train"], command
+    again = subprocess.run([sys.executable, *command[2:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, command[0].split("=")[0]:
+                                command[0].split("=")[1]})
+    assert again.returncode == 0, again.stdout + again.stderr
+    [retrained] = [run for run in client.search_runs([experiment_id], "tags.`cnnopt.kind` = 'train'")
+                   if run.info.run_id != cut]  # the interrupted one made above
+
+    def losses(run) -> list[float]:
+        return [point.value for point in sorted(client.get_metric_history(run.info.run_id, "train_loss"),
+                                                key=lambda point: point.step)]
+
+    assert losses(retrained) == losses(best) and len(losses(best)) == 2, (losses(retrained), losses(best))
+
+
+def checkpoint_of(client: MlflowClient, run) -> str:
+    return client.download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt")
 
 
 def test_a_class_with_no_test_image_has_no_per_class_accuracy(trained, digits_data):
@@ -626,6 +627,14 @@ def test_the_model_card_says_what_selected_the_model(mlflow_store):
     assert " --set data.subset=300 " in alone and "subset=900" not in alone, alone
     study = promote_module.model_card(budgeted, client.get_run(run_id), checkpoint, result).splitlines()
     assert study[study.index("## Reproduce") + 5].endswith("--set search.time_budget=1 --set train.epochs=3")
+    # Trained on the CPU (threads recorded) under train.device = auto: the command pins the CPU and its threads,
+    # or a machine with a GPU would train it there (review).
+    cpu = {**checkpoint, "train_config": {**checkpoint["train_config"], "device": "cpu"}, "threads": 3}
+    run_id = client.create_run(experiment_id, tags={"cnnopt.study": "s3"}).info.run_id
+    lines = promote_module.model_card(load_experiment(None), client.get_run(run_id), cpu, result).splitlines()
+    assert lines[lines.index("## Reproduce") + 1].endswith(", on the CPU with the 3 threads it trained with:")
+    pinned = lines[lines.index("## Reproduce") + 2]
+    assert pinned.startswith("OMP_NUM_THREADS=3 python -m cnnopt.train ") and " --set train.device=cpu" in pinned
     checkpoint.pop("train_config")
     assert "Selected on: val_accuracy (max) of the validation split; best epoch 16" in selected
     assert "- validation val_accuracy: 0.9500" in selected and "- test accuracy: 0.9000 (test split used once, here)" in selected

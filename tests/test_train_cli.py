@@ -266,6 +266,19 @@ def test_a_ctrl_c_keeps_the_best_epoch_so_far_and_it_can_be_promoted(mlflow_stor
     card = Path(client.download_artifacts(found.info.run_id, "exported/model_card.md", str(tmp_path))).read_text()
     assert (f"best epoch {checkpoint['epoch']} of the epochs it ran before it was interrupted (of train.epochs = 8; "
             "the command below trains them all)") in card, card
+    # Where the store fails as the best epoch is kept (often why one presses Ctrl-C), the run still ends KILLED,
+    # interrupted, and the command says what was not kept (review: FAILED, with the store's traceback).
+    from cnnopt.tracking.runs import Run
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("artifact store unreachable")
+
+    monkeypatch.setattr(Run, "log_artifact", unreachable)
+    with pytest.raises(KeyboardInterrupt):
+        train_cli.main(["--set", "train.epochs=8", "--set", "train.device=cpu", "--set", "name=cut"])
+    _, stopped = only_run(mlflow_store, "cut")
+    assert (stopped.info.status, stopped.data.tags["status"]) == ("KILLED", "interrupted")
+    assert "could not be kept: artifact store unreachable" in capsys.readouterr().err
 
 
 def test_a_store_that_cannot_be_used_is_said_before_the_data_is_decoded(tmp_path, monkeypatch, capsys):

@@ -58,7 +58,7 @@ def source_of(run) -> str:
     tags = run.data.tags
     kind, study = tags.get(tracking.KIND_TAG, ""), tags.get(tracking.STUDY_TAG, "")
     what = {"trial": f"trial {tags.get('trial_number', '?')}",
-            studies.FINAL: f"the final training of trial {tags.get('trains_trial', '?')}",
+            studies.FINAL: f"the final training of trial {tags.get('trains_trial', '?')}'s configuration",
             studies.CONFIRMATION: f"trial {tags.get('confirms_trial', '?')}'s configuration with seed {tags.get('seed', '?')}",
             }.get(kind)
     if study and what:
@@ -284,6 +284,8 @@ def reproduce_lines(settings: Experiment, checkpoint: dict, study: str, final_da
         own.append(f"data.subset={settings.data.subset}")
     # A CPU's sums depend on how many threads split them (`objective.cpu_threads`): the same threads, the same model.
     threads = checkpoint.get("threads") or 0  # 0: trained on a GPU, or recorded before the threads were
+    if threads and settings.train.device != "cpu":  # `auto` on a machine with a GPU would train there (review)
+        changed.append("--set train.device=cpu")
     alone = " ".join([f"OMP_NUM_THREADS={threads}"] * bool(threads)
                      + [dataclasses.replace(settings, overrides=tuple(own)).command_line("python -m cnnopt.train"),
                         *changed])

@@ -505,8 +505,15 @@ def _close_if_stuck(recorder: StudyRecorder, experiment: Experiment, closed: thr
 
     def close() -> None:
         try:
-            if recorder.parent_run_id:  # with the trial counts, as the main thread's close writes them (QA: the
-                close_record(recorder, experiment, True)  # parent kept an earlier command's completed_trials)
+            if recorder.parent_run_id:
+                recorder.kill_unfinished()
+                recorder.close(tracking.KILLED)  # first, inside CLOSE_SECONDS: the end that keeps nothing RUNNING
+                try:  # then the trial counts, as the main thread's close writes them (QA: a resumed study's parent
+                    # kept the counts of the command before); reading every trial back may not fit the time left
+                    tracking.log(recorder.client, recorder.parent_run_id,
+                                 tags=count_tags(summarize(recorder, experiment)[0]))
+                except Exception as exc:  # noqa: BLE001 - the record is closed; a resume writes the counts again
+                    logging.getLogger(__name__).warning("the study's trial counts were not written: %s", exc)
         except Exception as exc:  # said below, in the line that says how to resume
             failed.append(last_line(exc))
         try:
@@ -621,8 +628,13 @@ def close_record(recorder: StudyRecorder, experiment: Experiment, interrupted: b
     recorder.kill_unfinished()
     counts, seconds, best = summarize(recorder, experiment)
     recorder.close(tracking.KILLED if interrupted else tracking.FINISHED if best is not None else tracking.FAILED,
-                   {f"{status}_trials": counts.get(status, 0) for status in trials.STATUSES})
+                   count_tags(counts))
     return counts, seconds, best
+
+
+def count_tags(counts: dict) -> dict:
+    """The parent run's `<status>_trials` tags: every status, 0 where none ended so."""
+    return {f"{status}_trials": counts.get(status, 0) for status in trials.STATUSES}
 
 
 def start_ray(address: str | None) -> bool:
