@@ -140,7 +140,8 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     # trained with (QA: run on every core, a trial's 0.9926 came out 0.9851; a CPU's sums depend on their split).
     card = Path(client.download_artifacts(best.info.run_id, "exported/model_card.md", str(tmp_path))).read_text()
     command = shlex.split(card.splitlines()[card.splitlines().index("## Reproduce") + 2])
-    assert command[0] == f"OMP_NUM_THREADS={torch.load(checkpoint_of(client, best), weights_only=True)['threads']}"
+    threads = torch.load(checkpoint_of(client, best, tmp_path), weights_only=True)["threads"]
+    assert command[0] == f"OMP_NUM_THREADS={threads}"
     assert command[1:4] == ["python", "-m", "cnnopt.train"], command
     again = subprocess.run([sys.executable, *command[2:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, command[0].split("=")[0]:
@@ -156,8 +157,8 @@ def test_study_promotes_its_best_trial_once(ray_session, mlflow_store, monkeypat
     assert losses(retrained) == losses(best) and len(losses(best)) == 2, (losses(retrained), losses(best))
 
 
-def checkpoint_of(client: MlflowClient, run) -> str:
-    return client.download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt")
+def checkpoint_of(client: MlflowClient, run, folder: Path) -> str:
+    return client.download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt", str(folder))  # not left in /tmp
 
 
 def test_a_class_with_no_test_image_has_no_per_class_accuracy(trained, digits_data):
